@@ -1,0 +1,56 @@
+// The one error type of tensormap.
+//
+// Every failure, from a malformed file to a failed write, is reported by throwing
+// tensormap::Error. Its kind() says which rule or operation failed (the kinds of the
+// format's validation rules are those of spec/FORMAT.md section 9); its what() is a
+// one-line message naming the file, the tensor and the numbers that disagree.
+//
+// Thread-safety: Error is an immutable value; copies may be used from any thread.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+
+namespace tensormap {
+
+enum class ErrorKind {
+  // Validation rules of spec/FORMAT.md, in the order they are checked.
+  FileTooSmall,
+  BadMagic,
+  UnsupportedVersion,
+  BadAlignment,
+  BadHeaderSize,
+  Truncated,
+  HeaderChecksumMismatch,
+  TooManyEntries,
+  NonZeroReserved,
+  MalformedHeader,
+  UnknownDtype,
+  BadRank,
+  BadName,
+  ShapeOverflow,
+  LengthMismatch,
+  BadOffset,
+  DuplicateName,
+  TrailingBytes,
+  NonZeroPadding,
+  ChecksumMismatch,
+  // Operations.
+  Io,               // the operating system refused an open, read, write, sync or rename
+  InvalidArgument,  // the caller asked for something the API does not allow
+  NotFound,         // no tensor of that name
+};
+
+// The kind's name as the spec spells it, e.g. "BadMagic".
+const char* error_kind_name(ErrorKind kind);
+
+class Error : public std::runtime_error {
+ public:
+  Error(ErrorKind kind, const std::string& message);
+  ErrorKind kind() const noexcept { return kind_; }
+
+ private:
+  ErrorKind kind_;
+};
+
+}  // namespace tensormap

@@ -1,0 +1,114 @@
+// tensormap::File: an opened, validated tensormap file, mapped copy-on-write.
+//
+// File::open maps the whole file privately (MAP_PRIVATE through Boost.Interprocess) and
+// checks every header rule of spec/FORMAT.md (rules 1 to 20) before it returns, so any
+// File that exists describes a well-formed file. Opening reads only the header: its cost
+// depends on the number of tensors, not on the size of their data. Tensor bytes are read
+// by the operating system only when a page is first touched.
+//
+// Thread-safety: a File is immutable after open. All const methods may be called from
+// many threads at once. Copies of a File share one mapping, which lives until the last
+// copy, and the last holder of keep_alive(), is gone.
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "tensormap/dtype.h"
+#include "tensormap/error.h"
+
+namespace tensormap {
+
+// One tensor record of the header. The name points into the mapping and stays valid as
+// long as the File (or anything holding keep_alive()) lives.
+struct TensorEntry {
+  std::string_view name;
+  Dtype dtype;
+  uint8_t rank;
+  std::array<uint64_t, 8> dims;  // only the first `rank` are meaningful
+  uint64_t offset;               // absolute offset in the file
+  uint64_t byte_length;
+  uint64_t checksum;             // XXH3-64 of the bytes
+
+  // Number of elements: product of the dimensions (1 for rank 0).
+  uint64_t element_count() const;
+};
+
+// The bytes of one tensor inside the mapping.
+struct ByteView {
+  const std::byte* data;
+  uint64_t size;
+};
+
+class File {
+ public:
+  // Maps and validates `path`. Throws Error with the kind of the first broken rule, or
+  // Io if the file cannot be opened or mapped.
+  static File open(const std::string& path);
+
+  const std::string& path() const;
+  uint16_t major_version() const;
+  uint16_t minor_version() const;
+  uint64_t alignment() const;
+  uint64_t header_size() const;
+  uint64_t file_size() const;
+
+  // Every tensor, in table (and file) order.
+  const std::vector<TensorEntry>& tensors() const;
+
+  // The tensor of this name, or nullptr. O(1) on average.
+  const TensorEntry* find(std::string_view name) const;
+
+  // The tensor of this name. Throws Error(NotFound) naming the file and the name.
+  const TensorEntry& at(std::string_view name) const;
+
+  // Metadata pairs in file order. Views point into the mapping.
+  const std::vector<std::pair<std::string_view, std::string_view>>& metadata() const;
+
+  // The value of a metadata key, or nothing.
+  std::optional<std::string_view> metadata_value(std::string_view key) const;
+
+  // The tensor's bytes, read-only.
+  ByteView bytes(const TensorEntry& entry) const;
+
+  // The tensor's bytes in the private mapping, writable: a write copies the touched page
+  // into this process and never reaches the file.
+  // REQUIRES: entry belongs to this File.
+  void* cow_data(const TensorEntry& entry) const;
+
+  // Owns the mapping: hold it to keep cow_data()/bytes() pointers valid after every
+  // File copy is gone (for example in a tensor's deleter).
+  std::shared_ptr<const void> keep_alive() const;
+
+  // Asks the kernel to read the tensor's pages ahead (MADV_WILLNEED). Advisory.
+  void prefetch(const TensorEntry& entry) const;
+
+  // Gives the tensor's pages back to the kernel (MADV_DONTNEED). Clean pages are simply
+  // dropped from this process; a page that was written through cow_data() loses that
+  // write and reads the file again. Pages shared with another tensor are kept.
+  // REQUIRES: no one relies on writes made through cow_data() for this tensor.
+  void release_pages(const TensorEntry& entry) const;
+
+  // Checks rules 21 and 22 of the spec: every padding byte is zero and every tensor's
+  // XXH3-64 matches its record. Throws Error(NonZeroPadding or ChecksumMismatch) naming
+  // the first bad tensor.
+  void verify() const;
+
+  // Like verify(), but checks everything and returns one Error per bad tensor or padding
+  // region, in file order; empty when the file is sound.
+  std::vector<Error> find_corruption() const;
+
+ private:
+  struct Impl;
+  explicit File(std::shared_ptr<const Impl> impl);
+  std::shared_ptr<const Impl> impl_;
+};
+
+}  // namespace tensormap

@@ -1,0 +1,64 @@
+// Constants and layout arithmetic of the tensormap file format, version 1.
+//
+// spec/FORMAT.md is the normative text; this header is its one C++ transcription, used
+// by both the reader and the writer so the two can never disagree on a rule.
+// Everything here is constant or a pure function: safe from any thread.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+
+namespace tensormap::format {
+
+inline constexpr unsigned char kMagic[8] = {0x89, 'T', 'M', 'A', 'P', '\r', '\n', 0x1A};
+inline constexpr uint16_t kMajorVersion = 1;
+inline constexpr uint16_t kMinorVersion = 0;
+
+inline constexpr uint64_t kPreambleSize = 48;
+inline constexpr uint64_t kChecksumSize = 8;
+inline constexpr uint64_t kMinHeaderSize = kPreambleSize + kChecksumSize;  // 56
+inline constexpr uint64_t kMaxHeaderSize = uint64_t{1} << 30;
+inline constexpr uint64_t kMaxTensorCount = uint64_t{1} << 24;
+inline constexpr uint64_t kMaxMetadataCount = uint64_t{1} << 20;
+inline constexpr uint64_t kMaxNameLength = 4096;
+inline constexpr unsigned kMaxRank = 8;
+inline constexpr uint64_t kMinAlignment = 64;
+inline constexpr uint64_t kMaxAlignment = uint64_t{1} << 20;
+inline constexpr uint64_t kDefaultAlignment = 4096;
+// Offsets, lengths and file sizes stay below 2^63 so they fit a signed 64-bit off_t.
+inline constexpr uint64_t kMaxFileOffset = (uint64_t{1} << 63) - 1;
+
+inline constexpr uint64_t kTensorRecordFixedSize = 32;
+inline constexpr uint64_t kMinTensorRecordSize = 40;
+inline constexpr uint64_t kMetadataRecordFixedSize = 8;
+inline constexpr uint64_t kMinMetadataRecordSize = 16;
+
+inline constexpr bool is_valid_alignment(uint64_t a) {
+  return a >= kMinAlignment && a <= kMaxAlignment && (a & (a - 1)) == 0;
+}
+
+// round_up(x, a) for a power of two a; nothing if the result does not fit below 2^63.
+inline constexpr std::optional<uint64_t> round_up(uint64_t x, uint64_t a) {
+  if (x > kMaxFileOffset - (a - 1)) return std::nullopt;
+  return (x + a - 1) & ~(a - 1);
+}
+
+inline constexpr uint64_t pad8(uint64_t x) { return (x + 7) & ~uint64_t{7}; }
+
+// Size of a tensor record with this rank and name length (section 3).
+inline constexpr uint64_t tensor_record_size(unsigned rank, uint64_t name_length) {
+  return kTensorRecordFixedSize + 8 * uint64_t{rank} + pad8(name_length);
+}
+
+// Size of a metadata record (section 4).
+inline constexpr uint64_t metadata_record_size(uint64_t key_length, uint64_t value_length) {
+  return kMetadataRecordFixedSize + pad8(key_length + value_length);
+}
+
+// Byte length of a tensor: product(shape) * element size, or nothing on overflow past
+// kMaxFileOffset (rule 15).
+std::optional<uint64_t> tensor_byte_length(const uint64_t* shape, unsigned rank,
+                                           uint64_t element_size);
+
+}  // namespace tensormap::format

@@ -1,0 +1,403 @@
+// The tensormap header: planned and encoded by the writer, validated by the reader.
+//
+// validate_header is the whole of spec/FORMAT.md section 9 (rules 1 to 20) in one
+// function, checked in the spec's order; each rule carries its number in a comment.
+#include "header.h"
+
+#include <xxhash.h>
+
+#include <cstdio>
+#include <cstring>
+#include <unordered_set>
+
+#include "bytes.h"
+#include "names.h"
+#include "tensormap/error.h"
+#include "tensormap/format.h"
+
+namespace tensormap::detail {
+namespace fmt = tensormap::format;
+
+std::string hex64(uint64_t value) {
+  char buf[19];
+  std::snprintf(buf, sizeof buf, "0x%016llx", static_cast<unsigned long long>(value));
+  return buf;
+}
+
+uint64_t header_checksum(const unsigned char* header, uint64_t header_size) {
+  return XXH3_64bits(header, header_size - fmt::kChecksumSize);
+}
+
+// ---------------------------------------------------------------------------------------
+// Writing
+
+Layout plan_layout(const std::vector<TensorSpec>& tensors, const WriterOptions& options,
+                   const std::string& path) {
+  auto invalid = [&](const std::string& what) {
+    return Error(ErrorKind::InvalidArgument, path + ": " + what);
+  };
+  if (!fmt::is_valid_alignment(options.alignment)) {
+    throw invalid("alignment " + std::to_string(options.alignment) +
+                  " is not a power of two between 64 and 1048576");
+  }
+  if (tensors.size() > fmt::kMaxTensorCount) {
+    throw invalid(std::to_string(tensors.size()) + " tensors, more than the limit of " +
+                  std::to_string(fmt::kMaxTensorCount));
+  }
+  if (options.metadata.size() > fmt::kMaxMetadataCount) {
+    throw invalid(std::to_string(options.metadata.size()) +
+                  " metadata pairs, more than the limit of " +
+                  std::to_string(fmt::kMaxMetadataCount));
+  }
+
+  Layout layout;
+  layout.byte_lengths.reserve(tensors.size());
+  uint64_t header_size = fmt::kMinHeaderSize;
+  std::unordered_set<std::string_view> names;
+  names.reserve(tensors.size());
+  for (const auto& t : tensors) {
+    auto label = [&] { return "tensor " + quoted(t.name); };
+    if (auto problem = name_problem(t.name); !problem.empty()) {
+      throw invalid(label() + ": name " + problem);
+    }
+    if (!names.insert(t.name).second) throw invalid(label() + " is declared twice");
+    if (!dtype_from_code(static_cast<uint8_t>(t.dtype))) {
+      throw invalid(label() + ": unknown dtype code " +
+                    std::to_string(static_cast<unsigned>(t.dtype)));
+    }
+    if (t.shape.size() > fmt::kMaxRank) {
+      throw invalid(label() + " has rank " + std::to_string(t.shape.size()) +
+                    ", more than the limit of 8");
+    }
+    const auto length = fmt::tensor_byte_length(t.shape.data(),
+                                                static_cast<unsigned>(t.shape.size()),
+                                                dtype_size(t.dtype));
+    if (!length) throw invalid(label() + ": shape is too large (2^63 bytes or more)");
+    layout.byte_lengths.push_back(*length);
+    header_size += fmt::tensor_record_size(static_cast<unsigned>(t.shape.size()), t.name.size());
+  }
+
+  std::unordered_set<std::string_view> keys;
+  for (const auto& [key, value] : options.metadata) {
+    if (auto problem = name_problem(key); !problem.empty()) {
+      throw invalid("metadata key " + quoted(key) + " " + problem);
+    }
+    if (auto problem = value_problem(value); !problem.empty()) {
+      throw invalid("metadata value of " + quoted(key) + " " + problem);
+    }
+    if (!keys.insert(key).second) throw invalid("metadata key " + quoted(key) + " is given twice");
+    if (value.size() > fmt::kMaxHeaderSize) {
+      throw invalid("metadata value of " + quoted(key) + " is larger than the header limit");
+    }
+    header_size += fmt::metadata_record_size(key.size(), value.size());
+    if (header_size > fmt::kMaxHeaderSize) break;  // reported just below
+  }
+  if (header_size > fmt::kMaxHeaderSize) {
+    throw invalid("header would be larger than the limit of " +
+                  std::to_string(fmt::kMaxHeaderSize) + " bytes");
+  }
+  layout.header_size = header_size;
+
+  uint64_t cursor = *fmt::round_up(header_size, options.alignment);
+  layout.offsets.reserve(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    layout.offsets.push_back(cursor);
+    const auto end = checked_add(cursor, layout.byte_lengths[i]);
+    const auto next = end ? fmt::round_up(*end, options.alignment) : std::nullopt;
+    if (!next) throw invalid("tensors add up to more than 2^63 bytes");
+    cursor = *next;
+  }
+  layout.file_size = cursor;
+  return layout;
+}
+
+std::vector<unsigned char> encode_header(const std::vector<TensorSpec>& tensors,
+                                         const WriterOptions& options, const Layout& layout,
+                                         const std::vector<uint64_t>& checksums) {
+  std::vector<unsigned char> out(layout.header_size, 0);
+  unsigned char* p = out.data();
+  std::memcpy(p, fmt::kMagic, sizeof fmt::kMagic);
+  store_le<uint16_t>(p + 8, fmt::kMajorVersion);
+  store_le<uint16_t>(p + 10, fmt::kMinorVersion);
+  store_le<uint32_t>(p + 12, static_cast<uint32_t>(options.alignment));
+  store_le<uint64_t>(p + 16, layout.header_size);
+  store_le<uint64_t>(p + 24, tensors.size());
+  store_le<uint64_t>(p + 32, options.metadata.size());
+  // p + 40: reserved, zero.
+
+  size_t pos = fmt::kPreambleSize;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const auto& t = tensors[i];
+    const auto rank = static_cast<unsigned>(t.shape.size());
+    store_le<uint32_t>(p + pos, static_cast<uint32_t>(t.name.size()));
+    p[pos + 4] = static_cast<unsigned char>(t.dtype);
+    p[pos + 5] = static_cast<unsigned char>(rank);
+    store_le<uint64_t>(p + pos + 8, layout.offsets[i]);
+    store_le<uint64_t>(p + pos + 16, layout.byte_lengths[i]);
+    store_le<uint64_t>(p + pos + 24, checksums[i]);
+    for (unsigned d = 0; d < rank; ++d) store_le<uint64_t>(p + pos + 32 + 8 * d, t.shape[d]);
+    std::memcpy(p + pos + 32 + 8 * rank, t.name.data(), t.name.size());
+    pos += fmt::tensor_record_size(rank, t.name.size());
+  }
+  for (const auto& [key, value] : options.metadata) {
+    store_le<uint32_t>(p + pos, static_cast<uint32_t>(key.size()));
+    store_le<uint32_t>(p + pos + 4, static_cast<uint32_t>(value.size()));
+    std::memcpy(p + pos + 8, key.data(), key.size());
+    std::memcpy(p + pos + 8 + key.size(), value.data(), value.size());
+    pos += fmt::metadata_record_size(key.size(), value.size());
+  }
+  store_le<uint64_t>(p + pos, header_checksum(p, layout.header_size));
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
+// Reading
+
+namespace {
+
+bool all_zero(const unsigned char* p, uint64_t n) {
+  for (uint64_t i = 0; i < n; ++i) {
+    if (p[i] != 0) return false;
+  }
+  return true;
+}
+
+std::string num(uint64_t v) { return std::to_string(v); }
+
+}  // namespace
+
+ParsedHeader validate_header(const unsigned char* base, uint64_t file_size,
+                             const std::string& path) {
+  auto fail = [&](ErrorKind kind, const std::string& what) {
+    return Error(kind, path + ": " + what);
+  };
+  ParsedHeader out;
+
+  // Rule 1.
+  if (file_size < fmt::kMinHeaderSize) {
+    throw fail(ErrorKind::FileTooSmall, "file is " + num(file_size) +
+                                            " bytes, smaller than the smallest tensormap file (" +
+                                            num(fmt::kMinHeaderSize) + " bytes)");
+  }
+  // Rule 2.
+  if (std::memcmp(base, fmt::kMagic, sizeof fmt::kMagic) != 0) {
+    throw fail(ErrorKind::BadMagic, "not a tensormap file (its first 8 bytes are not the magic "
+                                    "89 54 4D 41 50 0D 0A 1A)");
+  }
+  // Rule 3.
+  out.major = load_le<uint16_t>(base + 8);
+  out.minor = load_le<uint16_t>(base + 10);
+  if (out.major != fmt::kMajorVersion) {
+    throw fail(ErrorKind::UnsupportedVersion,
+               "format version " + num(out.major) + "." + num(out.minor) +
+                   " is not supported; this reader reads major version " +
+                   num(fmt::kMajorVersion));
+  }
+  // Rule 4.
+  out.alignment = load_le<uint32_t>(base + 12);
+  if (!fmt::is_valid_alignment(out.alignment)) {
+    throw fail(ErrorKind::BadAlignment, "alignment " + num(out.alignment) +
+                                            " is not a power of two between 64 and 1048576");
+  }
+  // Rule 5.
+  const uint64_t h = load_le<uint64_t>(base + 16);
+  if (h < fmt::kMinHeaderSize || h > fmt::kMaxHeaderSize || h % 8 != 0) {
+    throw fail(ErrorKind::BadHeaderSize,
+               "header size " + num(h) + " is not a multiple of 8 between " +
+                   num(fmt::kMinHeaderSize) + " and " + num(fmt::kMaxHeaderSize));
+  }
+  out.header_size = h;
+  // Rule 6.
+  if (h > file_size) {
+    throw fail(ErrorKind::Truncated, "header is " + num(h) + " bytes but the file is only " +
+                                         num(file_size) + " bytes long");
+  }
+  // Rule 7.
+  const uint64_t stored = load_le<uint64_t>(base + h - fmt::kChecksumSize);
+  const uint64_t computed = header_checksum(base, h);
+  if (stored != computed) {
+    throw fail(ErrorKind::HeaderChecksumMismatch,
+               "header checksum is " + hex64(stored) + " but the header hashes to " +
+                   hex64(computed) + " (the header is corrupted)");
+  }
+  // Rule 8. With both counts capped first, 40*T + 16*M cannot overflow.
+  const uint64_t t_count = load_le<uint64_t>(base + 24);
+  const uint64_t m_count = load_le<uint64_t>(base + 32);
+  if (t_count > fmt::kMaxTensorCount || m_count > fmt::kMaxMetadataCount ||
+      fmt::kMinTensorRecordSize * t_count + fmt::kMinMetadataRecordSize * m_count >
+          h - fmt::kMinHeaderSize) {
+    throw fail(ErrorKind::TooManyEntries,
+               "header claims " + num(t_count) + " tensors and " + num(m_count) +
+                   " metadata pairs, more than its " + num(h) + " bytes can hold (limits " +
+                   num(fmt::kMaxTensorCount) + " and " + num(fmt::kMaxMetadataCount) + ")");
+  }
+  // Rule 9, and the condition for rule 11's reserved fields (section 10).
+  const bool check_reserved = out.minor <= fmt::kMinorVersion;
+  if (check_reserved && load_le<uint64_t>(base + 40) != 0) {
+    throw fail(ErrorKind::NonZeroReserved, "reserved preamble field at offset 40 is not zero");
+  }
+
+  const uint64_t end = h - fmt::kChecksumSize;
+  uint64_t pos = fmt::kPreambleSize;
+  uint64_t cursor = *fmt::round_up(h, out.alignment);  // h <= 2^30: cannot overflow
+  std::optional<size_t> first_past_end;
+  out.tensors.reserve(t_count);
+  for (uint64_t i = 0; i < t_count; ++i) {
+    auto record = [&] { return "tensor record #" + num(i) + " at offset " + num(pos); };
+    // Rule 10.
+    if (end - pos < fmt::kTensorRecordFixedSize) {
+      throw fail(ErrorKind::MalformedHeader, record() + " runs past the end of the header (" +
+                                                 num(end) + ")");
+    }
+    const unsigned char* r = base + pos;
+    const uint32_t name_length = load_le<uint32_t>(r);
+    const uint8_t code = r[4];
+    const uint8_t rank = r[5];
+    const uint64_t size = fmt::tensor_record_size(rank, name_length);
+    if (size > end - pos) {
+      throw fail(ErrorKind::MalformedHeader, record() + " is " + num(size) +
+                                                 " bytes long and runs past the end of the "
+                                                 "header (" + num(end) + ")");
+    }
+    TensorEntry e{};
+    e.name = std::string_view(reinterpret_cast<const char*>(r + 32 + 8 * rank), name_length);
+    auto label = [&] { return "tensor " + quoted(e.name) + " (record #" + num(i) + ")"; };
+    // Rule 11.
+    const uint64_t name_end = 32 + 8 * uint64_t{rank} + name_length;
+    if ((check_reserved && load_le<uint16_t>(r + 6) != 0) ||
+        !all_zero(r + name_end, size - name_end)) {
+      throw fail(ErrorKind::NonZeroReserved,
+                 label() + " has a non-zero reserved field or padding byte");
+    }
+    // Rule 12.
+    const auto dtype = dtype_from_code(code);
+    if (!dtype) {
+      std::string why = label() + " has unknown dtype code " + num(code);
+      if (!check_reserved) {
+        why += " (the file is format " + num(out.major) + "." + num(out.minor) +
+               ", newer than this reader's 1." + num(fmt::kMinorVersion) + ")";
+      }
+      throw fail(ErrorKind::UnknownDtype, why);
+    }
+    e.dtype = *dtype;
+    // Rule 13.
+    if (rank > fmt::kMaxRank) {
+      throw fail(ErrorKind::BadRank, label() + " has rank " + num(rank) + ", more than 8");
+    }
+    e.rank = rank;
+    for (unsigned d = 0; d < rank; ++d) e.dims[d] = load_le<uint64_t>(r + 32 + 8 * d);
+    // Rule 14.
+    if (auto problem = name_problem(e.name); !problem.empty()) {
+      throw fail(ErrorKind::BadName, "name of " + label() + " " + problem);
+    }
+    // Rule 15.
+    const auto expected = fmt::tensor_byte_length(e.dims.data(), rank, dtype_size(e.dtype));
+    if (!expected) {
+      throw fail(ErrorKind::ShapeOverflow, label() + ": its shape holds 2^63 bytes or more");
+    }
+    // Rule 16.
+    e.offset = load_le<uint64_t>(r + 8);
+    e.byte_length = load_le<uint64_t>(r + 16);
+    e.checksum = load_le<uint64_t>(r + 24);
+    if (e.byte_length != *expected) {
+      throw fail(ErrorKind::LengthMismatch, label() + " has byte length " + num(e.byte_length) +
+                                                 " but its shape and dtype make " +
+                                                 num(*expected));
+    }
+    // Rule 17.
+    if (e.offset != cursor) {
+      throw fail(ErrorKind::BadOffset, label() + " starts at offset " + num(e.offset) +
+                                           " but the canonical layout puts it at " +
+                                           num(cursor));
+    }
+    // offset < 2^63 and byte_length < 2^63, so the sum fits; its padded end may not.
+    const auto next = fmt::round_up(e.offset + e.byte_length, out.alignment);
+    if (!next) {
+      throw fail(ErrorKind::Truncated, label() + " ends past 2^63 bytes, beyond any file");
+    }
+    if (!first_past_end && e.offset + e.byte_length > file_size) first_past_end = out.tensors.size();
+    cursor = *next;
+    out.tensors.push_back(e);
+    pos += size;
+  }
+
+  out.metadata.reserve(m_count);
+  for (uint64_t j = 0; j < m_count; ++j) {
+    auto record = [&] { return "metadata record #" + num(j) + " at offset " + num(pos); };
+    // Rule 10.
+    if (end - pos < fmt::kMetadataRecordFixedSize) {
+      throw fail(ErrorKind::MalformedHeader, record() + " runs past the end of the header (" +
+                                                 num(end) + ")");
+    }
+    const unsigned char* r = base + pos;
+    const uint64_t key_length = load_le<uint32_t>(r);
+    const uint64_t value_length = load_le<uint32_t>(r + 4);
+    const uint64_t size = fmt::metadata_record_size(key_length, value_length);
+    if (size > end - pos) {
+      throw fail(ErrorKind::MalformedHeader, record() + " is " + num(size) +
+                                                 " bytes long and runs past the end of the "
+                                                 "header (" + num(end) + ")");
+    }
+    const auto* chars = reinterpret_cast<const char*>(r + 8);
+    std::string_view key(chars, key_length);
+    std::string_view value(chars + key_length, value_length);
+    // Rule 11.
+    const uint64_t used = 8 + key_length + value_length;
+    if (!all_zero(r + used, size - used)) {
+      throw fail(ErrorKind::NonZeroReserved, record() + " has a non-zero padding byte");
+    }
+    // Rule 14.
+    if (auto problem = name_problem(key); !problem.empty()) {
+      throw fail(ErrorKind::BadName, "metadata key " + quoted(key) + " (" + record() + ") " + problem);
+    }
+    if (auto problem = value_problem(value); !problem.empty()) {
+      throw fail(ErrorKind::BadName,
+                 "metadata value of key " + quoted(key) + " (" + record() + ") " + problem);
+    }
+    out.metadata.emplace_back(key, value);
+    pos += size;
+  }
+  // Rule 18.
+  if (pos != end) {
+    throw fail(ErrorKind::MalformedHeader, "header has " + num(end - pos) +
+                                               " unused bytes between its last record (ending at " +
+                                               num(pos) + ") and its checksum");
+  }
+  // Rule 19.
+  out.index.reserve(out.tensors.size());
+  for (uint32_t i = 0; i < out.tensors.size(); ++i) {
+    const auto [it, inserted] = out.index.emplace(out.tensors[i].name, i);
+    if (!inserted) {
+      throw fail(ErrorKind::DuplicateName, "tensor name " + quoted(out.tensors[i].name) +
+                                               " appears twice (records #" + num(it->second) +
+                                               " and #" + num(i) + ")");
+    }
+  }
+  std::unordered_set<std::string_view> keys;
+  keys.reserve(out.metadata.size());
+  for (const auto& [key, value] : out.metadata) {
+    if (!keys.insert(key).second) {
+      throw fail(ErrorKind::DuplicateName, "metadata key " + quoted(key) + " appears twice");
+    }
+  }
+  // Rule 20.
+  if (first_past_end) {
+    const TensorEntry& e = out.tensors[*first_past_end];
+    throw fail(ErrorKind::Truncated, "tensor " + quoted(e.name) + " ends at " +
+                                         num(e.offset + e.byte_length) +
+                                         ", past the end of the file (" + num(file_size) + ")");
+  }
+  if (file_size < cursor) {
+    throw fail(ErrorKind::Truncated, "file is " + num(file_size) +
+                                         " bytes but its last tensor's padding ends at " +
+                                         num(cursor));
+  }
+  if (file_size > cursor) {
+    throw fail(ErrorKind::TrailingBytes, "file has " + num(file_size - cursor) +
+                                             " bytes after the padded end of its last tensor (" +
+                                             num(cursor) + ")");
+  }
+  return out;
+}
+
+}  // namespace tensormap::detail

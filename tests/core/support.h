@@ -1,0 +1,99 @@
+// Helpers shared by the core tests: scratch directories, whole-file I/O, and patching a
+// header in place while keeping its checksum right, so a test breaks exactly one rule.
+#pragma once
+
+#include <xxhash.h>
+
+#include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "tensormap/core.h"
+
+namespace tensormap::testing {
+
+namespace fs = std::filesystem;
+
+// A fresh directory removed with everything in it when the object dies.
+class TempDir {
+ public:
+  TempDir() {
+    std::random_device rd;
+    path_ = fs::temp_directory_path() / ("tensormap-test-" + std::to_string(rd()) + "-" +
+                                         std::to_string(rd()));
+    fs::create_directories(path_);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(path_, ec);
+  }
+  std::string file(const std::string& name) const { return (path_ / name).string(); }
+  const fs::path& path() const { return path_; }
+  // Every entry of the directory, names only, sorted.
+  std::vector<std::string> entries() const {
+    std::vector<std::string> names;
+    for (const auto& e : fs::directory_iterator(path_)) names.push_back(e.path().filename());
+    std::sort(names.begin(), names.end());
+    return names;
+  }
+
+ private:
+  fs::path path_;
+};
+
+inline std::vector<unsigned char> read_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::vector<unsigned char>(std::istreambuf_iterator<char>(in), {});
+}
+
+inline void write_bytes(const std::string& path, const std::vector<unsigned char>& bytes) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+}
+
+template <typename T>
+T get(const std::vector<unsigned char>& b, size_t at) {
+  T v;
+  std::memcpy(&v, b.data() + at, sizeof v);
+  return v;
+}
+
+template <typename T>
+void put(std::vector<unsigned char>& b, size_t at, T v) {
+  std::memcpy(b.data() + at, &v, sizeof v);
+}
+
+// Recomputes the header checksum (spec section 6) after a patch.
+inline void reseal(std::vector<unsigned char>& b) {
+  const uint64_t h = get<uint64_t>(b, 16);
+  put<uint64_t>(b, h - 8, XXH3_64bits(b.data(), h - 8));
+}
+
+// Writes `tensors` with bytes i*7+j (mod 256) for byte j of tensor i.
+inline void write_pattern_file(const std::string& path, const std::vector<TensorSpec>& tensors,
+                               WriterOptions options = {}) {
+  options.sync = false;
+  Writer w(path, tensors, options);
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    std::vector<unsigned char> data(w.byte_length(i));
+    for (size_t j = 0; j < data.size(); ++j) data[j] = static_cast<unsigned char>(i * 7 + j);
+    w.write(data.data(), data.size());
+  }
+  w.commit();
+}
+
+// The error kind File::open throws for `path`, or nothing if it opens.
+inline std::optional<ErrorKind> open_error(const std::string& path) {
+  try {
+    File::open(path);
+  } catch (const Error& e) {
+    return e.kind();
+  }
+  return std::nullopt;
+}
+
+}  // namespace tensormap::testing
