@@ -39,6 +39,8 @@ enum class ErrorKind {
   Io,               // the operating system refused an open, read, write, sync or rename
   InvalidArgument,  // the caller asked for something the API does not allow
   NotFound,         // no tensor of that name
+  UnsupportedDtype, // the dtype has no equivalent in LibTorch 1.13 (U16, U32, U64, F8)
+  ModelMismatch,    // a checkpoint and a model disagree on names, shapes or dtypes
 };
 
 // The kind's name as the spec spells it, e.g. "BadMagic".

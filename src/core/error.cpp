@@ -28,6 +28,8 @@ const char* error_kind_name(ErrorKind kind) {
     case ErrorKind::Io: return "Io";
     case ErrorKind::InvalidArgument: return "InvalidArgument";
     case ErrorKind::NotFound: return "NotFound";
+    case ErrorKind::UnsupportedDtype: return "UnsupportedDtype";
+    case ErrorKind::ModelMismatch: return "ModelMismatch";
   }
   return "Unknown";
 }

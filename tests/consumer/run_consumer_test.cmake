@@ -20,4 +20,7 @@ step(${CMAKE_COMMAND} -S "${SOURCE_DIR}/tests/consumer" -B "${WORK_DIR}/build" -
      "-DCMAKE_PREFIX_PATH=${prefix}")
 step(${CMAKE_COMMAND} --build "${WORK_DIR}/build")
 step("${WORK_DIR}/build/consumer" "${WORK_DIR}/out.tmap")
+if(EXISTS "${WORK_DIR}/build/consumer_torch")
+  step("${WORK_DIR}/build/consumer_torch" "${WORK_DIR}/out_torch.tmap")
+endif()
 message(STATUS "consumer project built and ran against ${prefix}")

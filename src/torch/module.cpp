@@ -1,0 +1,189 @@
+// Loading a torch::nn::Module from a tensormap file, and saving one into it.
+#include <ATen/ATen.h>
+#include <torch/nn/module.h>
+
+#include <sstream>
+#include <unordered_set>
+
+#include "released.h"
+#include "tensormap/error.h"
+#include "tensormap/module.h"
+#include "tensormap/tensor.h"
+#include "tensormap/writer.h"
+
+namespace tensormap {
+namespace {
+
+std::string shape_string(at::IntArrayRef sizes) {
+  std::ostringstream out;
+  out << sizes;
+  return out.str();
+}
+
+std::string shape_string(const TensorEntry& e) {
+  return shape_string(std::vector<int64_t>(e.dims.begin(), e.dims.begin() + e.rank));
+}
+
+// Why `entry` cannot be loaded into `target` in `mode`, or "".
+std::string mismatch(const at::Tensor& target, const TensorEntry& entry, LoadMode mode) {
+  const auto file_type = to_scalar_type(entry.dtype);
+  if (!file_type) {
+    return "dtype " + std::string(dtype_name(entry.dtype)) +
+           " in the file has no LibTorch 1.13 equivalent";
+  }
+  const bool same_shape = static_cast<uint64_t>(target.dim()) == entry.rank &&
+                          std::equal(target.sizes().begin(), target.sizes().end(),
+                                     entry.dims.begin(), [](int64_t a, uint64_t b) {
+                                       return static_cast<uint64_t>(a) == b;
+                                     });
+  if (!same_shape) {
+    return "shape " + shape_string(target.sizes()) + " in the model, " + shape_string(entry) +
+           " in the file";
+  }
+  const std::string types = std::string("dtype ") + c10::toString(target.scalar_type()) +
+                            " in the model, " + std::string(dtype_name(entry.dtype)) +
+                            " in the file";
+  if (mode == LoadMode::Map) {
+    if (*file_type != target.scalar_type()) {
+      return types + " (map mode cannot convert; use LoadMode::Copy)";
+    }
+    if (!target.device().is_cpu()) return "map mode binds CPU tensors only";
+  } else if (at::isComplexType(*file_type) && !at::isComplexType(target.scalar_type())) {
+    return types + " (converting would drop the imaginary part)";
+  }
+  return "";
+}
+
+void append_list(std::ostringstream& out, const char* what, const std::vector<std::string>& items,
+                 bool& first) {
+  if (items.empty()) return;
+  constexpr size_t kShown = 8;
+  out << (first ? "" : "; ") << items.size() << " " << what << " (";
+  for (size_t i = 0; i < items.size() && i < kShown; ++i) out << (i ? ", " : "") << items[i];
+  if (items.size() > kShown) out << ", and " << items.size() - kShown << " more";
+  out << ")";
+  first = false;
+}
+
+}  // namespace
+
+std::string LoadReport::summary() const {
+  std::ostringstream out;
+  bool first = true;
+  append_list(out, "missing from the file", missing, first);
+  append_list(out, "unexpected in the file", unexpected, first);
+  append_list(out, "mismatched", mismatched, first);
+  if (first) out << loaded.size() << " tensors loaded, no problems";
+  return out.str();
+}
+
+std::vector<std::pair<std::string, at::Tensor>> named_state(const torch::nn::Module& module) {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  for (const auto& item : module.named_parameters(/*recurse=*/true)) {
+    if (item.value().defined()) out.emplace_back(item.key(), item.value());
+  }
+  for (const auto& item : module.named_buffers(/*recurse=*/true)) {
+    if (item.value().defined()) out.emplace_back(item.key(), item.value());
+  }
+  return out;
+}
+
+LoadReport load(torch::nn::Module& module, const File& file, const LoadOptions& options) {
+  struct Binding {
+    at::Tensor target;
+    const TensorEntry* entry;
+    const std::string* name;
+  };
+  const auto state = named_state(module);
+  LoadReport report;
+  std::vector<Binding> plan;
+  std::unordered_set<std::string_view> model_names;
+  for (const auto& [name, tensor] : state) {
+    model_names.insert(name);
+    const TensorEntry* entry = file.find(name);
+    if (!entry) {
+      report.missing.push_back(name);
+      continue;
+    }
+    if (auto why = mismatch(tensor, *entry, options.mode); !why.empty()) {
+      report.mismatched.push_back(name + ": " + why);
+      continue;
+    }
+    plan.push_back({tensor, entry, &name});
+  }
+  for (const TensorEntry& e : file.tensors()) {
+    if (!model_names.count(e.name)) report.unexpected.emplace_back(e.name);
+  }
+  if (options.strict && !report.complete()) {
+    throw Error(ErrorKind::ModelMismatch,
+                file.path() + ": does not match the model, nothing was loaded: " + report.summary());
+  }
+
+  at::NoGradGuard no_grad;
+  for (Binding& b : plan) {
+    at::Tensor& target = b.target;
+    const at::Tensor view = tensor_view(file, *b.entry);
+    if (options.mode == LoadMode::Map) {
+      detail::prepare_to_bind(target);
+      target.set_(view);
+    } else {
+      if (is_released(target)) {
+        detail::prepare_to_bind(target);
+        target.set_(at::empty(target.sizes(), target.options()));
+      }
+      target.copy_(view);
+      file.release_pages(*b.entry);
+    }
+    report.loaded.push_back(*b.name);
+  }
+  return report;
+}
+
+LoadReport load(torch::nn::Module& module, const std::string& path, const LoadOptions& options) {
+  return load(module, File::open(path), options);
+}
+
+void save(const std::vector<std::pair<std::string, at::Tensor>>& tensors, const std::string& path,
+          const SaveOptions& options) {
+  std::vector<TensorSpec> specs;
+  specs.reserve(tensors.size());
+  for (const auto& [name, t] : tensors) {
+    if (!t.defined()) {
+      throw Error(ErrorKind::InvalidArgument, path + ": tensor '" + name + "' is undefined");
+    }
+    if (is_released(t)) {
+      throw Error(ErrorKind::InvalidArgument,
+                  path + ": tensor '" + name + "' was released and holds no data to save");
+    }
+    std::vector<uint64_t> shape(t.sizes().begin(), t.sizes().end());
+    Dtype dtype;
+    try {
+      dtype = from_scalar_type(t.scalar_type());
+    } catch (const Error& e) {
+      throw Error(ErrorKind::UnsupportedDtype, path + ": tensor '" + name + "': " + e.what());
+    }
+    specs.push_back({name, dtype, std::move(shape)});
+  }
+  WriterOptions writer_options;
+  writer_options.alignment = options.alignment;
+  writer_options.metadata = options.metadata;
+  writer_options.sync = options.sync;
+  Writer writer(path, std::move(specs), writer_options);
+  for (const auto& item : tensors) {
+    // One tensor at a time: at most one contiguous copy exists at once.
+    at::Tensor t = item.second.detach();
+    if (!t.device().is_cpu()) t = t.cpu();
+    if (t.is_conj()) t = t.resolve_conj();
+    if (t.is_neg()) t = t.resolve_neg();
+    if (!t.is_contiguous()) t = t.contiguous();
+    const size_t nbytes = static_cast<size_t>(t.numel()) * t.element_size();
+    if (nbytes > 0) writer.write_tensor(t.data_ptr(), nbytes);
+  }
+  writer.commit();
+}
+
+void save(const torch::nn::Module& module, const std::string& path, const SaveOptions& options) {
+  save(named_state(module), path, options);
+}
+
+}  // namespace tensormap

@@ -1,0 +1,17 @@
+// Internal to the LibTorch layer: turning a released tensor back into an ordinary one.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <vector>
+
+namespace tensormap::detail {
+
+// Gives a released tensor its CPU dispatch keys back, so that set_() and copy_() reach
+// it. REQUIRES: the caller gives it storage right after.
+void prepare_to_bind(const at::Tensor& tensor);
+
+// Operators (schema names) registered on PrivateUse1 explicitly, besides the fallback.
+const std::vector<const char*>& explicitly_checked_ops();
+
+}  // namespace tensormap::detail

@@ -1,0 +1,521 @@
+// The LibTorch layer: views, the lazy state dict, skeletons, release, load and save.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "../core/support.h"
+#include "../../src/torch/released.h"
+#include "tensormap/tensormap.h"
+
+namespace tensormap::testing {
+namespace {
+
+bool inside(const File& f, const void* p) {
+  const auto* base = static_cast<const unsigned char*>(f.cow_data(f.tensors().front())) -
+                     f.tensors().front().offset;
+  const auto* q = static_cast<const unsigned char*>(p);
+  return q >= base && q < base + f.file_size();
+}
+
+struct NetModuleImpl : torch::nn::Module {
+  NetModuleImpl() {
+    fc1 = register_module("fc1", torch::nn::Linear(8, 16));
+    norm = register_module("norm", torch::nn::BatchNorm1d(16));
+    fc2 = register_module("fc2", torch::nn::Linear(16, 4));
+  }
+  torch::Tensor forward(torch::Tensor x) { return fc2(torch::relu(norm(fc1(x)))); }
+  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+  torch::nn::BatchNorm1d norm{nullptr};
+};
+TORCH_MODULE(NetModule);
+
+NetModule trained_net() {
+  torch::manual_seed(0);
+  NetModule net;
+  net->train();
+  net->forward(torch::randn({32, 8}));  // moves the running statistics off their defaults
+  net->eval();
+  return net;
+}
+
+// --- tensors ----------------------------------------------------------------------------
+
+TEST(TensorView, EveryLibTorchDtypeRoundTripsWithItsShape) {
+  TempDir dir;
+  const std::string path = dir.file("dtypes.tmap");
+  torch::manual_seed(1);
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  const auto base = torch::randn({3, 4}, torch::kDouble) * 100;
+  for (auto type : {at::kBool, at::kByte, at::kChar, at::kShort, at::kInt, at::kLong, at::kHalf,
+                    at::kBFloat16, at::kFloat, at::kDouble, at::kComplexFloat, at::kComplexDouble}) {
+    tensors.emplace_back(c10::toString(type), base.to(type));
+  }
+  tensors.emplace_back("scalar", torch::tensor(2.5));
+  tensors.emplace_back("empty", torch::zeros({0, 5}));
+  save(tensors, path);
+  const File f = File::open(path);
+  for (const auto& [name, t] : tensors) {
+    const at::Tensor view = tensor_view(f, f.at(name));
+    EXPECT_EQ(view.scalar_type(), t.scalar_type()) << name;
+    EXPECT_EQ(view.sizes(), t.sizes()) << name;
+    EXPECT_TRUE(torch::equal(view, t)) << name;
+    EXPECT_TRUE(torch::equal(tensor_copy(f, f.at(name)), t)) << name;
+    if (t.numel() > 0) {
+      EXPECT_TRUE(inside(f, view.data_ptr())) << name;
+    }
+  }
+}
+
+TEST(TensorView, CopyOwnsItsMemory) {
+  TempDir dir;
+  const std::string path = dir.file("copy.tmap");
+  save({{"a", torch::arange(10, torch::kFloat)}}, path);
+  const File f = File::open(path);
+  const at::Tensor copy = tensor_copy(f, f.at("a"));
+  EXPECT_FALSE(inside(f, copy.data_ptr()));
+  EXPECT_TRUE(torch::equal(copy, torch::arange(10, torch::kFloat)));
+}
+
+TEST(TensorView, OutlivesTheFileObject) {
+  TempDir dir;
+  const std::string path = dir.file("alive.tmap");
+  save({{"a", torch::arange(1000, torch::kLong)}}, path);
+  at::Tensor view;
+  {
+    const File f = File::open(path);
+    view = tensor_view(f, f.at("a"));
+  }
+  EXPECT_EQ(view[999].item<int64_t>(), 999);
+}
+
+TEST(TensorView, DtypeWithoutLibTorchEquivalentIsRefusedButRawBytesWork) {
+  TempDir dir;
+  const std::string path = dir.file("u16.tmap");
+  const uint16_t values[3] = {1, 2, 65535};
+  {
+    Writer w(path, {{"u", Dtype::U16, {3}}, {"f8", Dtype::F8_E4M3, {2}}});
+    w.write_tensor(values, sizeof values);
+    const uint8_t f8[2] = {0x38, 0x40};
+    w.write_tensor(f8, 2);
+    w.commit();
+  }
+  const File f = File::open(path);
+  try {
+    tensor_view(f, f.at("u"));
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::UnsupportedDtype);
+    EXPECT_NE(std::string(e.what()).find("U16"), std::string::npos);
+  }
+  EXPECT_THROW(tensor_view(f, f.at("f8")), Error);
+  const at::Tensor raw = raw_bytes_view(f, f.at("u"));
+  EXPECT_EQ(raw.scalar_type(), at::kByte);
+  EXPECT_EQ(raw.numel(), 6);
+  EXPECT_EQ(raw[4].item<uint8_t>(), 0xFF);
+  EXPECT_EQ(raw_bytes_view(f, f.at("f8"))[1].item<uint8_t>(), 0x40);
+}
+
+TEST(TensorView, DtypeTableAgreesBothWays) {
+  for (Dtype d : kAllDtypes) {
+    if (auto type = to_scalar_type(d)) {
+      EXPECT_EQ(from_scalar_type(*type), d);
+    }
+  }
+  EXPECT_THROW(from_scalar_type(at::kQInt8), Error);
+}
+
+// --- lazy state dict --------------------------------------------------------------------
+
+TEST(LazyStateDict, BehavesLikeAMap) {
+  TempDir dir;
+  const std::string path = dir.file("sd.tmap");
+  save({{"w", torch::ones({2, 2})}, {"b", torch::zeros({2})}}, path);
+  const StateDict sd = StateDict::open(path);
+  EXPECT_EQ(sd.size(), 2u);
+  EXPECT_TRUE(sd.contains("w"));
+  EXPECT_FALSE(sd.contains("x"));
+  EXPECT_EQ(sd.keys(), (std::vector<std::string>{"w", "b"}));
+  EXPECT_TRUE(torch::equal(sd["w"], torch::ones({2, 2})));
+  EXPECT_THROW(sd.at("x"), Error);
+  std::vector<std::string> seen;
+  for (const auto& [name, tensor] : sd) {
+    seen.emplace_back(name);
+    EXPECT_TRUE(tensor.defined());
+  }
+  EXPECT_EQ(seen, sd.keys());
+  const auto dict = sd.to_ordered_dict();
+  EXPECT_EQ(dict.size(), 2u);
+  EXPECT_TRUE(torch::equal(dict["b"], torch::zeros({2})));
+}
+
+TEST(LazyStateDict, ReadsNoTensorBytesUntilAsked) {
+  TempDir dir;
+  const std::string path = dir.file("lazy.tmap");
+  {
+    std::vector<std::pair<std::string, at::Tensor>> big;
+    for (int i = 0; i < 8; ++i) big.emplace_back("t" + std::to_string(i), torch::full({1 << 20}, i * 1.0f));
+    save(big, path);  // 32 MiB
+  }
+  const auto before = read_process_memory();
+  const StateDict sd = StateDict::open(path);
+  auto all = sd.to_ordered_dict();  // views only
+  const auto opened = read_process_memory();
+  EXPECT_LT(opened.rss_file - std::min(opened.rss_file, before.rss_file), 1u << 20)
+      << "opening and viewing must not read the 32 MiB of data";
+  EXPECT_EQ(sd["t3"].sum().item<float>(), 3.0f * (1 << 20));
+  const auto touched = read_process_memory();
+  EXPECT_GT(touched.rss_file, opened.rss_file + (3u << 20)) << "the touched tensor is read";
+  EXPECT_LT(touched.rss_file, opened.rss_file + (8u << 20)) << "only the touched tensor is read";
+}
+
+// --- skeleton and release ---------------------------------------------------------------
+
+TEST(Release, KeepsShapeDtypeRequiresGradAndTheSameTensorImpl) {
+  NetModule net = trained_net();
+  auto* impl = net->fc1->weight.unsafeGetTensorImpl();
+  release(*net);
+  EXPECT_EQ(net->fc1->weight.unsafeGetTensorImpl(), impl);
+  EXPECT_EQ(net->named_parameters()["fc1.weight"].unsafeGetTensorImpl(), impl);
+  EXPECT_EQ(net->fc1->weight.sizes(), (std::vector<int64_t>{16, 8}));
+  EXPECT_EQ(net->fc1->weight.scalar_type(), at::kFloat);
+  EXPECT_TRUE(net->fc1->weight.requires_grad());
+  EXPECT_TRUE(net->fc1->weight.is_leaf());
+  EXPECT_TRUE(is_released(net->fc1->weight));
+  EXPECT_TRUE(is_released(net->norm->running_mean));
+}
+
+TEST(Release, UsingAReleasedModelThrowsInsteadOfComputingOnGarbage) {
+  NetModule net = trained_net();
+  release(*net);
+  try {
+    net->forward(torch::ones({2, 8}));
+    FAIL() << "forward ran on released weights";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("released tensor"), std::string::npos) << e.what();
+  }
+  const at::Tensor& w = net->fc1->weight;
+  EXPECT_THROW(w.sum(), c10::Error);
+  EXPECT_THROW(w.clone(), c10::Error);
+  EXPECT_THROW(w.to(at::kDouble), c10::Error);
+  EXPECT_THROW(w.data_ptr<float>(), c10::Error);
+  EXPECT_THROW(torch::zeros({16, 8}).copy_(w), c10::Error);
+  EXPECT_THROW(torch::cat({w, w}), c10::Error);
+  EXPECT_THROW(w.t().contiguous(), c10::Error);
+  EXPECT_THROW(w[0][0].item<float>(), c10::Error);
+  std::ostringstream out;
+  EXPECT_THROW(out << w, c10::Error);
+}
+
+TEST(Release, SavingAReleasedModelIsRefused) {
+  TempDir dir;
+  NetModule net = trained_net();
+  release(*net);
+  EXPECT_THROW(save(*net, dir.file("x.tmap")), Error);
+  EXPECT_EQ(dir.entries().size(), 0u);
+}
+
+TEST(Release, ExplicitlyCheckedOperatorsAreNotCompositeImplicit) {
+  // A PrivateUse1 kernel on a CompositeImplicitAutograd operator would take away its
+  // autograd formula inside a skeleton scope; the list must hold explicit ones only.
+  for (const char* op : detail::explicitly_checked_ops()) {
+    std::string name = op, overload;
+    if (auto dot = name.find('.'); dot != std::string::npos) {
+      overload = name.substr(dot + 1);
+      name = name.substr(0, dot);
+    }
+    const auto handle = c10::Dispatcher::singleton().findSchemaOrThrow(("aten::" + name).c_str(),
+                                                                       overload.c_str());
+    EXPECT_FALSE(handle.hasKernelForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd)) << op;
+  }
+}
+
+TEST(Skeleton, ConstructsWithoutRunningRandomInitialisers) {
+  torch::manual_seed(3);
+  const auto expected_next = torch::rand({1});
+  torch::manual_seed(3);
+  {
+    SkeletonScope scope;
+    torch::nn::Linear lin(64, 64);  // kaiming_uniform_ would draw from the generator
+  }
+  EXPECT_TRUE(torch::equal(torch::rand({1}), expected_next)) << "no random number was drawn";
+}
+
+TEST(Skeleton, InitialisersRunAgainOnceTheScopeEnds) {
+  { SkeletonScope scope; }
+  torch::manual_seed(5);
+  const auto a = torch::rand({1000});
+  torch::manual_seed(5);
+  torch::nn::Linear lin(64, 64);
+  EXPECT_GT(lin->weight.abs().sum().item<float>(), 1.0f) << "kaiming_uniform_ ran";
+  EXPECT_FALSE(torch::equal(torch::rand({1000}), a)) << "the generator advanced";
+  EXPECT_FALSE(c10::impl::tls_local_dispatch_key_set().included_.has_backend(
+      c10::BackendComponent::PrivateUse1Bit))
+      << "no PrivateUse1 bit is left behind in the thread-local key set";
+}
+
+TEST(Skeleton, NestedScopesRestoreTheOuterState) {
+  auto generator = at::detail::getDefaultCPUGenerator();
+  SkeletonScope outer;
+  { SkeletonScope inner; }
+  const at::Tensor state = generator.get_state();
+  torch::nn::Linear lin(8, 8);  // the outer scope still skips initialisers
+  EXPECT_TRUE(torch::equal(generator.get_state(), state)) << "no random number was drawn";
+}
+
+TEST(Skeleton, OpsStillWorkInsideTheScope) {
+  SkeletonScope scope;
+  const auto x = torch::arange(6, torch::kFloat).reshape({2, 3});
+  EXPECT_EQ(x.sum().item<float>(), 15.0f);
+  EXPECT_TRUE(torch::equal(torch::ones({2}).fill_(3), torch::full({2}, 3.0f)));
+}
+
+TEST(Skeleton, BuiltThenLoadedGivesTheSameOutputsAsBuiltNormally) {
+  TempDir dir;
+  const std::string path = dir.file("net.tmap");
+  NetModule net = trained_net();
+  const auto x = torch::randn({5, 8});
+  const auto expected = net->forward(x);
+  save(*net, path);
+  auto skeleton = build_skeleton([] { return NetModule(); });
+  EXPECT_TRUE(is_released(skeleton->fc2->bias));
+  load(*skeleton, path);
+  skeleton->eval();
+  EXPECT_TRUE(torch::equal(skeleton->forward(x), expected));
+}
+
+// --- load -------------------------------------------------------------------------------
+
+TEST(LoadMap, EveryParameterAndBufferPointsIntoTheMapping) {
+  TempDir dir;
+  const std::string path = dir.file("net.tmap");
+  save(*trained_net(), path);
+  NetModule net;
+  release(*net);
+  const File f = File::open(path);
+  const LoadReport report = load(*net, f);
+  EXPECT_TRUE(report.complete()) << report.summary();
+  EXPECT_EQ(report.loaded.size(), 9u);  // 6 parameters, 3 BatchNorm buffers
+  for (const auto& [name, t] : named_state(*net)) {
+    EXPECT_FALSE(is_released(t)) << name;
+    EXPECT_TRUE(inside(f, t.data_ptr())) << name;
+  }
+}
+
+TEST(LoadMap, AnOptimizerStepChangesTheModelAndNeverTheFile) {
+  TempDir dir;
+  const std::string path = dir.file("net.tmap");
+  save(*trained_net(), path);
+  const auto file_before = read_bytes(path);
+  auto net = build_skeleton([] { return NetModule(); });
+  load(*net, path);
+  const auto w_before = net->fc1->weight.clone();
+  torch::optim::SGD sgd(net->parameters(), 0.1);
+  net->train();
+  net->forward(torch::randn({4, 8})).sum().backward();
+  sgd.step();
+  EXPECT_FALSE(torch::equal(net->fc1->weight, w_before)) << "the step changed the weights";
+  EXPECT_EQ(read_bytes(path), file_before) << "the file did not change";
+  File::open(path).verify();
+}
+
+TEST(LoadCopy, ConvertsBf16InTheFileIntoAnF32Model) {
+  TempDir dir;
+  const std::string path = dir.file("bf16.tmap");
+  const auto weights = torch::randn({4, 3});
+  save({{"weight", weights.to(at::kBFloat16)}, {"bias", torch::ones({4}, at::kBFloat16)}}, path);
+  torch::nn::Linear lin(3, 4);
+  LoadOptions copy;
+  copy.mode = LoadMode::Copy;
+  load(*lin, path, copy);
+  EXPECT_EQ(lin->weight.scalar_type(), at::kFloat);
+  EXPECT_TRUE(torch::equal(lin->weight, weights.to(at::kBFloat16).to(at::kFloat)));
+  EXPECT_TRUE(torch::equal(lin->bias, torch::ones({4})));
+}
+
+TEST(LoadCopy, IntoAnAllocatedModelWritesTheExistingStorage) {
+  TempDir dir;
+  const std::string path = dir.file("net.tmap");
+  auto source = trained_net();
+  save(*source, path);
+  NetModule net;
+  void* storage = net->fc1->weight.data_ptr();
+  LoadOptions copy;
+  copy.mode = LoadMode::Copy;
+  load(*net, path, copy);
+  EXPECT_EQ(net->fc1->weight.data_ptr(), storage);
+  EXPECT_TRUE(torch::equal(net->fc1->weight, source->fc1->weight));
+  EXPECT_TRUE(torch::equal(net->norm->running_var, source->norm->running_var));
+}
+
+TEST(LoadCopy, IntoAReleasedModelAllocatesOwnedMemory) {
+  TempDir dir;
+  const std::string path = dir.file("net.tmap");
+  save(*trained_net(), path);
+  auto net = build_skeleton([] { return NetModule(); });
+  LoadOptions copy;
+  copy.mode = LoadMode::Copy;
+  const File f = File::open(path);
+  load(*net, f, copy);
+  EXPECT_FALSE(inside(f, net->fc1->weight.data_ptr()));
+  EXPECT_TRUE(torch::equal(net->fc2->bias, tensor_view(f, f.at("fc2.bias"))));
+}
+
+TEST(LoadStrict, OneErrorListsEveryProblemAndNothingIsLoaded) {
+  TempDir dir;
+  const std::string path = dir.file("bad.tmap");
+  save({{"weight", torch::ones({4, 5})}, {"extra", torch::ones({1})}}, path);
+  torch::nn::Linear lin(3, 4);
+  const auto before = lin->weight.clone();
+  try {
+    load(*lin, path);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::ModelMismatch);
+    const std::string m = e.what();
+    EXPECT_NE(m.find("1 missing from the file (bias)"), std::string::npos) << m;
+    EXPECT_NE(m.find("1 unexpected in the file (extra)"), std::string::npos) << m;
+    EXPECT_NE(m.find("weight: shape [4, 3] in the model, [4, 5] in the file"), std::string::npos) << m;
+  }
+  EXPECT_TRUE(torch::equal(lin->weight, before));
+}
+
+TEST(LoadStrict, MapModeRefusesADtypeItWouldHaveToConvert) {
+  TempDir dir;
+  const std::string path = dir.file("half.tmap");
+  save({{"weight", torch::ones({4, 3}, at::kHalf)}, {"bias", torch::ones({4}, at::kHalf)}}, path);
+  torch::nn::Linear lin(3, 4);
+  try {
+    load(*lin, path);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("use LoadMode::Copy"), std::string::npos) << e.what();
+  }
+}
+
+TEST(LoadNonStrict, LoadsWhatMatchesAndReportsTheRest) {
+  TempDir dir;
+  const std::string path = dir.file("partial.tmap");
+  save({{"weight", torch::full({4, 3}, 2.0f)}, {"extra", torch::ones({1})}}, path);
+  torch::nn::Linear lin(3, 4);
+  LoadOptions lenient;
+  lenient.strict = false;
+  const LoadReport r = load(*lin, path, lenient);
+  EXPECT_EQ(r.loaded, std::vector<std::string>{"weight"});
+  EXPECT_EQ(r.missing, std::vector<std::string>{"bias"});
+  EXPECT_EQ(r.unexpected, std::vector<std::string>{"extra"});
+  EXPECT_FALSE(r.complete());
+  EXPECT_TRUE(torch::equal(lin->weight, torch::full({4, 3}, 2.0f)));
+}
+
+// --- save -------------------------------------------------------------------------------
+
+TEST(Save, NonContiguousTensorsAreStoredInLogicalOrder) {
+  TempDir dir;
+  const std::string path = dir.file("nc.tmap");
+  const auto base = torch::arange(12, torch::kFloat).reshape({3, 4});
+  const auto transposed = base.t();
+  const auto strided = base.index({torch::indexing::Slice(), torch::indexing::Slice(0, 4, 2)});
+  ASSERT_FALSE(transposed.is_contiguous());
+  save({{"t", transposed}, {"s", strided}, {"offset", base[2]}}, path);
+  const StateDict sd = StateDict::open(path);
+  EXPECT_TRUE(torch::equal(sd["t"], transposed));
+  EXPECT_TRUE(torch::equal(sd["s"], strided));
+  EXPECT_TRUE(torch::equal(sd["offset"], base[2]));
+}
+
+TEST(Save, TiedWeightsComeBackTied) {
+  // One tensor registered under two names, as a tied embedding and output head are.
+  struct Tied : torch::nn::Module {
+    Tied() {
+      embedding = register_parameter("embedding", torch::randn({10, 4}));
+      head = register_parameter("head", embedding);
+    }
+    at::Tensor embedding, head;
+  };
+  TempDir dir;
+  const std::string path = dir.file("tied.tmap");
+  auto source = std::make_shared<Tied>();
+  save(*source, path);
+  const File f = File::open(path);
+  EXPECT_TRUE(f.find("embedding") && f.find("head")) << "each name is stored";
+  for (LoadMode mode : {LoadMode::Map, LoadMode::Copy}) {
+    auto net = build_skeleton([] { return std::make_shared<Tied>(); });
+    LoadOptions options;
+    options.mode = mode;
+    load(*net, f, options);
+    const auto params = net->named_parameters();
+    EXPECT_EQ(params["embedding"].unsafeGetTensorImpl(), params["head"].unsafeGetTensorImpl());
+    EXPECT_EQ(net->head.unsafeGetTensorImpl(), net->embedding.unsafeGetTensorImpl());
+    EXPECT_TRUE(torch::equal(params["head"], source->embedding));
+  }
+}
+
+TEST(Save, OverTheFileAModelWasMappedFromIsSafe) {
+  TempDir dir;
+  const std::string path = dir.file("net.tmap");
+  auto source = trained_net();
+  save(*source, path);
+  auto net = build_skeleton([] { return NetModule(); });
+  load(*net, path);
+  net->eval();
+  const auto x = torch::randn({3, 8});
+  const auto before = net->forward(x);
+  {
+    torch::NoGradGuard no_grad;
+    net->fc2->bias.add_(1.0f);  // a private change, saved below
+  }
+  const auto changed = net->forward(x);
+  save(*net, path);
+  EXPECT_TRUE(torch::equal(net->forward(x), changed)) << "the loaded model is unchanged";
+  File::open(path).verify();
+  auto reloaded = build_skeleton([] { return NetModule(); });
+  load(*reloaded, path);
+  reloaded->eval();
+  EXPECT_TRUE(torch::equal(reloaded->forward(x), changed));
+  EXPECT_FALSE(torch::equal(changed, before));
+}
+
+TEST(Save, ModuleMetadataAndAlignmentArePassedThrough) {
+  TempDir dir;
+  const std::string path = dir.file("meta.tmap");
+  SaveOptions options;
+  options.alignment = 64;
+  options.metadata = {{"arch", "net"}};
+  save(*trained_net(), path, options);
+  const File f = File::open(path);
+  EXPECT_EQ(f.alignment(), 64u);
+  EXPECT_EQ(f.metadata_value("arch"), std::string_view("net"));
+}
+
+// --- a real multi-layer model -----------------------------------------------------------
+
+class TransformerRoundTrip : public ::testing::TestWithParam<LoadMode> {};
+
+TEST_P(TransformerRoundTrip, OutputsAreBitIdenticalAfterSaveAndLoad) {
+  auto make = [] {
+    return torch::nn::TransformerEncoder(torch::nn::TransformerEncoderOptions(
+        torch::nn::TransformerEncoderLayerOptions(64, 4).dim_feedforward(128), 2));
+  };
+  torch::manual_seed(7);
+  auto original = make();
+  original->eval();
+  const auto x = torch::randn({10, 3, 64});
+  const auto expected = original->forward(x);
+  TempDir dir;
+  const std::string path = dir.file("transformer.tmap");
+  save(*original, path);
+
+  auto loaded = build_skeleton(make);
+  LoadOptions options;
+  options.mode = GetParam();
+  const auto report = load(*loaded, path, options);
+  EXPECT_EQ(report.loaded.size(), named_state(*original).size());
+  loaded->eval();
+  EXPECT_TRUE(torch::equal(loaded->forward(x), expected));
+}
+
+INSTANTIATE_TEST_SUITE_P(Modes, TransformerRoundTrip, ::testing::Values(LoadMode::Map, LoadMode::Copy),
+                         [](const auto& info) { return info.param == LoadMode::Map ? "Map" : "Copy"; });
+
+}  // namespace
+}  // namespace tensormap::testing
