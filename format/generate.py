@@ -1,0 +1,211 @@
+"""Generates the tensormap conformance suite from spec/FORMAT.md, with a writer of its own
+(independent of the C++ library).
+
+    python3 format/generate.py            # rewrite format/valid and format/invalid
+    python3 format/generate.py --check    # regenerate into a scratch folder, compare
+
+valid/NAME.tmap   a valid file; valid/NAME.json is its description, exactly as
+                  `tensormap inspect --json` and the Python reader's describe() give it.
+invalid/NAME.tmap breaks one rule; invalid/expected.json maps each file to the rule, the
+                  error kind, and the stage that must catch it ("open" or "verify").
+"""
+import filecmp
+import json
+import os
+import struct
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "python"))
+from tensormap_reader import MAGIC, TensormapFile, xxh3_64  # noqa: E402
+
+CODES = {"BOOL": 1, "U8": 2, "I8": 3, "I16": 4, "U16": 5, "I32": 6, "U32": 7, "I64": 8, "U64": 9,
+         "F16": 10, "BF16": 11, "F32": 12, "F64": 13, "C64": 14, "C128": 15, "F8_E4M3": 16,
+         "F8_E5M2": 17}
+SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8,
+         "F16": 2, "BF16": 2, "F32": 4, "F64": 8, "C64": 8, "C128": 16, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def pad8(n):
+    return (n + 7) // 8 * 8
+
+
+def round_up(x, a):
+    return (x + a - 1) // a * a
+
+
+def pattern(index, n, dtype):
+    data = bytes((index * 31 + j * 7) & 0xFF for j in range(n))
+    if dtype == "BOOL":
+        data = bytes(b & 1 for b in data)
+    return data
+
+
+def build(tensors, metadata=(), alignment=64, minor=0):
+    """tensors: (name, dtype, shape[, data]) tuples. Returns the file's bytes."""
+    full = []
+    for i, t in enumerate(tensors):
+        name, dtype, shape = t[:3]
+        count = 1
+        for d in shape:
+            count *= d
+        data = t[3] if len(t) > 3 else pattern(i, count * SIZES[dtype], dtype)
+        full.append((name.encode(), dtype, shape, data))
+    meta = [(k.encode(), v.encode()) for k, v in metadata]
+    h = 48 + sum(32 + 8 * len(s) + pad8(len(n)) for n, _, s, _ in full)
+    h += sum(8 + pad8(len(k) + len(v)) for k, v in meta) + 8
+    cursor, offsets = round_up(h, alignment), []
+    for _, _, _, data in full:
+        offsets.append(cursor)
+        cursor = round_up(cursor + len(data), alignment)
+    out = bytearray(cursor)
+    out[:48] = MAGIC + struct.pack("<HHIQQQQ", 1, minor, alignment, h, len(full), len(meta), 0)
+    pos = 48
+    for (name, dtype, shape, data), offset in zip(full, offsets):
+        out[pos:pos + 32] = struct.pack("<IBBHQQQ", len(name), CODES[dtype], len(shape), 0, offset,
+                                        len(data), xxh3_64(data))
+        for d, dim in enumerate(shape):
+            out[pos + 32 + 8 * d:pos + 40 + 8 * d] = struct.pack("<Q", dim)
+        at = pos + 32 + 8 * len(shape)
+        out[at:at + len(name)] = name
+        pos = at + pad8(len(name))
+        out[offset:offset + len(data)] = data
+    for k, v in meta:
+        out[pos:pos + 8] = struct.pack("<II", len(k), len(v))
+        out[pos + 8:pos + 8 + len(k) + len(v)] = k + v
+        pos += 8 + pad8(len(k) + len(v))
+    reseal(out)
+    return bytes(out)
+
+
+def reseal(out):
+    h = struct.unpack_from("<Q", out, 16)[0]
+    out[h - 8:h] = struct.pack("<Q", xxh3_64(bytes(out[:h - 8])))
+
+
+def patched(data, changes, seal=True):
+    """data with struct-packed changes: (offset, format, value) triples."""
+    out = bytearray(data)
+    for offset, fmt, value in changes:
+        struct.pack_into(fmt, out, offset, value)
+    if seal:
+        reseal(out)
+    return bytes(out)
+
+
+# --- the suite --------------------------------------------------------------------------
+
+def valid_files():
+    yield "all_dtypes", build([(f"t_{d.lower()}", d, [2, 3]) for d in CODES])
+    yield "rank0", build([("scalar", "F64", [], struct.pack("<d", 3.25))])
+    yield "empty_tensors", build([("empty_a", "F32", [0]), ("empty_b", "I64", [4, 0, 3]),
+                                  ("last", "U8", [5]), ("empty_tail", "F16", [0, 0])])
+    yield "no_tensors", build([], [("note", "metadata only")])
+    yield "unicode_names", build([("ñame", "F32", [2]), ("重み.weight", "BF16", [3]),
+                                  ("emoji_😀", "U8", [1])], [("ключ", "значение")])
+    yield "metadata", build([("w", "F32", [2])],
+                            [("format", "pt"), ("empty", ""), ("unicode", "値 ✓"), ("k" * 40, "v" * 100)])
+    yield "rank8", build([("deep", "I16", [1, 2, 1, 2, 1, 2, 1, 2])])
+    for a in (64, 256, 4096, 65536, 1048576):
+        yield f"align_{a}", build([("a", "U8", [3]), ("b", "F64", [5])], alignment=a)
+    yield "spec_example", build([("w", "F32", [2], struct.pack("<ff", 1.0, 2.0))], [("k", "v")])
+    newer = build([("w", "F32", [2])], minor=3)
+    yield "newer_minor_reserved", patched(newer, [(40, "<Q", 7), (48 + 6, "<H", 1)])
+
+
+def invalid_files():
+    # Base: a (F32 [2]) at record 48, b (U8 [3]) at record 96, metadata k=v at 144,
+    # H = 168, a at 192, b at 256, file size 320 (as in the C++ tests).
+    base = build([("a", "F32", [2]), ("b", "U8", [3])], [("k", "v")])
+    rec_a, rec_b, meta = 48, 96, 144
+    assert len(base) == 320 and struct.unpack_from("<Q", base, 16)[0] == 168
+    names = build([("abcd", "U8", [1])], [("wxyz", "1234")])
+    yield "rule01_empty_file", 1, "FileTooSmall", "open", b""
+    yield "rule01_55_bytes", 1, "FileTooSmall", "open", base[:55]
+    yield "rule02_bad_magic", 2, "BadMagic", "open", b"\x89TMAX" + base[5:]
+    yield "rule02_safetensors_file", 2, "BadMagic", "open", struct.pack("<Q", 2) + b"{}" + b" " * 54
+    yield "rule03_major_2", 3, "UnsupportedVersion", "open", patched(base, [(8, "<H", 2)])
+    yield "rule04_alignment_0", 4, "BadAlignment", "open", patched(base, [(12, "<I", 0)])
+    yield "rule04_alignment_96", 4, "BadAlignment", "open", patched(base, [(12, "<I", 96)])
+    yield "rule04_alignment_2mib", 4, "BadAlignment", "open", patched(base, [(12, "<I", 2 << 20)])
+    yield "rule05_header_size_odd", 5, "BadHeaderSize", "open", patched(base, [(16, "<Q", 170)], False)
+    yield "rule05_header_size_huge", 5, "BadHeaderSize", "open", patched(base, [(16, "<Q", 1 << 62)], False)
+    yield "rule06_header_truncated", 6, "Truncated", "open", base[:100]
+    yield "rule07_header_bit_flip", 7, "HeaderChecksumMismatch", "open", patched(base, [(rec_a + 40, "<B", ord("z"))], False)
+    yield "rule08_tensor_count", 8, "TooManyEntries", "open", patched(base, [(24, "<Q", 3)])
+    yield "rule08_metadata_count_huge", 8, "TooManyEntries", "open", patched(base, [(32, "<Q", 1 << 40)])
+    yield "rule09_reserved_preamble", 9, "NonZeroReserved", "open", patched(base, [(40, "<Q", 1)])
+    yield "rule10_record_past_header", 10, "MalformedHeader", "open", patched(base, [(rec_b, "<I", 100)])
+    yield "rule11_reserved_record", 11, "NonZeroReserved", "open", patched(base, [(rec_a + 6, "<H", 1)])
+    yield "rule11_name_padding", 11, "NonZeroReserved", "open", patched(base, [(rec_a + 41, "<B", 1)])
+    yield "rule12_dtype_0", 12, "UnknownDtype", "open", patched(base, [(rec_a + 4, "<B", 0)])
+    yield "rule12_dtype_18", 12, "UnknownDtype", "open", patched(base, [(rec_a + 4, "<B", 18)])
+    rank8 = build([("abcdefgh", "U8", [1] * 8)])
+    yield "rule13_rank_9", 13, "BadRank", "open", patched(rank8, [(48 + 5, "<B", 9), (48, "<I", 0)])
+    yield "rule14_name_not_utf8", 14, "BadName", "open", patched(names, [(88, "<B", 0xFF)])
+    yield "rule14_name_overlong", 14, "BadName", "open", patched(names, [(88, "<H", 0x80C0)])
+    yield "rule14_name_surrogate", 14, "BadName", "open", patched(names, [(88, "<I", 0x6480A0ED)])
+    yield "rule14_name_nul", 14, "BadName", "open", patched(names, [(89, "<B", 0)])
+    yield "rule14_metadata_value", 14, "BadName", "open", patched(names, [(108, "<B", 0xC0)])
+    yield "rule15_shape_overflow", 15, "ShapeOverflow", "open", patched(base, [(rec_a + 32, "<Q", 1 << 62)])
+    yield "rule16_length_mismatch", 16, "LengthMismatch", "open", patched(base, [(rec_a + 16, "<Q", 9)])
+    yield "rule17_hole", 17, "BadOffset", "open", patched(base, [(rec_b + 8, "<Q", 320)])
+    yield "rule17_overlap", 17, "BadOffset", "open", patched(base, [(rec_b + 8, "<Q", 192)])
+    yield "rule18_unused_header_bytes", 18, "MalformedHeader", "open", patched(base, [(32, "<Q", 0)])
+    yield "rule19_duplicate_tensor", 19, "DuplicateName", "open", patched(base, [(rec_b + 40, "<B", ord("a"))])
+    two_keys = build([], [("k1", "x"), ("k2", "y")])
+    yield "rule19_duplicate_key", 19, "DuplicateName", "open", patched(two_keys, [(64 + 9, "<B", ord("1"))])
+    yield "rule20_truncated_in_tensor", 20, "Truncated", "open", base[:196]
+    yield "rule20_truncated_in_padding", 20, "Truncated", "open", base[:319]
+    yield "rule20_trailing_bytes", 20, "TrailingBytes", "open", base + b"\0"
+    yield "rule20_zip_appended", 20, "TrailingBytes", "open", base + b"PK\x05\x06" + b"\0" * 18
+    yield "rule21_tensor_padding", 21, "NonZeroPadding", "verify", patched(base, [(200, "<B", 1)], False)
+    yield "rule21_header_padding", 21, "NonZeroPadding", "verify", patched(base, [(171, "<B", 1)], False)
+    yield "rule22_data_bit_flip", 22, "ChecksumMismatch", "verify", patched(base, [(257, "<B", 0x11)], False)
+
+
+def write_suite(root):
+    os.makedirs(os.path.join(root, "valid"), exist_ok=True)
+    os.makedirs(os.path.join(root, "invalid"), exist_ok=True)
+    for name, data in valid_files():
+        path = os.path.join(root, "valid", name + ".tmap")
+        with open(path, "wb") as f:
+            f.write(data)
+        described = TensormapFile(path).describe()
+        with open(os.path.join(root, "valid", name + ".json"), "w", encoding="utf-8") as f:
+            json.dump(described, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+    expected = {}
+    for name, rule, kind, stage, data in invalid_files():
+        with open(os.path.join(root, "invalid", name + ".tmap"), "wb") as f:
+            f.write(data)
+        expected[name + ".tmap"] = {"rule": rule, "kind": kind, "stage": stage}
+    with open(os.path.join(root, "invalid", "expected.json"), "w", encoding="utf-8") as f:
+        json.dump(expected, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def main(argv):
+    here = os.path.dirname(os.path.abspath(__file__))
+    if "--check" not in argv:
+        write_suite(here)
+        return 0
+    with tempfile.TemporaryDirectory() as scratch:
+        write_suite(scratch)
+        bad = []
+        for sub in ("valid", "invalid"):
+            fresh = sorted(os.listdir(os.path.join(scratch, sub)))
+            committed = sorted(f for f in os.listdir(os.path.join(here, sub)) if not f.startswith("."))
+            if fresh != committed:
+                bad.append(f"{sub}/: files differ: {sorted(set(fresh) ^ set(committed))}")
+            for name in set(fresh) & set(committed):
+                if not filecmp.cmp(os.path.join(scratch, sub, name), os.path.join(here, sub, name), shallow=False):
+                    bad.append(f"{sub}/{name} differs from what generate.py makes")
+        for line in bad:
+            print(line)
+        print(f"conformance files: {'stale' if bad else 'match generate.py'}")
+        return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,182 @@
+// tensormap: the command line. inspect and verify live here; convert and diff, which
+// need LibTorch for dtype conversion and arithmetic, live in torch_commands.cpp.
+//
+// Exit codes: 0 success, 1 an invalid or corrupt input or a failed check, 2 a usage
+// error. Errors are one line on stderr naming the file and what is wrong.
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <iostream>
+#include <nlohmann/json.hpp>
+
+#include "commands.h"
+#include "tensormap/core.h"
+
+namespace tensormap::cli {
+namespace {
+
+std::string human_bytes(uint64_t n) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  double v = static_cast<double>(n);
+  int u = 0;
+  while (v >= 1024 && u < 4) {
+    v /= 1024;
+    ++u;
+  }
+  char buf[32];
+  std::snprintf(buf, sizeof buf, u == 0 ? "%.0f %s" : "%.1f %s", v, units[u]);
+  return buf;
+}
+
+std::string hex16(uint64_t v) {
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(v));
+  return buf;
+}
+
+std::string shape_text(const TensorEntry& e) {
+  std::string s = "[";
+  for (unsigned d = 0; d < e.rank; ++d) s += (d ? ", " : "") + std::to_string(e.dims[d]);
+  return s + "]";
+}
+
+}  // namespace
+
+nlohmann::ordered_json describe(const File& f) {
+  nlohmann::ordered_json out;
+  out["format"] = "tensormap";
+  out["version"] = std::to_string(f.major_version()) + "." + std::to_string(f.minor_version());
+  out["alignment"] = f.alignment();
+  out["header_size"] = f.header_size();
+  out["file_size"] = f.file_size();
+  out["metadata"] = nlohmann::ordered_json::object();
+  for (const auto& [k, v] : f.metadata()) out["metadata"][std::string(k)] = std::string(v);
+  out["tensors"] = nlohmann::ordered_json::array();
+  for (const TensorEntry& e : f.tensors()) {
+    nlohmann::ordered_json t;
+    t["name"] = std::string(e.name);
+    t["dtype"] = std::string(dtype_name(e.dtype));
+    t["shape"] = std::vector<uint64_t>(e.dims.begin(), e.dims.begin() + e.rank);
+    t["offset"] = e.offset;
+    t["byte_length"] = e.byte_length;
+    t["checksum"] = hex16(e.checksum);
+    out["tensors"].push_back(std::move(t));
+  }
+  return out;
+}
+
+int inspect(const std::string& path, bool json) {
+  const File f = File::open(path);
+  if (json) {
+    std::cout << describe(f).dump(2) << "\n";
+    return 0;
+  }
+  uint64_t data = 0;
+  for (const auto& e : f.tensors()) data += e.byte_length;
+  std::cout << path << ": tensormap " << f.major_version() << "." << f.minor_version()
+            << ", alignment " << f.alignment() << ", " << f.tensors().size() << " tensors, "
+            << human_bytes(data) << " of data, file " << human_bytes(f.file_size()) << "\n";
+  if (!f.metadata().empty()) {
+    std::cout << "metadata:\n";
+    for (const auto& [k, v] : f.metadata()) std::cout << "  " << k << ": " << v << "\n";
+  }
+  size_t name_width = 4, shape_width = 5;
+  for (const auto& e : f.tensors()) {
+    name_width = std::max(name_width, e.name.size());
+    shape_width = std::max(shape_width, shape_text(e).size());
+  }
+  std::printf("%-*s  %-7s  %-*s  %14s  %14s  %-16s\n", static_cast<int>(name_width), "name", "dtype",
+              static_cast<int>(shape_width), "shape", "offset", "bytes", "checksum");
+  for (const auto& e : f.tensors()) {
+    std::printf("%-*s  %-7s  %-*s  %14llu  %14llu  %s\n", static_cast<int>(name_width),
+                std::string(e.name).c_str(), std::string(dtype_name(e.dtype)).c_str(),
+                static_cast<int>(shape_width), shape_text(e).c_str(),
+                static_cast<unsigned long long>(e.offset),
+                static_cast<unsigned long long>(e.byte_length), hex16(e.checksum).c_str());
+  }
+  return 0;
+}
+
+int verify(const std::string& path) {
+  const File f = File::open(path);
+  const auto problems = f.find_corruption();
+  for (const Error& e : problems) {
+    std::cerr << "tensormap: " << error_kind_name(e.kind()) << ": " << e.what() << "\n";
+  }
+  if (!problems.empty()) return 1;
+  uint64_t data = 0;
+  for (const auto& e : f.tensors()) data += e.byte_length;
+  std::cout << path << ": ok, " << f.tensors().size() << " tensors, " << human_bytes(data)
+            << " verified\n";
+  return 0;
+}
+
+}  // namespace tensormap::cli
+
+int main(int argc, char** argv) {
+  using namespace tensormap::cli;
+  CLI::App app{"tensormap: inspect, verify, convert and compare tensor checkpoints.\n"
+               "Exit codes: 0 success, 1 invalid or corrupt input or failed check, 2 usage error."};
+  app.require_subcommand(1);
+  app.set_help_all_flag("--help-all", "Help for every subcommand");
+
+  std::string path, out_path, other;
+  bool json = false;
+  ConvertOptions convert_options;
+
+  auto* inspect_cmd = app.add_subcommand("inspect", "Show a checkpoint's header: format, version, "
+                                                    "alignment, metadata, and every tensor's name, "
+                                                    "dtype, shape, offset, bytes and checksum");
+  inspect_cmd->add_option("FILE", path, "The checkpoint")->required();
+  inspect_cmd->add_flag("--json", json, "Print the description as JSON (the schema of spec/CLI.md)");
+
+  auto* verify_cmd = app.add_subcommand(
+      "verify", "Validate the whole file and every tensor checksum; names each bad tensor");
+  verify_cmd->add_option("FILE", path, "The checkpoint")->required();
+
+  auto* convert_cmd = app.add_subcommand(
+      "convert", "Rewrite a checkpoint, tensor by tensor, with constant extra memory");
+  convert_cmd->add_option("IN", path, "The checkpoint to read")->required();
+  convert_cmd->add_option("OUT", out_path, "The file to write (replaced atomically)")->required();
+  convert_cmd->add_option("--alignment", convert_options.alignment,
+                          "Alignment of every tensor in OUT (power of two, 64 to 1048576)")
+      ->default_val(4096);
+  convert_cmd->add_option("--dtype", convert_options.dtype,
+                          "Convert floating-point tensors to this dtype (F16, BF16, F32, F64)");
+  convert_cmd->add_option("--shard-size", convert_options.shard_size,
+                          "Split OUT into shards of at most SIZE bytes (not supported yet)");
+
+  auto* diff_cmd = app.add_subcommand(
+      "diff", "Compare two checkpoints tensor by tensor; exits 1 when they differ");
+  diff_cmd->add_option("A", path, "First checkpoint")->required();
+  diff_cmd->add_option("B", other, "Second checkpoint")->required();
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::cerr << "tensormap: " << e.what() << " (see tensormap --help)\n";
+    return 2;
+  }
+
+  try {
+    if (*inspect_cmd) return inspect(path, json);
+    if (*verify_cmd) return verify(path);
+    if (*convert_cmd) return convert(path, out_path, convert_options, ::isatty(2) != 0);
+    if (*diff_cmd) return diff(path, other);
+  } catch (const UsageError& e) {
+    std::cerr << "tensormap: " << e.what() << "\n";
+    return 2;
+  } catch (const tensormap::Error& e) {
+    std::cerr << "tensormap: " << tensormap::error_kind_name(e.kind()) << ": " << e.what() << "\n";
+    return 1;
+  } catch (const std::exception& e) {
+    std::cerr << "tensormap: " << first_line(e.what()) << "\n";
+    return 1;
+  }
+  return 2;
+}

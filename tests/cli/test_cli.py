@@ -1,0 +1,128 @@
+"""Tests of the tensormap command line that the conformance check does not cover:
+convert, diff, help, human output and exit codes. Usage: test_cli.py PATH/TO/tensormap"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+VALID = os.path.join(ROOT, "format", "valid")
+CLI = None
+results = []
+
+
+def run(*args):
+    return subprocess.run([CLI, *args], capture_output=True, text=True)
+
+
+def check(name, ok, detail=""):
+    results.append(ok)
+    print(("ok   " if ok else "FAIL ") + name + ("" if ok else f": {detail}"))
+
+
+def described(path):
+    return json.loads(run("inspect", "--json", path).stdout)
+
+
+def test_help_and_usage_errors(tmp):
+    r = run("--help")
+    check("--help exits 0 and lists the subcommands", r.returncode == 0 and all(
+        c in r.stdout for c in ("inspect", "verify", "convert", "diff")), r.stdout)
+    for sub in ("inspect", "verify", "convert", "diff"):
+        r = run(sub, "--help")
+        check(f"{sub} --help exits 0", r.returncode == 0 and "Usage" in r.stdout, r.stderr)
+    check("no subcommand is a usage error (2)", run().returncode == 2)
+    check("unknown option is a usage error (2)", run("inspect", "--bogus", "x").returncode == 2)
+    check("missing argument is a usage error (2)", run("diff", "a").returncode == 2)
+    r = run("convert", os.path.join(VALID, "align_64.tmap"), os.path.join(tmp, "o.tmap"), "--dtype", "I8")
+    check("--dtype of a non-float is a usage error (2)", r.returncode == 2, r.stderr)
+
+
+def test_bad_inputs_are_one_line_errors(tmp):
+    empty = os.path.join(tmp, "empty")
+    open(empty, "wb").close()
+    rand = os.path.join(tmp, "random.bin")
+    with open(rand, "wb") as f:
+        f.write(os.urandom(4096))
+    safetensors_like = os.path.join(tmp, "model.safetensors")
+    with open(safetensors_like, "wb") as f:
+        f.write((2).to_bytes(8, "little") + b"{}" + b" " * 100)
+    for label, path in (("missing file", os.path.join(tmp, "absent")), ("directory", tmp),
+                        ("empty file", empty), ("random bytes", rand), ("other format", safetensors_like)):
+        for sub in ("inspect", "verify"):
+            r = run(sub, path)
+            lines = r.stderr.strip().splitlines()
+            check(f"{sub} of a {label}: exit 1, one line naming the file",
+                  r.returncode == 1 and len(lines) == 1 and path in lines[0] and "Traceback" not in r.stderr,
+                  f"exit {r.returncode}, stderr {r.stderr!r}")
+
+
+def test_inspect_human_output():
+    r = run("inspect", os.path.join(VALID, "metadata.tmap"))
+    check("inspect prints version, alignment, metadata and a tensor table",
+          r.returncode == 0 and "tensormap 1.0" in r.stdout and "alignment 64" in r.stdout
+          and "format: pt" in r.stdout and "checksum" in r.stdout, r.stdout)
+
+
+def test_convert_changes_alignment_and_keeps_bytes(tmp):
+    out = os.path.join(tmp, "aligned.tmap")
+    r = run("convert", os.path.join(VALID, "all_dtypes.tmap"), out, "--alignment", "4096")
+    check("convert --alignment 4096 succeeds", r.returncode == 0, r.stderr)
+    before, after = described(os.path.join(VALID, "all_dtypes.tmap")), described(out)
+    check("converted file has the new alignment", after["alignment"] == 4096)
+    strip = lambda d: [(t["name"], t["dtype"], t["shape"], t["checksum"]) for t in d["tensors"]]
+    check("every tensor keeps its bytes (same checksums)", strip(before) == strip(after))
+    check("every offset is on the new alignment", all(t["offset"] % 4096 == 0 for t in after["tensors"]))
+    check("converted file verifies", run("verify", out).returncode == 0)
+    r = run("diff", os.path.join(VALID, "all_dtypes.tmap"), out)
+    check("diff of a realigned copy finds no differences (exit 0)", r.returncode == 0 and "no differences" in r.stdout, r.stdout)
+
+
+def test_convert_dtype_converts_floats_only(tmp):
+    out = os.path.join(tmp, "bf16.tmap")
+    r = run("convert", os.path.join(VALID, "all_dtypes.tmap"), out, "--dtype", "BF16")
+    check("convert --dtype BF16 succeeds", r.returncode == 0, r.stderr)
+    dtypes = {t["name"]: t["dtype"] for t in described(out)["tensors"]}
+    check("floating tensors become BF16", all(dtypes[f"t_{d}"] == "BF16" for d in ("f16", "f32", "f64", "bf16")), dtypes)
+    check("integer, bool, complex and F8 tensors keep their dtype",
+          dtypes["t_i32"] == "I32" and dtypes["t_bool"] == "BOOL" and dtypes["t_c64"] == "C64"
+          and dtypes["t_f8_e4m3"] == "F8_E4M3" and dtypes["t_u16"] == "U16", dtypes)
+    r = run("diff", os.path.join(VALID, "all_dtypes.tmap"), out)
+    check("diff reports the dtype changes with a max abs difference, exit 1",
+          r.returncode == 1 and "changed: t_f32: dtype F32 -> BF16, max abs difference" in r.stdout, r.stdout)
+
+
+def test_diff_reports_names_and_shapes(tmp):
+    r = run("diff", os.path.join(VALID, "align_64.tmap"), os.path.join(VALID, "spec_example.tmap"))
+    check("diff lists names only in A and only in B", r.returncode == 1 and "only in A: a" in r.stdout
+          and "only in B: w" in r.stdout, r.stdout)
+    r = run("diff", os.path.join(VALID, "metadata.tmap"), os.path.join(VALID, "spec_example.tmap"))
+    check("diff of same-shaped tensors with different bytes gives the max abs difference",
+          r.returncode == 1 and "changed: w: max abs difference" in r.stdout, r.stdout)
+
+
+def test_convert_failure_leaves_no_output(tmp):
+    out = os.path.join(tmp, "never.tmap")
+    r = run("convert", os.path.join(ROOT, "format", "invalid", "rule17_hole.tmap"), out)
+    check("convert of an invalid file fails (1) and writes nothing",
+          r.returncode == 1 and not os.path.exists(out) and os.listdir(tmp) == [], (r.stderr, os.listdir(tmp)))
+
+
+def main(argv):
+    global CLI
+    CLI = argv[1]
+    tests = [v for k, v in sorted(globals().items()) if k.startswith("test_")]
+    for test in tests:
+        with tempfile.TemporaryDirectory() as tmp:
+            if test.__code__.co_argcount:
+                test(tmp)
+            else:
+                test()
+    failed = results.count(False)
+    print(f"{len(results) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
