@@ -76,6 +76,14 @@ def _mix16(data, at, s):
     return _fold(_u64(data, at) ^ _u64(_SECRET, s), _u64(data, at + 8) ^ _u64(_SECRET, s + 8))
 
 
+def _xxh64_avalanche(h):
+    h ^= h >> 33
+    h = (h * _P64_2) & M64
+    h ^= h >> 29
+    h = (h * _P64_3) & M64
+    return h ^ (h >> 32)
+
+
 def _rotl(x, r):
     return ((x << r) | (x >> (64 - r))) & M64
 
@@ -122,20 +130,10 @@ def xxh3_64(data):
     data = bytes(data)
     n = len(data)
     if n == 0:
-        h = _u64(_SECRET, 56) ^ _u64(_SECRET, 64)
-        h ^= h >> 33
-        h = (h * _P64_2) & M64
-        h ^= h >> 29
-        h = (h * _P64_3) & M64
-        return h ^ (h >> 32)
+        return _xxh64_avalanche(_u64(_SECRET, 56) ^ _u64(_SECRET, 64))
     if n <= 3:
         combined = (data[0] << 16) | (data[n >> 1] << 24) | data[n - 1] | (n << 8)
-        h = combined ^ (_u32(_SECRET, 0) ^ _u32(_SECRET, 4))
-        h ^= h >> 33
-        h = (h * _P64_2) & M64
-        h ^= h >> 29
-        h = (h * _P64_3) & M64
-        return h ^ (h >> 32)
+        return _xxh64_avalanche(combined ^ (_u32(_SECRET, 0) ^ _u32(_SECRET, 4)))
     if n <= 8:
         keyed = (_u32(data, n - 4) + (_u32(data, 0) << 32)) ^ (_u64(_SECRET, 8) ^ _u64(_SECRET, 16))
         h = keyed ^ _rotl(keyed, 49) ^ _rotl(keyed, 24)
