@@ -123,7 +123,7 @@ def invalid_files():
     yield "rule01_empty_file", 1, "FileTooSmall", "open", b""
     yield "rule01_55_bytes", 1, "FileTooSmall", "open", base[:55]
     yield "rule02_bad_magic", 2, "BadMagic", "open", b"\x89TMAX" + base[5:]
-    yield "rule02_safetensors_file", 2, "BadMagic", "open", struct.pack("<Q", 2) + b"{}" + b" " * 54
+    yield "rule02_png_file", 2, "BadMagic", "open", b"\x89PNG\r\n\x1a\n" + bytes(56)
     yield "rule03_major_2", 3, "UnsupportedVersion", "open", patched(base, [(8, "<H", 2)])
     yield "rule04_alignment_0", 4, "BadAlignment", "open", patched(base, [(12, "<I", 0)])
     yield "rule04_alignment_96", 4, "BadAlignment", "open", patched(base, [(12, "<I", 96)])

@@ -35,6 +35,16 @@ enum class ErrorKind {
   TrailingBytes,
   NonZeroPadding,
   ChecksumMismatch,
+  // Validation rules of safetensors files (spec/SAFETENSORS.md), in the order checked.
+  SafetensorsTooSmall,        // fewer than 8 bytes
+  SafetensorsHeaderTooLarge,  // header length above 100,000,000
+  SafetensorsHeaderPastEnd,   // 8 + header length overflows or passes the end of the file
+  SafetensorsHeaderNotUtf8,   // the header is not UTF-8
+  SafetensorsBadJson,         // not a JSON object of the safetensors shape
+  SafetensorsBadOffsets,      // holes, overlaps, or a tensor ending before it begins
+  SafetensorsOverflow,        // shape product or byte size overflows
+  SafetensorsSizeMismatch,    // data_offsets span differs from shape x dtype size
+  SafetensorsBufferMismatch,  // the data does not end exactly at the end of the file
   // Operations.
   Io,               // the operating system refused an open, read, write, sync or rename
   InvalidArgument,  // the caller asked for something the API does not allow

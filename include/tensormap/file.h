@@ -1,8 +1,9 @@
-// tensormap::File: an opened, validated tensormap file, mapped copy-on-write.
+// tensormap::File: an opened, validated checkpoint file, mapped copy-on-write.
 //
-// File::open maps the whole file privately (MAP_PRIVATE through Boost.Interprocess) and
-// checks every header rule of spec/FORMAT.md (rules 1 to 20) before it returns, so any
-// File that exists describes a well-formed file. Opening reads only the header: its cost
+// File::open maps the whole file privately (MAP_PRIVATE through Boost.Interprocess),
+// recognises its format by its content (a tensormap file, or a safetensors file) and
+// checks every rule of that format before it returns (spec/FORMAT.md rules 1 to 20;
+// spec/SAFETENSORS.md), so any File that exists describes a well-formed file. Opening reads only the header: its cost
 // depends on the number of tensors, not on the size of their data. Tensor bytes are read
 // by the operating system only when a page is first touched.
 //
@@ -23,11 +24,16 @@
 
 #include "tensormap/dtype.h"
 #include "tensormap/error.h"
+#include "tensormap/format.h"
 
 namespace tensormap {
 
-// One tensor record of the header. The name points into the mapping and stays valid as
-// long as the File (or anything holding keep_alive()) lives.
+// "tensormap" or "safetensors".
+const char* format_name(Format format);
+
+// One tensor of the file. The name stays valid as long as the File (or anything holding
+// keep_alive()) lives. Safetensors tensors have no checksum (0) and may start at an
+// offset that is not a multiple of their element size.
 struct TensorEntry {
   std::string_view name;
   Dtype dtype;
@@ -54,9 +60,14 @@ class File {
   static File open(const std::string& path);
 
   const std::string& path() const;
+  Format format() const;
+  // Whether tensors carry checksums (tensormap files do, safetensors files do not).
+  bool has_checksums() const;
+  // Version and alignment of a tensormap file; 0 for safetensors.
   uint16_t major_version() const;
   uint16_t minor_version() const;
   uint64_t alignment() const;
+  // Bytes before the first tensor's data region (for safetensors: 8 + JSON length).
   uint64_t header_size() const;
   uint64_t file_size() const;
 
@@ -98,7 +109,7 @@ class File {
 
   // Checks rules 21 and 22 of the spec: every padding byte is zero and every tensor's
   // XXH3-64 matches its record. Throws Error(NonZeroPadding or ChecksumMismatch) naming
-  // the first bad tensor.
+  // the first bad tensor. A safetensors file has neither, and open() checked all it has.
   void verify() const;
 
   // Like verify(), but checks everything and returns one Error per bad tensor or padding

@@ -9,6 +9,16 @@
 #include <cstdint>
 #include <optional>
 
+namespace tensormap {
+
+// The single-file formats tensormap reads and writes.
+enum class Format {
+  Tensormap,    // spec/FORMAT.md
+  Safetensors,  // spec/SAFETENSORS.md
+};
+
+}  // namespace tensormap
+
 namespace tensormap::format {
 
 inline constexpr unsigned char kMagic[8] = {0x89, 'T', 'M', 'A', 'P', '\r', '\n', 0x1A};

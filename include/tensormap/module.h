@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "tensormap/file.h"
+#include "tensormap/format.h"
 
 namespace tensormap {
 
@@ -96,15 +97,17 @@ struct LoadReport {
 };
 
 // Binds every parameter and buffer of `module` by its dotted name (as named_parameters
-// and named_buffers spell it) to the tensor of that name in the file.
+// and named_buffers spell it) to the tensor of that name in the file. The file is a
+// tensormap or a safetensors file, recognised by its content.
 LoadReport load(torch::nn::Module& module, const File& file, const LoadOptions& options = {});
 LoadReport load(torch::nn::Module& module, const std::string& path,
                 const LoadOptions& options = {});
 
 struct SaveOptions {
-  uint64_t alignment = 4096;
+  uint64_t alignment = 4096;  // tensormap files only
   std::vector<std::pair<std::string, std::string>> metadata;
   bool sync = true;
+  Format format = Format::Tensormap;  // or Format::Safetensors
 };
 
 // The state of a module: every parameter (recursively, in module order), then every

@@ -34,7 +34,8 @@ std::optional<c10::ScalarType> to_scalar_type(Dtype dtype);
 // format does not store (quantized types, for example).
 Dtype from_scalar_type(c10::ScalarType type);
 
-// A zero-copy view of the entry with its dtype and shape.
+// A zero-copy view of the entry with its dtype and shape. Where the bytes are not aligned
+// to the element size (some safetensors files), an owned, aligned copy instead.
 at::Tensor tensor_view(const File& file, const TensorEntry& entry);
 
 // An owned, contiguous copy of the entry.

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "tensormap/dtype.h"
+#include "tensormap/format.h"
 
 namespace tensormap {
 
@@ -32,13 +33,17 @@ struct TensorSpec {
 };
 
 struct WriterOptions {
-  // Every tensor starts on a multiple of this (a power of two, 64 to 1 MiB).
+  // Tensormap only: every tensor starts on a multiple of this (a power of two, 64 to 1 MiB).
   uint64_t alignment = 4096;
   // String-to-string metadata; keys must be unique.
   std::vector<std::pair<std::string, std::string>> metadata;
   // fsync the file and its directory before and after the rename. Turning it off trades
   // durability against a power cut for speed; atomicity against crashes stays.
   bool sync = true;
+  // Tensormap, or Safetensors: a file any safetensors reader accepts, its tensors laid out
+  // by element size (largest first) so that each is aligned to it, its JSON header padded
+  // with spaces so that the data starts on a 4096-byte boundary.
+  Format format = Format::Tensormap;
 };
 
 class Writer {

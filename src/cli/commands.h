@@ -13,6 +13,7 @@ struct UsageError : std::runtime_error {
 };
 
 struct ConvertOptions {
+  std::string format;      // "" decides by the output's extension
   uint64_t alignment = 4096;
   std::string dtype;       // "" keeps every dtype
   std::string shard_size;  // "" writes one file

@@ -45,9 +45,12 @@ std::string shape_text(const TensorEntry& e) {
 
 nlohmann::ordered_json describe(const File& f) {
   nlohmann::ordered_json out;
-  out["format"] = "tensormap";
-  out["version"] = std::to_string(f.major_version()) + "." + std::to_string(f.minor_version());
-  out["alignment"] = f.alignment();
+  const bool tmap = f.format() == Format::Tensormap;
+  out["format"] = format_name(f.format());
+  out["version"] = tmap ? nlohmann::ordered_json(std::to_string(f.major_version()) + "." +
+                                                 std::to_string(f.minor_version()))
+                        : nlohmann::ordered_json(nullptr);
+  out["alignment"] = tmap ? nlohmann::ordered_json(f.alignment()) : nlohmann::ordered_json(nullptr);
   out["header_size"] = f.header_size();
   out["file_size"] = f.file_size();
   out["metadata"] = nlohmann::ordered_json::object();
@@ -60,7 +63,7 @@ nlohmann::ordered_json describe(const File& f) {
     t["shape"] = std::vector<uint64_t>(e.dims.begin(), e.dims.begin() + e.rank);
     t["offset"] = e.offset;
     t["byte_length"] = e.byte_length;
-    t["checksum"] = hex16(e.checksum);
+    t["checksum"] = tmap ? nlohmann::ordered_json(hex16(e.checksum)) : nlohmann::ordered_json(nullptr);
     out["tensors"].push_back(std::move(t));
   }
   return out;
@@ -74,9 +77,15 @@ int inspect(const std::string& path, bool json) {
   }
   uint64_t data = 0;
   for (const auto& e : f.tensors()) data += e.byte_length;
-  std::cout << path << ": tensormap " << f.major_version() << "." << f.minor_version()
-            << ", alignment " << f.alignment() << ", " << f.tensors().size() << " tensors, "
-            << human_bytes(data) << " of data, file " << human_bytes(f.file_size()) << "\n";
+  std::cout << path << ": ";
+  if (f.format() == Format::Tensormap) {
+    std::cout << "tensormap " << f.major_version() << "." << f.minor_version() << ", alignment "
+              << f.alignment();
+  } else {
+    std::cout << "safetensors (no checksums)";
+  }
+  std::cout << ", " << f.tensors().size() << " tensors, " << human_bytes(data)
+            << " of data, file " << human_bytes(f.file_size()) << "\n";
   if (!f.metadata().empty()) {
     std::cout << "metadata:\n";
     for (const auto& [k, v] : f.metadata()) std::cout << "  " << k << ": " << v << "\n";
@@ -93,7 +102,8 @@ int inspect(const std::string& path, bool json) {
                 std::string(e.name).c_str(), std::string(dtype_name(e.dtype)).c_str(),
                 static_cast<int>(shape_width), shape_text(e).c_str(),
                 static_cast<unsigned long long>(e.offset),
-                static_cast<unsigned long long>(e.byte_length), hex16(e.checksum).c_str());
+                static_cast<unsigned long long>(e.byte_length),
+                f.has_checksums() ? hex16(e.checksum).c_str() : "-");
   }
   return 0;
 }
@@ -107,8 +117,13 @@ int verify(const std::string& path) {
   if (!problems.empty()) return 1;
   uint64_t data = 0;
   for (const auto& e : f.tensors()) data += e.byte_length;
-  std::cout << path << ": ok, " << f.tensors().size() << " tensors, " << human_bytes(data)
-            << " verified\n";
+  if (f.has_checksums()) {
+    std::cout << path << ": ok, " << f.tensors().size() << " tensors, " << human_bytes(data)
+              << " verified\n";
+  } else {
+    std::cout << path << ": ok, " << f.tensors().size() << " tensors; " << format_name(f.format())
+              << " has no checksums, so only its structure was validated\n";
+  }
   return 0;
 }
 
@@ -139,8 +154,12 @@ int main(int argc, char** argv) {
       "convert", "Rewrite a checkpoint, tensor by tensor, with constant extra memory");
   convert_cmd->add_option("IN", path, "The checkpoint to read")->required();
   convert_cmd->add_option("OUT", out_path, "The file to write (replaced atomically)")->required();
+  convert_cmd->add_option("--format", convert_options.format,
+                          "Format of OUT: tensormap or safetensors (default: from OUT's extension, "
+                          ".safetensors or else tensormap)")
+      ->check(CLI::IsMember({"tensormap", "safetensors"}));
   convert_cmd->add_option("--alignment", convert_options.alignment,
-                          "Alignment of every tensor in OUT (power of two, 64 to 1048576)")
+                          "Alignment of every tensor in a tensormap OUT (power of two, 64 to 1048576)")
       ->default_val(4096);
   convert_cmd->add_option("--dtype", convert_options.dtype,
                           "Convert floating-point tensors to this dtype (F16, BF16, F32, F64)");

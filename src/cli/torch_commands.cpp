@@ -69,6 +69,10 @@ int convert(const std::string& in, const std::string& out, const ConvertOptions&
     total += e.byte_length;
   }
   WriterOptions writer_options;
+  const bool to_safetensors =
+      options.format == "safetensors" ||
+      (options.format.empty() && out.size() >= 12 && out.compare(out.size() - 12, 12, ".safetensors") == 0);
+  writer_options.format = to_safetensors ? Format::Safetensors : Format::Tensormap;
   writer_options.alignment = options.alignment;
   for (const auto& [k, v] : source.metadata()) writer_options.metadata.emplace_back(k, v);
   Writer writer(out, specs, writer_options);
@@ -88,7 +92,8 @@ int convert(const std::string& in, const std::string& out, const ConvertOptions&
     bar.update(done, e.name);
   }
   writer.commit();
-  std::cout << in << " -> " << out << ": " << specs.size() << " tensors\n";
+  std::cout << in << " -> " << out << ": " << specs.size() << " tensors, "
+            << format_name(writer_options.format) << "\n";
   return 0;
 }
 

@@ -25,6 +25,15 @@ const char* error_kind_name(ErrorKind kind) {
     case ErrorKind::TrailingBytes: return "TrailingBytes";
     case ErrorKind::NonZeroPadding: return "NonZeroPadding";
     case ErrorKind::ChecksumMismatch: return "ChecksumMismatch";
+    case ErrorKind::SafetensorsTooSmall: return "SafetensorsTooSmall";
+    case ErrorKind::SafetensorsHeaderTooLarge: return "SafetensorsHeaderTooLarge";
+    case ErrorKind::SafetensorsHeaderPastEnd: return "SafetensorsHeaderPastEnd";
+    case ErrorKind::SafetensorsHeaderNotUtf8: return "SafetensorsHeaderNotUtf8";
+    case ErrorKind::SafetensorsBadJson: return "SafetensorsBadJson";
+    case ErrorKind::SafetensorsBadOffsets: return "SafetensorsBadOffsets";
+    case ErrorKind::SafetensorsOverflow: return "SafetensorsOverflow";
+    case ErrorKind::SafetensorsSizeMismatch: return "SafetensorsSizeMismatch";
+    case ErrorKind::SafetensorsBufferMismatch: return "SafetensorsBufferMismatch";
     case ErrorKind::Io: return "Io";
     case ErrorKind::InvalidArgument: return "InvalidArgument";
     case ErrorKind::NotFound: return "NotFound";

@@ -6,27 +6,28 @@
 #include <unistd.h>
 #include <xxhash.h>
 
-#include <boost/interprocess/file_mapping.hpp>
-#include <boost/interprocess/mapped_region.hpp>
 #include <cerrno>
 #include <cstring>
 
 #include "header.h"
+#include "mapping.h"
 #include "names.h"
 #include "posix_io.h"
 #include "tensormap/format.h"
 
 namespace tensormap {
 
-namespace bip = boost::interprocess;
-
 struct File::Impl {
-  std::string path;
-  bip::mapped_region region;
-  unsigned char* base = nullptr;
-  uint64_t size = 0;
+  explicit Impl(const std::string& path) : mapping(path), base(mapping.base()), size(mapping.size()) {}
+  detail::Mapping mapping;
+  unsigned char* base;
+  uint64_t size;
   detail::ParsedHeader header;
 };
+
+const char* format_name(Format format) {
+  return format == Format::Safetensors ? "safetensors" : "tensormap";
+}
 
 uint64_t TensorEntry::element_count() const {
   uint64_t n = 1;
@@ -37,32 +38,21 @@ uint64_t TensorEntry::element_count() const {
 File::File(std::shared_ptr<const Impl> impl) : impl_(std::move(impl)) {}
 
 File File::open(const std::string& path) {
-  struct stat st {};
-  if (::stat(path.c_str(), &st) != 0) detail::throw_io(path, "cannot open", errno);
-  if (S_ISDIR(st.st_mode)) throw Error(ErrorKind::Io, path + ": is a directory, not a file");
-  if (!S_ISREG(st.st_mode)) throw Error(ErrorKind::Io, path + ": is not a regular file");
-  const auto size = static_cast<uint64_t>(st.st_size);
-  if (size < format::kMinHeaderSize) {
-    // Validation reports it; an empty file cannot even be mapped.
-    std::vector<unsigned char> small(format::kMinHeaderSize, 0);
-    detail::validate_header(small.data(), size, path);
+  auto impl = std::make_shared<Impl>(path);
+  const bool tensormap_magic =
+      impl->size >= sizeof format::kMagic &&
+      std::memcmp(impl->base, format::kMagic, sizeof format::kMagic) == 0;
+  if (!tensormap_magic && detail::looks_like_safetensors(impl->base, impl->size)) {
+    impl->header = detail::validate_safetensors(impl->base, impl->size, path);
+  } else {
+    impl->header = detail::validate_header(impl->base, impl->size, path);
   }
-
-  auto impl = std::make_shared<Impl>();
-  impl->path = path;
-  try {
-    bip::file_mapping file(path.c_str(), bip::read_only);
-    impl->region = bip::mapped_region(file, bip::copy_on_write, 0, static_cast<size_t>(size));
-  } catch (const bip::interprocess_exception& e) {
-    throw Error(ErrorKind::Io, path + ": cannot map the file: " + e.what());
-  }
-  impl->base = static_cast<unsigned char*>(impl->region.get_address());
-  impl->size = size;
-  impl->header = detail::validate_header(impl->base, size, path);
   return File(std::move(impl));
 }
 
-const std::string& File::path() const { return impl_->path; }
+const std::string& File::path() const { return impl_->mapping.path(); }
+Format File::format() const { return impl_->header.format; }
+bool File::has_checksums() const { return impl_->header.format == Format::Tensormap; }
 uint16_t File::major_version() const { return impl_->header.major; }
 uint16_t File::minor_version() const { return impl_->header.minor; }
 uint64_t File::alignment() const { return impl_->header.alignment; }
@@ -78,7 +68,7 @@ const TensorEntry* File::find(std::string_view name) const {
 const TensorEntry& File::at(std::string_view name) const {
   if (const TensorEntry* e = find(name)) return *e;
   throw Error(ErrorKind::NotFound,
-              impl_->path + ": no tensor named " + detail::quoted(name) + " (the file has " +
+              impl_->mapping.path() + ": no tensor named " + detail::quoted(name) + " (the file has " +
                   std::to_string(impl_->header.tensors.size()) + " tensors)");
 }
 
@@ -101,41 +91,16 @@ void* File::cow_data(const TensorEntry& entry) const { return impl_->base + entr
 
 std::shared_ptr<const void> File::keep_alive() const { return impl_; }
 
-namespace {
-
-uint64_t page_size() {
-  static const auto size = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
-  return size;
-}
-
-// The whole pages of [begin, end) that belong to no other tensor: when the alignment is
-// smaller than a page, neighbours may share the first and last page.
-std::pair<uint64_t, uint64_t> own_pages(uint64_t begin, uint64_t end, uint64_t alignment,
-                                        uint64_t file_size) {
-  const uint64_t page = page_size();
-  if (alignment >= page) {
-    return {begin, std::min(file_size, (end + page - 1) & ~(page - 1))};
-  }
-  return {(begin + page - 1) & ~(page - 1), end & ~(page - 1)};
-}
-
-}  // namespace
-
 void File::prefetch(const TensorEntry& entry) const {
-  const uint64_t page = page_size();
-  const uint64_t begin = entry.offset & ~(page - 1);
-  const uint64_t end = entry.offset + entry.byte_length;
-  if (end > begin) ::madvise(impl_->base + begin, end - begin, MADV_WILLNEED);  // advisory
+  impl_->mapping.prefetch(entry.offset, entry.offset + entry.byte_length);
 }
 
 void File::release_pages(const TensorEntry& entry) const {
-  const auto [begin, end] = own_pages(entry.offset, entry.offset + entry.byte_length,
-                                      impl_->header.alignment, impl_->size);
-  if (end <= begin) return;
-  if (::madvise(impl_->base + begin, end - begin, MADV_DONTNEED) != 0) {
-    detail::throw_io(impl_->path, "madvise(MADV_DONTNEED) on tensor " +
-                                      detail::quoted(entry.name) + " failed", errno);
-  }
+  // A tensormap tensor owns its padding, so its region runs to the padded end.
+  const uint64_t end = entry.offset + entry.byte_length;
+  const uint64_t region_end =
+      impl_->header.format == Format::Tensormap ? *format::round_up(end, impl_->header.alignment) : end;
+  impl_->mapping.release(entry.offset, region_end, "tensor " + detail::quoted(entry.name));
 }
 
 namespace {
@@ -160,13 +125,14 @@ uint64_t first_non_zero(const unsigned char* p, uint64_t n) {
 
 std::vector<Error> File::find_corruption() const {
   std::vector<Error> problems;
+  if (!has_checksums()) return problems;  // safetensors: open() checked everything there is
   const auto& h = impl_->header;
   const unsigned char* base = impl_->base;
   auto check_padding = [&](uint64_t begin, uint64_t end, const std::string& after) {
     const uint64_t at = first_non_zero(base + begin, end - begin);
     if (at != end - begin) {
       problems.emplace_back(ErrorKind::NonZeroPadding,
-                            impl_->path + ": padding after " + after + " has a non-zero byte at offset " +
+                            impl_->mapping.path() + ": padding after " + after + " has a non-zero byte at offset " +
                                 std::to_string(begin + at));
     }
   };
@@ -175,7 +141,7 @@ std::vector<Error> File::find_corruption() const {
     const uint64_t computed = XXH3_64bits(base + e.offset, e.byte_length);
     if (computed != e.checksum) {
       problems.emplace_back(ErrorKind::ChecksumMismatch,
-                            impl_->path + ": tensor " + detail::quoted(e.name) +
+                            impl_->mapping.path() + ": tensor " + detail::quoted(e.name) +
                                 " is corrupted: its bytes hash to " + detail::hex64(computed) +
                                 " but the header records " + detail::hex64(e.checksum));
     }

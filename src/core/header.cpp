@@ -56,7 +56,7 @@ Layout plan_layout(const std::vector<TensorSpec>& tensors, const WriterOptions& 
   std::unordered_set<std::string_view> names;
   names.reserve(tensors.size());
   for (const auto& t : tensors) {
-    auto label = [&] { return "tensor " + quoted(t.name); };
+    auto label = [&] { return "tensor " + detail::quoted(t.name); };
     if (auto problem = name_problem(t.name); !problem.empty()) {
       throw invalid(label() + ": name " + problem);
     }
@@ -80,14 +80,14 @@ Layout plan_layout(const std::vector<TensorSpec>& tensors, const WriterOptions& 
   std::unordered_set<std::string_view> keys;
   for (const auto& [key, value] : options.metadata) {
     if (auto problem = name_problem(key); !problem.empty()) {
-      throw invalid("metadata key " + quoted(key) + " " + problem);
+      throw invalid("metadata key " + detail::quoted(key) + " " + problem);
     }
     if (auto problem = value_problem(value); !problem.empty()) {
-      throw invalid("metadata value of " + quoted(key) + " " + problem);
+      throw invalid("metadata value of " + detail::quoted(key) + " " + problem);
     }
-    if (!keys.insert(key).second) throw invalid("metadata key " + quoted(key) + " is given twice");
+    if (!keys.insert(key).second) throw invalid("metadata key " + detail::quoted(key) + " is given twice");
     if (value.size() > fmt::kMaxHeaderSize) {
-      throw invalid("metadata value of " + quoted(key) + " is larger than the header limit");
+      throw invalid("metadata value of " + detail::quoted(key) + " is larger than the header limit");
     }
     header_size += fmt::metadata_record_size(key.size(), value.size());
     if (header_size > fmt::kMaxHeaderSize) break;  // reported just below
@@ -181,8 +181,8 @@ ParsedHeader validate_header(const unsigned char* base, uint64_t file_size,
   }
   // Rule 2.
   if (std::memcmp(base, fmt::kMagic, sizeof fmt::kMagic) != 0) {
-    throw fail(ErrorKind::BadMagic, "not a tensormap file (its first 8 bytes are not the magic "
-                                    "89 54 4D 41 50 0D 0A 1A)");
+    throw fail(ErrorKind::BadMagic, "neither a tensormap file (its first 8 bytes are not the "
+                                    "magic 89 54 4D 41 50 0D 0A 1A) nor a safetensors file");
   }
   // Rule 3.
   out.major = load_le<uint16_t>(base + 8);
@@ -261,7 +261,7 @@ ParsedHeader validate_header(const unsigned char* base, uint64_t file_size,
     }
     TensorEntry e{};
     e.name = std::string_view(reinterpret_cast<const char*>(r + 32 + 8 * rank), name_length);
-    auto label = [&] { return "tensor " + quoted(e.name) + " (record #" + num(i) + ")"; };
+    auto label = [&] { return "tensor " + detail::quoted(e.name) + " (record #" + num(i) + ")"; };
     // Rule 11.
     const uint64_t name_end = 32 + 8 * uint64_t{rank} + name_length;
     if ((check_reserved && load_le<uint16_t>(r + 6) != 0) ||
@@ -348,11 +348,11 @@ ParsedHeader validate_header(const unsigned char* base, uint64_t file_size,
     }
     // Rule 14.
     if (auto problem = name_problem(key); !problem.empty()) {
-      throw fail(ErrorKind::BadName, "metadata key " + quoted(key) + " (" + record() + ") " + problem);
+      throw fail(ErrorKind::BadName, "metadata key " + detail::quoted(key) + " (" + record() + ") " + problem);
     }
     if (auto problem = value_problem(value); !problem.empty()) {
       throw fail(ErrorKind::BadName,
-                 "metadata value of key " + quoted(key) + " (" + record() + ") " + problem);
+                 "metadata value of key " + detail::quoted(key) + " (" + record() + ") " + problem);
     }
     out.metadata.emplace_back(key, value);
     pos += size;
@@ -368,7 +368,7 @@ ParsedHeader validate_header(const unsigned char* base, uint64_t file_size,
   for (uint32_t i = 0; i < out.tensors.size(); ++i) {
     const auto [it, inserted] = out.index.emplace(out.tensors[i].name, i);
     if (!inserted) {
-      throw fail(ErrorKind::DuplicateName, "tensor name " + quoted(out.tensors[i].name) +
+      throw fail(ErrorKind::DuplicateName, "tensor name " + detail::quoted(out.tensors[i].name) +
                                                " appears twice (records #" + num(it->second) +
                                                " and #" + num(i) + ")");
     }
@@ -377,13 +377,13 @@ ParsedHeader validate_header(const unsigned char* base, uint64_t file_size,
   keys.reserve(out.metadata.size());
   for (const auto& [key, value] : out.metadata) {
     if (!keys.insert(key).second) {
-      throw fail(ErrorKind::DuplicateName, "metadata key " + quoted(key) + " appears twice");
+      throw fail(ErrorKind::DuplicateName, "metadata key " + detail::quoted(key) + " appears twice");
     }
   }
   // Rule 20.
   if (first_past_end) {
     const TensorEntry& e = out.tensors[*first_past_end];
-    throw fail(ErrorKind::Truncated, "tensor " + quoted(e.name) + " ends at " +
+    throw fail(ErrorKind::Truncated, "tensor " + detail::quoted(e.name) + " ends at " +
                                          num(e.offset + e.byte_length) +
                                          ", past the end of the file (" + num(file_size) + ")");
   }

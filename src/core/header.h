@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <deque>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -27,6 +28,12 @@ struct Layout {
 Layout plan_layout(const std::vector<TensorSpec>& tensors, const WriterOptions& options,
                    const std::string& path);
 
+// The safetensors layout and its header bytes, for the writer. Tensors keep their index
+// in `tensors`; only their places in the file are sorted by element size.
+Layout plan_safetensors_layout(const std::vector<TensorSpec>& tensors,
+                               const WriterOptions& options, const std::string& path,
+                               std::vector<unsigned char>* header);
+
 // The header bytes (header_size of them), checksum included.
 std::vector<unsigned char> encode_header(const std::vector<TensorSpec>& tensors,
                                          const WriterOptions& options, const Layout& layout,
@@ -36,6 +43,7 @@ std::vector<unsigned char> encode_header(const std::vector<TensorSpec>& tensors,
 uint64_t header_checksum(const unsigned char* header, uint64_t header_size);
 
 struct ParsedHeader {
+  Format format = Format::Tensormap;
   uint16_t major = 0;
   uint16_t minor = 0;
   uint64_t alignment = 0;
@@ -43,12 +51,21 @@ struct ParsedHeader {
   std::vector<TensorEntry> tensors;
   std::vector<std::pair<std::string_view, std::string_view>> metadata;
   std::unordered_map<std::string_view, uint32_t> index;  // name -> position in tensors
+  std::deque<std::string> owned;  // names and metadata that are not in the file verbatim
 };
 
 // Validates rules 1 to 20 over the whole file at `base` (file_size bytes) and parses it.
 // Views in the result point into `base`. Throws Error of the first broken rule's kind.
 ParsedHeader validate_header(const unsigned char* base, uint64_t file_size,
                              const std::string& path);
+
+// True if the bytes look like a safetensors file: a length, then a JSON object.
+bool looks_like_safetensors(const unsigned char* base, uint64_t size);
+
+// Validates a safetensors file as the reference implementation does
+// (spec/SAFETENSORS.md) and parses it. Views point into `base` or into `owned`.
+ParsedHeader validate_safetensors(const unsigned char* base, uint64_t file_size,
+                                  const std::string& path);
 
 // "0x" followed by 16 hex digits.
 std::string hex64(uint64_t value);

@@ -30,6 +30,7 @@ struct Writer::Impl {
   std::vector<TensorSpec> tensors;
   WriterOptions options;
   detail::Layout layout;
+  std::vector<unsigned char> safetensors_header;  // known up front; tensormap's is not
   std::vector<uint64_t> checksums;
   size_t current = 0;
   uint64_t written = 0;  // bytes of the current tensor received so far
@@ -106,7 +107,9 @@ Writer::Writer(std::string path, std::vector<TensorSpec> tensors, WriterOptions 
     : impl_(std::make_unique<Impl>()) {
   Impl& w = *impl_;
   w.path = std::move(path);
-  w.layout = detail::plan_layout(tensors, options, w.path);
+  w.layout = options.format == Format::Safetensors
+                 ? detail::plan_safetensors_layout(tensors, options, w.path, &w.safetensors_header)
+                 : detail::plan_layout(tensors, options, w.path);
   w.tensors = std::move(tensors);
   w.options = std::move(options);
   w.checksums.assign(w.tensors.size(), 0);
@@ -184,7 +187,9 @@ void Writer::commit() {
                    " bytes; nothing was committed");
   }
   try {
-    const auto header = detail::encode_header(w.tensors, w.options, w.layout, w.checksums);
+    const auto header = w.options.format == Format::Safetensors
+                            ? w.safetensors_header
+                            : detail::encode_header(w.tensors, w.options, w.layout, w.checksums);
     detail::pwrite_all(w.fd, header.data(), header.size(), 0, w.temp_path);
     if (::ftruncate(w.fd, static_cast<off_t>(w.layout.file_size)) != 0) {
       detail::throw_io(w.temp_path, "cannot extend to " + std::to_string(w.layout.file_size) +

@@ -186,6 +186,7 @@ void save(const std::vector<std::pair<std::string, at::Tensor>>& tensors, const 
   writer_options.alignment = options.alignment;
   writer_options.metadata = options.metadata;
   writer_options.sync = options.sync;
+  writer_options.format = options.format;
   Writer writer(path, std::move(specs), writer_options);
   for (const auto& item : tensors) {
     // One tensor at a time: at most one contiguous copy exists at once.

@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 
+#include <cstring>
+
 #include "tensormap/error.h"
 
 namespace tensormap {
@@ -21,12 +23,19 @@ c10::ScalarType scalar_type_or_throw(const File& file, const TensorEntry& entry)
                   ", which LibTorch 1.13 cannot represent; read it with raw_bytes_view");
 }
 
+// A view of the entry's bytes; a copy where they are not aligned to the element size
+// (possible in safetensors files), so that no misaligned typed pointer is ever made.
 at::Tensor view_as(const File& file, const TensorEntry& entry, c10::ScalarType type,
                    at::IntArrayRef sizes) {
+  const auto options = at::TensorOptions().dtype(type).device(at::kCPU);
+  void* data = file.cow_data(entry);
+  if (reinterpret_cast<uintptr_t>(data) % c10::elementSize(type) != 0) {
+    at::Tensor copy = at::empty(sizes, options);
+    std::memcpy(copy.data_ptr(), data, entry.byte_length);
+    return copy;
+  }
   auto owner = file.keep_alive();
-  return at::from_blob(
-      file.cow_data(entry), sizes, [owner](void*) mutable { owner.reset(); },
-      at::TensorOptions().dtype(type).device(at::kCPU));
+  return at::from_blob(data, sizes, [owner](void*) mutable { owner.reset(); }, options);
 }
 
 }  // namespace

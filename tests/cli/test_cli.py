@@ -102,6 +102,29 @@ def test_diff_reports_names_and_shapes(tmp):
           r.returncode == 1 and "changed: w: max abs difference" in r.stdout, r.stdout)
 
 
+def test_convert_to_safetensors_and_back_is_bit_identical(tmp):
+    st = os.path.join(tmp, "model.safetensors")
+    r = run("convert", os.path.join(VALID, "all_dtypes.tmap"), st)
+    check("convert to .safetensors picks the safetensors format", r.returncode == 0 and "safetensors" in r.stdout, r.stdout + r.stderr)
+    d = described(st)
+    check("inspect --json of safetensors: format, null version/alignment/checksums",
+          d["format"] == "safetensors" and d["version"] is None and d["alignment"] is None
+          and all(t["checksum"] is None for t in d["tensors"]), d)
+    check("every safetensors tensor is aligned to its element size",
+          all(t["offset"] % {"C128": 16, "C64": 8, "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4,
+                              "F16": 2, "BF16": 2, "I16": 2, "U16": 2}.get(t["dtype"], 1) == 0 for t in d["tensors"]))
+    check("verify of safetensors says only the structure was checked",
+          "only its structure was validated" in run("verify", st).stdout)
+    back = os.path.join(tmp, "back.tmap")
+    check("convert back to tensormap", run("convert", st, back, "--alignment", "64").returncode == 0)
+    r = run("diff", os.path.join(VALID, "all_dtypes.tmap"), back)
+    check("the round trip through safetensors loses nothing", r.returncode == 0, r.stdout)
+    forced = os.path.join(tmp, "forced.bin")
+    check("--format safetensors overrides the extension",
+          run("convert", os.path.join(VALID, "rank0.tmap"), forced, "--format", "safetensors").returncode == 0
+          and described(forced)["format"] == "safetensors")
+
+
 def test_convert_failure_leaves_no_output(tmp):
     out = os.path.join(tmp, "never.tmap")
     r = run("convert", os.path.join(ROOT, "format", "invalid", "rule17_hole.tmap"), out)

@@ -487,6 +487,50 @@ TEST(Save, ModuleMetadataAndAlignmentArePassedThrough) {
   EXPECT_EQ(f.metadata_value("arch"), std::string_view("net"));
 }
 
+// --- safetensors ----------------------------------------------------------------------
+
+TEST(Safetensors, ASavedModelLoadsZeroCopyInMapMode) {
+  TempDir dir;
+  const std::string path = dir.file("net.safetensors");
+  auto source = trained_net();
+  SaveOptions options;
+  options.format = Format::Safetensors;
+  save(*source, path, options);
+  const File f = File::open(path);
+  EXPECT_EQ(f.format(), Format::Safetensors);
+  auto net = build_skeleton([] { return NetModule(); });
+  load(*net, f);
+  net->eval();
+  const auto x = torch::randn({4, 8});
+  EXPECT_TRUE(torch::equal(net->forward(x), source->forward(x)));
+  for (const auto& [name, t] : named_state(*net)) {
+    EXPECT_TRUE(inside(f, t.data_ptr())) << name << " is aligned, so it is not copied";
+  }
+}
+
+TEST(Safetensors, MisalignedTensorOfTheReferenceFixtureIsCopiedNotReinterpreted) {
+  const File f = File::open(TENSORMAP_FIXTURES_DIR "/safetensors/sample_overall.safetensors");
+  const at::Tensor d = tensor_view(f, f.at("d"));
+  EXPECT_EQ(d.scalar_type(), at::kDouble);
+  EXPECT_FALSE(inside(f, d.data_ptr())) << "a misaligned F64 must be copied";
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(d.data_ptr()) % 8, 0u);
+  EXPECT_TRUE(torch::equal(d, torch::arange(-3, 3, at::kDouble)));
+  EXPECT_TRUE(torch::equal(tensor_view(f, f.at("i")), torch::arange(-3, 3, at::kInt)));
+  EXPECT_TRUE(torch::equal(tensor_view(f, f.at("e")), torch::arange(-3, 3, at::kHalf)));
+}
+
+TEST(Safetensors, F8TensorsComeBackAsTaggedRawBytes) {
+  TempDir dir;
+  const std::string path = dir.file("f8.safetensors");
+  WriterOptions options;
+  options.format = Format::Safetensors;
+  write_pattern_file(path, {{"f8", Dtype::F8_E5M2, {4}}}, options);
+  const File f = File::open(path);
+  EXPECT_EQ(f.at("f8").dtype, Dtype::F8_E5M2) << "the dtype tag survives";
+  EXPECT_THROW(tensor_view(f, f.at("f8")), Error);
+  EXPECT_EQ(raw_bytes_view(f, f.at("f8")).numel(), 4);
+}
+
 // --- a real multi-layer model -----------------------------------------------------------
 
 class TransformerRoundTrip : public ::testing::TestWithParam<LoadMode> {};

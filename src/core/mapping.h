@@ -1,0 +1,37 @@
+// A whole file mapped privately (copy-on-write) through Boost.Interprocess. Internal to
+// the core: every reader of every format sits on one of these.
+#pragma once
+
+#include <boost/interprocess/mapped_region.hpp>
+#include <cstdint>
+#include <string>
+
+namespace tensormap::detail {
+
+class Mapping {
+ public:
+  // Maps `path`. Throws Error(Io) for a missing file, a directory, a non-regular file or
+  // a failed map. An empty file gives a mapping of size 0 with no address.
+  explicit Mapping(const std::string& path);
+
+  const std::string& path() const { return path_; }
+  unsigned char* base() const { return base_; }
+  uint64_t size() const { return size_; }
+
+  // MADV_WILLNEED over the pages of [begin, end). Advisory.
+  void prefetch(uint64_t begin, uint64_t end) const;
+
+  // MADV_DONTNEED over the whole pages inside [begin, end) (only those: a page partly
+  // outside may belong to a neighbour). Throws Error(Io) if the kernel refuses.
+  void release(uint64_t begin, uint64_t end, const std::string& what) const;
+
+ private:
+  std::string path_;
+  boost::interprocess::mapped_region region_;
+  unsigned char* base_ = nullptr;
+  uint64_t size_ = 0;
+};
+
+uint64_t page_size();
+
+}  // namespace tensormap::detail
