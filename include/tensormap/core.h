@@ -5,4 +5,5 @@
 #include "tensormap/error.h"
 #include "tensormap/file.h"
 #include "tensormap/format.h"
+#include "tensormap/sharded.h"
 #include "tensormap/writer.h"

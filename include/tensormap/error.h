@@ -50,6 +50,8 @@ enum class ErrorKind {
   InvalidArgument,  // the caller asked for something the API does not allow
   NotFound,         // no tensor of that name
   UnsupportedDtype, // the dtype has no equivalent in LibTorch 1.13 (U16, U32, U64, F8)
+  ShardIndexInvalid,  // a sharded checkpoint's index is malformed or disagrees with a shard
+  UnsupportedArchive, // a torch.save archive holds something other than tensors in dicts
   ModelMismatch,    // a checkpoint and a model disagree on names, shapes or dtypes
 };
 

@@ -23,6 +23,7 @@
 
 #include "tensormap/file.h"
 #include "tensormap/format.h"
+#include "tensormap/tensor.h"
 
 namespace tensormap {
 
@@ -99,6 +100,9 @@ struct LoadReport {
 // Binds every parameter and buffer of `module` by its dotted name (as named_parameters
 // and named_buffers spell it) to the tensor of that name in the file. The file is a
 // tensormap or a safetensors file, recognised by its content.
+// `path` may be any checkpoint StateDict::open reads: tensormap, safetensors, a sharded
+// index, or a torch.save archive.
+LoadReport load(torch::nn::Module& module, const StateDict& state, const LoadOptions& options = {});
 LoadReport load(torch::nn::Module& module, const File& file, const LoadOptions& options = {});
 LoadReport load(torch::nn::Module& module, const std::string& path,
                 const LoadOptions& options = {});

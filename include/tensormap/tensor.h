@@ -44,48 +44,73 @@ at::Tensor tensor_copy(const File& file, const TensorEntry& entry);
 // A zero-copy U8 view of the entry's bytes, shape [byte_length], for any dtype.
 at::Tensor raw_bytes_view(const File& file, const TensorEntry& entry);
 
-// A read-only, dict-like state dict over a file. Opening it reads the header only;
-// a tensor is mapped (not read) when asked for, and read when touched.
+namespace detail {
+struct StateSource;
+}
+
+// A read-only, dict-like state dict over a checkpoint of any format tensormap reads,
+// recognised by content: a tensormap or safetensors file, a sharded checkpoint's index
+// (*.index.json), or a torch.save archive. Opening reads the header or index only (a
+// torch.save archive's pickle is read, its tensor data is not); shards are mapped when
+// one of their tensors is first asked for; a tensor's bytes are read when touched.
 class StateDict {
  public:
   class Iterator;
 
-  // Opens and validates `path` (see File::open).
+  // What a tensor is, known without reading its data.
+  struct Info {
+    Dtype dtype;
+    std::vector<int64_t> shape;
+    uint64_t byte_length;
+  };
+
   static StateDict open(const std::string& path);
   explicit StateDict(File file);
 
+  // "tensormap", "safetensors", "sharded tensormap", "sharded safetensors", "torch.save".
+  std::string format() const;
   size_t size() const;
   bool empty() const;
   bool contains(std::string_view name) const;
-  std::vector<std::string> keys() const;  // in file order
+  std::vector<std::string> keys() const;  // in file (or index) order
+  std::vector<std::pair<std::string, std::string>> metadata() const;
 
-  // A zero-copy view of the named tensor. Throws Error(NotFound) or
-  // Error(UnsupportedDtype).
+  // Throws Error(NotFound). For a sharded checkpoint, maps the tensor's shard.
+  Info info(std::string_view name) const;
+
+  // A view of the named tensor: zero-copy where the format and alignment allow. Throws
+  // Error(NotFound) or Error(UnsupportedDtype).
   at::Tensor at(std::string_view name) const;
   at::Tensor operator[](std::string_view name) const { return at(name); }
 
-  // Views of every tensor in file order, for APIs that take a name-to-tensor map.
+  // The tensor's bytes as a flat U8 tensor, for any dtype (F8 and U16 included).
+  at::Tensor raw_bytes(std::string_view name) const;
+
+  // Gives the tensor's mapped pages back to the kernel (after a copy of it).
+  void release(std::string_view name) const;
+
+  // Views of every tensor in order, for APIs that take a name-to-tensor map.
   torch::OrderedDict<std::string, at::Tensor> to_ordered_dict() const;
 
   Iterator begin() const;
   Iterator end() const;
 
-  const File& file() const { return file_; }
-
  private:
-  File file_;
+  explicit StateDict(std::shared_ptr<const detail::StateSource> source);
+  size_t index_of(std::string_view name) const;
+  std::shared_ptr<const detail::StateSource> source_;
 };
 
-// Iterates (name, view) pairs in file order; each view is made when dereferenced.
+// Iterates (name, view) pairs in order; each view is made when dereferenced.
 class StateDict::Iterator {
  public:
-  using value_type = std::pair<std::string_view, at::Tensor>;
+  using value_type = std::pair<std::string, at::Tensor>;
   using difference_type = std::ptrdiff_t;
   using iterator_category = std::input_iterator_tag;
   using pointer = void;
   using reference = value_type;
 
-  Iterator(const File* file, size_t index) : file_(file), index_(index) {}
+  Iterator(const StateDict* dict, size_t index) : dict_(dict), index_(index) {}
   value_type operator*() const;
   Iterator& operator++() {
     ++index_;
@@ -95,7 +120,7 @@ class StateDict::Iterator {
   bool operator!=(const Iterator& other) const { return index_ != other.index_; }
 
  private:
-  const File* file_;
+  const StateDict* dict_;
   size_t index_;
 };
 

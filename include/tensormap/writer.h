@@ -80,6 +80,12 @@ class Writer {
   // Discards everything written so far. Safe to call more than once.
   void abandon() noexcept;
 
+  // Everything but the final rename: pads, writes the header and syncs the temporary
+  // file, so that only rename_into_place() remains. For writers of several files that
+  // rename them together (ShardedWriter). REQUIRES: every tensor complete.
+  void finish();
+  void rename_into_place();
+
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;

@@ -24,6 +24,12 @@ int verify(const std::string& path);
 int convert(const std::string& in, const std::string& out, const ConvertOptions& options,
             bool progress);
 int diff(const std::string& a, const std::string& b);
+// inspect and verify of sharded checkpoints and torch.save archives.
+int inspect_state(const std::string& path, bool json);
+int verify_state(const std::string& path);
+
+// True if `path` is one tensormap or safetensors file (else: an index or an archive).
+bool is_single_file(const std::string& path);
 
 // The first line of a message (LibTorch errors carry a backtrace after it).
 std::string first_line(const std::string& message);

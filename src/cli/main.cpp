@@ -7,6 +7,7 @@
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
+#include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
@@ -69,7 +70,17 @@ nlohmann::ordered_json describe(const File& f) {
   return out;
 }
 
+bool is_single_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  unsigned char head[64] = {};
+  in.read(reinterpret_cast<char*>(head), sizeof head);
+  const auto n = static_cast<uint64_t>(in.gcount());
+  const bool zip = n >= 4 && head[0] == 'P' && head[1] == 'K' && head[2] == 3 && head[3] == 4;
+  return !zip && !looks_like_shard_index(head, n);
+}
+
 int inspect(const std::string& path, bool json) {
+  if (!is_single_file(path)) return inspect_state(path, json);
   const File f = File::open(path);
   if (json) {
     std::cout << describe(f).dump(2) << "\n";
@@ -109,6 +120,7 @@ int inspect(const std::string& path, bool json) {
 }
 
 int verify(const std::string& path) {
+  if (!is_single_file(path)) return verify_state(path);
   const File f = File::open(path);
   const auto problems = f.find_corruption();
   for (const Error& e : problems) {
@@ -143,7 +155,9 @@ int main(int argc, char** argv) {
   auto* inspect_cmd = app.add_subcommand("inspect", "Show a checkpoint's header: format, version, "
                                                     "alignment, metadata, and every tensor's name, "
                                                     "dtype, shape, offset, bytes and checksum");
-  inspect_cmd->add_option("FILE", path, "The checkpoint")->required();
+  inspect_cmd->add_option("FILE", path,
+                          "A tensormap or safetensors file, a shard index (*.index.json) or a "
+                          "torch.save archive")->required();
   inspect_cmd->add_flag("--json", json, "Print the description as JSON (the schema of spec/CLI.md)");
 
   auto* verify_cmd = app.add_subcommand(
@@ -164,7 +178,8 @@ int main(int argc, char** argv) {
   convert_cmd->add_option("--dtype", convert_options.dtype,
                           "Convert floating-point tensors to this dtype (F16, BF16, F32, F64)");
   convert_cmd->add_option("--shard-size", convert_options.shard_size,
-                          "Split OUT into shards of at most SIZE bytes (not supported yet)");
+                          "Split OUT into shards of at most SIZE of tensor data (e.g. 500M, 2G); OUT is "
+                          "then the index, e.g. model.safetensors.index.json");
 
   auto* diff_cmd = app.add_subcommand(
       "diff", "Compare two checkpoints tensor by tensor; exits 1 when they differ");

@@ -6,6 +6,8 @@
 #include <iostream>
 #include <set>
 
+#include <nlohmann/json.hpp>
+
 #include "commands.h"
 #include "tensormap/tensormap.h"
 
@@ -48,11 +50,57 @@ bool is_floating(Dtype d) {
 
 std::string first_line(const std::string& message) { return message.substr(0, message.find('\n')); }
 
+uint64_t parse_size(const std::string& text) {
+  size_t used = 0;
+  double value = 0;
+  try {
+    value = std::stod(text, &used);
+  } catch (const std::exception&) {
+    throw UsageError("--shard-size " + text + ": expected a size such as 500M or 2G");
+  }
+  const std::string unit = text.substr(used);
+  double scale = 1;
+  if (unit == "K" || unit == "KiB") scale = 1024.0;
+  else if (unit == "M" || unit == "MiB") scale = 1024.0 * 1024;
+  else if (unit == "G" || unit == "GiB") scale = 1024.0 * 1024 * 1024;
+  else if (!unit.empty() && unit != "B") throw UsageError("--shard-size " + text + ": unknown unit '" + unit + "'");
+  if (!(value > 0)) throw UsageError("--shard-size " + text + ": must be positive");
+  return static_cast<uint64_t>(value * scale);
+}
+
+namespace {
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// Streams every tensor of `source` into `writer` (a Writer or a ShardedWriter), one at a
+// time, converting floating tensors to `target` dtypes, giving back input pages as it goes.
+template <typename AnyWriter>
+void stream(const StateDict& source, const std::vector<TensorSpec>& specs, AnyWriter& writer, bool progress) {
+  uint64_t total = 0;
+  for (size_t i = 0; i < specs.size(); ++i) total += writer.byte_length(i);
+  Progress bar(progress, total);
+  uint64_t done = 0;
+  for (size_t i = 0; i < specs.size(); ++i) {
+    const std::string& name = specs[i].name;
+    at::Tensor bytes;
+    if (specs[i].dtype == source.info(name).dtype) {
+      bytes = source.raw_bytes(name);  // bit-identical, whatever the dtype
+    } else {
+      bytes = source.at(name).to(*to_scalar_type(specs[i].dtype)).contiguous().view({-1}).view(at::kByte);
+    }
+    if (bytes.numel() > 0) writer.write_tensor(bytes.data_ptr(), static_cast<size_t>(bytes.numel()));
+    source.release(name);  // constant memory: this tensor's input pages go back
+    done += writer.byte_length(i);
+    bar.update(done, name);
+  }
+}
+
+}  // namespace
+
 int convert(const std::string& in, const std::string& out, const ConvertOptions& options,
             bool progress) {
-  if (!options.shard_size.empty()) {
-    throw UsageError("--shard-size: sharded checkpoints are not supported yet");
-  }
   std::optional<Dtype> target;
   if (!options.dtype.empty()) {
     target = dtype_from_name(options.dtype);
@@ -60,78 +108,73 @@ int convert(const std::string& in, const std::string& out, const ConvertOptions&
       throw UsageError("--dtype " + options.dtype + ": expected one of F16, BF16, F32, F64");
     }
   }
-  const File source = File::open(in);
+  const bool sharded = !options.shard_size.empty();
+  const uint64_t shard_bytes = sharded ? parse_size(options.shard_size) : 0;
+  if (sharded && !ends_with(out, ".index.json")) {
+    throw UsageError("--shard-size: OUT must be an index such as model.safetensors.index.json");
+  }
+  const StateDict source = StateDict::open(in);
   std::vector<TensorSpec> specs;
-  uint64_t total = 0;
-  for (const TensorEntry& e : source.tensors()) {
-    const Dtype dtype = target && is_floating(e.dtype) ? *target : e.dtype;
-    specs.push_back({std::string(e.name), dtype, {e.dims.begin(), e.dims.begin() + e.rank}});
-    total += e.byte_length;
+  for (const std::string& name : source.keys()) {
+    const StateDict::Info info = source.info(name);
+    const Dtype dtype = target && is_floating(info.dtype) ? *target : info.dtype;
+    specs.push_back({name, dtype, {info.shape.begin(), info.shape.end()}});
   }
   WriterOptions writer_options;
+  const std::string file_name = sharded ? out.substr(0, out.size() - 11) : out;  // drop ".index.json"
   const bool to_safetensors =
-      options.format == "safetensors" ||
-      (options.format.empty() && out.size() >= 12 && out.compare(out.size() - 12, 12, ".safetensors") == 0);
+      options.format == "safetensors" || (options.format.empty() && ends_with(file_name, ".safetensors"));
   writer_options.format = to_safetensors ? Format::Safetensors : Format::Tensormap;
   writer_options.alignment = options.alignment;
-  for (const auto& [k, v] : source.metadata()) writer_options.metadata.emplace_back(k, v);
-  Writer writer(out, specs, writer_options);
-  Progress bar(progress, total);
-  uint64_t done = 0;
-  for (size_t i = 0; i < source.tensors().size(); ++i) {
-    const TensorEntry& e = source.tensors()[i];
-    if (specs[i].dtype == e.dtype) {
-      const ByteView bytes = source.bytes(e);
-      if (bytes.size > 0) writer.write_tensor(bytes.data, bytes.size);
-    } else {
-      const at::Tensor converted = tensor_view(source, e).to(*to_scalar_type(specs[i].dtype)).contiguous();
-      if (converted.nbytes() > 0) writer.write_tensor(converted.data_ptr(), converted.nbytes());
-    }
-    source.release_pages(e);  // constant memory: this tensor's input pages go back
-    done += e.byte_length;
-    bar.update(done, e.name);
+  writer_options.metadata = source.metadata();
+  if (sharded) {
+    ShardedWriter writer(out, specs, shard_bytes, writer_options);
+    stream(source, specs, writer, progress);
+    writer.commit();
+    std::cout << in << " -> " << out << ": " << specs.size() << " tensors in " << writer.shard_count()
+              << " " << format_name(writer_options.format) << " shards\n";
+  } else {
+    Writer writer(out, specs, writer_options);
+    stream(source, specs, writer, progress);
+    writer.commit();
+    std::cout << in << " -> " << out << ": " << specs.size() << " tensors, "
+              << format_name(writer_options.format) << "\n";
   }
-  writer.commit();
-  std::cout << in << " -> " << out << ": " << specs.size() << " tensors, "
-            << format_name(writer_options.format) << "\n";
   return 0;
 }
 
 int diff(const std::string& a_path, const std::string& b_path) {
-  const File a = File::open(a_path);
-  const File b = File::open(b_path);
+  const StateDict a = StateDict::open(a_path);
+  const StateDict b = StateDict::open(b_path);
   int differences = 0;
-  for (const TensorEntry& e : a.tensors()) {
-    if (!b.find(e.name)) {
-      std::cout << "only in A: " << e.name << "\n";
+  for (const std::string& name : a.keys()) {
+    if (!b.contains(name)) {
+      std::cout << "only in A: " << name << "\n";
       ++differences;
     }
   }
-  for (const TensorEntry& e : b.tensors()) {
-    if (!a.find(e.name)) {
-      std::cout << "only in B: " << e.name << "\n";
+  for (const std::string& name : b.keys()) {
+    if (!a.contains(name)) {
+      std::cout << "only in B: " << name << "\n";
       ++differences;
     }
   }
-  for (const TensorEntry& ea : a.tensors()) {
-    const TensorEntry* eb = b.find(ea.name);
-    if (!eb) continue;
-    const std::vector<uint64_t> shape_a(ea.dims.begin(), ea.dims.begin() + ea.rank);
-    const std::vector<uint64_t> shape_b(eb->dims.begin(), eb->dims.begin() + eb->rank);
+  for (const std::string& name : a.keys()) {
+    if (!b.contains(name)) continue;
+    const StateDict::Info ia = a.info(name);
+    const StateDict::Info ib = b.info(name);
     std::string line;
-    if (shape_a != shape_b) {
-      line = "shape " + shape_text(shape_a) + " -> " + shape_text(shape_b);
+    if (ia.shape != ib.shape) {
+      line = "shape " + shape_text({ia.shape.begin(), ia.shape.end()}) + " -> " +
+             shape_text({ib.shape.begin(), ib.shape.end()});
     } else {
-      if (ea.dtype != eb->dtype) {
-        line = "dtype " + std::string(dtype_name(ea.dtype)) + " -> " + std::string(dtype_name(eb->dtype));
-      }
-      const bool same_bytes = ea.dtype == eb->dtype && ea.checksum == eb->checksum &&
-                              ea.byte_length == eb->byte_length;
+      if (ia.dtype != ib.dtype) line = "dtype " + std::string(dtype_name(ia.dtype)) + " -> " + std::string(dtype_name(ib.dtype));
+      const bool same_bytes = ia.dtype == ib.dtype && torch::equal(a.raw_bytes(name), b.raw_bytes(name));
       if (!same_bytes) {
         double max_abs = std::nan("");
-        if (to_scalar_type(ea.dtype) && to_scalar_type(eb->dtype)) {
-          const auto va = tensor_view(a, ea).to(at::kDouble);
-          const auto vb = tensor_view(b, *eb).to(at::kDouble);
+        if (to_scalar_type(ia.dtype) && to_scalar_type(ib.dtype)) {
+          const auto va = a.at(name).to(at::kDouble);
+          const auto vb = b.at(name).to(at::kDouble);
           max_abs = va.numel() ? (va - vb).abs().max().item<double>() : 0.0;
         }
         if (!(max_abs == 0.0 && line.empty())) {
@@ -142,16 +185,68 @@ int diff(const std::string& a_path, const std::string& b_path) {
       }
     }
     if (!line.empty()) {
-      std::cout << "changed: " << ea.name << ": " << line << "\n";
+      std::cout << "changed: " << name << ": " << line << "\n";
       ++differences;
     }
+    a.release(name);
+    b.release(name);
   }
   if (differences == 0) {
-    std::cout << "no differences (" << a.tensors().size() << " tensors)\n";
+    std::cout << "no differences (" << a.size() << " tensors)\n";
     return 0;
   }
   std::cout << differences << " difference" << (differences == 1 ? "" : "s") << "\n";
   return 1;
+}
+
+// inspect and verify of the checkpoints that are not one tensormap or safetensors file.
+int inspect_state(const std::string& path, bool json) {
+  const StateDict sd = StateDict::open(path);
+  nlohmann::ordered_json out;
+  out["format"] = sd.format();
+  out["metadata"] = nlohmann::ordered_json::object();
+  for (const auto& [k, v] : sd.metadata()) out["metadata"][k] = v;
+  out["tensors"] = nlohmann::ordered_json::array();
+  uint64_t data = 0;
+  for (const std::string& name : sd.keys()) {
+    const StateDict::Info info = sd.info(name);
+    out["tensors"].push_back({{"name", name}, {"dtype", std::string(dtype_name(info.dtype))},
+                              {"shape", info.shape}, {"byte_length", info.byte_length}});
+    data += info.byte_length;
+  }
+  if (json) {
+    std::cout << out.dump(2) << "\n";
+    return 0;
+  }
+  std::cout << path << ": " << sd.format() << ", " << sd.size() << " tensors, " << data << " bytes of data\n";
+  for (const auto& t : out["tensors"]) {
+    std::cout << "  " << t["name"].get<std::string>() << "  " << t["dtype"].get<std::string>() << "  "
+              << t["shape"].dump() << "  " << t["byte_length"].get<uint64_t>() << "\n";
+  }
+  return 0;
+}
+
+int verify_state(const std::string& path) {
+  const StateDict sd = StateDict::open(path);  // validates the index or the archive
+  if (sd.format().rfind("sharded", 0) == 0) {
+    const ShardIndex index = ShardIndex::open(path);
+    int bad = 0;
+    for (uint32_t s = 0; s < index.shard_files().size(); ++s) {
+      const File shard = File::open(index.shard_path(s));
+      for (const Error& e : shard.find_corruption()) {
+        std::cerr << "tensormap: " << error_kind_name(e.kind()) << ": " << e.what() << "\n";
+        ++bad;
+      }
+    }
+    for (const std::string& name : sd.keys()) sd.info(name);  // every name is in its shard
+    if (bad) return 1;
+    std::cout << path << ": ok, " << sd.size() << " tensors in " << index.shard_files().size() << " shards\n";
+    return 0;
+  }
+  for (const std::string& name : sd.keys()) sd.info(name);
+  std::cout << path << ": ok, " << sd.size() << " tensors (" << sd.format()
+            << " has no checksums, so only its structure was validated)\n";
+  return 0;
 }
 
 }  // namespace tensormap::cli

@@ -39,6 +39,8 @@ const char* error_kind_name(ErrorKind kind) {
     case ErrorKind::NotFound: return "NotFound";
     case ErrorKind::UnsupportedDtype: return "UnsupportedDtype";
     case ErrorKind::ModelMismatch: return "ModelMismatch";
+    case ErrorKind::ShardIndexInvalid: return "ShardIndexInvalid";
+    case ErrorKind::UnsupportedArchive: return "UnsupportedArchive";
   }
   return "Unknown";
 }

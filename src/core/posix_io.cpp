@@ -49,4 +49,27 @@ void sync_parent_directory(const std::string& path) {
   if (rc != 0) throw_io(dir, "fsync of directory failed", err);
 }
 
+void write_file_atomically(const std::string& path, const std::string& bytes, bool sync) {
+  const std::string temp = path + ".tmp-" + std::to_string(::getpid());
+  const int fd = ::open(temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
+  if (fd < 0) throw_io(temp, "cannot create", errno);
+  bool closed = false;
+  try {
+    pwrite_all(fd, bytes.data(), bytes.size(), 0, temp);
+    if (sync && ::fsync(fd) != 0) throw_io(temp, "fsync failed", errno);
+    closed = true;
+    if (::close(fd) != 0) throw_io(temp, "close failed", errno);
+  } catch (...) {
+    if (!closed) ::close(fd);
+    ::unlink(temp.c_str());
+    throw;
+  }
+  if (::rename(temp.c_str(), path.c_str()) != 0) {
+    const int err = errno;
+    ::unlink(temp.c_str());
+    throw_io(path, "cannot rename the temporary file into place", err);
+  }
+  if (sync) sync_parent_directory(path);
+}
+
 }  // namespace tensormap::detail

@@ -17,6 +17,10 @@ void pwrite_all(int fd, const void* data, size_t size, uint64_t offset, const st
 // fsync on the directory holding `path`.
 void sync_parent_directory(const std::string& path);
 
+// Writes `bytes` to `path` atomically: a temporary file beside it, fsync (if `sync`),
+// rename, directory fsync. On failure `path` is unchanged and no temporary file remains.
+void write_file_atomically(const std::string& path, const std::string& bytes, bool sync);
+
 // The directory part of `path` ("." when there is none).
 std::string parent_directory(const std::string& path);
 

@@ -177,7 +177,7 @@ void Writer::write_tensor(const void* data, size_t size) {
   write(data, size);
 }
 
-void Writer::commit() {
+void Writer::finish() {
   Impl& w = *impl_;
   w.check_usable();
   if (w.current != w.tensors.size()) {
@@ -199,17 +199,32 @@ void Writer::commit() {
     const int fd = w.fd;
     w.fd = -1;
     if (::close(fd) != 0) detail::throw_io(w.temp_path, "close failed", errno);
-    if (::rename(w.temp_path.c_str(), w.path.c_str()) != 0) {
-      detail::throw_io(w.path, "cannot rename " + w.temp_path + " into place", errno);
-    }
-    w.temp_path.clear();  // it is the destination now
   } catch (...) {
     w.failed = true;
     w.discard();
     throw;
   }
+}
+
+void Writer::rename_into_place() {
+  Impl& w = *impl_;
+  if (w.failed || w.fd >= 0 || w.temp_path.empty()) {
+    w.fail_invalid("rename_into_place needs a finished, not yet renamed writer");
+  }
+  if (::rename(w.temp_path.c_str(), w.path.c_str()) != 0) {
+    const int err = errno;
+    w.failed = true;
+    w.discard();
+    detail::throw_io(w.path, "cannot rename the temporary file into place", err);
+  }
+  w.temp_path.clear();  // it is the destination now
   // The new file is in place; only its directory entry may not be durable yet.
   if (w.options.sync) detail::sync_parent_directory(w.path);
+}
+
+void Writer::commit() {
+  finish();
+  rename_into_place();
 }
 
 void Writer::abandon() noexcept { impl_->discard(); }

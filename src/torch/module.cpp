@@ -22,28 +22,19 @@ std::string shape_string(at::IntArrayRef sizes) {
   return out.str();
 }
 
-std::string shape_string(const TensorEntry& e) {
-  return shape_string(std::vector<int64_t>(e.dims.begin(), e.dims.begin() + e.rank));
-}
-
-// Why `entry` cannot be loaded into `target` in `mode`, or "".
-std::string mismatch(const at::Tensor& target, const TensorEntry& entry, LoadMode mode) {
-  const auto file_type = to_scalar_type(entry.dtype);
+// Why the tensor described by `info` cannot be loaded into `target` in `mode`, or "".
+std::string mismatch(const at::Tensor& target, const StateDict::Info& info, LoadMode mode) {
+  const auto file_type = to_scalar_type(info.dtype);
   if (!file_type) {
-    return "dtype " + std::string(dtype_name(entry.dtype)) +
+    return "dtype " + std::string(dtype_name(info.dtype)) +
            " in the file has no LibTorch 1.13 equivalent";
   }
-  const bool same_shape = static_cast<uint64_t>(target.dim()) == entry.rank &&
-                          std::equal(target.sizes().begin(), target.sizes().end(),
-                                     entry.dims.begin(), [](int64_t a, uint64_t b) {
-                                       return static_cast<uint64_t>(a) == b;
-                                     });
-  if (!same_shape) {
-    return "shape " + shape_string(target.sizes()) + " in the model, " + shape_string(entry) +
+  if (target.sizes() != at::IntArrayRef(info.shape)) {
+    return "shape " + shape_string(target.sizes()) + " in the model, " + shape_string(info.shape) +
            " in the file";
   }
   const std::string types = std::string("dtype ") + c10::toString(target.scalar_type()) +
-                            " in the model, " + std::string(dtype_name(entry.dtype)) +
+                            " in the model, " + std::string(dtype_name(info.dtype)) +
                             " in the file";
   if (mode == LoadMode::Map) {
     if (*file_type != target.scalar_type()) {
@@ -106,41 +97,40 @@ std::vector<std::pair<std::string, at::Tensor>> named_state(const torch::nn::Mod
   return out;
 }
 
-LoadReport load(torch::nn::Module& module, const File& file, const LoadOptions& options) {
+LoadReport load(torch::nn::Module& module, const StateDict& state, const LoadOptions& options) {
   struct Binding {
     at::Tensor target;
-    const TensorEntry* entry;
     const std::string* name;
   };
-  const auto state = named_state(module);
+  const auto model_state = named_state(module);
   LoadReport report;
   std::vector<Binding> plan;
   std::unordered_set<std::string_view> model_names;
-  for (const auto& [name, tensor] : state) {
+  for (const auto& [name, tensor] : model_state) {
     model_names.insert(name);
-    const TensorEntry* entry = file.find(name);
-    if (!entry) {
+    if (!state.contains(name)) {
       report.missing.push_back(name);
       continue;
     }
-    if (auto why = mismatch(tensor, *entry, options.mode); !why.empty()) {
+    if (auto why = mismatch(tensor, state.info(name), options.mode); !why.empty()) {
       report.mismatched.push_back(name + ": " + why);
       continue;
     }
-    plan.push_back({tensor, entry, &name});
+    plan.push_back({tensor, &name});
   }
-  for (const TensorEntry& e : file.tensors()) {
-    if (!model_names.count(e.name)) report.unexpected.emplace_back(e.name);
+  for (const std::string& name : state.keys()) {
+    if (!model_names.count(name)) report.unexpected.push_back(name);
   }
   if (options.strict && !report.complete()) {
-    throw Error(ErrorKind::ModelMismatch,
-                file.path() + ": does not match the model, nothing was loaded: " + report.summary());
+    throw Error(ErrorKind::ModelMismatch, "the " + state.format() +
+                                              " checkpoint does not match the model, nothing was loaded: " +
+                                              report.summary());
   }
 
   at::NoGradGuard no_grad;
   for (Binding& b : plan) {
     at::Tensor& target = b.target;
-    const at::Tensor view = tensor_view(file, *b.entry);
+    const at::Tensor view = state.at(*b.name);
     if (options.mode == LoadMode::Map) {
       detail::prepare_to_bind(target);
       target.set_(view);
@@ -150,15 +140,29 @@ LoadReport load(torch::nn::Module& module, const File& file, const LoadOptions& 
         target.set_(allocate_populated(target));
       }
       target.copy_(view);
-      file.release_pages(*b.entry);
+      state.release(*b.name);
     }
     report.loaded.push_back(*b.name);
   }
   return report;
 }
 
+LoadReport load(torch::nn::Module& module, const File& file, const LoadOptions& options) {
+  try {
+    return load(module, StateDict(file), options);
+  } catch (const Error& e) {
+    if (e.kind() != ErrorKind::ModelMismatch) throw;
+    throw Error(e.kind(), file.path() + ": " + e.what());
+  }
+}
+
 LoadReport load(torch::nn::Module& module, const std::string& path, const LoadOptions& options) {
-  return load(module, File::open(path), options);
+  try {
+    return load(module, StateDict::open(path), options);
+  } catch (const Error& e) {
+    if (e.kind() != ErrorKind::ModelMismatch) throw;
+    throw Error(e.kind(), path + ": " + e.what());
+  }
 }
 
 void save(const std::vector<std::pair<std::string, at::Tensor>>& tensors, const std::string& path,

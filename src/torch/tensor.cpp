@@ -4,8 +4,12 @@
 #include <ATen/ATen.h>
 
 #include <cstring>
+#include <fstream>
+#include <mutex>
 
+#include "sources.h"
 #include "tensormap/error.h"
+#include "tensormap/sharded.h"
 
 namespace tensormap {
 namespace {
@@ -83,36 +87,136 @@ at::Tensor raw_bytes_view(const File& file, const TensorEntry& entry) {
   return view_as(file, entry, at::kByte, {static_cast<int64_t>(entry.byte_length)});
 }
 
-StateDict StateDict::open(const std::string& path) { return StateDict(File::open(path)); }
+namespace detail {
+namespace {
 
-StateDict::StateDict(File file) : file_(std::move(file)) {}
-
-size_t StateDict::size() const { return file_.tensors().size(); }
-bool StateDict::empty() const { return file_.tensors().empty(); }
-bool StateDict::contains(std::string_view name) const { return file_.find(name) != nullptr; }
-
-std::vector<std::string> StateDict::keys() const {
-  std::vector<std::string> out;
-  out.reserve(size());
-  for (const auto& e : file_.tensors()) out.emplace_back(e.name);
-  return out;
+StateDict::Info info_of(const TensorEntry& e) {
+  return {e.dtype, sizes_of(e), e.byte_length};
 }
 
-at::Tensor StateDict::at(std::string_view name) const { return tensor_view(file_, file_.at(name)); }
+// One tensormap or safetensors file.
+struct FileSource : StateSource {
+  explicit FileSource(File f) : file(std::move(f)) {
+    names.reserve(file.tensors().size());
+    for (const auto& e : file.tensors()) names.emplace_back(e.name);
+    index_names();
+  }
+  std::string format() const override { return format_name(file.format()); }
+  StateDict::Info info(size_t i) const override { return info_of(file.tensors()[i]); }
+  at::Tensor tensor(size_t i) const override { return tensor_view(file, file.tensors()[i]); }
+  at::Tensor raw_bytes(size_t i) const override { return raw_bytes_view(file, file.tensors()[i]); }
+  void release(size_t i) const override { file.release_pages(file.tensors()[i]); }
+  std::vector<std::pair<std::string, std::string>> metadata() const override {
+    std::vector<std::pair<std::string, std::string>> out;
+    for (const auto& [k, v] : file.metadata()) out.emplace_back(k, v);
+    return out;
+  }
+  File file;
+};
+
+// A sharded checkpoint: the index names every tensor; a shard is mapped the first time
+// one of its tensors is asked for, and checked against the index then.
+struct ShardedSource : StateSource {
+  explicit ShardedSource(ShardIndex i) : index(std::move(i)), shards(index.shard_files().size()) {
+    for (const auto& [name, shard] : index.weight_map()) names.push_back(name);
+    index_names();
+    once = std::vector<std::once_flag>(shards.size());
+  }
+
+  // The shard of tensor i and the tensor's entry in it.
+  std::pair<const File*, const TensorEntry*> locate(size_t i) const {
+    const uint32_t s = index.weight_map()[i].second;
+    std::call_once(once[s], [&] { shards[s] = File::open(index.shard_path(s)); });
+    const File& shard = *shards[s];
+    const TensorEntry* entry = shard.find(names[i]);
+    if (!entry) {
+      throw Error(ErrorKind::ShardIndexInvalid,
+                  index.path() + ": tensor '" + names[i] + "' is mapped to shard '" +
+                      index.shard_files()[s] + "', which does not contain it");
+    }
+    return {&shard, entry};
+  }
+
+  std::string format() const override {
+    if (index.shard_files().empty()) return "sharded";
+    locate_any();
+    return std::string("sharded ") + format_name(shards[0]->format());
+  }
+  void locate_any() const {
+    std::call_once(once[0], [&] { shards[0] = File::open(index.shard_path(0)); });
+  }
+  StateDict::Info info(size_t i) const override { return info_of(*locate(i).second); }
+  at::Tensor tensor(size_t i) const override {
+    const auto [shard, entry] = locate(i);
+    return tensor_view(*shard, *entry);
+  }
+  at::Tensor raw_bytes(size_t i) const override {
+    const auto [shard, entry] = locate(i);
+    return raw_bytes_view(*shard, *entry);
+  }
+  void release(size_t i) const override {
+    const auto [shard, entry] = locate(i);
+    shard->release_pages(*entry);
+  }
+
+  ShardIndex index;
+  mutable std::vector<std::optional<File>> shards;
+  mutable std::vector<std::once_flag> once;
+};
+
+bool starts_with_index_json(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  unsigned char head[64] = {};
+  in.read(reinterpret_cast<char*>(head), sizeof head);
+  return looks_like_shard_index(head, static_cast<uint64_t>(in.gcount()));
+}
+
+}  // namespace
+}  // namespace detail
+
+StateDict StateDict::open(const std::string& path) {
+  if (detail::looks_like_zip(path)) return StateDict(detail::open_torch_save(path));
+  // A safetensors file also holds JSON, after its 8-byte length: File::open recognises it.
+  if (detail::starts_with_index_json(path)) {
+    return StateDict(std::make_shared<detail::ShardedSource>(ShardIndex::open(path)));
+  }
+  return StateDict(File::open(path));
+}
+
+StateDict::StateDict(File file) : source_(std::make_shared<detail::FileSource>(std::move(file))) {}
+StateDict::StateDict(std::shared_ptr<const detail::StateSource> source) : source_(std::move(source)) {}
+
+std::string StateDict::format() const { return source_->format(); }
+size_t StateDict::size() const { return source_->size(); }
+bool StateDict::empty() const { return source_->size() == 0; }
+bool StateDict::contains(std::string_view name) const { return source_->find(name).has_value(); }
+std::vector<std::string> StateDict::keys() const { return source_->names; }
+std::vector<std::pair<std::string, std::string>> StateDict::metadata() const { return source_->metadata(); }
+
+size_t StateDict::index_of(std::string_view name) const {
+  if (const auto i = source_->find(name)) return *i;
+  throw Error(ErrorKind::NotFound, "no tensor named '" + std::string(name) + "' in this " +
+                                       source_->format() + " checkpoint (" +
+                                       std::to_string(source_->size()) + " tensors)");
+}
+
+StateDict::Info StateDict::info(std::string_view name) const { return source_->info(index_of(name)); }
+at::Tensor StateDict::at(std::string_view name) const { return source_->tensor(index_of(name)); }
+at::Tensor StateDict::raw_bytes(std::string_view name) const { return source_->raw_bytes(index_of(name)); }
+void StateDict::release(std::string_view name) const { source_->release(index_of(name)); }
 
 torch::OrderedDict<std::string, at::Tensor> StateDict::to_ordered_dict() const {
   torch::OrderedDict<std::string, at::Tensor> out;
   out.reserve(size());
-  for (const auto& e : file_.tensors()) out.insert(std::string(e.name), tensor_view(file_, e));
+  for (size_t i = 0; i < size(); ++i) out.insert(source_->names[i], source_->tensor(i));
   return out;
 }
 
-StateDict::Iterator StateDict::begin() const { return Iterator(&file_, 0); }
-StateDict::Iterator StateDict::end() const { return Iterator(&file_, size()); }
+StateDict::Iterator StateDict::begin() const { return Iterator(this, 0); }
+StateDict::Iterator StateDict::end() const { return Iterator(this, size()); }
 
 StateDict::Iterator::value_type StateDict::Iterator::operator*() const {
-  const TensorEntry& e = file_->tensors()[index_];
-  return {e.name, tensor_view(*file_, e)};
+  return {dict_->source_->names[index_], dict_->source_->tensor(index_)};
 }
 
 }  // namespace tensormap

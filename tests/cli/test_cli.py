@@ -125,6 +125,28 @@ def test_convert_to_safetensors_and_back_is_bit_identical(tmp):
           and described(forced)["format"] == "safetensors")
 
 
+def test_convert_into_shards_and_back(tmp):
+    index = os.path.join(tmp, "model.safetensors.index.json")
+    r = run("convert", os.path.join(VALID, "all_dtypes.tmap"), index, "--shard-size", "100")
+    check("convert --shard-size writes shards and an index", r.returncode == 0 and "shards" in r.stdout, r.stdout + r.stderr)
+    shards = sorted(f for f in os.listdir(tmp) if f.startswith("model-"))
+    check("shards are named model-0000N-of-0000M.safetensors",
+          len(shards) > 2 and all(f.endswith(".safetensors") and "-of-" in f for f in shards), shards)
+    with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+    check("the index maps all 17 tensors", len(weight_map) == 17)
+    d = described(index)
+    check("inspect --json of an index", d["format"] == "sharded safetensors" and len(d["tensors"]) == 17, d)
+    check("verify of an index", run("verify", index).returncode == 0)
+    back = os.path.join(tmp, "back.tmap")
+    check("convert an index back into one file", run("convert", index, back, "--alignment", "64").returncode == 0)
+    check("nothing lost across shards", run("diff", os.path.join(VALID, "all_dtypes.tmap"), back).returncode == 0)
+    r = run("convert", os.path.join(VALID, "all_dtypes.tmap"), os.path.join(tmp, "x.tmap"), "--shard-size", "1M")
+    check("--shard-size needs an index name (exit 2)", r.returncode == 2, r.stderr)
+    r = run("convert", os.path.join(VALID, "all_dtypes.tmap"), index, "--shard-size", "lots")
+    check("a bad --shard-size is a usage error (exit 2)", r.returncode == 2, r.stderr)
+
+
 def test_convert_failure_leaves_no_output(tmp):
     out = os.path.join(tmp, "never.tmap")
     r = run("convert", os.path.join(ROOT, "format", "invalid", "rule17_hole.tmap"), out)

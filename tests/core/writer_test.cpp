@@ -216,5 +216,60 @@ TEST(WriterErrors, MissingDirectoryIsAnIoErrorNamingThePath) {
   }
 }
 
+TEST(ShardedWriter, SplitsAtTheShardSizeAndWritesAnIndexLast) {
+  TempDir dir;
+  const std::string index_path = dir.file("model.tmap.index.json");
+  std::vector<TensorSpec> specs;
+  for (int i = 0; i < 5; ++i) specs.push_back({"t" + std::to_string(i), Dtype::U8, {400}});
+  specs.push_back({"big", Dtype::U8, {5000}});  // larger than a shard: a shard of its own
+  {
+    ShardedWriter w(index_path, specs, 1000, {4096, {}, false});
+    EXPECT_EQ(w.shard_count(), 4u);  // [t0 t1] [t2 t3] [t4] [big]
+    for (size_t i = 0; i < specs.size(); ++i) {
+      std::vector<unsigned char> data(w.byte_length(i), static_cast<unsigned char>(i));
+      w.write_tensor(data.data(), data.size());
+    }
+    EXPECT_FALSE(std::filesystem::exists(index_path)) << "no index before commit";
+    w.commit();
+  }
+  const ShardIndex index = ShardIndex::open(index_path);
+  EXPECT_EQ(index.shard_files(), (std::vector<std::string>{"model-00001-of-00004.tmap", "model-00002-of-00004.tmap",
+                                                           "model-00003-of-00004.tmap", "model-00004-of-00004.tmap"}));
+  EXPECT_EQ(index.total_size(), 7000u);
+  EXPECT_EQ(index.weight_map()[5], (std::pair<std::string, uint32_t>{"big", 3}));
+  const File last = File::open(index.shard_path(3));
+  EXPECT_EQ(static_cast<unsigned char>(last.bytes(last.at("big")).data[0]), 5);
+  last.verify();
+}
+
+TEST(ShardedWriter, AFailureBeforeCommitLeavesNothingBehind) {
+  TempDir dir;
+  {
+    ShardedWriter w(dir.file("model.tmap.index.json"), {{"a", Dtype::U8, {10}}, {"b", Dtype::U8, {10}}}, 10);
+    const unsigned char data[10] = {};
+    w.write_tensor(data, 10);
+  }  // destroyed before commit
+  EXPECT_TRUE(dir.entries().empty());
+}
+
+TEST(ShardedWriter, RefusesAnIndexNameWithoutIndexJson) {
+  TempDir dir;
+  EXPECT_THROW(ShardedWriter(dir.file("model.tmap"), {}, 100), Error);
+}
+
+TEST(ShardIndex, RejectsMalformedIndexes) {
+  TempDir dir;
+  for (const char* json : {"[]", "{}", R"({"weight_map": []})", R"({"weight_map": {"a": 1}})",
+                           R"({"weight_map": {"a": "/etc/passwd"}})", R"({"weight_map": {"a": ".."}})", "{"}) {
+    write_bytes(dir.file("i.index.json"), std::vector<unsigned char>(json, json + std::strlen(json)));
+    try {
+      ShardIndex::open(dir.file("i.index.json"));
+      ADD_FAILURE() << json;
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::ShardIndexInvalid) << json;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace tensormap::testing

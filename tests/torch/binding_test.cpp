@@ -531,6 +531,108 @@ TEST(Safetensors, F8TensorsComeBackAsTaggedRawBytes) {
   EXPECT_EQ(raw_bytes_view(f, f.at("f8")).numel(), 4);
 }
 
+// --- torch.save archives and sharded checkpoints ------------------------------------------
+
+const std::string kTorchSave = TENSORMAP_FIXTURES_DIR "/torch_save/";
+
+TEST(TorchSave, APythonStateDictLoadsIntoTheSameModelZeroCopy) {
+  // tests/fixtures/torch_save/make_fixtures.py: Linear(8,16), BatchNorm1d(16), ReLU, Linear(16,4)
+  auto make = [] {
+    return torch::nn::Sequential(torch::nn::Linear(8, 16), torch::nn::BatchNorm1d(16), torch::nn::ReLU(),
+                                 torch::nn::Linear(16, 4));
+  };
+  auto net = build_skeleton(make);
+  const StateDict sd = StateDict::open(kTorchSave + "state_dict.pt");
+  EXPECT_EQ(sd.format(), "torch.save");
+  const LoadReport report = load(*net, sd);
+  EXPECT_TRUE(report.complete()) << report.summary();
+  EXPECT_EQ(report.loaded.size(), 9u);
+  net->eval();
+  EXPECT_EQ(net->forward(torch::ones({2, 8})).sizes(), (std::vector<int64_t>{2, 4}));
+  EXPECT_EQ(net[1]->as<torch::nn::BatchNorm1d>()->num_batches_tracked.item<int64_t>(), 1);
+}
+
+TEST(TorchSave, ViewsThatShareAStorageStillShareIt) {
+  const StateDict sd = StateDict::open(kTorchSave + "shared_views.pt");
+  const at::Tensor base = sd["base"], row = sd["row"], matrix_t = sd["matrix_t"], strided = sd["strided"];
+  EXPECT_EQ(row.storage().data(), base.storage().data());
+  EXPECT_EQ(matrix_t.storage().data(), base.storage().data());
+  EXPECT_FALSE(matrix_t.is_contiguous());
+  EXPECT_TRUE(torch::equal(row, torch::arange(4, 8, at::kFloat)));
+  EXPECT_TRUE(torch::equal(strided, torch::arange(0, 24, 3, at::kFloat)));
+  EXPECT_TRUE(torch::equal(matrix_t, torch::arange(24, at::kFloat).view({4, 6}).t()));
+}
+
+TEST(TorchSave, NestedDictsGiveDottedNames) {
+  const StateDict sd = StateDict::open(kTorchSave + "nested.pt");
+  EXPECT_EQ(sd.keys(), (std::vector<std::string>{"model.w", "model.b", "ema.model.w"}));
+}
+
+TEST(TorchSave, AnythingButTensorsInDictsIsRefusedAndNothingRuns) {
+  for (const char* name : {"not_a_tensor.pt", "foreign_class.pt"}) {
+    try {
+      StateDict::open(kTorchSave + name);
+      FAIL() << name;
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::UnsupportedArchive) << e.what();
+    }
+  }
+}
+
+TEST(Sharded, AnIndexLoadsLikeOneFileAndMapsShardsOnlyWhenNeeded) {
+  TempDir dir;
+  const std::string index = dir.file("net.safetensors.index.json");
+  auto source = trained_net();
+  const auto state = named_state(*source);
+  {
+    std::vector<TensorSpec> specs;
+    for (const auto& [name, t] : state) specs.push_back({name, from_scalar_type(t.scalar_type()), {t.sizes().begin(), t.sizes().end()}});
+    WriterOptions options;
+    options.format = Format::Safetensors;
+    ShardedWriter writer(index, specs, 300, options);  // several shards
+    EXPECT_GT(writer.shard_count(), 2u);
+    for (const auto& [name, t] : state) {
+      if (t.nbytes()) writer.write_tensor(t.data_ptr(), t.nbytes());
+    }
+    writer.commit();
+  }
+  const StateDict sd = StateDict::open(index);
+  EXPECT_EQ(sd.format(), "sharded safetensors");
+  EXPECT_EQ(sd.size(), state.size());
+  auto net = build_skeleton([] { return NetModule(); });
+  load(*net, index);
+  net->eval();
+  const auto x = torch::randn({3, 8});
+  EXPECT_TRUE(torch::equal(net->forward(x), source->forward(x)));
+}
+
+TEST(Sharded, ATensorMissingFromItsShardIsAnErrorNamingBoth) {
+  TempDir dir;
+  save({{"a", torch::ones({2})}}, dir.file("shard-a.tmap"));
+  save({{"b", torch::ones({2})}}, dir.file("shard-b.tmap"));
+  write_bytes(dir.file("m.tmap.index.json"), [] {
+    const std::string json = R"({"weight_map": {"a": "shard-a.tmap", "b": "shard-a.tmap"}})";
+    return std::vector<unsigned char>(json.begin(), json.end());
+  }());
+  const StateDict sd = StateDict::open(dir.file("m.tmap.index.json"));
+  EXPECT_TRUE(torch::equal(sd["a"], torch::ones({2})));
+  try {
+    sd.at("b");
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::ShardIndexInvalid);
+    EXPECT_NE(std::string(e.what()).find("tensor 'b' is mapped to shard 'shard-a.tmap', which does not contain it"),
+              std::string::npos) << e.what();
+  }
+}
+
+TEST(Sharded, AShardNameThatLeavesTheDirectoryIsRefused) {
+  TempDir dir;
+  const std::string json = R"({"weight_map": {"a": "../elsewhere.tmap"}})";
+  write_bytes(dir.file("m.tmap.index.json"), std::vector<unsigned char>(json.begin(), json.end()));
+  EXPECT_THROW(StateDict::open(dir.file("m.tmap.index.json")), Error);
+}
+
 // --- a real multi-layer model -----------------------------------------------------------
 
 class TransformerRoundTrip : public ::testing::TestWithParam<LoadMode> {};

@@ -1,0 +1,85 @@
+// Sharded checkpoints: tensors spread over several files, and an index JSON that maps
+// every tensor name to its file, in the convention of Hugging Face checkpoints:
+//
+//   model.safetensors.index.json   {"metadata": {"total_size": N},
+//                                   "weight_map": {"fc.weight": "model-00001-of-00002.safetensors", ...}}
+//   model-00001-of-00002.safetensors, model-00002-of-00002.safetensors
+//
+// The same layout serves tensormap shards (model.tmap.index.json, model-00001-of-00002.tmap).
+// Shards are named by plain file names and live beside the index.
+//
+// Thread-safety: a ShardIndex is immutable; a ShardedWriter is used by one thread.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "tensormap/writer.h"
+
+namespace tensormap {
+
+class ShardIndex {
+ public:
+  // Reads and validates an index file. Throws Error(ShardIndexInvalid) for anything but a
+  // JSON object whose "weight_map" maps names to plain file names, Error(Io) if unreadable.
+  static ShardIndex open(const std::string& path);
+
+  const std::string& path() const { return path_; }
+  // Distinct shard file names in order of first appearance.
+  const std::vector<std::string>& shard_files() const { return shard_files_; }
+  // Every tensor with the number of its shard, in the index's order.
+  const std::vector<std::pair<std::string, uint32_t>>& weight_map() const { return weight_map_; }
+  // "total_size" of the metadata, or 0 when absent.
+  uint64_t total_size() const { return total_size_; }
+  // The path of shard `i` (beside the index).
+  std::string shard_path(uint32_t i) const;
+
+ private:
+  std::string path_;
+  std::vector<std::string> shard_files_;
+  std::vector<std::pair<std::string, uint32_t>> weight_map_;
+  uint64_t total_size_ = 0;
+};
+
+// True if the bytes look like a shard index: a JSON object that is not a safetensors file.
+bool looks_like_shard_index(const unsigned char* data, uint64_t size);
+
+// Streams tensors into shards of at most `max_shard_bytes` of tensor data each (a tensor
+// larger than that gets a shard of its own), then writes the index. The format of the
+// shards is options.format. The index path must end in ".index.json"; shards are named
+// after it: model.safetensors.index.json -> model-00001-of-00003.safetensors.
+//
+// Every shard is written under a temporary name; commit() moves them into place, then
+// writes the index atomically. A failure before commit() leaves nothing behind. A crash
+// during commit() may leave new shards beside the old index; the index is written last,
+// so it never names a shard that is not complete.
+class ShardedWriter {
+ public:
+  ShardedWriter(std::string index_path, std::vector<TensorSpec> tensors, uint64_t max_shard_bytes,
+                WriterOptions options = {});
+  ~ShardedWriter();
+  ShardedWriter(ShardedWriter&&) noexcept;
+  ShardedWriter& operator=(ShardedWriter&&) noexcept;
+
+  size_t shard_count() const;
+  // Number of declared tensors, and the byte length each must receive (as Writer).
+  size_t tensor_count() const;
+  uint64_t byte_length(size_t index) const;
+
+  // Same contract as Writer::write and Writer::write_tensor, over all shards in order.
+  void write(const void* data, size_t size);
+  void write_tensor(const void* data, size_t size);
+
+  // REQUIRES: every tensor complete.
+  void commit();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace tensormap

@@ -1,0 +1,209 @@
+// Sharded checkpoints: the index JSON, and a writer that splits tensors across shards.
+#include "tensormap/sharded.h"
+
+#include <nlohmann/json.hpp>
+
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+#include <unordered_map>
+
+#include "names.h"
+#include "posix_io.h"
+#include "tensormap/error.h"
+#include "tensormap/format.h"
+
+namespace tensormap {
+namespace {
+
+constexpr uint64_t kMaxIndexBytes = 256ull << 20;  // a generous bound on an index file
+
+std::string base_name(const std::string& path) {
+  const auto slash = path.find_last_of('/');
+  return slash == std::string::npos ? path : path.substr(slash + 1);
+}
+
+// A shard must be a plain file name beside the index: no directories, no way out.
+bool is_plain_file_name(const std::string& name) {
+  return !name.empty() && name != "." && name != ".." && name.find('/') == std::string::npos &&
+         name.find('\0') == std::string::npos;
+}
+
+}  // namespace
+
+bool looks_like_shard_index(const unsigned char* data, uint64_t size) {
+  for (uint64_t i = 0; i < size && i < 64; ++i) {
+    const unsigned char c = data[i];
+    if (c == '{') return true;
+    if (c != ' ' && c != '\t' && c != '\n' && c != '\r') return false;
+  }
+  return false;
+}
+
+std::string ShardIndex::shard_path(uint32_t i) const {
+  return detail::parent_directory(path_) + "/" + shard_files_.at(i);
+}
+
+ShardIndex ShardIndex::open(const std::string& path) {
+  auto invalid = [&](const std::string& what) {
+    return Error(ErrorKind::ShardIndexInvalid, path + ": " + what);
+  };
+  std::ifstream in(path, std::ios::binary);
+  if (!in) detail::throw_io(path, "cannot open", errno);
+  in.seekg(0, std::ios::end);
+  const auto size = static_cast<uint64_t>(in.tellg());
+  if (size > kMaxIndexBytes) throw invalid("index is " + std::to_string(size) + " bytes, more than an index can be");
+  in.seekg(0);
+  std::string text(size, '\0');
+  in.read(text.data(), static_cast<std::streamsize>(size));
+
+  nlohmann::ordered_json json;
+  try {
+    json = nlohmann::ordered_json::parse(text);
+  } catch (const nlohmann::json::exception& e) {
+    throw invalid(std::string("not valid JSON: ") + e.what());
+  }
+  if (!json.is_object()) throw invalid("not a JSON object");
+  const auto map = json.find("weight_map");
+  if (map == json.end() || !map->is_object()) throw invalid("has no \"weight_map\" object");
+
+  ShardIndex index;
+  index.path_ = path;
+  std::unordered_map<std::string, uint32_t> shard_numbers;
+  for (const auto& [name, file] : map->items()) {
+    if (!file.is_string()) throw invalid("weight_map entry " + detail::quoted(name) + " is not a file name");
+    const std::string shard = file.get<std::string>();
+    if (!is_plain_file_name(shard)) {
+      throw invalid("shard " + detail::quoted(shard) + " of tensor " + detail::quoted(name) +
+                    " is not a plain file name beside the index");
+    }
+    const auto [it, added] = shard_numbers.emplace(shard, static_cast<uint32_t>(index.shard_files_.size()));
+    if (added) index.shard_files_.push_back(shard);
+    index.weight_map_.emplace_back(name, it->second);
+  }
+  if (const auto meta = json.find("metadata"); meta != json.end() && meta->is_object()) {
+    if (const auto total = meta->find("total_size"); total != meta->end() && total->is_number_unsigned()) {
+      index.total_size_ = total->get<uint64_t>();
+    }
+  }
+  return index;
+}
+
+// ---------------------------------------------------------------------------------------
+
+struct ShardedWriter::Impl {
+  std::string index_path;
+  std::vector<TensorSpec> tensors;
+  std::vector<uint64_t> byte_lengths;
+  std::vector<uint32_t> shard_of;      // tensor -> shard
+  std::vector<std::string> shard_names;
+  std::vector<Writer> writers;         // one per shard, each writing a temporary file
+  size_t current = 0;                  // tensor receiving bytes
+  uint64_t written = 0;
+  bool sync = true;
+  uint64_t total = 0;
+
+  void settle() {
+    while (current < tensors.size() && written == byte_lengths[current]) {
+      ++current;
+      written = 0;
+    }
+  }
+};
+
+ShardedWriter::ShardedWriter(std::string index_path, std::vector<TensorSpec> tensors,
+                             uint64_t max_shard_bytes, WriterOptions options)
+    : impl_(std::make_unique<Impl>()) {
+  Impl& w = *impl_;
+  const std::string suffix = ".index.json";
+  const std::string base = base_name(index_path);
+  if (base.size() <= suffix.size() || base.compare(base.size() - suffix.size(), suffix.size(), suffix) != 0) {
+    throw Error(ErrorKind::InvalidArgument, index_path + ": a shard index must be named like model.safetensors.index.json");
+  }
+  if (max_shard_bytes == 0) throw Error(ErrorKind::InvalidArgument, index_path + ": the shard size must be positive");
+  // model.safetensors.index.json -> stem "model", extension ".safetensors"
+  const std::string file = base.substr(0, base.size() - suffix.size());
+  const auto dot = file.find_last_of('.');
+  const std::string stem = dot == std::string::npos ? file : file.substr(0, dot);
+  const std::string extension = dot == std::string::npos ? "" : file.substr(dot);
+
+  // Assign tensors to shards in order, starting a new shard when the next tensor would
+  // not fit. Byte lengths come from a plan of the whole set, which also validates it.
+  w.index_path = index_path;
+  w.sync = options.sync;
+  std::unordered_map<std::string_view, size_t> seen;
+  for (const auto& t : tensors) {
+    if (!seen.emplace(t.name, 0).second) {
+      throw Error(ErrorKind::InvalidArgument, index_path + ": tensor " + detail::quoted(t.name) + " is declared twice");
+    }
+    const auto n = format::tensor_byte_length(t.shape.data(), static_cast<unsigned>(t.shape.size()), dtype_size(t.dtype));
+    if (!n) throw Error(ErrorKind::InvalidArgument, index_path + ": tensor " + detail::quoted(t.name) + " is too large");
+    w.byte_lengths.push_back(*n);
+  }
+  std::vector<std::vector<TensorSpec>> groups;
+  uint64_t in_group = 0;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (groups.empty() || (in_group > 0 && in_group + w.byte_lengths[i] > max_shard_bytes)) {
+      groups.emplace_back();
+      in_group = 0;
+    }
+    groups.back().push_back(tensors[i]);
+    w.shard_of.push_back(static_cast<uint32_t>(groups.size() - 1));
+    in_group += w.byte_lengths[i];
+    w.total += w.byte_lengths[i];
+  }
+  if (groups.empty()) groups.emplace_back();  // an empty checkpoint still has one shard
+  const std::string dir = detail::parent_directory(index_path);
+  for (size_t s = 0; s < groups.size(); ++s) {
+    char numbers[32];
+    std::snprintf(numbers, sizeof numbers, "-%05zu-of-%05zu", s + 1, groups.size());
+    w.shard_names.push_back(stem + numbers + extension);
+    w.writers.emplace_back(dir + "/" + w.shard_names.back(), std::move(groups[s]), options);
+  }
+  w.tensors = std::move(tensors);
+  w.settle();
+}
+
+ShardedWriter::~ShardedWriter() = default;
+ShardedWriter::ShardedWriter(ShardedWriter&&) noexcept = default;
+ShardedWriter& ShardedWriter::operator=(ShardedWriter&&) noexcept = default;
+
+size_t ShardedWriter::shard_count() const { return impl_->writers.size(); }
+size_t ShardedWriter::tensor_count() const { return impl_->tensors.size(); }
+uint64_t ShardedWriter::byte_length(size_t index) const { return impl_->byte_lengths.at(index); }
+
+void ShardedWriter::write(const void* data, size_t size) {
+  Impl& w = *impl_;
+  if (size == 0) return;
+  if (w.current == w.tensors.size()) {
+    throw Error(ErrorKind::InvalidArgument, w.index_path + ": bytes after the last tensor was complete");
+  }
+  w.writers[w.shard_of[w.current]].write(data, size);  // checks the tensor's remaining room
+  w.written += size;
+  w.settle();
+}
+
+void ShardedWriter::write_tensor(const void* data, size_t size) {
+  Impl& w = *impl_;
+  if (w.current == w.tensors.size() || w.written != 0 || size != w.byte_lengths[w.current]) {
+    throw Error(ErrorKind::InvalidArgument, w.index_path + ": write_tensor wants exactly the next whole tensor");
+  }
+  write(data, size);
+}
+
+void ShardedWriter::commit() {
+  Impl& w = *impl_;
+  if (w.current != w.tensors.size()) {
+    throw Error(ErrorKind::InvalidArgument, w.index_path + ": tensor " + detail::quoted(w.tensors[w.current].name) +
+                                                " is incomplete; nothing was committed");
+  }
+  for (Writer& shard : w.writers) shard.finish();  // all data durable under temporary names
+  for (Writer& shard : w.writers) shard.rename_into_place();
+  nlohmann::ordered_json index;
+  index["metadata"] = {{"total_size", w.total}};
+  index["weight_map"] = nlohmann::ordered_json::object();
+  for (size_t i = 0; i < w.tensors.size(); ++i) index["weight_map"][w.tensors[i].name] = w.shard_names[w.shard_of[i]];
+  detail::write_file_atomically(w.index_path, index.dump(2) + "\n", w.sync);
+}
+
+}  // namespace tensormap

@@ -1,0 +1,329 @@
+// A restricted unpickler for torch.save's pickles: see pickle.h for the subset.
+#include "pickle.h"
+
+#include <ATen/ATen.h>
+
+#include <cstring>
+#include <unordered_map>
+
+#include "tensormap/error.h"
+
+namespace tensormap::detail {
+namespace {
+
+using Kind = PickleValue::Kind;
+using Global = PickleValue::Global;
+
+PickleRef make(Kind kind) {
+  auto v = std::make_shared<PickleValue>();
+  v->kind = kind;
+  return v;
+}
+
+const std::unordered_map<std::string, c10::ScalarType>& storage_types() {
+  static const std::unordered_map<std::string, c10::ScalarType> types = {
+      {"FloatStorage", at::kFloat},        {"DoubleStorage", at::kDouble},
+      {"HalfStorage", at::kHalf},          {"BFloat16Storage", at::kBFloat16},
+      {"LongStorage", at::kLong},          {"IntStorage", at::kInt},
+      {"ShortStorage", at::kShort},        {"CharStorage", at::kChar},
+      {"ByteStorage", at::kByte},          {"BoolStorage", at::kBool},
+      {"ComplexFloatStorage", at::kComplexFloat}, {"ComplexDoubleStorage", at::kComplexDouble}};
+  return types;
+}
+
+class Unpickler {
+ public:
+  Unpickler(const unsigned char* data, size_t size, const StorageLoader& load, const std::string& path)
+      : p_(data), end_(data + size), load_(load), path_(path) {}
+
+  PickleRef run() {
+    while (true) {
+      const unsigned char op = byte();
+      switch (op) {
+        case 0x80: byte(); break;                        // PROTO
+        case 0x95: bytes(8); break;                      // FRAME: lengths only
+        case 'c': {                                      // GLOBAL
+          const std::string module = line();
+          push(global(module, line()));
+          break;
+        }
+        case 0x93: {                                     // STACK_GLOBAL
+          const PickleRef name = pop(), module = pop();
+          if (module->kind != Kind::String || name->kind != Kind::String) fail("STACK_GLOBAL needs two strings");
+          push(global(module->text, name->text));
+          break;
+        }
+        case 'q': memo_[byte()] = top(); break;          // BINPUT
+        case 'r': memo_[u32()] = top(); break;           // LONG_BINPUT
+        case 0x94: memo_[memo_.size()] = top(); break;   // MEMOIZE
+        case 'h': push(memo(byte())); break;             // BINGET
+        case 'j': push(memo(u32())); break;              // LONG_BINGET
+        case '(': marks_.push_back(stack_.size()); break;  // MARK
+        case ')': push(make(Kind::Tuple)); break;        // EMPTY_TUPLE
+        case 't': push(sequence(Kind::Tuple, pop_mark())); break;  // TUPLE
+        case 0x85: case 0x86: case 0x87: {               // TUPLE1..3
+          const size_t n = op - 0x84u;
+          if (stack_.size() < n) fail("tuple of " + std::to_string(n) + " on a shorter stack");
+          std::vector<PickleRef> items(stack_.end() - static_cast<long>(n), stack_.end());
+          stack_.resize(stack_.size() - n);
+          push(sequence(Kind::Tuple, std::move(items)));
+          break;
+        }
+        case ']': push(make(Kind::List)); break;         // EMPTY_LIST
+        case 'a': {                                      // APPEND
+          const PickleRef item = pop();
+          of_kind(top(), Kind::List, "APPEND")->items.push_back(item);
+          break;
+        }
+        case 'e': {                                      // APPENDS
+          auto items = pop_mark();
+          auto& list = of_kind(top(), Kind::List, "APPENDS")->items;
+          list.insert(list.end(), items.begin(), items.end());
+          break;
+        }
+        case '}': push(make(Kind::Dict)); break;         // EMPTY_DICT
+        case 's': {                                      // SETITEM
+          const PickleRef value = pop(), key = pop();
+          of_kind(top(), Kind::Dict, "SETITEM")->entries.emplace_back(key, value);
+          break;
+        }
+        case 'u': {                                      // SETITEMS
+          auto items = pop_mark();
+          if (items.size() % 2) fail("SETITEMS with an odd number of items");
+          auto& dict = of_kind(top(), Kind::Dict, "SETITEMS")->entries;
+          for (size_t i = 0; i < items.size(); i += 2) dict.emplace_back(items[i], items[i + 1]);
+          break;
+        }
+        case 'R': {                                      // REDUCE
+          const PickleRef args = pop(), callable = pop();
+          push(reduce(*callable, *of_kind(args, Kind::Tuple, "REDUCE arguments")));
+          break;
+        }
+        case 'b': {                                      // BUILD
+          pop();  // the state: for an OrderedDict, its _metadata attribute, not needed
+          if (top()->kind != Kind::Dict) fail("BUILD on something other than a dict");
+          break;
+        }
+        case 'Q': push(persistent(*pop())); break;       // BINPERSID
+        case 'N': push(make(Kind::None)); break;
+        case 0x88: case 0x89: {                          // NEWTRUE, NEWFALSE
+          auto v = make(Kind::Bool);
+          v->boolean = op == 0x88;
+          push(v);
+          break;
+        }
+        case 'J': push(integer(static_cast<int32_t>(u32()))); break;  // BININT
+        case 'K': push(integer(byte())); break;                       // BININT1
+        case 'M': push(integer(u16())); break;                        // BININT2
+        case 0x8a: {                                                   // LONG1
+          const size_t n = byte();
+          if (n > 8) fail("integer of " + std::to_string(n) + " bytes");
+          const unsigned char* b = bytes(n);
+          uint64_t v = 0;
+          for (size_t i = 0; i < n; ++i) v |= static_cast<uint64_t>(b[i]) << (8 * i);
+          if (n > 0 && n < 8 && (b[n - 1] & 0x80)) v |= ~uint64_t{0} << (8 * n);  // sign-extend
+          push(integer(static_cast<int64_t>(v)));
+          break;
+        }
+        case 'G': {                                      // BINFLOAT, big-endian
+          const unsigned char* b = bytes(8);
+          uint64_t bits = 0;
+          for (int i = 0; i < 8; ++i) bits = (bits << 8) | b[i];
+          auto v = make(Kind::Float);
+          std::memcpy(&v->real, &bits, 8);
+          push(v);
+          break;
+        }
+        case 'X': push(string(u32())); break;            // BINUNICODE
+        case 0x8c: push(string(byte())); break;          // SHORT_BINUNICODE
+        case 0x8d: push(string(u64())); break;           // BINUNICODE8
+        case 'U': case 'C': push(string(byte())); break;  // SHORT_BINSTRING, SHORT_BINBYTES
+        case 'T': case 'B': push(string(u32())); break;  // BINSTRING, BINBYTES
+        case '0': pop(); break;                          // POP
+        case '1': pop_mark(); break;                     // POP_MARK
+        case '2': push(top()); break;                    // DUP
+        case '.': {                                      // STOP
+          if (stack_.size() != 1) fail("STOP with " + std::to_string(stack_.size()) + " values on the stack");
+          return stack_.back();
+        }
+        default:
+          fail("unsupported pickle opcode 0x" + hex(op));
+      }
+    }
+  }
+
+ private:
+  [[noreturn]] void fail(const std::string& what) const {
+    throw Error(ErrorKind::UnsupportedArchive, path_ + ": data.pkl: " + what);
+  }
+  static std::string hex(unsigned v) {
+    char buf[8];
+    std::snprintf(buf, sizeof buf, "%02x", v);
+    return buf;
+  }
+  const unsigned char* bytes(uint64_t n) {
+    if (static_cast<uint64_t>(end_ - p_) < n) fail("ends in the middle of an opcode");
+    const unsigned char* at = p_;
+    p_ += n;
+    return at;
+  }
+  unsigned char byte() { return *bytes(1); }
+  uint16_t u16() {
+    const unsigned char* b = bytes(2);
+    return static_cast<uint16_t>(b[0] | (b[1] << 8));
+  }
+  uint32_t u32() {
+    const unsigned char* b = bytes(4);
+    return static_cast<uint32_t>(b[0]) | (static_cast<uint32_t>(b[1]) << 8) |
+           (static_cast<uint32_t>(b[2]) << 16) | (static_cast<uint32_t>(b[3]) << 24);
+  }
+  uint64_t u64() { return u32() | (static_cast<uint64_t>(u32()) << 32); }
+  std::string line() {
+    const auto* nl = static_cast<const unsigned char*>(std::memchr(p_, '\n', static_cast<size_t>(end_ - p_)));
+    if (!nl) fail("GLOBAL without a newline");
+    std::string s(reinterpret_cast<const char*>(p_), static_cast<size_t>(nl - p_));
+    p_ = nl + 1;
+    return s;
+  }
+  PickleRef string(uint64_t n) {
+    auto v = make(Kind::String);
+    const unsigned char* b = bytes(n);
+    v->text.assign(reinterpret_cast<const char*>(b), n);
+    return v;
+  }
+  static PickleRef integer(int64_t i) {
+    auto v = make(Kind::Int);
+    v->integer = i;
+    return v;
+  }
+  void push(PickleRef v) { stack_.push_back(std::move(v)); }
+  PickleRef pop() {
+    if (stack_.size() <= (marks_.empty() ? 0 : marks_.back())) fail("pops an empty stack");
+    PickleRef v = std::move(stack_.back());
+    stack_.pop_back();
+    return v;
+  }
+  const PickleRef& top() const {
+    if (stack_.empty()) fail("reads an empty stack");
+    return stack_.back();
+  }
+  std::vector<PickleRef> pop_mark() {
+    if (marks_.empty()) fail("no MARK to pop to");
+    const size_t mark = marks_.back();
+    marks_.pop_back();
+    std::vector<PickleRef> items(stack_.begin() + static_cast<long>(mark), stack_.end());
+    stack_.resize(mark);
+    return items;
+  }
+  PickleRef memo(uint64_t i) const {
+    const auto it = memo_.find(i);
+    if (it == memo_.end()) fail("reads memo " + std::to_string(i) + ", which was never stored");
+    return it->second;
+  }
+  static PickleRef sequence(Kind kind, std::vector<PickleRef> items) {
+    auto v = make(kind);
+    v->items = std::move(items);
+    return v;
+  }
+  const PickleRef& of_kind(const PickleRef& v, Kind kind, const char* what) const {
+    if (v->kind != kind) fail(std::string(what) + " on the wrong kind of value");
+    return v;
+  }
+
+  PickleRef global(const std::string& module, const std::string& name) {
+    auto v = make(Kind::Global);
+    if (module == "collections" && name == "OrderedDict") {
+      v->global = Global::OrderedDict;
+    } else if (module == "torch._utils" && name == "_rebuild_tensor_v2") {
+      v->global = Global::RebuildTensorV2;
+    } else if (module == "torch._utils" && name == "_rebuild_parameter") {
+      v->global = Global::RebuildParameter;
+    } else if (module == "torch" && storage_types().count(name)) {
+      v->global = Global::StorageType;
+      v->storage_type = storage_types().at(name);
+    } else {
+      fail("refuses the global " + module + "." + name +
+           ": only tensors in dicts are read, and nothing in the file is executed");
+    }
+    return v;
+  }
+
+  PickleRef persistent(const PickleValue& pid) {
+    // ('storage', storage type, key, location, number of elements)
+    if (pid.kind != Kind::Tuple || pid.items.size() != 5 || pid.items[0]->text != "storage" ||
+        pid.items[1]->kind != Kind::Global || pid.items[1]->global != Global::StorageType ||
+        pid.items[2]->kind != Kind::String || pid.items[4]->kind != Kind::Int || pid.items[4]->integer < 0) {
+      fail("a persistent id that is not a storage reference");
+    }
+    const std::string& key = pid.items[2]->text;
+    auto it = storages_.find(key);
+    if (it == storages_.end()) {
+      auto v = make(Kind::Storage);
+      v->storage_type = pid.items[1]->storage_type;
+      v->storage = load_(key, v->storage_type, pid.items[4]->integer);
+      it = storages_.emplace(key, v).first;
+    }
+    return it->second;
+  }
+
+  std::vector<int64_t> ints(const PickleRef& v, const char* what) const {
+    if (v->kind != Kind::Tuple) fail(std::string(what) + " is not a tuple");
+    std::vector<int64_t> out;
+    for (const auto& item : v->items) {
+      if (item->kind != Kind::Int || item->integer < 0) fail(std::string(what) + " holds a value that is not a non-negative integer");
+      out.push_back(item->integer);
+    }
+    return out;
+  }
+
+  PickleRef reduce(const PickleValue& callable, const PickleValue& args) {
+    if (callable.kind != Kind::Global) fail("REDUCE of something that is not a known global");
+    switch (callable.global) {
+      case Global::OrderedDict:
+        if (!args.items.empty()) fail("OrderedDict with arguments");
+        return make(Kind::Dict);
+      case Global::RebuildTensorV2: {
+        // (storage, storage offset, size, stride, requires_grad, hooks[, metadata])
+        if (args.items.size() < 4 || args.items[0]->kind != Kind::Storage || args.items[1]->kind != Kind::Int ||
+            args.items[1]->integer < 0) {
+          fail("_rebuild_tensor_v2 with unexpected arguments");
+        }
+        const PickleValue& storage = *args.items[0];
+        const auto sizes = ints(args.items[2], "a tensor's size");
+        const auto strides = ints(args.items[3], "a tensor's stride");
+        if (sizes.size() != strides.size()) fail("a tensor whose size and stride differ in length");
+        auto v = make(Kind::Tensor);
+        try {
+          v->tensor = at::empty({0}, at::TensorOptions().dtype(storage.storage_type));
+          v->tensor.set_(storage.storage, args.items[1]->integer, sizes, strides);  // checks bounds
+        } catch (const c10::Error& e) {
+          fail(std::string("a tensor does not fit its storage: ") + e.what_without_backtrace());
+        }
+        return v;
+      }
+      case Global::RebuildParameter:
+        if (args.items.empty() || args.items[0]->kind != Kind::Tensor) fail("_rebuild_parameter without a tensor");
+        return args.items[0];
+      default:
+        fail("REDUCE of a storage type");
+    }
+  }
+
+  const unsigned char* p_;
+  const unsigned char* end_;
+  const StorageLoader& load_;
+  const std::string& path_;
+  std::vector<PickleRef> stack_;
+  std::vector<size_t> marks_;
+  std::unordered_map<uint64_t, PickleRef> memo_;
+  std::unordered_map<std::string, PickleRef> storages_;
+};
+
+}  // namespace
+
+PickleRef unpickle(const unsigned char* data, size_t size, const StorageLoader& load_storage,
+                   const std::string& path) {
+  return Unpickler(data, size, load_storage, path).run();
+}
+
+}  // namespace tensormap::detail

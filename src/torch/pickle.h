@@ -1,0 +1,51 @@
+// A restricted unpickler for the pickles torch.save writes, internal to the LibTorch layer.
+//
+// LibTorch 1.13's own unpickler cannot read Python state dicts: it turns
+// collections.OrderedDict into None and lacks the SETITEM opcode. This one understands
+// exactly the subset torch.save uses for tensors in (ordered) dicts, lists and tuples:
+// pickle protocols 2 to 5, and the globals collections.OrderedDict,
+// torch._utils._rebuild_tensor_v2, torch._utils._rebuild_parameter and torch.*Storage.
+// Any other global is refused by name, so nothing in a file is ever executed. Every
+// length is checked against the bytes left; memo and stack sizes are bounded by the input.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace tensormap::detail {
+
+struct PickleValue;
+using PickleRef = std::shared_ptr<PickleValue>;
+
+struct PickleValue {
+  enum class Kind { None, Bool, Int, Float, String, Tuple, List, Dict, Global, Storage, Tensor };
+  enum class Global { None, OrderedDict, RebuildTensorV2, RebuildParameter, StorageType };
+
+  Kind kind = Kind::None;
+  bool boolean = false;
+  int64_t integer = 0;
+  double real = 0;
+  std::string text;
+  std::vector<PickleRef> items;                           // Tuple, List
+  std::vector<std::pair<PickleRef, PickleRef>> entries;   // Dict, in insertion order
+  Global global = Global::None;
+  c10::ScalarType storage_type = c10::ScalarType::Undefined;  // Global::StorageType
+  c10::Storage storage;
+  at::Tensor tensor;
+};
+
+// Returns the storage of record `key` holding `numel` elements of `type`; called once
+// per key (the unpickler caches storages, so views share them).
+using StorageLoader = std::function<c10::Storage(const std::string& key, c10::ScalarType type, int64_t numel)>;
+
+// Unpickles `data`. Throws Error(UnsupportedArchive) naming `path` on anything outside
+// the subset, or on malformed input.
+PickleRef unpickle(const unsigned char* data, size_t size, const StorageLoader& load_storage,
+                   const std::string& path);
+
+}  // namespace tensormap::detail

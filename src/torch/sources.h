@@ -1,0 +1,48 @@
+// Internal to the LibTorch layer: what a StateDict reads from. One implementation per
+// kind of checkpoint; all hand out names, what each tensor is, and tensors.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "tensormap/tensor.h"
+
+namespace tensormap::detail {
+
+struct StateSource {
+  virtual ~StateSource() = default;
+  virtual std::string format() const = 0;
+  virtual StateDict::Info info(size_t i) const = 0;
+  virtual at::Tensor tensor(size_t i) const = 0;
+  virtual at::Tensor raw_bytes(size_t i) const = 0;
+  virtual void release(size_t) const {}
+  virtual std::vector<std::pair<std::string, std::string>> metadata() const { return {}; }
+
+  size_t size() const { return names.size(); }
+  std::optional<size_t> find(std::string_view name) const {
+    const auto it = positions.find(name);
+    return it == positions.end() ? std::nullopt : std::optional<size_t>(it->second);
+  }
+  // Fills `positions` from `names`. REQUIRES: names complete and unique.
+  void index_names() {
+    positions.reserve(names.size());
+    for (size_t i = 0; i < names.size(); ++i) positions.emplace(names[i], i);
+  }
+
+  std::vector<std::string> names;
+  std::unordered_map<std::string_view, size_t> positions;
+};
+
+// A torch.save archive (its tensors, views into the mapped file). Defined in torch_save.cpp.
+std::shared_ptr<const StateSource> open_torch_save(const std::string& path);
+
+// True if the file starts like a zip archive.
+bool looks_like_zip(const std::string& path);
+
+}  // namespace tensormap::detail
