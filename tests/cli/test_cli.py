@@ -147,6 +147,17 @@ def test_convert_into_shards_and_back(tmp):
     check("a bad --shard-size is a usage error (exit 2)", r.returncode == 2, r.stderr)
 
 
+def test_progress_bar_only_on_a_terminal(tmp):
+    out = os.path.join(tmp, "p.tmap")
+    piped = run("convert", os.path.join(VALID, "all_dtypes.tmap"), out)
+    check("no progress bar when stderr is not a terminal", "%" not in piped.stderr, piped.stderr)
+    # `script` gives the command a pseudo-terminal.
+    tty = subprocess.run(["script", "-qec", f"{CLI} convert {os.path.join(VALID, 'all_dtypes.tmap')} {out}", "/dev/null"],
+                         capture_output=True)  # bytes: text mode would turn \r into \n
+    check("a progress bar, redrawn in place, when stderr is a terminal",
+          tty.returncode == 0 and b"\r[" in tty.stdout and b"100%" in tty.stdout, repr(tty.stdout[:200]))
+
+
 def test_convert_failure_leaves_no_output(tmp):
     out = os.path.join(tmp, "never.tmap")
     r = run("convert", os.path.join(ROOT, "format", "invalid", "rule17_hole.tmap"), out)
