@@ -15,6 +15,7 @@ namespace tensormap {
 enum class Format {
   Tensormap,    // spec/FORMAT.md
   Safetensors,  // spec/SAFETENSORS.md
+  TorchSave,    // Python's torch.save zip archive; written by the LibTorch layer only
 };
 
 }  // namespace tensormap

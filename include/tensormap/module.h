@@ -111,7 +111,7 @@ struct SaveOptions {
   uint64_t alignment = 4096;  // tensormap files only
   std::vector<std::pair<std::string, std::string>> metadata;
   bool sync = true;
-  Format format = Format::Tensormap;  // or Format::Safetensors
+  Format format = Format::Tensormap;  // or Format::Safetensors, Format::TorchSave
 };
 
 // The state of a module: every parameter (recursively, in module order), then every

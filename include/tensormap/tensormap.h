@@ -5,3 +5,4 @@
 #include "tensormap/module.h"
 #include "tensormap/process_memory.h"
 #include "tensormap/tensor.h"
+#include "tensormap/torch_save.h"

@@ -169,9 +169,9 @@ int main(int argc, char** argv) {
   convert_cmd->add_option("IN", path, "The checkpoint to read")->required();
   convert_cmd->add_option("OUT", out_path, "The file to write (replaced atomically)")->required();
   convert_cmd->add_option("--format", convert_options.format,
-                          "Format of OUT: tensormap or safetensors (default: from OUT's extension, "
-                          ".safetensors or else tensormap)")
-      ->check(CLI::IsMember({"tensormap", "safetensors"}));
+                          "Format of OUT: tensormap, safetensors or torch.save (default: from OUT's "
+                          "extension: .safetensors, .pt or .pth, else tensormap)")
+      ->check(CLI::IsMember({"tensormap", "safetensors", "torch.save"}));
   convert_cmd->add_option("--alignment", convert_options.alignment,
                           "Alignment of every tensor in a tensormap OUT (power of two, 64 to 1048576)")
       ->default_val(4096);

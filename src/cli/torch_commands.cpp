@@ -122,12 +122,23 @@ int convert(const std::string& in, const std::string& out, const ConvertOptions&
   }
   WriterOptions writer_options;
   const std::string file_name = sharded ? out.substr(0, out.size() - 11) : out;  // drop ".index.json"
-  const bool to_safetensors =
-      options.format == "safetensors" || (options.format.empty() && ends_with(file_name, ".safetensors"));
-  writer_options.format = to_safetensors ? Format::Safetensors : Format::Tensormap;
+  Format format = Format::Tensormap;
+  if (options.format == "safetensors" || (options.format.empty() && ends_with(file_name, ".safetensors"))) {
+    format = Format::Safetensors;
+  } else if (options.format == "torch.save" ||
+             (options.format.empty() && (ends_with(file_name, ".pt") || ends_with(file_name, ".pth")))) {
+    format = Format::TorchSave;
+  }
+  if (format == Format::TorchSave && sharded) throw UsageError("--shard-size: torch.save archives are not sharded");
+  writer_options.format = format;
   writer_options.alignment = options.alignment;
   writer_options.metadata = source.metadata();
-  if (sharded) {
+  if (format == Format::TorchSave) {
+    TorchSaveWriter writer(out, specs);
+    stream(source, specs, writer, progress);
+    writer.commit();
+    std::cout << in << " -> " << out << ": " << specs.size() << " tensors, torch.save\n";
+  } else if (sharded) {
     ShardedWriter writer(out, specs, shard_bytes, writer_options);
     stream(source, specs, writer, progress);
     writer.commit();

@@ -26,7 +26,12 @@ struct File::Impl {
 };
 
 const char* format_name(Format format) {
-  return format == Format::Safetensors ? "safetensors" : "tensormap";
+  switch (format) {
+    case Format::Tensormap: return "tensormap";
+    case Format::Safetensors: return "safetensors";
+    case Format::TorchSave: return "torch.save";
+  }
+  return "unknown";
 }
 
 uint64_t TensorEntry::element_count() const {

@@ -11,6 +11,7 @@
 #include "tensormap/error.h"
 #include "tensormap/module.h"
 #include "tensormap/tensor.h"
+#include "tensormap/torch_save.h"
 #include "tensormap/writer.h"
 
 namespace tensormap {
@@ -185,6 +186,17 @@ void save(const std::vector<std::pair<std::string, at::Tensor>>& tensors, const 
       throw Error(ErrorKind::UnsupportedDtype, path + ": tensor '" + name + "': " + e.what());
     }
     specs.push_back({name, dtype, std::move(shape)});
+  }
+  if (options.format == Format::TorchSave) {
+    TorchSaveWriter writer(path, std::move(specs), options.sync);
+    for (const auto& item : tensors) {
+      at::Tensor t = item.second.detach();
+      if (!t.device().is_cpu()) t = t.cpu();
+      t = t.resolve_conj().resolve_neg().contiguous();
+      if (t.nbytes() > 0) writer.write_tensor(t.data_ptr(), t.nbytes());
+    }
+    writer.commit();
+    return;
   }
   WriterOptions writer_options;
   writer_options.alignment = options.alignment;

@@ -64,6 +64,12 @@ def main(cli):
                   and subprocess.run([cli, "convert", st, back], capture_output=True).returncode == 0
                   and subprocess.run([cli, "diff", out, back], capture_output=True).returncode == 0)
             check(ok, f"{name}: through safetensors and back, no differences")
+            written = os.path.join(tmp, name + ".written.pt")
+            run = subprocess.run([cli, "convert", out, written], capture_output=True, text=True)
+            loaded = dict(flatten(torch.load(written))) if run.returncode == 0 else {}
+            check(list(loaded) == list(expected) and all(
+                loaded[k].dtype == v.dtype and loaded[k].shape == v.shape and raw(loaded[k]) == raw(v)
+                for k, v in expected.items()), f"{name}: the torch.save tensormap writes, torch.load reads back equal")
         for name in ("not_a_tensor.pt", "foreign_class.pt"):
             run = subprocess.run([cli, "inspect", os.path.join(FIXTURES, name)], capture_output=True, text=True)
             check(run.returncode == 1 and "UnsupportedArchive" in run.stderr and len(run.stderr.strip().splitlines()) == 1,

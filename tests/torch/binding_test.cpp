@@ -579,6 +579,28 @@ TEST(TorchSave, AnythingButTensorsInDictsIsRefusedAndNothingRuns) {
   }
 }
 
+TEST(TorchSave, AModuleSavedAsTorchSaveLoadsBackZeroCopy) {
+  TempDir dir;
+  const std::string path = dir.file("net.pt");
+  auto source = trained_net();
+  SaveOptions options;
+  options.format = Format::TorchSave;
+  save(*source, path, options);
+  auto net = build_skeleton([] { return NetModule(); });
+  load(*net, path);
+  net->eval();
+  const auto x = torch::randn({3, 8});
+  EXPECT_TRUE(torch::equal(net->forward(x), source->forward(x)));
+  const auto head = read_bytes(path);
+  EXPECT_EQ(head[0], 'P');  // a zip archive, as Python's torch.save writes
+}
+
+TEST(TorchSave, DtypesATorchArchiveCannotHoldAreRefused) {
+  TempDir dir;
+  EXPECT_THROW(TorchSaveWriter(dir.file("x.pt"), {{"u", Dtype::U16, {2}}}), Error);
+  EXPECT_TRUE(dir.entries().empty());
+}
+
 TEST(Sharded, AnIndexLoadsLikeOneFileAndMapsShardsOnlyWhenNeeded) {
   TempDir dir;
   const std::string index = dir.file("net.safetensors.index.json");
