@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <string>
 
@@ -68,6 +69,73 @@ void BM_MapLoad_ByTensorCount(benchmark::State& state) {
 }
 BENCHMARK(BM_MapLoad_ByTensorCount)->Arg(100)->Arg(1000)->Arg(10000)->Unit(benchmark::kMillisecond);
 
+// The same 300 tensors (256 MiB) in each format: tensormap, safetensors, torch.save.
+void BM_MapLoad_256MiB_ByFormat(benchmark::State& state) {
+  static const char* kNames[] = {"tensormap", "safetensors", "torch.save"};
+  const int64_t width = static_cast<int64_t>(std::sqrt(256.0 * (1 << 20) / (150 * 4.0)));
+  std::string path = checkpoint(150, width);
+  if (state.range(0) > 0) {
+    const std::string other = path + (state.range(0) == 1 ? ".safetensors" : ".pt");
+    if (!std::filesystem::exists(other)) {
+      tensormap::ConvertOptions options;
+      options.sync = false;
+      tensormap::convert(path, other, options);
+    }
+    path = other;
+  }
+  auto model = tensormap::build_skeleton([&] { return linear_stack(150, width); });
+  for (auto _ : state) {
+    tensormap::load(*model, path);
+    state.PauseTiming();
+    tensormap::release(*model);
+    state.ResumeTiming();
+  }
+  state.SetLabel(kNames[state.range(0)]);
+}
+BENCHMARK(BM_MapLoad_256MiB_ByFormat)->DenseRange(0, 2)->Unit(benchmark::kMillisecond);
+
+// Conversion (tensormap -> safetensors) against a plain copy of the same file, both
+// without fsync, in the same run; the extra peak memory of the conversion as a counter.
+void BM_Convert_ToSafetensors(benchmark::State& state) {
+  const int64_t mib = state.range(0);
+  const int64_t width = static_cast<int64_t>(std::sqrt(static_cast<double>(mib) * (1 << 20) / (150 * 4.0)));
+  const std::string in = checkpoint(150, width);
+  const std::string out = in + ".out.safetensors";
+  double peak_extra = 0;
+  for (auto _ : state) {
+    tensormap::reset_peak_memory();
+    const uint64_t before = tensormap::read_process_memory().vm_rss;
+    tensormap::ConvertOptions options;
+    options.sync = false;
+    tensormap::convert(in, out, options);
+    const uint64_t hwm = tensormap::read_process_memory().vm_hwm;
+    peak_extra = std::max(peak_extra, static_cast<double>(hwm - std::min(hwm, before)) / (1 << 20));
+  }
+  std::filesystem::remove(out);
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * static_cast<int64_t>(std::filesystem::file_size(in)));
+  state.counters["peak_extra_MiB"] = peak_extra;
+}
+BENCHMARK(BM_Convert_ToSafetensors)->Arg(1024)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+void BM_PlainFileCopy(benchmark::State& state) {
+  const int64_t mib = state.range(0);
+  const int64_t width = static_cast<int64_t>(std::sqrt(static_cast<double>(mib) * (1 << 20) / (150 * 4.0)));
+  const std::string in = checkpoint(150, width);
+  const std::string out = in + ".copy";
+  std::vector<char> buffer(1 << 20);
+  for (auto _ : state) {
+    FILE* src = std::fopen(in.c_str(), "rb");
+    FILE* dst = std::fopen(out.c_str(), "wb");
+    size_t n;
+    while ((n = std::fread(buffer.data(), 1, buffer.size(), src)) > 0) std::fwrite(buffer.data(), 1, n, dst);
+    std::fclose(src);
+    std::fclose(dst);
+  }
+  std::filesystem::remove(out);
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * static_cast<int64_t>(std::filesystem::file_size(in)));
+}
+BENCHMARK(BM_PlainFileCopy)->Arg(1024)->Unit(benchmark::kMillisecond)->UseRealTime();
+
 void BM_SkeletonBuild_1GiB(benchmark::State& state) {
   for (auto _ : state) {
     auto model = tensormap::build_skeleton([] { return linear_stack(16, 4096); });
@@ -82,7 +150,7 @@ int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
-  const std::string prefix = "tensormap-torchbench-" + std::to_string(::getpid());
+  const std::string prefix = "tensormap-torchbench-" + std::to_string(::getpid());  // and derived files
   for (const auto& e : std::filesystem::directory_iterator(std::filesystem::temp_directory_path())) {
     if (e.path().filename().string().rfind(prefix, 0) == 0) std::filesystem::remove(e.path());
   }

@@ -12,7 +12,7 @@ struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-struct ConvertOptions {
+struct ConvertArguments {
   std::string format;      // "" decides by the output's extension
   uint64_t alignment = 4096;
   std::string dtype;       // "" keeps every dtype
@@ -21,7 +21,7 @@ struct ConvertOptions {
 
 int inspect(const std::string& path, bool json);
 int verify(const std::string& path);
-int convert(const std::string& in, const std::string& out, const ConvertOptions& options,
+int convert(const std::string& in, const std::string& out, const ConvertArguments& options,
             bool progress);
 int diff(const std::string& a, const std::string& b);
 // inspect and verify of sharded checkpoints and torch.save archives.

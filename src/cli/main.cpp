@@ -150,7 +150,7 @@ int main(int argc, char** argv) {
 
   std::string path, out_path, other;
   bool json = false;
-  ConvertOptions convert_options;
+  ConvertArguments convert_options;
 
   auto* inspect_cmd = app.add_subcommand("inspect", "Show a checkpoint's header: format, version, "
                                                     "alignment, metadata, and every tensor's name, "

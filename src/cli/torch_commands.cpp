@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
+#include "tensormap/convert.h"
 #include "tensormap/tensormap.h"
 
 namespace tensormap::cli {
@@ -68,89 +69,37 @@ uint64_t parse_size(const std::string& text) {
   return static_cast<uint64_t>(value * scale);
 }
 
-namespace {
-
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
-// Streams every tensor of `source` into `writer` (a Writer or a ShardedWriter), one at a
-// time, converting floating tensors to `target` dtypes, giving back input pages as it goes.
-template <typename AnyWriter>
-void stream(const StateDict& source, const std::vector<TensorSpec>& specs, AnyWriter& writer, bool progress) {
-  uint64_t total = 0;
-  for (size_t i = 0; i < specs.size(); ++i) total += writer.byte_length(i);
-  Progress bar(progress, total);
-  uint64_t done = 0;
-  for (size_t i = 0; i < specs.size(); ++i) {
-    const std::string& name = specs[i].name;
-    at::Tensor bytes;
-    if (specs[i].dtype == source.info(name).dtype) {
-      bytes = source.raw_bytes(name);  // bit-identical, whatever the dtype
-    } else {
-      bytes = source.at(name).to(*to_scalar_type(specs[i].dtype)).contiguous().view({-1}).view(at::kByte);
-    }
-    if (bytes.numel() > 0) writer.write_tensor(bytes.data_ptr(), static_cast<size_t>(bytes.numel()));
-    source.release(name);  // constant memory: this tensor's input pages go back
-    done += writer.byte_length(i);
-    bar.update(done, name);
-  }
-}
-
-}  // namespace
-
-int convert(const std::string& in, const std::string& out, const ConvertOptions& options,
+int convert(const std::string& in, const std::string& out, const ConvertArguments& options,
             bool progress) {
-  std::optional<Dtype> target;
+  tensormap::ConvertOptions convert_options;
   if (!options.dtype.empty()) {
-    target = dtype_from_name(options.dtype);
-    if (!target || !is_floating(*target)) {
+    convert_options.float_dtype = dtype_from_name(options.dtype);
+    if (!convert_options.float_dtype || !is_floating(*convert_options.float_dtype)) {
       throw UsageError("--dtype " + options.dtype + ": expected one of F16, BF16, F32, F64");
     }
   }
-  const bool sharded = !options.shard_size.empty();
-  const uint64_t shard_bytes = sharded ? parse_size(options.shard_size) : 0;
-  if (sharded && !ends_with(out, ".index.json")) {
-    throw UsageError("--shard-size: OUT must be an index such as model.safetensors.index.json");
+  if (!options.shard_size.empty()) {
+    convert_options.shard_size = parse_size(options.shard_size);
+    if (out.size() < 11 || out.compare(out.size() - 11, 11, ".index.json") != 0) {
+      throw UsageError("--shard-size: OUT must be an index such as model.safetensors.index.json");
+    }
   }
-  const StateDict source = StateDict::open(in);
-  std::vector<TensorSpec> specs;
-  for (const std::string& name : source.keys()) {
-    const StateDict::Info info = source.info(name);
-    const Dtype dtype = target && is_floating(info.dtype) ? *target : info.dtype;
-    specs.push_back({name, dtype, {info.shape.begin(), info.shape.end()}});
+  if (options.format == "tensormap") convert_options.format = Format::Tensormap;
+  if (options.format == "safetensors") convert_options.format = Format::Safetensors;
+  if (options.format == "torch.save") convert_options.format = Format::TorchSave;
+  convert_options.alignment = options.alignment;
+  std::unique_ptr<Progress> bar;
+  if (progress) {
+    convert_options.progress = [&](uint64_t done, uint64_t total, std::string_view name) {
+      if (!bar) bar = std::make_unique<Progress>(true, total);
+      bar->update(done, name);
+    };
   }
-  WriterOptions writer_options;
-  const std::string file_name = sharded ? out.substr(0, out.size() - 11) : out;  // drop ".index.json"
-  Format format = Format::Tensormap;
-  if (options.format == "safetensors" || (options.format.empty() && ends_with(file_name, ".safetensors"))) {
-    format = Format::Safetensors;
-  } else if (options.format == "torch.save" ||
-             (options.format.empty() && (ends_with(file_name, ".pt") || ends_with(file_name, ".pth")))) {
-    format = Format::TorchSave;
-  }
-  if (format == Format::TorchSave && sharded) throw UsageError("--shard-size: torch.save archives are not sharded");
-  writer_options.format = format;
-  writer_options.alignment = options.alignment;
-  writer_options.metadata = source.metadata();
-  if (format == Format::TorchSave) {
-    TorchSaveWriter writer(out, specs);
-    stream(source, specs, writer, progress);
-    writer.commit();
-    std::cout << in << " -> " << out << ": " << specs.size() << " tensors, torch.save\n";
-  } else if (sharded) {
-    ShardedWriter writer(out, specs, shard_bytes, writer_options);
-    stream(source, specs, writer, progress);
-    writer.commit();
-    std::cout << in << " -> " << out << ": " << specs.size() << " tensors in " << writer.shard_count()
-              << " " << format_name(writer_options.format) << " shards\n";
-  } else {
-    Writer writer(out, specs, writer_options);
-    stream(source, specs, writer, progress);
-    writer.commit();
-    std::cout << in << " -> " << out << ": " << specs.size() << " tensors, "
-              << format_name(writer_options.format) << "\n";
-  }
+  const ConvertResult r = tensormap::convert(in, out, convert_options);
+  bar.reset();
+  std::cout << in << " -> " << out << ": " << r.tensors << " tensors";
+  if (r.shards) std::cout << " in " << r.shards << " " << format_name(r.format) << " shards\n";
+  else std::cout << ", " << format_name(r.format) << "\n";
   return 0;
 }
 

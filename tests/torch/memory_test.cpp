@@ -121,5 +121,21 @@ TEST_F(Memory, SaveStreamsWithBoundedExtraMemory) {
   EXPECT_LT(growth(before.vm_hwm, after.vm_hwm), 16 * kMiB);
 }
 
+TEST_F(Memory, ConvertingA256MiBCheckpointPeaksBelowLargestTensorPlus16MiB) {
+  TempDir dir;
+  const std::string path = dir.file("big.tmap");
+  write_big_checkpoint(path);
+  ASSERT_TRUE(reset_peak_memory());
+  const auto before = read_process_memory();
+  ConvertOptions options;
+  options.sync = false;
+  const ConvertResult r = convert(path, dir.file("big.safetensors"), options);
+  const auto after = read_process_memory();
+  EXPECT_EQ(r.tensors, 32u);
+  const uint64_t largest = 2048 * 2048 * 4;
+  EXPECT_LT(growth(before.vm_hwm, after.vm_hwm), largest + 16 * kMiB)
+      << "input pages are given back tensor by tensor; output goes to the page cache";
+}
+
 }  // namespace
 }  // namespace tensormap::testing

@@ -1,0 +1,43 @@
+// Converting checkpoints between every format tensormap reads and writes, one tensor at a
+// time: the input's pages are given back after each tensor, so extra memory stays about
+// one tensor whatever the checkpoint's size.
+//
+// Thread-safety: a call runs on the calling thread and touches only its own files.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "tensormap/dtype.h"
+#include "tensormap/format.h"
+
+namespace tensormap {
+
+struct ConvertOptions {
+  // Output format; nothing picks it from `out`'s name: *.safetensors(.index.json) gives
+  // safetensors, *.pt and *.pth torch.save, anything else tensormap.
+  std::optional<Format> format;
+  uint64_t alignment = 4096;         // tensormap output only
+  std::optional<Dtype> float_dtype;  // convert F16/BF16/F32/F64 tensors to this dtype
+  uint64_t shard_size = 0;           // > 0: `out` is an index (*.index.json) and shards go beside it
+  bool sync = true;
+  // Called after each tensor with the bytes done so far and the total.
+  std::function<void(uint64_t done, uint64_t total, std::string_view name)> progress;
+};
+
+struct ConvertResult {
+  Format format;
+  size_t tensors = 0;
+  size_t shards = 0;  // 0 for a single file
+  uint64_t bytes = 0;
+};
+
+// Reads `in` (any format StateDict::open reads) and writes `out` atomically. Values are
+// bit-identical unless float_dtype asks for a conversion. Throws Error on any failure, in
+// which case nothing is left at `out`.
+ConvertResult convert(const std::string& in, const std::string& out, const ConvertOptions& options = {});
+
+}  // namespace tensormap
