@@ -115,7 +115,7 @@ void BM_Convert_ToSafetensors(benchmark::State& state) {
   state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * static_cast<int64_t>(std::filesystem::file_size(in)));
   state.counters["peak_extra_MiB"] = peak_extra;
 }
-BENCHMARK(BM_Convert_ToSafetensors)->Arg(1024)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_Convert_ToSafetensors)->Arg(1024)->Arg(4096)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 void BM_PlainFileCopy(benchmark::State& state) {
   const int64_t mib = state.range(0);
@@ -134,7 +134,7 @@ void BM_PlainFileCopy(benchmark::State& state) {
   std::filesystem::remove(out);
   state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * static_cast<int64_t>(std::filesystem::file_size(in)));
 }
-BENCHMARK(BM_PlainFileCopy)->Arg(1024)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_PlainFileCopy)->Arg(1024)->Arg(4096)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 void BM_SkeletonBuild_1GiB(benchmark::State& state) {
   for (auto _ : state) {
