@@ -28,6 +28,10 @@ class ShardIndex {
   // JSON object whose "weight_map" maps names to plain file names, Error(Io) if unreadable.
   static ShardIndex open(const std::string& path);
 
+  // The same validation over index text already in memory; `path` names the index in
+  // errors and places the shards.
+  static ShardIndex parse(std::string_view text, const std::string& path);
+
   const std::string& path() const { return path_; }
   // Distinct shard file names in order of first appearance.
   const std::vector<std::string>& shard_files() const { return shard_files_; }

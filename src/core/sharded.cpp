@@ -56,7 +56,13 @@ ShardIndex ShardIndex::open(const std::string& path) {
   in.seekg(0);
   std::string text(size, '\0');
   in.read(text.data(), static_cast<std::streamsize>(size));
+  return parse(text, path);
+}
 
+ShardIndex ShardIndex::parse(std::string_view text, const std::string& path) {
+  auto invalid = [&](const std::string& what) {
+    return Error(ErrorKind::ShardIndexInvalid, path + ": " + what);
+  };
   nlohmann::ordered_json json;
   try {
     json = nlohmann::ordered_json::parse(text);
