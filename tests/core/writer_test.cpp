@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <csignal>
+#include <random>
 
 #include "support.h"
 
@@ -213,6 +214,53 @@ TEST(WriterErrors, MissingDirectoryIsAnIoErrorNamingThePath) {
   } catch (const Error& e) {
     EXPECT_EQ(e.kind(), ErrorKind::Io);
     EXPECT_NE(std::string(e.what()).find("no/such/dir"), std::string::npos) << e.what();
+  }
+}
+
+// kill -9 at random moments while a child process saves over a file, again and again,
+// alternating two versions: the destination must always be one of them, complete.
+TEST(CrashSafety, KillDashNineDuringSavesLeavesTheOldOrTheNewFileWhole) {
+  TempDir dir;
+  const std::string path = dir.file("model.tmap");
+  auto version = [](uint64_t size) {
+    return std::vector<TensorSpec>{{"a", Dtype::U8, {size}}, {"b", Dtype::U8, {size / 2}}};
+  };
+  auto save = [&](unsigned char fill, uint64_t size) {
+    WriterOptions options;
+    options.sync = false;  // a process crash, not a power cut: the page cache survives
+    Writer w(path, version(size), options);
+    std::vector<unsigned char> data(size, fill);
+    w.write(data.data(), size);
+    w.write(data.data(), size / 2);
+    w.commit();
+  };
+  save('A', 1 << 20);
+  const auto old_bytes = read_bytes(path);
+  save('B', 3 << 19);
+  const auto new_bytes = read_bytes(path);
+
+  std::mt19937 rng(7);
+  constexpr int kTrials = 60;
+  int saw_old = 0, saw_new = 0;
+  for (int trial = 0; trial < kTrials; ++trial) {
+    const pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      for (int i = 0;; ++i) save(i % 2 ? 'B' : 'A', i % 2 ? (3 << 19) : (1 << 20));
+    }
+    ::usleep(std::uniform_int_distribution<unsigned>(0, 30000)(rng));
+    ::kill(pid, SIGKILL);
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    const auto now = read_bytes(path);
+    ASSERT_TRUE(now == old_bytes || now == new_bytes) << "trial " << trial << ": a torn file of " << now.size() << " bytes";
+    (now == old_bytes ? saw_old : saw_new)++;
+    File::open(path).verify();
+  }
+  EXPECT_EQ(saw_old + saw_new, kTrials);
+  // A killed writer cannot remove its temporary file; such leftovers are never the destination.
+  for (const auto& name : dir.entries()) {
+    EXPECT_TRUE(name == "model.tmap" || name.rfind(".model.tmap.tmp-", 0) == 0) << name;
   }
 }
 
