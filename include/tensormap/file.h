@@ -98,6 +98,14 @@ class File {
   // File copy is gone (for example in a tensor's deleter).
   std::shared_ptr<const void> keep_alive() const;
 
+  // Copies `size` bytes of the tensor, from `offset` within it, into `dest` with pread,
+  // not through the mapping. If another process shrank the file since it was opened, this
+  // throws Error(Truncated) where a read through the mapping (bytes(), cow_data(), and so
+  // every zero-copy view) would kill the process with SIGBUS. Copy-mode loads, verify()
+  // and conversions read this way; use it, or copy mode, for files that may change.
+  // REQUIRES: offset + size <= entry.byte_length.
+  void read(const TensorEntry& entry, uint64_t offset, void* dest, uint64_t size) const;
+
   // Asks the kernel to read the tensor's pages ahead (MADV_WILLNEED). Advisory.
   void prefetch(const TensorEntry& entry) const;
 
@@ -108,7 +116,8 @@ class File {
   void release_pages(const TensorEntry& entry) const;
 
   // Checks rules 21 and 22 of the spec: every padding byte is zero and every tensor's
-  // XXH3-64 matches its record. Throws Error(NonZeroPadding or ChecksumMismatch) naming
+  // XXH3-64 matches its record. Reads with pread (see read()), so a file truncated
+  // meanwhile gives Error(Truncated), not SIGBUS. Throws Error(NonZeroPadding or ChecksumMismatch) naming
   // the first bad tensor. A safetensors file has neither, and open() checked all it has.
   void verify() const;
 

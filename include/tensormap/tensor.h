@@ -83,8 +83,13 @@ class StateDict {
   at::Tensor at(std::string_view name) const;
   at::Tensor operator[](std::string_view name) const { return at(name); }
 
-  // The tensor's bytes as a flat U8 tensor, for any dtype (F8 and U16 included).
+  // The tensor's bytes as a flat, owned U8 tensor, for any dtype (F8 and U16 included).
+  // From a tensormap or safetensors file it is read with pread (see File::read), so a
+  // file truncated meanwhile gives Error(Truncated) rather than SIGBUS.
   at::Tensor raw_bytes(std::string_view name) const;
+
+  // Copies the tensor's bytes (info(name).byte_length of them) into `dest`, the same way.
+  void read(std::string_view name, void* dest) const;
 
   // Gives the tensor's mapped pages back to the kernel (after a copy of it).
   void release(std::string_view name) const;

@@ -96,6 +96,13 @@ void* File::cow_data(const TensorEntry& entry) const { return impl_->base + entr
 
 std::shared_ptr<const void> File::keep_alive() const { return impl_; }
 
+void File::read(const TensorEntry& entry, uint64_t offset, void* dest, uint64_t size) const {
+  if (offset > entry.byte_length || size > entry.byte_length - offset) {
+    throw Error(ErrorKind::InvalidArgument, path() + ": read past the end of tensor " + detail::quoted(entry.name));
+  }
+  impl_->mapping.read(entry.offset + offset, dest, size, "tensor " + detail::quoted(entry.name));
+}
+
 void File::prefetch(const TensorEntry& entry) const {
   impl_->mapping.prefetch(entry.offset, entry.offset + entry.byte_length);
 }
@@ -108,51 +115,56 @@ void File::release_pages(const TensorEntry& entry) const {
   impl_->mapping.release(entry.offset, region_end, "tensor " + detail::quoted(entry.name));
 }
 
-namespace {
-
-// Offset of the first non-zero byte in [p, p + n), or n.
-uint64_t first_non_zero(const unsigned char* p, uint64_t n) {
-  static const unsigned char kZeros[4096] = {};
-  uint64_t i = 0;
-  while (i < n) {
-    const uint64_t chunk = std::min<uint64_t>(n - i, sizeof kZeros);
-    if (std::memcmp(p + i, kZeros, chunk) != 0) {
-      for (uint64_t j = 0; j < chunk; ++j) {
-        if (p[i + j] != 0) return i + j;
-      }
-    }
-    i += chunk;
-  }
-  return n;
-}
-
-}  // namespace
-
 std::vector<Error> File::find_corruption() const {
   std::vector<Error> problems;
   if (!has_checksums()) return problems;  // safetensors: open() checked everything there is
   const auto& h = impl_->header;
-  const unsigned char* base = impl_->base;
-  auto check_padding = [&](uint64_t begin, uint64_t end, const std::string& after) {
-    const uint64_t at = first_non_zero(base + begin, end - begin);
-    if (at != end - begin) {
-      problems.emplace_back(ErrorKind::NonZeroPadding,
-                            impl_->mapping.path() + ": padding after " + after + " has a non-zero byte at offset " +
-                                std::to_string(begin + at));
+  const detail::Mapping& m = impl_->mapping;
+  constexpr uint64_t kChunk = 4 << 20;
+  std::vector<unsigned char> buffer(kChunk);
+  // Reads [begin, end) in chunks with pread; `sink` sees each chunk.
+  auto scan = [&](uint64_t begin, uint64_t end, const std::string& what, auto&& sink) {
+    for (uint64_t at = begin; at < end; at += kChunk) {
+      const uint64_t n = std::min(kChunk, end - at);
+      m.read(at, buffer.data(), n, what);
+      sink(buffer.data(), n, at);
     }
   };
+  auto check_padding = [&](uint64_t begin, uint64_t end, const std::string& after) {
+    bool reported = false;
+    scan(begin, end, "the padding after " + after, [&](const unsigned char* p, uint64_t n, uint64_t at) {
+      for (uint64_t i = 0; i < n && !reported; ++i) {
+        if (p[i] != 0) {
+          problems.emplace_back(ErrorKind::NonZeroPadding, m.path() + ": padding after " + after +
+                                                               " has a non-zero byte at offset " + std::to_string(at + i));
+          reported = true;
+        }
+      }
+    });
+  };
   check_padding(h.header_size, *format::round_up(h.header_size, h.alignment), "the header");
-  for (const TensorEntry& e : h.tensors) {
-    const uint64_t computed = XXH3_64bits(base + e.offset, e.byte_length);
-    if (computed != e.checksum) {
-      problems.emplace_back(ErrorKind::ChecksumMismatch,
-                            impl_->mapping.path() + ": tensor " + detail::quoted(e.name) +
-                                " is corrupted: its bytes hash to " + detail::hex64(computed) +
-                                " but the header records " + detail::hex64(e.checksum));
+  XXH3_state_t* state = XXH3_createState();
+  if (!state) throw Error(ErrorKind::Io, m.path() + ": cannot allocate a hash state");
+  try {
+    for (const TensorEntry& e : h.tensors) {
+      const std::string label = "tensor " + detail::quoted(e.name);
+      XXH3_64bits_reset(state);
+      scan(e.offset, e.offset + e.byte_length, label,
+           [&](const unsigned char* p, uint64_t n, uint64_t) { XXH3_64bits_update(state, p, n); });
+      const uint64_t computed = XXH3_64bits_digest(state);
+      if (computed != e.checksum) {
+        problems.emplace_back(ErrorKind::ChecksumMismatch,
+                              m.path() + ": " + label + " is corrupted: its bytes hash to " + detail::hex64(computed) +
+                                  " but the header records " + detail::hex64(e.checksum));
+      }
+      const uint64_t end = e.offset + e.byte_length;
+      check_padding(end, *format::round_up(end, h.alignment), label);
     }
-    const uint64_t end = e.offset + e.byte_length;
-    check_padding(end, *format::round_up(end, h.alignment), "tensor " + detail::quoted(e.name));
+  } catch (...) {
+    XXH3_freeState(state);
+    throw;
   }
+  XXH3_freeState(state);
   return problems;
 }
 

@@ -1,11 +1,13 @@
 // A private, copy-on-write mapping of a whole file.
 #include "mapping.h"
 
+#include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <boost/interprocess/file_mapping.hpp>
+#include <algorithm>
 #include <cerrno>
 
 #include "posix_io.h"
@@ -25,15 +27,48 @@ Mapping::Mapping(const std::string& path) : path_(path) {
   if (::stat(path.c_str(), &st) != 0) throw_io(path, "cannot open", errno);
   if (S_ISDIR(st.st_mode)) throw Error(ErrorKind::Io, path + ": is a directory, not a file");
   if (!S_ISREG(st.st_mode)) throw Error(ErrorKind::Io, path + ": is not a regular file");
+  fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd_ < 0) throw_io(path, "cannot open", errno);
+  if (::fstat(fd_, &st) != 0) {
+    const int err = errno;
+    ::close(fd_);
+    throw_io(path, "cannot stat", err);
+  }
   size_ = static_cast<uint64_t>(st.st_size);
   if (size_ == 0) return;  // nothing to map; readers report the file as too small
   try {
     bip::file_mapping file(path.c_str(), bip::read_only);
     region_ = bip::mapped_region(file, bip::copy_on_write, 0, static_cast<size_t>(size_));
   } catch (const bip::interprocess_exception& e) {
+    ::close(fd_);
     throw Error(ErrorKind::Io, path + ": cannot map the file: " + e.what());
   }
   base_ = static_cast<unsigned char*>(region_.get_address());
+}
+
+Mapping::~Mapping() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+void Mapping::read(uint64_t offset, void* dest, uint64_t size, const std::string& what) const {
+  auto* out = static_cast<unsigned char*>(dest);
+  uint64_t done = 0;
+  while (done < size) {
+    const size_t chunk = static_cast<size_t>(std::min<uint64_t>(size - done, uint64_t{1} << 30));
+    const ssize_t n = ::pread(fd_, out + done, chunk, static_cast<off_t>(offset + done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      throw_io(path_, "reading " + what + " failed", errno);
+    }
+    if (n == 0) {
+      struct stat st {};
+      const uint64_t now = ::fstat(fd_, &st) == 0 ? static_cast<uint64_t>(st.st_size) : 0;
+      throw Error(ErrorKind::Truncated, path_ + ": " + what + " ends at " + std::to_string(offset + size) +
+                                            " but the file shrank to " + std::to_string(now) +
+                                            " bytes while it was open");
+    }
+    done += static_cast<uint64_t>(n);
+  }
 }
 
 void Mapping::prefetch(uint64_t begin, uint64_t end) const {

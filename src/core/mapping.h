@@ -13,10 +13,18 @@ class Mapping {
   // Maps `path`. Throws Error(Io) for a missing file, a directory, a non-regular file or
   // a failed map. An empty file gives a mapping of size 0 with no address.
   explicit Mapping(const std::string& path);
+  ~Mapping();
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
 
   const std::string& path() const { return path_; }
   unsigned char* base() const { return base_; }
   uint64_t size() const { return size_; }
+
+  // Copies [offset, offset + size) of the file into `dest` with pread, never through the
+  // mapping: a file that shrank since it was opened gives Error(Truncated) naming `what`,
+  // where touching the mapping would kill the process with SIGBUS.
+  void read(uint64_t offset, void* dest, uint64_t size, const std::string& what) const;
 
   // MADV_WILLNEED over the pages of [begin, end). Advisory.
   void prefetch(uint64_t begin, uint64_t end) const;
@@ -30,6 +38,7 @@ class Mapping {
   boost::interprocess::mapped_region region_;
   unsigned char* base_ = nullptr;
   uint64_t size_ = 0;
+  int fd_ = -1;  // for read(): the same file as the mapping, opened before it
 };
 
 uint64_t page_size();

@@ -3,6 +3,9 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <memory>
+
 #include "tensormap/error.h"
 #include "tensormap/sharded.h"
 #include "tensormap/tensor.h"
@@ -19,21 +22,32 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 bool is_floating(Dtype d) { return d == Dtype::F16 || d == Dtype::BF16 || d == Dtype::F32 || d == Dtype::F64; }
 
 // Streams every tensor into `writer` (Writer, ShardedWriter or TorchSaveWriter).
+// Each tensor is read (with pread, for files) into one buffer the size of the largest
+// input tensor, reused throughout: extra memory is that buffer, plus one converted tensor
+// when a dtype changes.
 template <typename AnyWriter>
 uint64_t stream(const StateDict& source, const std::vector<TensorSpec>& specs, AnyWriter& writer,
                 const ConvertOptions& options) {
-  uint64_t total = 0, done = 0;
-  for (size_t i = 0; i < specs.size(); ++i) total += writer.byte_length(i);
+  uint64_t total = 0, done = 0, largest = 0;
+  std::vector<StateDict::Info> infos;
+  for (size_t i = 0; i < specs.size(); ++i) {
+    total += writer.byte_length(i);
+    infos.push_back(source.info(specs[i].name));
+    largest = std::max(largest, infos.back().byte_length);
+  }
+  std::unique_ptr<unsigned char[]> buffer(new unsigned char[std::max<uint64_t>(largest, 1)]);
   for (size_t i = 0; i < specs.size(); ++i) {
     const std::string& name = specs[i].name;
-    at::Tensor bytes;
-    if (specs[i].dtype == source.info(name).dtype) {
-      bytes = source.raw_bytes(name);  // bit-identical, whatever the dtype
+    const StateDict::Info& info = infos[i];
+    source.read(name, buffer.get());  // bit-identical bytes, whatever the dtype
+    if (specs[i].dtype == info.dtype) {
+      if (info.byte_length > 0) writer.write_tensor(buffer.get(), info.byte_length);
     } else {
-      bytes = source.at(name).to(*to_scalar_type(specs[i].dtype)).contiguous().view({-1}).view(at::kByte);
+      const at::Tensor in = at::from_blob(buffer.get(), info.shape, at::TensorOptions().dtype(*to_scalar_type(info.dtype)));
+      const at::Tensor out = in.to(*to_scalar_type(specs[i].dtype)).contiguous();
+      if (out.nbytes() > 0) writer.write_tensor(out.data_ptr(), out.nbytes());
     }
-    if (bytes.numel() > 0) writer.write_tensor(bytes.data_ptr(), static_cast<size_t>(bytes.numel()));
-    source.release(name);  // this tensor's input pages go back
+    source.release(name);  // for a torch.save source: its pages go back
     done += writer.byte_length(i);
     if (options.progress) options.progress(done, total, name);
   }

@@ -131,16 +131,23 @@ LoadReport load(torch::nn::Module& module, const StateDict& state, const LoadOpt
   at::NoGradGuard no_grad;
   for (Binding& b : plan) {
     at::Tensor& target = b.target;
-    const at::Tensor view = state.at(*b.name);
     if (options.mode == LoadMode::Map) {
       detail::prepare_to_bind(target);
-      target.set_(view);
+      target.set_(state.at(*b.name));
     } else {
+      // Copy mode reads with pread rather than through the mapping: no SIGBUS if the file
+      // shrinks meanwhile, and no mapped pages to fault in.
       if (is_released(target)) {
         detail::prepare_to_bind(target);
         target.set_(allocate_populated(target));
       }
-      target.copy_(view);
+      const StateDict::Info info = state.info(*b.name);
+      if (*to_scalar_type(info.dtype) == target.scalar_type() && target.is_contiguous()) {
+        state.read(*b.name, target.data_ptr());
+      } else {
+        const at::Tensor raw = state.raw_bytes(*b.name);
+        target.copy_(raw.view(*to_scalar_type(info.dtype)).view(info.shape));
+      }
       state.release(*b.name);
     }
     report.loaded.push_back(*b.name);

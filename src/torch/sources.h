@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <cstring>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -21,6 +22,11 @@ struct StateSource {
   virtual StateDict::Info info(size_t i) const = 0;
   virtual at::Tensor tensor(size_t i) const = 0;
   virtual at::Tensor raw_bytes(size_t i) const = 0;
+  // Copies tensor i's bytes (info(i).byte_length of them) into `dest`, contiguously.
+  virtual void read(size_t i, void* dest) const {
+    const at::Tensor bytes = raw_bytes(i);
+    if (bytes.numel()) std::memcpy(dest, bytes.data_ptr(), static_cast<size_t>(bytes.numel()));
+  }
   virtual void release(size_t) const {}
   virtual std::vector<std::pair<std::string, std::string>> metadata() const { return {}; }
 

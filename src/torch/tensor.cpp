@@ -90,6 +90,13 @@ at::Tensor raw_bytes_view(const File& file, const TensorEntry& entry) {
 namespace detail {
 namespace {
 
+// The entry's bytes in a new U8 tensor, read with pread.
+at::Tensor read_owned(const File& file, const TensorEntry& e) {
+  at::Tensor out = at::empty({static_cast<int64_t>(e.byte_length)}, at::kByte);
+  file.read(e, 0, out.data_ptr(), e.byte_length);
+  return out;
+}
+
 StateDict::Info info_of(const TensorEntry& e) {
   return {e.dtype, sizes_of(e), e.byte_length};
 }
@@ -104,7 +111,12 @@ struct FileSource : StateSource {
   std::string format() const override { return format_name(file.format()); }
   StateDict::Info info(size_t i) const override { return info_of(file.tensors()[i]); }
   at::Tensor tensor(size_t i) const override { return tensor_view(file, file.tensors()[i]); }
-  at::Tensor raw_bytes(size_t i) const override { return raw_bytes_view(file, file.tensors()[i]); }
+  // Read with pread, not through the mapping: see File::read.
+  at::Tensor raw_bytes(size_t i) const override { return read_owned(file, file.tensors()[i]); }
+  void read(size_t i, void* dest) const override {
+    const TensorEntry& e = file.tensors()[i];
+    file.read(e, 0, dest, e.byte_length);
+  }
   void release(size_t i) const override { file.release_pages(file.tensors()[i]); }
   std::vector<std::pair<std::string, std::string>> metadata() const override {
     std::vector<std::pair<std::string, std::string>> out;
@@ -152,7 +164,11 @@ struct ShardedSource : StateSource {
   }
   at::Tensor raw_bytes(size_t i) const override {
     const auto [shard, entry] = locate(i);
-    return raw_bytes_view(*shard, *entry);
+    return read_owned(*shard, *entry);
+  }
+  void read(size_t i, void* dest) const override {
+    const auto [shard, entry] = locate(i);
+    shard->read(*entry, 0, dest, entry->byte_length);
   }
   void release(size_t i) const override {
     const auto [shard, entry] = locate(i);
@@ -203,6 +219,7 @@ size_t StateDict::index_of(std::string_view name) const {
 StateDict::Info StateDict::info(std::string_view name) const { return source_->info(index_of(name)); }
 at::Tensor StateDict::at(std::string_view name) const { return source_->tensor(index_of(name)); }
 at::Tensor StateDict::raw_bytes(std::string_view name) const { return source_->raw_bytes(index_of(name)); }
+void StateDict::read(std::string_view name, void* dest) const { source_->read(index_of(name), dest); }
 void StateDict::release(std::string_view name) const { source_->release(index_of(name)); }
 
 torch::OrderedDict<std::string, at::Tensor> StateDict::to_ordered_dict() const {

@@ -655,6 +655,37 @@ TEST(Sharded, AShardNameThatLeavesTheDirectoryIsRefused) {
   EXPECT_THROW(StateDict::open(dir.file("m.tmap.index.json")), Error);
 }
 
+// --- files that shrink while open ---------------------------------------------------------
+
+// Another process truncating the file under our mapping: tensormap's own reads (verify,
+// copy-mode loads, raw bytes for conversion) report Error(Truncated) instead of SIGBUS.
+TEST(Truncation, OwnReadsOfAFileShrunkWhileOpenGiveAnErrorNotSigbus) {
+  TempDir dir;
+  const std::string path = dir.file("shrinking.tmap");
+  save({{"weight", torch::ones({512, 512})}, {"bias", torch::ones({512})}}, path);  // 1 MiB + 2 KiB
+  const File f = File::open(path);
+  const StateDict sd(f);
+  ASSERT_EQ(::truncate(path.c_str(), 64 * 1024), 0);  // as another process might
+
+  auto expect_truncated = [](auto&& action, const char* what) {
+    try {
+      action();
+      ADD_FAILURE() << what << " did not notice the truncation";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::Truncated) << what << ": " << e.what();
+      EXPECT_NE(std::string(e.what()).find("shrank"), std::string::npos) << e.what();
+    }
+  };
+  expect_truncated([&] { f.verify(); }, "verify");
+  expect_truncated([&] { sd.raw_bytes("weight"); }, "raw_bytes (conversion)");
+  std::vector<float> buffer(512 * 512);
+  expect_truncated([&] { f.read(f.at("weight"), 0, buffer.data(), 512 * 512 * 4); }, "File::read");
+  torch::nn::Linear lin(512, 512);
+  LoadOptions copy;
+  copy.mode = LoadMode::Copy;
+  expect_truncated([&] { load(*lin, sd, copy); }, "copy-mode load");
+}
+
 // --- a real multi-layer model -----------------------------------------------------------
 
 class TransformerRoundTrip : public ::testing::TestWithParam<LoadMode> {};
