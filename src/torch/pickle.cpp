@@ -63,7 +63,7 @@ class Unpickler {
         case 't': push(sequence(Kind::Tuple, pop_mark())); break;  // TUPLE
         case 0x85: case 0x86: case 0x87: {               // TUPLE1..3
           const size_t n = op - 0x84u;
-          if (stack_.size() < n) fail("tuple of " + std::to_string(n) + " on a shorter stack");
+          if (stack_.size() < fence() + n) fail("tuple of " + std::to_string(n) + " reaches below a MARK");
           std::vector<PickleRef> items(stack_.end() - static_cast<long>(n), stack_.end());
           stack_.resize(stack_.size() - n);
           push(sequence(Kind::Tuple, std::move(items)));
@@ -197,8 +197,11 @@ class Unpickler {
     return v;
   }
   void push(PickleRef v) { stack_.push_back(std::move(v)); }
+  // Values below the innermost MARK belong to an enclosing construct: no opcode but the
+  // mark-consuming ones may take them (CPython's "stack underflow").
+  size_t fence() const { return marks_.empty() ? 0 : marks_.back(); }
   PickleRef pop() {
-    if (stack_.size() <= (marks_.empty() ? 0 : marks_.back())) fail("pops an empty stack");
+    if (stack_.size() <= fence()) fail("pops an empty stack or below a MARK");
     PickleRef v = std::move(stack_.back());
     stack_.pop_back();
     return v;
@@ -211,6 +214,7 @@ class Unpickler {
     if (marks_.empty()) fail("no MARK to pop to");
     const size_t mark = marks_.back();
     marks_.pop_back();
+    if (mark > stack_.size()) fail("a MARK above the top of the stack");
     std::vector<PickleRef> items(stack_.begin() + static_cast<long>(mark), stack_.end());
     stack_.resize(mark);
     return items;

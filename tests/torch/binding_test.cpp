@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 
 #include "../core/support.h"
+#include "../../src/torch/pickle.h"
 #include "../../src/torch/released.h"
 #include "tensormap/tensormap.h"
 
@@ -653,6 +654,25 @@ TEST(Sharded, AShardNameThatLeavesTheDirectoryIsRefused) {
   const std::string json = R"({"weight_map": {"a": "../elsewhere.tmap"}})";
   write_bytes(dir.file("m.tmap.index.json"), std::vector<unsigned char>(json.begin(), json.end()));
   EXPECT_THROW(StateDict::open(dir.file("m.tmap.index.json")), Error);
+}
+
+// Every input a fuzzer found crashing the unpickler stays here: each must now be refused
+// with an Error, never crash.
+TEST(TorchSave, InputsThatOnceCrashedTheUnpicklerAreRefusedCleanly) {
+  const std::filesystem::path dir = TENSORMAP_FIXTURES_DIR "/../fuzz/regressions";
+  int seen = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+    if (entry.path().filename().string().rfind("torch_pickle-", 0) != 0) continue;
+    const auto bytes = read_bytes(entry.path().string());
+    auto load = [](const std::string&, c10::ScalarType type, int64_t numel) {
+      if (numel > (1 << 16)) throw Error(ErrorKind::UnsupportedArchive, "too large");
+      return at::zeros({numel}, at::TensorOptions().dtype(type)).storage();
+    };
+    EXPECT_THROW(detail::unpickle(bytes.data(), bytes.size(), load, entry.path().string()), Error)
+        << entry.path();
+    ++seen;
+  }
+  EXPECT_GE(seen, 1);
 }
 
 // --- files that shrink while open ---------------------------------------------------------
