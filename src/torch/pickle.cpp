@@ -14,9 +14,13 @@ namespace {
 using Kind = PickleValue::Kind;
 using Global = PickleValue::Global;
 
+// Every value goes into the document being read, so that its destructor can break cycles.
+thread_local PickleDocument* current_document = nullptr;
+
 PickleRef make(Kind kind) {
   auto v = std::make_shared<PickleValue>();
   v->kind = kind;
+  current_document->all.push_back(v);
   return v;
 }
 
@@ -325,9 +329,19 @@ class Unpickler {
 
 }  // namespace
 
-PickleRef unpickle(const unsigned char* data, size_t size, const StorageLoader& load_storage,
-                   const std::string& path) {
-  return Unpickler(data, size, load_storage, path).run();
+std::unique_ptr<PickleDocument> unpickle(const unsigned char* data, size_t size,
+                                         const StorageLoader& load_storage, const std::string& path) {
+  auto document = std::make_unique<PickleDocument>();
+  PickleDocument* const outer = current_document;  // unpickling never nests, but stay safe
+  current_document = document.get();
+  try {
+    document->root = Unpickler(data, size, load_storage, path).run();
+  } catch (...) {
+    current_document = outer;
+    throw;  // `document` breaks the cycles of what was read so far
+  }
+  current_document = outer;
+  return document;
 }
 
 }  // namespace tensormap::detail

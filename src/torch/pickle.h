@@ -43,9 +43,23 @@ struct PickleValue {
 // per key (the unpickler caches storages, so views share them).
 using StorageLoader = std::function<c10::Storage(const std::string& key, c10::ScalarType type, int64_t numel)>;
 
+// An unpickled value and everything made while reading it. A hostile pickle can build
+// cycles (a dict holding itself through the memo); the document breaks them when it
+// dies, so nothing leaks.
+struct PickleDocument {
+  PickleRef root;
+  std::vector<PickleRef> all;
+  ~PickleDocument() {
+    for (const PickleRef& v : all) {
+      v->items.clear();
+      v->entries.clear();
+    }
+  }
+};
+
 // Unpickles `data`. Throws Error(UnsupportedArchive) naming `path` on anything outside
 // the subset, or on malformed input.
-PickleRef unpickle(const unsigned char* data, size_t size, const StorageLoader& load_storage,
-                   const std::string& path);
+std::unique_ptr<PickleDocument> unpickle(const unsigned char* data, size_t size,
+                                         const StorageLoader& load_storage, const std::string& path);
 
 }  // namespace tensormap::detail

@@ -146,9 +146,9 @@ std::shared_ptr<const StateSource> open_torch_save(const std::string& path) {
       return c10::Storage(c10::Storage::use_byte_size_t(), static_cast<size_t>(numel) * element,
                           std::move(data), /*allocator=*/nullptr, /*resizable=*/false);
     };
-    const PickleRef root =
+    const auto document =
         unpickle(static_cast<const unsigned char*>(pickle.get()), pickle_size, load_storage, path);
-    collect(*root, "", *source, path, 0);
+    collect(*document->root, "", *source, path, 0);
   } catch (const Error&) {
     throw;
   } catch (const c10::Error& e) {

@@ -14,8 +14,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     return at::zeros({numel}, at::TensorOptions().dtype(type)).storage();
   };
   try {
-    const auto root = tensormap::detail::unpickle(data, size, load, "fuzz.pt");
-    (void)root;
+    const auto document = tensormap::detail::unpickle(data, size, load, "fuzz.pt");
+    (void)document;
   } catch (const tensormap::Error&) {
   }
   return 0;
