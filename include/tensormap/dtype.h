@@ -47,6 +47,9 @@ std::string_view dtype_name(Dtype dtype);
 // The dtype with this on-disk code, or nothing for an unknown code.
 std::optional<Dtype> dtype_from_code(uint8_t code);
 
+// True for F16, BF16, F32 and F64: the dtypes a float conversion applies to.
+bool is_floating_point(Dtype dtype);
+
 // The dtype with this name (exact, upper case), or nothing.
 std::optional<Dtype> dtype_from_name(std::string_view name);
 

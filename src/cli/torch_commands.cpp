@@ -43,9 +43,6 @@ std::string shape_text(const std::vector<uint64_t>& shape) {
   return s + "]";
 }
 
-bool is_floating(Dtype d) {
-  return d == Dtype::F16 || d == Dtype::BF16 || d == Dtype::F32 || d == Dtype::F64;
-}
 
 }  // namespace
 
@@ -74,7 +71,7 @@ int convert(const std::string& in, const std::string& out, const ConvertArgument
   tensormap::ConvertOptions convert_options;
   if (!options.dtype.empty()) {
     convert_options.float_dtype = dtype_from_name(options.dtype);
-    if (!convert_options.float_dtype || !is_floating(*convert_options.float_dtype)) {
+    if (!convert_options.float_dtype || !is_floating_point(*convert_options.float_dtype)) {
       throw UsageError("--dtype " + options.dtype + ": expected one of F16, BF16, F32, F64");
     }
   }

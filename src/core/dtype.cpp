@@ -34,6 +34,10 @@ uint8_t dtype_size(Dtype dtype) { return row(dtype).size; }
 
 std::string_view dtype_name(Dtype dtype) { return row(dtype).name; }
 
+bool is_floating_point(Dtype dtype) {
+  return dtype == Dtype::F16 || dtype == Dtype::BF16 || dtype == Dtype::F32 || dtype == Dtype::F64;
+}
+
 std::optional<Dtype> dtype_from_code(uint8_t code) {
   if (code == 0 || code >= kCodeCount) return std::nullopt;
   return kTable[code].dtype;

@@ -19,7 +19,6 @@ bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
-bool is_floating(Dtype d) { return d == Dtype::F16 || d == Dtype::BF16 || d == Dtype::F32 || d == Dtype::F64; }
 
 // Streams every tensor into `writer` (Writer, ShardedWriter or TorchSaveWriter).
 // Each tensor is read (with pread, for files) into one buffer the size of the largest
@@ -57,7 +56,7 @@ uint64_t stream(const StateDict& source, const std::vector<TensorSpec>& specs, A
 }  // namespace
 
 ConvertResult convert(const std::string& in, const std::string& out, const ConvertOptions& options) {
-  if (options.float_dtype && !is_floating(*options.float_dtype)) {
+  if (options.float_dtype && !is_floating_point(*options.float_dtype)) {
     throw Error(ErrorKind::InvalidArgument, "convert: the float dtype must be F16, BF16, F32 or F64");
   }
   const bool sharded = options.shard_size > 0;
@@ -81,7 +80,7 @@ ConvertResult convert(const std::string& in, const std::string& out, const Conve
   std::vector<TensorSpec> specs;
   for (const std::string& name : source.keys()) {
     const StateDict::Info info = source.info(name);
-    const Dtype dtype = options.float_dtype && is_floating(info.dtype) ? *options.float_dtype : info.dtype;
+    const Dtype dtype = options.float_dtype && is_floating_point(info.dtype) ? *options.float_dtype : info.dtype;
     specs.push_back({name, dtype, {info.shape.begin(), info.shape.end()}});
   }
   result.tensors = specs.size();

@@ -119,17 +119,23 @@ std::shared_ptr<const StateSource> open_torch_save(const std::string& path) {
     const auto [pickle, pickle_size] = reader.getRecord("data.pkl");  // the pickle only
     // Where each storage record starts; a record ends at the latest where the next one
     // starts (or at the end of the file): the bound every storage is checked against.
+    std::unordered_map<std::string, uint64_t> offsets;  // one zip lookup per record
     std::vector<uint64_t> starts;
     for (const std::string& name : reader.getAllRecords()) {
-      if (name.rfind("data/", 0) == 0) starts.push_back(reader.getRecordOffset(name));
+      if (name.rfind("data/", 0) == 0) {
+        const uint64_t offset = reader.getRecordOffset(name);
+        offsets.emplace(name, offset);
+        starts.push_back(offset);
+      }
     }
     std::sort(starts.begin(), starts.end());
     auto load_storage = [&](const std::string& key, c10::ScalarType type, int64_t numel) {
       const std::string record = "data/" + key;
-      if (!reader.hasRecord(record)) {
+      const auto found = offsets.find(record);
+      if (found == offsets.end()) {
         throw Error(ErrorKind::UnsupportedArchive, path + ": the pickle names record '" + record + "', which is missing");
       }
-      const uint64_t offset = reader.getRecordOffset(record);
+      const uint64_t offset = found->second;
       check_stored(*mapping, offset, record);
       const auto next = std::upper_bound(starts.begin(), starts.end(), offset);
       const uint64_t size = (next == starts.end() ? mapping->size() : *next) - offset;
