@@ -29,6 +29,7 @@ int inspect_state(const std::string& path, bool json);
 int verify_state(const std::string& path);
 
 // True if `path` is one tensormap or safetensors file (else: an index or an archive).
+// Throws the error of opening it when it is none of the formats.
 bool is_single_file(const std::string& path);
 
 // The first line of a message (LibTorch errors carry a backtrace after it).

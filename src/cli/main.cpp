@@ -7,7 +7,6 @@
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
-#include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
@@ -68,15 +67,6 @@ nlohmann::ordered_json describe(const File& f) {
     out["tensors"].push_back(std::move(t));
   }
   return out;
-}
-
-bool is_single_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  unsigned char head[64] = {};
-  in.read(reinterpret_cast<char*>(head), sizeof head);
-  const auto n = static_cast<uint64_t>(in.gcount());
-  const bool zip = n >= 4 && head[0] == 'P' && head[1] == 'K' && head[2] == 3 && head[3] == 4;
-  return !zip && !looks_like_shard_index(head, n);
 }
 
 int inspect(const std::string& path, bool json) {

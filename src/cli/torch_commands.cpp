@@ -156,6 +156,12 @@ int diff(const std::string& a_path, const std::string& b_path) {
   return 1;
 }
 
+bool is_single_file(const std::string& path) {
+  // StateDict::open is the one place that recognises formats by content.
+  const std::string format = StateDict::open(path).format();
+  return format == format_name(Format::Tensormap) || format == format_name(Format::Safetensors);
+}
+
 // inspect and verify of the checkpoints that are not one tensormap or safetensors file.
 int inspect_state(const std::string& path, bool json) {
   const StateDict sd = StateDict::open(path);
