@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
 #include <unordered_set>
 
 #include "bytes.h"
@@ -32,6 +33,37 @@ bool looks_like_safetensors(const unsigned char* base, uint64_t size) {
   }
   return false;
 }
+
+namespace {
+
+// SAX handler that only remembers the first top-level key seen twice.
+struct TopLevelDuplicates : nlohmann::json_sax<nlohmann::json> {
+  int depth = 0;
+  std::unordered_set<std::string> seen;
+  std::optional<std::string> repeated;
+
+  bool key(string_t& k) override {
+    if (depth == 1 && !repeated && !seen.insert(k).second) repeated = k;
+    return true;
+  }
+  bool start_object(std::size_t) override { return ++depth, true; }
+  bool end_object() override { return --depth, true; }
+  bool start_array(std::size_t) override { return ++depth, true; }
+  bool end_array() override { return --depth, true; }
+  bool null() override { return true; }
+  bool boolean(bool) override { return true; }
+  bool number_integer(number_integer_t) override { return true; }
+  bool number_unsigned(number_unsigned_t) override { return true; }
+  bool number_float(number_float_t, const string_t&) override { return true; }
+  bool string(string_t&) override { return true; }
+  bool binary(binary_t&) override { return true; }
+  // Malformed text: stop here; the DOM parse that follows reports the error.
+  bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception&) override {
+    return false;
+  }
+};
+
+}  // namespace
 
 ParsedHeader validate_safetensors(const unsigned char* base, uint64_t file_size,
                                   const std::string& path) {
@@ -64,18 +96,18 @@ ParsedHeader validate_safetensors(const unsigned char* base, uint64_t file_size,
 
   // Rule 5: a JSON object of {name: {dtype, shape, data_offsets}} and "__metadata__".
   auto bad_json = [&](const std::string& what) { return fail(ErrorKind::SafetensorsBadJson, what); };
+  // Two passes: a SAX pass that finds repeated top-level names (nlohmann keeps only the
+  // last one silently), then the DOM parse. A parse callback would do both at once, but
+  // nlohmann then scans the whole top-level object after each member: quadratic, and a
+  // million-entry header took minutes.
   nlohmann::json header;
   try {
-    std::unordered_set<std::string> seen;
-    header = nlohmann::json::parse(text.begin(), text.end(),
-                                   [&](int depth, nlohmann::json::parse_event_t event, nlohmann::json& key) {
-                                     if (depth == 1 && event == nlohmann::json::parse_event_t::key &&
-                                         !seen.insert(key.get<std::string>()).second) {
-                                       throw bad_json("tensor name " + detail::quoted(key.get<std::string>()) +
-                                                      " appears twice in the header");
-                                     }
-                                     return true;
-                                   });
+    TopLevelDuplicates duplicates;
+    const bool well_formed = nlohmann::json::sax_parse(text.begin(), text.end(), &duplicates);
+    if (well_formed && duplicates.repeated) {
+      throw bad_json("tensor name " + detail::quoted(*duplicates.repeated) + " appears twice in the header");
+    }
+    header = nlohmann::json::parse(text.begin(), text.end());
   } catch (const nlohmann::json::exception& e) {
     throw bad_json(std::string("header is not valid JSON: ") + e.what());
   }
@@ -203,21 +235,36 @@ Layout plan_safetensors_layout(const std::vector<TensorSpec>& tensors, const Wri
     if (!next || *next > format::kMaxFileOffset) throw invalid("tensors add up to more than 2^63 bytes");
     cursor = *next;
   }
-  nlohmann::ordered_json json = nlohmann::ordered_json::object();
+  // The JSON text is assembled entry by entry (nlohmann::ordered_json's operator[] is a
+  // linear search, which made a million tensors take minutes); every key and value is
+  // still serialised, and so escaped, by nlohmann::json.
+  std::string text = "{";
+  auto append_member = [&](const std::string& key, const nlohmann::ordered_json& value) {
+    if (text.size() > 1) text += ',';
+    text += nlohmann::json(key).dump();
+    text += ':';
+    text += value.dump();
+  };
   if (!options.metadata.empty()) {
-    auto& meta = json[kMetadataKey] = nlohmann::ordered_json::object();
+    std::unordered_set<std::string_view> keys;
+    std::string meta = "{";
     for (const auto& [k, v] : options.metadata) {
-      if (meta.contains(k)) throw invalid("metadata key " + detail::quoted(k) + " is given twice");
-      meta[k] = v;
+      if (!keys.insert(k).second) throw invalid("metadata key " + detail::quoted(k) + " is given twice");
+      if (meta.size() > 1) meta += ',';
+      meta += nlohmann::json(k).dump() + ':' + nlohmann::json(v).dump();
     }
+    meta += '}';
+    if (text.size() > 1) text += ',';
+    text += nlohmann::json(std::string(kMetadataKey)).dump() + ':' + meta;
   }
   for (size_t i : order) {
     const auto& t = tensors[i];
-    json[t.name] = {{"dtype", std::string(dtype_name(t.dtype))},
-                    {"shape", t.shape},
-                    {"data_offsets", {relative[i], relative[i] + layout.byte_lengths[i]}}};
+    append_member(t.name, {{"dtype", std::string(dtype_name(t.dtype))},
+                           {"shape", t.shape},
+                           {"data_offsets", {relative[i], relative[i] + layout.byte_lengths[i]}}});
+    if (text.size() > kMaxSafetensorsHeader) throw invalid("safetensors header would exceed 100,000,000 bytes");
   }
-  std::string text = json.dump();
+  text += '}';
   const uint64_t data_start = *format::round_up(8 + text.size(), 4096);
   text.append(data_start - 8 - text.size(), ' ');
   if (text.size() > kMaxSafetensorsHeader) throw invalid("safetensors header would exceed 100,000,000 bytes");
