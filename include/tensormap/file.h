@@ -106,6 +106,15 @@ class File {
   // REQUIRES: offset + size <= entry.byte_length.
   void read(const TensorEntry& entry, uint64_t offset, void* dest, uint64_t size) const;
 
+  // Copies `rows` runs of `row_bytes` bytes, the first at `offset` within the tensor and
+  // each `stride` bytes after the previous, into `dest` back to back, with pread as read()
+  // does: a slice of a tensor along a dimension other than 0. Where the gaps between rows
+  // span pages, the kernel's read-ahead is off during the call, so that only the rows'
+  // pages enter the page cache. Throws Error(InvalidArgument) if a row runs past the
+  // tensor or row_bytes > stride, Error(Truncated) as read() does.
+  void read_rows(const TensorEntry& entry, uint64_t offset, uint64_t stride, uint64_t row_bytes,
+                 uint64_t rows, void* dest) const;
+
   // Asks the kernel to read the tensor's pages ahead (MADV_WILLNEED). Advisory.
   void prefetch(const TensorEntry& entry) const;
 

@@ -17,6 +17,8 @@
 #include <torch/nn/module.h>
 
 #include <cstdint>
+#include <optional>
+#include <string_view>
 #include <string>
 #include <utility>
 #include <vector>
@@ -80,12 +82,37 @@ enum class LoadMode {
   Copy,
 };
 
+// Tensor parallelism: how a model is split among `world_size` ranks. A parameter whose
+// name matches a pattern of `splits` is split along that dimension into world_size equal
+// parts, and rank `rank` keeps part `rank`; other parameters are replicated (loaded
+// whole). In patterns, '*' matches any run of characters (dots included); the first
+// matching pattern wins. The model given to load() is the rank's own model, built with
+// the split shapes (as Megatron-style layers are): a planned tensor of shape [8192, 4096]
+// split along dim 0 among 4 ranks loads into a [2048, 4096] parameter.
+struct ParallelPlan {
+  int64_t rank = 0;
+  int64_t world_size = 1;
+  std::vector<std::pair<std::string, int64_t>> splits;
+
+  // The split dimension of the named tensor, or nothing if it is replicated.
+  std::optional<int64_t> split_dim(std::string_view name) const;
+};
+
+// True if `name` matches `pattern`, where '*' matches any run of characters.
+bool matches_pattern(std::string_view pattern, std::string_view name);
+
 struct LoadOptions {
   LoadMode mode = LoadMode::Map;
   // Strict: any missing key, unexpected key or shape or dtype mismatch throws
   // Error(ModelMismatch) listing all of them, and nothing is loaded. Not strict: the
   // matching tensors are loaded and the rest reported.
   bool strict = true;
+  // Load only this rank's part of each split tensor (see ParallelPlan). Parts along dim 0
+  // are zero-copy in map mode; other parts are read row by row (StateDict::slice), so a
+  // rank reads and keeps only its share and the rest of the file stays out of memory. In
+  // map mode every bound tensor is read ahead exactly (MADV_WILLNEED), because page-fault
+  // read-around (read_ahead_kb) would otherwise pull in other ranks' parts.
+  std::optional<ParallelPlan> parallel;
 };
 
 struct LoadReport {

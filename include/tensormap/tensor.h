@@ -91,6 +91,15 @@ class StateDict {
   // Copies the tensor's bytes (info(name).byte_length of them) into `dest`, the same way.
   void read(std::string_view name, void* dest) const;
 
+  // Elements [start, start + length) of the tensor along `dim` (negative counts from the
+  // end). Zero-copy when the part is one contiguous range of the file: always along dim
+  // 0, or when every earlier dimension is 1; only the part's pages are ever touched.
+  // Otherwise a new contiguous tensor holding only the part: from a tensormap or
+  // safetensors file (sharded or not) each of its rows is read with pread, so the rest of
+  // the tensor never enters this process. Throws Error(NotFound), Error(InvalidArgument)
+  // for a dimension or range out of bounds, Error(UnsupportedDtype).
+  at::Tensor slice(std::string_view name, int64_t dim, int64_t start, int64_t length) const;
+
   // Gives the tensor's mapped pages back to the kernel (after a copy of it).
   void release(std::string_view name) const;
 

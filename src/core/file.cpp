@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "bytes.h"
 #include "header.h"
 #include "mapping.h"
 #include "names.h"
@@ -101,6 +102,31 @@ void File::read(const TensorEntry& entry, uint64_t offset, void* dest, uint64_t 
     throw Error(ErrorKind::InvalidArgument, path() + ": read past the end of tensor " + detail::quoted(entry.name));
   }
   impl_->mapping.read(entry.offset + offset, dest, size, "tensor " + detail::quoted(entry.name));
+}
+
+void File::read_rows(const TensorEntry& entry, uint64_t offset, uint64_t stride, uint64_t row_bytes,
+                     uint64_t rows, void* dest) const {
+  if (rows == 0 || row_bytes == 0) return;
+  const auto last = detail::checked_mul(rows - 1, stride);
+  const auto start = last ? detail::checked_add(offset, *last) : std::nullopt;
+  const auto end = start ? detail::checked_add(*start, row_bytes) : std::nullopt;
+  if (!end || *end > entry.byte_length || row_bytes > stride) {
+    throw Error(ErrorKind::InvalidArgument, path() + ": rows run past the end of tensor " + detail::quoted(entry.name));
+  }
+  // Read-ahead would pull the gaps between rows into the page cache too: off meanwhile.
+  const bool gaps = stride - row_bytes >= detail::page_size();
+  if (gaps) impl_->mapping.set_read_ahead(false);
+  try {
+    auto* out = static_cast<unsigned char*>(dest);
+    for (uint64_t r = 0; r < rows; ++r) {
+      impl_->mapping.read(entry.offset + offset + r * stride, out + r * row_bytes, row_bytes,
+                          "tensor " + detail::quoted(entry.name));
+    }
+  } catch (...) {
+    if (gaps) impl_->mapping.set_read_ahead(true);
+    throw;
+  }
+  if (gaps) impl_->mapping.set_read_ahead(true);
 }
 
 void File::prefetch(const TensorEntry& entry) const {

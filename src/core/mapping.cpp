@@ -71,6 +71,10 @@ void Mapping::read(uint64_t offset, void* dest, uint64_t size, const std::string
   }
 }
 
+void Mapping::set_read_ahead(bool on) const {
+  (void)::posix_fadvise(fd_, 0, 0, on ? POSIX_FADV_NORMAL : POSIX_FADV_RANDOM);
+}
+
 void Mapping::prefetch(uint64_t begin, uint64_t end) const {
   const uint64_t page = page_size();
   begin &= ~(page - 1);

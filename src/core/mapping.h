@@ -26,6 +26,10 @@ class Mapping {
   // where touching the mapping would kill the process with SIGBUS.
   void read(uint64_t offset, void* dest, uint64_t size, const std::string& what) const;
 
+  // Turns the kernel's read-ahead for read() on or off (POSIX_FADV_RANDOM / NORMAL).
+  // Advisory; affects every reader of this Mapping while off.
+  void set_read_ahead(bool on) const;
+
   // MADV_WILLNEED over the pages of [begin, end). Advisory.
   void prefetch(uint64_t begin, uint64_t end) const;
 

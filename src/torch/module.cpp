@@ -7,6 +7,7 @@
 #include <sstream>
 #include <unordered_set>
 
+#include "loading.h"
 #include "released.h"
 #include "tensormap/error.h"
 #include "tensormap/module.h"
@@ -23,7 +24,12 @@ std::string shape_string(at::IntArrayRef sizes) {
   return out.str();
 }
 
+}  // namespace
+
+namespace detail {
+
 // Why the tensor described by `info` cannot be loaded into `target` in `mode`, or "".
+// `info.shape` is what the target must have: a split tensor's part shape.
 std::string mismatch(const at::Tensor& target, const StateDict::Info& info, LoadMode mode) {
   const auto file_type = to_scalar_type(info.dtype);
   if (!file_type) {
@@ -48,6 +54,10 @@ std::string mismatch(const at::Tensor& target, const StateDict::Info& info, Load
   return "";
 }
 
+}  // namespace detail
+
+namespace {
+
 void append_list(std::ostringstream& out, const char* what, const std::vector<std::string>& items,
                  bool& first) {
   if (items.empty()) return;
@@ -58,6 +68,10 @@ void append_list(std::ostringstream& out, const char* what, const std::vector<st
   out << ")";
   first = false;
 }
+
+}  // namespace
+
+namespace detail {
 
 // A fresh tensor whose pages are faulted in ahead, in one system call: page by page
 // first-touch faults cost several times more, markedly so in virtual machines.
@@ -75,7 +89,86 @@ at::Tensor allocate_populated(const at::Tensor& like) {
   return t;
 }
 
-}  // namespace
+// This rank's part of a tensor of shape `shape` under `plan`, and the part's shape put
+// into `shape`; or the reason it cannot be split.
+std::string plan_part(const std::optional<ParallelPlan>& plan, const std::string& name,
+                      std::vector<int64_t>& shape, Part& part) {
+  if (!plan) return "";
+  const auto dim = plan->split_dim(name);
+  if (!dim) return "";
+  const auto rank = static_cast<int64_t>(shape.size());
+  int64_t d = *dim < 0 ? *dim + rank : *dim;
+  if (d < 0 || d >= rank) {
+    return "the plan splits dimension " + std::to_string(*dim) + " of a tensor of rank " +
+           std::to_string(rank);
+  }
+  const int64_t size = shape[static_cast<size_t>(d)];
+  if (size % plan->world_size != 0) {
+    return "dimension " + std::to_string(d) + " of size " + std::to_string(size) +
+           " does not split into " + std::to_string(plan->world_size) + " equal parts";
+  }
+  part = {d, size / plan->world_size * plan->rank, size / plan->world_size};
+  shape[static_cast<size_t>(d)] = part.length;
+  return "";
+}
+
+std::string check_target(const at::Tensor& target, const std::string& name, StateDict::Info info,
+                         const std::optional<ParallelPlan>& plan, LoadMode mode, Part& part) {
+  const std::vector<int64_t> whole = info.shape;
+  std::string why = plan_part(plan, name, info.shape, part);
+  if (!why.empty()) return why;
+  if (part.dim >= 0 && target.sizes() != at::IntArrayRef(info.shape)) {
+    return "shape " + shape_string(target.sizes()) + " in the model, " + shape_string(info.shape) +
+           " expected for rank " + std::to_string(plan->rank) + " of " + std::to_string(plan->world_size) +
+           " (dim " + std::to_string(part.dim) + " of " + shape_string(whole) + " split in " +
+           std::to_string(plan->world_size) + ")";
+  }
+  return mismatch(target, info, mode);
+}
+
+void read_ahead_exactly(const at::Tensor& view) {
+  static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const auto begin = reinterpret_cast<uintptr_t>(view.data_ptr()) & ~(page - 1);
+  const auto end = reinterpret_cast<uintptr_t>(view.data_ptr()) + view.nbytes();
+  if (end > begin) (void)::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_WILLNEED);
+}
+
+void check_plan(const ParallelPlan& plan) {
+  if (plan.world_size < 1 || plan.rank < 0 || plan.rank >= plan.world_size) {
+    throw Error(ErrorKind::InvalidArgument, "parallel plan has rank " + std::to_string(plan.rank) +
+                                                " of world size " + std::to_string(plan.world_size));
+  }
+}
+
+}  // namespace detail
+
+bool matches_pattern(std::string_view pattern, std::string_view name) {
+  // Greedy glob with backtracking to the last '*': linear in practice, never recursive.
+  size_t p = 0, n = 0, star = std::string_view::npos, mark = 0;
+  while (n < name.size()) {
+    if (p < pattern.size() && pattern[p] == '*') {
+      star = p++;
+      mark = n;
+    } else if (p < pattern.size() && pattern[p] == name[n]) {
+      ++p;
+      ++n;
+    } else if (star != std::string_view::npos) {
+      p = star + 1;
+      n = ++mark;
+    } else {
+      return false;
+    }
+  }
+  while (p < pattern.size() && pattern[p] == '*') ++p;
+  return p == pattern.size();
+}
+
+std::optional<int64_t> ParallelPlan::split_dim(std::string_view name) const {
+  for (const auto& [pattern, dim] : splits) {
+    if (matches_pattern(pattern, name)) return dim;
+  }
+  return std::nullopt;
+}
 
 std::string LoadReport::summary() const {
   std::ostringstream out;
@@ -99,10 +192,14 @@ std::vector<std::pair<std::string, at::Tensor>> named_state(const torch::nn::Mod
 }
 
 LoadReport load(torch::nn::Module& module, const StateDict& state, const LoadOptions& options) {
+  using detail::allocate_populated;
+  using detail::Part;
   struct Binding {
     at::Tensor target;
     const std::string* name;
+    Part part;
   };
+  if (options.parallel) detail::check_plan(*options.parallel);
   const auto model_state = named_state(module);
   LoadReport report;
   std::vector<Binding> plan;
@@ -113,11 +210,14 @@ LoadReport load(torch::nn::Module& module, const StateDict& state, const LoadOpt
       report.missing.push_back(name);
       continue;
     }
-    if (auto why = mismatch(tensor, state.info(name), options.mode); !why.empty()) {
+    Part part;
+    const std::string why = detail::check_target(tensor, name, state.info(name), options.parallel,
+                                                 options.mode, part);
+    if (!why.empty()) {
       report.mismatched.push_back(name + ": " + why);
       continue;
     }
-    plan.push_back({tensor, &name});
+    plan.push_back({tensor, &name, part});
   }
   for (const std::string& name : state.keys()) {
     if (!model_names.count(name)) report.unexpected.push_back(name);
@@ -131,9 +231,31 @@ LoadReport load(torch::nn::Module& module, const StateDict& state, const LoadOpt
   at::NoGradGuard no_grad;
   for (Binding& b : plan) {
     at::Tensor& target = b.target;
-    if (options.mode == LoadMode::Map) {
+    if (b.part.dim >= 0) {
+      // A rank's part: a zero-copy view or an owned copy of just the part.
+      at::Tensor part = state.slice(*b.name, b.part.dim, b.part.start, b.part.length);
+      // A view of the mapping: its pages are read ahead now, exactly. Left to page faults,
+      // the kernel's read-around (up to read_ahead_kb, 8 MiB on some disks) would pull in
+      // the neighbouring ranks' parts too.
+      detail::read_ahead_exactly(part);
+      if (options.mode == LoadMode::Map) {
+        detail::prepare_to_bind(target);
+        target.set_(part);
+      } else {
+        if (is_released(target)) {
+          detail::prepare_to_bind(target);
+          target.set_(allocate_populated(target));
+        }
+        target.copy_(part);
+        part = at::Tensor();
+        state.release(*b.name);
+      }
+    } else if (options.mode == LoadMode::Map) {
       detail::prepare_to_bind(target);
       target.set_(state.at(*b.name));
+      // A rank of a parallel load uses everything it loads: read it ahead exactly, or the
+      // first touch of a small replicated tensor reads megabytes around it.
+      if (options.parallel) detail::read_ahead_exactly(target);
     } else {
       // Copy mode reads with pread rather than through the mapping: no SIGBUS if the file
       // shrinks meanwhile, and no mapped pages to fault in.

@@ -28,6 +28,12 @@ struct StateSource {
     if (bytes.numel()) std::memcpy(dest, bytes.data_ptr(), static_cast<size_t>(bytes.numel()));
   }
   virtual void release(size_t) const {}
+  // Elements [start, start + length) of tensor i along `dim` (checked by the caller). By
+  // default a narrowed view, made contiguous; file sources override it to read only the
+  // needed rows with pread when the part is not one contiguous range.
+  virtual at::Tensor slice(size_t i, int64_t dim, int64_t start, int64_t length) const {
+    return tensor(i).narrow(dim, start, length).contiguous();
+  }
   virtual std::vector<std::pair<std::string, std::string>> metadata() const { return {}; }
 
   size_t size() const { return names.size(); }

@@ -97,6 +97,29 @@ at::Tensor read_owned(const File& file, const TensorEntry& e) {
   return out;
 }
 
+// Elements [start, start + length) along `dim`: a zero-copy narrowed view when the part
+// is one contiguous range of the file (every dimension before `dim` is 1, so always for
+// dim 0); otherwise a new tensor filled row by row with pread, so that only the needed
+// bytes are read and nothing else of the file enters this process.
+at::Tensor slice_of(const File& file, const TensorEntry& e, int64_t dim, int64_t start,
+                    int64_t length) {
+  const auto sizes = sizes_of(e);
+  int64_t outer = 1;
+  for (int64_t d = 0; d < dim; ++d) outer *= sizes[static_cast<size_t>(d)];
+  if (outer == 1 || length == 0) return tensor_view(file, e).narrow(dim, start, length);
+  const c10::ScalarType type = scalar_type_or_throw(file, e);
+  int64_t inner = static_cast<int64_t>(c10::elementSize(type));
+  for (size_t d = static_cast<size_t>(dim) + 1; d < sizes.size(); ++d) inner *= sizes[d];
+  auto out_sizes = sizes;
+  out_sizes[static_cast<size_t>(dim)] = length;
+  at::Tensor out = at::empty(out_sizes, at::TensorOptions().dtype(type));
+  // Sizes come from a validated entry, so none of these products overflows.
+  const auto row = static_cast<uint64_t>(sizes[static_cast<size_t>(dim)] * inner);
+  file.read_rows(e, static_cast<uint64_t>(start * inner), row, static_cast<uint64_t>(length * inner),
+                 static_cast<uint64_t>(outer), out.data_ptr());
+  return out;
+}
+
 StateDict::Info info_of(const TensorEntry& e) {
   return {e.dtype, sizes_of(e), e.byte_length};
 }
@@ -118,6 +141,9 @@ struct FileSource : StateSource {
     file.read(e, 0, dest, e.byte_length);
   }
   void release(size_t i) const override { file.release_pages(file.tensors()[i]); }
+  at::Tensor slice(size_t i, int64_t dim, int64_t start, int64_t length) const override {
+    return slice_of(file, file.tensors()[i], dim, start, length);
+  }
   std::vector<std::pair<std::string, std::string>> metadata() const override {
     std::vector<std::pair<std::string, std::string>> out;
     for (const auto& [k, v] : file.metadata()) out.emplace_back(k, v);
@@ -174,6 +200,10 @@ struct ShardedSource : StateSource {
     const auto [shard, entry] = locate(i);
     shard->release_pages(*entry);
   }
+  at::Tensor slice(size_t i, int64_t dim, int64_t start, int64_t length) const override {
+    const auto [shard, entry] = locate(i);
+    return slice_of(*shard, *entry, dim, start, length);
+  }
 
   ShardIndex index;
   mutable std::vector<std::optional<File>> shards;
@@ -221,6 +251,27 @@ at::Tensor StateDict::at(std::string_view name) const { return source_->tensor(i
 at::Tensor StateDict::raw_bytes(std::string_view name) const { return source_->raw_bytes(index_of(name)); }
 void StateDict::read(std::string_view name, void* dest) const { source_->read(index_of(name), dest); }
 void StateDict::release(std::string_view name) const { source_->release(index_of(name)); }
+
+at::Tensor StateDict::slice(std::string_view name, int64_t dim, int64_t start, int64_t length) const {
+  const size_t i = index_of(name);
+  const Info info = source_->info(i);
+  const auto rank = static_cast<int64_t>(info.shape.size());
+  auto refuse = [&](const std::string& why) {
+    return Error(ErrorKind::InvalidArgument, "cannot slice tensor '" + std::string(name) + "' of this " +
+                                                 source_->format() + " checkpoint: " + why);
+  };
+  if (dim < -rank || dim >= rank || rank == 0) {
+    throw refuse("dimension " + std::to_string(dim) + " is out of range for rank " + std::to_string(rank));
+  }
+  if (dim < 0) dim += rank;
+  const int64_t size = info.shape[static_cast<size_t>(dim)];
+  if (start < 0 || length < 0 || start > size || length > size - start) {
+    throw refuse("elements [" + std::to_string(start) + ", " + std::to_string(start) + " + " +
+                 std::to_string(length) + ") are not within dimension " + std::to_string(dim) +
+                 " of size " + std::to_string(size));
+  }
+  return source_->slice(i, dim, start, length);
+}
 
 torch::OrderedDict<std::string, at::Tensor> StateDict::to_ordered_dict() const {
   torch::OrderedDict<std::string, at::Tensor> out;

@@ -1,0 +1,48 @@
+// Loading a tensor-parallel model over torch.distributed's own engine (c10d).
+//
+// Every rank of a c10d process group (ProcessGroupGloo over a TCPStore or FileStore, say)
+// calls load_distributed with its own rank's model, built with split shapes, and the same
+// ParallelPlan splits. Two ways to reach the checkpoint:
+//
+//   - source_rank = -1: every rank reads its own parts from storage they all reach
+//     (a shared file system). Nothing crosses the network; each rank maps the file and
+//     touches only its share.
+//   - source_rank = r: only rank r opens the checkpoint; `path` is ignored elsewhere.
+//     Rank r sends each rank its parts of the split tensors (point-to-point) and
+//     broadcasts the replicated ones. The other ranks hold only their own parts (owned
+//     memory); rank r keeps its own parts as in LoadOptions::mode and holds at most one
+//     other rank's part of one tensor at a time.
+//
+// Collective: all ranks must call it together with models of the same structure. Errors
+// are agreed on before any weight moves: if any rank finds a problem (no file, a model
+// that does not match), every rank throws the same tensormap::Error, prefixed with the
+// rank that found it, and nothing is loaded; no rank is left waiting.
+#pragma once
+
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/nn/module.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "tensormap/module.h"
+
+namespace tensormap {
+
+struct DistributedLoadOptions {
+  // mode and strict as for load(); `parallel` is ignored: rank and world size come from
+  // the group, splits from the argument.
+  LoadOptions load;
+  // -1: every rank reads the checkpoint itself. Otherwise the one rank that reads it.
+  int source_rank = -1;
+};
+
+// Loads this rank's part of `module` from the checkpoint at `path` (any format
+// StateDict::open reads). `splits` is ParallelPlan::splits. Returns this rank's report.
+LoadReport load_distributed(torch::nn::Module& module, const std::string& path,
+                            c10d::ProcessGroup& group,
+                            const std::vector<std::pair<std::string, int64_t>>& splits,
+                            const DistributedLoadOptions& options = {});
+
+}  // namespace tensormap

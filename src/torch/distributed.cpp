@@ -1,0 +1,279 @@
+// Tensor-parallel loading over c10d: every rank reads its own parts, or one rank reads
+// and sends the others theirs. See include/tensormap/distributed.h.
+#include "tensormap/distributed.h"
+
+#include <ATen/ATen.h>
+
+#include <cstring>
+#include <functional>
+#include <unordered_set>
+#include <optional>
+
+#include "loading.h"
+#include "released.h"
+#include "tensormap/error.h"
+
+namespace tensormap {
+namespace {
+
+// Fields of one tensor's descriptor, as the source rank broadcasts it.
+enum Field : int64_t { kPresent, kNameHash, kDtype, kRank, kDims, kFields = kDims + 8 };
+
+void wait(const c10::intrusive_ptr<c10d::Work>& work) { work->wait(); }
+
+// Every rank passes what it found (nothing, or an Error); every rank learns whether any
+// rank failed and, if so, throws the failure of the lowest failing rank, on every rank.
+void agree(c10d::ProcessGroup& group, const std::optional<Error>& local) {
+  const int world = group.getSize();
+  const int me = group.getRank();
+  at::Tensor first = at::full({1}, local ? me : world, at::kLong);
+  std::vector<at::Tensor> io{first};
+  c10d::AllreduceOptions min;
+  min.reduceOp = c10d::ReduceOp::MIN;
+  wait(group.allreduce(io, min));
+  const int failed = static_cast<int>(first.item<int64_t>());
+  if (failed == world) return;
+  // The failing rank broadcasts its error kind and message.
+  const std::string text = failed == me ? std::string(local->what()) : std::string();
+  at::Tensor head = at::tensor({failed == me ? static_cast<int64_t>(local->kind()) : 0,
+                                static_cast<int64_t>(text.size())},
+                               at::kLong);
+  std::vector<at::Tensor> head_io{head};
+  c10d::BroadcastOptions from;
+  from.rootRank = failed;
+  wait(group.broadcast(head_io, from));
+  at::Tensor body = at::empty({head[1].item<int64_t>()}, at::kByte);
+  if (failed == me && !text.empty()) std::memcpy(body.data_ptr(), text.data(), text.size());
+  if (body.numel() > 0) {
+    std::vector<at::Tensor> body_io{body};
+    wait(group.broadcast(body_io, from));
+  }
+  const std::string message(static_cast<const char*>(body.data_ptr()), static_cast<size_t>(body.numel()));
+  throw Error(static_cast<ErrorKind>(head[0].item<int64_t>()),
+              "rank " + std::to_string(failed) + " of " + std::to_string(world) + ": " + message);
+}
+
+// Runs `step`, keeping a tensormap or LibTorch error for agree() instead of throwing.
+std::optional<Error> attempt(const std::function<void()>& step) {
+  try {
+    step();
+  } catch (const Error& e) {
+    return e;
+  } catch (const c10::Error& e) {
+    return Error(ErrorKind::InvalidArgument, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    return Error(ErrorKind::Io, e.what());
+  }
+  return std::nullopt;
+}
+
+// A tensor's bytes as a flat U8 view, which c10d moves whatever the dtype.
+at::Tensor bytes_of(const at::Tensor& t) { return t.view({-1}).view(at::kByte); }
+
+// Makes a released target an ordinary tensor with fresh memory; keeps an allocated one.
+void ensure_storage(at::Tensor& target) {
+  if (is_released(target)) {
+    detail::prepare_to_bind(target);
+    target.set_(detail::allocate_populated(target));
+  }
+}
+
+// Receives into `target` through a contiguous buffer (the target itself when possible).
+template <typename Receive>
+void receive_into(at::Tensor& target, Receive receive) {
+  ensure_storage(target);
+  if (target.is_contiguous()) {
+    receive(bytes_of(target));
+  } else {
+    at::Tensor buffer = at::empty(target.sizes(), target.options());
+    receive(bytes_of(buffer));
+    target.copy_(buffer);
+  }
+}
+
+// Stores `value` (this rank's part, already converted) into `target` as `mode` says.
+void keep(at::Tensor& target, const at::Tensor& value, LoadMode mode) {
+  if (mode == LoadMode::Map) {
+    detail::prepare_to_bind(target);
+    target.set_(value);
+  } else {
+    ensure_storage(target);
+    target.copy_(value);
+  }
+}
+
+LoadReport load_from_one_rank(torch::nn::Module& module, const std::string& path,
+                              c10d::ProcessGroup& group, const ParallelPlan& plan,
+                              const DistributedLoadOptions& options) {
+  const int source = options.source_rank;
+  const bool is_source = group.getRank() == source;
+  const auto model_state = named_state(module);
+  const auto count = static_cast<int64_t>(model_state.size());
+
+  // 1. The source opens the checkpoint and describes, for each tensor of its model, what
+  //    the file holds under that name; everyone learns whether it could.
+  std::optional<StateDict> state;
+  LoadReport report;
+  at::Tensor table = at::zeros({count + 1, kFields}, at::kLong);
+  std::optional<Error> failure;
+  if (is_source) {
+    failure = attempt([&] {
+      state = StateDict::open(path);
+      auto t = table.accessor<int64_t, 2>();
+      t[count][0] = count;
+      std::unordered_set<std::string_view> names;
+      for (int64_t i = 0; i < count; ++i) {
+        const std::string& name = model_state[static_cast<size_t>(i)].first;
+        names.insert(name);
+        t[i][kNameHash] = static_cast<int64_t>(std::hash<std::string>{}(name));
+        if (!state->contains(name)) continue;
+        const StateDict::Info info = state->info(name);
+        t[i][kPresent] = 1;
+        t[i][kDtype] = static_cast<int64_t>(info.dtype);
+        t[i][kRank] = static_cast<int64_t>(info.shape.size());
+        for (size_t d = 0; d < info.shape.size(); ++d) t[i][kDims + static_cast<int64_t>(d)] = info.shape[d];
+      }
+      for (const std::string& name : state->keys()) {
+        if (!names.count(name)) report.unexpected.push_back(name);
+      }
+    });
+  }
+  agree(group, failure);
+  std::vector<at::Tensor> table_io{table};
+  c10d::BroadcastOptions from_source;
+  from_source.rootRank = source;
+  wait(group.broadcast(table_io, from_source));
+
+  // 2. Every rank checks its own model against the table, as load() would.
+  auto t = table.accessor<int64_t, 2>();
+  std::vector<detail::Part> parts(static_cast<size_t>(count));
+  at::Tensor loadable = at::zeros({std::max<int64_t>(count, 1)}, at::kLong);
+  failure = attempt([&] {
+    if (t[count][0] != count) {
+      throw Error(ErrorKind::ModelMismatch, "the model has " + std::to_string(count) +
+                                                " tensors, the source rank's model " +
+                                                std::to_string(t[count][0]));
+    }
+    for (int64_t i = 0; i < count; ++i) {
+      const auto& [name, target] = model_state[static_cast<size_t>(i)];
+      if (t[i][kNameHash] != static_cast<int64_t>(std::hash<std::string>{}(name))) {
+        throw Error(ErrorKind::ModelMismatch,
+                    "tensor " + std::to_string(i) + " is '" + name + "' here, another name on the source rank");
+      }
+      if (!t[i][kPresent]) {
+        report.missing.push_back(name);
+        continue;
+      }
+      StateDict::Info info{static_cast<Dtype>(t[i][kDtype]), {}, 0};
+      for (int64_t d = 0; d < t[i][kRank]; ++d) info.shape.push_back(t[i][kDims + d]);
+      const std::string why = detail::check_target(target, name, info, plan,
+                                                   is_source ? options.load.mode : LoadMode::Copy,
+                                                   parts[static_cast<size_t>(i)]);
+      if (!why.empty()) {
+        report.mismatched.push_back(name + ": " + why);
+        continue;
+      }
+      loadable[i] = 1;
+    }
+    if (options.load.strict && !report.complete()) {
+      throw Error(ErrorKind::ModelMismatch,
+                  path + " does not match the model, nothing was loaded: " + report.summary());
+    }
+  });
+  agree(group, failure);
+  // Not strict: a tensor moves only if every rank can take it.
+  std::vector<at::Tensor> loadable_io{loadable};
+  c10d::AllreduceOptions min;
+  min.reduceOp = c10d::ReduceOp::MIN;
+  wait(group.allreduce(loadable_io, min));
+
+  // 3. The weights move, tensor by tensor, in model order.
+  at::NoGradGuard no_grad;
+  for (int64_t i = 0; i < count; ++i) {
+    if (!loadable[i].item<int64_t>()) continue;
+    const std::string& name = model_state[static_cast<size_t>(i)].first;
+    at::Tensor target = model_state[static_cast<size_t>(i)].second;
+    const detail::Part part = parts[static_cast<size_t>(i)];
+    const int tag = static_cast<int>(i);
+    if (part.dim < 0) {  // replicated: a broadcast of the whole tensor
+      if (is_source) {
+        keep(target, state->at(name).to(target.scalar_type()), options.load.mode);
+        at::Tensor whole = target.contiguous();
+        if (whole.numel() > 0) {
+          std::vector<at::Tensor> io{bytes_of(whole)};
+          wait(group.broadcast(io, from_source));
+        }
+      } else {
+        receive_into(target, [&](at::Tensor bytes) {
+          if (bytes.numel() == 0) return;
+          std::vector<at::Tensor> io{bytes};
+          wait(group.broadcast(io, from_source));
+        });
+      }
+    } else if (is_source) {  // split: each rank gets its part, point to point
+      for (int r = 0; r < group.getSize(); ++r) {
+        at::Tensor piece = state->slice(name, part.dim, part.length * r, part.length).to(target.scalar_type());
+        if (r == source) {
+          keep(target, piece, options.load.mode);
+        } else if (piece.numel() > 0) {
+          std::vector<at::Tensor> io{bytes_of(piece.contiguous())};
+          wait(group.send(io, r, tag));
+        }
+      }
+      if (options.load.mode == LoadMode::Copy) state->release(name);
+    } else {
+      receive_into(target, [&](at::Tensor bytes) {
+        if (bytes.numel() == 0) return;
+        std::vector<at::Tensor> io{bytes};
+        wait(group.recv(io, source, tag));
+      });
+    }
+    report.loaded.push_back(name);
+  }
+  return report;
+}
+
+}  // namespace
+
+LoadReport load_distributed(torch::nn::Module& module, const std::string& path,
+                            c10d::ProcessGroup& group,
+                            const std::vector<std::pair<std::string, int64_t>>& splits,
+                            const DistributedLoadOptions& options) {
+  ParallelPlan plan{group.getRank(), group.getSize(), splits};
+  if (options.source_rank < -1 || options.source_rank >= group.getSize()) {
+    throw Error(ErrorKind::InvalidArgument, "source rank " + std::to_string(options.source_rank) +
+                                                " is not a rank of the group of " +
+                                                std::to_string(group.getSize()));
+  }
+  if (options.source_rank >= 0) return load_from_one_rank(module, path, group, plan, options);
+
+  // Every rank reads its own parts. The models are checked first, on every rank, so that
+  // either all load or none does.
+  LoadOptions local = options.load;
+  local.parallel = plan;
+  LoadReport report;
+  std::optional<StateDict> state;
+  auto failure = attempt([&] {
+    state = StateDict::open(path);
+    // The checks load() makes, without binding anything yet.
+    for (const auto& [name, target] : named_state(module)) {
+      if (!state->contains(name)) {
+        report.missing.push_back(name);
+        continue;
+      }
+      detail::Part part;
+      const std::string why = detail::check_target(target, name, state->info(name), plan, local.mode, part);
+      if (!why.empty()) report.mismatched.push_back(name + ": " + why);
+    }
+    if (local.strict && !report.complete()) {
+      throw Error(ErrorKind::ModelMismatch,
+                  path + " does not match the model, nothing was loaded: " + report.summary());
+    }
+  });
+  agree(group, failure);
+  failure = attempt([&] { report = load(module, *state, local); });
+  agree(group, failure);
+  return report;
+}
+
+}  // namespace tensormap

@@ -1,0 +1,47 @@
+// Internal to the LibTorch layer: the checks and helpers that load() and
+// load_distributed() share, so that both accept and refuse exactly the same models.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "tensormap/module.h"
+#include "tensormap/tensor.h"
+
+namespace tensormap::detail {
+
+// The part of a tensor one rank loads: elements [start, start + length) along dim.
+struct Part {
+  int64_t dim = -1;  // -1: the whole tensor
+  int64_t start = 0;
+  int64_t length = 0;
+};
+
+// Why the tensor described by `info` cannot be loaded into `target` in `mode`, or "".
+// `info.shape` is what the target must have: a split tensor's part shape.
+std::string mismatch(const at::Tensor& target, const StateDict::Info& info, LoadMode mode);
+
+// This rank's part of a tensor of shape `shape` under `plan`, with the part's shape put
+// into `shape`; or the reason it cannot be split ("" if it can, or is not split).
+std::string plan_part(const std::optional<ParallelPlan>& plan, const std::string& name,
+                      std::vector<int64_t>& shape, Part& part);
+
+// Why `info` (the whole tensor in the checkpoint) cannot be loaded into `target` under
+// `plan` in `mode`, or "" with `part` set to what this rank takes.
+std::string check_target(const at::Tensor& target, const std::string& name, StateDict::Info info,
+                         const std::optional<ParallelPlan>& plan, LoadMode mode, Part& part);
+
+// MADV_WILLNEED over the pages of a tensor's data: reads a mapped part of a file ahead,
+// exactly its pages. Advisory.
+void read_ahead_exactly(const at::Tensor& view);
+
+// Throws Error(InvalidArgument) unless 0 <= rank < world_size.
+void check_plan(const ParallelPlan& plan);
+
+// A fresh tensor like `like`, its pages faulted in ahead in one system call.
+at::Tensor allocate_populated(const at::Tensor& like);
+
+}  // namespace tensormap::detail

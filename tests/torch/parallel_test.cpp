@@ -1,0 +1,504 @@
+// Scale-out: slices, tensor-parallel loading, pages shared between processes, and
+// distributed loading over c10d (ProcessGroupGloo on loopback, FileStore and TCPStore).
+// Multi-process tests fork their ranks; CTest runs every test in its own process.
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <torch/csrc/distributed/c10d/FileStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <fstream>
+#include <functional>
+#include <iostream>
+#include <sstream>
+
+#include "../core/support.h"
+#include "tensormap/distributed.h"
+#include "tensormap/tensormap.h"
+
+namespace tensormap::testing {
+namespace {
+
+// A Megatron-style block for `world` ranks: `up` is column-parallel (its weight and bias
+// split along dim 0), `down` row-parallel (its weight split along dim 1, its bias
+// replicated), `norm` replicated. world = 1 is the whole model.
+struct BlockImpl : torch::nn::Module {
+  BlockImpl(int64_t d, int64_t h, int64_t world)
+      : up(register_module("up", torch::nn::Linear(d, h / world))),
+        down(register_module("down", torch::nn::Linear(h / world, d))),
+        norm(register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({d})))) {}
+  torch::nn::Linear up;
+  torch::nn::Linear down;
+  torch::nn::LayerNorm norm;
+};
+TORCH_MODULE(Block);
+
+torch::nn::ModuleList tp_model(int64_t layers, int64_t d, int64_t h, int64_t world) {
+  torch::nn::ModuleList list;
+  for (int64_t i = 0; i < layers; ++i) list->push_back(Block(d, h, world));
+  return list;
+}
+
+const std::vector<std::pair<std::string, int64_t>> kSplits = {
+    {"*.up.*", 0}, {"*.down.weight", 1}};
+
+// The tensor `name` of the whole model, cut as rank `rank` of `world` should hold it,
+// computed with torch's own narrow from the full tensor.
+at::Tensor expected_part(const StateDict& full, const std::string& name, int64_t rank, int64_t world) {
+  at::Tensor t = full.at(name);
+  ParallelPlan plan{rank, world, kSplits};
+  if (const auto dim = plan.split_dim(name)) {
+    const int64_t len = t.size(*dim) / world;
+    t = t.narrow(*dim, rank * len, len);
+  }
+  return t;
+}
+
+// Checks every tensor of `model` against the whole checkpoint; "" when all match.
+std::string compare_parts(const torch::nn::Module& model, const StateDict& full, int64_t rank,
+                          int64_t world) {
+  std::ostringstream out;
+  for (const auto& [name, t] : named_state(model)) {
+    if (is_released(t)) {
+      out << name << " still released; ";
+    } else if (!t.equal(expected_part(full, name, rank, world))) {
+      out << name << " differs; ";
+    }
+  }
+  return out.str();
+}
+
+void write_full_model(const std::string& path, int64_t layers, int64_t d, int64_t h,
+                      Format format = Format::Tensormap, bool sync = false) {
+  torch::manual_seed(7);
+  SaveOptions options;
+  options.format = format;
+  options.sync = sync;
+  save(*tp_model(layers, d, h, 1), path, options);
+}
+
+// --- slices ------------------------------------------------------------------------------
+
+TEST(Slice, AlongDimZeroIsAZeroCopyViewOfTheMapping) {
+  TempDir dir;
+  const std::string path = dir.file("m.tmap");
+  save({{"w", torch::arange(48, torch::kFloat).reshape({8, 6})}}, path, {4096, {}, false});
+  const File file = File::open(path);
+  const StateDict state(file);
+  const at::Tensor part = state.slice("w", 0, 2, 3);
+  EXPECT_EQ(part.sizes(), (std::vector<int64_t>{3, 6}));
+  const auto* base = reinterpret_cast<const char*>(file.cow_data(file.at("w")));
+  EXPECT_EQ(static_cast<const char*>(part.data_ptr()), base + 2 * 6 * 4) << "not a view";
+  EXPECT_TRUE(part.equal(torch::arange(12, 30, torch::kFloat).reshape({3, 6})));
+}
+
+TEST(Slice, AlongOtherDimsEqualsNarrowInEveryFormat) {
+  const at::Tensor full = torch::arange(4 * 6 * 5, torch::kInt).reshape({4, 6, 5});
+  for (Format format : {Format::Tensormap, Format::Safetensors, Format::TorchSave}) {
+    TempDir dir;
+    const std::string path = dir.file("m.bin");
+    SaveOptions options;
+    options.format = format;
+    options.sync = false;
+    save({{"t", full}, {"v", torch::arange(10, torch::kDouble)}}, path, options);
+    const StateDict state = StateDict::open(path);
+    for (int64_t dim : {0, 1, 2, -1}) {
+      for (auto [start, length] : std::vector<std::pair<int64_t, int64_t>>{{0, 1}, {1, 3}, {2, 0}}) {
+        const at::Tensor part = state.slice("t", dim, start, length);
+        EXPECT_TRUE(part.is_contiguous());
+        EXPECT_TRUE(part.equal(full.narrow(dim, start, length)))
+            << state.format() << " dim " << dim << " start " << start << " length " << length;
+      }
+    }
+    EXPECT_TRUE(state.slice("v", 0, 4, 6).equal(torch::arange(4, 10, torch::kDouble)));
+  }
+}
+
+TEST(Slice, OutOfRangeRequestsAreClearErrors) {
+  TempDir dir;
+  const std::string path = dir.file("m.tmap");
+  save({{"w", torch::zeros({4, 6})}, {"s", torch::zeros({})}}, path, {4096, {}, false});
+  const StateDict state = StateDict::open(path);
+  auto kind_of = [&](const std::function<void()>& f) {
+    try {
+      f();
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("'"), std::string::npos) << e.what();
+      return e.kind();
+    }
+    return ErrorKind::Io;  // "no error": the assertions below fail
+  };
+  EXPECT_EQ(kind_of([&] { state.slice("w", 2, 0, 1); }), ErrorKind::InvalidArgument);
+  EXPECT_EQ(kind_of([&] { state.slice("w", -3, 0, 1); }), ErrorKind::InvalidArgument);
+  EXPECT_EQ(kind_of([&] { state.slice("w", 1, 4, 3); }), ErrorKind::InvalidArgument);
+  EXPECT_EQ(kind_of([&] { state.slice("w", 0, -1, 1); }), ErrorKind::InvalidArgument);
+  EXPECT_EQ(kind_of([&] { state.slice("w", 0, 0, 5); }), ErrorKind::InvalidArgument);
+  EXPECT_EQ(kind_of([&] { state.slice("s", 0, 0, 1); }), ErrorKind::InvalidArgument);
+  EXPECT_EQ(kind_of([&] { state.slice("nope", 0, 0, 1); }), ErrorKind::NotFound);
+}
+
+// --- tensor-parallel load ----------------------------------------------------------------
+
+TEST(ParallelPlan, PatternsMatchLikeGlobsAndTheFirstMatchWins) {
+  EXPECT_TRUE(matches_pattern("*.up.*", "3.up.weight"));
+  EXPECT_TRUE(matches_pattern("*", ""));
+  EXPECT_TRUE(matches_pattern("a*b*c", "a.x.b.y.b.c"));
+  EXPECT_FALSE(matches_pattern("*.up.*", "3.down.weight"));
+  EXPECT_FALSE(matches_pattern("a*b", "a.b.c"));
+  EXPECT_TRUE(matches_pattern("exact", "exact"));
+  ParallelPlan plan{0, 2, {{"*.weight", 1}, {"*", 0}}};
+  EXPECT_EQ(plan.split_dim("x.weight"), 1);
+  EXPECT_EQ(plan.split_dim("x.bias"), 0);
+  EXPECT_EQ(ParallelPlan{}.split_dim("x"), std::nullopt);
+}
+
+TEST(ParallelLoad, EveryRankGetsExactlyItsPartInMapAndCopyMode) {
+  TempDir dir;
+  const std::string path = dir.file("full.tmap");
+  write_full_model(path, 2, 16, 64);
+  const StateDict full = StateDict::open(path);
+  constexpr int64_t kWorld = 4;
+  for (LoadMode mode : {LoadMode::Map, LoadMode::Copy}) {
+    for (int64_t rank = 0; rank < kWorld; ++rank) {
+      auto model = build_skeleton([] { return tp_model(2, 16, 64, kWorld); });
+      LoadOptions options;
+      options.mode = mode;
+      options.parallel = ParallelPlan{rank, kWorld, kSplits};
+      const File file = File::open(path);
+      const LoadReport report = load(*model, StateDict(file), options);
+      EXPECT_EQ(report.loaded.size(), 12u);
+      EXPECT_EQ(compare_parts(*model, full, rank, kWorld), "") << "rank " << rank;
+      // In map mode a dim-0 part is a view of the file; a dim-1 part is an owned copy.
+      const auto params = model->named_parameters();
+      const TensorEntry& up = file.at("0.up.weight");
+      const auto* up_base = static_cast<const char*>(file.cow_data(up));
+      const auto* up_ptr = static_cast<const char*>(params["0.up.weight"].data_ptr());
+      const bool up_in_file = up_ptr >= up_base && up_ptr < up_base + up.byte_length;
+      EXPECT_EQ(up_in_file, mode == LoadMode::Map);
+      const TensorEntry& down = file.at("0.down.weight");
+      const auto* down_base = static_cast<const char*>(file.cow_data(down));
+      const auto* down_ptr = static_cast<const char*>(params["0.down.weight"].data_ptr());
+      EXPECT_FALSE(down_ptr >= down_base && down_ptr < down_base + down.byte_length);
+    }
+  }
+  // A rank's forward pieces add up to the whole model's output (row-parallel sum).
+  auto whole = build_skeleton([] { return tp_model(1, 16, 64, 1); });
+  LoadOptions lenient;
+  lenient.strict = false;  // the whole checkpoint has 2 layers, this model 1
+  load(*whole, StateDict::open(path), lenient);
+  const at::Tensor x = torch::randn({3, 16});
+  auto block = whole[0]->as<BlockImpl>();
+  const at::Tensor expected = block->down(torch::relu(block->up(x)));
+  at::Tensor sum = torch::zeros_like(expected);
+  for (int64_t rank = 0; rank < kWorld; ++rank) {
+    auto part = build_skeleton([] { return tp_model(1, 16, 64, kWorld); });
+    LoadOptions options;
+    options.parallel = ParallelPlan{rank, kWorld, kSplits};
+    options.strict = false;  // the whole checkpoint has 2 layers, this model 1
+    load(*part, path, options);
+    auto b = part[0]->as<BlockImpl>();
+    sum += torch::nn::functional::linear(torch::relu(b->up(x)), b->down->weight);
+  }
+  EXPECT_TRUE(torch::allclose(sum + block->down->bias, expected, 1e-5, 1e-5));
+}
+
+TEST(ParallelLoad, UnevenSplitsBadRanksAndWrongShapesAreRefusedAndNothingIsLoaded) {
+  TempDir dir;
+  const std::string path = dir.file("full.tmap");
+  write_full_model(path, 1, 16, 64);
+  auto expect_error = [&](const ParallelPlan& plan, int64_t world_of_model, ErrorKind kind,
+                          const std::string& needle) {
+    auto model = build_skeleton([&] { return tp_model(1, 16, 64, world_of_model); });
+    LoadOptions options;
+    options.parallel = plan;
+    try {
+      load(*model, path, options);
+      ADD_FAILURE() << "loaded";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), kind) << e.what();
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+    for (const auto& [name, t] : named_state(*model)) EXPECT_TRUE(is_released(t)) << name;
+  };
+  // 64 does not split into 3 equal parts (the model is built for 4, so shapes differ too).
+  expect_error({0, 3, kSplits}, 4, ErrorKind::ModelMismatch, "does not split into 3 equal parts");
+  expect_error({4, 4, kSplits}, 4, ErrorKind::InvalidArgument, "rank 4 of world size 4");
+  expect_error({0, 2, kSplits}, 4, ErrorKind::ModelMismatch, "shape [16, 16] in the model, [32, 16] expected for rank 0 of 2 (dim 0 of [64, 16] split in 2)");
+  expect_error({0, 4, {{"*.up.*", 2}}}, 4, ErrorKind::ModelMismatch, "splits dimension 2");
+}
+
+// Pages of `path` in the page cache, and all its pages.
+std::pair<size_t, size_t> cached_pages(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  const size_t size = static_cast<size_t>(::lseek(fd, 0, SEEK_END));
+  void* map = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd, 0);
+  const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+  std::vector<unsigned char> in_core((size + page - 1) / page);
+  ::mincore(map, size, in_core.data());
+  ::munmap(map, size);
+  ::close(fd);
+  size_t cached = 0;
+  for (unsigned char c : in_core) cached += c & 1;
+  return {cached, in_core.size()};
+}
+
+// A rank reads its share of the file and not the rest: with the file evicted from the
+// page cache first (and mincore confirming it), loading rank 1 of 4 and touching every
+// weight brings in about a quarter of the file's pages. Margin: kernel read-around.
+TEST(ParallelLoad, ARankReadsOnlyItsShareOfTheFile) {
+  TempDir dir;
+  const std::string path = dir.file("full.tmap");
+  write_full_model(path, 4, 1024, 4096, Format::Tensormap, /*sync=*/true);  // 128 MiB
+  {
+    const int fd = ::open(path.c_str(), O_RDONLY);
+    ASSERT_EQ(::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED), 0);
+    ::close(fd);
+  }
+  const auto [before, total] = cached_pages(path);
+  if (before > total / 50) GTEST_SKIP() << "cannot evict the file from the page cache here";
+  for (LoadMode mode : {LoadMode::Map, LoadMode::Copy}) {
+    const int fd = ::open(path.c_str(), O_RDONLY);
+    ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+    ::close(fd);
+    auto model = build_skeleton([] { return tp_model(4, 1024, 4096, 4); });
+    LoadOptions options;
+    options.mode = mode;
+    options.parallel = ParallelPlan{1, 4, kSplits};
+    load(*model, path, options);
+    double total_sum = 0;
+    for (const auto& p : model->parameters()) total_sum += p.sum().item<double>();
+    (void)total_sum;
+    const auto [after, pages] = cached_pages(path);
+    std::printf("%s: %zu of %zu pages cached after loading rank 1 of 4\n",
+                mode == LoadMode::Map ? "map" : "copy", after, pages);
+    EXPECT_LT(after, pages / 4 + pages / 10) << "read more than its share";
+    EXPECT_GT(after, pages / 4 - pages / 50) << "did not read its share";
+  }
+}
+
+// --- processes ---------------------------------------------------------------------------
+
+// Forks `n` children running `body(i)`; each exits 0 on success. A child that hangs is
+// killed by its alarm after `seconds`. Returns one line per failed child ("" if none).
+std::string run_children(int n, const std::function<int(int)>& body, unsigned seconds = 120) {
+  std::vector<pid_t> pids;
+  for (int i = 0; i < n; ++i) {
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+      ::alarm(seconds);
+      at::set_num_threads(1);
+      int code = 1;
+      try {
+        code = body(i);
+      } catch (const std::exception& e) {
+        std::cerr << "child " << i << ": " << e.what() << "\n";
+        code = 3;
+      }
+      std::cout.flush();
+      std::cerr.flush();
+      ::_exit(code);
+    }
+    pids.push_back(pid);
+  }
+  std::ostringstream failures;
+  for (int i = 0; i < n; ++i) {
+    int status = 0;
+    ::waitpid(pids[static_cast<size_t>(i)], &status, 0);
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+      failures << "child " << i << ": "
+               << (WIFSIGNALED(status) ? "signal " + std::to_string(WTERMSIG(status))
+                                       : "exit " + std::to_string(WEXITSTATUS(status)))
+               << "; ";
+    }
+  }
+  return failures.str();
+}
+
+// Pss and Rss (bytes) of this process's mappings of `path`, from /proc/<pid>/smaps.
+std::pair<uint64_t, uint64_t> mapping_pss_rss(pid_t pid, const std::string& path) {
+  std::ifstream smaps("/proc/" + std::to_string(pid) + "/smaps");
+  std::string line;
+  bool in_file = false;
+  uint64_t pss = 0, rss = 0;
+  while (std::getline(smaps, line)) {
+    if (!line.empty() && std::isxdigit(static_cast<unsigned char>(line[0])) &&
+        line.find('-') < line.find(' ')) {
+      in_file = line.size() >= path.size() && line.compare(line.size() - path.size(), path.size(), path) == 0;
+    } else if (in_file && line.rfind("Pss:", 0) == 0) {
+      pss += std::stoull(line.substr(4)) * 1024;
+    } else if (in_file && line.rfind("Rss:", 0) == 0) {
+      rss += std::stoull(line.substr(4)) * 1024;
+    }
+  }
+  return {pss, rss};
+}
+
+// Four processes load one 64 MiB checkpoint in map mode and touch every weight; the
+// file's pages are mapped by all four but held once: their total Pss for the mapping is
+// at most 1.1 x the file, while each maps (Rss) nearly all of it.
+TEST(SharedPages, FourProcessesMappingOneCheckpointHoldOneCopy) {
+  TempDir dir;
+  const std::string path = dir.file("full.tmap");
+  write_full_model(path, 2, 1024, 4096);  // 64 MiB + small tensors
+  const uint64_t file_size = File::open(path).file_size();
+  int ready[2], go[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  ASSERT_EQ(::pipe(go), 0);
+  std::vector<pid_t> children;
+  for (int i = 0; i < 4; ++i) {
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+      at::set_num_threads(1);
+      ::alarm(120);
+      auto model = build_skeleton([] { return tp_model(2, 1024, 4096, 1); });
+      load(*model, path);
+      double total = 0;
+      for (const auto& p : model->parameters()) total += p.sum().item<double>();
+      const char byte = std::isfinite(total) ? 'k' : 'x';
+      (void)!::write(ready[1], &byte, 1);
+      char wait_for = 0;
+      (void)!::read(go[0], &wait_for, 1);
+      ::_exit(0);
+    }
+    children.push_back(pid);
+  }
+  int ok = 0;
+  for (int i = 0; i < 4; ++i) {
+    char byte = 0;
+    if (::read(ready[0], &byte, 1) == 1 && byte == 'k') ++ok;
+  }
+  uint64_t total_pss = 0;
+  std::vector<uint64_t> rss;
+  for (pid_t pid : children) {
+    const auto [pss, r] = mapping_pss_rss(pid, path);
+    total_pss += pss;
+    rss.push_back(r);
+  }
+  const char release[4] = {'g', 'g', 'g', 'g'};
+  (void)!::write(go[1], release, 4);
+  for (pid_t pid : children) ::waitpid(pid, nullptr, 0);
+  ASSERT_EQ(ok, 4) << "a child failed to load";
+  std::printf("4 processes: total Pss of the mapping %.1f MiB, file %.1f MiB\n",
+              total_pss / 1048576.0, file_size / 1048576.0);
+  EXPECT_LE(static_cast<double>(total_pss), 1.1 * static_cast<double>(file_size));
+  for (uint64_t r : rss) EXPECT_GE(static_cast<double>(r), 0.9 * static_cast<double>(file_size - 8192));
+}
+
+// --- distributed loading over c10d -------------------------------------------------------
+
+c10::intrusive_ptr<c10d::ProcessGroupGloo> gloo_group(const c10::intrusive_ptr<c10d::Store>& store,
+                                                     int rank, int world) {
+  auto options = c10d::ProcessGroupGloo::Options::create();
+  options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+  options->timeout = std::chrono::seconds(60);
+  return c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options);
+}
+
+// A port that was free a moment ago, for a TCPStore.
+uint16_t free_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+  socklen_t len = sizeof addr;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  ::close(fd);
+  return ntohs(addr.sin_port);
+}
+
+// Rank body shared by the distributed tests: load this rank's part, then check it against
+// the whole checkpoint (which the test itself reads, after the load).
+int load_and_check(c10d::ProcessGroup& group, const std::string& path_for_this_rank,
+                   const std::string& real_path, int source, LoadMode mode) {
+  const int rank = group.getRank(), world = group.getSize();
+  auto model = build_skeleton([&] { return tp_model(2, 16, 64, world); });
+  DistributedLoadOptions options;
+  options.source_rank = source;
+  options.load.mode = mode;
+  const LoadReport report = load_distributed(*model, path_for_this_rank, group, kSplits, options);
+  const std::string wrong = compare_parts(*model, StateDict::open(real_path), rank, world);
+  if (!wrong.empty() || report.loaded.size() != 12) {
+    std::cerr << "rank " << rank << ": " << wrong << " loaded " << report.loaded.size() << "\n";
+    return 2;
+  }
+  return 0;
+}
+
+TEST(Distributed, FourRanksReadTheirOwnPartsFromSharedStorageOverAFileStore) {
+  TempDir dir;
+  const std::string path = dir.file("full.tmap");
+  write_full_model(path, 2, 16, 64);
+  const std::string store = dir.file("store");
+  EXPECT_EQ(run_children(4, [&](int rank) {
+              auto group = gloo_group(c10::make_intrusive<c10d::FileStore>(store, 4), rank, 4);
+              return load_and_check(*group, path, path, -1, LoadMode::Map);
+            }),
+            "");
+}
+
+// Only rank 0 can read the checkpoint (the others are given a path that does not exist):
+// it sends each rank its parts over the process group and broadcasts the rest.
+TEST(Distributed, OnlyRankZeroHasTheFileAndSendsTheOthersTheirPartsOverATcpStore) {
+  for (int world : {2, 4}) {
+    TempDir dir;
+    const std::string path = dir.file("full.safetensors");
+    write_full_model(path, 2, 16, 64, Format::Safetensors);
+    const uint16_t port = free_port();
+    EXPECT_EQ(run_children(world, [&](int rank) {
+                c10d::TCPStoreOptions options;
+                options.port = port;
+                options.isServer = rank == 0;
+                options.numWorkers = world;
+                auto store = c10::make_intrusive<c10d::TCPStore>("127.0.0.1", options);
+                auto group = gloo_group(store, rank, world);
+                return load_and_check(*group, rank == 0 ? path : dir.file("absent"), path, 0,
+                                      rank == 0 ? LoadMode::Map : LoadMode::Copy);
+              }),
+              "")
+        << "world " << world;
+  }
+}
+
+// A problem found by one rank fails every rank with the same error; nobody hangs.
+TEST(Distributed, AMismatchOnOneRankFailsEveryRankWithItsMessage) {
+  TempDir dir;
+  const std::string path = dir.file("full.tmap");
+  write_full_model(path, 2, 16, 64);
+  for (int source : {-1, 0}) {
+    const std::string store = dir.file("store" + std::to_string(source + 1));
+    EXPECT_EQ(run_children(2, [&](int rank) {
+                auto group = gloo_group(c10::make_intrusive<c10d::FileStore>(store, 2), rank, 2);
+                // Rank 1 builds its model for 4 ranks: its shapes do not match.
+                auto model = build_skeleton([&] { return tp_model(2, 16, 64, rank == 1 ? 4 : 2); });
+                DistributedLoadOptions options;
+                options.source_rank = source;
+                try {
+                  load_distributed(*model, path, *group, kSplits, options);
+                } catch (const Error& e) {
+                  const std::string what = e.what();
+                  const bool right = e.kind() == ErrorKind::ModelMismatch &&
+                                     what.find("rank 1 of 2") != std::string::npos &&
+                                     what.find("0.up.weight") != std::string::npos;
+                  if (!right) std::cerr << "rank " << rank << ": " << what << "\n";
+                  for (const auto& [name, t] : named_state(*model)) {
+                    if (!is_released(t)) return 4;  // something was loaded
+                  }
+                  return right ? 0 : 2;
+                }
+                return 1;
+              }),
+              "")
+        << "source " << source;
+  }
+}
+
+}  // namespace
+}  // namespace tensormap::testing
