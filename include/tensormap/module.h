@@ -134,6 +134,13 @@ LoadReport load(torch::nn::Module& module, const File& file, const LoadOptions& 
 LoadReport load(torch::nn::Module& module, const std::string& path,
                 const LoadOptions& options = {});
 
+// Faults in now every page of every parameter and buffer of `module` (after a map-mode
+// load: the file's pages), with MADV_POPULATE_READ, split among `threads` threads (0:
+// LibTorch's intra-op thread count). A full touch at once instead of one 4 KiB fault at a
+// time on first use. Where the kernel lacks MADV_POPULATE_READ (before 5.14), reads one
+// byte per page instead. Does not write: map-mode pages stay shared with the page cache.
+void prefault(const torch::nn::Module& module, int threads = 0);
+
 struct SaveOptions {
   uint64_t alignment = 4096;  // tensormap files only
   std::vector<std::pair<std::string, std::string>> metadata;

@@ -1,10 +1,13 @@
 // Loading a torch::nn::Module from a tensormap file, and saving one into it.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <sys/mman.h>
 #include <torch/nn/module.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <sstream>
+#include <thread>
 #include <unordered_set>
 
 #include "loading.h"
@@ -293,6 +296,56 @@ LoadReport load(torch::nn::Module& module, const std::string& path, const LoadOp
     if (e.kind() != ErrorKind::ModelMismatch) throw;
     throw Error(e.kind(), path + ": " + e.what());
   }
+}
+
+void prefault(const torch::nn::Module& module, int threads) {
+  struct Range {
+    uintptr_t begin, end;
+  };
+  static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  std::vector<Range> ranges;
+  uint64_t total = 0;
+  for (const auto& [name, t] : named_state(module)) {
+    if (is_released(t) || t.nbytes() == 0 || !t.device().is_cpu()) continue;
+    const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr()) & ~(page - 1);
+    const auto end = reinterpret_cast<uintptr_t>(t.data_ptr()) + t.nbytes();
+    ranges.push_back({begin, end});
+    total += end - begin;
+  }
+  if (threads <= 0) threads = std::max(1, at::get_num_threads());
+  // Cut the ranges into `threads` shares of about equal bytes, on page boundaries.
+  const uint64_t share = (total / static_cast<uint64_t>(threads) + page) & ~(page - 1);
+  auto fault = [](uintptr_t begin, uintptr_t end) {
+#ifdef MADV_POPULATE_READ
+    if (::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_READ) == 0) return;
+#endif
+    volatile unsigned char sink = 0;
+    for (uintptr_t p = begin; p < end; p += page) sink = sink + *reinterpret_cast<const unsigned char*>(p);
+  };
+  std::vector<std::vector<Range>> work(static_cast<size_t>(threads));
+  size_t worker = 0;
+  uint64_t filled = 0;
+  for (Range r : ranges) {
+    while (r.begin < r.end) {
+      const uint64_t room = share - filled;
+      const uintptr_t cut = std::min<uintptr_t>(r.end, r.begin + room);
+      work[worker].push_back({r.begin, cut});
+      filled += cut - r.begin;
+      r.begin = cut;
+      if (filled >= share && worker + 1 < work.size()) {
+        ++worker;
+        filled = 0;
+      }
+    }
+  }
+  std::vector<std::thread> pool;
+  for (size_t w = 1; w < work.size(); ++w) {
+    pool.emplace_back([&, w] {
+      for (const Range& r : work[w]) fault(r.begin, r.end);
+    });
+  }
+  for (const Range& r : work[0]) fault(r.begin, r.end);
+  for (auto& t : pool) t.join();
 }
 
 void save(const std::vector<std::pair<std::string, at::Tensor>>& tensors, const std::string& path,

@@ -283,6 +283,26 @@ TEST(ParallelLoad, ARankReadsOnlyItsShareOfTheFile) {
   }
 }
 
+// --- prefault -----------------------------------------------------------------------------
+
+// prefault() brings every mapped weight into the process at once, from the page cache,
+// without copying: RssFile grows by the weights, RssAnon does not, values are unchanged.
+TEST(Prefault, FaultsInEveryMappedWeightWithoutCopyingThem) {
+  TempDir dir;
+  const std::string path = dir.file("full.tmap");
+  write_full_model(path, 2, 1024, 2048);  // 32 MiB
+  auto model = build_skeleton([] { return tp_model(2, 1024, 2048, 1); });
+  load(*model, path);
+  const auto before = read_process_memory();
+  prefault(*model, 2);
+  const auto after = read_process_memory();
+  EXPECT_GT(after.rss_file, before.rss_file + (30u << 20)) << "the weights were not faulted in";
+#if !defined(__SANITIZE_ADDRESS__)
+  EXPECT_LT(after.rss_anon, before.rss_anon + (4u << 20)) << "prefault copied pages";
+#endif
+  EXPECT_EQ(compare_parts(*model, StateDict::open(path), 0, 1), "");
+}
+
 // --- processes ---------------------------------------------------------------------------
 
 // Forks `n` children running `body(i)`; each exits 0 on success. A child that hangs is

@@ -1,0 +1,517 @@
+// The end-to-end benchmark harness: one measurement per process.
+//
+// bench/run_suite.py drives it; each call below runs in a fresh process, so that one
+// strategy's memory never counts against another's. Every `run` prints one JSON object.
+//
+//   tensormap_harness make     --dir D --mib N        checkpoints of an N MiB model, 4 formats
+//   tensormap_harness run      --dir D --mib N --strategy S [--cold]
+//   tensormap_harness memcpy   --mib N                memcpy bandwidth, 2 threads
+//   tensormap_harness seqread  --file F [--cold]      sequential pread bandwidth
+//   tensormap_harness seqwrite --dir D --mib N        write + fsync bandwidth
+//   tensormap_harness save     --dir D --mib N --strategy tensormap|torch
+//   tensormap_harness hold     --dir D --mib N        map-load, fault in, wait for stdin
+//   tensormap_harness tp       --dir D --mib N --ranks R --mode map|copy [--source 0]
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <torch/csrc/distributed/c10d/FileStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "tensormap/distributed.h"
+#include "tensormap/tensormap.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+double ms_since(Clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+}
+
+// The benchmark model: Megatron-style blocks of d=2048, h=4096 (64 MiB each in F32):
+// `up` column-parallel, `down` row-parallel, a replicated LayerNorm. world = 1: whole.
+constexpr int64_t kD = 2048, kH = 4096;
+struct BlockImpl : torch::nn::Module {
+  BlockImpl(int64_t world)
+      : up(register_module("up", torch::nn::Linear(kD, kH / world))),
+        down(register_module("down", torch::nn::Linear(kH / world, kD))),
+        norm(register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({kD})))) {}
+  torch::nn::Linear up, down;
+  torch::nn::LayerNorm norm;
+};
+TORCH_MODULE(Block);
+
+int64_t layers_for(int64_t mib) { return std::max<int64_t>(1, mib / 64); }
+
+torch::nn::ModuleList make_model(int64_t mib, int64_t world = 1) {
+  torch::nn::ModuleList list;
+  for (int64_t i = 0; i < layers_for(mib); ++i) list->push_back(Block(world));
+  return list;
+}
+
+const std::vector<std::pair<std::string, int64_t>> kSplits = {{"*.up.*", 0}, {"*.down.weight", 1}};
+
+std::string file_of(const std::string& dir, int64_t mib, const std::string& ext) {
+  return dir + "/model-" + std::to_string(mib) + "." + ext;
+}
+
+struct Args {
+  std::map<std::string, std::string> values;
+  std::string get(const std::string& key, const std::string& fallback = "") const {
+    auto it = values.find(key);
+    return it == values.end() ? fallback : it->second;
+  }
+  bool has(const std::string& key) const { return values.count(key) > 0; }
+};
+
+Args parse(int argc, char** argv) {
+  Args a;
+  for (int i = 2; i < argc; ++i) {
+    std::string k = argv[i];
+    if (k.rfind("--", 0) != 0) continue;
+    k = k.substr(2);
+    if (i + 1 < argc && std::string(argv[i + 1]).rfind("--", 0) != 0) {
+      a.values[k] = argv[++i];
+    } else {
+      a.values[k] = "1";
+    }
+  }
+  return a;
+}
+
+// --- JSON output: a flat object of numbers and strings -----------------------------------
+struct Json {
+  std::ostringstream out;
+  bool first = true;
+  Json& num(const std::string& k, double v) {
+    out << (first ? "{" : ", ") << '"' << k << "\": " << v;
+    first = false;
+    return *this;
+  }
+  Json& str(const std::string& k, const std::string& v) {
+    out << (first ? "{" : ", ") << '"' << k << "\": \"";
+    for (char c : v) {
+      if (c == '"' || c == '\\') out << '\\';
+      out << (static_cast<unsigned char>(c) < 0x20 ? ' ' : c);
+    }
+    out << '"';
+    first = false;
+    return *this;
+  }
+  Json& memory(const std::string& prefix, const tensormap::ProcessMemory& m) {
+    const double mib = 1048576.0;
+    return num(prefix + "_hwm_mib", m.vm_hwm / mib)
+        .num(prefix + "_anon_mib", m.rss_anon / mib)
+        .num(prefix + "_file_mib", m.rss_file / mib)
+        .num(prefix + "_pss_mib", m.pss / mib);
+  }
+  void print() {
+    out << (first ? "{}" : "}");
+    std::cout << out.str() << std::endl;
+  }
+};
+
+// --- page cache -----------------------------------------------------------------------------
+
+void sync_file(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd >= 0) {
+    ::fsync(fd);
+    ::close(fd);
+  }
+}
+
+// Drops the file's clean pages from the page cache; returns the fraction still cached
+// afterwards, measured with mincore.
+double evict(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) return 1;
+  ::fsync(fd);
+  ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+  const auto size = static_cast<size_t>(::lseek(fd, 0, SEEK_END));
+  double cached = 0;
+  if (size > 0) {
+    void* map = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd, 0);
+    const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+    std::vector<unsigned char> in_core((size + page - 1) / page);
+    ::mincore(map, size, in_core.data());
+    ::munmap(map, size);
+    size_t n = 0;
+    for (unsigned char c : in_core) n += c & 1;
+    cached = static_cast<double>(n) / static_cast<double>(in_core.size());
+  }
+  ::close(fd);
+  return cached;
+}
+
+// One byte per 4 KiB page, in order, on one thread: the naive full touch.
+double touch_naive(const torch::nn::Module& module) {
+  volatile unsigned char sink = 0;
+  for (const auto& [name, t] : tensormap::named_state(module)) {
+    const auto* p = static_cast<const unsigned char*>(t.data_ptr());
+    for (size_t i = 0; i < t.nbytes(); i += 4096) sink = sink + p[i];
+  }
+  return sink;
+}
+
+// --- make -----------------------------------------------------------------------------------
+
+int cmd_make(const Args& a) {
+  const std::string dir = a.get("dir");
+  const int64_t mib = std::stoll(a.get("mib"));
+  fs::create_directories(dir);
+  const std::string tmap = file_of(dir, mib, "tmap");
+  if (!fs::exists(tmap)) {
+    // Deterministic, cheap weights: a scaled ramp, written tensor by tensor.
+    auto model = tensormap::build_skeleton([&] { return make_model(mib); });
+    std::vector<tensormap::TensorSpec> specs;
+    for (const auto& [name, t] : tensormap::named_state(*model)) {
+      specs.push_back({name, tensormap::Dtype::F32, std::vector<uint64_t>(t.sizes().begin(), t.sizes().end())});
+    }
+    tensormap::Writer writer(tmap, specs, {});
+    std::vector<float> buffer;
+    for (size_t i = 0; i < specs.size(); ++i) {
+      buffer.resize(writer.byte_length(i) / 4);
+      for (size_t j = 0; j < buffer.size(); ++j) buffer[j] = static_cast<float>((j + i) % 251) * 1e-3f;
+      writer.write_tensor(buffer.data(), buffer.size() * 4);
+    }
+    writer.commit();
+  }
+  for (const auto& [ext, format] : std::vector<std::pair<std::string, tensormap::Format>>{
+           {"safetensors", tensormap::Format::Safetensors}, {"pt", tensormap::Format::TorchSave}}) {
+    const std::string out = file_of(dir, mib, ext);
+    if (fs::exists(out)) continue;
+    tensormap::ConvertOptions options;
+    options.format = format;
+    tensormap::convert(tmap, out, options);
+  }
+  const std::string archive = file_of(dir, mib, "archive");
+  if (!fs::exists(archive)) {
+    auto model = tensormap::build_skeleton([&] { return make_model(mib); });
+    tensormap::load(*model, tmap);
+    torch::save(model, archive);
+    sync_file(archive);
+  }
+  return 0;
+}
+
+// --- run: one loading strategy ----------------------------------------------------------------
+
+int cmd_run(const Args& a) {
+  const std::string dir = a.get("dir"), strategy = a.get("strategy");
+  const int64_t mib = std::stoll(a.get("mib"));
+  const bool cold = a.has("cold");
+  const std::map<std::string, std::string> file_for = {
+      {"tensormap-map", "tmap"},       {"tensormap-map-naive-touch", "tmap"},
+      {"tensormap-copy", "tmap"},      {"safetensors-map", "safetensors"},
+      {"torchsave-map", "pt"},         {"torch-load", "archive"},
+      {"torch-pickle-load", "pt"},     {"seed-load-then-rebind", "archive"}};
+  if (!file_for.count(strategy)) {
+    std::cerr << "unknown strategy " << strategy << "\n";
+    return 2;
+  }
+  const std::string path = file_of(dir, mib, file_for.at(strategy));
+  const double cached = cold ? evict(path) : -1;
+  Json out;
+  out.str("strategy", strategy).num("mib", static_cast<double>(mib)).str("cache", cold ? "cold" : "warm");
+  if (cold) out.num("cached_fraction_before", cached);
+  out.num("tensors", static_cast<double>(layers_for(mib) * 6));
+  tensormap::reset_peak_memory();
+  const auto base = tensormap::read_process_memory();
+  out.memory("base", base);
+
+  torch::nn::ModuleList model{nullptr};
+  const bool constructs = strategy == "torch-load" || strategy == "torch-pickle-load";
+  auto t0 = Clock::now();
+  if (constructs) {
+    model = make_model(mib);
+  } else if (strategy == "seed-load-then-rebind") {
+    // The seed's "meta" model: constructed without initialising, so its (untouched)
+    // storage costs nothing until each parameter is given the loaded one.
+    tensormap::SkeletonScope scope;
+    model = make_model(mib);
+  } else {
+    model = tensormap::build_skeleton([&] { return make_model(mib); });
+  }
+  out.num("build_ms", ms_since(t0));
+
+  t0 = Clock::now();
+  std::string note;
+  try {
+    if (strategy == "tensormap-copy") {
+      tensormap::LoadOptions o;
+      o.mode = tensormap::LoadMode::Copy;
+      tensormap::load(*model, path, o);
+    } else if (strategy == "torch-load") {
+      torch::load(model, path);
+    } else if (strategy == "torch-pickle-load") {
+      std::ifstream in(path, std::ios::binary);
+      std::vector<char> bytes((std::istreambuf_iterator<char>(in)), {});
+      const c10::IValue value = torch::pickle_load(bytes);
+      torch::NoGradGuard no_grad;
+      const auto dict = value.toGenericDict();
+      for (auto& [name, target] : tensormap::named_state(*model)) target.copy_(dict.at(name).toTensor());
+    } else if (strategy == "seed-load-then-rebind") {
+      // The whole state dict in memory, then each parameter of the storage-less model
+      // rebound to it: the archive is read into one module holding every tensor.
+      torch::serialize::InputArchive archive;
+      archive.load_from(path);
+      torch::NoGradGuard no_grad;
+      for (auto& [name, target] : tensormap::named_state(*model)) {
+        std::vector<torch::serialize::InputArchive> levels;
+        levels.reserve(8);
+        torch::serialize::InputArchive* level = &archive;
+        std::string rest = name;
+        for (size_t dot; (dot = rest.find('.')) != std::string::npos; rest = rest.substr(dot + 1)) {
+          levels.emplace_back();
+          if (!level->try_read(rest.substr(0, dot), levels.back())) throw std::runtime_error("no " + name);
+          level = &levels.back();
+        }
+        at::Tensor value;
+        level->read(rest, value);
+        target.set_data(value);  // the parameter takes the loaded storage as its own
+      }
+    } else {
+      tensormap::load(*model, path);
+    }
+  } catch (const std::exception& e) {
+    note = e.what();
+    note = note.substr(0, note.find('\n'));
+  }
+  out.num("load_ms", ms_since(t0));
+  out.memory("loaded", tensormap::read_process_memory());
+  if (!note.empty()) {
+    out.str("error", note);
+    out.print();
+    return 0;
+  }
+  t0 = Clock::now();
+  if (strategy == "tensormap-map-naive-touch") {
+    touch_naive(*model);
+  } else if (strategy.find("-map") != std::string::npos) {
+    tensormap::prefault(*model, 2);
+  } else {
+    touch_naive(*model);  // already resident: this only confirms it
+  }
+  out.num("touch_ms", ms_since(t0));
+  out.memory("touched", tensormap::read_process_memory());
+  // A forward pass on what was loaded: proves the weights are usable.
+  torch::NoGradGuard no_grad;
+  at::Tensor x = torch::ones({1, kD});
+  auto block = model[0]->as<BlockImpl>();
+  out.num("check", block->norm(block->down(torch::relu(block->up(x)))).sum().item<double>());
+  out.print();
+  return 0;
+}
+
+// --- baselines --------------------------------------------------------------------------------
+
+int cmd_memcpy(const Args& a) {
+  const size_t bytes = static_cast<size_t>(std::stoll(a.get("mib", "512"))) << 20;
+  std::vector<char> src(bytes, 1), dst(bytes, 0);  // both faulted in
+  double best = 1e30;
+  for (int round = 0; round < 5; ++round) {
+    const auto t0 = Clock::now();
+    std::thread other([&] { std::memcpy(dst.data() + bytes / 2, src.data() + bytes / 2, bytes - bytes / 2); });
+    std::memcpy(dst.data(), src.data(), bytes / 2);
+    other.join();
+    best = std::min(best, ms_since(t0));
+  }
+  // The same copy into fresh memory (never touched before), as any load into new tensors
+  // must do: it adds the kernel's cost of faulting pages in.
+  double fresh = 1e30;
+  for (int round = 0; round < 3; ++round) {
+    void* raw = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    auto* out = static_cast<char*>(raw);
+    const auto t0 = Clock::now();
+    std::thread other([&] { std::memcpy(out + bytes / 2, src.data() + bytes / 2, bytes - bytes / 2); });
+    std::memcpy(out, src.data(), bytes / 2);
+    other.join();
+    fresh = std::min(fresh, ms_since(t0));
+    ::munmap(raw, bytes);
+  }
+  Json().num("memcpy_mib", static_cast<double>(bytes >> 20)).num("memcpy_ms", best)
+      .num("memcpy_gbps", bytes / best / 1e6).num("fresh_memcpy_gbps", bytes / fresh / 1e6).print();
+  return 0;
+}
+
+int cmd_seqread(const Args& a) {
+  const std::string path = a.get("file");
+  const bool cold = a.has("cold");
+  const double cached = cold ? evict(path) : -1;
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  std::vector<char> buffer(8 << 20);
+  uint64_t total = 0;
+  const auto t0 = Clock::now();
+  for (ssize_t n; (n = ::read(fd, buffer.data(), buffer.size())) > 0;) total += static_cast<uint64_t>(n);
+  const double ms = ms_since(t0);
+  ::close(fd);
+  Json j;
+  j.str("cache", cold ? "cold" : "warm").num("bytes", static_cast<double>(total)).num("ms", ms)
+      .num("gbps", total / ms / 1e6);
+  if (cold) j.num("cached_fraction_before", cached);
+  j.print();
+  return 0;
+}
+
+int cmd_seqwrite(const Args& a) {
+  const size_t bytes = static_cast<size_t>(std::stoll(a.get("mib"))) << 20;
+  const std::string path = a.get("dir") + "/seqwrite.bin";
+  std::vector<char> buffer(8 << 20, 3);
+  const auto t0 = Clock::now();
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  for (size_t done = 0; done < bytes; done += buffer.size()) {
+    if (::write(fd, buffer.data(), std::min(buffer.size(), bytes - done)) < 0) return 1;
+  }
+  ::fsync(fd);
+  ::close(fd);
+  const double ms = ms_since(t0);
+  fs::remove(path);
+  Json().num("bytes", static_cast<double>(bytes)).num("ms", ms).num("gbps", bytes / ms / 1e6).print();
+  return 0;
+}
+
+// --- save -----------------------------------------------------------------------------------
+
+int cmd_save(const Args& a) {
+  const std::string dir = a.get("dir"), strategy = a.get("strategy");
+  const int64_t mib = std::stoll(a.get("mib"));
+  auto model = tensormap::build_skeleton([&] { return make_model(mib); });
+  tensormap::LoadOptions o;
+  o.mode = tensormap::LoadMode::Copy;  // an ordinary model in memory, as after training
+  tensormap::load(*model, file_of(dir, mib, "tmap"), o);
+  const std::string out_path = dir + "/saved-" + strategy;
+  tensormap::reset_peak_memory();
+  const auto before = tensormap::read_process_memory();
+  const auto t0 = Clock::now();
+  if (strategy == "tensormap") {
+    tensormap::save(*model, out_path);  // fsyncs the file and its directory
+  } else {
+    torch::save(model, out_path);
+    sync_file(out_path);
+  }
+  const double ms = ms_since(t0);
+  const auto after = tensormap::read_process_memory();
+  const auto bytes = static_cast<double>(fs::file_size(out_path));
+  fs::remove(out_path);
+  Json().str("strategy", strategy).num("mib", static_cast<double>(mib)).num("ms", ms)
+      .num("gbps", bytes / ms / 1e6)
+      .num("extra_peak_mib", (after.vm_hwm > before.vm_rss ? after.vm_hwm - before.vm_rss : 0) / 1048576.0)
+      .print();
+  return 0;
+}
+
+// --- sharing: a process that maps the checkpoint and waits ----------------------------------
+
+int cmd_hold(const Args& a) {
+  const std::string dir = a.get("dir");
+  const int64_t mib = std::stoll(a.get("mib"));
+  auto model = tensormap::build_skeleton([&] { return make_model(mib); });
+  tensormap::load(*model, file_of(dir, mib, "tmap"));
+  tensormap::prefault(*model, 1);
+  std::cout << "ready" << std::endl;
+  std::string line;
+  std::getline(std::cin, line);
+  return 0;
+}
+
+// --- tensor parallelism over c10d -------------------------------------------------------------
+
+int cmd_tp(const Args& a) {
+  const std::string dir = a.get("dir");
+  const int64_t mib = std::stoll(a.get("mib"));
+  const int ranks = std::stoi(a.get("ranks", "4"));
+  const bool map = a.get("mode", "map") == "map";
+  const int source = std::stoi(a.get("source", "-1"));
+  const std::string store = dir + "/store-" + std::to_string(::getpid());
+  fs::remove(store);
+  std::vector<pid_t> pids;
+  int pipes[2];
+  if (::pipe(pipes) != 0) return 1;
+  for (int rank = 0; rank < ranks; ++rank) {
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+      at::set_num_threads(1);
+      auto options = c10d::ProcessGroupGloo::Options::create();
+      options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+      c10d::ProcessGroupGloo group(c10::make_intrusive<c10d::FileStore>(store, ranks), rank, ranks, options);
+      auto model = tensormap::build_skeleton([&] { return make_model(mib, ranks); });
+      tensormap::reset_peak_memory();
+      const auto before = tensormap::read_process_memory();
+      tensormap::DistributedLoadOptions o;
+      o.load.mode = map ? tensormap::LoadMode::Map : tensormap::LoadMode::Copy;
+      o.source_rank = source;
+      const auto t0 = Clock::now();
+      tensormap::load_distributed(*model, file_of(dir, mib, "tmap"), group, kSplits, o);
+      tensormap::prefault(*model, 1);
+      const double ms = ms_since(t0);
+      Json j;
+      const auto after = tensormap::read_process_memory();
+      j.num("rank", rank).num("load_and_touch_ms", ms).memory("touched", after)
+          .num("resident_growth_mib", (static_cast<double>(after.rss_anon + after.rss_file) -
+                                       static_cast<double>(before.rss_anon + before.rss_file)) / 1048576.0)
+          .num("peak_growth_mib", (static_cast<double>(after.vm_hwm) - static_cast<double>(before.vm_rss)) / 1048576.0);
+      j.out << "}";
+      const std::string text = j.out.str() + "\n";
+      (void)!::write(pipes[1], text.data(), text.size());
+      group.barrier()->wait();
+      ::_exit(0);
+    }
+    pids.push_back(pid);
+  }
+  ::close(pipes[1]);
+  std::string all;
+  char buffer[4096];
+  for (ssize_t n; (n = ::read(pipes[0], buffer, sizeof buffer)) > 0;) all.append(buffer, static_cast<size_t>(n));
+  int failed = 0;
+  for (pid_t pid : pids) {
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    failed += !(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  }
+  fs::remove(store);
+  std::cout << all;
+  return failed ? 1 : 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    std::cerr << "usage: tensormap_harness make|run|memcpy|seqread|seqwrite|save|hold|tp [--options]\n";
+    return 2;
+  }
+  const std::string cmd = argv[1];
+  const Args a = parse(argc, argv);
+  try {
+    if (cmd == "make") return cmd_make(a);
+    if (cmd == "run") return cmd_run(a);
+    if (cmd == "memcpy") return cmd_memcpy(a);
+    if (cmd == "seqread") return cmd_seqread(a);
+    if (cmd == "seqwrite") return cmd_seqwrite(a);
+    if (cmd == "save") return cmd_save(a);
+    if (cmd == "hold") return cmd_hold(a);
+    if (cmd == "tp") return cmd_tp(a);
+  } catch (const std::exception& e) {
+    std::cerr << cmd << ": " << e.what() << "\n";
+    return 1;
+  }
+  std::cerr << "unknown command " << cmd << "\n";
+  return 2;
+}
