@@ -70,35 +70,16 @@ std::optional<Error> attempt(const std::function<void()>& step) {
 // A tensor's bytes as a flat U8 view, which c10d moves whatever the dtype.
 at::Tensor bytes_of(const at::Tensor& t) { return t.view({-1}).view(at::kByte); }
 
-// Makes a released target an ordinary tensor with fresh memory; keeps an allocated one.
-void ensure_storage(at::Tensor& target) {
-  if (is_released(target)) {
-    detail::prepare_to_bind(target);
-    target.set_(detail::allocate_populated(target));
-  }
-}
-
 // Receives into `target` through a contiguous buffer (the target itself when possible).
 template <typename Receive>
 void receive_into(at::Tensor& target, Receive receive) {
-  ensure_storage(target);
+  detail::ensure_storage(target);
   if (target.is_contiguous()) {
     receive(bytes_of(target));
   } else {
     at::Tensor buffer = at::empty(target.sizes(), target.options());
     receive(bytes_of(buffer));
     target.copy_(buffer);
-  }
-}
-
-// Stores `value` (this rank's part, already converted) into `target` as `mode` says.
-void keep(at::Tensor& target, const at::Tensor& value, LoadMode mode) {
-  if (mode == LoadMode::Map) {
-    detail::prepare_to_bind(target);
-    target.set_(value);
-  } else {
-    ensure_storage(target);
-    target.copy_(value);
   }
 }
 
@@ -197,7 +178,7 @@ LoadReport load_from_one_rank(torch::nn::Module& module, const std::string& path
     const int tag = static_cast<int>(i);
     if (part.dim < 0) {  // replicated: a broadcast of the whole tensor
       if (is_source) {
-        keep(target, state->at(name).to(target.scalar_type()), options.load.mode);
+        detail::store(target, state->at(name).to(target.scalar_type()), options.load.mode);
         at::Tensor whole = target.contiguous();
         if (whole.numel() > 0) {
           std::vector<at::Tensor> io{bytes_of(whole)};
@@ -214,7 +195,7 @@ LoadReport load_from_one_rank(torch::nn::Module& module, const std::string& path
       for (int r = 0; r < group.getSize(); ++r) {
         at::Tensor piece = state->slice(name, part.dim, part.length * r, part.length).to(target.scalar_type());
         if (r == source) {
-          keep(target, piece, options.load.mode);
+          detail::store(target, piece, options.load.mode);
         } else if (piece.numel() > 0) {
           std::vector<at::Tensor> io{bytes_of(piece.contiguous())};
           wait(group.send(io, r, tag));
@@ -251,27 +232,20 @@ LoadReport load_distributed(torch::nn::Module& module, const std::string& path,
   // either all load or none does.
   LoadOptions local = options.load;
   local.parallel = plan;
-  LoadReport report;
   std::optional<StateDict> state;
+  std::optional<detail::LoadPlan> load_plan;
   auto failure = attempt([&] {
     state = StateDict::open(path);
-    // The checks load() makes, without binding anything yet.
-    for (const auto& [name, target] : named_state(module)) {
-      if (!state->contains(name)) {
-        report.missing.push_back(name);
-        continue;
-      }
-      detail::Part part;
-      const std::string why = detail::check_target(target, name, state->info(name), plan, local.mode, part);
-      if (!why.empty()) report.mismatched.push_back(name + ": " + why);
-    }
-    if (local.strict && !report.complete()) {
-      throw Error(ErrorKind::ModelMismatch,
-                  path + " does not match the model, nothing was loaded: " + report.summary());
+    try {
+      load_plan = detail::plan_load(module, *state, local);
+    } catch (const Error& e) {
+      if (e.kind() != ErrorKind::ModelMismatch) throw;
+      throw Error(e.kind(), path + ": " + e.what());
     }
   });
   agree(group, failure);
-  failure = attempt([&] { report = load(module, *state, local); });
+  LoadReport report;
+  failure = attempt([&] { report = detail::apply_load(std::move(*load_plan), *state, local); });
   agree(group, failure);
   return report;
 }

@@ -38,6 +38,33 @@ std::string check_target(const at::Tensor& target, const std::string& name, Stat
 // exactly its pages. Advisory.
 void read_ahead_exactly(const at::Tensor& view);
 
+// What load() will do, decided before anything is bound: the report of every problem,
+// and one binding per tensor that can be loaded.
+struct LoadPlan {
+  struct Binding {
+    at::Tensor target;
+    std::string name;
+    Part part;
+  };
+  LoadReport report;
+  std::vector<Binding> bindings;
+};
+
+// Checks `module` against `state` as load() does, binding nothing. Throws
+// Error(ModelMismatch) listing every problem when options.strict and any is found.
+LoadPlan plan_load(const torch::nn::Module& module, const StateDict& state, const LoadOptions& options);
+
+// Carries out a plan: binds (map) or copies (copy) each tensor, and returns the report.
+LoadReport apply_load(LoadPlan plan, const StateDict& state, const LoadOptions& options);
+
+// Makes a released target an ordinary tensor with fresh, faulted-in memory; keeps an
+// allocated one as it is.
+void ensure_storage(at::Tensor& target);
+
+// Puts `value` into `target`: binds it in map mode, copies it (allocating a released
+// target first) in copy mode.
+void store(at::Tensor& target, const at::Tensor& value, LoadMode mode);
+
 // Throws Error(InvalidArgument) unless 0 <= rank < world_size.
 void check_plan(const ParallelPlan& plan);
 

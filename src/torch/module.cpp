@@ -194,33 +194,43 @@ std::vector<std::pair<std::string, at::Tensor>> named_state(const torch::nn::Mod
   return out;
 }
 
-LoadReport load(torch::nn::Module& module, const StateDict& state, const LoadOptions& options) {
-  using detail::allocate_populated;
-  using detail::Part;
-  struct Binding {
-    at::Tensor target;
-    const std::string* name;
-    Part part;
-  };
-  if (options.parallel) detail::check_plan(*options.parallel);
-  const auto model_state = named_state(module);
-  LoadReport report;
-  std::vector<Binding> plan;
-  std::unordered_set<std::string_view> model_names;
-  for (const auto& [name, tensor] : model_state) {
+namespace detail {
+
+void ensure_storage(at::Tensor& target) {
+  if (is_released(target)) {
+    prepare_to_bind(target);
+    target.set_(allocate_populated(target));
+  }
+}
+
+void store(at::Tensor& target, const at::Tensor& value, LoadMode mode) {
+  if (mode == LoadMode::Map) {
+    prepare_to_bind(target);
+    target.set_(value);
+  } else {
+    ensure_storage(target);
+    target.copy_(value);
+  }
+}
+
+LoadPlan plan_load(const torch::nn::Module& module, const StateDict& state, const LoadOptions& options) {
+  if (options.parallel) check_plan(*options.parallel);
+  LoadPlan plan;
+  LoadReport& report = plan.report;
+  std::unordered_set<std::string> model_names;
+  for (auto& [name, tensor] : named_state(module)) {
     model_names.insert(name);
     if (!state.contains(name)) {
       report.missing.push_back(name);
       continue;
     }
     Part part;
-    const std::string why = detail::check_target(tensor, name, state.info(name), options.parallel,
-                                                 options.mode, part);
+    const std::string why = check_target(tensor, name, state.info(name), options.parallel, options.mode, part);
     if (!why.empty()) {
       report.mismatched.push_back(name + ": " + why);
       continue;
     }
-    plan.push_back({tensor, &name, part});
+    plan.bindings.push_back({tensor, name, part});
   }
   for (const std::string& name : state.keys()) {
     if (!model_names.count(name)) report.unexpected.push_back(name);
@@ -230,54 +240,53 @@ LoadReport load(torch::nn::Module& module, const StateDict& state, const LoadOpt
                                               " checkpoint does not match the model, nothing was loaded: " +
                                               report.summary());
   }
+  return plan;
+}
 
+LoadReport apply_load(LoadPlan plan, const StateDict& state, const LoadOptions& options) {
+  LoadReport& report = plan.report;
   at::NoGradGuard no_grad;
-  for (Binding& b : plan) {
+  for (LoadPlan::Binding& b : plan.bindings) {
     at::Tensor& target = b.target;
     if (b.part.dim >= 0) {
       // A rank's part: a zero-copy view or an owned copy of just the part.
-      at::Tensor part = state.slice(*b.name, b.part.dim, b.part.start, b.part.length);
+      at::Tensor part = state.slice(b.name, b.part.dim, b.part.start, b.part.length);
       // A view of the mapping: its pages are read ahead now, exactly. Left to page faults,
       // the kernel's read-around (up to read_ahead_kb, 8 MiB on some disks) would pull in
       // the neighbouring ranks' parts too.
-      detail::read_ahead_exactly(part);
-      if (options.mode == LoadMode::Map) {
-        detail::prepare_to_bind(target);
-        target.set_(part);
-      } else {
-        if (is_released(target)) {
-          detail::prepare_to_bind(target);
-          target.set_(allocate_populated(target));
-        }
-        target.copy_(part);
+      read_ahead_exactly(part);
+      store(target, part, options.mode);
+      if (options.mode == LoadMode::Copy) {
         part = at::Tensor();
-        state.release(*b.name);
+        state.release(b.name);
       }
     } else if (options.mode == LoadMode::Map) {
-      detail::prepare_to_bind(target);
-      target.set_(state.at(*b.name));
+      store(target, state.at(b.name), LoadMode::Map);
       // A rank of a parallel load uses everything it loads: read it ahead exactly, or the
       // first touch of a small replicated tensor reads megabytes around it.
-      if (options.parallel) detail::read_ahead_exactly(target);
+      if (options.parallel) read_ahead_exactly(target);
     } else {
       // Copy mode reads with pread rather than through the mapping: no SIGBUS if the file
       // shrinks meanwhile, and no mapped pages to fault in.
-      if (is_released(target)) {
-        detail::prepare_to_bind(target);
-        target.set_(allocate_populated(target));
-      }
-      const StateDict::Info info = state.info(*b.name);
+      ensure_storage(target);
+      const StateDict::Info info = state.info(b.name);
       if (*to_scalar_type(info.dtype) == target.scalar_type() && target.is_contiguous()) {
-        state.read(*b.name, target.data_ptr());
+        state.read(b.name, target.data_ptr());
       } else {
-        const at::Tensor raw = state.raw_bytes(*b.name);
+        const at::Tensor raw = state.raw_bytes(b.name);
         target.copy_(raw.view(*to_scalar_type(info.dtype)).view(info.shape));
       }
-      state.release(*b.name);
+      state.release(b.name);
     }
-    report.loaded.push_back(*b.name);
+    report.loaded.push_back(b.name);
   }
   return report;
+}
+
+}  // namespace detail
+
+LoadReport load(torch::nn::Module& module, const StateDict& state, const LoadOptions& options) {
+  return detail::apply_load(detail::plan_load(module, state, options), state, options);
 }
 
 LoadReport load(torch::nn::Module& module, const File& file, const LoadOptions& options) {
