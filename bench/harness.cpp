@@ -11,6 +11,8 @@
 //   tensormap_harness save     --dir D --mib N --strategy tensormap|torch
 //   tensormap_harness hold     --dir D --mib N        map-load, fault in, wait for stdin
 //   tensormap_harness tp       --dir D --mib N --ranks R --mode map|copy [--source 0]
+//   tensormap_harness part     --dir D --mib N --ranks R --rank K --mode map|copy
+//                              rank K's part alone, in one process, with no process group
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -490,11 +492,39 @@ int cmd_tp(const Args& a) {
   return failed ? 1 : 0;
 }
 
+// --- one rank's part, alone ------------------------------------------------------------------
+
+int cmd_part(const Args& a) {
+  const std::string dir = a.get("dir");
+  const int64_t mib = std::stoll(a.get("mib"));
+  const int64_t ranks = std::stoll(a.get("ranks", "4")), rank = std::stoll(a.get("rank", "1"));
+  at::set_num_threads(1);
+  auto model = tensormap::build_skeleton([&] { return make_model(mib, ranks); });
+  tensormap::LoadOptions o;
+  o.mode = a.get("mode", "map") == "map" ? tensormap::LoadMode::Map : tensormap::LoadMode::Copy;
+  o.parallel = tensormap::ParallelPlan{rank, ranks, kSplits};
+  tensormap::reset_peak_memory();
+  const auto before = tensormap::read_process_memory();
+  const auto t0 = Clock::now();
+  tensormap::load(*model, file_of(dir, mib, "tmap"), o);
+  const double load_ms = ms_since(t0);
+  const auto t1 = Clock::now();
+  tensormap::prefault(*model, 1);
+  const double touch_ms = ms_since(t1);
+  const auto after = tensormap::read_process_memory();
+  Json().num("rank", static_cast<double>(rank)).num("load_ms", load_ms).num("touch_ms", touch_ms)
+      .memory("touched", after)
+      .num("resident_growth_mib", (static_cast<double>(after.rss_anon + after.rss_file) -
+                                   static_cast<double>(before.rss_anon + before.rss_file)) / 1048576.0)
+      .print();
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::cerr << "usage: tensormap_harness make|run|memcpy|seqread|seqwrite|save|hold|tp [--options]\n";
+    std::cerr << "usage: tensormap_harness make|run|memcpy|seqread|seqwrite|save|hold|tp|part [--options]\n";
     return 2;
   }
   const std::string cmd = argv[1];
@@ -508,6 +538,7 @@ int main(int argc, char** argv) {
     if (cmd == "save") return cmd_save(a);
     if (cmd == "hold") return cmd_hold(a);
     if (cmd == "tp") return cmd_tp(a);
+    if (cmd == "part") return cmd_part(a);
   } catch (const std::exception& e) {
     std::cerr << cmd << ": " << e.what() << "\n";
     return 1;

@@ -94,6 +94,16 @@ class File {
   // REQUIRES: entry belongs to this File.
   void* cow_data(const TensorEntry& entry) const;
 
+  // [offset, offset + size) of the tensor in a private, copy-on-write mapping of its own,
+  // apart from the mapping of the whole file: the returned pointer is the first byte, and
+  // the mapping lives as long as the pointer (not the File). Touching it can put into
+  // this process's resident set only the range's own pages, where a touch of the whole
+  // file's mapping maps the whole page-cache folio around it (up to 2 MiB on Linux 6.x),
+  // neighbours' bytes included. One mapping (VMA) per call, of the vm.max_map_count the
+  // kernel allows a process. Throws Error(InvalidArgument) for a range past the tensor,
+  // Error(Io) if the kernel refuses.
+  std::shared_ptr<void> map_region(const TensorEntry& entry, uint64_t offset, uint64_t size) const;
+
   // Owns the mapping: hold it to keep cow_data()/bytes() pointers valid after every
   // File copy is gone (for example in a tensor's deleter).
   std::shared_ptr<const void> keep_alive() const;

@@ -111,7 +111,11 @@ struct LoadOptions {
   // are zero-copy in map mode; other parts are read row by row (StateDict::slice), so a
   // rank reads and keeps only its share and the rest of the file stays out of memory. In
   // map mode every bound tensor is read ahead exactly (MADV_WILLNEED), because page-fault
-  // read-around (read_ahead_kb) would otherwise pull in other ranks' parts.
+  // read-around (read_ahead_kb) would otherwise pull in other ranks' parts; and it is
+  // mapped on its own (ViewMapping::Own), because a fault in the whole file's mapping maps
+  // the whole page-cache folio around it, other ranks' bytes included. (Past a quarter of
+  // vm.max_map_count tensors, the whole file's mapping is used.) In copy mode each part
+  // is read with pread straight into its parameter, with no temporary.
   std::optional<ParallelPlan> parallel;
 };
 

@@ -53,6 +53,20 @@ struct StateSource;
 // (*.index.json), or a torch.save archive. Opening reads the header or index only (a
 // torch.save archive's pickle is read, its tensor data is not); shards are mapped when
 // one of their tensors is first asked for; a tensor's bytes are read when touched.
+// Which mapping a zero-copy view of a file lies in.
+enum class ViewMapping {
+  // The one mapping of the whole file, shared by every view: the default, and free. But
+  // on a page fault the kernel maps the whole page-cache folio (up to 2 MiB on Linux 6.x),
+  // so touching a view near its edge can make the neighbouring tensors' bytes resident in
+  // this process as well, up to a folio at each edge.
+  File,
+  // A mapping of the view's own pages only (File::map_region): touching it makes nothing
+  // else resident. Costs one mapping (VMA) per view, against the kernel's
+  // vm.max_map_count. A tensor-parallel load uses it for everything a rank maps. Sources
+  // without a file of their own (torch.save archives) give File views.
+  Own,
+};
+
 class StateDict {
  public:
   class Iterator;
@@ -80,7 +94,7 @@ class StateDict {
 
   // A view of the named tensor: zero-copy where the format and alignment allow. Throws
   // Error(NotFound) or Error(UnsupportedDtype).
-  at::Tensor at(std::string_view name) const;
+  at::Tensor at(std::string_view name, ViewMapping mapping = ViewMapping::File) const;
   at::Tensor operator[](std::string_view name) const { return at(name); }
 
   // The tensor's bytes as a flat, owned U8 tensor, for any dtype (F8 and U16 included).
@@ -93,12 +107,20 @@ class StateDict {
 
   // Elements [start, start + length) of the tensor along `dim` (negative counts from the
   // end). Zero-copy when the part is one contiguous range of the file: always along dim
-  // 0, or when every earlier dimension is 1; only the part's pages are ever touched.
+  // 0, or when every earlier dimension is 1; only the part's pages are ever touched, and
+  // with ViewMapping::Own only they can become resident in this process.
   // Otherwise a new contiguous tensor holding only the part: from a tensormap or
   // safetensors file (sharded or not) each of its rows is read with pread, so the rest of
   // the tensor never enters this process. Throws Error(NotFound), Error(InvalidArgument)
   // for a dimension or range out of bounds, Error(UnsupportedDtype).
-  at::Tensor slice(std::string_view name, int64_t dim, int64_t start, int64_t length) const;
+  at::Tensor slice(std::string_view name, int64_t dim, int64_t start, int64_t length,
+                   ViewMapping mapping = ViewMapping::File) const;
+
+  // Copies the bytes of slice(name, dim, start, length), contiguous, into `dest`, never
+  // through a mapping: one pread for a contiguous part, one per row otherwise (as
+  // slice() reads them). No temporary tensor, so a copy-mode load of a part needs no
+  // memory beyond its target. Throws as slice() does, and Error(Truncated) as read().
+  void read(std::string_view name, int64_t dim, int64_t start, int64_t length, void* dest) const;
 
   // Gives the tensor's mapped pages back to the kernel (after a copy of it).
   void release(std::string_view name) const;
@@ -112,6 +134,8 @@ class StateDict {
  private:
   explicit StateDict(std::shared_ptr<const detail::StateSource> source);
   size_t index_of(std::string_view name) const;
+  // The index of `name` and `dim` made non-negative, after checking the slice's bounds.
+  size_t checked_slice(std::string_view name, int64_t& dim, int64_t start, int64_t length) const;
   std::shared_ptr<const detail::StateSource> source_;
 };
 

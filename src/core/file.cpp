@@ -95,6 +95,13 @@ ByteView File::bytes(const TensorEntry& entry) const {
 
 void* File::cow_data(const TensorEntry& entry) const { return impl_->base + entry.offset; }
 
+std::shared_ptr<void> File::map_region(const TensorEntry& entry, uint64_t offset, uint64_t size) const {
+  if (offset > entry.byte_length || size > entry.byte_length - offset) {
+    throw Error(ErrorKind::InvalidArgument, path() + ": region past the end of tensor " + detail::quoted(entry.name));
+  }
+  return impl_->mapping.map_range(entry.offset + offset, size, "tensor " + detail::quoted(entry.name));
+}
+
 std::shared_ptr<const void> File::keep_alive() const { return impl_; }
 
 void File::read(const TensorEntry& entry, uint64_t offset, void* dest, uint64_t size) const {

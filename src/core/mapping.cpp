@@ -75,6 +75,39 @@ void Mapping::set_read_ahead(bool on) const {
   (void)::posix_fadvise(fd_, 0, 0, on ? POSIX_FADV_NORMAL : POSIX_FADV_RANDOM);
 }
 
+std::shared_ptr<void> Mapping::map_range(uint64_t offset, uint64_t size, const std::string& what) const {
+  if (offset > size_ || size > size_ - offset) {
+    throw Error(ErrorKind::InvalidArgument, path_ + ": " + what + " at [" + std::to_string(offset) + ", +" +
+                                                std::to_string(size) + ") runs past the end of the " +
+                                                std::to_string(size_) + "-byte file");
+  }
+  if (size == 0) return std::shared_ptr<void>(base_ + offset, [](void*) {});  // nothing to read there
+  const uint64_t begin = offset & ~(page_size() - 1);
+  const uint64_t length = offset + size - begin;
+  // The kernel maps a large page-cache folio with one fault only where it lies within one
+  // page table, so the address is chosen congruent to the file offset modulo the 2 MiB a
+  // page table spans: reserve that much more, map inside it, give the rest back.
+  constexpr uint64_t kTableSpan = uint64_t{2} << 20;
+  const size_t reserved = static_cast<size_t>(length + kTableSpan);
+  void* reserve = ::mmap(nullptr, reserved, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (reserve == MAP_FAILED) throw_io(path_, "cannot reserve addresses to map " + what, errno);
+  const auto low = reinterpret_cast<uint64_t>(reserve);
+  const uint64_t at = low + ((begin % kTableSpan) + kTableSpan - (low % kTableSpan)) % kTableSpan;
+  // Boost.Interprocess maps by path only; this must map the file already open.
+  void* start = ::mmap(reinterpret_cast<void*>(at), static_cast<size_t>(length), PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_FIXED, fd_, static_cast<off_t>(begin));
+  if (start == MAP_FAILED) {
+    const int err = errno;
+    ::munmap(reserve, reserved);
+    throw_io(path_, "cannot map " + what, err);
+  }
+  if (at > low) ::munmap(reserve, static_cast<size_t>(at - low));
+  const uint64_t tail = at + length;
+  if (low + reserved > tail) ::munmap(reinterpret_cast<void*>(tail), static_cast<size_t>(low + reserved - tail));
+  return std::shared_ptr<void>(static_cast<unsigned char*>(start) + (offset - begin),
+                               [start, length](void*) { ::munmap(start, static_cast<size_t>(length)); });
+}
+
 void Mapping::prefetch(uint64_t begin, uint64_t end) const {
   const uint64_t page = page_size();
   begin &= ~(page - 1);

@@ -4,6 +4,7 @@
 
 #include <boost/interprocess/mapped_region.hpp>
 #include <cstdint>
+#include <memory>
 #include <string>
 
 namespace tensormap::detail {
@@ -29,6 +30,14 @@ class Mapping {
   // Turns the kernel's read-ahead for read() on or off (POSIX_FADV_RANDOM / NORMAL).
   // Advisory; affects every reader of this Mapping while off.
   void set_read_ahead(bool on) const;
+
+  // A private (copy-on-write) mapping of only the pages that hold [offset, offset + size)
+  // of the file, made from the descriptor this Mapping was opened with, so it is the
+  // same file even if the path was replaced since. The pointer is the byte at `offset`;
+  // the mapping lives until the last copy of it is gone, independently of this Mapping.
+  // Throws Error(InvalidArgument) for a range past the end, Error(Io) naming `what` if the
+  // kernel refuses.
+  std::shared_ptr<void> map_range(uint64_t offset, uint64_t size, const std::string& what) const;
 
   // MADV_WILLNEED over the pages of [begin, end). Advisory.
   void prefetch(uint64_t begin, uint64_t end) const;

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <sstream>
 #include <thread>
 #include <unordered_set>
@@ -243,40 +244,80 @@ LoadPlan plan_load(const torch::nn::Module& module, const StateDict& state, cons
   return plan;
 }
 
+namespace {
+
+// Own mappings for a rank's tensors while they stay well within the kernel's limit on
+// mappings per process (vm.max_map_count, 65530 by default): a quarter of it.
+bool own_mappings_fit(size_t count) {
+  static const size_t limit = [] {
+    long max_maps = 65530;
+    if (FILE* f = std::fopen("/proc/sys/vm/max_map_count", "r")) {
+      if (std::fscanf(f, "%ld", &max_maps) != 1) max_maps = 65530;
+      std::fclose(f);
+    }
+    return static_cast<size_t>(std::max(0L, max_maps)) / 4;
+  }();
+  return count <= limit;
+}
+
+// Copy mode: the tensor (or the rank's part of it) into the target's own memory, read
+// with pread straight into it when the bytes are already what the target holds, so that
+// no temporary is made and no mapped page is faulted in (and no SIGBUS if the file
+// shrinks meanwhile).
+void copy_into(at::Tensor& target, const StateDict& state, const LoadPlan::Binding& b, bool release) {
+  ensure_storage(target);
+  const StateDict::Info info = state.info(b.name);
+  const bool same_bytes = to_scalar_type(info.dtype) == target.scalar_type() && target.is_contiguous();
+  const Part& p = b.part;
+  if (same_bytes && p.dim >= 0) {
+    state.read(b.name, p.dim, p.start, p.length, target.data_ptr());
+  } else if (same_bytes) {
+    state.read(b.name, target.data_ptr());
+  } else if (p.dim >= 0) {
+    target.copy_(state.slice(b.name, p.dim, p.start, p.length));
+  } else {
+    const at::Tensor raw = state.raw_bytes(b.name);
+    target.copy_(raw.view(*to_scalar_type(info.dtype)).view(info.shape));
+  }
+  if (release) state.release(b.name);
+}
+
+// Whether a part is one contiguous range of the file: every dimension before its own is 1.
+bool one_range(const StateDict& state, const LoadPlan::Binding& b) {
+  const auto shape = state.info(b.name).shape;
+  for (int64_t d = 0; d < b.part.dim; ++d) {
+    if (shape[static_cast<size_t>(d)] != 1) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
 LoadReport apply_load(LoadPlan plan, const StateDict& state, const LoadOptions& options) {
   LoadReport& report = plan.report;
   at::NoGradGuard no_grad;
+  // A rank maps each of its tensors (or parts) in a mapping of its own: in the shared
+  // mapping of the whole file, a fault at a part's edge maps the whole page-cache folio
+  // around it, the neighbouring ranks' bytes included (up to 2 MiB an edge).
+  const ViewMapping mapping =
+      options.parallel && own_mappings_fit(plan.bindings.size()) ? ViewMapping::Own : ViewMapping::File;
   for (LoadPlan::Binding& b : plan.bindings) {
     at::Tensor& target = b.target;
-    if (b.part.dim >= 0) {
-      // A rank's part: a zero-copy view or an owned copy of just the part.
-      at::Tensor part = state.slice(b.name, b.part.dim, b.part.start, b.part.length);
-      // A view of the mapping: its pages are read ahead now, exactly. Left to page faults,
-      // the kernel's read-around (up to read_ahead_kb, 8 MiB on some disks) would pull in
-      // the neighbouring ranks' parts too.
-      read_ahead_exactly(part);
-      store(target, part, options.mode);
-      if (options.mode == LoadMode::Copy) {
-        part = at::Tensor();
-        state.release(b.name);
-      }
-    } else if (options.mode == LoadMode::Map) {
-      store(target, state.at(b.name), LoadMode::Map);
-      // A rank of a parallel load uses everything it loads: read it ahead exactly, or the
-      // first touch of a small replicated tensor reads megabytes around it.
-      if (options.parallel) read_ahead_exactly(target);
+    if (options.mode == LoadMode::Copy) {
+      copy_into(target, state, b, /*release=*/true);
+    } else if (b.part.dim >= 0 && !one_range(state, b)) {
+      // A part that is not one range of the file cannot be a view: it is copied, as in
+      // copy mode, into memory of its own.
+      copy_into(target, state, b, /*release=*/false);
     } else {
-      // Copy mode reads with pread rather than through the mapping: no SIGBUS if the file
-      // shrinks meanwhile, and no mapped pages to fault in.
-      ensure_storage(target);
-      const StateDict::Info info = state.info(b.name);
-      if (*to_scalar_type(info.dtype) == target.scalar_type() && target.is_contiguous()) {
-        state.read(b.name, target.data_ptr());
-      } else {
-        const at::Tensor raw = state.raw_bytes(b.name);
-        target.copy_(raw.view(*to_scalar_type(info.dtype)).view(info.shape));
-      }
-      state.release(b.name);
+      // The tensor, or a rank's part of it: a zero-copy view.
+      at::Tensor value = b.part.dim >= 0 ? state.slice(b.name, b.part.dim, b.part.start, b.part.length, mapping)
+                                         : state.at(b.name, mapping);
+      // A rank uses everything it loads: its pages are read ahead now, exactly. Left to
+      // page faults, the kernel's read-around (up to read_ahead_kb, 8 MiB on some disks)
+      // would pull in the neighbouring ranks' parts too.
+      if (options.parallel) read_ahead_exactly(value);
+      store(target, value, LoadMode::Map);
     }
     report.loaded.push_back(b.name);
   }

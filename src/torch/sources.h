@@ -21,6 +21,9 @@ struct StateSource {
   virtual std::string format() const = 0;
   virtual StateDict::Info info(size_t i) const = 0;
   virtual at::Tensor tensor(size_t i) const = 0;
+  // Tensor i in a mapping of its own pages (ViewMapping::Own); sources without a file of
+  // their own give tensor(i).
+  virtual at::Tensor own_view(size_t i) const { return tensor(i); }
   virtual at::Tensor raw_bytes(size_t i) const = 0;
   // Copies tensor i's bytes (info(i).byte_length of them) into `dest`, contiguously.
   virtual void read(size_t i, void* dest) const {
@@ -31,8 +34,14 @@ struct StateSource {
   // Elements [start, start + length) of tensor i along `dim` (checked by the caller). By
   // default a narrowed view, made contiguous; file sources override it to read only the
   // needed rows with pread when the part is not one contiguous range.
-  virtual at::Tensor slice(size_t i, int64_t dim, int64_t start, int64_t length) const {
+  virtual at::Tensor slice(size_t i, int64_t dim, int64_t start, int64_t length, ViewMapping) const {
     return tensor(i).narrow(dim, start, length).contiguous();
+  }
+  // Copies the bytes of slice(i, dim, start, length) into `dest`, contiguously; file
+  // sources read them with pread.
+  virtual void read_slice(size_t i, int64_t dim, int64_t start, int64_t length, void* dest) const {
+    const at::Tensor part = slice(i, dim, start, length, ViewMapping::File);
+    if (part.numel()) std::memcpy(dest, part.data_ptr(), part.nbytes());
   }
   virtual std::vector<std::pair<std::string, std::string>> metadata() const { return {}; }
 

@@ -97,26 +97,68 @@ at::Tensor read_owned(const File& file, const TensorEntry& e) {
   return out;
 }
 
-// Elements [start, start + length) along `dim`: a zero-copy narrowed view when the part
-// is one contiguous range of the file (every dimension before `dim` is 1, so always for
-// dim 0); otherwise a new tensor filled row by row with pread, so that only the needed
-// bytes are read and nothing else of the file enters this process.
-at::Tensor slice_of(const File& file, const TensorEntry& e, int64_t dim, int64_t start,
-                    int64_t length) {
-  const auto sizes = sizes_of(e);
-  int64_t outer = 1;
-  for (int64_t d = 0; d < dim; ++d) outer *= sizes[static_cast<size_t>(d)];
-  if (outer == 1 || length == 0) return tensor_view(file, e).narrow(dim, start, length);
+// Bytes [offset, offset + numel * element size) of the entry as a tensor of `sizes`, in
+// a mapping of their own (ViewMapping::Own); a copy where they are not aligned to the
+// element size, as view_as() does.
+at::Tensor region_view(const File& file, const TensorEntry& e, uint64_t offset, at::IntArrayRef sizes) {
   const c10::ScalarType type = scalar_type_or_throw(file, e);
-  int64_t inner = static_cast<int64_t>(c10::elementSize(type));
-  for (size_t d = static_cast<size_t>(dim) + 1; d < sizes.size(); ++d) inner *= sizes[d];
-  auto out_sizes = sizes;
-  out_sizes[static_cast<size_t>(dim)] = length;
-  at::Tensor out = at::empty(out_sizes, at::TensorOptions().dtype(type));
-  // Sizes come from a validated entry, so none of these products overflows.
-  const auto row = static_cast<uint64_t>(sizes[static_cast<size_t>(dim)] * inner);
-  file.read_rows(e, static_cast<uint64_t>(start * inner), row, static_cast<uint64_t>(length * inner),
-                 static_cast<uint64_t>(outer), out.data_ptr());
+  const auto options = at::TensorOptions().dtype(type).device(at::kCPU);
+  const uint64_t bytes = static_cast<uint64_t>(c10::multiply_integers(sizes)) * c10::elementSize(type);
+  if ((e.offset + offset) % c10::elementSize(type) != 0) {
+    at::Tensor copy = at::empty(sizes, options);
+    file.read(e, offset, copy.data_ptr(), bytes);
+    return copy;
+  }
+  std::shared_ptr<void> region = file.map_region(e, offset, bytes);
+  void* data = region.get();
+  return at::from_blob(data, sizes, [region](void*) mutable { region.reset(); }, options);
+}
+
+// How a slice along `dim` lies in the file: `outer` runs (the product of the earlier
+// dimensions) of `inner` bytes per element along `dim`. Sizes come from a validated
+// entry, so none of these products overflows.
+struct SliceLayout {
+  std::vector<int64_t> sizes;
+  uint64_t outer = 1, inner = 0;
+};
+
+SliceLayout layout_of(const TensorEntry& e, int64_t dim) {
+  SliceLayout l{sizes_of(e)};
+  for (int64_t d = 0; d < dim; ++d) l.outer *= static_cast<uint64_t>(l.sizes[static_cast<size_t>(d)]);
+  l.inner = dtype_size(e.dtype);
+  for (size_t d = static_cast<size_t>(dim) + 1; d < l.sizes.size(); ++d) l.inner *= static_cast<uint64_t>(l.sizes[d]);
+  return l;
+}
+
+// Copies the bytes of elements [start, start + length) along `dim` into `dest` with
+// pread: one read when they are one contiguous range, one per row otherwise.
+void read_part(const File& file, const TensorEntry& e, int64_t dim, int64_t start, int64_t length, void* dest) {
+  const SliceLayout l = layout_of(e, dim);
+  const auto first = static_cast<uint64_t>(start) * l.inner, bytes = static_cast<uint64_t>(length) * l.inner;
+  if (l.outer == 1 || length == 0) {
+    file.read(e, first, dest, bytes);
+    return;
+  }
+  const uint64_t row = static_cast<uint64_t>(l.sizes[static_cast<size_t>(dim)]) * l.inner;
+  file.read_rows(e, first, row, bytes, l.outer, dest);
+}
+
+// Elements [start, start + length) along `dim`: a zero-copy view when the part is one
+// contiguous range of the file (every dimension before `dim` is 1, so always for dim 0),
+// in the whole file's mapping or one of its own; otherwise a new tensor filled row by
+// row with pread, so that only the needed bytes are read and nothing else of the file
+// enters this process.
+at::Tensor slice_of(const File& file, const TensorEntry& e, int64_t dim, int64_t start, int64_t length,
+                    ViewMapping mapping) {
+  SliceLayout l = layout_of(e, dim);
+  if (l.outer == 1 || length == 0) {
+    if (mapping == ViewMapping::File) return tensor_view(file, e).narrow(dim, start, length);
+    l.sizes[static_cast<size_t>(dim)] = length;
+    return region_view(file, e, static_cast<uint64_t>(start) * l.inner, l.sizes);
+  }
+  l.sizes[static_cast<size_t>(dim)] = length;
+  at::Tensor out = at::empty(l.sizes, at::TensorOptions().dtype(scalar_type_or_throw(file, e)));
+  read_part(file, e, dim, start, length, out.data_ptr());
   return out;
 }
 
@@ -141,8 +183,15 @@ struct FileSource : StateSource {
     file.read(e, 0, dest, e.byte_length);
   }
   void release(size_t i) const override { file.release_pages(file.tensors()[i]); }
-  at::Tensor slice(size_t i, int64_t dim, int64_t start, int64_t length) const override {
-    return slice_of(file, file.tensors()[i], dim, start, length);
+  at::Tensor own_view(size_t i) const override {
+    const TensorEntry& e = file.tensors()[i];
+    return region_view(file, e, 0, sizes_of(e));
+  }
+  at::Tensor slice(size_t i, int64_t dim, int64_t start, int64_t length, ViewMapping mapping) const override {
+    return slice_of(file, file.tensors()[i], dim, start, length, mapping);
+  }
+  void read_slice(size_t i, int64_t dim, int64_t start, int64_t length, void* dest) const override {
+    read_part(file, file.tensors()[i], dim, start, length, dest);
   }
   std::vector<std::pair<std::string, std::string>> metadata() const override {
     std::vector<std::pair<std::string, std::string>> out;
@@ -200,9 +249,17 @@ struct ShardedSource : StateSource {
     const auto [shard, entry] = locate(i);
     shard->release_pages(*entry);
   }
-  at::Tensor slice(size_t i, int64_t dim, int64_t start, int64_t length) const override {
+  at::Tensor own_view(size_t i) const override {
     const auto [shard, entry] = locate(i);
-    return slice_of(*shard, *entry, dim, start, length);
+    return region_view(*shard, *entry, 0, sizes_of(*entry));
+  }
+  at::Tensor slice(size_t i, int64_t dim, int64_t start, int64_t length, ViewMapping mapping) const override {
+    const auto [shard, entry] = locate(i);
+    return slice_of(*shard, *entry, dim, start, length, mapping);
+  }
+  void read_slice(size_t i, int64_t dim, int64_t start, int64_t length, void* dest) const override {
+    const auto [shard, entry] = locate(i);
+    read_part(*shard, *entry, dim, start, length, dest);
   }
 
   ShardIndex index;
@@ -247,12 +304,26 @@ size_t StateDict::index_of(std::string_view name) const {
 }
 
 StateDict::Info StateDict::info(std::string_view name) const { return source_->info(index_of(name)); }
-at::Tensor StateDict::at(std::string_view name) const { return source_->tensor(index_of(name)); }
+at::Tensor StateDict::at(std::string_view name, ViewMapping mapping) const {
+  const size_t i = index_of(name);
+  return mapping == ViewMapping::Own ? source_->own_view(i) : source_->tensor(i);
+}
 at::Tensor StateDict::raw_bytes(std::string_view name) const { return source_->raw_bytes(index_of(name)); }
 void StateDict::read(std::string_view name, void* dest) const { source_->read(index_of(name), dest); }
 void StateDict::release(std::string_view name) const { source_->release(index_of(name)); }
 
-at::Tensor StateDict::slice(std::string_view name, int64_t dim, int64_t start, int64_t length) const {
+at::Tensor StateDict::slice(std::string_view name, int64_t dim, int64_t start, int64_t length,
+                            ViewMapping mapping) const {
+  const size_t i = checked_slice(name, dim, start, length);
+  return source_->slice(i, dim, start, length, mapping);
+}
+
+void StateDict::read(std::string_view name, int64_t dim, int64_t start, int64_t length, void* dest) const {
+  const size_t i = checked_slice(name, dim, start, length);
+  source_->read_slice(i, dim, start, length, dest);
+}
+
+size_t StateDict::checked_slice(std::string_view name, int64_t& dim, int64_t start, int64_t length) const {
   const size_t i = index_of(name);
   const Info info = source_->info(i);
   const auto rank = static_cast<int64_t>(info.shape.size());
@@ -270,7 +341,7 @@ at::Tensor StateDict::slice(std::string_view name, int64_t dim, int64_t start, i
                  std::to_string(length) + ") are not within dimension " + std::to_string(dim) +
                  " of size " + std::to_string(size));
   }
-  return source_->slice(i, dim, start, length);
+  return i;
 }
 
 torch::OrderedDict<std::string, at::Tensor> StateDict::to_ordered_dict() const {

@@ -1,7 +1,11 @@
 // Round trips through the writer and the reader: what goes in comes out, bit for bit.
 #include <gtest/gtest.h>
 
+#include <cstdint>
+#include <memory>
 #include <thread>
+#include <utility>
+#include <vector>
 
 #include "support.h"
 
@@ -273,6 +277,46 @@ TEST(RoundTrip, CowWritesNeverReachTheFile) {
   EXPECT_EQ(read_bytes(path), before);
   f.release_pages(f.at("a"));  // drops the private copy: the file's byte is back
   EXPECT_EQ(p[0], 0);
+}
+
+// map_region: a mapping of its own over any range of a tensor, page-aligned or not, with
+// the same bytes; copy-on-write; alive after the File is gone; a range past the tensor is
+// refused naming the file and the tensor.
+TEST(RoundTrip, MapRegionMapsARangeOnItsOwn) {
+  TempDir dir;
+  const std::string path = dir.file("region.tmap");
+  write_pattern_file(path, {{"a", Dtype::U8, {10000}}, {"b", Dtype::U8, {3}}});
+  const auto before = read_bytes(path);
+  std::shared_ptr<void> region;
+  {
+    const File f = File::open(path);
+    const TensorEntry& a = f.at("a");
+    const auto* whole = reinterpret_cast<const unsigned char*>(f.bytes(a).data);
+    for (auto [offset, size] : std::vector<std::pair<uint64_t, uint64_t>>{{0, 10000}, {4095, 2}, {5000, 0}, {9999, 1}}) {
+      const std::shared_ptr<void> r = f.map_region(a, offset, size);
+      const auto* bytes = static_cast<const unsigned char*>(r.get());
+      if (size) {
+        EXPECT_NE(bytes, whole + offset) << "not a mapping of its own";
+      }
+      for (uint64_t i = 0; i < size; ++i) ASSERT_EQ(bytes[i], whole[offset + i]) << offset << "+" << i;
+    }
+    region = f.map_region(a, 4096, 100);
+    static_cast<unsigned char*>(region.get())[0] = 0xEE;  // private: the file and `whole` keep theirs
+    EXPECT_NE(whole[4096], 0xEE);
+    for (auto [offset, size] : std::vector<std::pair<uint64_t, uint64_t>>{{0, 10001}, {10001, 0}, {9000, UINT64_MAX}}) {
+      try {
+        f.map_region(a, offset, size);
+        ADD_FAILURE() << offset << "+" << size << " was mapped";
+      } catch (const Error& e) {
+        EXPECT_EQ(e.kind(), ErrorKind::InvalidArgument);
+        EXPECT_NE(std::string(e.what()).find("region.tmap"), std::string::npos) << e.what();
+        EXPECT_NE(std::string(e.what()).find("'a'"), std::string::npos) << e.what();
+      }
+    }
+  }
+  EXPECT_EQ(static_cast<unsigned char*>(region.get())[0], 0xEE);
+  EXPECT_EQ(static_cast<unsigned char*>(region.get())[1], before[File::open(path).at("a").offset + 4097]);
+  EXPECT_EQ(read_bytes(path), before);
 }
 
 TEST(RoundTrip, UnknownNameIsNotFoundNamingFileAndTensor) {
