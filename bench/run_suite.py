@@ -128,6 +128,10 @@ def main():
         copy = [r for r in results["runs"] if r["mib"] == mib and r["strategy"] == "tensormap-copy"
                 and r["cache"] == "warm"][0]
         results["tp"][str(mib)]["whole_copy_load_ms"] = copy["load_ms"]
+        for mode in ("map", "copy"):  # rank 1 of 4 alone, in one process, warm
+            harness(exe, "seqread", "--file", tmap)
+            results["tp"][str(mib)][f"alone_{mode}"] = harness(
+                exe, "part", "--dir", work, "--mib", str(mib), "--ranks", "4", "--rank", "1", "--mode", mode)[0]
     results["seconds"] = time.time() - started
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
@@ -193,6 +197,12 @@ def render(r, sizes):
             for rank in sorted(t[mode], key=lambda x: x["rank"]):
                 out.append(f"| {mib} | {mode} | {rank['rank']} | {rank['load_and_touch_ms']:.0f} | "
                            f"{rank['resident_growth_mib']:.0f} | {rank['resident_growth_mib'] / int(mib):.2f} |")
+        for mode in ("map", "copy"):
+            a = t.get(f"alone_{mode}")
+            if a:
+                out.append(f"| {mib} | {mode}, rank 1 alone (one process, no group) | 1 | "
+                           f"{a['load_ms'] + a['touch_ms']:.0f} | {a['resident_growth_mib']:.0f} | "
+                           f"{a['resident_growth_mib'] / int(mib):.3f} |")
         out.append(f"| {mib} | whole model, map + touch | - | {t['whole_map_load_and_touch_ms']:.0f} | | 1 |")
         out.append(f"| {mib} | whole model, copy | - | {t['whole_copy_load_ms']:.0f} | | 1 |")
     out.append("\n## Targets\n")
@@ -239,6 +249,16 @@ def targets(r, sizes):
         w = r["baselines"][f"seqwrite-{mib}"]["gbps"]
         lines.append(f"- {mib} MiB save: {s['gbps']:.2f} GB/s = {100 * s['gbps'] / w:.0f}% of write+fsync "
                      f"(target >= 80%), extra peak {s['extra_peak_mib']:.1f} MiB (target <= 64).")
+        t = r["tp"][str(mib)]
+        shares = [x["resident_growth_mib"] / mib for mode in ("map", "copy") for x in t[mode]]
+        lines.append(f"- {mib} MiB, tensor parallelism of 4: a rank holds {min(shares):.3f}-{max(shares):.3f} "
+                     f"of the model (target ~0.25).")
+        if "alone_map" in t:
+            am, ac = t["alone_map"], t["alone_copy"]
+            lines.append(f"- {mib} MiB, a rank's part alone against the whole model (warm): map + touch "
+                         f"{am['load_ms'] + am['touch_ms']:.0f} vs {t['whole_map_load_and_touch_ms']:.0f} ms; "
+                         f"copy {ac['load_ms'] + ac['touch_ms']:.0f} vs {t['whole_copy_load_ms']:.0f} ms "
+                         f"({(ac['load_ms'] + ac['touch_ms']) / t['whole_copy_load_ms']:.2f}x).")
         sh = r["sharing"][str(mib)]
         lines.append(f"- {mib} MiB, 4 processes: total Pss {sh['total_pss_mib']:.0f} MiB = "
                      f"{sh['total_pss_mib'] / sh['file_mib']:.2f}x one copy (target <= 1.1x).")
