@@ -128,6 +128,9 @@ def main():
         copy = [r for r in results["runs"] if r["mib"] == mib and r["strategy"] == "tensormap-copy"
                 and r["cache"] == "warm"][0]
         results["tp"][str(mib)]["whole_copy_load_ms"] = copy["load_ms"]
+        for mode in ("map", "copy"):  # only rank 0 reads the file and sends the others their parts
+            results["tp"][str(mib)][f"source_{mode}"] = harness(
+                exe, "tp", "--dir", work, "--mib", str(mib), "--ranks", "4", "--mode", mode, "--source", "0")
         for mode in ("map", "copy"):  # rank 1 of 4 alone, in one process, warm
             harness(exe, "seqread", "--file", tmap)
             results["tp"][str(mib)][f"alone_{mode}"] = harness(
@@ -190,13 +193,18 @@ def render(r, sizes):
                "| size | file MiB | total Pss of the mapping MiB | ratio to one copy |\n|---|---:|---:|---:|")
     for mib, s in r["sharing"].items():
         out.append(f"| {mib} | {s['file_mib']:.0f} | {s['total_pss_mib']:.0f} | {s['total_pss_mib'] / s['file_mib']:.2f} |")
-    out.append("\n## Tensor parallelism of 4 over c10d (Gloo, FileStore), every rank reading its own parts\n\n"
+    out.append("\n## Tensor parallelism of 4 over c10d (Gloo, FileStore): every rank reading its own parts, or rank 0 reading for all\n\n"
                "| size | mode | rank | load+touch ms | resident growth MiB | share of the model |\n|---|---|---:|---:|---:|---:|")
     for mib, t in r["tp"].items():
         for mode in ("map", "copy"):
             for rank in sorted(t[mode], key=lambda x: x["rank"]):
                 out.append(f"| {mib} | {mode} | {rank['rank']} | {rank['load_and_touch_ms']:.0f} | "
                            f"{rank['resident_growth_mib']:.0f} | {rank['resident_growth_mib'] / int(mib):.2f} |")
+        for mode in ("map", "copy"):
+            for rank in sorted(t.get(f"source_{mode}", []), key=lambda x: x["rank"]):
+                out.append(f"| {mib} | {mode}, rank 0 reads and sends | {rank['rank']} | "
+                           f"{rank['load_and_touch_ms']:.0f} | {rank['resident_growth_mib']:.0f} | "
+                           f"{rank['resident_growth_mib'] / int(mib):.2f} |")
         for mode in ("map", "copy"):
             a = t.get(f"alone_{mode}")
             if a:
@@ -253,6 +261,10 @@ def targets(r, sizes):
         shares = [x["resident_growth_mib"] / mib for mode in ("map", "copy") for x in t[mode]]
         lines.append(f"- {mib} MiB, tensor parallelism of 4: a rank holds {min(shares):.3f}-{max(shares):.3f} "
                      f"of the model (target ~0.25).")
+        sent = [x["resident_growth_mib"] / mib for mode in ("map", "copy") for x in t.get(f"source_{mode}", [])]
+        if sent:
+            lines.append(f"- {mib} MiB, tensor parallelism of 4, rank 0 reading for all: a rank holds "
+                         f"{min(sent):.3f}-{max(sent):.3f} of the model.")
         if "alone_map" in t:
             am, ac = t["alone_map"], t["alone_copy"]
             lines.append(f"- {mib} MiB, a rank's part alone against the whole model (warm): map + touch "

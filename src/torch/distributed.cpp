@@ -168,8 +168,11 @@ LoadReport load_from_one_rank(torch::nn::Module& module, const std::string& path
   min.reduceOp = c10d::ReduceOp::MIN;
   wait(group.allreduce(loadable_io, min));
 
-  // 3. The weights move, tensor by tensor, in model order.
+  // 3. The weights move, tensor by tensor, in model order. The source keeps only its own
+  //    share too: its parts and replicated tensors as a rank of a parallel load takes
+  //    them, the others' parts read with pread into a buffer that lives until sent.
   at::NoGradGuard no_grad;
+  const ViewMapping mapping = detail::own_mappings_fit(static_cast<size_t>(count)) ? ViewMapping::Own : ViewMapping::File;
   for (int64_t i = 0; i < count; ++i) {
     if (!loadable[i].item<int64_t>()) continue;
     const std::string& name = model_state[static_cast<size_t>(i)].first;
@@ -178,7 +181,8 @@ LoadReport load_from_one_rank(torch::nn::Module& module, const std::string& path
     const int tag = static_cast<int>(i);
     if (part.dim < 0) {  // replicated: a broadcast of the whole tensor
       if (is_source) {
-        detail::store(target, state->at(name).to(target.scalar_type()), options.load.mode);
+        detail::LoadPlan::Binding own{target, name, part};
+        detail::load_binding(own, *state, options.load.mode, mapping, /*read_ahead=*/true);
         at::Tensor whole = target.contiguous();
         if (whole.numel() > 0) {
           std::vector<at::Tensor> io{bytes_of(whole)};
@@ -193,15 +197,17 @@ LoadReport load_from_one_rank(torch::nn::Module& module, const std::string& path
       }
     } else if (is_source) {  // split: each rank gets its part, point to point
       for (int r = 0; r < group.getSize(); ++r) {
-        at::Tensor piece = state->slice(name, part.dim, part.length * r, part.length).to(target.scalar_type());
         if (r == source) {
-          detail::store(target, piece, options.load.mode);
-        } else if (piece.numel() > 0) {
-          std::vector<at::Tensor> io{bytes_of(piece.contiguous())};
-          wait(group.send(io, r, tag));
+          detail::LoadPlan::Binding own{target, name, part};
+          detail::load_binding(own, *state, options.load.mode, mapping, /*read_ahead=*/true);
+          continue;
         }
+        at::Tensor piece = at::empty(target.sizes(), at::TensorOptions().dtype(*to_scalar_type(state->info(name).dtype)));
+        if (piece.numel() == 0) continue;
+        state->read(name, part.dim, part.length * r, part.length, piece.data_ptr());
+        std::vector<at::Tensor> io{bytes_of(piece.to(target.scalar_type()).contiguous())};
+        wait(group.send(io, r, tag));
       }
-      if (options.load.mode == LoadMode::Copy) state->release(name);
     } else {
       receive_into(target, [&](at::Tensor bytes) {
         if (bytes.numel() == 0) return;

@@ -57,6 +57,16 @@ LoadPlan plan_load(const torch::nn::Module& module, const StateDict& state, cons
 // Carries out a plan: binds (map) or copies (copy) each tensor, and returns the report.
 LoadReport apply_load(LoadPlan plan, const StateDict& state, const LoadOptions& options);
 
+// Whether a rank may map `count` tensors each on its own (ViewMapping::Own): while they
+// stay within a quarter of the kernel's limit on mappings per process (vm.max_map_count).
+bool own_mappings_fit(size_t count);
+
+// Loads one binding: in copy mode, or for a part that is not one range of the file, a
+// pread straight into the target's own memory; otherwise a view in `mapping`, read ahead
+// exactly (MADV_WILLNEED) first if `read_ahead`.
+void load_binding(LoadPlan::Binding& b, const StateDict& state, LoadMode mode, ViewMapping mapping,
+                  bool read_ahead);
+
 // Makes a released target an ordinary tensor with fresh, faulted-in memory; keeps an
 // allocated one as it is.
 void ensure_storage(at::Tensor& target);

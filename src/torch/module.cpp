@@ -244,10 +244,6 @@ LoadPlan plan_load(const torch::nn::Module& module, const StateDict& state, cons
   return plan;
 }
 
-namespace {
-
-// Own mappings for a rank's tensors while they stay well within the kernel's limit on
-// mappings per process (vm.max_map_count, 65530 by default): a quarter of it.
 bool own_mappings_fit(size_t count) {
   static const size_t limit = [] {
     long max_maps = 65530;
@@ -259,6 +255,8 @@ bool own_mappings_fit(size_t count) {
   }();
   return count <= limit;
 }
+
+namespace {
 
 // Copy mode: the tensor (or the rank's part of it) into the target's own memory, read
 // with pread straight into it when the bytes are already what the target holds, so that
@@ -293,6 +291,25 @@ bool one_range(const StateDict& state, const LoadPlan::Binding& b) {
 
 }  // namespace
 
+void load_binding(LoadPlan::Binding& b, const StateDict& state, LoadMode mode, ViewMapping mapping,
+                  bool read_ahead) {
+  if (mode == LoadMode::Copy) {
+    copy_into(b.target, state, b, /*release=*/true);
+  } else if (b.part.dim >= 0 && !one_range(state, b)) {
+    // A part that is not one range of the file cannot be a view: it is copied, as in copy
+    // mode, into memory of its own.
+    copy_into(b.target, state, b, /*release=*/false);
+  } else {
+    // The tensor, or a rank's part of it: a zero-copy view.
+    at::Tensor value = b.part.dim >= 0 ? state.slice(b.name, b.part.dim, b.part.start, b.part.length, mapping)
+                                       : state.at(b.name, mapping);
+    // Read ahead now, exactly. Left to page faults, the kernel's read-around (up to
+    // read_ahead_kb, 8 MiB on some disks) would pull in the neighbouring ranks' parts too.
+    if (read_ahead) read_ahead_exactly(value);
+    store(b.target, value, LoadMode::Map);
+  }
+}
+
 LoadReport apply_load(LoadPlan plan, const StateDict& state, const LoadOptions& options) {
   LoadReport& report = plan.report;
   at::NoGradGuard no_grad;
@@ -302,23 +319,8 @@ LoadReport apply_load(LoadPlan plan, const StateDict& state, const LoadOptions& 
   const ViewMapping mapping =
       options.parallel && own_mappings_fit(plan.bindings.size()) ? ViewMapping::Own : ViewMapping::File;
   for (LoadPlan::Binding& b : plan.bindings) {
-    at::Tensor& target = b.target;
-    if (options.mode == LoadMode::Copy) {
-      copy_into(target, state, b, /*release=*/true);
-    } else if (b.part.dim >= 0 && !one_range(state, b)) {
-      // A part that is not one range of the file cannot be a view: it is copied, as in
-      // copy mode, into memory of its own.
-      copy_into(target, state, b, /*release=*/false);
-    } else {
-      // The tensor, or a rank's part of it: a zero-copy view.
-      at::Tensor value = b.part.dim >= 0 ? state.slice(b.name, b.part.dim, b.part.start, b.part.length, mapping)
-                                         : state.at(b.name, mapping);
-      // A rank uses everything it loads: its pages are read ahead now, exactly. Left to
-      // page faults, the kernel's read-around (up to read_ahead_kb, 8 MiB on some disks)
-      // would pull in the neighbouring ranks' parts too.
-      if (options.parallel) read_ahead_exactly(value);
-      store(target, value, LoadMode::Map);
-    }
+    // A rank uses everything it loads, so it reads it all ahead.
+    load_binding(b, state, options.mode, mapping, /*read_ahead=*/options.parallel.has_value());
     report.loaded.push_back(b.name);
   }
   return report;
