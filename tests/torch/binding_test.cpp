@@ -622,6 +622,12 @@ TEST(Sharded, AnIndexLoadsLikeOneFileAndMapsShardsOnlyWhenNeeded) {
   const StateDict sd = StateDict::open(index);
   EXPECT_EQ(sd.format(), "sharded safetensors");
   EXPECT_EQ(sd.size(), state.size());
+  for (const auto& [name, t] : state) {  // views in mappings of their own: the same values
+    EXPECT_TRUE(sd.at(name, ViewMapping::Own).equal(t)) << name;
+    if (t.dim() > 0 && t.size(0) > 1) {
+      EXPECT_TRUE(sd.slice(name, 0, 1, t.size(0) - 1, ViewMapping::Own).equal(t.narrow(0, 1, t.size(0) - 1))) << name;
+    }
+  }
   auto net = build_skeleton([] { return NetModule(); });
   load(*net, index);
   net->eval();
