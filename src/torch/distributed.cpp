@@ -173,6 +173,7 @@ LoadReport load_from_one_rank(torch::nn::Module& module, const std::string& path
   //    them, the others' parts read with pread into a buffer that lives until sent.
   at::NoGradGuard no_grad;
   const ViewMapping mapping = detail::own_mappings_fit(static_cast<size_t>(count)) ? ViewMapping::Own : ViewMapping::File;
+  at::Tensor send_buffer = at::empty({0}, at::kByte);  // one for every part sent: no heap churn
   for (int64_t i = 0; i < count; ++i) {
     if (!loadable[i].item<int64_t>()) continue;
     const std::string& name = model_state[static_cast<size_t>(i)].first;
@@ -202,10 +203,14 @@ LoadReport load_from_one_rank(torch::nn::Module& module, const std::string& path
           detail::load_binding(own, *state, options.load.mode, mapping, /*read_ahead=*/true);
           continue;
         }
-        at::Tensor piece = at::empty(target.sizes(), at::TensorOptions().dtype(*to_scalar_type(state->info(name).dtype)));
-        if (piece.numel() == 0) continue;
+        const c10::ScalarType stored = *to_scalar_type(state->info(name).dtype);  // checked above
+        const auto bytes = c10::multiply_integers(target.sizes()) * static_cast<int64_t>(c10::elementSize(stored));
+        if (bytes == 0) continue;
+        if (send_buffer.numel() < bytes) send_buffer = at::empty({bytes}, at::kByte);
+        at::Tensor piece = send_buffer.narrow(0, 0, bytes);
         state->read(name, part.dim, part.length * r, part.length, piece.data_ptr());
-        std::vector<at::Tensor> io{bytes_of(piece.to(target.scalar_type()).contiguous())};
+        if (stored != target.scalar_type()) piece = bytes_of(piece.view(stored).view(target.sizes()).to(target.scalar_type()));
+        std::vector<at::Tensor> io{piece};
         wait(group.send(io, r, tag));
       }
     } else {
