@@ -180,10 +180,12 @@ LoadReport load_from_one_rank(torch::nn::Module& module, const std::string& path
     at::Tensor target = model_state[static_cast<size_t>(i)].second;
     const detail::Part part = parts[static_cast<size_t>(i)];
     const int tag = static_cast<int>(i);
+    if (is_source) {
+      detail::LoadPlan::Binding own{target, name, part};
+      detail::load_binding(own, *state, options.load.mode, mapping, /*read_ahead=*/true);
+    }
     if (part.dim < 0) {  // replicated: a broadcast of the whole tensor
       if (is_source) {
-        detail::LoadPlan::Binding own{target, name, part};
-        detail::load_binding(own, *state, options.load.mode, mapping, /*read_ahead=*/true);
         at::Tensor whole = target.contiguous();
         if (whole.numel() > 0) {
           std::vector<at::Tensor> io{bytes_of(whole)};
@@ -198,11 +200,7 @@ LoadReport load_from_one_rank(torch::nn::Module& module, const std::string& path
       }
     } else if (is_source) {  // split: each rank gets its part, point to point
       for (int r = 0; r < group.getSize(); ++r) {
-        if (r == source) {
-          detail::LoadPlan::Binding own{target, name, part};
-          detail::load_binding(own, *state, options.load.mode, mapping, /*read_ahead=*/true);
-          continue;
-        }
+        if (r == source) continue;  // its own part is loaded above
         const c10::ScalarType stored = *to_scalar_type(state->info(name).dtype);  // checked above
         const auto bytes = c10::multiply_integers(target.sizes()) * static_cast<int64_t>(c10::elementSize(stored));
         if (bytes == 0) continue;

@@ -61,9 +61,9 @@ LoadReport apply_load(LoadPlan plan, const StateDict& state, const LoadOptions& 
 // stay within a quarter of the kernel's limit on mappings per process (vm.max_map_count).
 bool own_mappings_fit(size_t count);
 
-// Loads one binding: in copy mode, or for a part that is not one range of the file, a
-// pread straight into the target's own memory; otherwise a view in `mapping`, read ahead
-// exactly (MADV_WILLNEED) first if `read_ahead`.
+// Loads one binding: in copy mode, a pread straight into the target's own memory; in map
+// mode, the tensor or part as StateDict::at or slice gives it (a view in `mapping`, read
+// ahead exactly with MADV_WILLNEED first if `read_ahead`), bound to the target.
 void load_binding(LoadPlan::Binding& b, const StateDict& state, LoadMode mode, ViewMapping mapping,
                   bool read_ahead);
 
@@ -78,7 +78,7 @@ void store(at::Tensor& target, const at::Tensor& value, LoadMode mode);
 // Throws Error(InvalidArgument) unless 0 <= rank < world_size.
 void check_plan(const ParallelPlan& plan);
 
-// A fresh tensor like `like`, its pages faulted in ahead in one system call.
-at::Tensor allocate_populated(const at::Tensor& like);
+// A fresh tensor, its pages faulted in ahead in one system call.
+at::Tensor allocate_populated(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 }  // namespace tensormap::detail

@@ -79,8 +79,8 @@ namespace detail {
 
 // A fresh tensor whose pages are faulted in ahead, in one system call: page by page
 // first-touch faults cost several times more, markedly so in virtual machines.
-at::Tensor allocate_populated(const at::Tensor& like) {
-  at::Tensor t = at::empty(like.sizes(), like.options());
+at::Tensor allocate_populated(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
 #ifdef MADV_POPULATE_WRITE
   static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
   const auto begin = (reinterpret_cast<uintptr_t>(t.data_ptr()) + page - 1) & ~(page - 1);
@@ -200,7 +200,7 @@ namespace detail {
 void ensure_storage(at::Tensor& target) {
   if (is_released(target)) {
     prepare_to_bind(target);
-    target.set_(allocate_populated(target));
+    target.set_(allocate_populated(target.sizes(), target.options()));
   }
 }
 
@@ -262,7 +262,7 @@ namespace {
 // with pread straight into it when the bytes are already what the target holds, so that
 // no temporary is made and no mapped page is faulted in (and no SIGBUS if the file
 // shrinks meanwhile).
-void copy_into(at::Tensor& target, const StateDict& state, const LoadPlan::Binding& b, bool release) {
+void copy_into(at::Tensor& target, const StateDict& state, const LoadPlan::Binding& b) {
   ensure_storage(target);
   const StateDict::Info info = state.info(b.name);
   const bool same_bytes = to_scalar_type(info.dtype) == target.scalar_type() && target.is_contiguous();
@@ -277,16 +277,7 @@ void copy_into(at::Tensor& target, const StateDict& state, const LoadPlan::Bindi
     const at::Tensor raw = state.raw_bytes(b.name);
     target.copy_(raw.view(*to_scalar_type(info.dtype)).view(info.shape));
   }
-  if (release) state.release(b.name);
-}
-
-// Whether a part is one contiguous range of the file: every dimension before its own is 1.
-bool one_range(const StateDict& state, const LoadPlan::Binding& b) {
-  const auto shape = state.info(b.name).shape;
-  for (int64_t d = 0; d < b.part.dim; ++d) {
-    if (shape[static_cast<size_t>(d)] != 1) return false;
-  }
-  return true;
+  state.release(b.name);
 }
 
 }  // namespace
@@ -294,13 +285,10 @@ bool one_range(const StateDict& state, const LoadPlan::Binding& b) {
 void load_binding(LoadPlan::Binding& b, const StateDict& state, LoadMode mode, ViewMapping mapping,
                   bool read_ahead) {
   if (mode == LoadMode::Copy) {
-    copy_into(b.target, state, b, /*release=*/true);
-  } else if (b.part.dim >= 0 && !one_range(state, b)) {
-    // A part that is not one range of the file cannot be a view: it is copied, as in copy
-    // mode, into memory of its own.
-    copy_into(b.target, state, b, /*release=*/false);
+    copy_into(b.target, state, b);
   } else {
-    // The tensor, or a rank's part of it: a zero-copy view.
+    // The tensor, or a rank's part of it: a zero-copy view (a part that is not one range
+    // of the file comes as a tensor of its own, read row by row).
     at::Tensor value = b.part.dim >= 0 ? state.slice(b.name, b.part.dim, b.part.start, b.part.length, mapping)
                                        : state.at(b.name, mapping);
     // Read ahead now, exactly. Left to page faults, the kernel's read-around (up to

@@ -7,6 +7,7 @@
 #include <fstream>
 #include <mutex>
 
+#include "loading.h"
 #include "sources.h"
 #include "tensormap/error.h"
 #include "tensormap/sharded.h"
@@ -146,8 +147,8 @@ void read_part(const File& file, const TensorEntry& e, int64_t dim, int64_t star
 // Elements [start, start + length) along `dim`: a zero-copy view when the part is one
 // contiguous range of the file (every dimension before `dim` is 1, so always for dim 0),
 // in the whole file's mapping or one of its own; otherwise a new tensor filled row by
-// row with pread, so that only the needed bytes are read and nothing else of the file
-// enters this process.
+// row with pread (into memory faulted in ahead, in one system call), so that only the
+// needed bytes are read and nothing else of the file enters this process.
 at::Tensor slice_of(const File& file, const TensorEntry& e, int64_t dim, int64_t start, int64_t length,
                     ViewMapping mapping) {
   SliceLayout l = layout_of(e, dim);
@@ -157,7 +158,7 @@ at::Tensor slice_of(const File& file, const TensorEntry& e, int64_t dim, int64_t
     return region_view(file, e, static_cast<uint64_t>(start) * l.inner, l.sizes);
   }
   l.sizes[static_cast<size_t>(dim)] = length;
-  at::Tensor out = at::empty(l.sizes, at::TensorOptions().dtype(scalar_type_or_throw(file, e)));
+  at::Tensor out = allocate_populated(l.sizes, at::TensorOptions().dtype(scalar_type_or_throw(file, e)));
   read_part(file, e, dim, start, length, out.data_ptr());
   return out;
 }
