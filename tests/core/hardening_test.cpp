@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <ctime>
 #include <string>
 #include <vector>
 
@@ -102,15 +103,24 @@ TEST(FullDisk, SafetensorsSaveOnAFullTmpfsFailsKeepsTheOldFileAndLeavesNoTemp) {
 
 // --- millions of tiny entries --------------------------------------------------------------
 
+double process_cpu_seconds() {
+  timespec t{};
+  ::clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+  return static_cast<double>(t.tv_sec) + static_cast<double>(t.tv_nsec) * 1e-9;
+}
+
 struct OpenCost {
-  double seconds = 0;
+  double seconds = 0;       // wall time of the open
+  double cpu_seconds = 0;   // CPU time of the open (user and system), which the bounds check
   uint64_t peak_delta = 0;  // VmHWM growth while opening, bytes
   uint64_t held = 0;        // RssAnon held by the open File, bytes
   bool ok = false;
 };
 
 // Opens `path` in a child process (so that the peak is this open's alone) and reports
-// the time, the VmHWM growth and what the open File keeps.
+// the time, the VmHWM growth and what the open File keeps. The bounds apply to the CPU
+// time the open takes, not the wall time: under CTest's parallel jobs the wall time also
+// counts the time other tests hold the cores (CI once saw a 7 s open pass 10 s that way).
 OpenCost measure_open_in_child(const std::string& path, const std::string& probe_name) {
   int fds[2];
   if (::pipe(fds) != 0) return {};
@@ -121,9 +131,11 @@ OpenCost measure_open_in_child(const std::string& path, const std::string& probe
     reset_peak_memory();
     const auto before = read_process_memory();
     const auto t0 = std::chrono::steady_clock::now();
+    const double cpu0 = process_cpu_seconds();
     try {
       File f = File::open(path);
       cost.ok = f.find(probe_name) != nullptr;
+      cost.cpu_seconds = process_cpu_seconds() - cpu0;
       cost.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       const auto after = read_process_memory();
       cost.peak_delta = after.vm_hwm - before.vm_hwm;
@@ -173,13 +185,14 @@ TEST(TinyEntries, TwoMillionTensorsOpenInBoundedTimeAndMemory) {
 
   const OpenCost cost = measure_open_in_child(path, "t1999999");
   ASSERT_TRUE(cost.ok) << "open failed or the last name was not found";
-  RecordProperty("open_seconds", std::to_string(cost.seconds));
+  RecordProperty("open_cpu_seconds", std::to_string(cost.cpu_seconds));
   RecordProperty("peak_delta_mib", std::to_string(cost.peak_delta >> 20));
-  std::printf("2M entries: header %.1f MiB, open %.3f s, VmHWM +%.1f MiB, held %.1f MiB\n",
-              header / 1048576.0, cost.seconds, cost.peak_delta / 1048576.0,
+  std::printf("2M entries: header %.1f MiB, open %.3f s CPU (%.3f s wall), VmHWM +%.1f MiB, "
+              "held %.1f MiB\n",
+              header / 1048576.0, cost.cpu_seconds, cost.seconds, cost.peak_delta / 1048576.0,
               cost.held / 1048576.0);
   const double time_bound = kCount * 2e-6 * (kSanitized ? 10 : 1);
-  EXPECT_LT(cost.seconds, time_bound) << "open took " << cost.seconds << " s";
+  EXPECT_LT(cost.cpu_seconds, time_bound) << "open took " << cost.cpu_seconds << " s of CPU";
   if (!kSanitized) {  // ASan's allocator redzones distort the figures
     EXPECT_LT(cost.held, kCount * 192) << "index holds " << cost.held << " bytes";
     EXPECT_LT(cost.peak_delta, kCount * 192 + header + (16u << 20))
@@ -189,8 +202,9 @@ TEST(TinyEntries, TwoMillionTensorsOpenInBoundedTimeAndMemory) {
 
 // The same in safetensors, whose header is JSON: one million entries (about 65 MB of
 // JSON, under the reference's 100 MB limit) must parse in bounded time and memory. JSON
-// costs more per entry than the binary table: the bound is 10 us and 1 KiB of peak per
-// entry (two parse passes, the second building a DOM that is dropped after open).
+// costs more per entry than the binary table; one SAX pass fills the table with no DOM,
+// so the bound is 4 us and 256 bytes of peak per entry (the DOM of the first parser took
+// 7 us and 1 KiB, and a loaded CI pushed that past 10 s of wall time).
 TEST(TinyEntries, OneMillionSafetensorsEntriesOpenInBoundedTimeAndMemory) {
   constexpr size_t kCount = 1'000'000;
   TempDir dir;
@@ -201,15 +215,15 @@ TEST(TinyEntries, OneMillionSafetensorsEntriesOpenInBoundedTimeAndMemory) {
   const uint64_t header = File::open(path).header_size();
   const OpenCost cost = measure_open_in_child(path, "t999999");
   ASSERT_TRUE(cost.ok) << "open failed or the last name was not found";
-  std::printf("1M safetensors entries: header %.1f MiB, open %.3f s, VmHWM +%.1f MiB, "
-              "held %.1f MiB\n",
-              header / 1048576.0, cost.seconds, cost.peak_delta / 1048576.0,
+  std::printf("1M safetensors entries: header %.1f MiB, open %.3f s CPU (%.3f s wall), "
+              "VmHWM +%.1f MiB, held %.1f MiB\n",
+              header / 1048576.0, cost.cpu_seconds, cost.seconds, cost.peak_delta / 1048576.0,
               cost.held / 1048576.0);
-  const double time_bound = kCount * 10e-6 * (kSanitized ? 10 : 1);
-  EXPECT_LT(cost.seconds, time_bound) << "open took " << cost.seconds << " s";
+  const double time_bound = kCount * 4e-6 * (kSanitized ? 10 : 1);
+  EXPECT_LT(cost.cpu_seconds, time_bound) << "open took " << cost.cpu_seconds << " s of CPU";
   if (!kSanitized) {
     EXPECT_LT(cost.held, kCount * 192) << "index holds " << cost.held << " bytes";
-    EXPECT_LT(cost.peak_delta, kCount * 1024 + header) << "peak grew by " << cost.peak_delta;
+    EXPECT_LT(cost.peak_delta, kCount * 256 + header) << "peak grew by " << cost.peak_delta;
   }
 }
 

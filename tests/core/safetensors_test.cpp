@@ -123,10 +123,73 @@ TEST(SafetensorsRules, Rule5_EverythingThatIsNotTheSafetensorsShapeIsBadJson) {
       R"({"__metadata__": []})",
       R"({"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
           "a": {"dtype": "U8", "shape": [1], "data_offsets": [1, 2]}})",   // duplicate name
+      R"({"a": {"dtype": "U8", "dtype": "U8", "shape": [4], "data_offsets": [0, 4]}})",  // field twice
+      R"({"__metadata__": {"k": "v", "k": "w"}})",                       // metadata key twice
+      R"({"__metadata__": {}, "__metadata__": {}})",                     // metadata twice
+      R"({"a": {"dtype": "U8", "shape": [1,1,1,1,1,1,1,1,4], "data_offsets": [0, 4]}})",  // rank 9
+      R"({"a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4, 4]}})",  // three offsets
+      R"({"a": {"dtype": "U8", "shape": [[4]], "data_offsets": [0, 4]}})",   // nested shape
+      R"({"a": {"dtype": ["U8"], "shape": [4], "data_offsets": [0, 4]}})",   // dtype not a string
+      R"({"a": {"dtype": "U8", "shape": 4, "data_offsets": [0, 4]}})",       // shape not an array
+      R"({"a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 18446744073709551616]}})",  // > u64
+      R"({"a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4], "x": [1, {"y": 2}]},)",  // cut
   };
   for (const char* h : headers) {
     EXPECT_EQ(open_bytes(safetensors_bytes(h, "xxxx")), ErrorKind::SafetensorsBadJson) << h;
   }
+}
+
+TEST(SafetensorsRules, Rule5_ErrorsNameTheTensorAndWhatIsWrong) {
+  auto message_of = [](const char* header) {
+    TempDir dir;
+    write_bytes(dir.file("x.safetensors"), safetensors_bytes(header, "xxxx"));
+    try {
+      File::open(dir.file("x.safetensors"));
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("(opened)");
+  };
+  const std::pair<const char*, const char*> cases[] = {
+      {R"({"w": {"dtype": "F32", "shape": [1, -2], "data_offsets": [0, 4]}})",
+       "tensor 'w' has a dimension that is not a non-negative integer"},
+      {R"({"w": {"dtype": "Q4", "shape": [1], "data_offsets": [0, 4]}})", "tensor 'w' has unknown dtype 'Q4'"},
+      {R"({"w": {"shape": [1], "shape": [1]}})", "tensor 'w' has the field 'shape' twice"},
+      {R"({"w": {"dtype": "U8", "shape": [4]}})", "tensor 'w' needs a string dtype, an array shape and two data_offsets"},
+      {R"({"w": 3})", "tensor 'w' is not an object"},
+      {R"({"__metadata__": {"k": 1}})", "metadata value of 'k' is not a string"},
+      {R"({"__metadata__": {"k": "v", "k": "v"}})", "metadata key 'k' appears twice"},
+      {R"({"w": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}, "w": 1})", "tensor name 'w' appears twice"},
+      {R"({"w": {)", "header is not valid JSON"},
+  };
+  for (const auto& [header, expected] : cases) {
+    const std::string message = message_of(header);
+    EXPECT_NE(message.find(expected), std::string::npos) << header << "\n  gave: " << message;
+    EXPECT_NE(message.find("x.safetensors: "), std::string::npos) << message;
+  }
+}
+
+// Fields the format does not define are skipped whatever their value, as the reference
+// does; tensors listed out of data order are found by name at their own bytes.
+TEST(SafetensorsRules, UnknownFieldsAreIgnoredAndTheOrderOfTheJsonDoesNotMatter) {
+  const char* h = R"({"b": {"note": {"deep": [1, [2, {"x": null}]], "t": true}, "dtype": "U8",
+                            "shape": [2], "data_offsets": [2, 4], "extra": "s"},
+                      "__metadata__": {"format": "pt"},
+                      "a": {"data_offsets": [0, 2], "shape": [2], "dtype": "U8", "n": -1.5}})";
+  TempDir dir;
+  write_bytes(dir.file("x.safetensors"), safetensors_bytes(h, "ABCD"));
+  const File f = File::open(dir.file("x.safetensors"));
+  ASSERT_EQ(f.tensors().size(), 2u);
+  EXPECT_EQ(f.tensors()[0].name, "a");  // data order
+  const TensorEntry& a = f.at("a");
+  const TensorEntry& b = f.at("b");
+  EXPECT_EQ(std::string(reinterpret_cast<const char*>(f.bytes(a).data), 2), "AB");
+  EXPECT_EQ(std::string(reinterpret_cast<const char*>(f.bytes(b).data), 2), "CD");
+  EXPECT_EQ(b.rank, 1);
+  EXPECT_EQ(b.dims[0], 2u);
+  ASSERT_EQ(f.metadata().size(), 1u);
+  EXPECT_EQ(f.metadata()[0].first, "format");
+  EXPECT_EQ(f.metadata()[0].second, "pt");
 }
 
 TEST(SafetensorsRules, Rule6_HolesOverlapsAndBackwardsRangesAreBadOffsets) {
