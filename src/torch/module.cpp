@@ -245,15 +245,14 @@ LoadPlan plan_load(const torch::nn::Module& module, const StateDict& state, cons
 }
 
 bool own_mappings_fit(size_t count) {
-  static const size_t limit = [] {
-    long max_maps = 65530;
-    if (FILE* f = std::fopen("/proc/sys/vm/max_map_count", "r")) {
-      if (std::fscanf(f, "%ld", &max_maps) != 1) max_maps = 65530;
-      std::fclose(f);
-    }
-    return static_cast<size_t>(std::max(0L, max_maps)) / 4;
-  }();
-  return count <= limit;
+  // Read at every load, not cached: the limit is a sysctl that can change while a
+  // process runs, and reading it costs microseconds against a load's milliseconds.
+  long max_maps = 65530;  // the kernel's default
+  if (FILE* f = std::fopen("/proc/sys/vm/max_map_count", "r")) {
+    if (std::fscanf(f, "%ld", &max_maps) != 1) max_maps = 65530;
+    std::fclose(f);
+  }
+  return count <= static_cast<size_t>(std::max(0L, max_maps)) / 4;
 }
 
 namespace {

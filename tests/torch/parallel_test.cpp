@@ -6,7 +6,9 @@
 #include <gtest/gtest.h>
 #include <malloc.h>
 #include <netinet/in.h>
+#include <sched.h>
 #include <sys/mman.h>
+#include <sys/mount.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <torch/csrc/distributed/c10d/FileStore.hpp>
@@ -545,6 +547,47 @@ TEST(ParallelLoad, ARankHoldsAQuarterOfTheModelInMapAndCopyMode) {
       return grown <= model_bytes / 4 + (1u << 20) && grown + (1u << 20) >= model_bytes / 4 ? 0 : 1;
     });
     EXPECT_EQ(failures, "") << (mode == LoadMode::Map ? "map" : "copy") << " mode (exit 1: not a quarter)";
+  }
+}
+
+// Past a quarter of vm.max_map_count tensors, a parallel load maps its parts through the
+// whole file's mapping rather than one mapping each, so that it cannot run the process
+// out of mappings. The limit is faked in one child process: a private mount namespace
+// with a file bound over /proc/sys/vm/max_map_count (CAP_SYS_ADMIN; skipped without it).
+// The model has 12 tensors: a limit of 48 allows 12 mappings of their own, 44 only 11.
+TEST(ParallelLoad, PastAQuarterOfMaxMapCountPartsShareTheWholeFilesMapping) {
+  TempDir dir;
+  const std::string path = dir.file("full.tmap");
+  write_full_model(path, 2, 16, 64);
+  for (const auto& [limit, own] : {std::pair{48, true}, std::pair{44, false}}) {
+    const std::string fake = dir.file("max_map_count_" + std::to_string(limit));
+    std::ofstream(fake) << limit << "\n";
+    const std::string failures = run_children(1, [&, limit = limit, own = own](int) {
+      if (::unshare(CLONE_NEWNS) != 0 || ::mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0 ||
+          ::mount(fake.c_str(), "/proc/sys/vm/max_map_count", nullptr, MS_BIND, nullptr) != 0) {
+        return 77;
+      }
+      long seen = 0;
+      std::ifstream("/proc/sys/vm/max_map_count") >> seen;
+      if (seen != limit) return 4;
+      const File file = File::open(path);
+      auto model = build_skeleton([] { return tp_model(2, 16, 64, 4); });
+      LoadOptions options;
+      options.parallel = ParallelPlan{1, 4, kSplits};
+      if (load(*model, StateDict(file), options).loaded.size() != 12) return 2;
+      if (!compare_parts(*model, StateDict(file), 1, 4).empty()) return 2;
+      const TensorEntry& up = file.at("0.up.weight");
+      const auto* up_base = static_cast<const char*>(file.cow_data(up));
+      const auto* up_ptr = static_cast<const char*>(model->named_parameters()["0.up.weight"].data_ptr());
+      const bool in_whole_mapping = up_ptr >= up_base && up_ptr < up_base + up.byte_length;
+      std::printf("vm.max_map_count %d: 0.up.weight in %s\n", limit,
+                  in_whole_mapping ? "the whole file's mapping" : "a mapping of its own");
+      return in_whole_mapping == !own ? 0 : 1;
+    });
+    if (failures == "child 0: exit 77; ") {
+      GTEST_SKIP() << "cannot bind a file over /proc/sys/vm/max_map_count here";
+    }
+    EXPECT_EQ(failures, "") << "limit " << limit << " (exit 1: the wrong mapping; 4: the bind did not show)";
   }
 }
 
