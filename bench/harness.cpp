@@ -433,6 +433,12 @@ int cmd_hold(const Args& a) {
   return 0;
 }
 
+// Growth of RssAnon + RssFile (what a rank holds, mapped or owned), in MiB.
+double resident_growth_mib(const tensormap::ProcessMemory& before, const tensormap::ProcessMemory& after) {
+  return (static_cast<double>(after.rss_anon + after.rss_file) -
+          static_cast<double>(before.rss_anon + before.rss_file)) / 1048576.0;
+}
+
 // --- tensor parallelism over c10d -------------------------------------------------------------
 
 int cmd_tp(const Args& a) {
@@ -466,8 +472,7 @@ int cmd_tp(const Args& a) {
       Json j;
       const auto after = tensormap::read_process_memory();
       j.num("rank", rank).num("load_and_touch_ms", ms).memory("touched", after)
-          .num("resident_growth_mib", (static_cast<double>(after.rss_anon + after.rss_file) -
-                                       static_cast<double>(before.rss_anon + before.rss_file)) / 1048576.0)
+          .num("resident_growth_mib", resident_growth_mib(before, after))
           .num("peak_growth_mib", (static_cast<double>(after.vm_hwm) - static_cast<double>(before.vm_rss)) / 1048576.0);
       j.out << "}";
       const std::string text = j.out.str() + "\n";
@@ -514,8 +519,7 @@ int cmd_part(const Args& a) {
   const auto after = tensormap::read_process_memory();
   Json().num("rank", static_cast<double>(rank)).num("load_ms", load_ms).num("touch_ms", touch_ms)
       .memory("touched", after)
-      .num("resident_growth_mib", (static_cast<double>(after.rss_anon + after.rss_file) -
-                                   static_cast<double>(before.rss_anon + before.rss_file)) / 1048576.0)
+      .num("resident_growth_mib", resident_growth_mib(before, after))
       .print();
   return 0;
 }

@@ -48,11 +48,6 @@ namespace detail {
 struct StateSource;
 }
 
-// A read-only, dict-like state dict over a checkpoint of any format tensormap reads,
-// recognised by content: a tensormap or safetensors file, a sharded checkpoint's index
-// (*.index.json), or a torch.save archive. Opening reads the header or index only (a
-// torch.save archive's pickle is read, its tensor data is not); shards are mapped when
-// one of their tensors is first asked for; a tensor's bytes are read when touched.
 // Which mapping a zero-copy view of a file lies in.
 enum class ViewMapping {
   // The one mapping of the whole file, shared by every view: the default, and free. But
@@ -67,6 +62,11 @@ enum class ViewMapping {
   Own,
 };
 
+// A read-only, dict-like state dict over a checkpoint of any format tensormap reads,
+// recognised by content: a tensormap or safetensors file, a sharded checkpoint's index
+// (*.index.json), or a torch.save archive. Opening reads the header or index only (a
+// torch.save archive's pickle is read, its tensor data is not); shards are mapped when
+// one of their tensors is first asked for; a tensor's bytes are read when touched.
 class StateDict {
  public:
   class Iterator;

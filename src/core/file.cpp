@@ -120,20 +120,20 @@ void File::read_rows(const TensorEntry& entry, uint64_t offset, uint64_t stride,
   if (!end || *end > entry.byte_length || row_bytes > stride) {
     throw Error(ErrorKind::InvalidArgument, path() + ": rows run past the end of tensor " + detail::quoted(entry.name));
   }
-  // Read-ahead would pull the gaps between rows into the page cache too: off meanwhile.
-  const bool gaps = stride - row_bytes >= detail::page_size();
-  if (gaps) impl_->mapping.set_read_ahead(false);
-  try {
-    auto* out = static_cast<unsigned char*>(dest);
-    for (uint64_t r = 0; r < rows; ++r) {
-      impl_->mapping.read(entry.offset + offset + r * stride, out + r * row_bytes, row_bytes,
-                          "tensor " + detail::quoted(entry.name));
+  // Read-ahead would pull the gaps between rows into the page cache too: off meanwhile,
+  // and back on however the reads end.
+  struct ReadAheadOff {
+    const detail::Mapping* mapping;
+    ~ReadAheadOff() {
+      if (mapping) mapping->set_read_ahead(true);
     }
-  } catch (...) {
-    if (gaps) impl_->mapping.set_read_ahead(true);
-    throw;
+  } guard{stride - row_bytes >= detail::page_size() ? &impl_->mapping : nullptr};
+  if (guard.mapping) guard.mapping->set_read_ahead(false);
+  const std::string what = "tensor " + detail::quoted(entry.name);  // once, not per row
+  auto* out = static_cast<unsigned char*>(dest);
+  for (uint64_t r = 0; r < rows; ++r) {
+    impl_->mapping.read(entry.offset + offset + r * stride, out + r * row_bytes, row_bytes, what);
   }
-  if (gaps) impl_->mapping.set_read_ahead(true);
 }
 
 void File::prefetch(const TensorEntry& entry) const {

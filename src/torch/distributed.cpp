@@ -199,12 +199,11 @@ LoadReport load_from_one_rank(torch::nn::Module& module, const std::string& path
         });
       }
     } else if (is_source) {  // split: each rank gets its part, point to point
-      for (int r = 0; r < group.getSize(); ++r) {
+      const c10::ScalarType stored = *to_scalar_type(state->info(name).dtype);  // checked above
+      const auto bytes = c10::multiply_integers(target.sizes()) * static_cast<int64_t>(c10::elementSize(stored));
+      if (send_buffer.numel() < bytes) send_buffer = at::empty({bytes}, at::kByte);
+      for (int r = 0; r < group.getSize() && bytes > 0; ++r) {
         if (r == source) continue;  // its own part is loaded above
-        const c10::ScalarType stored = *to_scalar_type(state->info(name).dtype);  // checked above
-        const auto bytes = c10::multiply_integers(target.sizes()) * static_cast<int64_t>(c10::elementSize(stored));
-        if (bytes == 0) continue;
-        if (send_buffer.numel() < bytes) send_buffer = at::empty({bytes}, at::kByte);
         at::Tensor piece = send_buffer.narrow(0, 0, bytes);
         state->read(name, part.dim, part.length * r, part.length, piece.data_ptr());
         if (stored != target.scalar_type()) piece = bytes_of(piece.view(stored).view(target.sizes()).to(target.scalar_type()));

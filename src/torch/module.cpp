@@ -28,6 +28,21 @@ std::string shape_string(at::IntArrayRef sizes) {
   return out.str();
 }
 
+uintptr_t page_bytes() {
+  static const auto page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  return page;
+}
+
+// The addresses of a tensor's bytes, from the start of the page holding the first.
+struct PageSpan {
+  uintptr_t begin, end;
+};
+
+PageSpan pages_of(const at::Tensor& t) {
+  const auto data = reinterpret_cast<uintptr_t>(t.data_ptr());
+  return {data & ~(page_bytes() - 1), data + t.nbytes()};
+}
+
 }  // namespace
 
 namespace detail {
@@ -82,7 +97,7 @@ namespace detail {
 at::Tensor allocate_populated(at::IntArrayRef sizes, const at::TensorOptions& options) {
   at::Tensor t = at::empty(sizes, options);
 #ifdef MADV_POPULATE_WRITE
-  static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const uintptr_t page = page_bytes();
   const auto begin = (reinterpret_cast<uintptr_t>(t.data_ptr()) + page - 1) & ~(page - 1);
   const auto end = (reinterpret_cast<uintptr_t>(t.data_ptr()) + t.nbytes()) & ~(page - 1);
   if (end > begin) {
@@ -131,9 +146,7 @@ std::string check_target(const at::Tensor& target, const std::string& name, Stat
 }
 
 void read_ahead_exactly(const at::Tensor& view) {
-  static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
-  const auto begin = reinterpret_cast<uintptr_t>(view.data_ptr()) & ~(page - 1);
-  const auto end = reinterpret_cast<uintptr_t>(view.data_ptr()) + view.nbytes();
+  const auto [begin, end] = pages_of(view);
   if (end > begin) (void)::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_WILLNEED);
 }
 
@@ -338,33 +351,28 @@ LoadReport load(torch::nn::Module& module, const std::string& path, const LoadOp
 }
 
 void prefault(const torch::nn::Module& module, int threads) {
-  struct Range {
-    uintptr_t begin, end;
-  };
-  static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
-  std::vector<Range> ranges;
+  const uintptr_t page = page_bytes();
+  std::vector<PageSpan> ranges;
   uint64_t total = 0;
   for (const auto& [name, t] : named_state(module)) {
     if (is_released(t) || t.nbytes() == 0 || !t.device().is_cpu()) continue;
-    const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr()) & ~(page - 1);
-    const auto end = reinterpret_cast<uintptr_t>(t.data_ptr()) + t.nbytes();
-    ranges.push_back({begin, end});
-    total += end - begin;
+    ranges.push_back(pages_of(t));
+    total += ranges.back().end - ranges.back().begin;
   }
   if (threads <= 0) threads = std::max(1, at::get_num_threads());
   // Cut the ranges into `threads` shares of about equal bytes, on page boundaries.
   const uint64_t share = (total / static_cast<uint64_t>(threads) + page) & ~(page - 1);
-  auto fault = [](uintptr_t begin, uintptr_t end) {
+  auto fault = [page](uintptr_t begin, uintptr_t end) {
 #ifdef MADV_POPULATE_READ
     if (::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_READ) == 0) return;
 #endif
     volatile unsigned char sink = 0;
     for (uintptr_t p = begin; p < end; p += page) sink = sink + *reinterpret_cast<const unsigned char*>(p);
   };
-  std::vector<std::vector<Range>> work(static_cast<size_t>(threads));
+  std::vector<std::vector<PageSpan>> work(static_cast<size_t>(threads));
   size_t worker = 0;
   uint64_t filled = 0;
-  for (Range r : ranges) {
+  for (PageSpan r : ranges) {
     while (r.begin < r.end) {
       const uint64_t room = share - filled;
       const uintptr_t cut = std::min<uintptr_t>(r.end, r.begin + room);
@@ -380,10 +388,10 @@ void prefault(const torch::nn::Module& module, int threads) {
   std::vector<std::thread> pool;
   for (size_t w = 1; w < work.size(); ++w) {
     pool.emplace_back([&, w] {
-      for (const Range& r : work[w]) fault(r.begin, r.end);
+      for (const PageSpan& r : work[w]) fault(r.begin, r.end);
     });
   }
-  for (const Range& r : work[0]) fault(r.begin, r.end);
+  for (const PageSpan& r : work[0]) fault(r.begin, r.end);
   for (auto& t : pool) t.join();
 }
 
