@@ -1,7 +1,6 @@
 // Loading a tensor-parallel model over torch.distributed's own engine (c10d).
 //
-// Every rank of a c10d process group (ProcessGroupGloo over a TCPStore or FileStore, say)
-// calls load_distributed with its own rank's model, built with split shapes, and the same
+// Every rank of a c10d process group calls load_distributed with its own rank's model, built with split shapes, and the same
 // ParallelPlan splits. Two ways to reach the checkpoint:
 //
 //   - source_rank = -1: every rank reads its own parts from storage they all reach
@@ -21,12 +20,22 @@
 
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/nn/module.h>
+#include <torch/version.h>
 
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "tensormap/module.h"
+
+// LibTorch 2.x split c10d in two: a ProcessGroup dispatches to Backends, and
+// ProcessGroupGloo became a Backend. 1.13's ProcessGroupGloo is itself a ProcessGroup.
+#if TORCH_VERSION_MAJOR >= 2
+#define TENSORMAP_C10D_HAS_BACKEND 1
+#include <torch/csrc/distributed/c10d/Backend.hpp>
+#else
+#define TENSORMAP_C10D_HAS_BACKEND 0
+#endif
 
 namespace tensormap {
 
@@ -40,9 +49,19 @@ struct DistributedLoadOptions {
 
 // Loads this rank's part of `module` from the checkpoint at `path` (any format
 // StateDict::open reads). `splits` is ParallelPlan::splits. Returns this rank's report.
+// `group`: LibTorch 1.13, a c10d::ProcessGroupGloo (or any ProcessGroup); LibTorch 2.x, a
+// c10d::ProcessGroup with a CPU backend (what torch.distributed's default group is).
 LoadReport load_distributed(torch::nn::Module& module, const std::string& path,
                             c10d::ProcessGroup& group,
                             const std::vector<std::pair<std::string, int64_t>>& splits,
                             const DistributedLoadOptions& options = {});
+
+#if TENSORMAP_C10D_HAS_BACKEND
+// LibTorch 2.x: the same over a backend used on its own, such as a c10d::ProcessGroupGloo
+// made directly from a store.
+LoadReport load_distributed(torch::nn::Module& module, const std::string& path, c10d::Backend& group,
+                            const std::vector<std::pair<std::string, int64_t>>& splits,
+                            const DistributedLoadOptions& options = {});
+#endif
 
 }  // namespace tensormap

@@ -4,8 +4,9 @@
 // byte is read until touched, a write copies only the touched page into this process and
 // never reaches the file. Each view holds the mapping alive, so views outlive the File.
 //
-// LibTorch 1.13 has no U16, U32, U64 or F8 dtypes: such tensors are refused by
+// LibTorch 1.13 has no U16, U32, U64 or F8 dtypes: there, such tensors are refused by
 // tensor_view/tensor_copy with Error(UnsupportedDtype) and are available as raw bytes.
+// LibTorch 2.x has them all (F8_E4M3 is float8_e4m3fn, F8_E5M2 float8_e5m2).
 //
 // Thread-safety: all functions may be called from many threads on one File; the
 // returned tensors follow LibTorch's usual rules.
@@ -27,7 +28,8 @@
 
 namespace tensormap {
 
-// The LibTorch dtype of a tensormap dtype, or nothing where LibTorch 1.13 has none.
+// The LibTorch dtype of a tensormap dtype, or nothing where this LibTorch has none
+// (1.13: U16, U32, U64, F8).
 std::optional<c10::ScalarType> to_scalar_type(Dtype dtype);
 
 // The tensormap dtype of a LibTorch dtype. Throws Error(UnsupportedDtype) for dtypes the
@@ -88,6 +90,11 @@ class StateDict {
   bool contains(std::string_view name) const;
   std::vector<std::string> keys() const;  // in file (or index) order
   std::vector<std::pair<std::string, std::string>> metadata() const;
+
+  // What a torch.save archive holds beside its tensors and was skipped, as (where, what):
+  // a training checkpoint's ("epoch", "the int 3") or ("args", "an object made by
+  // argparse.Namespace (not executed)"). Empty for the other formats.
+  std::vector<std::pair<std::string, std::string>> skipped() const;
 
   // Throws Error(NotFound). For a sharded checkpoint, maps the tensor's shard.
   Info info(std::string_view name) const;

@@ -19,18 +19,59 @@ namespace {
 // Fields of one tensor's descriptor, as the source rank broadcasts it.
 enum Field : int64_t { kPresent, kNameHash, kDtype, kRank, kDims, kFields = kDims + 8 };
 
-void wait(const c10::intrusive_ptr<c10d::Work>& work) { work->wait(); }
+// The four collectives a load needs, over whichever c10d object the user holds: a
+// ProcessGroup (LibTorch 1.13's ProcessGroupGloo is one; in 2.x a ProcessGroup dispatches
+// to its backends) or, in LibTorch 2.x, a Backend such as ProcessGroupGloo on its own.
+// Both spell these calls alike, so one template adapts either.
+class Group {
+ public:
+  virtual ~Group() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  virtual void allreduce_min(at::Tensor& t) = 0;
+  virtual void broadcast(at::Tensor& t, int root) = 0;
+  virtual void send(at::Tensor& t, int to, int tag) = 0;
+  virtual void recv(at::Tensor& t, int from, int tag) = 0;
+};
+
+template <typename C10dGroup>
+class GroupOf final : public Group {
+ public:
+  explicit GroupOf(C10dGroup& group) : group_(group) {}
+  int rank() const override { return group_.getRank(); }
+  int size() const override { return group_.getSize(); }
+  void allreduce_min(at::Tensor& t) override {
+    std::vector<at::Tensor> io{t};
+    c10d::AllreduceOptions min;
+    min.reduceOp = c10d::ReduceOp::MIN;
+    group_.allreduce(io, min)->wait();
+  }
+  void broadcast(at::Tensor& t, int root) override {
+    std::vector<at::Tensor> io{t};
+    c10d::BroadcastOptions from;
+    from.rootRank = root;
+    group_.broadcast(io, from)->wait();
+  }
+  void send(at::Tensor& t, int to, int tag) override {
+    std::vector<at::Tensor> io{t};
+    group_.send(io, to, tag)->wait();
+  }
+  void recv(at::Tensor& t, int from, int tag) override {
+    std::vector<at::Tensor> io{t};
+    group_.recv(io, from, tag)->wait();
+  }
+
+ private:
+  C10dGroup& group_;
+};
 
 // Every rank passes what it found (nothing, or an Error); every rank learns whether any
 // rank failed and, if so, throws the failure of the lowest failing rank, on every rank.
-void agree(c10d::ProcessGroup& group, const std::optional<Error>& local) {
-  const int world = group.getSize();
-  const int me = group.getRank();
+void agree(Group& group, const std::optional<Error>& local) {
+  const int world = group.size();
+  const int me = group.rank();
   at::Tensor first = at::full({1}, local ? me : world, at::kLong);
-  std::vector<at::Tensor> io{first};
-  c10d::AllreduceOptions min;
-  min.reduceOp = c10d::ReduceOp::MIN;
-  wait(group.allreduce(io, min));
+  group.allreduce_min(first);
   const int failed = static_cast<int>(first.item<int64_t>());
   if (failed == world) return;
   // The failing rank broadcasts its error kind and message.
@@ -38,16 +79,10 @@ void agree(c10d::ProcessGroup& group, const std::optional<Error>& local) {
   at::Tensor head = at::tensor({failed == me ? static_cast<int64_t>(local->kind()) : 0,
                                 static_cast<int64_t>(text.size())},
                                at::kLong);
-  std::vector<at::Tensor> head_io{head};
-  c10d::BroadcastOptions from;
-  from.rootRank = failed;
-  wait(group.broadcast(head_io, from));
+  group.broadcast(head, failed);
   at::Tensor body = at::empty({head[1].item<int64_t>()}, at::kByte);
   if (failed == me && !text.empty()) std::memcpy(body.data_ptr(), text.data(), text.size());
-  if (body.numel() > 0) {
-    std::vector<at::Tensor> body_io{body};
-    wait(group.broadcast(body_io, from));
-  }
+  if (body.numel() > 0) group.broadcast(body, failed);
   const std::string message(static_cast<const char*>(body.data_ptr()), static_cast<size_t>(body.numel()));
   throw Error(static_cast<ErrorKind>(head[0].item<int64_t>()),
               "rank " + std::to_string(failed) + " of " + std::to_string(world) + ": " + message);
@@ -83,11 +118,10 @@ void receive_into(at::Tensor& target, Receive receive) {
   }
 }
 
-LoadReport load_from_one_rank(torch::nn::Module& module, const std::string& path,
-                              c10d::ProcessGroup& group, const ParallelPlan& plan,
+LoadReport load_from_one_rank(torch::nn::Module& module, const std::string& path, Group& group, const ParallelPlan& plan,
                               const DistributedLoadOptions& options) {
   const int source = options.source_rank;
-  const bool is_source = group.getRank() == source;
+  const bool is_source = group.rank() == source;
   const auto model_state = named_state(module);
   const auto count = static_cast<int64_t>(model_state.size());
 
@@ -120,10 +154,7 @@ LoadReport load_from_one_rank(torch::nn::Module& module, const std::string& path
     });
   }
   agree(group, failure);
-  std::vector<at::Tensor> table_io{table};
-  c10d::BroadcastOptions from_source;
-  from_source.rootRank = source;
-  wait(group.broadcast(table_io, from_source));
+  group.broadcast(table, source);
 
   // 2. Every rank checks its own model against the table, as load() would.
   auto t = table.accessor<int64_t, 2>();
@@ -163,10 +194,7 @@ LoadReport load_from_one_rank(torch::nn::Module& module, const std::string& path
   });
   agree(group, failure);
   // Not strict: a tensor moves only if every rank can take it.
-  std::vector<at::Tensor> loadable_io{loadable};
-  c10d::AllreduceOptions min;
-  min.reduceOp = c10d::ReduceOp::MIN;
-  wait(group.allreduce(loadable_io, min));
+  group.allreduce_min(loadable);
 
   // 3. The weights move, tensor by tensor, in model order. The source keeps only its own
   //    share too: its parts and replicated tensors as a rank of a parallel load takes
@@ -188,33 +216,28 @@ LoadReport load_from_one_rank(torch::nn::Module& module, const std::string& path
       if (is_source) {
         at::Tensor whole = target.contiguous();
         if (whole.numel() > 0) {
-          std::vector<at::Tensor> io{bytes_of(whole)};
-          wait(group.broadcast(io, from_source));
+          at::Tensor bytes = bytes_of(whole);
+          group.broadcast(bytes, source);
         }
       } else {
         receive_into(target, [&](at::Tensor bytes) {
-          if (bytes.numel() == 0) return;
-          std::vector<at::Tensor> io{bytes};
-          wait(group.broadcast(io, from_source));
+          if (bytes.numel() > 0) group.broadcast(bytes, source);
         });
       }
     } else if (is_source) {  // split: each rank gets its part, point to point
       const c10::ScalarType stored = *to_scalar_type(state->info(name).dtype);  // checked above
       const auto bytes = c10::multiply_integers(target.sizes()) * static_cast<int64_t>(c10::elementSize(stored));
       if (send_buffer.numel() < bytes) send_buffer = at::empty({bytes}, at::kByte);
-      for (int r = 0; r < group.getSize() && bytes > 0; ++r) {
+      for (int r = 0; r < group.size() && bytes > 0; ++r) {
         if (r == source) continue;  // its own part is loaded above
         at::Tensor piece = send_buffer.narrow(0, 0, bytes);
         state->read(name, part.dim, part.length * r, part.length, piece.data_ptr());
         if (stored != target.scalar_type()) piece = bytes_of(piece.view(stored).view(target.sizes()).to(target.scalar_type()));
-        std::vector<at::Tensor> io{piece};
-        wait(group.send(io, r, tag));
+        group.send(piece, r, tag);
       }
     } else {
       receive_into(target, [&](at::Tensor bytes) {
-        if (bytes.numel() == 0) return;
-        std::vector<at::Tensor> io{bytes};
-        wait(group.recv(io, source, tag));
+        if (bytes.numel() > 0) group.recv(bytes, source, tag);
       });
     }
     report.loaded.push_back(name);
@@ -222,17 +245,14 @@ LoadReport load_from_one_rank(torch::nn::Module& module, const std::string& path
   return report;
 }
 
-}  // namespace
-
-LoadReport load_distributed(torch::nn::Module& module, const std::string& path,
-                            c10d::ProcessGroup& group,
-                            const std::vector<std::pair<std::string, int64_t>>& splits,
-                            const DistributedLoadOptions& options) {
-  ParallelPlan plan{group.getRank(), group.getSize(), splits};
-  if (options.source_rank < -1 || options.source_rank >= group.getSize()) {
+LoadReport load_over(torch::nn::Module& module, const std::string& path, Group& group,
+                     const std::vector<std::pair<std::string, int64_t>>& splits,
+                     const DistributedLoadOptions& options) {
+  ParallelPlan plan{group.rank(), group.size(), splits};
+  if (options.source_rank < -1 || options.source_rank >= group.size()) {
     throw Error(ErrorKind::InvalidArgument, "source rank " + std::to_string(options.source_rank) +
                                                 " is not a rank of the group of " +
-                                                std::to_string(group.getSize()));
+                                                std::to_string(group.size()));
   }
   if (options.source_rank >= 0) return load_from_one_rank(module, path, group, plan, options);
 
@@ -257,5 +277,24 @@ LoadReport load_distributed(torch::nn::Module& module, const std::string& path,
   agree(group, failure);
   return report;
 }
+
+}  // namespace
+
+LoadReport load_distributed(torch::nn::Module& module, const std::string& path,
+                            c10d::ProcessGroup& group,
+                            const std::vector<std::pair<std::string, int64_t>>& splits,
+                            const DistributedLoadOptions& options) {
+  GroupOf<c10d::ProcessGroup> adapted(group);
+  return load_over(module, path, adapted, splits, options);
+}
+
+#if TENSORMAP_C10D_HAS_BACKEND
+LoadReport load_distributed(torch::nn::Module& module, const std::string& path, c10d::Backend& group,
+                            const std::vector<std::pair<std::string, int64_t>>& splits,
+                            const DistributedLoadOptions& options) {
+  GroupOf<c10d::Backend> adapted(group);
+  return load_over(module, path, adapted, splits, options);
+}
+#endif
 
 }  // namespace tensormap

@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <sys/mman.h>
 #include <torch/nn/module.h>
+#include <torch/version.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -53,7 +54,7 @@ std::string mismatch(const at::Tensor& target, const StateDict::Info& info, Load
   const auto file_type = to_scalar_type(info.dtype);
   if (!file_type) {
     return "dtype " + std::string(dtype_name(info.dtype)) +
-           " in the file has no LibTorch 1.13 equivalent";
+           " in the file has no equivalent in LibTorch " TORCH_VERSION;
   }
   if (target.sizes() != at::IntArrayRef(info.shape)) {
     return "shape " + shape_string(target.sizes()) + " in the model, " + shape_string(info.shape) +

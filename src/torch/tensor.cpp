@@ -6,6 +6,7 @@
 #include <cstring>
 #include <fstream>
 #include <mutex>
+#include <torch/version.h>
 
 #include "loading.h"
 #include "sources.h"
@@ -25,7 +26,7 @@ c10::ScalarType scalar_type_or_throw(const File& file, const TensorEntry& entry)
   throw Error(ErrorKind::UnsupportedDtype,
               file.path() + ": tensor '" + std::string(entry.name) + "' has dtype " +
                   std::string(dtype_name(entry.dtype)) +
-                  ", which LibTorch 1.13 cannot represent; read it with raw_bytes_view");
+                  ", which LibTorch " TORCH_VERSION " cannot represent; read it with raw_bytes_view");
 }
 
 // A view of the entry's bytes; a copy where they are not aligned to the element size
@@ -59,11 +60,19 @@ std::optional<c10::ScalarType> to_scalar_type(Dtype dtype) {
     case Dtype::F64: return at::kDouble;
     case Dtype::C64: return at::kComplexFloat;
     case Dtype::C128: return at::kComplexDouble;
+#if TORCH_VERSION_MAJOR >= 2
+    case Dtype::U16: return at::kUInt16;
+    case Dtype::U32: return at::kUInt32;
+    case Dtype::U64: return at::kUInt64;
+    case Dtype::F8_E4M3: return at::kFloat8_e4m3fn;
+    case Dtype::F8_E5M2: return at::kFloat8_e5m2;
+#else  // LibTorch 1.13 has none of these
     case Dtype::U16:
     case Dtype::U32:
     case Dtype::U64:
     case Dtype::F8_E4M3:
     case Dtype::F8_E5M2: return std::nullopt;
+#endif
   }
   return std::nullopt;
 }
@@ -296,6 +305,7 @@ bool StateDict::empty() const { return source_->size() == 0; }
 bool StateDict::contains(std::string_view name) const { return source_->find(name).has_value(); }
 std::vector<std::string> StateDict::keys() const { return source_->names; }
 std::vector<std::pair<std::string, std::string>> StateDict::metadata() const { return source_->metadata(); }
+std::vector<std::pair<std::string, std::string>> StateDict::skipped() const { return source_->skipped_values(); }
 
 size_t StateDict::index_of(std::string_view name) const {
   if (const auto i = source_->find(name)) return *i;

@@ -601,6 +601,30 @@ c10::intrusive_ptr<c10d::ProcessGroupGloo> gloo_group(const c10::intrusive_ptr<c
   return c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options);
 }
 
+#if TENSORMAP_C10D_HAS_BACKEND
+// What a LibTorch 2.x user holds (torch.distributed's default group is one): a
+// ProcessGroup that dispatches CPU work to a Gloo backend.
+c10::intrusive_ptr<c10d::ProcessGroup> wrapped_gloo_group(const c10::intrusive_ptr<c10d::Store>& store,
+                                                           int rank, int world) {
+  auto group = c10::make_intrusive<c10d::ProcessGroup>(store, rank, world);
+  group->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::GLOO,
+                    gloo_group(store, rank, world));
+  group->setDefaultBackend(c10d::ProcessGroup::BackendType::GLOO);
+  return group;
+}
+#endif
+
+// The group a test's ranks load over: a ProcessGroup in every LibTorch (in 2.x one with a
+// Gloo backend). The other 2.x spelling, a bare backend, is what gloo_group gives.
+c10::intrusive_ptr<c10d::ProcessGroup> process_group(const c10::intrusive_ptr<c10d::Store>& store, int rank,
+                                                     int world) {
+#if TENSORMAP_C10D_HAS_BACKEND
+  return wrapped_gloo_group(store, rank, world);
+#else
+  return gloo_group(store, rank, world);
+#endif
+}
+
 // A port that was free a moment ago, for a TCPStore.
 uint16_t free_port() {
   const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
@@ -614,9 +638,22 @@ uint16_t free_port() {
   return ntohs(addr.sin_port);
 }
 
+// A TCPStore on loopback whose server is rank 0.
+c10::intrusive_ptr<c10d::Store> tcp_store(uint16_t port, int rank, int world) {
+  c10d::TCPStoreOptions options;
+  options.port = port;
+  options.isServer = rank == 0;
+  options.numWorkers = world;
+#if TORCH_VERSION_MAJOR >= 2
+  options.useLibUV = false;  // Debian's LibTorch 2.6 is built without libuv
+#endif
+  return c10::make_intrusive<c10d::TCPStore>("127.0.0.1", options);
+}
+
 // Rank body shared by the distributed tests: load this rank's part, then check it against
 // the whole checkpoint (which the test itself reads, after the load).
-int load_and_check(c10d::ProcessGroup& group, const std::string& path_for_this_rank,
+template <typename C10dGroup>
+int load_and_check(C10dGroup& group, const std::string& path_for_this_rank,
                    const std::string& real_path, int source, LoadMode mode) {
   const int rank = group.getRank(), world = group.getSize();
   auto model = build_skeleton([&] { return tp_model(2, 16, 64, world); });
@@ -638,7 +675,7 @@ TEST(Distributed, FourRanksReadTheirOwnPartsFromSharedStorageOverAFileStore) {
   write_full_model(path, 2, 16, 64);
   const std::string store = dir.file("store");
   EXPECT_EQ(run_children(4, [&](int rank) {
-              auto group = gloo_group(c10::make_intrusive<c10d::FileStore>(store, 4), rank, 4);
+              auto group = process_group(c10::make_intrusive<c10d::FileStore>(store, 4), rank, 4);
               return load_and_check(*group, path, path, -1, LoadMode::Map);
             }),
             "");
@@ -653,11 +690,7 @@ TEST(Distributed, OnlyRankZeroHasTheFileAndSendsTheOthersTheirPartsOverATcpStore
     write_full_model(path, 2, 16, 64, Format::Safetensors);
     const uint16_t port = free_port();
     EXPECT_EQ(run_children(world, [&](int rank) {
-                c10d::TCPStoreOptions options;
-                options.port = port;
-                options.isServer = rank == 0;
-                options.numWorkers = world;
-                auto store = c10::make_intrusive<c10d::TCPStore>("127.0.0.1", options);
+                auto store = tcp_store(port, rank, world);
                 auto group = gloo_group(store, rank, world);
                 return load_and_check(*group, rank == 0 ? path : dir.file("absent"), path, 0,
                                       rank == 0 ? LoadMode::Map : LoadMode::Copy);
