@@ -20,8 +20,9 @@ namespace tensormap {
 
 class TorchSaveWriter {
  public:
-  // Throws Error(UnsupportedDtype) for dtypes LibTorch 1.13 cannot store (U16, U32, U64,
-  // F8), Error(InvalidArgument) for repeated names, Error(Io) if the file cannot be made.
+  // Every dtype is written; U16, U32, U64 and F8 as torch 2.x writes them, which only
+  // torch 2.x (and tensormap) reads back. Throws Error(InvalidArgument) for repeated
+  // names, Error(Io) if the file cannot be made.
   TorchSaveWriter(std::string path, std::vector<TensorSpec> tensors, bool sync = true);
   ~TorchSaveWriter();  // abandons the write unless commit() succeeded
 

@@ -177,6 +177,11 @@ int inspect_state(const std::string& path, bool json) {
                               {"shape", info.shape}, {"byte_length", info.byte_length}});
     data += info.byte_length;
   }
+  const auto skipped = sd.skipped();
+  if (!skipped.empty()) {
+    out["skipped"] = nlohmann::ordered_json::array();
+    for (const auto& [where, what] : skipped) out["skipped"].push_back({{"name", where}, {"value", what}});
+  }
   if (json) {
     std::cout << out.dump(2) << "\n";
     return 0;
@@ -185,6 +190,10 @@ int inspect_state(const std::string& path, bool json) {
   for (const auto& t : out["tensors"]) {
     std::cout << "  " << t["name"].get<std::string>() << "  " << t["dtype"].get<std::string>() << "  "
               << t["shape"].dump() << "  " << t["byte_length"].get<uint64_t>() << "\n";
+  }
+  if (!skipped.empty()) {
+    std::cout << skipped.size() << " values that are not tensors were skipped:\n";
+    for (const auto& [where, what] : skipped) std::cout << "  " << where << ": " << what << "\n";
   }
   return 0;
 }

@@ -7,6 +7,7 @@
 #include <unordered_map>
 
 #include "tensormap/error.h"
+#include "tensormap/tensor.h"
 
 namespace tensormap::detail {
 namespace {
@@ -33,6 +34,33 @@ const std::unordered_map<std::string, c10::ScalarType>& storage_types() {
       {"ByteStorage", at::kByte},          {"BoolStorage", at::kBool},
       {"ComplexFloatStorage", at::kComplexFloat}, {"ComplexDoubleStorage", at::kComplexDouble}};
   return types;
+}
+
+// torch's dtypes by the names they pickle under (torch.<name>), where tensormap stores them.
+const std::unordered_map<std::string, Dtype>& torch_dtypes() {
+  static const std::unordered_map<std::string, Dtype> types = {
+      {"bool", Dtype::BOOL},       {"uint8", Dtype::U8},          {"int8", Dtype::I8},
+      {"int16", Dtype::I16},       {"short", Dtype::I16},         {"uint16", Dtype::U16},
+      {"int32", Dtype::I32},       {"int", Dtype::I32},           {"uint32", Dtype::U32},
+      {"int64", Dtype::I64},       {"long", Dtype::I64},          {"uint64", Dtype::U64},
+      {"float16", Dtype::F16},     {"half", Dtype::F16},          {"bfloat16", Dtype::BF16},
+      {"float32", Dtype::F32},     {"float", Dtype::F32},         {"float64", Dtype::F64},
+      {"double", Dtype::F64},      {"complex64", Dtype::C64},     {"cfloat", Dtype::C64},
+      {"complex128", Dtype::C128}, {"cdouble", Dtype::C128},      {"float8_e4m3fn", Dtype::F8_E4M3},
+      {"float8_e5m2", Dtype::F8_E5M2}};
+  return types;
+}
+
+// The LibTorch type a tensor of `dtype` is held as: its own, or where this LibTorch has
+// none, an integer type of the same element size (the bytes are what matter then).
+c10::ScalarType held_as(Dtype dtype) {
+  if (const auto type = to_scalar_type(dtype)) return *type;
+  switch (dtype_size(dtype)) {
+    case 1: return at::kByte;
+    case 2: return at::kShort;
+    case 4: return at::kInt;
+    default: return at::kLong;
+  }
 }
 
 class Unpickler {
@@ -105,9 +133,28 @@ class Unpickler {
         }
         case 'b': {                                      // BUILD
           pop();  // the state: for an OrderedDict, its _metadata attribute, not needed
-          if (top()->kind != Kind::Dict) fail("BUILD on something other than a dict");
+          if (top()->kind != Kind::Dict && top()->kind != Kind::Opaque) fail("BUILD on something other than a dict or an object");
           break;
         }
+        case 0x81: {                                     // NEWOBJ: cls.__new__(cls, *args)
+          pop();
+          push(opaque(*pop()));
+          break;
+        }
+        case 0x92: {                                     // NEWOBJ_EX: with keyword arguments
+          pop();
+          pop();
+          push(opaque(*pop()));
+          break;
+        }
+        case 0x8f: push(make(Kind::List)); break;        // EMPTY_SET: read as a list
+        case 0x90: {                                     // ADDITEMS
+          auto items = pop_mark();
+          auto& set = of_kind(top(), Kind::List, "ADDITEMS")->items;
+          set.insert(set.end(), items.begin(), items.end());
+          break;
+        }
+        case 0x91: push(sequence(Kind::List, pop_mark())); break;  // FROZENSET
         case 'Q': push(persistent(*pop())); break;       // BINPERSID
         case 'N': push(make(Kind::None)); break;
         case 0x88: case 0x89: {                          // NEWTRUE, NEWFALSE
@@ -143,6 +190,7 @@ class Unpickler {
         case 0x8d: push(string(u64())); break;           // BINUNICODE8
         case 'U': case 'C': push(string(byte())); break;  // SHORT_BINSTRING, SHORT_BINBYTES
         case 'T': case 'B': push(string(u32())); break;  // BINSTRING, BINBYTES
+        case 0x8e: push(string(u64())); break;           // BINBYTES8
         case '0': pop(); break;                          // POP
         case '1': pop_mark(); break;                     // POP_MARK
         case '2': push(top()); break;                    // DUP
@@ -244,14 +292,49 @@ class Unpickler {
       v->global = Global::OrderedDict;
     } else if (module == "torch._utils" && name == "_rebuild_tensor_v2") {
       v->global = Global::RebuildTensorV2;
+    } else if (module == "torch._utils" && name == "_rebuild_tensor_v3") {
+      v->global = Global::RebuildTensorV3;
     } else if (module == "torch._utils" && name == "_rebuild_parameter") {
       v->global = Global::RebuildParameter;
+    } else if (module == "torch._utils" && name == "_rebuild_parameter_with_state") {
+      v->global = Global::RebuildParameterWithState;
     } else if (module == "torch" && storage_types().count(name)) {
       v->global = Global::StorageType;
       v->storage_type = storage_types().at(name);
+    } else if ((module == "torch.storage" || module == "torch") && name == "UntypedStorage") {  // torch 2.x, v3
+      v->global = Global::StorageType;
+      v->storage_type = at::kByte;
+    } else if (module == "torch" && torch_dtypes().count(name)) {
+      v->global = Global::TorchDtype;
+      v->dtype = torch_dtypes().at(name);
     } else {
-      fail("refuses the global " + module + "." + name +
-           ": only tensors in dicts are read, and nothing in the file is executed");
+      v->global = Global::Other;  // never called: whatever it makes stays opaque
+    }
+    v->what = module + "." + name;
+    return v;
+  }
+
+  // What calling or instantiating `callable` would have made, without doing it.
+  static PickleRef opaque(const PickleValue& callable) {
+    auto v = make(Kind::Opaque);
+    v->what = callable.kind == Kind::Global || callable.kind == Kind::Opaque ? callable.what : "an object";
+    return v;
+  }
+
+  // The tensor over `storage` that _rebuild_tensor_v2/v3 describe.
+  PickleRef tensor(const PickleValue& storage, const PickleRef& offset, const PickleRef& size,
+                   const PickleRef& stride, Dtype dtype) {
+    if (offset->kind != Kind::Int || offset->integer < 0) fail("a tensor with a bad storage offset");
+    const auto sizes = ints(size, "a tensor's size");
+    const auto strides = ints(stride, "a tensor's stride");
+    if (sizes.size() != strides.size()) fail("a tensor whose size and stride differ in length");
+    auto v = make(Kind::Tensor);
+    v->dtype = dtype;
+    try {
+      v->tensor = at::empty({0}, at::TensorOptions().dtype(held_as(dtype)));
+      v->tensor.set_(storage.storage, offset->integer, sizes, strides);  // checks bounds
+    } catch (const c10::Error& e) {
+      fail(std::string("a tensor does not fit its storage: ") + e.what_without_backtrace());
     }
     return v;
   }
@@ -285,35 +368,40 @@ class Unpickler {
   }
 
   PickleRef reduce(const PickleValue& callable, const PickleValue& args) {
-    if (callable.kind != Kind::Global) fail("REDUCE of something that is not a known global");
+    if (callable.kind == Kind::Opaque) return opaque(callable);
+    if (callable.kind != Kind::Global) fail("REDUCE of something that is not a global");
+    const auto& a = args.items;
     switch (callable.global) {
       case Global::OrderedDict:
-        if (!args.items.empty()) fail("OrderedDict with arguments");
+        if (!a.empty()) fail("OrderedDict with arguments");
         return make(Kind::Dict);
-      case Global::RebuildTensorV2: {
+      case Global::RebuildTensorV2:
         // (storage, storage offset, size, stride, requires_grad, hooks[, metadata])
-        if (args.items.size() < 4 || args.items[0]->kind != Kind::Storage || args.items[1]->kind != Kind::Int ||
-            args.items[1]->integer < 0) {
-          fail("_rebuild_tensor_v2 with unexpected arguments");
+        if (a.size() < 4 || a[0]->kind != Kind::Storage) fail("_rebuild_tensor_v2 with unexpected arguments");
+        return tensor(*a[0], a[1], a[2], a[3], from_scalar_type(a[0]->storage_type));
+      case Global::RebuildTensorV3: {
+        // (untyped storage, storage offset, size, stride, requires_grad, hooks, dtype[, metadata])
+        if (a.size() < 7 || a[0]->kind != Kind::Storage || a[0]->storage_type != at::kByte ||
+            a[6]->kind != Kind::Global) {
+          fail("_rebuild_tensor_v3 with unexpected arguments");
         }
-        const PickleValue& storage = *args.items[0];
-        const auto sizes = ints(args.items[2], "a tensor's size");
-        const auto strides = ints(args.items[3], "a tensor's stride");
-        if (sizes.size() != strides.size()) fail("a tensor whose size and stride differ in length");
-        auto v = make(Kind::Tensor);
-        try {
-          v->tensor = at::empty({0}, at::TensorOptions().dtype(storage.storage_type));
-          v->tensor.set_(storage.storage, args.items[1]->integer, sizes, strides);  // checks bounds
-        } catch (const c10::Error& e) {
-          fail(std::string("a tensor does not fit its storage: ") + e.what_without_backtrace());
+        if (a[6]->global != Global::TorchDtype) {  // a dtype tensormap does not store: skipped
+          auto v = make(Kind::Opaque);
+          v->what = "a tensor of " + a[6]->what;
+          return v;
         }
-        return v;
+        return tensor(*a[0], a[1], a[2], a[3], a[6]->dtype);
       }
       case Global::RebuildParameter:
-        if (args.items.empty() || args.items[0]->kind != Kind::Tensor) fail("_rebuild_parameter without a tensor");
-        return args.items[0];
+      case Global::RebuildParameterWithState:
+        if (a.empty() || (a[0]->kind != Kind::Tensor && a[0]->kind != Kind::Opaque)) {
+          fail("_rebuild_parameter without a tensor");
+        }
+        return a[0];
+      case Global::Other:
+        return opaque(callable);
       default:
-        fail("REDUCE of a storage type");
+        fail("REDUCE of " + callable.what + ", which is not callable");
     }
   }
 

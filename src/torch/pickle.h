@@ -2,14 +2,23 @@
 //
 // LibTorch 1.13's own unpickler cannot read Python state dicts: it turns
 // collections.OrderedDict into None and lacks the SETITEM opcode. This one understands
-// exactly the subset torch.save uses for tensors in (ordered) dicts, lists and tuples:
-// pickle protocols 2 to 5, and the globals collections.OrderedDict,
-// torch._utils._rebuild_tensor_v2, torch._utils._rebuild_parameter and torch.*Storage.
-// Any other global is refused by name, so nothing in a file is ever executed. Every
-// length is checked against the bytes left; memo and stack sizes are bounded by the input.
+// the subset torch.save uses for tensors in (ordered) dicts, lists and tuples: pickle
+// protocols 2 to 5, and the globals collections.OrderedDict, torch._utils's
+// _rebuild_tensor_v2, _rebuild_tensor_v3 (torch 2.x, for dtypes such as float8 and
+// uint16), _rebuild_parameter and _rebuild_parameter_with_state, torch.*Storage,
+// torch.UntypedStorage and the torch dtypes.
+//
+// Nothing in a file is ever executed. Any other global (a class of the training script,
+// argparse.Namespace, a numpy scalar) becomes an opaque value that remembers its name:
+// calling or building it makes another opaque value, so a training checkpoint that holds
+// such objects beside its tensors is still read, and the caller reports what it skipped.
+// Every length is checked against the bytes left; memo and stack sizes are bounded by the
+// input.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+
+#include "tensormap/dtype.h"
 
 #include <functional>
 #include <memory>
@@ -23,8 +32,11 @@ struct PickleValue;
 using PickleRef = std::shared_ptr<PickleValue>;
 
 struct PickleValue {
-  enum class Kind { None, Bool, Int, Float, String, Tuple, List, Dict, Global, Storage, Tensor };
-  enum class Global { None, OrderedDict, RebuildTensorV2, RebuildParameter, StorageType };
+  enum class Kind { None, Bool, Int, Float, String, Tuple, List, Dict, Global, Storage, Tensor, Opaque };
+  enum class Global {
+    None, OrderedDict, RebuildTensorV2, RebuildTensorV3, RebuildParameter, RebuildParameterWithState,
+    StorageType, TorchDtype, Other
+  };
 
   Kind kind = Kind::None;
   bool boolean = false;
@@ -34,9 +46,14 @@ struct PickleValue {
   std::vector<PickleRef> items;                           // Tuple, List
   std::vector<std::pair<PickleRef, PickleRef>> entries;   // Dict, in insertion order
   Global global = Global::None;
-  c10::ScalarType storage_type = c10::ScalarType::Undefined;  // Global::StorageType
+  c10::ScalarType storage_type = c10::ScalarType::Undefined;  // Global::StorageType, Storage
+  Dtype dtype = Dtype::U8;  // Global::TorchDtype, and a Tensor's dtype as stored
   c10::Storage storage;
+  // A Tensor. For a dtype this LibTorch lacks (1.13: U16, U32, U64, F8) its bytes with an
+  // integer type of the same element size, which only raw-byte readers may use.
   at::Tensor tensor;
+  // Global::Other and Opaque: what it is ("argparse.Namespace").
+  std::string what;
 };
 
 // Returns the storage of record `key` holding `numel` elements of `type`; called once

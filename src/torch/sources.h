@@ -44,6 +44,8 @@ struct StateSource {
     if (part.numel()) std::memcpy(dest, part.data_ptr(), part.nbytes());
   }
   virtual std::vector<std::pair<std::string, std::string>> metadata() const { return {}; }
+  // Values of the checkpoint that are not tensors and were not read: (where, what).
+  virtual std::vector<std::pair<std::string, std::string>> skipped_values() const { return {}; }
 
   size_t size() const { return names.size(); }
   std::optional<size_t> find(std::string_view name) const {

@@ -5,11 +5,16 @@
 // a restricted unpickler of our own (pickle.h) rebuilds the tensors, each storage a
 // DataPtr into our private mapping instead of a copy, so no tensor byte is read here.
 //
-// The unpickler only knows the globals needed for tensors and containers; any other class
-// is refused, so nothing in the file is executed. The result must be a dict of tensors,
-// possibly nested; nested keys are joined with '.'. Each record's zip header is checked:
-// it must be stored (not compressed) and its storage must fit inside it.
+// The unpickler only knows the globals needed for tensors and containers; nothing in the
+// file is executed. Every tensor reachable from the root through dicts, lists and tuples
+// is read, named by its path with '.' between keys (a training checkpoint's
+// {"model": {"fc.weight": ...}, "optimizer": {"state": {0: {"exp_avg": ...}}}} gives
+// "model.fc.weight" and "optimizer.state.0.exp_avg"); any other value (an epoch, a
+// learning rate, an object of the training script) is skipped and listed by skipped().
+// Each record's zip header is checked: it must be stored (not compressed) and its storage
+// must fit inside it.
 #include <caffe2/serialize/inline_container.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <cstring>
@@ -17,6 +22,7 @@
 #include <unordered_map>
 
 #include "../core/mapping.h"
+#include "../core/names.h"
 #include "pickle.h"
 #include "sources.h"
 #include "tensormap/error.h"
@@ -58,38 +64,78 @@ struct TorchSaveSource : StateSource {
   std::string format() const override { return "torch.save"; }
   StateDict::Info info(size_t i) const override {
     const at::Tensor& t = tensors[i];
-    return {from_scalar_type(t.scalar_type()), t.sizes().vec(), static_cast<uint64_t>(t.nbytes())};
+    return {dtypes[i], t.sizes().vec(), static_cast<uint64_t>(t.nbytes())};
   }
-  at::Tensor tensor(size_t i) const override { return tensors[i]; }
+  at::Tensor tensor(size_t i) const override {
+    if (!to_scalar_type(dtypes[i])) {
+      throw Error(ErrorKind::UnsupportedDtype, path + ": tensor " + detail::quoted(names[i]) + " has dtype " +
+                                                   std::string(dtype_name(dtypes[i])) + ", which LibTorch " +
+                                                   TORCH_VERSION + " cannot represent; read its raw bytes");
+    }
+    return tensors[i];
+  }
+  std::vector<std::pair<std::string, std::string>> skipped_values() const override { return skipped; }
   at::Tensor raw_bytes(size_t i) const override {
     const at::Tensor t = tensors[i].contiguous();
     return t.view({-1}).view(at::kByte).clone();  // a contiguous copy of this tensor only
   }
+  std::string path;
   std::vector<at::Tensor> tensors;
+  std::vector<Dtype> dtypes;
+  std::vector<std::pair<std::string, std::string>> skipped;
 };
 
-void collect(const PickleValue& value, const std::string& prefix, TorchSaveSource& out,
-             const std::string& path, int depth) {
-  auto unsupported = [&](const std::string& what) {
-    return Error(ErrorKind::UnsupportedArchive,
-                 path + ": '" + (prefix.empty() ? std::string("<root>") : prefix) + "' " + what +
-                     "; only dicts of tensors (possibly nested) are read");
-  };
-  if (depth > 64) throw unsupported("nests dicts more than 64 deep");
-  if (value.kind == PickleValue::Kind::Tensor) {
-    if (prefix.empty()) throw unsupported("is a single tensor, not a dict of tensors");
-    out.names.push_back(prefix);
-    out.tensors.push_back(value.tensor);
-    return;
+std::string describe(const PickleValue& value) {
+  using Kind = PickleValue::Kind;
+  switch (value.kind) {
+    case Kind::None: return "None";
+    case Kind::Bool: return value.boolean ? "True" : "False";
+    case Kind::Int: return "the int " + std::to_string(value.integer);
+    case Kind::Float: return "a float";
+    case Kind::String: return "a string";
+    case Kind::Global: return "the global " + value.what;
+    case Kind::Opaque: return "an object made by " + value.what + " (not executed)";
+    case Kind::Storage: return "a storage";
+    default: return "a container";
   }
-  if (value.kind != PickleValue::Kind::Dict) {
-    static const char* kinds[] = {"None", "a bool", "an int", "a float", "a string", "a tuple",
-                                  "a list", "a dict", "a class", "a storage", "a tensor"};
-    throw unsupported(std::string("holds ") + kinds[static_cast<int>(value.kind)] + ", not a tensor");
+}
+
+// Adds every tensor reachable from `value` under `prefix`, and the values that are not
+// tensors to `out.skipped`.
+void collect(const PickleValue& value, const std::string& prefix, TorchSaveSource& out, int depth) {
+  using Kind = PickleValue::Kind;
+  const std::string here = prefix.empty() ? std::string("<root>") : prefix;
+  auto join = [&](const std::string& key) { return prefix.empty() ? key : prefix + "." + key; };
+  if (depth > 64) {
+    throw Error(ErrorKind::UnsupportedArchive, out.path + ": " + detail::quoted(here) + " nests containers more than 64 deep");
   }
-  for (const auto& [key, item] : value.entries) {
-    if (key->kind != PickleValue::Kind::String) throw unsupported("is a dict with a key that is not a string");
-    collect(*item, prefix.empty() ? key->text : prefix + "." + key->text, out, path, depth + 1);
+  switch (value.kind) {
+    case Kind::Tensor:
+      if (prefix.empty()) {
+        throw Error(ErrorKind::UnsupportedArchive,
+                    out.path + ": the archive is a single tensor, not a dict of tensors; it has no name to read it by");
+      }
+      out.names.push_back(prefix);
+      out.tensors.push_back(value.tensor);
+      out.dtypes.push_back(value.dtype);
+      return;
+    case Kind::Dict:
+      for (const auto& [key, item] : value.entries) {
+        if (key->kind == Kind::String) {
+          collect(*item, join(key->text), out, depth + 1);
+        } else if (key->kind == Kind::Int) {  // an optimizer's state, keyed by parameter index
+          collect(*item, join(std::to_string(key->integer)), out, depth + 1);
+        } else {
+          out.skipped.emplace_back(join("?"), "a dict entry whose key is " + describe(*key));
+        }
+      }
+      return;
+    case Kind::List:
+    case Kind::Tuple:
+      for (size_t i = 0; i < value.items.size(); ++i) collect(*value.items[i], join(std::to_string(i)), out, depth + 1);
+      return;
+    default:
+      out.skipped.emplace_back(here, describe(value));
   }
 }
 
@@ -154,7 +200,14 @@ std::shared_ptr<const StateSource> open_torch_save(const std::string& path) {
     };
     const auto document =
         unpickle(static_cast<const unsigned char*>(pickle.get()), pickle_size, load_storage, path);
-    collect(*document->root, "", *source, path, 0);
+    source->path = path;
+    collect(*document->root, "", *source, 0);
+    if (source->names.empty() && !source->skipped.empty()) {
+      throw Error(ErrorKind::UnsupportedArchive, path + ": holds no tensor; its root is " +
+                                                     (source->skipped.size() == 1 && source->skipped[0].first == "<root>"
+                                                          ? source->skipped[0].second
+                                                          : std::to_string(source->skipped.size()) + " values that are not tensors"));
+    }
   } catch (const Error&) {
     throw;
   } catch (const c10::Error& e) {
@@ -164,7 +217,7 @@ std::shared_ptr<const StateSource> open_torch_save(const std::string& path) {
   std::unordered_map<std::string_view, size_t> seen;
   for (const auto& name : source->names) {
     if (!seen.emplace(name, 0).second) {
-      throw Error(ErrorKind::UnsupportedArchive, path + ": the name '" + name + "' occurs twice after nesting");
+      throw Error(ErrorKind::UnsupportedArchive, path + ": the name " + detail::quoted(name) + " occurs twice after nesting");
     }
   }
   source->index_names();

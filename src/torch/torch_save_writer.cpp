@@ -2,6 +2,11 @@
 // an AtomicFile; the pickle is written here, in the protocol-2 subset torch.load expects:
 //   OrderedDict(name -> torch._utils._rebuild_tensor_v2(
 //       persistent ('storage', torch.<T>Storage, key, 'cpu', numel), 0, size, stride, False, OrderedDict()))
+// and, for the dtypes that have no typed storage class (U16, U32, U64, F8), as torch 2.x
+// writes them (torch 1.x cannot read these):
+//   torch._utils._rebuild_tensor_v3(
+//       persistent ('storage', torch.storage.UntypedStorage, key, 'cpu', bytes), 0, size, stride, False,
+//       OrderedDict(), torch.<dtype>)
 #include "tensormap/torch_save.h"
 
 #include <caffe2/serialize/inline_container.h>
@@ -29,6 +34,18 @@ const char* storage_class(Dtype dtype) {
     case Dtype::F64: return "DoubleStorage";
     case Dtype::C64: return "ComplexFloatStorage";
     case Dtype::C128: return "ComplexDoubleStorage";
+    default: return nullptr;
+  }
+}
+
+// The torch 2.x dtype of the dtypes written with _rebuild_tensor_v3.
+const char* torch2_dtype(Dtype dtype) {
+  switch (dtype) {
+    case Dtype::U16: return "uint16";
+    case Dtype::U32: return "uint32";
+    case Dtype::U64: return "uint64";
+    case Dtype::F8_E4M3: return "float8_e4m3fn";
+    case Dtype::F8_E5M2: return "float8_e5m2";
     default: return nullptr;
   }
 }
@@ -84,15 +101,16 @@ std::string pickle_state_dict(const std::vector<TensorSpec>& tensors) {
       stride *= sizes[d];
     }
     for (int64_t s : sizes) numel *= s;
+    const bool typed = storage_class(t.dtype) != nullptr;
     p.string(t.name);
-    p.global("torch._utils", "_rebuild_tensor_v2");
+    p.global("torch._utils", typed ? "_rebuild_tensor_v2" : "_rebuild_tensor_v3");
     p.op('(');
     p.op('(');
     p.string("storage");
-    p.global("torch", storage_class(t.dtype));
+    p.global(typed ? "torch" : "torch.storage", typed ? storage_class(t.dtype) : "UntypedStorage");
     p.string(std::to_string(i));
     p.string("cpu");
-    p.integer(numel);
+    p.integer(typed ? numel : numel * dtype_size(t.dtype));  // an untyped storage counts bytes
     p.op('t');
     p.op('Q');  // BINPERSID
     p.integer(0);
@@ -102,6 +120,7 @@ std::string pickle_state_dict(const std::vector<TensorSpec>& tensors) {
     p.global("collections", "OrderedDict");
     p.op(')');
     p.op('R');  // backward hooks
+    if (!typed) p.global("torch", torch2_dtype(t.dtype));
     p.op('t');
     p.op('R');
   }
@@ -136,10 +155,10 @@ TorchSaveWriter::TorchSaveWriter(std::string path, std::vector<TensorSpec> tenso
   w.sync = sync;
   std::unordered_set<std::string> names;
   for (const auto& t : tensors) {
-    if (!storage_class(t.dtype)) {
+    if (!storage_class(t.dtype) && !torch2_dtype(t.dtype)) {
       throw Error(ErrorKind::UnsupportedDtype, w.path + ": tensor '" + t.name + "' has dtype " +
                                                    std::string(dtype_name(t.dtype)) +
-                                                   ", which a LibTorch 1.13 torch.save archive cannot hold");
+                                                   ", which a torch.save archive cannot hold");
     }
     if (!names.insert(t.name).second) {
       throw Error(ErrorKind::InvalidArgument, w.path + ": tensor '" + t.name + "' is declared twice");

@@ -2,6 +2,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <gtest/gtest.h>
 #include <torch/torch.h>
+#include <torch/version.h>
 
 #include "../core/support.h"
 #include "../../src/torch/pickle.h"
@@ -89,18 +90,28 @@ TEST(TensorView, OutlivesTheFileObject) {
   EXPECT_EQ(view[999].item<int64_t>(), 999);
 }
 
-TEST(TensorView, DtypeWithoutLibTorchEquivalentIsRefusedButRawBytesWork) {
+// LibTorch 1.13 has no U16 or F8: views are refused, raw bytes work. LibTorch 2.x has both.
+TEST(TensorView, DtypesOnlyLibTorch2HasAreViewsThereAndRawBytesEverywhere) {
   TempDir dir;
   const std::string path = dir.file("u16.tmap");
   const uint16_t values[3] = {1, 2, 65535};
   {
     Writer w(path, {{"u", Dtype::U16, {3}}, {"f8", Dtype::F8_E4M3, {2}}});
     w.write_tensor(values, sizeof values);
-    const uint8_t f8[2] = {0x38, 0x40};
+    const uint8_t f8[2] = {0x38, 0x40};  // 1.0 and 2.0 in float8_e4m3fn
     w.write_tensor(f8, 2);
     w.commit();
   }
   const File f = File::open(path);
+#if TORCH_VERSION_MAJOR >= 2
+  const at::Tensor u = tensor_view(f, f.at("u"));
+  EXPECT_EQ(u.scalar_type(), at::kUInt16);
+  EXPECT_EQ(u.sizes(), (std::vector<int64_t>{3}));
+  EXPECT_EQ(static_cast<const uint16_t*>(u.data_ptr())[2], 65535);
+  const at::Tensor f8 = tensor_view(f, f.at("f8"));
+  EXPECT_EQ(f8.scalar_type(), at::kFloat8_e4m3fn);
+  EXPECT_TRUE(torch::equal(f8.to(at::kFloat), torch::tensor({1.0f, 2.0f})));
+#else
   try {
     tensor_view(f, f.at("u"));
     FAIL();
@@ -109,6 +120,7 @@ TEST(TensorView, DtypeWithoutLibTorchEquivalentIsRefusedButRawBytesWork) {
     EXPECT_NE(std::string(e.what()).find("U16"), std::string::npos);
   }
   EXPECT_THROW(tensor_view(f, f.at("f8")), Error);
+#endif
   const at::Tensor raw = raw_bytes_view(f, f.at("u"));
   EXPECT_EQ(raw.scalar_type(), at::kByte);
   EXPECT_EQ(raw.numel(), 6);
@@ -520,7 +532,8 @@ TEST(Safetensors, MisalignedTensorOfTheReferenceFixtureIsCopiedNotReinterpreted)
   EXPECT_TRUE(torch::equal(tensor_view(f, f.at("e")), torch::arange(-3, 3, at::kHalf)));
 }
 
-TEST(Safetensors, F8TensorsComeBackAsTaggedRawBytes) {
+// F8 keeps its dtype tag; a float8_e5m2 view on LibTorch 2.x, raw bytes only on 1.13.
+TEST(Safetensors, F8TensorsKeepTheirDtypeAndRawBytes) {
   TempDir dir;
   const std::string path = dir.file("f8.safetensors");
   WriterOptions options;
@@ -528,7 +541,11 @@ TEST(Safetensors, F8TensorsComeBackAsTaggedRawBytes) {
   write_pattern_file(path, {{"f8", Dtype::F8_E5M2, {4}}}, options);
   const File f = File::open(path);
   EXPECT_EQ(f.at("f8").dtype, Dtype::F8_E5M2) << "the dtype tag survives";
+#if TORCH_VERSION_MAJOR >= 2
+  EXPECT_EQ(tensor_view(f, f.at("f8")).scalar_type(), at::kFloat8_e5m2);
+#else
   EXPECT_THROW(tensor_view(f, f.at("f8")), Error);
+#endif
   EXPECT_EQ(raw_bytes_view(f, f.at("f8")).numel(), 4);
 }
 
@@ -569,15 +586,18 @@ TEST(TorchSave, NestedDictsGiveDottedNames) {
   EXPECT_EQ(sd.keys(), (std::vector<std::string>{"model.w", "model.b", "ema.model.w"}));
 }
 
-TEST(TorchSave, AnythingButTensorsInDictsIsRefusedAndNothingRuns) {
-  for (const char* name : {"not_a_tensor.pt", "foreign_class.pt"}) {
-    try {
-      StateDict::open(kTorchSave + name);
-      FAIL() << name;
-    } catch (const Error& e) {
-      EXPECT_EQ(e.kind(), ErrorKind::UnsupportedArchive) << e.what();
-    }
-  }
+// A training checkpoint holds more than tensors: every tensor is read, the rest is
+// skipped and listed, and no class of the file is ever called.
+TEST(TorchSave, ValuesThatAreNotTensorsAreSkippedAndListedAndNothingRuns) {
+  const StateDict plain = StateDict::open(kTorchSave + "not_a_tensor.pt");  // {"w": tensor, "lr": 0.1}
+  EXPECT_EQ(plain.keys(), (std::vector<std::string>{"w"}));
+  EXPECT_EQ(plain.skipped(), (std::vector<std::pair<std::string, std::string>>{{"lr", "a float"}}));
+  const StateDict foreign = StateDict::open(kTorchSave + "foreign_class.pt");  // "args": argparse.Namespace
+  EXPECT_EQ(foreign.keys(), (std::vector<std::string>{"w"}));
+  ASSERT_EQ(foreign.skipped().size(), 1u);
+  EXPECT_EQ(foreign.skipped()[0].first, "args");
+  EXPECT_NE(foreign.skipped()[0].second.find("argparse.Namespace (not executed)"), std::string::npos);
+  EXPECT_TRUE(torch::equal(foreign["w"], torch::ones({2})));
 }
 
 TEST(TorchSave, AModuleSavedAsTorchSaveLoadsBackZeroCopy) {
@@ -596,10 +616,42 @@ TEST(TorchSave, AModuleSavedAsTorchSaveLoadsBackZeroCopy) {
   EXPECT_EQ(head[0], 'P');  // a zip archive, as Python's torch.save writes
 }
 
-TEST(TorchSave, DtypesATorchArchiveCannotHoldAreRefused) {
+// U16, U32, U64 and F8 have no typed storage: they are written as torch 2.x writes them
+// (_rebuild_tensor_v3) and read back with their dtype and bytes, on any LibTorch.
+TEST(TorchSave, EveryDtypeIsWrittenAndReadBackBitForBit) {
   TempDir dir;
-  EXPECT_THROW(TorchSaveWriter(dir.file("x.pt"), {{"u", Dtype::U16, {2}}}), Error);
-  EXPECT_TRUE(dir.entries().empty());
+  const std::string path = dir.file("all.pt");
+  std::vector<TensorSpec> specs;
+  for (Dtype d : kAllDtypes) specs.push_back({std::string(dtype_name(d)), d, {2, 3}});
+  {
+    TorchSaveWriter w(path, specs);
+    for (size_t i = 0; i < specs.size(); ++i) {
+      std::vector<uint8_t> bytes(w.byte_length(i));
+      for (size_t j = 0; j < bytes.size(); ++j) bytes[j] = static_cast<uint8_t>(j * 7 + i);
+      if (specs[i].dtype == Dtype::BOOL) for (auto& b : bytes) b &= 1;
+      w.write_tensor(bytes.data(), bytes.size());
+    }
+    w.commit();
+  }
+  const StateDict sd = StateDict::open(path);
+  ASSERT_EQ(sd.size(), specs.size());
+  for (size_t i = 0; i < specs.size(); ++i) {
+    const StateDict::Info info = sd.info(specs[i].name);
+    EXPECT_EQ(info.dtype, specs[i].dtype) << specs[i].name;
+    EXPECT_EQ(info.shape, (std::vector<int64_t>{2, 3}));
+    const at::Tensor raw = sd.raw_bytes(specs[i].name);
+    ASSERT_EQ(static_cast<uint64_t>(raw.numel()), info.byte_length);
+    for (int64_t j = 0; j < raw.numel(); ++j) {
+      uint8_t expected = static_cast<uint8_t>(j * 7 + static_cast<int64_t>(i));
+      if (specs[i].dtype == Dtype::BOOL) expected &= 1;
+      ASSERT_EQ(raw[j].item<uint8_t>(), expected) << specs[i].name << " byte " << j;
+    }
+    if (!to_scalar_type(specs[i].dtype)) {
+      EXPECT_THROW(sd.at(specs[i].name), Error) << specs[i].name;  // LibTorch 1.13 has no such dtype
+    } else {
+      EXPECT_EQ(sd.at(specs[i].name).scalar_type(), *to_scalar_type(specs[i].dtype));
+    }
+  }
 }
 
 TEST(Sharded, AnIndexLoadsLikeOneFileAndMapsShardsOnlyWhenNeeded) {
