@@ -7,6 +7,7 @@
 //   tensormap_harness run      --dir D --mib N --strategy S [--cold]
 //   tensormap_harness memcpy   --mib N                memcpy bandwidth, 2 threads
 //   tensormap_harness seqread  --file F [--cold]      sequential pread bandwidth
+//   tensormap_harness evict    --file F               drop F from the page cache (for bench/peers.py)
 //   tensormap_harness seqwrite --dir D --mib N        write + fsync bandwidth
 //   tensormap_harness save     --dir D --mib N --strategy tensormap|torch
 //   tensormap_harness hold     --dir D --mib N        map-load, fault in, wait for stdin
@@ -303,23 +304,33 @@ int cmd_run(const Args& a) {
     out.print();
     return 0;
   }
+  // A mapped model is only loaded once its pages are in: the strategy's own way of
+  // faulting them in (nothing to do for strategies that copied).
   t0 = Clock::now();
   if (strategy == "tensormap-map-naive-touch") {
     touch_naive(*model);
   } else if (strategy.find("-map") != std::string::npos) {
     tensormap::prefault(*model, 2);
-  } else {
-    touch_naive(*model);  // already resident: this only confirms it
   }
   out.num("touch_ms", ms_since(t0));
   out.memory("touched", tensormap::read_process_memory());
-  // A forward pass on what was loaded: proves the weights are usable.
+  // The same first use for every strategy, C++ and Python (bench/peers.py): one full read
+  // of every weight, a sum. Its value, equal across strategies, proves the same weights.
   torch::NoGradGuard no_grad;
-  at::Tensor x = torch::ones({1, kD});
-  auto block = model[0]->as<BlockImpl>();
-  out.num("check", block->norm(block->down(torch::relu(block->up(x)))).sum().item<double>());
+  t0 = Clock::now();
+  double sum = 0;
+  for (const auto& [name, t] : tensormap::named_state(*model)) sum += t.sum().item<double>();
+  out.num("use_ms", ms_since(t0));
+  out.memory("used", tensormap::read_process_memory());
+  out.num("check", sum);
   out.print();
   return 0;
+}
+
+int cmd_evict(const Args& a) {
+  const double cached = evict(a.get("file"));
+  Json().num("cached_fraction_after", cached).print();
+  return cached > 0.01 ? 1 : 0;
 }
 
 // --- baselines --------------------------------------------------------------------------------
@@ -528,7 +539,7 @@ int cmd_part(const Args& a) {
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::cerr << "usage: tensormap_harness make|run|memcpy|seqread|seqwrite|save|hold|tp|part [--options]\n";
+    std::cerr << "usage: tensormap_harness make|run|memcpy|seqread|evict|seqwrite|save|hold|tp|part [--options]\n";
     return 2;
   }
   const std::string cmd = argv[1];
@@ -538,6 +549,7 @@ int main(int argc, char** argv) {
     if (cmd == "run") return cmd_run(a);
     if (cmd == "memcpy") return cmd_memcpy(a);
     if (cmd == "seqread") return cmd_seqread(a);
+    if (cmd == "evict") return cmd_evict(a);
     if (cmd == "seqwrite") return cmd_seqwrite(a);
     if (cmd == "save") return cmd_save(a);
     if (cmd == "hold") return cmd_hold(a);

@@ -1,12 +1,17 @@
 #!/usr/bin/python3
-"""The whole benchmark suite in one command: tensormap against LibTorch's own loaders.
+"""The whole benchmark suite in one command: tensormap against the real peers (torch's
+torch.load, with and without mmap=True + assign=True, and the safetensors library),
+LibTorch's own loaders and the two seed recipes, on the same files, in one run.
 
     bench/run_suite.py [--quick] [--sizes 256,1024,4096] [--out bench/results]
+    scripts/debian13 bench/run_suite.py     # on Debian 12: the run with torch 2.6 peers
 
-Every measurement runs in a fresh process of build/bench/tensormap_harness. Writes
-results.json, RESULTS.md (tables, targets) and plot.png (time and peak memory against
-model size, one line per strategy) into the results folder. --quick: 256 MiB only, a
-couple of minutes at most.
+Every measurement runs in a fresh process: C++ strategies in build/bench/tensormap_harness,
+Python ones in bench/peers.py under /usr/bin/python3. Every strategy ends with the same
+first use, a sum of every weight. Writes results.json, RESULTS.md (tables, ratios to the
+best peer, targets) and plot.png (time and peak memory against model size, one line per
+strategy) into the results folder. --quick: 256 MiB only, a few minutes at most. The
+peers that need torch 2.1+ or safetensors are reported as unavailable on Debian 12.
 """
 import argparse
 import json
@@ -21,11 +26,32 @@ STRATEGIES = [
     "tensormap-map", "tensormap-map-naive-touch", "tensormap-copy", "safetensors-map",
     "torchsave-map", "torch-load", "torch-pickle-load", "seed-load-then-rebind",
 ]
+# bench/peers.py, in Python: the real libraries users load with today, and the seeds.
+PY_STRATEGIES = ["py-torch-load", "py-torch-mmap-assign", "py-safetensors-load", "py-safetensors-meta-assign",
+                 "py-seed000", "py-seed002"]
+PEERS = ["py-torch-load", "py-torch-mmap-assign", "py-safetensors-load", "py-safetensors-meta-assign"]
+FILE_OF = {"tensormap-map": "tmap", "tensormap-map-naive-touch": "tmap", "tensormap-copy": "tmap",
+           "safetensors-map": "safetensors", "torchsave-map": "pt", "torch-load": "archive",
+           "torch-pickle-load": "pt", "seed-load-then-rebind": "archive", "py-torch-load": "pt",
+           "py-torch-mmap-assign": "pt", "py-safetensors-load": "safetensors",
+           "py-safetensors-meta-assign": "safetensors", "py-seed000": "pt", "py-seed002": "dbm"}
+PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+PEERS_SCRIPT = os.path.join(ROOT, "bench", "peers.py")
+
+
+def files_of(work, mib, strategy):
+    """The files a strategy reads: one, or a dbm store's several."""
+    stem = f"model-{mib}.{FILE_OF[strategy]}"
+    return sorted(os.path.join(work, f) for f in os.listdir(work) if f == stem or f.startswith(stem + "."))
+
+
+def total_ms(row):
+    return row["build_ms"] + row["load_ms"] + row["touch_ms"] + row["use_ms"]
 
 
 def harness(exe, *args, stdin=None):
-    out = subprocess.run([exe, *args], capture_output=True, text=True, check=False,
-                         input=stdin, timeout=1800)
+    cmd = [PYTHON, PEERS_SCRIPT, *args] if exe == "peers" else [exe, *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, input=stdin, timeout=1800)
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(args)}: exit {out.returncode}: {out.stderr.strip()}")
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
@@ -102,20 +128,29 @@ def main():
     for mib in sizes:
         print(f"== {mib} MiB", file=sys.stderr)
         harness(exe, "make", "--dir", work, "--mib", str(mib))
+        harness("peers", "make", "--dir", work, "--mib", str(mib))
         tmap = os.path.join(work, f"model-{mib}.tmap")
         results["baselines"][f"seqread-cold-{mib}"] = harness(exe, "seqread", "--file", tmap, "--cold")[0]
         results["baselines"][f"seqread-warm-{mib}"] = harness(exe, "seqread", "--file", tmap)[0]
         results["baselines"][f"seqwrite-{mib}"] = harness(exe, "seqwrite", "--dir", work, "--mib", str(mib))[0]
         for cache in ("warm", "cold"):
-            for s in STRATEGIES:
+            for s in STRATEGIES + PY_STRATEGIES:
                 if s == "torch-pickle-load" and mib > 1024:
                     continue  # needs ~4.5x the model in memory before it fails (see the 256 MiB row)
+                python = s in PY_STRATEGIES
                 extra = ["--cold"] if cache == "cold" else []
-                if cache == "warm":  # a warm run follows a read of the file
-                    harness(exe, "seqread", "--file", tmap)
-                row = harness(exe, "run", "--dir", work, "--mib", str(mib), "--strategy", s, *extra)[0]
+                for f in files_of(work, mib, s):
+                    if cache == "warm":  # a warm run follows a read of the strategy's own files
+                        harness(exe, "seqread", "--file", f)
+                    elif python:  # the C++ harness evicts its own file; Python's are evicted here
+                        harness(exe, "evict", "--file", f)
+                row = harness("peers" if python else exe, "run", "--dir", work, "--mib", str(mib),
+                              "--strategy", s, *extra)[0]
                 results["runs"].append(row)
-                print(f"   {cache} {s}: load {row['load_ms']:.1f} ms", file=sys.stderr)
+                status = (f"unavailable: {row['unavailable']}" if "unavailable" in row else
+                          f"fails: {row['error']}" if "error" in row else
+                          f"total {total_ms(row):.0f} ms, peak +{growth(row, 'used', 'hwm'):.0f} MiB")
+                print(f"   {cache} {s}: {status}", file=sys.stderr)
         for s in ("tensormap", "torch"):
             results["save"].append(harness(exe, "save", "--dir", work, "--mib", str(mib), "--strategy", s)[0])
         results["sharing"][str(mib)] = sharing(exe, work, mib)
@@ -145,6 +180,8 @@ def main():
     print(report)
     broken = [f"{x['strategy']} {x['mib']} {x['cache']}: {x['error']}" for x in results["runs"]
               if "error" in x and x["strategy"] != "torch-pickle-load"]
+    broken += [f"{x['strategy']} {x['mib']} {x['cache']}: its sum {x['check']} differs from tensormap-copy's"
+               for x in results["runs"] if not same_weights(results, x)]
     if broken:
         sys.exit("strategies failed: " + "; ".join(broken))
     print(f"suite took {results['seconds']:.0f} s; results in {args.out}", file=sys.stderr)
@@ -152,6 +189,44 @@ def main():
 
 def growth(row, stage, what):
     return row[f"{stage}_{what}_mib"] - row[f"base_{what}_mib"]
+
+
+def same_weights(r, row):
+    """Whether a strategy's sum of every weight equals tensormap copy mode's (same files)."""
+    if "check" not in row:
+        return True
+    ref = find(r, row["mib"], "tensormap-copy", row["cache"], None)
+    return ref is None or abs(row["check"] - ref["check"]) <= 1e-5 * max(1.0, abs(ref["check"]))
+
+
+def peers_table(r, sizes):
+    """Every strategy against the best real peer of the same size and cache state."""
+    out = ["\n## Against the real peers: build + load + first full read (a sum of every weight)\n",
+           "Every strategy in a fresh process, same files, same model, same cache state. *total* = build + "
+           "load + touch + first use; the ratios divide by the best real peer's total and peak (the peers are "
+           + ", ".join(f"`{p}`" for p in PEERS) + "). Peak is VmHWM growth over the process's start, "
+           "as a multiple of the model's size.\n",
+           "| size | cache | strategy | build ms | load ms | touch ms | first use ms | total ms | "
+           "x best peer's total | peak, x model | x best peer's peak |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for mib in sizes:
+        for cache in ("warm", "cold"):
+            rows = [x for x in r["runs"] if x["mib"] == mib and x["cache"] == cache]
+            done = [x for x in rows if "error" not in x and "unavailable" not in x]
+            peers = [x for x in done if x["strategy"] in PEERS]
+            best_t = min((total_ms(x) for x in peers), default=None)
+            best_p = min((growth(x, "used", "hwm") for x in peers), default=None)
+            for x in sorted(rows, key=lambda x: total_ms(x) if x in done else 1e18):
+                if x not in done:
+                    why = x.get("unavailable") or "fails: " + x.get("error", "")
+                    out.append(f"| {mib} | {cache} | {x['strategy']} | | | | | | | | {why[:100]} |")
+                    continue
+                peak = growth(x, "used", "hwm")
+                out.append(f"| {mib} | {cache} | {x['strategy']} | {x['build_ms']:.1f} | {x['load_ms']:.1f} | "
+                           f"{x['touch_ms']:.1f} | {x['use_ms']:.1f} | {total_ms(x):.1f} | "
+                           + (f"{total_ms(x) / best_t:.3f}" if best_t else "-") + f" | {peak / mib:.2f} | "
+                           + (f"{peak / best_p:.2f}" if best_p else "-") + " |")
+    return out
 
 
 def render(r, sizes):
@@ -163,7 +238,8 @@ def render(r, sizes):
            "every weight (map strategies fault the mapping in: `prefault`, or one byte per 4 KiB "
            "page for *naive*); a map-mode load is only finished after its touch. Memory columns "
            "are growth over the process's start (LibTorch itself is ~150 MiB): peak (VmHWM), and "
-           "RssAnon / RssFile after the touch. *cold*: the file was evicted first (mincore "
+           "RssAnon / RssFile after the touch. *first use* is then the same for every strategy, a sum "
+           "of every weight, and *total* adds it all up. *cold*: the file was evicted first (mincore "
            "confirmed 0% cached).\n",
            f"Baselines: memcpy {memcpy:.2f} GB/s into memory already faulted in, "
            f"{r['baselines']['memcpy']['fresh_memcpy_gbps']:.2f} GB/s into fresh memory (2 threads)."]
@@ -172,18 +248,23 @@ def render(r, sizes):
         out.append(f" {mib} MiB: sequential read cold {b[f'seqread-cold-{mib}']['gbps']:.2f} GB/s, "
                    f"warm {b[f'seqread-warm-{mib}']['gbps']:.2f} GB/s; write+fsync "
                    f"{b[f'seqwrite-{mib}']['gbps']:.2f} GB/s.")
-    out.append("\n\n| size | cache | strategy | build ms | load ms | touch ms | load+touch ms | "
-               "peak +MiB | RssAnon +MiB | RssFile +MiB | note |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    out.append("\n\n| size | cache | strategy | build ms | load ms | touch ms | first use ms | total ms | "
+               "peak +MiB | RssAnon +MiB | RssFile +MiB | note |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for row in r["runs"]:
+        if "unavailable" in row:
+            out.append(f"| {row['mib']} | {row['cache']} | {row['strategy']} | | | | | | | | | unavailable: "
+                       f"{row['unavailable'][:90]} |")
+            continue
         if "error" in row:
             out.append(f"| {row['mib']} | {row['cache']} | {row['strategy']} | {row['build_ms']:.0f} | "
-                       f"{row['load_ms']:.0f} | | | {growth(row, 'loaded', 'hwm'):.0f} | | | fails: "
+                       f"{row['load_ms']:.0f} | | | | {growth(row, 'loaded', 'hwm'):.0f} | | | fails: "
                        f"{row['error'][:90]} |")
             continue
         out.append(f"| {row['mib']} | {row['cache']} | {row['strategy']} | {row['build_ms']:.1f} | "
-                   f"{row['load_ms']:.1f} | {row['touch_ms']:.1f} | {row['load_ms'] + row['touch_ms']:.1f} | "
-                   f"{growth(row, 'touched', 'hwm'):.0f} | {growth(row, 'touched', 'anon'):.0f} | "
-                   f"{growth(row, 'touched', 'file'):.0f} | |")
+                   f"{row['load_ms']:.1f} | {row['touch_ms']:.1f} | {row['use_ms']:.1f} | {total_ms(row):.1f} | "
+                   f"{growth(row, 'used', 'hwm'):.0f} | {growth(row, 'used', 'anon'):.0f} | "
+                   f"{growth(row, 'used', 'file'):.0f} | {row.get('note', '')} |")
+    out.extend(peers_table(r, sizes))
     out.append("\n## Save (fsync included)\n\n| size | writer | ms | GB/s | of write+fsync | extra peak MiB |\n|---|---|---:|---:|---:|---:|")
     for s in r["save"]:
         base = r["baselines"][f"seqwrite-{s['mib']}"]["gbps"]
@@ -245,9 +326,9 @@ def targets(r, sizes):
         tl = find(r, mib, "torch-load", "warm")
         lines.append(f"- {mib} MiB copy mode warm: {bw:.2f} GB/s = {100 * bw / memcpy:.0f}% of memcpy "
                      f"into faulted memory, {100 * bw / fresh:.0f}% of memcpy into fresh memory "
-                     f"(target >= 80%); peak +{growth(c, 'touched', 'hwm'):.0f} MiB "
-                     f"({growth(c, 'touched', 'hwm') / mib:.2f}x the model) vs torch::load "
-                     f"+{growth(tl, 'touched', 'hwm'):.0f} MiB ({growth(tl, 'touched', 'hwm') / mib:.2f}x).")
+                     f"(target >= 80%); peak +{growth(c, 'used', 'hwm'):.0f} MiB "
+                     f"({growth(c, 'used', 'hwm') / mib:.2f}x the model) vs torch::load "
+                     f"+{growth(tl, 'used', 'hwm'):.0f} MiB ({growth(tl, 'used', 'hwm') / mib:.2f}x).")
         cc = find(r, mib, "tensormap-copy", "cold")
         seq = r["baselines"][f"seqread-cold-{mib}"]["gbps"]
         bwc = cc["mib"] * 2**20 / cc["load_ms"] / 1e6
@@ -282,15 +363,17 @@ def plot(r, sizes, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for s in STRATEGIES:
-        rows = [x for x in (find(r, mib, s, "warm", None) for mib in sizes) if x and "error" not in x]
+    for s in STRATEGIES + PY_STRATEGIES:
+        rows = [x for x in (find(r, mib, s, "warm", None) for mib in sizes)
+                if x and "error" not in x and "unavailable" not in x]
         if not rows:
             continue
         xs = [x["mib"] for x in rows]
-        ax1.plot(xs, [x["build_ms"] + x["load_ms"] + x["touch_ms"] for x in rows], marker="o", label=s)
-        ax2.plot(xs, [growth(x, "touched", "hwm") for x in rows], marker="o", label=s)
-    ax1.set(xscale="log", yscale="log", xlabel="model size (MiB)", ylabel="build + load + touch (ms)",
-            title="Time, warm cache")
+        style = "--" if s in PY_STRATEGIES else "-"
+        ax1.plot(xs, [total_ms(x) for x in rows], style, marker="o", label=s)
+        ax2.plot(xs, [growth(x, "used", "hwm") for x in rows], style, marker="o", label=s)
+    ax1.set(xscale="log", yscale="log", xlabel="model size (MiB)",
+            ylabel="build + load + first full read (ms)", title="Time, warm cache (dashed: Python)")
     ax2.set(xscale="log", xlabel="model size (MiB)", ylabel="peak memory growth (MiB)", title="Peak memory")
     ax2.plot(sizes, sizes, "k--", linewidth=0.8, label="1x the model")
     for ax in (ax1, ax2):
