@@ -98,7 +98,19 @@ def machine():
                 cpu = line.split(":", 1)[1].strip()
                 break
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, Linux {platform.release()}"
+    system = "unknown system"
+    if os.path.exists("/etc/os-release"):
+        with open("/etc/os-release") as f:
+            system = dict(line.rstrip().split("=", 1) for line in f if "=" in line).get("PRETTY_NAME", system).strip('"')
+    versions = subprocess.run([PYTHON, "-c", "import torch; print(torch.__version__)"], capture_output=True,
+                              text=True).stdout.strip()
+    try:
+        from importlib.metadata import version
+        versions += f", safetensors {version('safetensors')}"
+    except Exception:
+        versions += ", no safetensors library"
+    return (f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, Linux {platform.release()}, {system}; "
+            f"Python torch {versions}")
 
 
 def main():
