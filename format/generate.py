@@ -93,6 +93,25 @@ def patched(data, changes, seal=True):
     return bytes(out)
 
 
+def assemble(records, t_count, m_count, data=b"", alignment=64):
+    """A file from raw header records (bytes, laid end to end from offset 48), sealed, with
+    `data` at round_up(H, A): for headers that build() cannot make."""
+    h = 48 + len(records) + 8
+    first = round_up(h, alignment)
+    out = bytearray(round_up(first + len(data), alignment) if data else first)
+    out[:48] = MAGIC + struct.pack("<HHIQQQQ", 1, 0, alignment, h, t_count, m_count, 0)
+    out[48:48 + len(records)] = records
+    out[first:first + len(data)] = data
+    reseal(out)
+    return bytes(out)
+
+
+def tensor_record(name, dtype, shape, offset, byte_length, checksum=0):
+    raw = name.encode() if isinstance(name, str) else name
+    head = struct.pack("<IBBHQQQ", len(raw), CODES[dtype], len(shape), 0, offset, byte_length, checksum)
+    return head + b"".join(struct.pack("<Q", d) for d in shape) + raw + bytes(pad8(len(raw)) - len(raw))
+
+
 # --- the suite --------------------------------------------------------------------------
 
 def valid_files():
@@ -111,6 +130,12 @@ def valid_files():
     yield "spec_example", build([("w", "F32", [2], struct.pack("<ff", 1.0, 2.0))], [("k", "v")])
     newer = build([("w", "F32", [2])], minor=3)
     yield "newer_minor_reserved", patched(newer, [(40, "<Q", 7), (48 + 6, "<H", 1)])
+    # Rule 15: a zero dimension empties a tensor whose other dimensions are large but fit.
+    yield "zero_dimension_beside_large_ones", build([("z", "F32", [1 << 40, 0, 1 << 20]), ("after", "U8", [2])])
+    # Rule 19 compares bytes: "é" precomposed (C3 A9) and decomposed (65 CC 81) are two names.
+    yield "names_compared_as_bytes", build([("\u00e9", "U8", [1]), ("e\u0301", "U8", [1])])
+    # Metadata values may hold NUL (names and keys may not).
+    yield "metadata_value_with_nul", build([], [("k", "a\u0000b")])
 
 
 def invalid_files():
@@ -162,6 +187,48 @@ def invalid_files():
     yield "rule21_tensor_padding", 21, "NonZeroPadding", "verify", patched(base, [(200, "<B", 1)], False)
     yield "rule21_header_padding", 21, "NonZeroPadding", "verify", patched(base, [(171, "<B", 1)], False)
     yield "rule22_data_bit_flip", 22, "ChecksumMismatch", "verify", patched(base, [(257, "<B", 0x11)], False)
+
+    # Where an independent reader had to guess (spec section 9, "Order and edge cases").
+    # Rule 10 checks a record's fixed part before it reads any length from it: here the
+    # metadata record's 8 fixed bytes would lie at H - 8, in the checksum.
+    yield "rule10_fixed_part_past_header", 10, "MalformedHeader", "open", assemble(
+        tensor_record("abcdefghijklmnop", "U8", [1, 1], 128, 1), 1, 1, data=b"\x01")
+    # A rank or name length out of bounds that also runs the record past H - 8: rule 10
+    # comes first (MalformedHeader), not rule 13 (BadRank) or 14 (BadName).
+    yield "rule10_rank_200_past_header", 10, "MalformedHeader", "open", patched(base, [(rec_a + 5, "<B", 200)])
+    yield "rule10_name_length_5000_past_header", 10, "MalformedHeader", "open", patched(base, [(rec_a, "<I", 5000)])
+    # Inside the header, the same length is rule 14's.
+    long_name = build([("n" * 4097, "U8", [1])])
+    yield "rule14_name_4097_bytes", 14, "BadName", "open", long_name
+    # Records lie end to end from offset 48: 8 bytes between two records are read as the
+    # start of the next record (name_length 0, dtype 0).
+    gapped = assemble(base[48:rec_b] + bytes(8) + base[rec_b:160], 2, 1)  # H = 176: a's offset still fits
+    yield "rule12_gap_between_records", 12, "UnknownDtype", "open", gapped
+    # Padding is no reserved field: it is checked whatever the minor version.
+    yield "rule11_padding_in_newer_minor", 11, "NonZeroReserved", "open", patched(
+        build([("a", "F32", [2])], minor=3), [(48 + 41, "<B", 1)])
+    # Rule 15 is the exact product, with no wrap-around: 2^62 * 4 * 1 bytes is 2^64,
+    # which wraps to 0 in 64 bits (the record says 0 bytes, so a wrapping reader accepts).
+    yield "rule15_product_wraps_to_zero", 15, "ShapeOverflow", "open", assemble(
+        tensor_record("w", "U8", [1 << 62, 4, 1], 128, 0), 1, 0)
+    # A zero dimension does not excuse the others: the product of the non-zero ones times
+    # the dtype size must be below 2^63, in any order (a left-to-right product stops at 0).
+    yield "rule15_zero_first_then_overflow", 15, "ShapeOverflow", "open", assemble(
+        tensor_record("w", "U8", [0, 1 << 62, 4], 128, 0), 1, 0)
+    yield "rule15_overflow_then_zero", 15, "ShapeOverflow", "open", assemble(
+        tensor_record("w", "U8", [1 << 62, 4, 0], 128, 0), 1, 0)
+    # Each dimension must be below 2^63 even where another is 0.
+    yield "rule15_dimension_2pow63_beside_zero", 15, "ShapeOverflow", "open", assemble(
+        tensor_record("w", "U8", [1 << 63, 0], 128, 0), 1, 0)
+    # Rule 17: a padded end at or past 2^63 is Truncated in that record, before any later
+    # record is read (the second record's offset is wrong: a reader that waits gives BadOffset).
+    first = round_up(48 + 2 * 48 + 8, 64)  # 192
+    n = (1 << 63) - first - 1
+    yield "rule17_padded_end_past_2pow63", 17, "Truncated", "open", assemble(
+        tensor_record("a", "U8", [n], first, n) + tensor_record("b", "U8", [1], first, 1), 2, 0)
+    # Rule 14 for metadata: the strict UTF-8 of names, without the NUL ban.
+    yield "rule14_metadata_value_surrogate", 14, "BadName", "open", patched(names, [(108, "<I", 0x3480A0ED)])
+    yield "rule14_metadata_key_nul", 14, "BadName", "open", patched(names, [(105, "<B", 0)])
 
 
 def write_suite(root):

@@ -260,11 +260,12 @@ class TensormapFile:
                 self._fail("BadName", f"tensor record {i}: name {problem}")
             name = raw.decode("utf-8")
             shape = [_u64(head, pos + 32 + 8 * d) for d in range(rank)]
-            expected = DTYPES[code][1]
+            nonzero = DTYPES[code][1]
             for d in shape:
-                expected *= d
-            if any(d > MAX_OFFSET for d in shape) or expected > MAX_OFFSET:     # rule 15
+                nonzero *= d or 1
+            if any(d > MAX_OFFSET for d in shape) or nonzero > MAX_OFFSET:      # rule 15
                 self._fail("ShapeOverflow", f"tensor {name!r}")
+            expected = 0 if 0 in shape else nonzero
             offset, length, checksum = _u64(head, pos + 8), _u64(head, pos + 16), _u64(head, pos + 24)
             if length != expected:                                              # rule 16
                 self._fail("LengthMismatch", f"tensor {name!r}: {length} != {expected}")

@@ -7,22 +7,23 @@ namespace tensormap::format {
 
 std::optional<uint64_t> tensor_byte_length(const uint64_t* shape, unsigned rank,
                                            uint64_t element_size) {
+  // Spec rule 15: every dimension below 2^63, and the product of the non-zero ones times
+  // the element size below 2^63, in any order. So a zero dimension empties the tensor but
+  // excuses no overflow of the others: every shape that passes fits a 64-bit size in
+  // whatever order a framework multiplies it (numpy, torch, a left-to-right loop).
   uint64_t total = element_size;
   bool has_zero = false;
-  bool overflow = false;
   for (unsigned d = 0; d < rank; ++d) {
     if (shape[d] > kMaxFileOffset) return std::nullopt;
-    if (shape[d] == 0) has_zero = true;
-    const auto next = detail::checked_mul(total, shape[d]);
-    if (!next || *next > kMaxFileOffset) {
-      overflow = true;  // may still be zero-sized if a later dimension is 0
-    } else {
-      total = *next;
+    if (shape[d] == 0) {
+      has_zero = true;
+      continue;
     }
+    const auto next = detail::checked_mul(total, shape[d]);
+    if (!next || *next > kMaxFileOffset) return std::nullopt;
+    total = *next;
   }
-  if (has_zero) return 0;
-  if (overflow) return std::nullopt;
-  return total;
+  return has_zero ? 0 : total;
 }
 
 }  // namespace tensormap::format

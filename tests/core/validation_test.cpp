@@ -278,6 +278,23 @@ TEST_F(Validation, Rule15_DimensionOf2To63IsShapeOverflowEvenBesideAZero) {
   EXPECT_EQ(open_error(path), ErrorKind::ShapeOverflow);
 }
 
+// The product of the non-zero dimensions must fit, in any order: a zero dimension empties
+// a tensor but excuses no overflow, so every valid shape fits any framework's size type.
+TEST_F(Validation, Rule15_AZeroDimensionExcusesNoOverflowInAnyOrder) {
+  TempDir dir;
+  const std::string path = dir.file("zero.tmap");
+  for (const auto& dims : {std::vector<uint64_t>{0, uint64_t{1} << 62, 4}, std::vector<uint64_t>{uint64_t{1} << 62, 4, 0}}) {
+    write_pattern_file(path, {{"z", Dtype::U8, {0, 1, 1}}}, {64, {}, false});
+    auto b = read_bytes(path);
+    for (size_t d = 0; d < 3; ++d) put<uint64_t>(b, 48 + 32 + 8 * d, dims[d]);
+    reseal(b);
+    write_bytes(path, b);
+    EXPECT_EQ(open_error(path), ErrorKind::ShapeOverflow) << dims[0] << " " << dims[1] << " " << dims[2];
+  }
+  write_pattern_file(path, {{"z", Dtype::F32, {uint64_t{1} << 40, 0, uint64_t{1} << 20}}}, {64, {}, false});
+  EXPECT_EQ(File::open(path).at("z").byte_length, 0u);  // 2^60 * 4 bytes would fit: valid
+}
+
 // Rule 16.
 TEST_F(Validation, Rule16_ByteLengthDisagreeingWithShapeIsLengthMismatch) {
   put<uint64_t>(bytes_, kRecA + 16, 9);
