@@ -342,9 +342,15 @@ class Unpickler {
   PickleRef persistent(const PickleValue& pid) {
     // ('storage', storage type, key, location, number of elements)
     if (pid.kind != Kind::Tuple || pid.items.size() != 5 || pid.items[0]->text != "storage" ||
-        pid.items[1]->kind != Kind::Global || pid.items[1]->global != Global::StorageType ||
+        pid.items[1]->kind != Kind::Global ||
+        (pid.items[1]->global != Global::StorageType && pid.items[1]->global != Global::Other) ||
         pid.items[2]->kind != Kind::String || pid.items[4]->kind != Kind::Int || pid.items[4]->integer < 0) {
       fail("a persistent id that is not a storage reference");
+    }
+    if (pid.items[1]->global == Global::Other) {  // a storage of a dtype tensormap does not store
+      auto v = make(Kind::Opaque);                 // (torch.ComplexHalfStorage): its tensors are skipped
+      v->what = pid.items[1]->what;
+      return v;
     }
     const std::string& key = pid.items[2]->text;
     auto it = storages_.find(key);
@@ -377,6 +383,11 @@ class Unpickler {
         return make(Kind::Dict);
       case Global::RebuildTensorV2:
         // (storage, storage offset, size, stride, requires_grad, hooks[, metadata])
+        if (a.size() >= 4 && a[0]->kind == Kind::Opaque) {  // a storage type tensormap does not store
+          auto v = make(Kind::Opaque);
+          v->what = "a tensor over " + a[0]->what;
+          return v;
+        }
         if (a.size() < 4 || a[0]->kind != Kind::Storage) fail("_rebuild_tensor_v2 with unexpected arguments");
         return tensor(*a[0], a[1], a[2], a[3], from_scalar_type(a[0]->storage_type));
       case Global::RebuildTensorV3: {

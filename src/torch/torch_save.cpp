@@ -94,7 +94,9 @@ std::string describe(const PickleValue& value) {
     case Kind::Float: return "a float";
     case Kind::String: return "a string";
     case Kind::Global: return "the global " + value.what;
-    case Kind::Opaque: return "an object made by " + value.what + " (not executed)";
+    case Kind::Opaque:
+      return value.what.rfind("a tensor ", 0) == 0 ? value.what + ", a dtype tensormap does not store"
+                                                   : "an object made by " + value.what + " (not executed)";
     case Kind::Storage: return "a storage";
     default: return "a container";
   }

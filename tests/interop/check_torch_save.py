@@ -162,6 +162,23 @@ def main(cli):
               and "system (not executed)" in listed["skipped"][0]["value"],
               f"a pickle that would run a command: its tensor is read, the command never runs ({run.stderr.strip()})")
 
+        # A tensor of a dtype tensormap does not store is skipped and listed, never misread.
+        odd = {"w": torch.ones(2)}
+        path = os.path.join(tmp, "odd_dtypes.pt")
+        for name in ("complex32", "float8_e4m3fnuz", "float8_e5m2fnuz"):
+            try:  # whichever this torch can save (torch 1.13 saves none of them)
+                torch.save({name: torch.zeros(2, dtype=getattr(torch, name))}, path)
+                odd[name] = torch.zeros(2, dtype=getattr(torch, name))
+            except (AttributeError, KeyError, RuntimeError):
+                pass
+        torch.save(odd, path)
+        run = subprocess.run([cli, "inspect", "--json", path], capture_output=True, text=True)
+        listed = json.loads(run.stdout) if run.returncode == 0 else {"tensors": [], "skipped": []}
+        skipped = {s["name"]: s["value"] for s in listed.get("skipped", [])}
+        check([t["name"] for t in listed["tensors"]] == ["w"] and set(skipped) == set(odd) - {"w"}
+              and all("a dtype tensormap does not store" in v for v in skipped.values()),
+              f"tensors of dtypes tensormap does not store are skipped and listed: {skipped} {run.stderr.strip()}")
+
         # Nothing but values that are not tensors: refused with one line.
         for value in (3, {"epoch": 3, "lr": 0.1}):
             path = os.path.join(tmp, "no_tensor.pt")
