@@ -375,15 +375,17 @@ def plot(r, sizes, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for s in STRATEGIES + PY_STRATEGIES:
+    everything = STRATEGIES + PY_STRATEGIES
+    for i, s in enumerate(everything):
         rows = [x for x in (find(r, mib, s, "warm", None) for mib in sizes)
                 if x and "error" not in x and "unavailable" not in x]
         if not rows:
             continue
         xs = [x["mib"] for x in rows]
-        style = "--" if s in PY_STRATEGIES else "-"
-        ax1.plot(xs, [total_ms(x) for x in rows], style, marker="o", label=s)
-        ax2.plot(xs, [growth(x, "used", "hwm") for x in rows], style, marker="o", label=s)
+        style = dict(linestyle="--" if s in PY_STRATEGIES else "-", marker="o", label=s,
+                     color=plt.cm.tab20(i / max(1, len(everything) - 1)))
+        ax1.plot(xs, [total_ms(x) for x in rows], **style)
+        ax2.plot(xs, [growth(x, "used", "hwm") for x in rows], **style)
     ax1.set(xscale="log", yscale="log", xlabel="model size (MiB)",
             ylabel="build + load + first full read (ms)", title="Time, warm cache (dashed: Python)")
     ax2.set(xscale="log", xlabel="model size (MiB)", ylabel="peak memory growth (MiB)", title="Peak memory")
