@@ -1,7 +1,7 @@
 // Loading a tensor-parallel model over torch.distributed's own engine (c10d).
 //
-// Every rank of a c10d process group calls load_distributed with its own rank's model, built with split shapes, and the same
-// ParallelPlan splits. Two ways to reach the checkpoint:
+// Every rank of a c10d process group calls load_distributed with its own rank's model,
+// built with split shapes, and the same ParallelPlan splits. Two ways to reach the checkpoint:
 //
 //   - source_rank = -1: every rank reads its own parts from storage they all reach
 //     (a shared file system). Nothing crosses the network; each rank maps the file and
