@@ -12,6 +12,7 @@
 #include <string_view>
 
 #include "tensormap/dtype.h"
+#include "tensormap/export.h"
 #include "tensormap/format.h"
 
 namespace tensormap {
@@ -38,6 +39,6 @@ struct ConvertResult {
 // Reads `in` (any format StateDict::open reads) and writes `out` atomically. Values are
 // bit-identical unless float_dtype asks for a conversion. Throws Error on any failure, in
 // which case nothing is left at `out`.
-ConvertResult convert(const std::string& in, const std::string& out, const ConvertOptions& options = {});
+TENSORMAP_EXPORT ConvertResult convert(const std::string& in, const std::string& out, const ConvertOptions& options = {});
 
 }  // namespace tensormap

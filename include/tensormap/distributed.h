@@ -26,7 +26,8 @@
 #include <utility>
 #include <vector>
 
-#include "tensormap/module.h"
+#include "tensormap/export.h"
+#include "tensormap/load.h"
 
 // LibTorch 2.x split c10d in two: a ProcessGroup dispatches to Backends, and
 // ProcessGroupGloo became a Backend. 1.13's ProcessGroupGloo is itself a ProcessGroup.
@@ -51,7 +52,7 @@ struct DistributedLoadOptions {
 // StateDict::open reads). `splits` is ParallelPlan::splits. Returns this rank's report.
 // `group`: LibTorch 1.13, a c10d::ProcessGroupGloo (or any ProcessGroup); LibTorch 2.x, a
 // c10d::ProcessGroup with a CPU backend (what torch.distributed's default group is).
-LoadReport load_distributed(torch::nn::Module& module, const std::string& path,
+TENSORMAP_EXPORT LoadReport load_distributed(torch::nn::Module& module, const std::string& path,
                             c10d::ProcessGroup& group,
                             const std::vector<std::pair<std::string, int64_t>>& splits,
                             const DistributedLoadOptions& options = {});
@@ -59,7 +60,7 @@ LoadReport load_distributed(torch::nn::Module& module, const std::string& path,
 #if TENSORMAP_C10D_HAS_BACKEND
 // LibTorch 2.x: the same over a backend used on its own, such as a c10d::ProcessGroupGloo
 // made directly from a store.
-LoadReport load_distributed(torch::nn::Module& module, const std::string& path, c10d::Backend& group,
+TENSORMAP_EXPORT LoadReport load_distributed(torch::nn::Module& module, const std::string& path, c10d::Backend& group,
                             const std::vector<std::pair<std::string, int64_t>>& splits,
                             const DistributedLoadOptions& options = {});
 #endif

@@ -9,6 +9,8 @@
 #include <optional>
 #include <string_view>
 
+#include "tensormap/export.h"
+
 namespace tensormap {
 
 enum class Dtype : uint8_t {
@@ -39,18 +41,28 @@ inline constexpr Dtype kAllDtypes[] = {
 };
 
 // Size of one element in bytes.
-uint8_t dtype_size(Dtype dtype);
+TENSORMAP_EXPORT uint8_t dtype_size(Dtype dtype);
 
 // The safetensors spelling, e.g. "BF16".
-std::string_view dtype_name(Dtype dtype);
+TENSORMAP_EXPORT std::string_view dtype_name(Dtype dtype);
 
 // The dtype with this on-disk code, or nothing for an unknown code.
-std::optional<Dtype> dtype_from_code(uint8_t code);
+TENSORMAP_EXPORT std::optional<Dtype> dtype_from_code(uint8_t code);
 
 // True for F16, BF16, F32 and F64: the dtypes a float conversion applies to.
-bool is_floating_point(Dtype dtype);
+TENSORMAP_EXPORT bool is_floating_point(Dtype dtype);
 
 // The dtype with this name (exact, upper case), or nothing.
-std::optional<Dtype> dtype_from_name(std::string_view name);
+TENSORMAP_EXPORT std::optional<Dtype> dtype_from_name(std::string_view name);
+
+// Converts `count` elements of `from` at `src` into `to` at `dest`, both among F16, BF16,
+// F32 and F64, as LibTorch's Tensor::to does: rounding to nearest, ties to even, F64 to
+// F16 or BF16 through F32, NaN kept a (quiet) NaN. Throws Error(InvalidArgument) for
+// another dtype. `src` and `dest` need no alignment and must not overlap.
+TENSORMAP_EXPORT void convert_floats(Dtype from, const void* src, Dtype to, void* dest, uint64_t count);
+
+// The value of each of `count` elements of `from` at `src` as a double, for every real
+// dtype (all but C64 and C128, for which it returns false and writes nothing).
+TENSORMAP_EXPORT bool to_f64(Dtype from, const void* src, double* dest, uint64_t count);
 
 }  // namespace tensormap

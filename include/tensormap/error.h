@@ -8,19 +8,25 @@
 // Thread-safety: Error is an immutable value; copies may be used from any thread.
 #pragma once
 
+#include <optional>
 #include <stdexcept>
 #include <string>
+#include <string_view>
+
+#include "tensormap/export.h"
 
 namespace tensormap {
 
+// Every kind, in four groups (ErrorGroup). Names are stable: they are what the command
+// line prints and what load_distributed sends between ranks; the numeric values are not.
 enum class ErrorKind {
-  // Validation rules of spec/FORMAT.md, in the order they are checked.
+  // FormatRule: the validation rules of spec/FORMAT.md, in the order they are checked.
   FileTooSmall,
   BadMagic,
   UnsupportedVersion,
   BadAlignment,
   BadHeaderSize,
-  Truncated,
+  Truncated,  // also: a file that shrank while it was open, in any format
   HeaderChecksumMismatch,
   TooManyEntries,
   NonZeroReserved,
@@ -35,7 +41,7 @@ enum class ErrorKind {
   TrailingBytes,
   NonZeroPadding,
   ChecksumMismatch,
-  // Validation rules of safetensors files (spec/SAFETENSORS.md), in the order checked.
+  // SafetensorsRule: the rules of spec/SAFETENSORS.md, in the order they are checked.
   SafetensorsTooSmall,        // fewer than 8 bytes
   SafetensorsHeaderTooLarge,  // header length above 100,000,000
   SafetensorsHeaderPastEnd,   // 8 + header length overflows or passes the end of the file
@@ -45,20 +51,33 @@ enum class ErrorKind {
   SafetensorsOverflow,        // shape product or byte size overflows
   SafetensorsSizeMismatch,    // data_offsets span differs from shape x dtype size
   SafetensorsBufferMismatch,  // the data does not end exactly at the end of the file
-  // Operations.
+  // Checkpoint: the other checkpoints tensormap reads.
+  ShardIndexInvalid,  // a sharded checkpoint's index is malformed or disagrees with a shard
+  UnsupportedArchive, // a torch.save archive that is malformed or holds what tensormap cannot read
+  // Operation: what a caller asked for, and what the system answered.
   Io,               // the operating system refused an open, read, write, sync or rename
   InvalidArgument,  // the caller asked for something the API does not allow
-  NotFound,         // no tensor of that name
-  UnsupportedDtype, // the dtype has no equivalent in LibTorch 1.13 (U16, U32, U64, F8)
-  ShardIndexInvalid,  // a sharded checkpoint's index is malformed or disagrees with a shard
-  UnsupportedArchive, // a torch.save archive holds something other than tensors in dicts
+  NotFound,         // no tensor of that name (the message names the checkpoint)
+  UnsupportedDtype, // the dtype has no equivalent in this LibTorch (1.13: U16, U32, U64, F8)
   ModelMismatch,    // a checkpoint and a model disagree on names, shapes or dtypes
+  LibTorch,         // LibTorch itself failed (a c10::Error), for example in a collective
 };
 
-// The kind's name as the spec spells it, e.g. "BadMagic".
-const char* error_kind_name(ErrorKind kind);
+enum class ErrorGroup { FormatRule, SafetensorsRule, Checkpoint, Operation };
 
-class Error : public std::runtime_error {
+TENSORMAP_EXPORT ErrorGroup error_group(ErrorKind kind);
+
+// `text` quoted for an error message: printable ASCII kept, everything else escaped,
+// long text shortened. Safe for hostile bytes (a name read from an untrusted file).
+TENSORMAP_EXPORT std::string quoted_name(std::string_view text);
+
+// The kind's name as the spec spells it, e.g. "BadMagic".
+TENSORMAP_EXPORT const char* error_kind_name(ErrorKind kind);
+
+// The kind of this name (as error_kind_name spells it), or nothing.
+TENSORMAP_EXPORT std::optional<ErrorKind> error_kind_from_name(std::string_view name);
+
+class TENSORMAP_EXPORT Error : public std::runtime_error {
  public:
   Error(ErrorKind kind, const std::string& message);
   ErrorKind kind() const noexcept { return kind_; }

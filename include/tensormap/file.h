@@ -24,17 +24,24 @@
 
 #include "tensormap/dtype.h"
 #include "tensormap/error.h"
+#include "tensormap/export.h"
 #include "tensormap/format.h"
 
 namespace tensormap {
 
-// "tensormap" or "safetensors".
-const char* format_name(Format format);
+class File;
+namespace detail {
+class Mapping;
+File open_file(std::shared_ptr<const Mapping> mapping);
+}  // namespace detail
+
+// "tensormap", "safetensors" or "torch.save".
+TENSORMAP_EXPORT const char* format_name(Format format);
 
 // One tensor of the file. The name stays valid as long as the File (or anything holding
 // keep_alive()) lives. Safetensors tensors have no checksum (0) and may start at an
 // offset that is not a multiple of their element size.
-struct TensorEntry {
+struct TENSORMAP_EXPORT TensorEntry {
   std::string_view name;
   Dtype dtype;
   uint8_t rank;
@@ -53,7 +60,7 @@ struct ByteView {
   uint64_t size;
 };
 
-class File {
+class TENSORMAP_EXPORT File {
  public:
   // Maps and validates `path`. Throws Error with the kind of the first broken rule, or
   // Io if the file cannot be opened or mapped.
@@ -128,11 +135,11 @@ class File {
   // Asks the kernel to read the tensor's pages ahead (MADV_WILLNEED). Advisory.
   void prefetch(const TensorEntry& entry) const;
 
-  // Gives the tensor's pages back to the kernel (MADV_DONTNEED). Clean pages are simply
+  // Evicts the tensor's pages from this process (MADV_DONTNEED). Clean pages are simply
   // dropped from this process; a page that was written through cow_data() loses that
   // write and reads the file again. Pages shared with another tensor are kept.
   // REQUIRES: no one relies on writes made through cow_data() for this tensor.
-  void release_pages(const TensorEntry& entry) const;
+  void evict(const TensorEntry& entry) const;
 
   // Checks rules 21 and 22 of the spec: every padding byte is zero and every tensor's
   // XXH3-64 matches its record. Reads with pread (see read()), so a file truncated
@@ -146,6 +153,7 @@ class File {
 
  private:
   struct Impl;
+  friend File detail::open_file(std::shared_ptr<const detail::Mapping> mapping);
   explicit File(std::shared_ptr<const Impl> impl);
   std::shared_ptr<const Impl> impl_;
 };

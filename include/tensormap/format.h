@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <optional>
 
+#include "tensormap/export.h"
+
 namespace tensormap {
 
 // The single-file formats tensormap reads and writes.
@@ -69,7 +71,7 @@ inline constexpr uint64_t metadata_record_size(uint64_t key_length, uint64_t val
 
 // Byte length of a tensor: product(shape) * element size, or nothing on overflow past
 // kMaxFileOffset (rule 15).
-std::optional<uint64_t> tensor_byte_length(const uint64_t* shape, unsigned rank,
+TENSORMAP_EXPORT std::optional<uint64_t> tensor_byte_length(const uint64_t* shape, unsigned rank,
                                            uint64_t element_size);
 
 }  // namespace tensormap::format

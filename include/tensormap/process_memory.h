@@ -10,6 +10,8 @@
 
 #include <cstdint>
 
+#include "tensormap/export.h"
+
 namespace tensormap {
 
 struct ProcessMemory {
@@ -21,10 +23,10 @@ struct ProcessMemory {
 };
 
 // Reads /proc/self/status and /proc/self/smaps_rollup. Missing fields stay 0.
-ProcessMemory read_process_memory();
+TENSORMAP_EXPORT ProcessMemory read_process_memory();
 
 // Resets VmHWM to the current RSS (writes 5 to /proc/self/clear_refs). Returns false
 // where the kernel does not allow it.
-bool reset_peak_memory();
+TENSORMAP_EXPORT bool reset_peak_memory();
 
 }  // namespace tensormap

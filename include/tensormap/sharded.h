@@ -22,7 +22,10 @@
 
 namespace tensormap {
 
-class ShardIndex {
+// A generous bound on the size of an index file.
+inline constexpr uint64_t kMaxShardIndexBytes = uint64_t{256} << 20;
+
+class TENSORMAP_EXPORT ShardIndex {
  public:
   // Reads and validates an index file. Throws Error(ShardIndexInvalid) for anything but a
   // JSON object whose "weight_map" maps names to plain file names, Error(Io) if unreadable.
@@ -49,9 +52,6 @@ class ShardIndex {
   uint64_t total_size_ = 0;
 };
 
-// True if the bytes look like a shard index: a JSON object that is not a safetensors file.
-bool looks_like_shard_index(const unsigned char* data, uint64_t size);
-
 // Streams tensors into shards of at most `max_shard_bytes` of tensor data each (a tensor
 // larger than that gets a shard of its own), then writes the index. The format of the
 // shards is options.format. The index path must end in ".index.json"; shards are named
@@ -61,25 +61,24 @@ bool looks_like_shard_index(const unsigned char* data, uint64_t size);
 // writes the index atomically. A failure before commit() leaves nothing behind. A crash
 // during commit() may leave new shards beside the old index; the index is written last,
 // so it never names a shard that is not complete.
-class ShardedWriter {
+class TENSORMAP_EXPORT ShardedWriter final : public TensorWriter {
  public:
   ShardedWriter(std::string index_path, std::vector<TensorSpec> tensors, uint64_t max_shard_bytes,
                 WriterOptions options = {});
-  ~ShardedWriter();
+  ~ShardedWriter() override;
   ShardedWriter(ShardedWriter&&) noexcept;
   ShardedWriter& operator=(ShardedWriter&&) noexcept;
 
   size_t shard_count() const;
-  // Number of declared tensors, and the byte length each must receive (as Writer).
-  size_t tensor_count() const;
-  uint64_t byte_length(size_t index) const;
 
-  // Same contract as Writer::write and Writer::write_tensor, over all shards in order.
-  void write(const void* data, size_t size);
-  void write_tensor(const void* data, size_t size);
-
-  // REQUIRES: every tensor complete.
-  void commit();
+  // The TensorWriter contract, over all shards in order.
+  size_t tensor_count() const override;
+  uint64_t byte_length(size_t index) const override;
+  size_t current_tensor() const override;
+  void write(const void* data, size_t size) override;
+  void write_tensor(const void* data, size_t size) override;
+  void commit() override;
+  void abandon() noexcept override;
 
  private:
   struct Impl;

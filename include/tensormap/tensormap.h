@@ -1,9 +1,8 @@
-// Everything tensormap offers: the torch-free core and the LibTorch layer.
+// Everything tensormap offers: the torch-free core (core.h) and the LibTorch layer.
 #pragma once
 
-#include "tensormap/convert.h"
 #include "tensormap/core.h"
+#include "tensormap/distributed.h"
 #include "tensormap/module.h"
-#include "tensormap/process_memory.h"
+#include "tensormap/state_dict.h"
 #include "tensormap/tensor.h"
-#include "tensormap/torch_save.h"

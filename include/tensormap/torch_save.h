@@ -1,5 +1,5 @@
 // Writing Python's torch.save archives, which Python's torch.load (and tensormap) read
-// back as a dict of tensors.
+// back as a dict of tensors. No LibTorch is needed.
 //
 // The archive is a zip of uncompressed records, one per tensor, each aligned to 64 bytes,
 // plus data.pkl, a pickle of an OrderedDict of tensors. Records are streamed one tensor at
@@ -14,26 +14,27 @@
 #include <string>
 #include <vector>
 
+#include "tensormap/export.h"
 #include "tensormap/writer.h"
 
 namespace tensormap {
 
-class TorchSaveWriter {
+class TENSORMAP_EXPORT TorchSaveWriter final : public TensorWriter {
  public:
   // Every dtype is written; U16, U32, U64 and F8 as torch 2.x writes them, which only
-  // torch 2.x (and tensormap) reads back. Throws Error(InvalidArgument) for repeated
-  // names, Error(Io) if the file cannot be made.
-  TorchSaveWriter(std::string path, std::vector<TensorSpec> tensors, bool sync = true);
-  ~TorchSaveWriter();  // abandons the write unless commit() succeeded
+  // torch 2.x (and tensormap) reads back. Of the options, only `sync` applies. Throws
+  // Error(InvalidArgument) for repeated names, Error(Io) if the file cannot be made.
+  TorchSaveWriter(std::string path, std::vector<TensorSpec> tensors, WriterOptions options = {});
+  ~TorchSaveWriter() override;  // abandons the write unless commit() succeeded
 
-  size_t tensor_count() const;
-  uint64_t byte_length(size_t index) const;
-
-  // The next tensor, whole, in declaration order. Empty tensors need no call (as Writer).
-  void write_tensor(const void* data, size_t size);
-
-  // REQUIRES: every tensor written.
-  void commit();
+  // The TensorWriter contract (writer.h).
+  size_t tensor_count() const override;
+  uint64_t byte_length(size_t index) const override;
+  size_t current_tensor() const override;
+  void write(const void* data, size_t size) override;
+  void write_tensor(const void* data, size_t size) override;
+  void commit() override;
+  void abandon() noexcept override;
 
  private:
   struct Impl;

@@ -1,17 +1,19 @@
-// tensormap::Writer: streams tensors into a new tensormap file, atomically.
+// Writing checkpoints: one contract (TensorWriter) for every format, and the writer of
+// tensormap and safetensors files (Writer). Sharded checkpoints: sharded.h; torch.save
+// archives: torch_save.h; open_writer() picks among them from the options.
 //
-// The caller declares every tensor (name, dtype, shape) up front, then hands over each
-// tensor's bytes in table order, in one piece or in chunks, from any pointer. The bytes
-// go straight to the file and are hashed on the way; the Writer's own memory is the
-// header (proportional to the number of tensors) and never the data.
+// The contract: the caller declares every tensor (name, dtype, shape) up front, then
+// hands over each tensor's bytes in declaration order, in one piece or in chunks, from
+// any pointer. The bytes go straight to the file; a writer's own memory is its header
+// (proportional to the number of tensors) and never the data.
 //
 // Nothing is visible at the destination until commit(): the file is written under a
 // temporary name in the destination's directory, synced, renamed over the destination
-// and the directory synced. If anything fails, or the Writer is destroyed before
+// and the directory synced. If anything fails, or the writer is destroyed before
 // commit(), the temporary file is removed and the destination is left as it was.
 // The destination's permission bits are kept when it already exists.
 //
-// Thread-safety: a Writer is used by one thread at a time.
+// Thread-safety: a writer is used by one thread at a time.
 #pragma once
 
 #include <cstddef>
@@ -22,6 +24,7 @@
 #include <vector>
 
 #include "tensormap/dtype.h"
+#include "tensormap/export.h"
 #include "tensormap/format.h"
 
 namespace tensormap {
@@ -40,53 +43,79 @@ struct WriterOptions {
   // fsync the file and its directory before and after the rename. Turning it off trades
   // durability against a power cut for speed; atomicity against crashes stays.
   bool sync = true;
-  // Tensormap, or Safetensors: a file any safetensors reader accepts, its tensors laid out
+  // Tensormap; Safetensors: a file any safetensors reader accepts, its tensors laid out
   // by element size (largest first) so that each is aligned to it, its JSON header padded
-  // with spaces so that the data starts on a 4096-byte boundary.
+  // with spaces so that the data starts on a 4096-byte boundary; TorchSave: an archive
+  // Python's torch.load reads (torch_save.h).
   Format format = Format::Tensormap;
+  // open_writer() only: > 0 writes a sharded checkpoint whose shards hold at most this
+  // many bytes of tensor data each (sharded.h); the path is then the index.
+  uint64_t shard_size = 0;
 };
 
-class Writer {
+// The protocol every writer follows (see the top of this header).
+class TENSORMAP_EXPORT TensorWriter {
+ public:
+  virtual ~TensorWriter();
+
+  // Number of declared tensors, and the byte length each must receive.
+  virtual size_t tensor_count() const = 0;
+  virtual uint64_t byte_length(size_t index) const = 0;
+
+  // Index of the tensor the next write() feeds; tensor_count() once all are complete.
+  virtual size_t current_tensor() const = 0;
+
+  // Appends bytes to the current tensor, moving to the next tensor when it is full.
+  // Zero-length tensors are passed over automatically. Throws Error(InvalidArgument) if
+  // the bytes would run past the current tensor's end, Error(Io) if a write fails (the
+  // writer is then abandoned).
+  virtual void write(const void* data, size_t size) = 0;
+
+  // Writes one whole tensor. REQUIRES: the current tensor has received no bytes yet and
+  // size == byte_length(current_tensor()); Error(InvalidArgument) otherwise.
+  virtual void write_tensor(const void* data, size_t size) = 0;
+
+  // Finishes the checkpoint and moves it into place. REQUIRES: every tensor complete.
+  // Throws Error(InvalidArgument) if some tensor is incomplete, Error(Io) if a write,
+  // sync or rename fails; in both cases the destination is unchanged.
+  virtual void commit() = 0;
+
+  // Discards everything written so far. Safe to call more than once.
+  virtual void abandon() noexcept = 0;
+};
+
+// The writer for options.format, sharded when options.shard_size > 0. Throws what the
+// writer's constructor throws, and Error(InvalidArgument) for a sharded torch.save.
+TENSORMAP_EXPORT std::unique_ptr<TensorWriter> open_writer(std::string path, std::vector<TensorSpec> tensors,
+                                                           WriterOptions options = {});
+
+// A tensormap or safetensors file (options.format).
+class TENSORMAP_EXPORT Writer final : public TensorWriter {
  public:
   // Validates the declarations (same rules as a reader applies) and creates the
   // temporary file. Throws Error(InvalidArgument) for a bad declaration, Error(Io) if the
   // temporary file cannot be created.
   Writer(std::string path, std::vector<TensorSpec> tensors, WriterOptions options = {});
-  ~Writer();  // abandons the write unless commit() succeeded
+  ~Writer() override;  // abandons the write unless commit() succeeded
   Writer(Writer&&) noexcept;
   Writer& operator=(Writer&&) noexcept;
 
-  // Number of declared tensors, and the byte length each must receive.
-  size_t tensor_count() const;
-  uint64_t byte_length(size_t index) const;
+  size_t tensor_count() const override;
+  uint64_t byte_length(size_t index) const override;
+  size_t current_tensor() const override;
+  void write(const void* data, size_t size) override;
+  void write_tensor(const void* data, size_t size) override;
+  void commit() override;
+  void abandon() noexcept override;
 
-  // Index of the tensor the next write() feeds; tensor_count() once all are complete.
-  size_t current_tensor() const;
-
-  // Appends bytes to the current tensor, moving to the next tensor when it is full.
-  // Zero-length tensors are passed over automatically. Throws Error(InvalidArgument) if
-  // the bytes would run past the current tensor's end.
-  void write(const void* data, size_t size);
-
-  // Writes one whole tensor. REQUIRES: the current tensor has received no bytes yet and
-  // size == byte_length(current_tensor()).
-  void write_tensor(const void* data, size_t size);
-
-  // Finishes the file and moves it into place. REQUIRES: every tensor complete.
-  // Throws Error(InvalidArgument) if some tensor is incomplete, Error(Io) if a write,
-  // sync or rename fails; in both cases the destination is unchanged.
-  void commit();
-
-  // Discards everything written so far. Safe to call more than once.
-  void abandon() noexcept;
-
+ private:
+  friend class ShardedWriter;
   // Everything but the final rename: pads, writes the header and syncs the temporary
-  // file, so that only rename_into_place() remains. For writers of several files that
-  // rename them together (ShardedWriter). REQUIRES: every tensor complete.
+  // file, so that only rename_into_place() remains: a ShardedWriter renames its shards
+  // together. REQUIRES: every tensor complete.
   void finish();
   void rename_into_place();
 
- private:
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };

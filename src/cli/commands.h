@@ -5,6 +5,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "tensormap/checkpoint.h"
+
 namespace tensormap::cli {
 
 // A request the command line cannot carry out as asked: exit code 2.
@@ -25,12 +27,8 @@ int convert(const std::string& in, const std::string& out, const ConvertArgument
             bool progress);
 int diff(const std::string& a, const std::string& b);
 // inspect and verify of sharded checkpoints and torch.save archives.
-int inspect_state(const std::string& path, bool json);
-int verify_state(const std::string& path);
-
-// True if `path` is one tensormap or safetensors file (else: an index or an archive).
-// Throws the error of opening it when it is none of the formats.
-bool is_single_file(const std::string& path);
+int inspect_state(const Checkpoint& checkpoint, bool json);
+int verify_state(const Checkpoint& checkpoint);
 
 // The first line of a message (LibTorch errors carry a backtrace after it).
 std::string first_line(const std::string& message);

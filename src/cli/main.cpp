@@ -1,5 +1,6 @@
-// tensormap: the command line. inspect and verify live here; convert and diff, which
-// need LibTorch for dtype conversion and arithmetic, live in torch_commands.cpp.
+// tensormap: the command line. It links only the torch-free core (libtensormap), so it
+// starts in milliseconds. inspect and verify of single files live here; convert, diff,
+// and inspect and verify of the other formats, in commands.cpp.
 //
 // Exit codes: 0 success, 1 an invalid or corrupt input or a failed check, 2 a usage
 // error. Errors are one line on stderr naming the file and what is wrong.
@@ -11,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
+#include "tensormap/checkpoint.h"
 #include "tensormap/core.h"
 
 namespace tensormap::cli {
@@ -70,8 +72,11 @@ nlohmann::ordered_json describe(const File& f) {
 }
 
 int inspect(const std::string& path, bool json) {
-  if (!is_single_file(path)) return inspect_state(path, json);
-  const File f = File::open(path);
+  const Checkpoint checkpoint = Checkpoint::open(path);
+  if (is_sharded(checkpoint.format()) || checkpoint.format() == CheckpointFormat::TorchSave) {
+    return inspect_state(checkpoint, json);
+  }
+  const File f = checkpoint.files().front();
   if (json) {
     std::cout << describe(f).dump(2) << "\n";
     return 0;
@@ -110,8 +115,11 @@ int inspect(const std::string& path, bool json) {
 }
 
 int verify(const std::string& path) {
-  if (!is_single_file(path)) return verify_state(path);
-  const File f = File::open(path);
+  const Checkpoint checkpoint = Checkpoint::open(path);
+  if (is_sharded(checkpoint.format()) || checkpoint.format() == CheckpointFormat::TorchSave) {
+    return verify_state(checkpoint);
+  }
+  const File f = checkpoint.files().front();
   const auto problems = f.find_corruption();
   for (const Error& e : problems) {
     std::cerr << "tensormap: " << error_kind_name(e.kind()) << ": " << e.what() << "\n";

@@ -6,6 +6,7 @@
 #include <unistd.h>
 #include <xxhash.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -14,13 +15,14 @@
 #include "mapping.h"
 #include "names.h"
 #include "posix_io.h"
+#include "source.h"
 #include "tensormap/format.h"
 
 namespace tensormap {
 
 struct File::Impl {
-  explicit Impl(const std::string& path) : mapping(path), base(mapping.base()), size(mapping.size()) {}
-  detail::Mapping mapping;
+  explicit Impl(std::shared_ptr<const detail::Mapping> m) : mapping(std::move(m)), base(mapping->base()), size(mapping->size()) {}
+  std::shared_ptr<const detail::Mapping> mapping;
   unsigned char* base;
   uint64_t size;
   detail::ParsedHeader header;
@@ -44,19 +46,21 @@ uint64_t TensorEntry::element_count() const {
 File::File(std::shared_ptr<const Impl> impl) : impl_(std::move(impl)) {}
 
 File File::open(const std::string& path) {
-  auto impl = std::make_shared<Impl>(path);
-  const bool tensormap_magic =
-      impl->size >= sizeof format::kMagic &&
-      std::memcmp(impl->base, format::kMagic, sizeof format::kMagic) == 0;
-  if (!tensormap_magic && detail::looks_like_safetensors(impl->base, impl->size)) {
-    impl->header = detail::validate_safetensors(impl->base, impl->size, path);
+  return detail::open_file(std::make_shared<const detail::Mapping>(path));
+}
+
+File detail::open_file(std::shared_ptr<const Mapping> mapping) {
+  auto impl = std::make_shared<File::Impl>(std::move(mapping));
+  const Mapping& m = *impl->mapping;
+  if (detect(m.base(), static_cast<size_t>(std::min<uint64_t>(m.size(), 64)), m.size()) == Detected::Safetensors) {
+    impl->header = validate_safetensors(impl->base, impl->size, m.path());
   } else {
-    impl->header = detail::validate_header(impl->base, impl->size, path);
+    impl->header = validate_header(impl->base, impl->size, m.path());
   }
   return File(std::move(impl));
 }
 
-const std::string& File::path() const { return impl_->mapping.path(); }
+const std::string& File::path() const { return impl_->mapping->path(); }
 Format File::format() const { return impl_->header.format; }
 bool File::has_checksums() const { return impl_->header.format == Format::Tensormap; }
 uint16_t File::major_version() const { return impl_->header.major; }
@@ -74,7 +78,7 @@ const TensorEntry* File::find(std::string_view name) const {
 const TensorEntry& File::at(std::string_view name) const {
   if (const TensorEntry* e = find(name)) return *e;
   throw Error(ErrorKind::NotFound,
-              impl_->mapping.path() + ": no tensor named " + detail::quoted(name) + " (the file has " +
+              impl_->mapping->path() + ": no tensor named " + detail::quoted(name) + " (the file has " +
                   std::to_string(impl_->header.tensors.size()) + " tensors)");
 }
 
@@ -99,7 +103,7 @@ std::shared_ptr<void> File::map_region(const TensorEntry& entry, uint64_t offset
   if (offset > entry.byte_length || size > entry.byte_length - offset) {
     throw Error(ErrorKind::InvalidArgument, path() + ": region past the end of tensor " + detail::quoted(entry.name));
   }
-  return impl_->mapping.map_range(entry.offset + offset, size, "tensor " + detail::quoted(entry.name));
+  return impl_->mapping->map_range(entry.offset + offset, size, "tensor " + detail::quoted(entry.name));
 }
 
 std::shared_ptr<const void> File::keep_alive() const { return impl_; }
@@ -108,7 +112,7 @@ void File::read(const TensorEntry& entry, uint64_t offset, void* dest, uint64_t 
   if (offset > entry.byte_length || size > entry.byte_length - offset) {
     throw Error(ErrorKind::InvalidArgument, path() + ": read past the end of tensor " + detail::quoted(entry.name));
   }
-  impl_->mapping.read(entry.offset + offset, dest, size, "tensor " + detail::quoted(entry.name));
+  impl_->mapping->read(entry.offset + offset, dest, size, "tensor " + detail::quoted(entry.name));
 }
 
 void File::read_rows(const TensorEntry& entry, uint64_t offset, uint64_t stride, uint64_t row_bytes,
@@ -127,32 +131,32 @@ void File::read_rows(const TensorEntry& entry, uint64_t offset, uint64_t stride,
     ~ReadAheadOff() {
       if (mapping) mapping->set_read_ahead(true);
     }
-  } guard{stride - row_bytes >= detail::page_size() ? &impl_->mapping : nullptr};
+  } guard{stride - row_bytes >= detail::page_size() ? impl_->mapping.get() : nullptr};
   if (guard.mapping) guard.mapping->set_read_ahead(false);
   const std::string what = "tensor " + detail::quoted(entry.name);  // once, not per row
   auto* out = static_cast<unsigned char*>(dest);
   for (uint64_t r = 0; r < rows; ++r) {
-    impl_->mapping.read(entry.offset + offset + r * stride, out + r * row_bytes, row_bytes, what);
+    impl_->mapping->read(entry.offset + offset + r * stride, out + r * row_bytes, row_bytes, what);
   }
 }
 
 void File::prefetch(const TensorEntry& entry) const {
-  impl_->mapping.prefetch(entry.offset, entry.offset + entry.byte_length);
+  impl_->mapping->prefetch(entry.offset, entry.offset + entry.byte_length);
 }
 
-void File::release_pages(const TensorEntry& entry) const {
+void File::evict(const TensorEntry& entry) const {
   // A tensormap tensor owns its padding, so its region runs to the padded end.
   const uint64_t end = entry.offset + entry.byte_length;
   const uint64_t region_end =
       impl_->header.format == Format::Tensormap ? *format::round_up(end, impl_->header.alignment) : end;
-  impl_->mapping.release(entry.offset, region_end, "tensor " + detail::quoted(entry.name));
+  impl_->mapping->release(entry.offset, region_end, "tensor " + detail::quoted(entry.name));
 }
 
 std::vector<Error> File::find_corruption() const {
   std::vector<Error> problems;
   if (!has_checksums()) return problems;  // safetensors: open() checked everything there is
   const auto& h = impl_->header;
-  const detail::Mapping& m = impl_->mapping;
+  const detail::Mapping& m = *impl_->mapping;
   constexpr uint64_t kChunk = 4 << 20;
   std::vector<unsigned char> buffer(kChunk);
   // Reads [begin, end) in chunks with pread; `sink` sees each chunk.

@@ -31,8 +31,8 @@ uint64_t header_checksum(const unsigned char* header, uint64_t header_size) {
 // ---------------------------------------------------------------------------------------
 // Writing
 
-Layout plan_layout(const std::vector<TensorSpec>& tensors, const WriterOptions& options,
-                   const std::string& path) {
+Layout plan_layout(const std::vector<TensorSpec>& tensors, const std::vector<uint64_t>& byte_lengths,
+                   const WriterOptions& options, const std::string& path) {
   auto invalid = [&](const std::string& what) {
     return Error(ErrorKind::InvalidArgument, path + ": " + what);
   };
@@ -51,29 +51,17 @@ Layout plan_layout(const std::vector<TensorSpec>& tensors, const WriterOptions& 
   }
 
   Layout layout;
-  layout.byte_lengths.reserve(tensors.size());
+  layout.byte_lengths = byte_lengths;
   uint64_t header_size = fmt::kMinHeaderSize;
-  std::unordered_set<std::string_view> names;
-  names.reserve(tensors.size());
   for (const auto& t : tensors) {
     auto label = [&] { return "tensor " + detail::quoted(t.name); };
     if (auto problem = name_problem(t.name); !problem.empty()) {
       throw invalid(label() + ": name " + problem);
     }
-    if (!names.insert(t.name).second) throw invalid(label() + " is declared twice");
-    if (!dtype_from_code(static_cast<uint8_t>(t.dtype))) {
-      throw invalid(label() + ": unknown dtype code " +
-                    std::to_string(static_cast<unsigned>(t.dtype)));
-    }
     if (t.shape.size() > fmt::kMaxRank) {
       throw invalid(label() + " has rank " + std::to_string(t.shape.size()) +
                     ", more than the limit of 8");
     }
-    const auto length = fmt::tensor_byte_length(t.shape.data(),
-                                                static_cast<unsigned>(t.shape.size()),
-                                                dtype_size(t.dtype));
-    if (!length) throw invalid(label() + ": shape is too large (2^63 bytes or more)");
-    layout.byte_lengths.push_back(*length);
     header_size += fmt::tensor_record_size(static_cast<unsigned>(t.shape.size()), t.name.size());
   }
 
@@ -166,13 +154,29 @@ std::string num(uint64_t v) { return std::to_string(v); }
 
 }  // namespace
 
-ParsedHeader validate_header(const unsigned char* base, uint64_t file_size,
-                             const std::string& path) {
-  auto fail = [&](ErrorKind kind, const std::string& what) {
-    return Error(kind, path + ": " + what);
-  };
-  ParsedHeader out;
+namespace {
 
+// validate_header, stage by stage: each method checks its rules in the spec's order and
+// throws the first that is broken, naming the file, the record and the numbers.
+class HeaderValidator {
+ public:
+  HeaderValidator(const unsigned char* base, uint64_t file_size, const std::string& path)
+      : base(base), file_size(file_size), path(path) {}
+
+  ParsedHeader run() {
+    check_preamble();    // rules 1 to 9
+    read_tensors();      // rules 10 to 17, per tensor record
+    read_metadata();     // rules 10, 11 and 14, per metadata record
+    check_header_end();  // rule 18
+    check_unique();      // rule 19
+    check_file_end();    // rule 20
+    return std::move(out);
+  }
+
+ private:
+  Error fail(ErrorKind kind, const std::string& what) const { return Error(kind, path + ": " + what); }
+
+  void check_preamble() {
   // Rule 1.
   if (file_size < fmt::kMinHeaderSize) {
     throw fail(ErrorKind::FileTooSmall, "file is " + num(file_size) +
@@ -200,7 +204,7 @@ ParsedHeader validate_header(const unsigned char* base, uint64_t file_size,
                                             " is not a power of two between 64 and 1048576");
   }
   // Rule 5.
-  const uint64_t h = load_le<uint64_t>(base + 16);
+  h = load_le<uint64_t>(base + 16);
   if (h < fmt::kMinHeaderSize || h > fmt::kMaxHeaderSize || h % 8 != 0) {
     throw fail(ErrorKind::BadHeaderSize,
                "header size " + num(h) + " is not a multiple of 8 between " +
@@ -221,8 +225,8 @@ ParsedHeader validate_header(const unsigned char* base, uint64_t file_size,
                    hex64(computed) + " (the header is corrupted)");
   }
   // Rule 8. With both counts capped first, 40*T + 16*M cannot overflow.
-  const uint64_t t_count = load_le<uint64_t>(base + 24);
-  const uint64_t m_count = load_le<uint64_t>(base + 32);
+  t_count = load_le<uint64_t>(base + 24);
+  m_count = load_le<uint64_t>(base + 32);
   if (t_count > fmt::kMaxTensorCount || m_count > fmt::kMaxMetadataCount ||
       fmt::kMinTensorRecordSize * t_count + fmt::kMinMetadataRecordSize * m_count >
           h - fmt::kMinHeaderSize) {
@@ -232,15 +236,17 @@ ParsedHeader validate_header(const unsigned char* base, uint64_t file_size,
                    num(fmt::kMaxTensorCount) + " and " + num(fmt::kMaxMetadataCount) + ")");
   }
   // Rule 9, and the condition for rule 11's reserved fields (section 10).
-  const bool check_reserved = out.minor <= fmt::kMinorVersion;
+  check_reserved = out.minor <= fmt::kMinorVersion;
   if (check_reserved && load_le<uint64_t>(base + 40) != 0) {
     throw fail(ErrorKind::NonZeroReserved, "reserved preamble field at offset 40 is not zero");
   }
 
-  const uint64_t end = h - fmt::kChecksumSize;
-  uint64_t pos = fmt::kPreambleSize;
-  uint64_t cursor = *fmt::round_up(h, out.alignment);  // h <= 2^30: cannot overflow
-  std::optional<size_t> first_past_end;
+    end = h - fmt::kChecksumSize;
+    pos = fmt::kPreambleSize;
+    cursor = *fmt::round_up(h, out.alignment);  // h <= 2^30: cannot overflow
+  }
+
+  void read_tensors() {
   out.tensors.reserve(t_count);
   for (uint64_t i = 0; i < t_count; ++i) {
     auto record = [&] { return "tensor record #" + num(i) + " at offset " + num(pos); };
@@ -321,6 +327,9 @@ ParsedHeader validate_header(const unsigned char* base, uint64_t file_size,
     pos += size;
   }
 
+  }
+
+  void read_metadata() {
   out.metadata.reserve(m_count);
   for (uint64_t j = 0; j < m_count; ++j) {
     auto record = [&] { return "metadata record #" + num(j) + " at offset " + num(pos); };
@@ -357,12 +366,18 @@ ParsedHeader validate_header(const unsigned char* base, uint64_t file_size,
     out.metadata.emplace_back(key, value);
     pos += size;
   }
+  }
+
+  void check_header_end() const {
   // Rule 18.
   if (pos != end) {
     throw fail(ErrorKind::MalformedHeader, "header has " + num(end - pos) +
                                                " unused bytes between its last record (ending at " +
                                                num(pos) + ") and its checksum");
   }
+  }
+
+  void check_unique() {
   // Rule 19.
   out.index.reserve(out.tensors.size());
   for (uint32_t i = 0; i < out.tensors.size(); ++i) {
@@ -380,6 +395,9 @@ ParsedHeader validate_header(const unsigned char* base, uint64_t file_size,
       throw fail(ErrorKind::DuplicateName, "metadata key " + detail::quoted(key) + " appears twice");
     }
   }
+  }
+
+  void check_file_end() const {
   // Rule 20.
   if (first_past_end) {
     const TensorEntry& e = out.tensors[*first_past_end];
@@ -397,7 +415,24 @@ ParsedHeader validate_header(const unsigned char* base, uint64_t file_size,
                                              " bytes after the padded end of its last tensor (" +
                                              num(cursor) + ")");
   }
-  return out;
+  }
+
+  const unsigned char* base;
+  uint64_t file_size;
+  const std::string& path;
+  ParsedHeader out;
+  uint64_t h = 0, t_count = 0, m_count = 0;
+  bool check_reserved = true;
+  uint64_t end = 0;     // of the records: where the header's checksum starts
+  uint64_t pos = 0;     // the next record
+  uint64_t cursor = 0;  // where the next tensor's data must start (rule 17)
+  std::optional<size_t> first_past_end;  // the first tensor whose data passes the file's end
+};
+
+}  // namespace
+
+ParsedHeader validate_header(const unsigned char* base, uint64_t file_size, const std::string& path) {
+  return HeaderValidator(base, file_size, path).run();
 }
 
 }  // namespace tensormap::detail

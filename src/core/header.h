@@ -24,13 +24,14 @@ struct Layout {
 };
 
 // Checks the declarations against every rule a reader applies and computes the layout.
+// `byte_lengths` come from a WriteCursor, which checked repeated names and sizes.
 // Throws Error(InvalidArgument) naming `path` and the offending tensor or key.
-Layout plan_layout(const std::vector<TensorSpec>& tensors, const WriterOptions& options,
-                   const std::string& path);
+Layout plan_layout(const std::vector<TensorSpec>& tensors, const std::vector<uint64_t>& byte_lengths,
+                   const WriterOptions& options, const std::string& path);
 
 // The safetensors layout and its header bytes, for the writer. Tensors keep their index
 // in `tensors`; only their places in the file are sorted by element size.
-Layout plan_safetensors_layout(const std::vector<TensorSpec>& tensors,
+Layout plan_safetensors_layout(const std::vector<TensorSpec>& tensors, const std::vector<uint64_t>& byte_lengths,
                                const WriterOptions& options, const std::string& path,
                                std::vector<unsigned char>* header);
 

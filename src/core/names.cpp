@@ -55,7 +55,12 @@ std::string value_problem(std::string_view value) {
   return "";
 }
 
-std::string quoted(std::string_view text) {
+}  // namespace tensormap::detail
+
+namespace tensormap {
+
+std::string quoted_name(std::string_view text) {
+  using detail::is_valid_utf8;
   constexpr size_t kMaxShown = 80;
   const bool utf8 = is_valid_utf8(text);
   std::string out = "'";
@@ -75,4 +80,4 @@ std::string quoted(std::string_view text) {
   return out + "'";
 }
 
-}  // namespace tensormap::detail
+}  // namespace tensormap

@@ -5,6 +5,8 @@
 #include <string>
 #include <string_view>
 
+#include "tensormap/error.h"
+
 namespace tensormap::detail {
 
 // True if `text` is well-formed UTF-8: no overlong forms, no surrogates, nothing past
@@ -17,8 +19,10 @@ std::string name_problem(std::string_view name);
 // Why `value` cannot be a metadata value, or "" if it can.
 std::string value_problem(std::string_view value);
 
-// `text` quoted for an error message: printable ASCII kept, everything else escaped,
-// long text shortened. Safe for hostile bytes.
-std::string quoted(std::string_view text);
+// tensormap::quoted_name (error.h). The overloads keep std::quoted, which argument-
+// dependent lookup finds for a std::string where <iomanip> is included, out of the way.
+inline std::string quoted(std::string_view text) { return quoted_name(text); }
+inline std::string quoted(const std::string& text) { return quoted_name(text); }
+inline std::string quoted(const char* text) { return quoted_name(text); }
 
 }  // namespace tensormap::detail

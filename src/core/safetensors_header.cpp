@@ -317,21 +317,16 @@ ParsedHeader validate_safetensors(const unsigned char* base, uint64_t file_size,
   return out;
 }
 
-Layout plan_safetensors_layout(const std::vector<TensorSpec>& tensors, const WriterOptions& options,
-                               const std::string& path, std::vector<unsigned char>* header) {
+Layout plan_safetensors_layout(const std::vector<TensorSpec>& tensors, const std::vector<uint64_t>& byte_lengths,
+                               const WriterOptions& options, const std::string& path,
+                               std::vector<unsigned char>* header) {
   auto invalid = [&](const std::string& what) { return Error(ErrorKind::InvalidArgument, path + ": " + what); };
   Layout layout;
-  std::unordered_set<std::string_view> names;
+  layout.byte_lengths = byte_lengths;
   for (const auto& t : tensors) {
     if (!is_valid_utf8(t.name)) throw invalid("tensor name " + detail::quoted(t.name) + " is not valid UTF-8");
     if (t.name == kMetadataKey) throw invalid("a tensor cannot be named __metadata__");
-    if (!names.insert(t.name).second) throw invalid("tensor " + detail::quoted(t.name) + " is declared twice");
-    if (!dtype_from_code(static_cast<uint8_t>(t.dtype))) throw invalid("tensor " + detail::quoted(t.name) + ": unknown dtype");
     if (t.shape.size() > format::kMaxRank) throw invalid("tensor " + detail::quoted(t.name) + " has rank above 8");
-    const auto length = format::tensor_byte_length(t.shape.data(), static_cast<unsigned>(t.shape.size()),
-                                                   dtype_size(t.dtype));
-    if (!length) throw invalid("tensor " + detail::quoted(t.name) + ": shape is too large (2^63 bytes or more)");
-    layout.byte_lengths.push_back(*length);
   }
   for (const auto& [k, v] : options.metadata) {
     if (!is_valid_utf8(k) || !is_valid_utf8(v)) throw invalid("metadata " + detail::quoted(k) + " is not valid UTF-8");

@@ -12,11 +12,11 @@
 #include "posix_io.h"
 #include "tensormap/error.h"
 #include "tensormap/format.h"
+#include "write_cursor.h"
 
 namespace tensormap {
 namespace {
 
-constexpr uint64_t kMaxIndexBytes = 256ull << 20;  // a generous bound on an index file
 
 std::string base_name(const std::string& path) {
   const auto slash = path.find_last_of('/');
@@ -31,15 +31,6 @@ bool is_plain_file_name(const std::string& name) {
 
 }  // namespace
 
-bool looks_like_shard_index(const unsigned char* data, uint64_t size) {
-  for (uint64_t i = 0; i < size && i < 64; ++i) {
-    const unsigned char c = data[i];
-    if (c == '{') return true;
-    if (c != ' ' && c != '\t' && c != '\n' && c != '\r') return false;
-  }
-  return false;
-}
-
 std::string ShardIndex::shard_path(uint32_t i) const {
   return detail::parent_directory(path_) + "/" + shard_files_.at(i);
 }
@@ -52,7 +43,7 @@ ShardIndex ShardIndex::open(const std::string& path) {
   if (!in) detail::throw_io(path, "cannot open", errno);
   in.seekg(0, std::ios::end);
   const auto size = static_cast<uint64_t>(in.tellg());
-  if (size > kMaxIndexBytes) throw invalid("index is " + std::to_string(size) + " bytes, more than an index can be");
+  if (size > kMaxShardIndexBytes) throw invalid("index is " + std::to_string(size) + " bytes, more than an index can be");
   in.seekg(0);
   std::string text(size, '\0');
   in.read(text.data(), static_cast<std::streamsize>(size));
@@ -98,28 +89,20 @@ ShardIndex ShardIndex::parse(std::string_view text, const std::string& path) {
 // ---------------------------------------------------------------------------------------
 
 struct ShardedWriter::Impl {
+  Impl(const std::string& path, const std::vector<TensorSpec>& tensors) : index_path(path), cursor(path, tensors) {}
   std::string index_path;
+  detail::WriteCursor cursor;          // checks the declarations and the order of writes
   std::vector<TensorSpec> tensors;
-  std::vector<uint64_t> byte_lengths;
   std::vector<uint32_t> shard_of;      // tensor -> shard
   std::vector<std::string> shard_names;
   std::vector<Writer> writers;         // one per shard, each writing a temporary file
-  size_t current = 0;                  // tensor receiving bytes
-  uint64_t written = 0;
   bool sync = true;
   uint64_t total = 0;
-
-  void settle() {
-    while (current < tensors.size() && written == byte_lengths[current]) {
-      ++current;
-      written = 0;
-    }
-  }
 };
 
 ShardedWriter::ShardedWriter(std::string index_path, std::vector<TensorSpec> tensors,
                              uint64_t max_shard_bytes, WriterOptions options)
-    : impl_(std::make_unique<Impl>()) {
+    : impl_(std::make_unique<Impl>(index_path, tensors)) {
   Impl& w = *impl_;
   const std::string suffix = ".index.json";
   const std::string base = base_name(index_path);
@@ -133,30 +116,24 @@ ShardedWriter::ShardedWriter(std::string index_path, std::vector<TensorSpec> ten
   const std::string stem = dot == std::string::npos ? file : file.substr(0, dot);
   const std::string extension = dot == std::string::npos ? "" : file.substr(dot);
 
-  // Assign tensors to shards in order, starting a new shard when the next tensor would
-  // not fit. Byte lengths come from a plan of the whole set, which also validates it.
-  w.index_path = index_path;
-  w.sync = options.sync;
-  std::unordered_map<std::string_view, size_t> seen;
-  for (const auto& t : tensors) {
-    if (!seen.emplace(t.name, 0).second) {
-      throw Error(ErrorKind::InvalidArgument, index_path + ": tensor " + detail::quoted(t.name) + " is declared twice");
-    }
-    const auto n = format::tensor_byte_length(t.shape.data(), static_cast<unsigned>(t.shape.size()), dtype_size(t.dtype));
-    if (!n) throw Error(ErrorKind::InvalidArgument, index_path + ": tensor " + detail::quoted(t.name) + " is too large");
-    w.byte_lengths.push_back(*n);
+  if (options.format == Format::TorchSave) {
+    throw Error(ErrorKind::InvalidArgument, index_path + ": torch.save archives are not sharded");
   }
+  // Assign tensors to shards in order, starting a new shard when the next tensor would
+  // not fit. Each shard's Writer validates its own declarations.
+  w.sync = options.sync;
+  const std::vector<uint64_t>& byte_lengths = w.cursor.byte_lengths();
   std::vector<std::vector<TensorSpec>> groups;
   uint64_t in_group = 0;
   for (size_t i = 0; i < tensors.size(); ++i) {
-    if (groups.empty() || (in_group > 0 && in_group + w.byte_lengths[i] > max_shard_bytes)) {
+    if (groups.empty() || (in_group > 0 && in_group + byte_lengths[i] > max_shard_bytes)) {
       groups.emplace_back();
       in_group = 0;
     }
     groups.back().push_back(tensors[i]);
     w.shard_of.push_back(static_cast<uint32_t>(groups.size() - 1));
-    in_group += w.byte_lengths[i];
-    w.total += w.byte_lengths[i];
+    in_group += byte_lengths[i];
+    w.total += byte_lengths[i];
   }
   if (groups.empty()) groups.emplace_back();  // an empty checkpoint still has one shard
   const std::string dir = detail::parent_directory(index_path);
@@ -167,7 +144,7 @@ ShardedWriter::ShardedWriter(std::string index_path, std::vector<TensorSpec> ten
     w.writers.emplace_back(dir + "/" + w.shard_names.back(), std::move(groups[s]), options);
   }
   w.tensors = std::move(tensors);
-  w.settle();
+  w.cursor.advance(0, [](size_t) {});
 }
 
 ShardedWriter::~ShardedWriter() = default;
@@ -176,33 +153,29 @@ ShardedWriter& ShardedWriter::operator=(ShardedWriter&&) noexcept = default;
 
 size_t ShardedWriter::shard_count() const { return impl_->writers.size(); }
 size_t ShardedWriter::tensor_count() const { return impl_->tensors.size(); }
-uint64_t ShardedWriter::byte_length(size_t index) const { return impl_->byte_lengths.at(index); }
+uint64_t ShardedWriter::byte_length(size_t index) const { return impl_->cursor.byte_lengths().at(index); }
+size_t ShardedWriter::current_tensor() const { return impl_->cursor.current(); }
 
 void ShardedWriter::write(const void* data, size_t size) {
   Impl& w = *impl_;
+  w.cursor.check_write(size);
   if (size == 0) return;
-  if (w.current == w.tensors.size()) {
-    throw Error(ErrorKind::InvalidArgument, w.index_path + ": bytes after the last tensor was complete");
-  }
-  w.writers[w.shard_of[w.current]].write(data, size);  // checks the tensor's remaining room
-  w.written += size;
-  w.settle();
+  w.writers[w.shard_of[w.cursor.current()]].write(data, size);
+  w.cursor.advance(size, [](size_t) {});
 }
 
 void ShardedWriter::write_tensor(const void* data, size_t size) {
-  Impl& w = *impl_;
-  if (w.current == w.tensors.size() || w.written != 0 || size != w.byte_lengths[w.current]) {
-    throw Error(ErrorKind::InvalidArgument, w.index_path + ": write_tensor wants exactly the next whole tensor");
-  }
+  impl_->cursor.check_whole(size);
   write(data, size);
+}
+
+void ShardedWriter::abandon() noexcept {
+  for (Writer& shard : impl_->writers) shard.abandon();
 }
 
 void ShardedWriter::commit() {
   Impl& w = *impl_;
-  if (w.current != w.tensors.size()) {
-    throw Error(ErrorKind::InvalidArgument, w.index_path + ": tensor " + detail::quoted(w.tensors[w.current].name) +
-                                                " is incomplete; nothing was committed");
-  }
+  w.cursor.check_complete();
   for (Writer& shard : w.writers) shard.finish();  // all data durable under temporary names
   for (Writer& shard : w.writers) shard.rename_into_place();
   nlohmann::ordered_json index;

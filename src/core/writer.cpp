@@ -12,19 +12,38 @@
 #include "names.h"
 #include "posix_io.h"
 #include "tensormap/error.h"
+#include "tensormap/sharded.h"
+#include "tensormap/torch_save.h"
+#include "write_cursor.h"
 
 namespace tensormap {
 
+TensorWriter::~TensorWriter() = default;
+
+std::unique_ptr<TensorWriter> open_writer(std::string path, std::vector<TensorSpec> tensors, WriterOptions options) {
+  if (options.shard_size > 0) {
+    if (options.format == Format::TorchSave) {
+      throw Error(ErrorKind::InvalidArgument, path + ": torch.save archives are not sharded");
+    }
+    const uint64_t shard_size = options.shard_size;
+    return std::make_unique<ShardedWriter>(std::move(path), std::move(tensors), shard_size, std::move(options));
+  }
+  if (options.format == Format::TorchSave) {
+    return std::make_unique<TorchSaveWriter>(std::move(path), std::move(tensors), std::move(options));
+  }
+  return std::make_unique<Writer>(std::move(path), std::move(tensors), std::move(options));
+}
+
 struct Writer::Impl {
+  Impl(std::string p, const std::vector<TensorSpec>& tensors) : path(std::move(p)), cursor(path, tensors) {}
   std::string path;
+  detail::WriteCursor cursor;  // checks the declarations and the order of writes
   std::unique_ptr<detail::AtomicFile> file;  // null once committed or abandoned
   std::vector<TensorSpec> tensors;
   WriterOptions options;
   detail::Layout layout;
   std::vector<unsigned char> safetensors_header;  // known up front; tensormap's is not
   std::vector<uint64_t> checksums;
-  size_t current = 0;
-  uint64_t written = 0;  // bytes of the current tensor received so far
   XXH3_state_t* hash = nullptr;
   bool failed = false;
   bool finished = false;
@@ -33,14 +52,13 @@ struct Writer::Impl {
     if (hash) XXH3_freeState(hash);
   }
 
-  // Skips zero-length tensors so `current` names one that still wants bytes.
-  void settle() {
-    while (current < tensors.size() && written == layout.byte_lengths[current]) {
-      checksums[current] = XXH3_64bits_digest(hash);
+  // Records `size` bytes of the current tensor; each tensor that completes gets its
+  // checksum (zero-length ones included).
+  void advance(size_t size) {
+    cursor.advance(size, [&](size_t done) {
+      checksums[done] = XXH3_64bits_digest(hash);
       XXH3_64bits_reset(hash);
-      ++current;
-      written = 0;
-    }
+    });
   }
 
   [[noreturn]] void fail_invalid(const std::string& what) {
@@ -66,16 +84,15 @@ struct Writer::Impl {
 };
 
 Writer::Writer(std::string path, std::vector<TensorSpec> tensors, WriterOptions options)
-    : impl_(std::make_unique<Impl>()) {
+    : impl_(std::make_unique<Impl>(std::move(path), tensors)) {
   Impl& w = *impl_;
-  w.path = std::move(path);
   if (options.format == Format::TorchSave) {
-    throw Error(ErrorKind::InvalidArgument,
-                w.path + ": torch.save archives are written by the LibTorch layer (tensormap::save)");
+    throw Error(ErrorKind::InvalidArgument, w.path + ": torch.save archives are written by TorchSaveWriter");
   }
+  const auto& lengths = w.cursor.byte_lengths();
   w.layout = options.format == Format::Safetensors
-                 ? detail::plan_safetensors_layout(tensors, options, w.path, &w.safetensors_header)
-                 : detail::plan_layout(tensors, options, w.path);
+                 ? detail::plan_safetensors_layout(tensors, lengths, options, w.path, &w.safetensors_header)
+                 : detail::plan_layout(tensors, lengths, options, w.path);
   w.tensors = std::move(tensors);
   w.options = std::move(options);
   w.checksums.assign(w.tensors.size(), 0);
@@ -84,7 +101,7 @@ Writer::Writer(std::string path, std::vector<TensorSpec> tensors, WriterOptions 
     throw Error(ErrorKind::Io, w.path + ": cannot allocate a hash state");
   }
   w.file = std::make_unique<detail::AtomicFile>(w.path);
-  w.settle();
+  w.advance(0);
 }
 
 Writer::~Writer() = default;
@@ -93,50 +110,30 @@ Writer& Writer::operator=(Writer&&) noexcept = default;
 
 size_t Writer::tensor_count() const { return impl_->tensors.size(); }
 uint64_t Writer::byte_length(size_t index) const { return impl_->layout.byte_lengths.at(index); }
-size_t Writer::current_tensor() const { return impl_->current; }
+size_t Writer::current_tensor() const { return impl_->cursor.current(); }
 
 void Writer::write(const void* data, size_t size) {
   Impl& w = *impl_;
   w.check_writable();
+  w.cursor.check_write(size);
   if (size == 0) return;
-  if (w.current == w.tensors.size()) {
-    w.fail_invalid("got " + std::to_string(size) + " bytes after the last tensor was complete");
-  }
-  const uint64_t room = w.layout.byte_lengths[w.current] - w.written;
-  if (size > room) {
-    w.fail_invalid("tensor " + detail::quoted(w.tensors[w.current].name) + " takes " +
-                   std::to_string(room) + " more bytes, got " + std::to_string(size));
-  }
-  w.guarded([&] { w.file->pwrite(data, size, w.layout.offsets[w.current] + w.written); });
+  const size_t i = w.cursor.current();
+  w.guarded([&] { w.file->pwrite(data, size, w.layout.offsets[i] + w.cursor.written()); });
   XXH3_64bits_update(w.hash, data, size);
-  w.written += size;
-  w.settle();
+  w.advance(size);
 }
 
 void Writer::write_tensor(const void* data, size_t size) {
   Impl& w = *impl_;
   w.check_writable();
-  if (w.current == w.tensors.size()) {
-    w.fail_invalid("write_tensor called after every tensor was complete");
-  }
-  if (w.written != 0 || size != w.layout.byte_lengths[w.current]) {
-    w.fail_invalid("tensor " + detail::quoted(w.tensors[w.current].name) + " takes " +
-                   std::to_string(w.layout.byte_lengths[w.current]) +
-                   " bytes in one piece, got " + std::to_string(size) + " (" +
-                   std::to_string(w.written) + " already written)");
-  }
+  w.cursor.check_whole(size);
   write(data, size);
 }
 
 void Writer::finish() {
   Impl& w = *impl_;
   w.check_writable();
-  if (w.current != w.tensors.size()) {
-    w.fail_invalid("tensor " + detail::quoted(w.tensors[w.current].name) + " received " +
-                   std::to_string(w.written) + " of its " +
-                   std::to_string(w.layout.byte_lengths[w.current]) +
-                   " bytes; nothing was committed");
-  }
+  w.cursor.check_complete();
   w.guarded([&] {
     const auto header = w.options.format == Format::Safetensors
                             ? w.safetensors_header

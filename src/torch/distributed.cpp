@@ -74,17 +74,20 @@ void agree(Group& group, const std::optional<Error>& local) {
   group.allreduce_min(first);
   const int failed = static_cast<int>(first.item<int64_t>());
   if (failed == world) return;
-  // The failing rank broadcasts its error kind and message.
-  const std::string text = failed == me ? std::string(local->what()) : std::string();
-  at::Tensor head = at::tensor({failed == me ? static_cast<int64_t>(local->kind()) : 0,
-                                static_cast<int64_t>(text.size())},
-                               at::kLong);
+  // The failing rank broadcasts its error: the kind's name, a newline, the message. Names,
+  // not the enum's values, cross the wire, so ranks agree whatever order the enum has.
+  const std::string text =
+      failed == me ? std::string(error_kind_name(local->kind())) + "\n" + local->what() : std::string();
+  at::Tensor head = at::tensor({static_cast<int64_t>(text.size())}, at::kLong);
   group.broadcast(head, failed);
-  at::Tensor body = at::empty({head[1].item<int64_t>()}, at::kByte);
+  at::Tensor body = at::empty({head[0].item<int64_t>()}, at::kByte);
   if (failed == me && !text.empty()) std::memcpy(body.data_ptr(), text.data(), text.size());
   if (body.numel() > 0) group.broadcast(body, failed);
-  const std::string message(static_cast<const char*>(body.data_ptr()), static_cast<size_t>(body.numel()));
-  throw Error(static_cast<ErrorKind>(head[0].item<int64_t>()),
+  const std::string received(static_cast<const char*>(body.data_ptr()), static_cast<size_t>(body.numel()));
+  const size_t newline = received.find('\n');
+  const std::string name = received.substr(0, newline);
+  const std::string message = newline == std::string::npos ? std::string() : received.substr(newline + 1);
+  throw Error(error_kind_from_name(name).value_or(ErrorKind::LibTorch),
               "rank " + std::to_string(failed) + " of " + std::to_string(world) + ": " + message);
 }
 
@@ -95,7 +98,7 @@ std::optional<Error> attempt(const std::function<void()>& step) {
   } catch (const Error& e) {
     return e;
   } catch (const c10::Error& e) {
-    return Error(ErrorKind::InvalidArgument, e.what_without_backtrace());
+    return Error(ErrorKind::LibTorch, e.what_without_backtrace());
   } catch (const std::exception& e) {
     return Error(ErrorKind::Io, e.what());
   }
@@ -118,131 +121,164 @@ void receive_into(at::Tensor& target, Receive receive) {
   }
 }
 
-LoadReport load_from_one_rank(torch::nn::Module& module, const std::string& path, Group& group, const ParallelPlan& plan,
-                              const DistributedLoadOptions& options) {
-  const int source = options.source_rank;
-  const bool is_source = group.rank() == source;
-  const auto model_state = named_state(module);
-  const auto count = static_cast<int64_t>(model_state.size());
+// A load in which one rank reads the checkpoint (source_rank >= 0), in three stages, each
+// agreed on by every rank before the next begins.
+class OneRankLoad {
+ public:
+  OneRankLoad(torch::nn::Module& module, const std::string& path, Group& group, const ParallelPlan& plan,
+              const DistributedLoadOptions& options)
+      : path(path), group(group), plan(plan), options(options), source(options.source_rank),
+        is_source(group.rank() == source), model_state(named_state(module)),
+        count(static_cast<int64_t>(model_state.size())) {}
 
-  // 1. The source opens the checkpoint and describes, for each tensor of its model, what
-  //    the file holds under that name; everyone learns whether it could.
-  std::optional<StateDict> state;
-  LoadReport report;
-  at::Tensor table = at::zeros({count + 1, kFields}, at::kLong);
-  std::optional<Error> failure;
-  if (is_source) {
-    failure = attempt([&] {
-      state = StateDict::open(path);
-      auto t = table.accessor<int64_t, 2>();
-      t[count][0] = count;
-      std::unordered_set<std::string_view> names;
-      for (int64_t i = 0; i < count; ++i) {
-        const std::string& name = model_state[static_cast<size_t>(i)].first;
-        names.insert(name);
-        t[i][kNameHash] = static_cast<int64_t>(std::hash<std::string>{}(name));
-        if (!state->contains(name)) continue;
-        const StateDict::Info info = state->info(name);
-        t[i][kPresent] = 1;
-        t[i][kDtype] = static_cast<int64_t>(info.dtype);
-        t[i][kRank] = static_cast<int64_t>(info.shape.size());
-        for (size_t d = 0; d < info.shape.size(); ++d) t[i][kDims + static_cast<int64_t>(d)] = info.shape[d];
+  LoadReport run() {
+    describe();
+    check();
+    move();
+    return report;
+  }
+
+ private:
+  void describe() {
+    // 1. The source opens the checkpoint and describes, for each tensor of its model, what
+    //    the file holds under that name; everyone learns whether it could.
+    table = at::zeros({count + 1, kFields}, at::kLong);
+    std::optional<Error> failure;
+    if (is_source) {
+      failure = attempt([&] {
+        state = StateDict::open(path);
+        auto t = table.accessor<int64_t, 2>();
+        t[count][0] = count;
+        std::unordered_set<std::string_view> names;
+        for (int64_t i = 0; i < count; ++i) {
+          const std::string& name = model_state[static_cast<size_t>(i)].first;
+          names.insert(name);
+          t[i][kNameHash] = static_cast<int64_t>(std::hash<std::string>{}(name));
+          if (!state->contains(name)) continue;
+          const StateDict::Info info = state->info(name);
+          t[i][kPresent] = 1;
+          t[i][kDtype] = static_cast<int64_t>(info.dtype);
+          t[i][kRank] = static_cast<int64_t>(info.shape.size());
+          for (size_t d = 0; d < info.shape.size(); ++d) t[i][kDims + static_cast<int64_t>(d)] = info.shape[d];
+        }
+        for (const std::string& name : state->keys()) {
+          if (!names.count(name)) report.unexpected.push_back(name);
+        }
+      });
+    }
+    agree(group, failure);
+    group.broadcast(table, source);
+  }
+
+  void check() {
+    // 2. Every rank checks its own model against the table, as load() would.
+    auto t = table.accessor<int64_t, 2>();
+    parts.assign(static_cast<size_t>(count), detail::Part{});
+    loadable = at::zeros({std::max<int64_t>(count, 1)}, at::kLong);
+    const std::optional<Error> failure = attempt([&] {
+      if (t[count][0] != count) {
+        throw Error(ErrorKind::ModelMismatch, "the model has " + std::to_string(count) +
+                                                  " tensors, the source rank's model " +
+                                                  std::to_string(t[count][0]));
       }
-      for (const std::string& name : state->keys()) {
-        if (!names.count(name)) report.unexpected.push_back(name);
+      for (int64_t i = 0; i < count; ++i) {
+        const auto& [name, target] = model_state[static_cast<size_t>(i)];
+        if (t[i][kNameHash] != static_cast<int64_t>(std::hash<std::string>{}(name))) {
+          throw Error(ErrorKind::ModelMismatch,
+                      "tensor " + std::to_string(i) + " is " + quoted_name(name) + " here, another name on the source rank");
+        }
+        if (!t[i][kPresent]) {
+          report.missing.push_back(name);
+          continue;
+        }
+        StateDict::Info info{static_cast<Dtype>(t[i][kDtype]), {}, 0};
+        for (int64_t d = 0; d < t[i][kRank]; ++d) info.shape.push_back(t[i][kDims + d]);
+        const std::string why = detail::check_target(target, name, info, plan,
+                                                     is_source ? options.load.mode : LoadMode::Copy,
+                                                     parts[static_cast<size_t>(i)]);
+        if (!why.empty()) {
+          report.mismatched.push_back(name + ": " + why);
+          continue;
+        }
+        loadable[i] = 1;
+      }
+      if (options.load.strict && !report.complete()) {
+        throw Error(ErrorKind::ModelMismatch,
+                    path + " does not match the model, nothing was loaded: " + report.summary());
       }
     });
+    agree(group, failure);
+    // Not strict: a tensor moves only if every rank can take it.
+    group.allreduce_min(loadable);
   }
-  agree(group, failure);
-  group.broadcast(table, source);
 
-  // 2. Every rank checks its own model against the table, as load() would.
-  auto t = table.accessor<int64_t, 2>();
-  std::vector<detail::Part> parts(static_cast<size_t>(count));
-  at::Tensor loadable = at::zeros({std::max<int64_t>(count, 1)}, at::kLong);
-  failure = attempt([&] {
-    if (t[count][0] != count) {
-      throw Error(ErrorKind::ModelMismatch, "the model has " + std::to_string(count) +
-                                                " tensors, the source rank's model " +
-                                                std::to_string(t[count][0]));
-    }
+  void move() {
+    // 3. The weights move, tensor by tensor, in model order. The source keeps only its own
+    //    share too: its parts and replicated tensors as a rank of a parallel load takes
+    //    them, the others' parts read with pread into a buffer that lives until sent.
+    at::NoGradGuard no_grad;
+    const ViewMapping mapping = detail::own_mappings_fit(static_cast<size_t>(count)) ? ViewMapping::Own : ViewMapping::File;
+    at::Tensor send_buffer = at::empty({0}, at::kByte);  // one for every part sent: no heap churn
     for (int64_t i = 0; i < count; ++i) {
-      const auto& [name, target] = model_state[static_cast<size_t>(i)];
-      if (t[i][kNameHash] != static_cast<int64_t>(std::hash<std::string>{}(name))) {
-        throw Error(ErrorKind::ModelMismatch,
-                    "tensor " + std::to_string(i) + " is '" + name + "' here, another name on the source rank");
-      }
-      if (!t[i][kPresent]) {
-        report.missing.push_back(name);
-        continue;
-      }
-      StateDict::Info info{static_cast<Dtype>(t[i][kDtype]), {}, 0};
-      for (int64_t d = 0; d < t[i][kRank]; ++d) info.shape.push_back(t[i][kDims + d]);
-      const std::string why = detail::check_target(target, name, info, plan,
-                                                   is_source ? options.load.mode : LoadMode::Copy,
-                                                   parts[static_cast<size_t>(i)]);
-      if (!why.empty()) {
-        report.mismatched.push_back(name + ": " + why);
-        continue;
-      }
-      loadable[i] = 1;
-    }
-    if (options.load.strict && !report.complete()) {
-      throw Error(ErrorKind::ModelMismatch,
-                  path + " does not match the model, nothing was loaded: " + report.summary());
-    }
-  });
-  agree(group, failure);
-  // Not strict: a tensor moves only if every rank can take it.
-  group.allreduce_min(loadable);
-
-  // 3. The weights move, tensor by tensor, in model order. The source keeps only its own
-  //    share too: its parts and replicated tensors as a rank of a parallel load takes
-  //    them, the others' parts read with pread into a buffer that lives until sent.
-  at::NoGradGuard no_grad;
-  const ViewMapping mapping = detail::own_mappings_fit(static_cast<size_t>(count)) ? ViewMapping::Own : ViewMapping::File;
-  at::Tensor send_buffer = at::empty({0}, at::kByte);  // one for every part sent: no heap churn
-  for (int64_t i = 0; i < count; ++i) {
-    if (!loadable[i].item<int64_t>()) continue;
-    const std::string& name = model_state[static_cast<size_t>(i)].first;
-    at::Tensor target = model_state[static_cast<size_t>(i)].second;
-    const detail::Part part = parts[static_cast<size_t>(i)];
-    const int tag = static_cast<int>(i);
-    if (is_source) {
-      detail::LoadPlan::Binding own{target, name, part};
-      detail::load_binding(own, *state, options.load.mode, mapping, /*read_ahead=*/true);
-    }
-    if (part.dim < 0) {  // replicated: a broadcast of the whole tensor
+      if (!loadable[i].item<int64_t>()) continue;
+      const std::string& name = model_state[static_cast<size_t>(i)].first;
+      at::Tensor target = model_state[static_cast<size_t>(i)].second;
+      const detail::Part part = parts[static_cast<size_t>(i)];
+      const int tag = static_cast<int>(i);
       if (is_source) {
-        at::Tensor whole = target.contiguous();
-        if (whole.numel() > 0) {
-          at::Tensor bytes = bytes_of(whole);
-          group.broadcast(bytes, source);
+        detail::LoadPlan::Binding own{target, name, part};
+        detail::load_binding(own, *state, options.load.mode, mapping, /*read_ahead=*/true);
+      }
+      if (part.dim < 0) {  // replicated: a broadcast of the whole tensor
+        if (is_source) {
+          at::Tensor whole = target.contiguous();
+          if (whole.numel() > 0) {
+            at::Tensor bytes = bytes_of(whole);
+            group.broadcast(bytes, source);
+          }
+        } else {
+          receive_into(target, [&](at::Tensor bytes) {
+            if (bytes.numel() > 0) group.broadcast(bytes, source);
+          });
+        }
+      } else if (is_source) {  // split: each rank gets its part, point to point
+        const c10::ScalarType stored = *to_scalar_type(state->info(name).dtype);  // checked above
+        const auto bytes = c10::multiply_integers(target.sizes()) * static_cast<int64_t>(c10::elementSize(stored));
+        if (send_buffer.numel() < bytes) send_buffer = at::empty({bytes}, at::kByte);
+        for (int r = 0; r < group.size() && bytes > 0; ++r) {
+          if (r == source) continue;  // its own part is loaded above
+          at::Tensor piece = send_buffer.narrow(0, 0, bytes);
+          state->read(name, part.dim, part.length * r, part.length, piece.data_ptr());
+          if (stored != target.scalar_type()) piece = bytes_of(piece.view(stored).view(target.sizes()).to(target.scalar_type()));
+          group.send(piece, r, tag);
         }
       } else {
         receive_into(target, [&](at::Tensor bytes) {
-          if (bytes.numel() > 0) group.broadcast(bytes, source);
+          if (bytes.numel() > 0) group.recv(bytes, source, tag);
         });
       }
-    } else if (is_source) {  // split: each rank gets its part, point to point
-      const c10::ScalarType stored = *to_scalar_type(state->info(name).dtype);  // checked above
-      const auto bytes = c10::multiply_integers(target.sizes()) * static_cast<int64_t>(c10::elementSize(stored));
-      if (send_buffer.numel() < bytes) send_buffer = at::empty({bytes}, at::kByte);
-      for (int r = 0; r < group.size() && bytes > 0; ++r) {
-        if (r == source) continue;  // its own part is loaded above
-        at::Tensor piece = send_buffer.narrow(0, 0, bytes);
-        state->read(name, part.dim, part.length * r, part.length, piece.data_ptr());
-        if (stored != target.scalar_type()) piece = bytes_of(piece.view(stored).view(target.sizes()).to(target.scalar_type()));
-        group.send(piece, r, tag);
-      }
-    } else {
-      receive_into(target, [&](at::Tensor bytes) {
-        if (bytes.numel() > 0) group.recv(bytes, source, tag);
-      });
+      report.loaded.push_back(name);
     }
-    report.loaded.push_back(name);
   }
-  return report;
+
+  const std::string& path;
+  Group& group;
+  const ParallelPlan& plan;
+  const DistributedLoadOptions& options;
+  const int source;
+  const bool is_source;
+  const std::vector<std::pair<std::string, at::Tensor>> model_state;
+  const int64_t count;
+  std::optional<StateDict> state;  // the source's only
+  LoadReport report;
+  at::Tensor table;                // per model tensor: what the checkpoint holds under its name
+  std::vector<detail::Part> parts; // this rank's part of each tensor
+  at::Tensor loadable;             // per model tensor: 1 if every rank can take it
+};
+
+LoadReport load_from_one_rank(torch::nn::Module& module, const std::string& path, Group& group, const ParallelPlan& plan,
+                              const DistributedLoadOptions& options) {
+  return OneRankLoad(module, path, group, plan, options).run();
 }
 
 LoadReport load_over(torch::nn::Module& module, const std::string& path, Group& group,

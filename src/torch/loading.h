@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "tensormap/module.h"
+#include "tensormap/state_dict.h"
 #include "tensormap/tensor.h"
 
 namespace tensormap::detail {

@@ -158,6 +158,52 @@ def test_progress_bar_only_on_a_terminal(tmp):
           tty.returncode == 0 and b"\r[" in tty.stdout and b"100%" in tty.stdout, repr(tty.stdout[:200]))
 
 
+def test_the_cli_is_the_core_only_fast_and_small(tmp):
+    """The CLI links the torch-free core only (issue 14): --help in well under 100 ms,
+    inspect and verify of a 64 MiB checkpoint of every format under 48 MiB peak RSS."""
+    import time
+    libs = subprocess.run(["ldd", CLI], capture_output=True, text=True).stdout
+    check("the CLI does not link LibTorch", "libtorch" not in libs and "libc10" not in libs, libs)
+    if "libasan" in libs or "libubsan" in libs:
+        print("skip time and memory figures: a sanitizer build is neither fast nor small")
+        return
+    times = []
+    for _ in range(5):
+        start = time.monotonic()
+        run("--help")
+        times.append(time.monotonic() - start)
+    times.sort()
+    check(f"--help takes under 100 ms (median of 5: {times[2] * 1000:.1f} ms)", times[2] < 0.1, times)
+    import numpy
+    # One process per measurement: ru_maxrss of children is the largest child so far, so
+    # each is measured in a fresh Python helper that runs the CLI once.
+    rng = numpy.random.default_rng(0)
+    st = os.path.join(tmp, "m.safetensors")
+    header = {f"t{i}": {"dtype": "F32", "shape": [1024, 1024], "data_offsets": [i << 22, (i + 1) << 22]}
+              for i in range(16)}
+    text = json.dumps(header).encode()
+    text += b" " * ((8 - len(text) % 8) % 8)
+    with open(st, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for _ in range(16):
+            f.write(rng.standard_normal(1 << 20, dtype=numpy.float32).tobytes())
+    files = {"safetensors": st}
+    for name, out, extra in (("tensormap", "m.tmap", []), ("sharded tensormap", "m.tmap.index.json", ["--shard-size", "16M"]),
+                             ("torch.save", "m.pt", [])):
+        files[name] = os.path.join(tmp, out)
+        r = run("convert", st, files[name], *extra)
+        check(f"convert to {name} for the memory check", r.returncode == 0, r.stderr)
+    for name, path in files.items():
+        for command in ("inspect", "verify"):
+            probe = subprocess.run([sys.executable, "-c", (
+                "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True); "
+                "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"), CLI, command, path],
+                capture_output=True, text=True)
+            code, kib = (int(x) for x in probe.stdout.split())
+            check(f"{command} of 64 MiB of {name}: exit 0, peak RSS {kib / 1024:.1f} MiB < 48 MiB",
+                  code == 0 and kib < 48 * 1024, probe.stderr)
+
+
 def test_convert_failure_leaves_no_output(tmp):
     out = os.path.join(tmp, "never.tmap")
     r = run("convert", os.path.join(ROOT, "format", "invalid", "rule17_hole.tmap"), out)

@@ -275,7 +275,7 @@ TEST(RoundTrip, CowWritesNeverReachTheFile) {
   p[0] = 0xAB;
   EXPECT_EQ(static_cast<unsigned char>(f.bytes(f.at("a")).data[0]), 0xAB);
   EXPECT_EQ(read_bytes(path), before);
-  f.release_pages(f.at("a"));  // drops the private copy: the file's byte is back
+  f.evict(f.at("a"));  // drops the private copy: the file's byte is back
   EXPECT_EQ(p[0], 0);
 }
 

@@ -147,7 +147,7 @@ def main(cli):
         run = subprocess.run([cli, "inspect", "--json", checkpoint], capture_output=True, text=True)
         skipped = {s["name"]: s["value"] for s in json.loads(run.stdout).get("skipped", [])} if run.returncode == 0 else {}
         check(skipped.get("epoch") == "the int 3" and skipped.get("best_loss") == "a float"
-              and "argparse.Namespace (not executed)" in skipped.get("args", "")
+              and "'argparse.Namespace' (not executed)" in skipped.get("args", "")
               and "optimizer.param_groups.0.lr" in skipped,
               f"training checkpoint: plain values and objects are listed as skipped ({sorted(skipped)[:6]}...)")
 
@@ -159,7 +159,7 @@ def main(cli):
         listed = json.loads(run.stdout) if run.returncode == 0 else {}
         check(run.returncode == 0 and not os.path.exists(marker)
               and [t["name"] for t in listed["tensors"]] == ["w"]
-              and "system (not executed)" in listed["skipped"][0]["value"],
+              and "system' (not executed)" in listed["skipped"][0]["value"],
               f"a pickle that would run a command: its tensor is read, the command never runs ({run.stderr.strip()})")
 
         # A tensor of a dtype tensormap does not store is skipped and listed, never misread.

@@ -166,11 +166,11 @@ TEST(Slice, AlongOtherDimsEqualsNarrowInEveryFormat) {
         const at::Tensor part = state.slice("t", dim, start, length);
         EXPECT_TRUE(part.is_contiguous());
         EXPECT_TRUE(part.equal(full.narrow(dim, start, length)))
-            << state.format() << " dim " << dim << " start " << start << " length " << length;
+            << format_name(state.format()) << " dim " << dim << " start " << start << " length " << length;
         // read(): the same bytes, into memory the caller owns.
         at::Tensor out = torch::full(part.sizes(), -1, torch::kInt);
         state.read("t", dim, start, length, out.data_ptr());
-        EXPECT_TRUE(out.equal(part)) << state.format() << " read, dim " << dim << " start " << start;
+        EXPECT_TRUE(out.equal(part)) << format_name(state.format()) << " read, dim " << dim << " start " << start;
       }
     }
     EXPECT_TRUE(state.slice("v", 0, 4, 6).equal(torch::arange(4, 10, torch::kDouble)));

@@ -17,7 +17,7 @@
 #include <sstream>
 
 #include "released.h"
-#include "tensormap/module.h"
+#include "tensormap/skeleton.h"
 
 namespace tensormap {
 namespace {

@@ -1,16 +1,18 @@
-// tensormap convert and tensormap diff: the subcommands that need LibTorch.
-#include <ATen/ATen.h>
-
+// tensormap convert and tensormap diff, and inspect and verify of the checkpoints that
+// are not one file. Like the whole command line, they use only the torch-free core.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <iostream>
-#include <set>
+#include <memory>
 
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
+#include "tensormap/checkpoint.h"
 #include "tensormap/convert.h"
-#include "tensormap/tensormap.h"
+#include "tensormap/core.h"
 
 namespace tensormap::cli {
 namespace {
@@ -100,9 +102,54 @@ int convert(const std::string& in, const std::string& out, const ConvertArgument
   return 0;
 }
 
+namespace {
+
+// The tensor's bytes, read with pread.
+std::unique_ptr<unsigned char[]> bytes_of(const Checkpoint& c, const std::string& name, uint64_t size) {
+  std::unique_ptr<unsigned char[]> out(new unsigned char[std::max<uint64_t>(size, 1)]);
+  c.read(name, out.get());
+  return out;
+}
+
+// The largest |a - b| over the elements; NaN if either side has a NaN there, or a dtype
+// (complex) has no real value to compare.
+double max_abs_difference(Dtype da, const unsigned char* a, Dtype db, const unsigned char* b, uint64_t count) {
+  std::vector<double> va(static_cast<size_t>(count)), vb(static_cast<size_t>(count));
+  if (!to_f64(da, a, va.data(), count) || !to_f64(db, b, vb.data(), count)) return std::nan("");
+  double max = 0.0;
+  for (size_t i = 0; i < va.size(); ++i) {
+    const double d = std::fabs(va[i] - vb[i]);
+    if (std::isnan(d)) return d;
+    max = std::max(max, d);
+  }
+  return max;
+}
+
+// How tensor `name` differs between the two checkpoints, or "".
+std::string difference(const Checkpoint& a, const Checkpoint& b, const std::string& name) {
+  const Checkpoint::Info ia = a.info(name), ib = b.info(name);
+  if (ia.shape != ib.shape) {
+    return "shape " + shape_text({ia.shape.begin(), ia.shape.end()}) + " -> " +
+           shape_text({ib.shape.begin(), ib.shape.end()});
+  }
+  std::string line;
+  if (ia.dtype != ib.dtype) line = "dtype " + std::string(dtype_name(ia.dtype)) + " -> " + std::string(dtype_name(ib.dtype));
+  const auto bytes_a = bytes_of(a, name, ia.byte_length);
+  const auto bytes_b = bytes_of(b, name, ib.byte_length);
+  if (ia.dtype == ib.dtype && std::memcmp(bytes_a.get(), bytes_b.get(), ia.byte_length) == 0) return line;
+  const double max_abs =
+      max_abs_difference(ia.dtype, bytes_a.get(), ib.dtype, bytes_b.get(), ia.byte_length / dtype_size(ia.dtype));
+  if (max_abs == 0.0 && line.empty()) return line;  // equal values in other bytes (-0.0 and 0.0)
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "max abs difference %.6g", max_abs);
+  return line + (line.empty() ? "" : ", ") + buf;
+}
+
+}  // namespace
+
 int diff(const std::string& a_path, const std::string& b_path) {
-  const StateDict a = StateDict::open(a_path);
-  const StateDict b = StateDict::open(b_path);
+  const Checkpoint a = Checkpoint::open(a_path);
+  const Checkpoint b = Checkpoint::open(b_path);
   int differences = 0;
   for (const std::string& name : a.keys()) {
     if (!b.contains(name)) {
@@ -118,35 +165,13 @@ int diff(const std::string& a_path, const std::string& b_path) {
   }
   for (const std::string& name : a.keys()) {
     if (!b.contains(name)) continue;
-    const StateDict::Info ia = a.info(name);
-    const StateDict::Info ib = b.info(name);
-    std::string line;
-    if (ia.shape != ib.shape) {
-      line = "shape " + shape_text({ia.shape.begin(), ia.shape.end()}) + " -> " +
-             shape_text({ib.shape.begin(), ib.shape.end()});
-    } else {
-      if (ia.dtype != ib.dtype) line = "dtype " + std::string(dtype_name(ia.dtype)) + " -> " + std::string(dtype_name(ib.dtype));
-      const bool same_bytes = ia.dtype == ib.dtype && torch::equal(a.raw_bytes(name), b.raw_bytes(name));
-      if (!same_bytes) {
-        double max_abs = std::nan("");
-        if (to_scalar_type(ia.dtype) && to_scalar_type(ib.dtype)) {
-          const auto va = a.at(name).to(at::kDouble);
-          const auto vb = b.at(name).to(at::kDouble);
-          max_abs = va.numel() ? (va - vb).abs().max().item<double>() : 0.0;
-        }
-        if (!(max_abs == 0.0 && line.empty())) {
-          char buf[64];
-          std::snprintf(buf, sizeof buf, "max abs difference %.6g", max_abs);
-          line += (line.empty() ? "" : ", ") + std::string(buf);
-        }
-      }
-    }
+    const std::string line = difference(a, b, name);
     if (!line.empty()) {
       std::cout << "changed: " << name << ": " << line << "\n";
       ++differences;
     }
-    a.release(name);
-    b.release(name);
+    a.evict(name);
+    b.evict(name);
   }
   if (differences == 0) {
     std::cout << "no differences (" << a.size() << " tensors)\n";
@@ -156,23 +181,17 @@ int diff(const std::string& a_path, const std::string& b_path) {
   return 1;
 }
 
-bool is_single_file(const std::string& path) {
-  // StateDict::open is the one place that recognises formats by content.
-  const std::string format = StateDict::open(path).format();
-  return format == format_name(Format::Tensormap) || format == format_name(Format::Safetensors);
-}
-
 // inspect and verify of the checkpoints that are not one tensormap or safetensors file.
-int inspect_state(const std::string& path, bool json) {
-  const StateDict sd = StateDict::open(path);
+int inspect_state(const Checkpoint& sd, bool json) {
+  const std::string& path = sd.path();
   nlohmann::ordered_json out;
-  out["format"] = sd.format();
+  out["format"] = format_name(sd.format());
   out["metadata"] = nlohmann::ordered_json::object();
   for (const auto& [k, v] : sd.metadata()) out["metadata"][k] = v;
   out["tensors"] = nlohmann::ordered_json::array();
   uint64_t data = 0;
   for (const std::string& name : sd.keys()) {
-    const StateDict::Info info = sd.info(name);
+    const Checkpoint::Info info = sd.info(name);
     out["tensors"].push_back({{"name", name}, {"dtype", std::string(dtype_name(info.dtype))},
                               {"shape", info.shape}, {"byte_length", info.byte_length}});
     data += info.byte_length;
@@ -186,7 +205,8 @@ int inspect_state(const std::string& path, bool json) {
     std::cout << out.dump(2) << "\n";
     return 0;
   }
-  std::cout << path << ": " << sd.format() << ", " << sd.size() << " tensors, " << data << " bytes of data\n";
+  std::cout << path << ": " << format_name(sd.format()) << ", " << sd.size() << " tensors, " << data
+            << " bytes of data\n";
   for (const auto& t : out["tensors"]) {
     std::cout << "  " << t["name"].get<std::string>() << "  " << t["dtype"].get<std::string>() << "  "
               << t["shape"].dump() << "  " << t["byte_length"].get<uint64_t>() << "\n";
@@ -198,13 +218,12 @@ int inspect_state(const std::string& path, bool json) {
   return 0;
 }
 
-int verify_state(const std::string& path) {
-  const StateDict sd = StateDict::open(path);  // validates the index or the archive
-  if (sd.format().rfind("sharded", 0) == 0) {
-    const ShardIndex index = ShardIndex::open(path);
+int verify_state(const Checkpoint& sd) {
+  const std::string& path = sd.path();
+  if (is_sharded(sd.format())) {
     int bad = 0;
-    for (uint32_t s = 0; s < index.shard_files().size(); ++s) {
-      const File shard = File::open(index.shard_path(s));
+    const std::vector<File> shards = sd.files();
+    for (const File& shard : shards) {
       for (const Error& e : shard.find_corruption()) {
         std::cerr << "tensormap: " << error_kind_name(e.kind()) << ": " << e.what() << "\n";
         ++bad;
@@ -212,11 +231,11 @@ int verify_state(const std::string& path) {
     }
     for (const std::string& name : sd.keys()) sd.info(name);  // every name is in its shard
     if (bad) return 1;
-    std::cout << path << ": ok, " << sd.size() << " tensors in " << index.shard_files().size() << " shards\n";
+    std::cout << path << ": ok, " << sd.size() << " tensors in " << shards.size() << " shards\n";
     return 0;
   }
   for (const std::string& name : sd.keys()) sd.info(name);
-  std::cout << path << ": ok, " << sd.size() << " tensors (" << sd.format()
+  std::cout << path << ": ok, " << sd.size() << " tensors (" << format_name(sd.format())
             << " has no checksums, so only its structure was validated)\n";
   return 0;
 }

@@ -1,4 +1,5 @@
-// Loading a torch::nn::Module from a tensormap file, and saving one into it.
+// Loading a torch::nn::Module from a checkpoint: the checks every load shares (loading.h),
+// map and copy mode, tensor-parallel parts, and prefault.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <sys/mman.h>
@@ -15,10 +16,11 @@
 #include "loading.h"
 #include "released.h"
 #include "tensormap/error.h"
-#include "tensormap/module.h"
+#include "tensormap/load.h"
+#include "tensormap/save.h"
+#include "tensormap/skeleton.h"
+#include "tensormap/state_dict.h"
 #include "tensormap/tensor.h"
-#include "tensormap/torch_save.h"
-#include "tensormap/writer.h"
 
 namespace tensormap {
 namespace {
@@ -44,9 +46,45 @@ PageSpan pages_of(const at::Tensor& t) {
   return {data & ~(page_bytes() - 1), data + t.nbytes()};
 }
 
+void append_list(std::ostringstream& out, const char* what, const std::vector<std::string>& items,
+                 bool& first) {
+  if (items.empty()) return;
+  constexpr size_t kShown = 8;
+  out << (first ? "" : "; ") << items.size() << " " << what << " (";
+  for (size_t i = 0; i < items.size() && i < kShown; ++i) out << (i ? ", " : "") << items[i];
+  if (items.size() > kShown) out << ", and " << items.size() - kShown << " more";
+  out << ")";
+  first = false;
+}
+
 }  // namespace
 
 namespace detail {
+namespace {
+
+// Copy mode: the tensor (or the rank's part of it) into the target's own memory, read
+// with pread straight into it when the bytes are already what the target holds, so that
+// no temporary is made and no mapped page is faulted in (and no SIGBUS if the file
+// shrinks meanwhile).
+void copy_into(at::Tensor& target, const StateDict& state, const LoadPlan::Binding& b) {
+  ensure_storage(target);
+  const StateDict::Info info = state.info(b.name);
+  const bool same_bytes = to_scalar_type(info.dtype) == target.scalar_type() && target.is_contiguous();
+  const Part& p = b.part;
+  if (same_bytes && p.dim >= 0) {
+    state.read(b.name, p.dim, p.start, p.length, target.data_ptr());
+  } else if (same_bytes) {
+    state.read(b.name, target.data_ptr());
+  } else if (p.dim >= 0) {
+    target.copy_(state.slice(b.name, p.dim, p.start, p.length));
+  } else {
+    const at::Tensor raw = state.raw_bytes(b.name);
+    target.copy_(raw.view(*to_scalar_type(info.dtype)).view(info.shape));
+  }
+  state.evict(b.name);
+}
+
+}  // namespace
 
 // Why the tensor described by `info` cannot be loaded into `target` in `mode`, or "".
 // `info.shape` is what the target must have: a split tensor's part shape.
@@ -73,25 +111,6 @@ std::string mismatch(const at::Tensor& target, const StateDict::Info& info, Load
   }
   return "";
 }
-
-}  // namespace detail
-
-namespace {
-
-void append_list(std::ostringstream& out, const char* what, const std::vector<std::string>& items,
-                 bool& first) {
-  if (items.empty()) return;
-  constexpr size_t kShown = 8;
-  out << (first ? "" : "; ") << items.size() << " " << what << " (";
-  for (size_t i = 0; i < items.size() && i < kShown; ++i) out << (i ? ", " : "") << items[i];
-  if (items.size() > kShown) out << ", and " << items.size() - kShown << " more";
-  out << ")";
-  first = false;
-}
-
-}  // namespace
-
-namespace detail {
 
 // A fresh tensor whose pages are faulted in ahead, in one system call: page by page
 // first-touch faults cost several times more, markedly so in virtual machines.
@@ -158,59 +177,6 @@ void check_plan(const ParallelPlan& plan) {
   }
 }
 
-}  // namespace detail
-
-bool matches_pattern(std::string_view pattern, std::string_view name) {
-  // Greedy glob with backtracking to the last '*': linear in practice, never recursive.
-  size_t p = 0, n = 0, star = std::string_view::npos, mark = 0;
-  while (n < name.size()) {
-    if (p < pattern.size() && pattern[p] == '*') {
-      star = p++;
-      mark = n;
-    } else if (p < pattern.size() && pattern[p] == name[n]) {
-      ++p;
-      ++n;
-    } else if (star != std::string_view::npos) {
-      p = star + 1;
-      n = ++mark;
-    } else {
-      return false;
-    }
-  }
-  while (p < pattern.size() && pattern[p] == '*') ++p;
-  return p == pattern.size();
-}
-
-std::optional<int64_t> ParallelPlan::split_dim(std::string_view name) const {
-  for (const auto& [pattern, dim] : splits) {
-    if (matches_pattern(pattern, name)) return dim;
-  }
-  return std::nullopt;
-}
-
-std::string LoadReport::summary() const {
-  std::ostringstream out;
-  bool first = true;
-  append_list(out, "missing from the file", missing, first);
-  append_list(out, "unexpected in the file", unexpected, first);
-  append_list(out, "mismatched", mismatched, first);
-  if (first) out << loaded.size() << " tensors loaded, no problems";
-  return out.str();
-}
-
-std::vector<std::pair<std::string, at::Tensor>> named_state(const torch::nn::Module& module) {
-  std::vector<std::pair<std::string, at::Tensor>> out;
-  for (const auto& item : module.named_parameters(/*recurse=*/true)) {
-    if (item.value().defined()) out.emplace_back(item.key(), item.value());
-  }
-  for (const auto& item : module.named_buffers(/*recurse=*/true)) {
-    if (item.value().defined()) out.emplace_back(item.key(), item.value());
-  }
-  return out;
-}
-
-namespace detail {
-
 void ensure_storage(at::Tensor& target) {
   if (is_released(target)) {
     prepare_to_bind(target);
@@ -251,7 +217,7 @@ LoadPlan plan_load(const torch::nn::Module& module, const StateDict& state, cons
     if (!model_names.count(name)) report.unexpected.push_back(name);
   }
   if (options.strict && !report.complete()) {
-    throw Error(ErrorKind::ModelMismatch, "the " + state.format() +
+    throw Error(ErrorKind::ModelMismatch, "the " + std::string(format_name(state.format())) +
                                               " checkpoint does not match the model, nothing was loaded: " +
                                               report.summary());
   }
@@ -268,32 +234,6 @@ bool own_mappings_fit(size_t count) {
   }
   return count <= static_cast<size_t>(std::max(0L, max_maps)) / 4;
 }
-
-namespace {
-
-// Copy mode: the tensor (or the rank's part of it) into the target's own memory, read
-// with pread straight into it when the bytes are already what the target holds, so that
-// no temporary is made and no mapped page is faulted in (and no SIGBUS if the file
-// shrinks meanwhile).
-void copy_into(at::Tensor& target, const StateDict& state, const LoadPlan::Binding& b) {
-  ensure_storage(target);
-  const StateDict::Info info = state.info(b.name);
-  const bool same_bytes = to_scalar_type(info.dtype) == target.scalar_type() && target.is_contiguous();
-  const Part& p = b.part;
-  if (same_bytes && p.dim >= 0) {
-    state.read(b.name, p.dim, p.start, p.length, target.data_ptr());
-  } else if (same_bytes) {
-    state.read(b.name, target.data_ptr());
-  } else if (p.dim >= 0) {
-    target.copy_(state.slice(b.name, p.dim, p.start, p.length));
-  } else {
-    const at::Tensor raw = state.raw_bytes(b.name);
-    target.copy_(raw.view(*to_scalar_type(info.dtype)).view(info.shape));
-  }
-  state.release(b.name);
-}
-
-}  // namespace
 
 void load_binding(LoadPlan::Binding& b, const StateDict& state, LoadMode mode, ViewMapping mapping,
                   bool read_ahead) {
@@ -328,6 +268,44 @@ LoadReport apply_load(LoadPlan plan, const StateDict& state, const LoadOptions& 
 }
 
 }  // namespace detail
+
+bool matches_pattern(std::string_view pattern, std::string_view name) {
+  // Greedy glob with backtracking to the last '*': linear in practice, never recursive.
+  size_t p = 0, n = 0, star = std::string_view::npos, mark = 0;
+  while (n < name.size()) {
+    if (p < pattern.size() && pattern[p] == '*') {
+      star = p++;
+      mark = n;
+    } else if (p < pattern.size() && pattern[p] == name[n]) {
+      ++p;
+      ++n;
+    } else if (star != std::string_view::npos) {
+      p = star + 1;
+      n = ++mark;
+    } else {
+      return false;
+    }
+  }
+  while (p < pattern.size() && pattern[p] == '*') ++p;
+  return p == pattern.size();
+}
+
+std::optional<int64_t> ParallelPlan::split_dim(std::string_view name) const {
+  for (const auto& [pattern, dim] : splits) {
+    if (matches_pattern(pattern, name)) return dim;
+  }
+  return std::nullopt;
+}
+
+std::string LoadReport::summary() const {
+  std::ostringstream out;
+  bool first = true;
+  append_list(out, "missing from the file", missing, first);
+  append_list(out, "unexpected in the file", unexpected, first);
+  append_list(out, "mismatched", mismatched, first);
+  if (first) out << loaded.size() << " tensors loaded, no problems";
+  return out.str();
+}
 
 LoadReport load(torch::nn::Module& module, const StateDict& state, const LoadOptions& options) {
   return detail::apply_load(detail::plan_load(module, state, options), state, options);
@@ -394,61 +372,6 @@ void prefault(const torch::nn::Module& module, int threads) {
   }
   for (const PageSpan& r : work[0]) fault(r.begin, r.end);
   for (auto& t : pool) t.join();
-}
-
-void save(const std::vector<std::pair<std::string, at::Tensor>>& tensors, const std::string& path,
-          const SaveOptions& options) {
-  std::vector<TensorSpec> specs;
-  specs.reserve(tensors.size());
-  for (const auto& [name, t] : tensors) {
-    if (!t.defined()) {
-      throw Error(ErrorKind::InvalidArgument, path + ": tensor '" + name + "' is undefined");
-    }
-    if (is_released(t)) {
-      throw Error(ErrorKind::InvalidArgument,
-                  path + ": tensor '" + name + "' was released and holds no data to save");
-    }
-    std::vector<uint64_t> shape(t.sizes().begin(), t.sizes().end());
-    Dtype dtype;
-    try {
-      dtype = from_scalar_type(t.scalar_type());
-    } catch (const Error& e) {
-      throw Error(ErrorKind::UnsupportedDtype, path + ": tensor '" + name + "': " + e.what());
-    }
-    specs.push_back({name, dtype, std::move(shape)});
-  }
-  if (options.format == Format::TorchSave) {
-    TorchSaveWriter writer(path, std::move(specs), options.sync);
-    for (const auto& item : tensors) {
-      at::Tensor t = item.second.detach();
-      if (!t.device().is_cpu()) t = t.cpu();
-      t = t.resolve_conj().resolve_neg().contiguous();
-      if (t.nbytes() > 0) writer.write_tensor(t.data_ptr(), t.nbytes());
-    }
-    writer.commit();
-    return;
-  }
-  WriterOptions writer_options;
-  writer_options.alignment = options.alignment;
-  writer_options.metadata = options.metadata;
-  writer_options.sync = options.sync;
-  writer_options.format = options.format;
-  Writer writer(path, std::move(specs), writer_options);
-  for (const auto& item : tensors) {
-    // One tensor at a time: at most one contiguous copy exists at once.
-    at::Tensor t = item.second.detach();
-    if (!t.device().is_cpu()) t = t.cpu();
-    if (t.is_conj()) t = t.resolve_conj();
-    if (t.is_neg()) t = t.resolve_neg();
-    if (!t.is_contiguous()) t = t.contiguous();
-    const size_t nbytes = static_cast<size_t>(t.numel()) * t.element_size();
-    if (nbytes > 0) writer.write_tensor(t.data_ptr(), nbytes);
-  }
-  writer.commit();
-}
-
-void save(const torch::nn::Module& module, const std::string& path, const SaveOptions& options) {
-  save(named_state(module), path, options);
 }
 
 }  // namespace tensormap

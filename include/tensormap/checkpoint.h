@@ -1,0 +1,135 @@
+// tensormap::Checkpoint: any checkpoint tensormap reads, as a lazy, read-only dict of
+// tensors, without LibTorch.
+//
+// A checkpoint is one tensormap or safetensors file, a sharded checkpoint (an index,
+// *.index.json, naming the shard of every tensor), or a torch.save archive. Its format is
+// recognised once, from its content (detect_format), never from its name. Opening reads
+// the header, the index or the archive's pickle only; shards are opened when one of their
+// tensors is first asked for; tensor bytes are read only by read() (with pread, so a file
+// that shrinks meanwhile gives Error(Truncated), never SIGBUS) or when a caller touches a
+// placement().
+//
+// The LibTorch layer's StateDict (state_dict.h) is this, with tensors.
+//
+// Thread-safety: a Checkpoint is immutable after open; all const methods may be called
+// from many threads. Copies share one source.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "tensormap/dtype.h"
+#include "tensormap/export.h"
+#include "tensormap/file.h"
+
+namespace tensormap {
+
+// What a path holds.
+enum class CheckpointFormat {
+  Tensormap,           // one tensormap file (spec/FORMAT.md)
+  Safetensors,         // one safetensors file (spec/SAFETENSORS.md)
+  ShardedTensormap,    // an index and tensormap shards
+  ShardedSafetensors,  // an index and safetensors shards
+  TorchSave,           // a torch.save zip archive
+};
+
+// "tensormap", "safetensors", "sharded tensormap", "sharded safetensors", "torch.save".
+TENSORMAP_EXPORT const char* format_name(CheckpointFormat format);
+TENSORMAP_EXPORT bool is_sharded(CheckpointFormat format);
+
+// The format of the file at `path`, from its first bytes and its size (spec/FORMAT.md
+// section 13 lists the facts). A sharded checkpoint's index is reported as
+// ShardedTensormap or ShardedSafetensors from its first shard (an empty index from its
+// name). A file of no known format is reported as Tensormap, so that opening it names
+// the first tensormap rule it breaks. Throws Error(Io) if the file cannot be read.
+TENSORMAP_EXPORT CheckpointFormat detect_format(const std::string& path);
+
+namespace detail {
+struct Source;
+}
+
+class TENSORMAP_EXPORT Checkpoint {
+ public:
+  // What a tensor is, known without reading its data.
+  struct Info {
+    Dtype dtype;
+    std::vector<int64_t> shape;
+    uint64_t byte_length;
+  };
+
+  // Where a tensor's elements lie in memory, for a zero-copy view: in a storage of
+  // `storage_bytes` bytes at `storage`, in a private (copy-on-write) mapping of the file,
+  // element 0 at element `offset` of it and the others `strides` elements apart. `owner`
+  // keeps the mapping alive. A torch.save tensor may be a strided view of a storage that
+  // other tensors share; a file's tensor is its own contiguous storage. For a tensormap or
+  // safetensors file (sharded or not), `file` and `entry` give the tensor's File and entry,
+  // valid while the Checkpoint lives (map_region() maps its own pages); nullptr otherwise.
+  struct Placement {
+    void* storage;
+    uint64_t storage_bytes;
+    uint64_t offset;
+    std::vector<int64_t> strides;
+    std::shared_ptr<const void> owner;
+    const File* file = nullptr;
+    const TensorEntry* entry = nullptr;
+  };
+
+  // Opens the checkpoint at `path`, whatever its format. Throws the Error of the first
+  // rule it breaks, Error(Io) if it cannot be read.
+  static Checkpoint open(const std::string& path);
+  explicit Checkpoint(File file);
+
+  const std::string& path() const;
+  CheckpointFormat format() const;
+  size_t size() const;
+  bool empty() const;
+  bool contains(std::string_view name) const;
+  // Names in file (or index) order.
+  const std::vector<std::string>& keys() const;
+  std::vector<std::pair<std::string, std::string>> metadata() const;
+
+  // What a torch.save archive holds beside its tensors and was skipped, as (where, what):
+  // a training checkpoint's ("epoch", "the int 3") or ("args", "an object made by
+  // argparse.Namespace (not executed)"). Empty for the other formats.
+  std::vector<std::pair<std::string, std::string>> skipped() const;
+
+  // Throws Error(NotFound) naming the checkpoint. For a sharded checkpoint, opens the
+  // tensor's shard.
+  Info info(std::string_view name) const;
+
+  // Copies the tensor's bytes, contiguous (info(name).byte_length of them), into `dest`,
+  // with pread.
+  void read(std::string_view name, void* dest) const;
+
+  // Copies elements [start, start + length) of the tensor along `dim` (negative counts
+  // from the end), contiguous, into `dest`: one pread for a contiguous part, one per row
+  // otherwise. Throws Error(InvalidArgument) for a dimension or range out of bounds.
+  void read(std::string_view name, int64_t dim, int64_t start, int64_t length, void* dest) const;
+
+  // The dimension `dim` made non-negative, after checking that the slice lies inside the
+  // tensor. Throws Error(NotFound) or Error(InvalidArgument).
+  int64_t checked_slice(std::string_view name, int64_t dim, int64_t start, int64_t length) const;
+
+  // Drops the tensor's pages from this process's mapping (MADV_DONTNEED), after a copy of
+  // it: see File::evict.
+  void evict(std::string_view name) const;
+
+  // Where the tensor lies in the mapping. Throws Error(NotFound).
+  Placement placement(std::string_view name) const;
+
+  // The tensormap and safetensors files the checkpoint consists of: the file itself, or
+  // every shard (all opened now). Empty for a torch.save archive.
+  std::vector<File> files() const;
+
+ private:
+  explicit Checkpoint(std::shared_ptr<const detail::Source> source);
+  size_t index_of(std::string_view name) const;
+  std::shared_ptr<const detail::Source> source_;
+};
+
+}  // namespace tensormap

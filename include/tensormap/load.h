@@ -1,0 +1,96 @@
+// Loading a torch::nn module from a checkpoint: map mode (zero-copy) or copy mode, whole
+// or as one rank's part of a tensor-parallel model. (Over c10d: distributed.h.)
+//
+// Thread-safety: none of these functions may run concurrently on the same module.
+#pragma once
+
+#include <torch/nn/module.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "tensormap/export.h"
+#include "tensormap/file.h"
+#include "tensormap/state_dict.h"
+
+namespace tensormap {
+
+enum class LoadMode {
+  // Zero-copy: each tensor's storage is the file's private mapping. Pages are read when
+  // touched; a write (an optimizer step) copies only the pages it touches and never
+  // reaches the file. Dtypes must match exactly.
+  Map,
+  // Owned memory, tensor by tensor; the mapped pages of each tensor are given back after
+  // its copy. Converts dtypes (BF16 in the file into an F32 model, say). Into a module
+  // that still has storage, copies in place.
+  Copy,
+};
+
+// Tensor parallelism: how a model is split among `world_size` ranks. A parameter whose
+// name matches a pattern of `splits` is split along that dimension into world_size equal
+// parts, and rank `rank` keeps part `rank`; other parameters are replicated (loaded
+// whole). In patterns, '*' matches any run of characters (dots included); the first
+// matching pattern wins. The model given to load() is the rank's own model, built with
+// the split shapes (as Megatron-style layers are): a planned tensor of shape [8192, 4096]
+// split along dim 0 among 4 ranks loads into a [2048, 4096] parameter.
+struct TENSORMAP_EXPORT ParallelPlan {
+  int64_t rank = 0;
+  int64_t world_size = 1;
+  std::vector<std::pair<std::string, int64_t>> splits;
+
+  // The split dimension of the named tensor, or nothing if it is replicated.
+  std::optional<int64_t> split_dim(std::string_view name) const;
+};
+
+// True if `name` matches `pattern`, where '*' matches any run of characters.
+TENSORMAP_EXPORT bool matches_pattern(std::string_view pattern, std::string_view name);
+
+struct LoadOptions {
+  LoadMode mode = LoadMode::Map;
+  // Strict: any missing key, unexpected key or shape or dtype mismatch throws
+  // Error(ModelMismatch) listing all of them, and nothing is loaded. Not strict: the
+  // matching tensors are loaded and the rest reported.
+  bool strict = true;
+  // Load only this rank's part of each split tensor (see ParallelPlan). Parts along dim 0
+  // are zero-copy in map mode; other parts are read row by row (StateDict::slice), so a
+  // rank reads and keeps only its share and the rest of the file stays out of memory. In
+  // map mode every bound tensor is read ahead exactly (MADV_WILLNEED), because page-fault
+  // read-around (read_ahead_kb) would otherwise pull in other ranks' parts; and it is
+  // mapped on its own (ViewMapping::Own), because a fault in the whole file's mapping maps
+  // the whole page-cache folio around it, other ranks' bytes included. (Past a quarter of
+  // vm.max_map_count tensors, the whole file's mapping is used.) In copy mode each part
+  // is read with pread straight into its parameter, with no temporary.
+  std::optional<ParallelPlan> parallel;
+};
+
+struct TENSORMAP_EXPORT LoadReport {
+  std::vector<std::string> loaded;      // names bound or copied
+  std::vector<std::string> missing;     // in the model, not in the file
+  std::vector<std::string> unexpected;  // in the file, not in the model
+  std::vector<std::string> mismatched;  // one line each: name, what differs
+  bool complete() const { return missing.empty() && unexpected.empty() && mismatched.empty(); }
+  std::string summary() const;          // one line listing every problem
+};
+
+// Binds (map mode) or copies (copy mode) every parameter and buffer of `module`, by its
+// dotted name (as named_parameters and named_buffers spell it), to the tensor of that
+// name in the checkpoint: a StateDict, a File, or the path of any checkpoint
+// Checkpoint::open reads (tensormap, safetensors, a sharded index, a torch.save archive),
+// recognised by its content.
+TENSORMAP_EXPORT LoadReport load(torch::nn::Module& module, const StateDict& state, const LoadOptions& options = {});
+TENSORMAP_EXPORT LoadReport load(torch::nn::Module& module, const File& file, const LoadOptions& options = {});
+TENSORMAP_EXPORT LoadReport load(torch::nn::Module& module, const std::string& path,
+                const LoadOptions& options = {});
+
+// Faults in now every page of every parameter and buffer of `module` (after a map-mode
+// load: the file's pages), with MADV_POPULATE_READ, split among `threads` threads (0:
+// LibTorch's intra-op thread count). A full touch at once instead of one 4 KiB fault at a
+// time on first use. Where the kernel lacks MADV_POPULATE_READ (before 5.14), reads one
+// byte per page instead. Does not write: map-mode pages stay shared with the page cache.
+TENSORMAP_EXPORT void prefault(const torch::nn::Module& module, int threads = 0);
+
+}  // namespace tensormap

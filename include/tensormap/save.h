@@ -1,0 +1,45 @@
+// Saving a torch::nn module, or named tensors, in any format tensormap writes, one tensor
+// at a time.
+//
+// Thread-safety: the module must not change while it is saved.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <torch/nn/module.h>
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "tensormap/export.h"
+#include "tensormap/format.h"
+
+namespace tensormap {
+
+struct SaveOptions {
+  uint64_t alignment = 4096;  // tensormap files only
+  std::vector<std::pair<std::string, std::string>> metadata;
+  bool sync = true;
+  Format format = Format::Tensormap;  // or Format::Safetensors, Format::TorchSave
+};
+
+// The state of a module: every parameter (recursively, in module order), then every
+// buffer, named as named_parameters and named_buffers name them. Undefined tensors are
+// left out. This is what save(module) writes and load(module) binds.
+TENSORMAP_EXPORT std::vector<std::pair<std::string, at::Tensor>> named_state(const torch::nn::Module& module);
+
+// Streams the tensors into a new file, one at a time: a non-contiguous tensor is made
+// contiguous (one tensor's worth of extra memory at most), others are written straight
+// from their storage (open_writer picks the writer for options.format). Atomic as every
+// writer is: saving over the very file a model was loaded
+// from in map mode is safe and leaves the loaded model unchanged.
+// Tied weights: every name is stored with its own bytes. A tie by identity (one tensor
+// registered under two names) survives a load, because both names bind the same tensor;
+// distinct tensors that merely share storage come back as separate, equal tensors.
+TENSORMAP_EXPORT void save(const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+          const std::string& path, const SaveOptions& options = {});
+TENSORMAP_EXPORT void save(const torch::nn::Module& module, const std::string& path,
+          const SaveOptions& options = {});
+
+}  // namespace tensormap

@@ -1,0 +1,67 @@
+// Skeletons: models built without weight memory, whose storage is released until a load
+// binds it.
+//
+// The linear-memory recipe:
+//
+//   auto net = tensormap::build_skeleton([] { return MyNet(config); });  // no weight memory
+//   tensormap::load(*net, "model.tmap");  // map mode: parameters point into the file
+//
+// Thread-safety: none of these functions may run concurrently on the same module. The
+// skeleton scope is thread-local: it affects only the thread that opened it.
+//
+// Implementation note: the skeleton scope and released tensors use LibTorch's
+// PrivateUse1 dispatch key. A program that registers its own PrivateUse1 backend cannot
+// use these two features (load and save work regardless).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/nn/module.h>
+
+#include "tensormap/export.h"
+
+namespace tensormap {
+
+// While a SkeletonScope lives on this thread, LibTorch's random initialisers
+// (uniform_, normal_, and so those of torch::nn::init built on them) do nothing, so a
+// model is constructed without writing its weights: fresh allocations are never
+// touched and cost no resident memory. The weights hold garbage until loaded; prefer
+// build_skeleton, which also releases them so that any use before loading throws.
+// Other initialisers (fill_, zero_) still run; they cover only small tensors in
+// torch::nn (biases of norms, running statistics).
+class TENSORMAP_EXPORT SkeletonScope {
+ public:
+  SkeletonScope();
+  ~SkeletonScope();
+  SkeletonScope(const SkeletonScope&) = delete;
+  SkeletonScope& operator=(const SkeletonScope&) = delete;
+
+ private:
+  // The whole thread-local key state, restored exactly on exit. (LibTorch 1.13's
+  // IncludeDispatchKeyGuard leaves the PrivateUse1 backend bit behind when it ends,
+  // which would keep skipping initialisers after the scope.)
+  c10::impl::LocalDispatchKeySet saved_;
+};
+
+// Frees the storage of every parameter and buffer of `module` (recursively). Each tensor
+// keeps its TensorImpl (so module members and parameter dicts stay one object), shape,
+// dtype, device, requires_grad and leaf status. Until the module is loaded, any operation
+// on a released tensor throws c10::Error naming the operator; it never computes on garbage.
+TENSORMAP_EXPORT void release(torch::nn::Module& module);
+
+// True if `tensor` was released and not loaded since.
+TENSORMAP_EXPORT bool is_released(const at::Tensor& tensor);
+
+// Constructs a model with `make()` inside a SkeletonScope, then releases it. `make`
+// returns a module holder (torch::nn::Linear, TORCH_MODULE types) or a shared_ptr.
+template <typename Factory>
+auto build_skeleton(Factory&& make) {
+  auto model = [&] {
+    SkeletonScope scope;
+    return make();
+  }();
+  release(*model);
+  return model;
+}
+
+}  // namespace tensormap

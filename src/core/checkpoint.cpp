@@ -1,0 +1,237 @@
+// tensormap::Checkpoint over one file or a sharded checkpoint; the torch.save archive's
+// source is in torch_save_reader.cpp.
+#include "tensormap/checkpoint.h"
+
+#include <algorithm>
+#include <mutex>
+#include <optional>
+
+#include "mapping.h"
+#include "names.h"
+#include "source.h"
+#include "tensormap/error.h"
+#include "tensormap/sharded.h"
+
+namespace tensormap {
+namespace detail {
+namespace {
+
+constexpr size_t kHeadBytes = 72;
+
+Checkpoint::Info info_of(const TensorEntry& e) {
+  // Validation guarantees every dimension is below 2^63.
+  return {e.dtype, std::vector<int64_t>(e.dims.begin(), e.dims.begin() + e.rank), e.byte_length};
+}
+
+// Copies elements [start, start + length) along `dim` of a contiguous tensor of `file`
+// into `dest` with pread: one read when they are one contiguous range, one per row
+// otherwise. Sizes come from a validated entry, so none of these products overflows.
+void read_part(const File& file, const TensorEntry& e, int64_t dim, int64_t start, int64_t length, void* dest) {
+  uint64_t outer = 1, inner = dtype_size(e.dtype);
+  for (int64_t d = 0; d < dim; ++d) outer *= e.dims[static_cast<size_t>(d)];
+  for (size_t d = static_cast<size_t>(dim) + 1; d < e.rank; ++d) inner *= e.dims[d];
+  const uint64_t first = static_cast<uint64_t>(start) * inner, bytes = static_cast<uint64_t>(length) * inner;
+  if (outer == 1 || length == 0) {
+    file.read(e, first, dest, bytes);
+    return;
+  }
+  file.read_rows(e, first, e.dims[static_cast<size_t>(dim)] * inner, bytes, outer, dest);
+}
+
+Checkpoint::Placement placement_of(const File& file, const TensorEntry& e) {
+  std::vector<int64_t> strides(e.rank);
+  int64_t stride = 1;
+  for (size_t d = e.rank; d-- > 0;) {
+    strides[d] = stride;
+    stride *= static_cast<int64_t>(e.dims[d]);
+  }
+  return {file.cow_data(e), e.byte_length, 0, std::move(strides), file.keep_alive(), &file, &e};
+}
+
+struct FileSource final : Source {
+  explicit FileSource(File f) : file(std::move(f)) {
+    path = file.path();
+    names.reserve(file.tensors().size());
+    for (const auto& e : file.tensors()) names.emplace_back(e.name);
+    index_names();
+  }
+  CheckpointFormat format() const override {
+    return file.format() == Format::Safetensors ? CheckpointFormat::Safetensors : CheckpointFormat::Tensormap;
+  }
+  const TensorEntry& entry(size_t i) const { return file.tensors()[i]; }
+  Checkpoint::Info info(size_t i) const override { return info_of(entry(i)); }
+  void read(size_t i, void* dest) const override { file.read(entry(i), 0, dest, entry(i).byte_length); }
+  void read_slice(size_t i, int64_t dim, int64_t start, int64_t length, void* dest) const override {
+    read_part(file, entry(i), dim, start, length, dest);
+  }
+  void evict(size_t i) const override { file.evict(entry(i)); }
+  Checkpoint::Placement placement(size_t i) const override { return placement_of(file, entry(i)); }
+  std::vector<std::pair<std::string, std::string>> metadata() const override {
+    std::vector<std::pair<std::string, std::string>> out;
+    for (const auto& [k, v] : file.metadata()) out.emplace_back(k, v);
+    return out;
+  }
+  std::vector<File> files() const override { return {file}; }
+  File file;
+};
+
+// A sharded checkpoint: the index names every tensor; a shard is opened the first time
+// one of its tensors is asked for, and checked against the index then.
+struct ShardedSource final : Source {
+  explicit ShardedSource(ShardIndex i) : index(std::move(i)), shards(index.shard_files().size()) {
+    path = index.path();
+    for (const auto& [name, shard] : index.weight_map()) names.push_back(name);
+    index_names();
+    once = std::vector<std::once_flag>(shards.size());
+  }
+
+  const File& shard(uint32_t s) const {
+    std::call_once(once[s], [&] { shards[s] = File::open(index.shard_path(s)); });
+    return *shards[s];
+  }
+  // The shard of tensor i and the tensor's entry in it.
+  std::pair<const File*, const TensorEntry*> locate(size_t i) const {
+    const uint32_t s = index.weight_map()[i].second;
+    const File& f = shard(s);
+    const TensorEntry* entry = f.find(names[i]);
+    if (!entry) {
+      throw Error(ErrorKind::ShardIndexInvalid, index.path() + ": tensor " + quoted(names[i]) +
+                                                    " is mapped to shard " + quoted(index.shard_files()[s]) +
+                                                    ", which does not contain it");
+    }
+    return {&f, entry};
+  }
+
+  CheckpointFormat format() const override {
+    bool safetensors = false;
+    if (index.shard_files().empty()) {
+      const std::string suffix = ".safetensors.index.json";
+      safetensors = path.size() >= suffix.size() && path.compare(path.size() - suffix.size(), suffix.size(), suffix) == 0;
+    } else {
+      safetensors = shard(0).format() == Format::Safetensors;
+    }
+    return safetensors ? CheckpointFormat::ShardedSafetensors : CheckpointFormat::ShardedTensormap;
+  }
+  Checkpoint::Info info(size_t i) const override { return info_of(*locate(i).second); }
+  void read(size_t i, void* dest) const override {
+    const auto [f, e] = locate(i);
+    f->read(*e, 0, dest, e->byte_length);
+  }
+  void read_slice(size_t i, int64_t dim, int64_t start, int64_t length, void* dest) const override {
+    const auto [f, e] = locate(i);
+    read_part(*f, *e, dim, start, length, dest);
+  }
+  void evict(size_t i) const override {
+    const auto [f, e] = locate(i);
+    f->evict(*e);
+  }
+  Checkpoint::Placement placement(size_t i) const override {
+    const auto [f, e] = locate(i);
+    return placement_of(*f, *e);
+  }
+  std::vector<File> files() const override {
+    std::vector<File> out;
+    for (uint32_t s = 0; s < shards.size(); ++s) out.push_back(shard(s));
+    return out;
+  }
+
+  ShardIndex index;
+  mutable std::vector<std::optional<File>> shards;
+  mutable std::vector<std::once_flag> once;
+};
+
+}  // namespace
+}  // namespace detail
+
+const char* format_name(CheckpointFormat format) {
+  switch (format) {
+    case CheckpointFormat::Tensormap: return "tensormap";
+    case CheckpointFormat::Safetensors: return "safetensors";
+    case CheckpointFormat::ShardedTensormap: return "sharded tensormap";
+    case CheckpointFormat::ShardedSafetensors: return "sharded safetensors";
+    case CheckpointFormat::TorchSave: return "torch.save";
+  }
+  return "unknown";
+}
+
+bool is_sharded(CheckpointFormat format) {
+  return format == CheckpointFormat::ShardedTensormap || format == CheckpointFormat::ShardedSafetensors;
+}
+
+CheckpointFormat detect_format(const std::string& path) { return Checkpoint::open(path).format(); }
+
+Checkpoint Checkpoint::open(const std::string& path) {
+  auto mapping = std::make_shared<const detail::Mapping>(path);
+  unsigned char head[detail::kHeadBytes] = {};
+  const auto head_size = static_cast<size_t>(std::min<uint64_t>(mapping->size(), sizeof head));
+  mapping->read(0, head, head_size, "the first bytes");
+  switch (detail::detect(head, head_size, mapping->size())) {
+    case detail::Detected::TorchSave:
+      return Checkpoint(detail::open_torch_save(std::move(mapping)));
+    case detail::Detected::ShardIndex: {
+      if (mapping->size() > kMaxShardIndexBytes) {
+        throw Error(ErrorKind::ShardIndexInvalid, path + ": index is " + std::to_string(mapping->size()) +
+                                                      " bytes, more than an index can be");
+      }
+      std::string text(static_cast<size_t>(mapping->size()), '\0');
+      mapping->read(0, text.data(), text.size(), "the index");
+      return Checkpoint(std::make_shared<detail::ShardedSource>(ShardIndex::parse(text, path)));
+    }
+    default:
+      return Checkpoint(detail::open_file(std::move(mapping)));
+  }
+}
+
+Checkpoint::Checkpoint(File file) : source_(std::make_shared<detail::FileSource>(std::move(file))) {}
+Checkpoint::Checkpoint(std::shared_ptr<const detail::Source> source) : source_(std::move(source)) {}
+
+const std::string& Checkpoint::path() const { return source_->path; }
+CheckpointFormat Checkpoint::format() const { return source_->format(); }
+size_t Checkpoint::size() const { return source_->size(); }
+bool Checkpoint::empty() const { return source_->size() == 0; }
+bool Checkpoint::contains(std::string_view name) const { return source_->find(name).has_value(); }
+const std::vector<std::string>& Checkpoint::keys() const { return source_->names; }
+std::vector<std::pair<std::string, std::string>> Checkpoint::metadata() const { return source_->metadata(); }
+std::vector<std::pair<std::string, std::string>> Checkpoint::skipped() const { return source_->skipped(); }
+std::vector<File> Checkpoint::files() const { return source_->files(); }
+
+size_t Checkpoint::index_of(std::string_view name) const {
+  if (const auto i = source_->find(name)) return *i;
+  throw Error(ErrorKind::NotFound, source_->path + ": no tensor named " + detail::quoted(name) + " in this " +
+                                       format_name(source_->format()) + " checkpoint (" +
+                                       std::to_string(source_->size()) + " tensors)");
+}
+
+Checkpoint::Info Checkpoint::info(std::string_view name) const { return source_->info(index_of(name)); }
+void Checkpoint::read(std::string_view name, void* dest) const { source_->read(index_of(name), dest); }
+void Checkpoint::evict(std::string_view name) const { source_->evict(index_of(name)); }
+Checkpoint::Placement Checkpoint::placement(std::string_view name) const {
+  return source_->placement(index_of(name));
+}
+
+void Checkpoint::read(std::string_view name, int64_t dim, int64_t start, int64_t length, void* dest) const {
+  dim = checked_slice(name, dim, start, length);
+  source_->read_slice(index_of(name), dim, start, length, dest);
+}
+
+int64_t Checkpoint::checked_slice(std::string_view name, int64_t dim, int64_t start, int64_t length) const {
+  const Info info = source_->info(index_of(name));
+  const auto rank = static_cast<int64_t>(info.shape.size());
+  auto refuse = [&](const std::string& why) {
+    return Error(ErrorKind::InvalidArgument, source_->path + ": cannot slice tensor " + detail::quoted(name) +
+                                                 ": " + why);
+  };
+  if (dim < -rank || dim >= rank || rank == 0) {
+    throw refuse("dimension " + std::to_string(dim) + " is out of range for rank " + std::to_string(rank));
+  }
+  if (dim < 0) dim += rank;
+  const int64_t size = info.shape[static_cast<size_t>(dim)];
+  if (start < 0 || length < 0 || start > size || length > size - start) {
+    throw refuse("elements [" + std::to_string(start) + ", " + std::to_string(start) + " + " +
+                 std::to_string(length) + ") are not within dimension " + std::to_string(dim) +
+                 " of size " + std::to_string(size));
+  }
+  return dim;
+}
+
+}  // namespace tensormap

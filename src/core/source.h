@@ -1,0 +1,56 @@
+// What a Checkpoint reads from: one implementation per kind of checkpoint (checkpoint.cpp:
+// a file and a sharded checkpoint; torch_save_reader.cpp: a torch.save archive). Internal
+// to the core.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "tensormap/checkpoint.h"
+
+namespace tensormap::detail {
+
+struct Source {
+  virtual ~Source() = default;
+  virtual CheckpointFormat format() const = 0;
+  virtual Checkpoint::Info info(size_t i) const = 0;
+  // Tensor i's bytes, contiguous, into `dest`.
+  virtual void read(size_t i, void* dest) const = 0;
+  // Elements [start, start + length) of tensor i along `dim` (checked by the caller).
+  virtual void read_slice(size_t i, int64_t dim, int64_t start, int64_t length, void* dest) const = 0;
+  virtual void evict(size_t) const {}
+  virtual Checkpoint::Placement placement(size_t i) const = 0;
+  virtual std::vector<std::pair<std::string, std::string>> metadata() const { return {}; }
+  virtual std::vector<std::pair<std::string, std::string>> skipped() const { return {}; }
+  virtual std::vector<File> files() const { return {}; }
+
+  size_t size() const { return names.size(); }
+  std::optional<size_t> find(std::string_view name) const {
+    const auto it = positions.find(name);
+    return it == positions.end() ? std::nullopt : std::optional<size_t>(it->second);
+  }
+  // Fills `positions` from `names`. REQUIRES: names complete and unique.
+  void index_names() {
+    positions.reserve(names.size());
+    for (size_t i = 0; i < names.size(); ++i) positions.emplace(names[i], i);
+  }
+
+  std::string path;
+  std::vector<std::string> names;
+  std::unordered_map<std::string_view, size_t> positions;
+};
+
+// A torch.save archive. Defined in torch_save_reader.cpp.
+class Mapping;
+std::shared_ptr<const Source> open_torch_save(std::shared_ptr<const Mapping> file);
+
+// What the first bytes of a file say it is (detect.cpp).
+enum class Detected { Tensormap, Safetensors, ShardIndex, TorchSave };
+// `head`: the file's first bytes (up to 72); `file_size`: its whole size.
+Detected detect(const unsigned char* head, size_t head_size, uint64_t file_size);
+
+}  // namespace tensormap::detail

@@ -1,0 +1,303 @@
+// Checkpoint: every format read without LibTorch, format detection, the torch.save
+// archive's zip and pickle, the torch.save writer, and the dtype conversions of convert.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "../../src/core/pickle.h"
+#include "support.h"
+#include "tensormap/core.h"
+
+namespace tensormap {
+namespace {
+
+using testing::read_bytes;
+using testing::TempDir;
+using testing::write_bytes;
+
+const std::string kTorchFixtures = TENSORMAP_FIXTURES_DIR "/torch_save/";
+
+template <typename T>
+std::vector<T> read_as(const Checkpoint& c, const std::string& name) {
+  std::vector<T> out(c.info(name).byte_length / sizeof(T));
+  c.read(name, out.data());
+  return out;
+}
+
+// A safetensors file holding one U8 tensor "a" = {7}, its JSON header padded with spaces
+// to exactly `header_length` bytes.
+std::vector<unsigned char> safetensors_with_header_length(uint64_t header_length) {
+  std::string json = R"({"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}})";
+  json.resize(header_length, ' ');
+  std::vector<unsigned char> bytes(8);
+  std::memcpy(bytes.data(), &header_length, 8);
+  bytes.insert(bytes.end(), json.begin(), json.end());
+  bytes.push_back(7);
+  return bytes;
+}
+
+TEST(Detection, ASafetensorsHeaderLengthThatReadsAsJsonIsStillSafetensors) {
+  TempDir dir;
+  // 123 is '{'; 0x7B20 reads as " {": both once made the file look like a shard index.
+  for (const uint64_t length : {uint64_t{123}, uint64_t{0x7B20}, uint64_t{0x207B}}) {
+    const std::string path = dir.file("m.safetensors");
+    write_bytes(path, safetensors_with_header_length(length));
+    const Checkpoint c = Checkpoint::open(path);
+    EXPECT_EQ(c.format(), CheckpointFormat::Safetensors) << length;
+    ASSERT_EQ(c.keys(), std::vector<std::string>{"a"}) << length;
+    EXPECT_EQ(read_as<uint8_t>(c, "a"), std::vector<uint8_t>{7});
+    EXPECT_EQ(File::open(path).format(), Format::Safetensors);
+  }
+}
+
+TEST(Detection, EachFormatIsRecognisedByContentNotName) {
+  TempDir dir;
+  const std::vector<TensorSpec> specs = {{"w", Dtype::F32, {2, 2}}};
+  const float values[4] = {1, 2, 3, 4};
+  for (const Format format : {Format::Tensormap, Format::Safetensors, Format::TorchSave}) {
+    WriterOptions options;
+    options.format = format;
+    const std::string path = dir.file("no-extension-" + std::string(format_name(format)));
+    const auto writer = open_writer(path, specs, options);
+    writer->write_tensor(values, sizeof values);
+    writer->commit();
+    const Checkpoint c = Checkpoint::open(path);
+    EXPECT_STREQ(format_name(c.format()), format_name(format));
+    EXPECT_EQ(read_as<float>(c, "w"), std::vector<float>(values, values + 4));
+  }
+  WriterOptions sharded;
+  sharded.shard_size = 8;
+  const auto writer = open_writer(dir.file("m.tmap.index.json"), {{"a", Dtype::F32, {2}}, {"b", Dtype::F32, {2}}}, sharded);
+  writer->write_tensor(values, 8);
+  writer->write_tensor(values + 2, 8);
+  writer->commit();
+  const Checkpoint c = Checkpoint::open(dir.file("m.tmap.index.json"));
+  EXPECT_EQ(c.format(), CheckpointFormat::ShardedTensormap);
+  EXPECT_EQ(c.files().size(), 2u);
+  EXPECT_EQ(read_as<float>(c, "b"), std::vector<float>({3, 4}));
+}
+
+TEST(TorchSave, AStateDictIsReadWithoutLibTorch) {
+  const Checkpoint c = Checkpoint::open(kTorchFixtures + "state_dict.pt");
+  EXPECT_EQ(c.format(), CheckpointFormat::TorchSave);
+  EXPECT_EQ(c.keys().front(), "0.weight");
+  const Checkpoint::Info info = c.info("1.num_batches_tracked");
+  EXPECT_EQ(info.dtype, Dtype::I64);
+  EXPECT_TRUE(info.shape.empty());
+  EXPECT_EQ(read_as<int64_t>(c, "1.num_batches_tracked"), std::vector<int64_t>{1});
+  EXPECT_EQ(c.info("0.weight").shape, (std::vector<int64_t>{16, 8}));
+}
+
+TEST(TorchSave, ViewsOfOneStorageReadAsTheirOwnElements) {
+  // storage = arange(24); row = storage[4:8]; matrix_t = storage.view(4, 6).t();
+  // strided = storage[::3]
+  const Checkpoint c = Checkpoint::open(kTorchFixtures + "shared_views.pt");
+  EXPECT_EQ(read_as<float>(c, "row"), std::vector<float>({4, 5, 6, 7}));
+  EXPECT_EQ(read_as<float>(c, "strided"), std::vector<float>({0, 3, 6, 9, 12, 15, 18, 21}));
+  const auto t = read_as<float>(c, "matrix_t");
+  ASSERT_EQ(t.size(), 24u);
+  for (size_t i = 0; i < 6; ++i) {
+    for (size_t j = 0; j < 4; ++j) EXPECT_EQ(t[i * 4 + j], static_cast<float>(j * 6 + i));
+  }
+  // A slice of a transposed view: rows 1..2 of matrix_t, and columns 2..3.
+  std::vector<float> rows(8), columns(12);
+  c.read("matrix_t", 0, 1, 2, rows.data());
+  EXPECT_EQ(rows, std::vector<float>({1, 7, 13, 19, 2, 8, 14, 20}));
+  c.read("matrix_t", 1, 2, 2, columns.data());
+  EXPECT_EQ(columns, std::vector<float>({12, 18, 13, 19, 14, 20, 15, 21, 16, 22, 17, 23}));
+  // Its placement describes the same elements zero-copy.
+  const Checkpoint::Placement p = c.placement("matrix_t");
+  EXPECT_EQ(p.strides, (std::vector<int64_t>{1, 6}));
+  EXPECT_EQ(p.file, nullptr);
+  EXPECT_EQ(p.offset, 0u);
+  EXPECT_EQ(p.storage_bytes, 24 * sizeof(float));
+  EXPECT_EQ(static_cast<const float*>(p.storage)[6], 6.0f);
+  EXPECT_EQ(c.placement("row").storage, p.storage);  // views share their storage
+  EXPECT_EQ(c.placement("row").offset, 4u);
+}
+
+TEST(TorchSave, ATrainingCheckpointListsWhatItSkipped) {
+  const Checkpoint c = Checkpoint::open(kTorchFixtures + "foreign_class.pt");
+  EXPECT_EQ(c.keys(), std::vector<std::string>{"w"});
+  ASSERT_EQ(c.skipped().size(), 1u);
+  EXPECT_EQ(c.skipped()[0].first, "args");
+  EXPECT_EQ(c.skipped()[0].second, "an object made by 'argparse.Namespace' (not executed)");
+}
+
+TEST(TorchSave, TheWriterRoundTripsEveryDtypeAndEmptyTensors) {
+  TempDir dir;
+  std::vector<TensorSpec> specs;
+  for (const Dtype d : kAllDtypes) specs.push_back({std::string(dtype_name(d)), d, {3}});
+  specs.push_back({"empty", Dtype::F32, {0, 4}});
+  specs.push_back({"scalar", Dtype::F64, {}});
+  TorchSaveWriter writer(dir.file("all.pt"), specs);
+  std::vector<std::vector<unsigned char>> written;
+  for (size_t i = 0; i < specs.size(); ++i) {
+    std::vector<unsigned char> bytes(writer.byte_length(i));
+    for (size_t b = 0; b < bytes.size(); ++b) bytes[b] = static_cast<unsigned char>(i * 31 + b);
+    if (bytes.empty()) {
+      // Empty tensors need no call: the writer passes over them.
+    } else if (i % 2) {
+      writer.write_tensor(bytes.data(), bytes.size());
+    } else {  // in pieces
+      for (size_t b = 0; b < bytes.size(); ++b) writer.write(&bytes[b], 1);
+    }
+    written.push_back(std::move(bytes));
+  }
+  writer.commit();
+  const Checkpoint c = Checkpoint::open(dir.file("all.pt"));
+  ASSERT_EQ(c.size(), specs.size());
+  for (size_t i = 0; i < specs.size(); ++i) {
+    EXPECT_EQ(c.keys()[i], specs[i].name);
+    EXPECT_EQ(c.info(specs[i].name).dtype, specs[i].dtype);
+    EXPECT_EQ(read_as<unsigned char>(c, specs[i].name), written[i]) << specs[i].name;
+    // torch.save aligns every record's data to 64 bytes; so do we.
+    if (!written[i].empty()) {
+      EXPECT_EQ(reinterpret_cast<uintptr_t>(c.placement(specs[i].name).storage) % 64, 0u);
+    }
+  }
+}
+
+TEST(TorchSave, AnIncompleteWriteLeavesNothingBehind) {
+  TempDir dir;
+  {
+    TorchSaveWriter writer(dir.file("x.pt"), {{"a", Dtype::F32, {4}}});
+    const float half[2] = {1, 2};
+    writer.write(half, sizeof half);
+    EXPECT_THROW(writer.commit(), Error);
+  }
+  EXPECT_TRUE(std::filesystem::is_empty(dir.path()));
+}
+
+TEST(TorchSave, ArchivesThatLieAboutTheirRecordsAreRefused) {
+  TempDir dir;
+  const auto good = read_bytes(kTorchFixtures + "nested.pt");
+  // Cut anywhere: no end record, or records past the end, never a crash.
+  for (const size_t keep : {size_t{0}, size_t{4}, size_t{100}, good.size() / 2, good.size() - 1}) {
+    write_bytes(dir.file("cut.pt"), std::vector<unsigned char>(good.begin(), good.begin() + static_cast<long>(keep)));
+    EXPECT_THROW(Checkpoint::open(dir.file("cut.pt")), Error) << keep;
+  }
+  // Every byte of the central directory and end record flipped in turn: an Error or a
+  // checkpoint whose every tensor reads, never a crash.
+  for (size_t at = good.size() > 2000 ? good.size() - 2000 : 0; at < good.size(); ++at) {
+    auto bad = good;
+    bad[at] ^= 0xFF;
+    write_bytes(dir.file("bad.pt"), bad);
+    try {
+      const Checkpoint c = Checkpoint::open(dir.file("bad.pt"));
+      for (const std::string& name : c.keys()) {
+        std::vector<unsigned char> out(c.info(name).byte_length);
+        c.read(name, out.data());
+      }
+    } catch (const Error&) {
+    }
+  }
+}
+
+// Every input a fuzzer found crashing the unpickler stays here: each must now be refused
+// with an Error, never crash.
+TEST(TorchSave, InputsThatOnceCrashedTheUnpicklerAreRefusedCleanly) {
+  const std::filesystem::path dir = TENSORMAP_FIXTURES_DIR "/../fuzz/regressions";
+  int seen = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+    if (entry.path().filename().string().rfind("torch_pickle-", 0) != 0) continue;
+    const auto bytes = read_bytes(entry.path().string());
+    auto check = [](const std::string&, uint64_t size) {
+      if (size > (1 << 16)) throw Error(ErrorKind::UnsupportedArchive, "too large");
+    };
+    EXPECT_THROW(detail::unpickle(bytes.data(), bytes.size(), check, entry.path().string()), Error)
+        << entry.path();
+    ++seen;
+  }
+  EXPECT_GE(seen, 1);
+}
+
+uint16_t f32_to(Dtype to, float value) {
+  uint16_t out;
+  convert_floats(Dtype::F32, &value, to, &out, 1);
+  return out;
+}
+
+TEST(DtypeConversion, FloatsRoundToNearestEvenAsLibTorchDoes) {
+  EXPECT_EQ(f32_to(Dtype::F16, 1.0f), 0x3C00);
+  EXPECT_EQ(f32_to(Dtype::F16, 65504.0f), 0x7BFF);
+  EXPECT_EQ(f32_to(Dtype::F16, 65519.0f), 0x7BFF);  // below the halfway point to 65536
+  EXPECT_EQ(f32_to(Dtype::F16, 65520.0f), 0x7C00);  // halfway: to even, infinity
+  EXPECT_EQ(f32_to(Dtype::F16, -INFINITY), 0xFC00);
+  EXPECT_EQ(f32_to(Dtype::F16, std::ldexp(1.0f, -24)), 0x0001);  // least subnormal
+  EXPECT_EQ(f32_to(Dtype::F16, std::ldexp(1.0f, -25)), 0x0000);  // halfway: to even, zero
+  EXPECT_EQ(f32_to(Dtype::F16, std::ldexp(3.0f, -25)), 0x0002);  // 1.5 ulp: to even, 2
+  EXPECT_EQ(f32_to(Dtype::F16, 1.0f + std::ldexp(1.0f, -11)), 0x3C00);  // halfway: to even
+  EXPECT_EQ(f32_to(Dtype::F16, 1.0f + std::ldexp(3.0f, -11)), 0x3C02);
+  EXPECT_EQ(f32_to(Dtype::F16, NAN) & 0x7E00, 0x7E00);
+  EXPECT_EQ(f32_to(Dtype::BF16, 1.0f), 0x3F80);
+  EXPECT_EQ(f32_to(Dtype::BF16, 1.0f + std::ldexp(1.0f, -8)), 0x3F80);  // halfway: to even
+  EXPECT_EQ(f32_to(Dtype::BF16, 1.0f + std::ldexp(3.0f, -8)), 0x3F82);
+  EXPECT_EQ(f32_to(Dtype::BF16, NAN), 0x7FC0);
+  // Back: every F16 value is exact in F32 and F64.
+  for (uint32_t h = 0; h < 0x10000; ++h) {
+    const auto half = static_cast<uint16_t>(h);
+    float f;
+    double d;
+    convert_floats(Dtype::F16, &half, Dtype::F32, &f, 1);
+    convert_floats(Dtype::F16, &half, Dtype::F64, &d, 1);
+    if (std::isnan(f)) continue;
+    EXPECT_EQ(f32_to(Dtype::F16, f), half) << h;
+    EXPECT_EQ(static_cast<double>(f), d);
+  }
+  EXPECT_THROW(convert_floats(Dtype::I32, nullptr, Dtype::F32, nullptr, 0), Error);
+}
+
+TEST(DtypeConversion, EveryRealDtypeWidensToDouble) {
+  const int8_t i8 = -3;
+  const uint64_t u64 = 1ull << 40;
+  const uint8_t e4m3 = 0x38, e5m2 = 0x3C, e4m3_nan = 0x7F;  // 1.0, 1.0, NaN
+  double d = 0;
+  ASSERT_TRUE(to_f64(Dtype::I8, &i8, &d, 1));
+  EXPECT_EQ(d, -3.0);
+  ASSERT_TRUE(to_f64(Dtype::U64, &u64, &d, 1));
+  EXPECT_EQ(d, std::ldexp(1.0, 40));
+  ASSERT_TRUE(to_f64(Dtype::F8_E4M3, &e4m3, &d, 1));
+  EXPECT_EQ(d, 1.0);
+  ASSERT_TRUE(to_f64(Dtype::F8_E5M2, &e5m2, &d, 1));
+  EXPECT_EQ(d, 1.0);
+  ASSERT_TRUE(to_f64(Dtype::F8_E4M3, &e4m3_nan, &d, 1));
+  EXPECT_TRUE(std::isnan(d));
+  const float c64[2] = {1, 2};
+  EXPECT_FALSE(to_f64(Dtype::C64, c64, &d, 1));
+}
+
+TEST(Errors, EveryKindHasOneNameThatReadsBackAndAGroup) {
+  int rules = 0;
+  for (int k = 0; k <= static_cast<int>(ErrorKind::LibTorch); ++k) {
+    const auto kind = static_cast<ErrorKind>(k);
+    const std::string name = error_kind_name(kind);
+    EXPECT_NE(name, "Unknown") << k;
+    EXPECT_EQ(error_kind_from_name(name), kind) << name;
+    rules += error_group(kind) == ErrorGroup::FormatRule;
+  }
+  EXPECT_EQ(rules, 20);  // spec/FORMAT.md's rules, one kind each
+  EXPECT_EQ(error_group(ErrorKind::SafetensorsBadJson), ErrorGroup::SafetensorsRule);
+  EXPECT_EQ(error_group(ErrorKind::UnsupportedArchive), ErrorGroup::Checkpoint);
+  EXPECT_EQ(error_group(ErrorKind::NotFound), ErrorGroup::Operation);
+  EXPECT_FALSE(error_kind_from_name("NoSuchKind").has_value());
+}
+
+TEST(Errors, NotFoundNamesTheCheckpoint) {
+  const Checkpoint c = Checkpoint::open(kTorchFixtures + "nested.pt");
+  try {
+    c.info("no.such\ntensor");
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::NotFound);
+    EXPECT_NE(std::string(e.what()).find("nested.pt: no tensor named 'no.such\\x0atensor'"), std::string::npos)
+        << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace tensormap
