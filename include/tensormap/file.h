@@ -35,6 +35,14 @@ class Mapping;
 File open_file(std::shared_ptr<const Mapping> mapping);
 }  // namespace detail
 
+// The system's page size: what mappings and evictions round to.
+TENSORMAP_EXPORT uint64_t page_size();
+
+// Whether `count` mappings of their own (File::map_region, ViewMapping::Own) fit the
+// budget of one process: a quarter of the kernel's limit, vm.max_map_count, read afresh at
+// each call (a sysctl can change while a process runs; reading it costs microseconds).
+TENSORMAP_EXPORT bool own_mappings_fit(size_t count);
+
 // "tensormap", "safetensors" or "torch.save".
 TENSORMAP_EXPORT const char* format_name(Format format);
 

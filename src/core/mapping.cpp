@@ -9,18 +9,33 @@
 #include <boost/interprocess/file_mapping.hpp>
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 
 #include "posix_io.h"
 #include "tensormap/error.h"
 
-namespace tensormap::detail {
-
-namespace bip = boost::interprocess;
+namespace tensormap {
 
 uint64_t page_size() {
   static const auto size = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
   return size;
 }
+
+bool own_mappings_fit(size_t count) {
+  long max_maps = 65530;  // the kernel's default
+  if (FILE* f = std::fopen("/proc/sys/vm/max_map_count", "r")) {
+    if (std::fscanf(f, "%ld", &max_maps) != 1) max_maps = 65530;
+    std::fclose(f);
+  }
+  return count <= static_cast<size_t>(std::max(0L, max_maps)) / 4;
+}
+
+}  // namespace tensormap
+
+namespace tensormap::detail {
+
+namespace bip = boost::interprocess;
+
 
 Mapping::Mapping(const std::string& path) : path_(path) {
   struct stat st {};

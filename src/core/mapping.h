@@ -7,6 +7,8 @@
 #include <memory>
 #include <string>
 
+#include "tensormap/file.h"
+
 namespace tensormap::detail {
 
 class Mapping {
@@ -54,6 +56,6 @@ class Mapping {
   int fd_ = -1;  // for read(): the same file as the mapping, opened before it
 };
 
-uint64_t page_size();
+using tensormap::page_size;  // file.h
 
 }  // namespace tensormap::detail

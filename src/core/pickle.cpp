@@ -216,16 +216,9 @@ class Unpickler {
     return at;
   }
   unsigned char byte() { return *bytes(1); }
-  uint16_t u16() {
-    const unsigned char* b = bytes(2);
-    return static_cast<uint16_t>(b[0] | (b[1] << 8));
-  }
-  uint32_t u32() {
-    const unsigned char* b = bytes(4);
-    return static_cast<uint32_t>(b[0]) | (static_cast<uint32_t>(b[1]) << 8) |
-           (static_cast<uint32_t>(b[2]) << 16) | (static_cast<uint32_t>(b[3]) << 24);
-  }
-  uint64_t u64() { return u32() | (static_cast<uint64_t>(u32()) << 32); }
+  uint16_t u16() { return load_le<uint16_t>(bytes(2)); }
+  uint32_t u32() { return load_le<uint32_t>(bytes(4)); }
+  uint64_t u64() { return load_le<uint64_t>(bytes(8)); }
   std::string line() {
     const auto* nl = static_cast<const unsigned char*>(std::memchr(p_, '\n', static_cast<size_t>(end_ - p_)));
     if (!nl) fail("GLOBAL without a newline");

@@ -217,7 +217,7 @@ class OneRankLoad {
     //    share too: its parts and replicated tensors as a rank of a parallel load takes
     //    them, the others' parts read with pread into a buffer that lives until sent.
     at::NoGradGuard no_grad;
-    const ViewMapping mapping = detail::own_mappings_fit(static_cast<size_t>(count)) ? ViewMapping::Own : ViewMapping::File;
+    const ViewMapping mapping = own_mappings_fit(static_cast<size_t>(count)) ? ViewMapping::Own : ViewMapping::File;
     at::Tensor send_buffer = at::empty({0}, at::kByte);  // one for every part sent: no heap churn
     for (int64_t i = 0; i < count; ++i) {
       if (!loadable[i].item<int64_t>()) continue;

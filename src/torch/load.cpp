@@ -31,10 +31,7 @@ std::string shape_string(at::IntArrayRef sizes) {
   return out.str();
 }
 
-uintptr_t page_bytes() {
-  static const auto page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
-  return page;
-}
+uintptr_t page_bytes() { return static_cast<uintptr_t>(page_size()); }
 
 // The addresses of a tensor's bytes, from the start of the page holding the first.
 struct PageSpan {
@@ -222,17 +219,6 @@ LoadPlan plan_load(const torch::nn::Module& module, const StateDict& state, cons
                                               report.summary());
   }
   return plan;
-}
-
-bool own_mappings_fit(size_t count) {
-  // Read at every load, not cached: the limit is a sysctl that can change while a
-  // process runs, and reading it costs microseconds against a load's milliseconds.
-  long max_maps = 65530;  // the kernel's default
-  if (FILE* f = std::fopen("/proc/sys/vm/max_map_count", "r")) {
-    if (std::fscanf(f, "%ld", &max_maps) != 1) max_maps = 65530;
-    std::fclose(f);
-  }
-  return count <= static_cast<size_t>(std::max(0L, max_maps)) / 4;
 }
 
 void load_binding(LoadPlan::Binding& b, const StateDict& state, LoadMode mode, ViewMapping mapping,

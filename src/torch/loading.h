@@ -58,10 +58,6 @@ LoadPlan plan_load(const torch::nn::Module& module, const StateDict& state, cons
 // Carries out a plan: binds (map) or copies (copy) each tensor, and returns the report.
 LoadReport apply_load(LoadPlan plan, const StateDict& state, const LoadOptions& options);
 
-// Whether a rank may map `count` tensors each on its own (ViewMapping::Own): while they
-// stay within a quarter of the kernel's limit on mappings per process (vm.max_map_count).
-bool own_mappings_fit(size_t count);
-
 // Loads one binding: in copy mode, a pread straight into the target's own memory; in map
 // mode, the tensor or part as StateDict::at or slice gives it (a view in `mapping`, read
 // ahead exactly with MADV_WILLNEED first if `read_ahead`), bound to the target.
