@@ -43,12 +43,16 @@ PageSpan pages_of(const at::Tensor& t) {
   return {data & ~(page_bytes() - 1), data + t.nbytes()};
 }
 
+// Names are quoted: an unexpected name comes from the file, which may hold any bytes. A
+// mismatch line ("name: why") names a tensor both sides have, and is shown as it is.
 void append_list(std::ostringstream& out, const char* what, const std::vector<std::string>& items,
-                 bool& first) {
+                 bool& first, bool names = true) {
   if (items.empty()) return;
   constexpr size_t kShown = 8;
   out << (first ? "" : "; ") << items.size() << " " << what << " (";
-  for (size_t i = 0; i < items.size() && i < kShown; ++i) out << (i ? ", " : "") << items[i];
+  for (size_t i = 0; i < items.size() && i < kShown; ++i) {
+    out << (i ? ", " : "") << (names ? quoted_name(items[i]) : items[i]);
+  }
   if (items.size() > kShown) out << ", and " << items.size() - kShown << " more";
   out << ")";
   first = false;
@@ -288,7 +292,7 @@ std::string LoadReport::summary() const {
   bool first = true;
   append_list(out, "missing from the file", missing, first);
   append_list(out, "unexpected in the file", unexpected, first);
-  append_list(out, "mismatched", mismatched, first);
+  append_list(out, "mismatched", mismatched, first, /*names=*/false);
   if (first) out << loaded.size() << " tensors loaded, no problems";
   return out.str();
 }

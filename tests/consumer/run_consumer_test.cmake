@@ -23,4 +23,13 @@ step("${WORK_DIR}/build/consumer" "${WORK_DIR}/out.tmap")
 if(EXISTS "${WORK_DIR}/build/consumer_torch")
   step("${WORK_DIR}/build/consumer_torch" "${WORK_DIR}/out_torch.tmap")
 endif()
-message(STATUS "consumer project built and ran against ${prefix}")
+# The core needs no LibTorch: the same project, with LibTorch made unfindable, builds and
+# runs its core program.
+step(${CMAKE_COMMAND} -S "${SOURCE_DIR}/tests/consumer" -B "${WORK_DIR}/build-core-only" -G "${GENERATOR}"
+     "-DCMAKE_PREFIX_PATH=${prefix}" -DCMAKE_DISABLE_FIND_PACKAGE_Torch=ON)
+step(${CMAKE_COMMAND} --build "${WORK_DIR}/build-core-only")
+if(EXISTS "${WORK_DIR}/build-core-only/consumer_torch")
+  message(FATAL_ERROR "without LibTorch, the package still offered the LibTorch layer")
+endif()
+step("${WORK_DIR}/build-core-only/consumer" "${WORK_DIR}/out-core-only.tmap")
+message(STATUS "consumer project built and ran against ${prefix}, with and without LibTorch")

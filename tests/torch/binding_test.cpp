@@ -384,8 +384,8 @@ TEST(LoadStrict, OneErrorListsEveryProblemAndNothingIsLoaded) {
   } catch (const Error& e) {
     EXPECT_EQ(e.kind(), ErrorKind::ModelMismatch);
     const std::string m = e.what();
-    EXPECT_NE(m.find("1 missing from the file (bias)"), std::string::npos) << m;
-    EXPECT_NE(m.find("1 unexpected in the file (extra)"), std::string::npos) << m;
+    EXPECT_NE(m.find("1 missing from the file ('bias')"), std::string::npos) << m;
+    EXPECT_NE(m.find("1 unexpected in the file ('extra')"), std::string::npos) << m;
     EXPECT_NE(m.find("weight: shape [4, 3] in the model, [4, 5] in the file"), std::string::npos) << m;
   }
   EXPECT_TRUE(torch::equal(lin->weight, before));
