@@ -1,6 +1,6 @@
 // tensormap::File: an opened, validated checkpoint file, mapped copy-on-write.
 //
-// File::open maps the whole file privately (MAP_PRIVATE through Boost.Interprocess),
+// File::open opens the file once and maps that descriptor privately (MAP_PRIVATE),
 // recognises its format by its content (a tensormap file, or a safetensors file) and
 // checks every rule of that format before it returns (spec/FORMAT.md rules 1 to 20;
 // spec/SAFETENSORS.md), so any File that exists describes a well-formed file. Opening reads only the header: its cost

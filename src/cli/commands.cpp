@@ -64,8 +64,12 @@ uint64_t parse_size(const std::string& text) {
   else if (unit == "M" || unit == "MiB") scale = 1024.0 * 1024;
   else if (unit == "G" || unit == "GiB") scale = 1024.0 * 1024 * 1024;
   else if (!unit.empty() && unit != "B") throw UsageError("--shard-size " + text + ": unknown unit '" + unit + "'");
-  if (!(value > 0)) throw UsageError("--shard-size " + text + ": must be positive");
-  return static_cast<uint64_t>(value * scale);
+  const double bytes = value * scale;
+  // NaN and infinity fail the first test; 2^63 bytes is more than any file can hold.
+  if (!(bytes >= 1) || !(bytes < 9223372036854775808.0)) {
+    throw UsageError("--shard-size " + text + ": expected a size of at least 1 byte and below 2^63 bytes");
+  }
+  return static_cast<uint64_t>(bytes);
 }
 
 int convert(const std::string& in, const std::string& out, const ConvertArguments& options,

@@ -6,7 +6,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <boost/interprocess/file_mapping.hpp>
 #include <algorithm>
 #include <cerrno>
 #include <cstdio>
@@ -34,34 +33,37 @@ bool own_mappings_fit(size_t count) {
 
 namespace tensormap::detail {
 
-namespace bip = boost::interprocess;
 
 
 Mapping::Mapping(const std::string& path) : path_(path) {
-  struct stat st {};
-  if (::stat(path.c_str(), &st) != 0) throw_io(path, "cannot open", errno);
-  if (S_ISDIR(st.st_mode)) throw Error(ErrorKind::Io, path + ": is a directory, not a file");
-  if (!S_ISREG(st.st_mode)) throw Error(ErrorKind::Io, path + ": is not a regular file");
-  fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // One descriptor for everything: the checks, the mapping and every pread see the same
+  // file even if the path is replaced meanwhile (as every tensormap writer replaces it).
+  // O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just below.
+  fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd_ < 0) throw_io(path, "cannot open", errno);
+  struct stat st {};
   if (::fstat(fd_, &st) != 0) {
     const int err = errno;
     ::close(fd_);
     throw_io(path, "cannot stat", err);
   }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd_);
+    throw Error(ErrorKind::Io, path + (S_ISDIR(st.st_mode) ? ": is a directory, not a file" : ": is not a regular file"));
+  }
   size_ = static_cast<uint64_t>(st.st_size);
   if (size_ == 0) return;  // nothing to map; readers report the file as too small
-  try {
-    bip::file_mapping file(path.c_str(), bip::read_only);
-    region_ = bip::mapped_region(file, bip::copy_on_write, 0, static_cast<size_t>(size_));
-  } catch (const bip::interprocess_exception& e) {
+  void* base = ::mmap(nullptr, static_cast<size_t>(size_), PROT_READ | PROT_WRITE, MAP_PRIVATE, fd_, 0);
+  if (base == MAP_FAILED) {
+    const int err = errno;
     ::close(fd_);
-    throw Error(ErrorKind::Io, path + ": cannot map the file: " + e.what());
+    throw_io(path, "cannot map the file", err);
   }
-  base_ = static_cast<unsigned char*>(region_.get_address());
+  base_ = static_cast<unsigned char*>(base);
 }
 
 Mapping::~Mapping() {
+  if (base_) ::munmap(base_, static_cast<size_t>(size_));
   if (fd_ >= 0) ::close(fd_);
 }
 
@@ -108,7 +110,6 @@ std::shared_ptr<void> Mapping::map_range(uint64_t offset, uint64_t size, const s
   if (reserve == MAP_FAILED) throw_io(path_, "cannot reserve addresses to map " + what, errno);
   const auto low = reinterpret_cast<uint64_t>(reserve);
   const uint64_t at = low + ((begin % kTableSpan) + kTableSpan - (low % kTableSpan)) % kTableSpan;
-  // Boost.Interprocess maps by path only; this must map the file already open.
   void* start = ::mmap(reinterpret_cast<void*>(at), static_cast<size_t>(length), PROT_READ | PROT_WRITE,
                        MAP_PRIVATE | MAP_FIXED, fd_, static_cast<off_t>(begin));
   if (start == MAP_FAILED) {

@@ -1,8 +1,7 @@
-// A whole file mapped privately (copy-on-write) through Boost.Interprocess. Internal to
-// the core: every reader of every format sits on one of these.
+// A whole file opened once and mapped privately (copy-on-write) from that descriptor.
+// Internal to the core: every reader of every format sits on one of these.
 #pragma once
 
-#include <boost/interprocess/mapped_region.hpp>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -50,10 +49,9 @@ class Mapping {
 
  private:
   std::string path_;
-  boost::interprocess::mapped_region region_;
   unsigned char* base_ = nullptr;
   uint64_t size_ = 0;
-  int fd_ = -1;  // for read(): the same file as the mapping, opened before it
+  int fd_ = -1;  // the one descriptor: mapped, read with pread, mapped again by map_range
 };
 
 using tensormap::page_size;  // file.h

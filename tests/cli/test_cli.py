@@ -204,6 +204,17 @@ def test_the_cli_is_the_core_only_fast_and_small(tmp):
                   code == 0 and kib < 48 * 1024, probe.stderr)
 
 
+def test_shard_size_must_be_a_size(tmp):
+    source = os.path.join(VALID, "all_dtypes.tmap")
+    for bad in ("0.5", "0", "-1", "inf", "nan", "1e30", "12X", "G"):
+        out = os.path.join(tmp, "m.safetensors.index.json")
+        r = run("convert", source, out, "--shard-size", bad)
+        check(f"--shard-size {bad} is a usage error (2) and writes nothing",
+              r.returncode == 2 and os.listdir(tmp) == [], (r.returncode, r.stderr, os.listdir(tmp)))
+    r = run("convert", source, os.path.join(tmp, "m.safetensors.index.json"), "--shard-size", "0.1K")
+    check("--shard-size 0.1K (102 bytes) shards", r.returncode == 0 and len(os.listdir(tmp)) > 2, (r.stderr, os.listdir(tmp)))
+
+
 def test_convert_failure_leaves_no_output(tmp):
     out = os.path.join(tmp, "never.tmap")
     r = run("convert", os.path.join(ROOT, "format", "invalid", "rule17_hole.tmap"), out)

@@ -198,6 +198,36 @@ TEST(TorchSave, ArchivesThatLieAboutTheirRecordsAreRefused) {
   }
 }
 
+// Reads of a torch.save archive go through pread, so an archive that shrinks while open
+// gives Error(Truncated), never SIGBUS (it once was read through the mapping).
+TEST(TorchSave, AnArchiveThatShrinksWhileOpenGivesTruncatedNotSigbus) {
+  TempDir dir;
+  const std::string path = dir.file("shrinks.pt");
+  TorchSaveWriter writer(path, {{"a", Dtype::F32, {1024}}, {"b", Dtype::F32, {1024}}});
+  std::vector<float> values(1024, 2.5f);
+  writer.write_tensor(values.data(), 4096);
+  writer.write_tensor(values.data(), 4096);
+  writer.commit();
+  const Checkpoint c = Checkpoint::open(path);
+  std::filesystem::resize_file(path, 4096);
+  std::vector<float> out(1024);
+  for (const char* name : {"a", "b"}) {
+    try {
+      c.read(name, out.data());
+      ADD_FAILURE() << name << " read from a file shrunk under it";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::Truncated) << e.what();
+    }
+  }
+  try {
+    convert(path, dir.file("out.tmap"));
+    ADD_FAILURE() << "converted a truncated archive";
+  } catch (const Error& e) {
+    EXPECT_TRUE(e.kind() == ErrorKind::Truncated || e.kind() == ErrorKind::UnsupportedArchive) << e.what();
+  }
+  EXPECT_FALSE(std::filesystem::exists(dir.file("out.tmap")));
+}
+
 // Every input a fuzzer found crashing the unpickler stays here: each must now be refused
 // with an Error, never crash.
 TEST(TorchSave, InputsThatOnceCrashedTheUnpicklerAreRefusedCleanly) {

@@ -78,13 +78,13 @@ inline void reseal(std::vector<unsigned char>& b) {
 inline void write_pattern_file(const std::string& path, const std::vector<TensorSpec>& tensors,
                                WriterOptions options = {}) {
   options.sync = false;
-  Writer w(path, tensors, options);
+  const auto w = open_writer(path, tensors, options);  // any format
   for (size_t i = 0; i < tensors.size(); ++i) {
-    std::vector<unsigned char> data(w.byte_length(i));
+    std::vector<unsigned char> data(w->byte_length(i));
     for (size_t j = 0; j < data.size(); ++j) data[j] = static_cast<unsigned char>(i * 7 + j);
-    w.write(data.data(), data.size());
+    w->write(data.data(), data.size());
   }
-  w.commit();
+  w->commit();
 }
 
 // The error kind File::open throws for `path`, or nothing if it opens.
