@@ -60,9 +60,6 @@ struct ParsedHeader {
 ParsedHeader validate_header(const unsigned char* base, uint64_t file_size,
                              const std::string& path);
 
-// True if the bytes look like a safetensors file: a length, then a JSON object.
-bool looks_like_safetensors(const unsigned char* base, uint64_t size);
-
 // Validates a safetensors file as the reference implementation does
 // (spec/SAFETENSORS.md) and parses it. Views point into `base` or into `owned`.
 ParsedHeader validate_safetensors(const unsigned char* base, uint64_t file_size,

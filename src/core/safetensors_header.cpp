@@ -22,20 +22,6 @@ constexpr std::string_view kOffsetsField = "\"data_offsets\"";
 
 std::string num(uint64_t v) { return std::to_string(v); }
 
-}  // namespace
-
-bool looks_like_safetensors(const unsigned char* base, uint64_t size) {
-  // u64 header length, then a JSON object (possibly after JSON white space).
-  for (uint64_t i = 8; i < size && i < 8 + 64; ++i) {
-    const unsigned char c = base[i];
-    if (c == '{') return true;
-    if (c != ' ' && c != '\t' && c != '\n' && c != '\r') return false;
-  }
-  return false;
-}
-
-namespace {
-
 // One pass of nlohmann's SAX parser over the header, checking rule 5 as the events come
 // and filling `out` directly: no DOM is built. (A DOM of a million entries cost 7 us and
 // ~250 bytes per entry, and a second pass was needed to see repeated names, which the DOM
