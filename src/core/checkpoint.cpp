@@ -158,14 +158,32 @@ bool is_sharded(CheckpointFormat format) {
   return format == CheckpointFormat::ShardedTensormap || format == CheckpointFormat::ShardedSafetensors;
 }
 
-CheckpointFormat detect_format(const std::string& path) { return Checkpoint::open(path).format(); }
+namespace detail {
+namespace {
+
+// What the first bytes of the opened file say it is.
+Detected detect_opened(const Mapping& mapping) {
+  unsigned char head[kHeadBytes] = {};
+  const auto head_size = static_cast<size_t>(std::min<uint64_t>(mapping.size(), sizeof head));
+  mapping.read(0, head, head_size, "the first bytes");
+  return detect(head, head_size, mapping.size());
+}
+
+}  // namespace
+}  // namespace detail
+
+CheckpointFormat detect_format(const std::string& path) {
+  switch (detail::detect_opened(detail::Mapping(path))) {
+    case detail::Detected::Safetensors: return CheckpointFormat::Safetensors;
+    case detail::Detected::TorchSave: return CheckpointFormat::TorchSave;
+    case detail::Detected::ShardIndex: return Checkpoint::open(path).format();  // from the first shard
+    default: return CheckpointFormat::Tensormap;
+  }
+}
 
 Checkpoint Checkpoint::open(const std::string& path) {
   auto mapping = std::make_shared<const detail::Mapping>(path);
-  unsigned char head[detail::kHeadBytes] = {};
-  const auto head_size = static_cast<size_t>(std::min<uint64_t>(mapping->size(), sizeof head));
-  mapping->read(0, head, head_size, "the first bytes");
-  switch (detail::detect(head, head_size, mapping->size())) {
+  switch (detail::detect_opened(*mapping)) {
     case detail::Detected::TorchSave:
       return Checkpoint(detail::open_torch_save(std::move(mapping)));
     case detail::Detected::ShardIndex: {

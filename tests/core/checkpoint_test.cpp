@@ -77,6 +77,12 @@ TEST(Detection, EachFormatIsRecognisedByContentNotName) {
   writer->commit();
   const Checkpoint c = Checkpoint::open(dir.file("m.tmap.index.json"));
   EXPECT_EQ(c.format(), CheckpointFormat::ShardedTensormap);
+  EXPECT_EQ(detect_format(dir.file("m.tmap.index.json")), CheckpointFormat::ShardedTensormap);
+  EXPECT_EQ(detect_format(dir.file("no-extension-torch.save")), CheckpointFormat::TorchSave);
+  // No known format: reported as tensormap, whose rules then name what is wrong.
+  write_bytes(dir.file("junk"), std::vector<unsigned char>(100, 'x'));
+  EXPECT_EQ(detect_format(dir.file("junk")), CheckpointFormat::Tensormap);
+  EXPECT_THROW(Checkpoint::open(dir.file("junk")), Error);
   EXPECT_EQ(c.files().size(), 2u);
   EXPECT_EQ(read_as<float>(c, "b"), std::vector<float>({3, 4}));
 }
