@@ -265,14 +265,25 @@ ParsedHeader validate_safetensors(const unsigned char* base, uint64_t file_size,
   }
   out.tensors.reserve(fields);
   out.index.reserve(fields);
+  // nlohmann's lexer takes a NUL byte for the end of the input and would ignore the rest;
+  // JSON allows no NUL outside strings and no raw control character inside them, so the
+  // reference (serde_json) refuses it wherever it is.
+  if (const size_t nul = text.find('\0'); nul != std::string_view::npos) {
+    throw fail(ErrorKind::SafetensorsBadJson,
+               "header is not valid JSON: a NUL byte at byte " + num(8 + nul) + " of the file");
+  }
   HeaderReader reader(out, path);
   nlohmann::json::sax_parse(text.begin(), text.end(), &reader);
 
   // Rules 6 to 8, tensor by tensor in the order of their data (writers usually list the
-  // tensors in that order already; then nothing moves and the index stays as it is).
-  auto by_begin = [](const TensorEntry& a, const TensorEntry& b) { return a.offset < b.offset; };
-  if (!std::is_sorted(out.tensors.begin(), out.tensors.end(), by_begin)) {
-    std::stable_sort(out.tensors.begin(), out.tensors.end(), by_begin);
+  // tensors in that order already; then nothing moves and the index stays as it is). The
+  // order is by (begin, end), as the reference sorts: an empty tensor at the offset where
+  // another starts comes first and is legal wherever the header lists it.
+  auto by_range = [](const TensorEntry& a, const TensorEntry& b) {
+    return a.offset != b.offset ? a.offset < b.offset : a.byte_length < b.byte_length;
+  };
+  if (!std::is_sorted(out.tensors.begin(), out.tensors.end(), by_range)) {
+    std::stable_sort(out.tensors.begin(), out.tensors.end(), by_range);
     for (uint32_t i = 0; i < out.tensors.size(); ++i) out.index.find(out.tensors[i].name)->second = i;
   }
   uint64_t cursor = 0;

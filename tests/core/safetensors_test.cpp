@@ -235,6 +235,40 @@ TEST(SafetensorsRules, EmptyAndRankZeroTensorsAreLegal) {
   EXPECT_EQ(f.at("z").byte_length, 0u);
 }
 
+TEST(SafetensorsRules, AnEmptyTensorWhereAnotherStartsIsLegalInEitherOrder) {
+  // The reference sorts by (begin, end); sorting by begin alone refused the second header.
+  const char* headers[] = {
+      R"({"e": {"dtype": "U8", "shape": [0], "data_offsets": [2, 2]},
+          "a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
+          "b": {"dtype": "U8", "shape": [2], "data_offsets": [2, 4]}})",
+      R"({"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
+          "b": {"dtype": "U8", "shape": [2], "data_offsets": [2, 4]},
+          "e": {"dtype": "U8", "shape": [0], "data_offsets": [2, 2]}})",
+  };
+  for (const char* h : headers) {
+    TempDir dir;
+    write_bytes(dir.file("x.safetensors"), safetensors_bytes(h, "abcd"));
+    const File f = File::open(dir.file("x.safetensors"));
+    EXPECT_EQ(f.at("e").byte_length, 0u) << h;
+    EXPECT_EQ(std::string(reinterpret_cast<const char*>(f.bytes(f.at("b")).data), 2), "cd") << h;
+  }
+}
+
+TEST(SafetensorsRules, Rule5_ANulByteAnywhereInTheHeaderIsBadJson) {
+  // nlohmann's parser stops at a NUL byte; what follows it must not be ignored.
+  const std::string good = R"({"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}})";
+  const std::string cases[] = {
+      good + std::string("\0", 1) + "garbage",
+      good + std::string("\0", 1),
+      std::string(R"({"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}, "b)") + std::string("\0", 1) +
+          R"(": 1})",
+  };
+  for (const auto& h : cases) {
+    EXPECT_EQ(open_bytes(safetensors_bytes(h, "xy")), ErrorKind::SafetensorsBadJson) << h.size();
+  }
+  EXPECT_EQ(open_bytes(safetensors_bytes(good + "  ", "xy")), std::nullopt);  // spaces still pad
+}
+
 TEST(SafetensorsRules, TruncationAtEveryLengthFailsOpen) {
   const auto good = read_bytes(kFixtures + "sample_overall.safetensors");
   TempDir dir;
