@@ -140,13 +140,10 @@ void sync_file(const std::string& path) {
   }
 }
 
-// Drops the file's clean pages from the page cache; returns the fraction still cached
-// afterwards, measured with mincore.
-double evict(const std::string& path) {
+// The fraction of the file's pages in the page cache, measured with mincore.
+double cached_fraction(const std::string& path) {
   const int fd = ::open(path.c_str(), O_RDONLY);
   if (fd < 0) return 1;
-  ::fsync(fd);
-  ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
   const auto size = static_cast<size_t>(::lseek(fd, 0, SEEK_END));
   double cached = 0;
   if (size > 0) {
@@ -161,6 +158,17 @@ double evict(const std::string& path) {
   }
   ::close(fd);
   return cached;
+}
+
+// Drops the file's clean pages from the page cache; returns the fraction still cached
+// afterwards.
+double evict(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) return 1;
+  ::fsync(fd);
+  ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+  ::close(fd);
+  return cached_fraction(path);
 }
 
 // One byte per 4 KiB page, in order, on one thread: the naive full touch.
@@ -222,7 +230,9 @@ int cmd_run(const Args& a) {
   const bool cold = a.has("cold");
   const std::map<std::string, std::string> file_for = {
       {"tensormap-map", "tmap"},       {"tensormap-map-naive-touch", "tmap"},
-      {"tensormap-copy", "tmap"},      {"safetensors-map", "safetensors"},
+      {"tensormap-copy", "tmap"},      {"tensormap-copy-keep-cache", "tmap"},
+      {"tensormap-copy-verified", "tmap"},
+      {"safetensors-map", "safetensors"},
       {"torchsave-map", "pt"},         {"torch-load", "archive"},
       {"torch-pickle-load", "pt"},     {"seed-load-then-rebind", "archive"}};
   if (!file_for.count(strategy)) {
@@ -257,9 +267,11 @@ int cmd_run(const Args& a) {
   t0 = Clock::now();
   std::string note;
   try {
-    if (strategy == "tensormap-copy") {
+    if (strategy.rfind("tensormap-copy", 0) == 0) {
       tensormap::LoadOptions o;
       o.mode = tensormap::LoadMode::Copy;
+      o.drop_read_pages = strategy != "tensormap-copy-keep-cache";  // copy mode before issue 15
+      o.verify_checksums = strategy == "tensormap-copy-verified";  // off by default
       tensormap::load(*model, path, o);
     } else if (strategy == "torch-load") {
       torch::load(model, path);
@@ -299,6 +311,7 @@ int cmd_run(const Args& a) {
   }
   out.num("load_ms", ms_since(t0));
   out.memory("loaded", tensormap::read_process_memory());
+  out.num("cached_fraction_after", cached_fraction(path));  // of the file, system-wide
   if (!note.empty()) {
     out.str("error", note);
     out.print();

@@ -17,6 +17,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -106,6 +107,21 @@ class TENSORMAP_EXPORT Checkpoint {
   // with pread.
   void read(std::string_view name, void* dest) const;
 
+  // read(), checked against the XXH3-64 the tensor's file records as it is read (see
+  // File::read_checked): Error(ChecksumMismatch) names the file and the tensor. The
+  // formats without checksums (safetensors, torch.save) are read unchecked.
+  void read_checked(std::string_view name, void* dest) const;
+
+  // Streams the tensor's bytes, contiguous, through `buffer` (`buffer_size` bytes):
+  // `consume(data, size)` gets successive pieces, in order, each the most whole elements
+  // that fit the buffer (the last fewer), read with pread as read() does. Memory beyond
+  // the buffer: none, whatever the tensor's size, except for a torch.save tensor that is
+  // a non-contiguous view of its storage, which is gathered whole first. Throws what
+  // read() throws, Error(InvalidArgument) for a buffer smaller than one element, and
+  // whatever `consume` throws.
+  void read_chunks(std::string_view name, void* buffer, uint64_t buffer_size,
+                   const std::function<void(const void* data, uint64_t size)>& consume) const;
+
   // Copies elements [start, start + length) of the tensor along `dim` (negative counts
   // from the end), contiguous, into `dest`: one pread for a contiguous part, one per row
   // otherwise. Throws Error(InvalidArgument) for a dimension or range out of bounds.
@@ -118,6 +134,12 @@ class TENSORMAP_EXPORT Checkpoint {
   // Drops the tensor's pages from this process's mapping (MADV_DONTNEED), after a copy of
   // it: see File::evict.
   void evict(std::string_view name) const;
+
+  // The fraction (0 to 1) of the tensor's pages the page cache holds now, and a request
+  // to drop them from it: see File::cached_fraction and File::drop_cache. A torch.save
+  // tensor's are those of its whole storage.
+  double cached_fraction(std::string_view name) const;
+  void drop_cache(std::string_view name) const;
 
   // Where the tensor lies in the mapping. Throws Error(NotFound).
   Placement placement(std::string_view name) const;

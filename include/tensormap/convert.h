@@ -1,6 +1,7 @@
-// Converting checkpoints between every format tensormap reads and writes, one tensor at a
-// time: the input's pages are given back after each tensor, so extra memory stays about
-// one tensor whatever the checkpoint's size.
+// Converting checkpoints between every format tensormap reads and writes, streamed in
+// pieces of at most 16 MiB (dtype conversion included): extra memory stays under 32 MiB
+// whatever the sizes of the checkpoint and of its largest tensor. The one exception: a
+// torch.save tensor that is a non-contiguous view of its storage is gathered whole first.
 //
 // Thread-safety: a call runs on the calling thread and touches only its own files.
 #pragma once
@@ -25,7 +26,8 @@ struct ConvertOptions {
   std::optional<Dtype> float_dtype;  // convert F16/BF16/F32/F64 tensors to this dtype
   uint64_t shard_size = 0;           // > 0: `out` is an index (*.index.json) and shards go beside it
   bool sync = true;
-  // Called after each tensor with the bytes done so far and the total.
+  // Called after each piece written (at most 16 MiB of a tensor; every tensor at least
+  // once) with the bytes of output done so far and the total.
   std::function<void(uint64_t done, uint64_t total, std::string_view name)> progress;
 };
 

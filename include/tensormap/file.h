@@ -43,6 +43,12 @@ TENSORMAP_EXPORT uint64_t page_size();
 // each call (a sysctl can change while a process runs; reading it costs microseconds).
 TENSORMAP_EXPORT bool own_mappings_fit(size_t count);
 
+// The kind of filesystem `path` lies on ("NFS", "SMB/CIFS", "FUSE", "9p", ...) if a mapped
+// page there can fault with SIGBUS or stall when the server or daemon does, from statfs;
+// "" for a local filesystem (and where statfs fails: the open that follows will say why).
+// LoadMode::Auto copies from the former and maps the latter.
+TENSORMAP_EXPORT std::string fault_prone_filesystem(const std::string& path);
+
 // "tensormap", "safetensors" or "torch.save".
 TENSORMAP_EXPORT const char* format_name(Format format);
 
@@ -131,6 +137,13 @@ class TENSORMAP_EXPORT File {
   // REQUIRES: offset + size <= entry.byte_length.
   void read(const TensorEntry& entry, uint64_t offset, void* dest, uint64_t size) const;
 
+  // read() of the whole tensor, checked as it is read: each 256 KiB piece is hashed right
+  // after its pread, while it is in the CPU's cache, and the XXH3-64 compared with the
+  // record at the end. Throws Error(ChecksumMismatch) naming the file, the tensor and
+  // both hashes (dest then holds the corrupt bytes), and what read() throws. A safetensors
+  // file has no checksums: this is read().
+  void read_checked(const TensorEntry& entry, void* dest) const;
+
   // Copies `rows` runs of `row_bytes` bytes, the first at `offset` within the tensor and
   // each `stride` bytes after the previous, into `dest` back to back, with pread as read()
   // does: a slice of a tensor along a dimension other than 0. Where the gaps between rows
@@ -149,6 +162,16 @@ class TENSORMAP_EXPORT File {
   // REQUIRES: no one relies on writes made through cow_data() for this tensor.
   void evict(const TensorEntry& entry) const;
 
+  // The fraction (0 to 1) of the tensor's pages the page cache holds now (mincore).
+  double cached_fraction(const TensorEntry& entry) const;
+
+  // Asks the kernel to drop the tensor's pages from the page cache (POSIX_FADV_DONTNEED),
+  // after evict(), and those of the 2 MiB blocks of the file around it (the page cache
+  // keeps large folios whole): only clean pages that no process maps go, so other
+  // processes' map-mode views are untouched; a later read comes from the disk again.
+  // Advisory.
+  void drop_cache(const TensorEntry& entry) const;
+
   // Checks rules 21 and 22 of the spec: every padding byte is zero and every tensor's
   // XXH3-64 matches its record. Reads with pread (see read()), so a file truncated
   // meanwhile gives Error(Truncated), not SIGBUS. Throws Error(NonZeroPadding or ChecksumMismatch) naming
@@ -163,6 +186,8 @@ class TENSORMAP_EXPORT File {
   struct Impl;
   friend File detail::open_file(std::shared_ptr<const detail::Mapping> mapping);
   explicit File(std::shared_ptr<const Impl> impl);
+  // Error(ChecksumMismatch): the tensor's bytes hash to `computed`, not to its record.
+  Error corrupted(const TensorEntry& entry, uint64_t computed) const;
   std::shared_ptr<const Impl> impl_;
 };
 

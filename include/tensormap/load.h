@@ -28,6 +28,10 @@ enum class LoadMode {
   // its copy. Converts dtypes (BF16 in the file into an F32 model, say). Into a module
   // that still has storage, copies in place.
   Copy,
+  // Map where a mapping is safe, Copy where the file lies on a filesystem on which a
+  // mapped page can fault with SIGBUS or stall when the server does (NFS, SMB/CIFS, FUSE,
+  // 9p, Ceph, AFS, Lustre and the like: fault_prone_filesystem() in file.h, from statfs).
+  Auto,
 };
 
 // Tensor parallelism: how a model is split among `world_size` ranks. A parameter whose
@@ -65,6 +69,21 @@ struct LoadOptions {
   // vm.max_map_count tensors, the whole file's mapping is used.) In copy mode each part
   // is read with pread straight into its parameter, with no temporary.
   std::optional<ParallelPlan> parallel;
+  // Copy mode: the pages a load reads from the disk are dropped from the page cache after
+  // each tensor's copy (POSIX_FADV_DONTNEED), so that a cold load leaves one copy of the
+  // weights in memory, not the owned copy plus the cached file. A tensor whose pages were
+  // mostly cached before the load (a warm file, another process's map-mode view) keeps
+  // them. false keeps everything read in the page cache. (load_distributed with a source
+  // rank, which reads every rank's part, leaves the page cache as it is.)
+  bool drop_read_pages = true;
+  // Copy mode: each whole tensor of a tensormap file is checked against its XXH3-64 as
+  // it is read (File::read_checked); a corrupt one stops the load with
+  // Error(ChecksumMismatch) naming the file and the tensor, the tensors before it loaded.
+  // A rank's part of a split tensor, and safetensors and torch.save files (no checksums),
+  // are read unchecked. Off by default: it cost 1.4x to 1.6x the load time of a warm or
+  // cold 1 GiB copy-mode load in the benchmark suite (tensormap-copy-verified against
+  // tensormap-copy), more than the 10% that would make it free.
+  bool verify_checksums = false;
 };
 
 struct TENSORMAP_EXPORT LoadReport {
@@ -91,6 +110,9 @@ TENSORMAP_EXPORT LoadReport load(torch::nn::Module& module, const std::string& p
 // LibTorch's intra-op thread count). A full touch at once instead of one 4 KiB fault at a
 // time on first use. Where the kernel lacks MADV_POPULATE_READ (before 5.14), reads one
 // byte per page instead. Does not write: map-mode pages stay shared with the page cache.
+// Throws Error(Truncated) naming the tensor whose pages lie past the end of a file that
+// shrank since it was mapped (where a touch would kill the process with SIGBUS), Error(Io)
+// if the kernel cannot populate them.
 TENSORMAP_EXPORT void prefault(const torch::nn::Module& module, int threads = 0);
 
 }  // namespace tensormap

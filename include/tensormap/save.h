@@ -29,9 +29,10 @@ struct SaveOptions {
 // left out. This is what save(module) writes and load(module) binds.
 TENSORMAP_EXPORT std::vector<std::pair<std::string, at::Tensor>> named_state(const torch::nn::Module& module);
 
-// Streams the tensors into a new file, one at a time: a non-contiguous tensor is made
-// contiguous (one tensor's worth of extra memory at most), others are written straight
-// from their storage (open_writer picks the writer for options.format). Atomic as every
+// Streams the tensors into a new file, one at a time: a contiguous CPU tensor is written
+// straight from its storage, any other (a strided view, a GPU tensor) is copied in pieces
+// of at most 16 MiB through one reused buffer, whatever its size (open_writer picks the
+// writer for options.format). Atomic as every
 // writer is: saving over the very file a model was loaded
 // from in map mode is safe and leaves the loaded model unchanged.
 // Tied weights: every name is stored with its own bytes. A tie by identity (one tensor

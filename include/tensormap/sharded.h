@@ -57,10 +57,14 @@ class TENSORMAP_EXPORT ShardIndex {
 // shards is options.format. The index path must end in ".index.json"; shards are named
 // after it: model.safetensors.index.json -> model-00001-of-00003.safetensors.
 //
-// Every shard is written under a temporary name; commit() moves them into place, then
-// writes the index atomically. A failure before commit() leaves nothing behind. A crash
-// during commit() may leave new shards beside the old index; the index is written last,
-// so it never names a shard that is not complete.
+// Publishing is atomic: at every moment, the index at the path names either the complete
+// old set of shards or the complete new set. Every shard is written as a new file and
+// moved into place on commit() under a name the index being replaced does not use (the
+// usual names where free; otherwise with a generation tag, model-00001-of-00002.b.tmap,
+// so saves of the same shape alternate between the two); then the index is replaced
+// atomically; then the shards of the old index that the new one does not name are
+// removed. A failure before commit() leaves nothing behind; a crash during commit() may
+// leave new shards that no index names, or old ones after the switch, never a mix.
 class TENSORMAP_EXPORT ShardedWriter final : public TensorWriter {
  public:
   ShardedWriter(std::string index_path, std::vector<TensorSpec> tensors, uint64_t max_shard_bytes,

@@ -93,8 +93,15 @@ class TENSORMAP_EXPORT StateDict {
     checkpoint_.read(name, dim, start, length, dest);
   }
 
+  // See Checkpoint::read_checked.
+  void read_checked(std::string_view name, void* dest) const { checkpoint_.read_checked(name, dest); }
+
   // Evicts the tensor's mapped pages from this process (after a copy of it).
   void evict(std::string_view name) const { checkpoint_.evict(name); }
+
+  // See Checkpoint::cached_fraction and Checkpoint::drop_cache.
+  double cached_fraction(std::string_view name) const { return checkpoint_.cached_fraction(name); }
+  void drop_cache(std::string_view name) const { checkpoint_.drop_cache(name); }
 
   // Views of every tensor in order, for APIs that take a name-to-tensor map.
   torch::OrderedDict<std::string, at::Tensor> to_ordered_dict() const;

@@ -7,11 +7,18 @@
 // any pointer. The bytes go straight to the file; a writer's own memory is its header
 // (proportional to the number of tensors) and never the data.
 //
-// Nothing is visible at the destination until commit(): the file is written under a
-// temporary name in the destination's directory, synced, renamed over the destination
-// and the directory synced. If anything fails, or the writer is destroyed before
-// commit(), the temporary file is removed and the destination is left as it was.
-// The destination's permission bits are kept when it already exists.
+// Nothing is visible at the destination until commit(): the file is written in the
+// destination's directory, synced, renamed over the destination and the directory
+// synced. If anything fails, or the writer is destroyed before commit(), the new file is
+// removed and the destination is left as it was. The destination's permission bits are
+// kept when it already exists.
+//
+// The new file has no name while it is written where the filesystem supports O_TMPFILE
+// (ext4, XFS, Btrfs, tmpfs and most local filesystems): a process that dies in any way,
+// kill -9 included, leaves nothing behind. Elsewhere (NFS, FUSE, ...) it is written as
+// ".NAME.tmp-XXXXXXXXXXXX" beside the destination; a process that handles signals calls
+// remove_temporary_files() in its handler, and a later save to the same path removes
+// such files left by writers that died (unlocked and a minute old).
 //
 // Thread-safety: a writer is used by one thread at a time.
 #pragma once
@@ -83,6 +90,11 @@ class TENSORMAP_EXPORT TensorWriter {
   // Discards everything written so far. Safe to call more than once.
   virtual void abandon() noexcept = 0;
 };
+
+// Removes the named temporary files of this process's unfinished writers (see above).
+// Async-signal-safe: for a SIGINT/SIGTERM handler that then calls _exit. The writers
+// whose files it removed fail on their next step; nothing else is touched.
+TENSORMAP_EXPORT void remove_temporary_files() noexcept;
 
 // The writer for options.format, sharded when options.shard_size > 0. Throws what the
 // writer's constructor throws, and Error(InvalidArgument) for a sharded torch.save.

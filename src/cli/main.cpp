@@ -4,16 +4,19 @@
 //
 // Exit codes: 0 success, 1 an invalid or corrupt input or a failed check, 2 a usage
 // error. Errors are one line on stderr naming the file and what is wrong.
+#include <signal.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
+#include <cstring>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
 #include "tensormap/checkpoint.h"
 #include "tensormap/core.h"
+#include "tensormap/writer.h"
 
 namespace tensormap::cli {
 namespace {
@@ -41,6 +44,31 @@ std::string shape_text(const TensorEntry& e) {
   std::string s = "[";
   for (unsigned d = 0; d < e.rank; ++d) s += (d ? ", " : "") + std::to_string(e.dims[d]);
   return s + "]";
+}
+
+// Ctrl-C, kill, a closed terminal: remove what a save has written so far (its destination
+// stays as it was), say so, exit 1.
+// (Nameless files of the writers need nothing: the kernel frees them with the process.)
+extern "C" void on_stop_signal(int signal_number) {
+  tensormap::remove_temporary_files();
+  const char* what = signal_number == SIGINT   ? "tensormap: stopped by SIGINT\n"
+                     : signal_number == SIGHUP ? "tensormap: stopped by SIGHUP\n"
+                                               : "tensormap: stopped by SIGTERM\n";
+  [[maybe_unused]] const ssize_t n = ::write(2, what, std::strlen(what));
+  ::_exit(1);
+}
+
+void handle_signals() {
+  struct sigaction action {};
+  action.sa_handler = on_stop_signal;
+  sigemptyset(&action.sa_mask);
+  for (int s : {SIGINT, SIGTERM, SIGHUP}) {
+    sigaddset(&action.sa_mask, s);
+  }
+  for (int s : {SIGINT, SIGTERM, SIGHUP}) ::sigaction(s, &action, nullptr);
+  // Past `ulimit -f` a write fails with EFBIG, an Error(Io) like a full disk, instead of
+  // killing the process with its file half written.
+  ::signal(SIGXFSZ, SIG_IGN);
 }
 
 }  // namespace
@@ -195,6 +223,7 @@ int main(int argc, char** argv) {
     return 2;
   }
 
+  handle_signals();
   try {
     if (*inspect_cmd) return inspect(path, json);
     if (*verify_cmd) return verify(path);

@@ -61,10 +61,17 @@ struct FileSource final : Source {
   const TensorEntry& entry(size_t i) const { return file.tensors()[i]; }
   Checkpoint::Info info(size_t i) const override { return info_of(entry(i)); }
   void read(size_t i, void* dest) const override { file.read(entry(i), 0, dest, entry(i).byte_length); }
+  bool read_range(size_t i, uint64_t offset, uint64_t size, void* dest) const override {
+    file.read(entry(i), offset, dest, size);
+    return true;
+  }
+  void read_checked(size_t i, void* dest) const override { file.read_checked(entry(i), dest); }
   void read_slice(size_t i, int64_t dim, int64_t start, int64_t length, void* dest) const override {
     read_part(file, entry(i), dim, start, length, dest);
   }
   void evict(size_t i) const override { file.evict(entry(i)); }
+  double cached_fraction(size_t i) const override { return file.cached_fraction(entry(i)); }
+  void drop_cache(size_t i) const override { file.drop_cache(entry(i)); }
   Checkpoint::Placement placement(size_t i) const override { return placement_of(file, entry(i)); }
   std::vector<std::pair<std::string, std::string>> metadata() const override {
     std::vector<std::pair<std::string, std::string>> out;
@@ -117,6 +124,15 @@ struct ShardedSource final : Source {
     const auto [f, e] = locate(i);
     f->read(*e, 0, dest, e->byte_length);
   }
+  bool read_range(size_t i, uint64_t offset, uint64_t size, void* dest) const override {
+    const auto [f, e] = locate(i);
+    f->read(*e, offset, dest, size);
+    return true;
+  }
+  void read_checked(size_t i, void* dest) const override {
+    const auto [f, e] = locate(i);
+    f->read_checked(*e, dest);
+  }
   void read_slice(size_t i, int64_t dim, int64_t start, int64_t length, void* dest) const override {
     const auto [f, e] = locate(i);
     read_part(*f, *e, dim, start, length, dest);
@@ -124,6 +140,14 @@ struct ShardedSource final : Source {
   void evict(size_t i) const override {
     const auto [f, e] = locate(i);
     f->evict(*e);
+  }
+  double cached_fraction(size_t i) const override {
+    const auto [f, e] = locate(i);
+    return f->cached_fraction(*e);
+  }
+  void drop_cache(size_t i) const override {
+    const auto [f, e] = locate(i);
+    f->drop_cache(*e);
   }
   Checkpoint::Placement placement(size_t i) const override {
     const auto [f, e] = locate(i);
@@ -222,7 +246,41 @@ size_t Checkpoint::index_of(std::string_view name) const {
 
 Checkpoint::Info Checkpoint::info(std::string_view name) const { return source_->info(index_of(name)); }
 void Checkpoint::read(std::string_view name, void* dest) const { source_->read(index_of(name), dest); }
+void Checkpoint::read_chunks(std::string_view name, void* buffer, uint64_t buffer_size,
+                             const std::function<void(const void*, uint64_t)>& consume) const {
+  const size_t i = index_of(name);
+  const Info info = source_->info(i);
+  const uint64_t element = dtype_size(info.dtype), length = info.byte_length;
+  const uint64_t piece = buffer_size - buffer_size % element;  // whole elements
+  if (piece == 0) {
+    throw Error(ErrorKind::InvalidArgument, source_->path + ": read_chunks of " + detail::quoted(name) + ": a buffer of " +
+                                                std::to_string(buffer_size) + " bytes cannot hold one " +
+                                                std::string(dtype_name(info.dtype)) + " element");
+  }
+  auto* chunk = static_cast<unsigned char*>(buffer);
+  if (length <= piece) {
+    source_->read(i, chunk);
+    if (length > 0) consume(chunk, length);
+    return;
+  }
+  if (source_->read_range(i, 0, piece, chunk)) {
+    consume(chunk, piece);
+    for (uint64_t at = piece; at < length; at += piece) {
+      const uint64_t size = std::min(piece, length - at);
+      source_->read_range(i, at, size, chunk);
+      consume(chunk, size);
+    }
+    return;
+  }
+  std::vector<unsigned char> whole(static_cast<size_t>(length));  // a strided torch.save view
+  source_->read(i, whole.data());
+  for (uint64_t at = 0; at < length; at += piece) consume(whole.data() + at, std::min(piece, length - at));
+}
+
+void Checkpoint::read_checked(std::string_view name, void* dest) const { source_->read_checked(index_of(name), dest); }
 void Checkpoint::evict(std::string_view name) const { source_->evict(index_of(name)); }
+double Checkpoint::cached_fraction(std::string_view name) const { return source_->cached_fraction(index_of(name)); }
+void Checkpoint::drop_cache(std::string_view name) const { source_->drop_cache(index_of(name)); }
 Checkpoint::Placement Checkpoint::placement(std::string_view name) const {
   return source_->placement(index_of(name));
 }

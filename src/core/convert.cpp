@@ -26,35 +26,40 @@ Format format_from_name(const std::string& file_name) {
   return Format::Tensormap;
 }
 
-// Streams every tensor into `writer`. Each tensor is read (with pread) into one buffer the
-// size of the largest input tensor, reused throughout: extra memory is that buffer, plus
-// one converted tensor when a dtype changes.
+// The piece of a tensor read, converted and written at a time.
+constexpr uint64_t kChunkBytes = 16 << 20;
+
+// Streams every tensor into `writer` in pieces of at most kChunkBytes: extra memory is one
+// such buffer, plus one of converted values when a dtype changes (the piece read is then
+// small enough for its converted values to fit too), whatever the sizes of the tensors.
 uint64_t stream(const Checkpoint& source, const std::vector<TensorSpec>& specs, TensorWriter& writer,
                 const ConvertOptions& options) {
-  uint64_t total = 0, done = 0, largest = 0, largest_out = 0;
-  std::vector<Checkpoint::Info> infos;
-  for (size_t i = 0; i < specs.size(); ++i) {
-    total += writer.byte_length(i);
-    infos.push_back(source.info(specs[i].name));
-    largest = std::max(largest, infos.back().byte_length);
-    if (specs[i].dtype != infos.back().dtype) largest_out = std::max(largest_out, writer.byte_length(i));
-  }
-  std::unique_ptr<unsigned char[]> buffer(new unsigned char[std::max<uint64_t>(largest, 1)]);
-  std::unique_ptr<unsigned char[]> converted(largest_out ? new unsigned char[largest_out] : nullptr);
+  uint64_t total = 0, done = 0;
+  for (size_t i = 0; i < specs.size(); ++i) total += writer.byte_length(i);
+  std::unique_ptr<unsigned char[]> buffer(new unsigned char[kChunkBytes]);
+  std::unique_ptr<unsigned char[]> converted;  // allocated at the first dtype change
   for (size_t i = 0; i < specs.size(); ++i) {
     const std::string& name = specs[i].name;
-    const Checkpoint::Info& info = infos[i];
-    source.read(name, buffer.get());  // bit-identical bytes, whatever the dtype
-    if (specs[i].dtype == info.dtype) {
-      if (info.byte_length > 0) writer.write_tensor(buffer.get(), info.byte_length);
-    } else {
-      const uint64_t count = info.byte_length / dtype_size(info.dtype);
-      convert_floats(info.dtype, buffer.get(), specs[i].dtype, converted.get(), count);
-      if (writer.byte_length(i) > 0) writer.write_tensor(converted.get(), writer.byte_length(i));
+    const Dtype from = source.info(name).dtype, to = specs[i].dtype;
+    uint64_t piece = kChunkBytes;
+    if (from != to) {
+      if (!converted) converted.reset(new unsigned char[kChunkBytes]);
+      if (dtype_size(to) > dtype_size(from)) piece = kChunkBytes / (dtype_size(to) / dtype_size(from));
     }
+    source.read_chunks(name, buffer.get(), piece, [&](const void* data, uint64_t size) {
+      if (from == to) {
+        writer.write(data, size);  // bit-identical bytes, whatever the dtype
+        done += size;
+      } else {
+        const uint64_t count = size / dtype_size(from);
+        convert_floats(from, data, to, converted.get(), count);
+        writer.write(converted.get(), count * dtype_size(to));
+        done += count * dtype_size(to);
+      }
+      if (options.progress) options.progress(done, total, name);
+    });
     source.evict(name);  // the input's pages go back
-    done += writer.byte_length(i);
-    if (options.progress) options.progress(done, total, name);
+    if (writer.byte_length(i) == 0 && options.progress) options.progress(done, total, name);
   }
   return total;
 }

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <memory>
 
 #include "bytes.h"
 #include "header.h"
@@ -115,6 +116,33 @@ void File::read(const TensorEntry& entry, uint64_t offset, void* dest, uint64_t 
   impl_->mapping->read(entry.offset + offset, dest, size, "tensor " + detail::quoted(entry.name));
 }
 
+Error File::corrupted(const TensorEntry& entry, uint64_t computed) const {
+  return Error(ErrorKind::ChecksumMismatch, path() + ": tensor " + detail::quoted(entry.name) +
+                                                " is corrupted: its bytes hash to " + detail::hex64(computed) +
+                                                " but the header records " + detail::hex64(entry.checksum));
+}
+
+void File::read_checked(const TensorEntry& entry, void* dest) const {
+  if (!has_checksums()) {
+    read(entry, 0, dest, entry.byte_length);
+    return;
+  }
+  constexpr uint64_t kPiece = 256 << 10;  // hashed while still in the CPU's cache
+  XXH3_state_t* state = XXH3_createState();
+  if (!state) throw Error(ErrorKind::Io, path() + ": cannot allocate a hash state");
+  std::unique_ptr<XXH3_state_t, XXH_errorcode (*)(XXH3_state_t*)> owner(state, XXH3_freeState);
+  XXH3_64bits_reset(state);
+  const std::string label = "tensor " + detail::quoted(entry.name);
+  auto* out = static_cast<unsigned char*>(dest);
+  for (uint64_t at = 0; at < entry.byte_length; at += kPiece) {
+    const uint64_t n = std::min(kPiece, entry.byte_length - at);
+    impl_->mapping->read(entry.offset + at, out + at, n, label);
+    XXH3_64bits_update(state, out + at, n);
+  }
+  const uint64_t computed = XXH3_64bits_digest(state);
+  if (computed != entry.checksum) throw corrupted(entry, computed);
+}
+
 void File::read_rows(const TensorEntry& entry, uint64_t offset, uint64_t stride, uint64_t row_bytes,
                      uint64_t rows, void* dest) const {
   if (rows == 0 || row_bytes == 0) return;
@@ -142,6 +170,14 @@ void File::read_rows(const TensorEntry& entry, uint64_t offset, uint64_t stride,
 
 void File::prefetch(const TensorEntry& entry) const {
   impl_->mapping->prefetch(entry.offset, entry.offset + entry.byte_length);
+}
+
+double File::cached_fraction(const TensorEntry& entry) const {
+  return impl_->mapping->cached_fraction(entry.offset, entry.offset + entry.byte_length);
+}
+
+void File::drop_cache(const TensorEntry& entry) const {
+  impl_->mapping->drop_cache(entry.offset, entry.offset + entry.byte_length);
 }
 
 void File::evict(const TensorEntry& entry) const {
@@ -190,9 +226,7 @@ std::vector<Error> File::find_corruption() const {
            [&](const unsigned char* p, uint64_t n, uint64_t) { XXH3_64bits_update(state, p, n); });
       const uint64_t computed = XXH3_64bits_digest(state);
       if (computed != e.checksum) {
-        problems.emplace_back(ErrorKind::ChecksumMismatch,
-                              m.path() + ": " + label + " is corrupted: its bytes hash to " + detail::hex64(computed) +
-                                  " but the header records " + detail::hex64(e.checksum));
+        problems.push_back(corrupted(e, computed));
       }
       const uint64_t end = e.offset + e.byte_length;
       check_padding(end, *format::round_up(end, h.alignment), label);

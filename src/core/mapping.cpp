@@ -4,11 +4,13 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <cstdio>
+#include <vector>
 
 #include "posix_io.h"
 #include "tensormap/error.h"
@@ -27,6 +29,13 @@ bool own_mappings_fit(size_t count) {
     std::fclose(f);
   }
   return count <= static_cast<size_t>(std::max(0L, max_maps)) / 4;
+}
+
+std::string fault_prone_filesystem(const std::string& path) {
+  struct statfs fs {};
+  if (::statfs(path.c_str(), &fs) != 0) return "";
+  const char* name = detail::fault_prone_filesystem_type(static_cast<uint64_t>(static_cast<uint32_t>(fs.f_type)));
+  return name ? name : "";
 }
 
 }  // namespace tensormap
@@ -128,6 +137,47 @@ void Mapping::prefetch(uint64_t begin, uint64_t end) const {
   const uint64_t page = page_size();
   begin &= ~(page - 1);
   if (end > begin && base_) ::madvise(base_ + begin, end - begin, MADV_WILLNEED);
+}
+
+const char* fault_prone_filesystem_type(uint64_t magic) {
+  // The magic numbers of linux/magic.h and of the filesystems' own sources.
+  switch (magic) {
+    case 0x6969: return "NFS";
+    case 0x517B: case 0xFF534D42: case 0xFE534D42: return "SMB/CIFS";
+    case 0x65735546: return "FUSE";  // sshfs, s3fs, gcsfuse, virtiofs, GlusterFS...
+    case 0x01021997: return "9p";
+    case 0x00C36400: return "Ceph";
+    case 0x5346414F: case 0x6B414653: return "AFS";
+    case 0x73757245: return "Coda";
+    case 0x0BD00BD0: return "Lustre";
+    case 0x01161970: return "GFS2";
+    case 0x7461636F: return "OCFS2";
+    case 0x20030528: return "OrangeFS";
+    default: return nullptr;
+  }
+}
+
+double Mapping::cached_fraction(uint64_t begin, uint64_t end) const {
+  const uint64_t page = page_size();
+  begin &= ~(page - 1);
+  end = std::min(end, size_);
+  if (end <= begin || !base_) return 1.0;
+  const uint64_t pages = (end - begin + page - 1) / page;
+  std::vector<unsigned char> resident(static_cast<size_t>(pages));
+  if (::mincore(base_ + begin, end - begin, resident.data()) != 0) return 0.0;
+  uint64_t cached = 0;
+  for (unsigned char r : resident) cached += r & 1;
+  return static_cast<double>(cached) / static_cast<double>(pages);
+}
+
+void Mapping::drop_cache(uint64_t begin, uint64_t end) const {
+  // The page cache keeps files in folios of up to 2 MiB, and POSIX_FADV_DONTNEED drops
+  // only folios wholly inside the range: a small tensor's folio, which holds the ends of
+  // its neighbours too, would stay. So the range grows to 2 MiB boundaries.
+  constexpr uint64_t kFolio = 2 << 20;
+  begin &= ~(kFolio - 1);
+  end = std::min(size_, end > size_ - kFolio ? size_ : (end + kFolio - 1) & ~(kFolio - 1));
+  if (end > begin) (void)::posix_fadvise(fd_, static_cast<off_t>(begin), static_cast<off_t>(end - begin), POSIX_FADV_DONTNEED);
 }
 
 void Mapping::release(uint64_t begin, uint64_t end, const std::string& what) const {

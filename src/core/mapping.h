@@ -43,6 +43,15 @@ class Mapping {
   // MADV_WILLNEED over the pages of [begin, end). Advisory.
   void prefetch(uint64_t begin, uint64_t end) const;
 
+  // The fraction (0 to 1) of the pages of [begin, end) that the page cache holds now
+  // (mincore); 1 for an empty range. Advisory: 0 where the kernel will not say.
+  double cached_fraction(uint64_t begin, uint64_t end) const;
+
+  // Asks the kernel to drop the file's cached pages of [begin, end), grown to 2 MiB
+  // boundaries (the page cache's largest folios; POSIX_FADV_DONTNEED): only clean pages
+  // that no process maps go. Advisory.
+  void drop_cache(uint64_t begin, uint64_t end) const;
+
   // MADV_DONTNEED over the whole pages inside [begin, end) (only those: a page partly
   // outside may belong to a neighbour). Throws Error(Io) if the kernel refuses.
   void release(uint64_t begin, uint64_t end, const std::string& what) const;
@@ -55,5 +64,9 @@ class Mapping {
 };
 
 using tensormap::page_size;  // file.h
+
+// The name of the fault-prone filesystem (see fault_prone_filesystem) of statfs type
+// `magic`, or nullptr.
+const char* fault_prone_filesystem_type(uint64_t magic);
 
 }  // namespace tensormap::detail

@@ -1,7 +1,10 @@
 // Checked POSIX I/O for the writer.
 #include "posix_io.h"
 
+#include <dirent.h>
 #include <fcntl.h>
+#include <limits.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -9,9 +12,13 @@
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <ctime>
+#include <string_view>
 
 #include "tensormap/error.h"
+#include "tensormap/writer.h"
 
 namespace tensormap::detail {
 
@@ -60,29 +67,123 @@ void write_file_atomically(const std::string& path, const std::string& bytes, bo
   file.rename_into_place(sync);
 }
 
-AtomicFile::AtomicFile(std::string path) : path_(std::move(path)) {
-  static std::atomic<uint64_t> counter{0};
-  const std::string dir = parent_directory(path_);
-  const auto slash = path_.find_last_of('/');
-  const std::string base = slash == std::string::npos ? path_ : path_.substr(slash + 1);
-  for (int attempt = 0; attempt < 100 && fd_ < 0; ++attempt) {
-    const uint64_t salt =
-        static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()) ^
-        (static_cast<uint64_t>(::getpid()) << 32) ^ counter.fetch_add(1);
-    char suffix[32];
-    std::snprintf(suffix, sizeof suffix, ".tmp-%012llx", static_cast<unsigned long long>(salt & 0xFFFFFFFFFFFFull));
-    temp_path_ = dir + "/." + base + suffix;
-    fd_ = ::open(temp_path_.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-    if (fd_ < 0 && errno != EEXIST) {
-      const int err = errno;
-      temp_path_.clear();
-      throw_io(path_, "cannot create a temporary file in " + dir, err);
+namespace {
+
+// The named temporaries of this process, for remove_temporary_files(), which must be
+// async-signal-safe: fixed slots, each a path and an atomic state, no allocation.
+constexpr int kRegistrySlots = 64;
+struct RegistrySlot {
+  std::atomic<int> state{0};  // 0 free, 1 being filled, 2 holds a path
+  char path[PATH_MAX];
+};
+RegistrySlot registry[kRegistrySlots];
+
+int register_temporary(const std::string& path) noexcept {
+  if (path.size() >= PATH_MAX) return -1;
+  for (int i = 0; i < kRegistrySlots; ++i) {
+    int expected = 0;
+    if (registry[i].state.compare_exchange_strong(expected, 1)) {
+      std::memcpy(registry[i].path, path.c_str(), path.size() + 1);
+      registry[i].state.store(2);
+      return i;
     }
   }
-  if (fd_ < 0) {
-    temp_path_.clear();
-    throw_io(path_, "cannot find a free temporary file name", EEXIST);
+  return -1;  // more than 64 at once: still removed by their owners and by later saves
+}
+
+void unregister_temporary(int slot) noexcept {
+  if (slot >= 0) registry[slot].state.store(0);
+}
+
+std::string base_name(const std::string& path) {
+  const auto slash = path.find_last_of('/');
+  return slash == std::string::npos ? path : path.substr(slash + 1);
+}
+
+// A temporary file name beside `path` that no other writer is likely to pick.
+std::string temporary_name(const std::string& path) {
+  static std::atomic<uint64_t> counter{0};
+  const uint64_t salt = static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()) ^
+                        (static_cast<uint64_t>(::getpid()) << 32) ^ counter.fetch_add(1);
+  char suffix[32];
+  std::snprintf(suffix, sizeof suffix, "%012llx", static_cast<unsigned long long>(salt & 0xFFFFFFFFFFFFull));
+  return parent_directory(path) + "/." + base_name(path) + ".tmp-" + suffix;
+}
+
+// Named temporaries only (tests): a way to exercise the fallback for filesystems
+// without O_TMPFILE on one that has it.
+bool named_temporaries_forced() {
+  static const bool forced = [] {
+    const char* v = std::getenv("TENSORMAP_NAMED_TEMPORARIES");
+    return v != nullptr && v[0] == '1';
+  }();
+  return forced;
+}
+
+constexpr time_t kStaleAfterSeconds = 60;
+
+}  // namespace
+
+}  // namespace tensormap::detail
+
+namespace tensormap {
+
+void remove_temporary_files() noexcept {
+  for (auto& slot : detail::registry) {
+    if (slot.state.load() == 2) ::unlink(slot.path);
   }
+}
+
+}  // namespace tensormap
+
+namespace tensormap::detail {
+
+void collect_stale_temporaries(const std::string& dir, const std::function<bool(std::string_view)>& ours) noexcept {
+  constexpr std::string_view kTag = ".tmp-";
+  constexpr size_t kSuffix = kTag.size() + 12;  // ".tmp-" and 12 hex digits
+  DIR* d = ::opendir(dir.c_str());
+  if (!d) return;
+  const time_t now = ::time(nullptr);
+  while (const dirent* entry = ::readdir(d)) {
+    const std::string_view name(entry->d_name);
+    if (name.size() < 2 + kSuffix || name[0] != '.' || name.substr(name.size() - kSuffix, kTag.size()) != kTag) continue;
+    try {
+      if (!ours(name.substr(1, name.size() - 1 - kSuffix))) continue;
+    } catch (...) {
+      continue;
+    }
+    const std::string candidate = dir + "/" + std::string(name);
+    const int fd = ::open(candidate.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) continue;
+    struct stat st {};
+    // A live writer holds its flock; a young file may be one whose writer has not taken
+    // it yet (create, then lock); the checks after the lock see that the name still
+    // leads to the file locked.
+    if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && now - st.st_mtime >= kStaleAfterSeconds &&
+        ::flock(fd, LOCK_EX | LOCK_NB) == 0) {
+      struct stat again {};
+      if (::lstat(candidate.c_str(), &again) == 0 && again.st_ino == st.st_ino && again.st_dev == st.st_dev) {
+        ::unlink(candidate.c_str());
+      }
+    }
+    ::close(fd);
+  }
+  ::closedir(d);
+}
+
+AtomicFile::AtomicFile(std::string path) : path_(std::move(path)) {
+  const std::string base = base_name(path_);
+  collect_stale_temporaries(parent_directory(path_), [&](std::string_view destination) { return destination == base; });
+  const std::string dir = parent_directory(path_);
+  if (!named_temporaries_forced()) {
+    fd_ = ::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0666);
+    if (fd_ >= 0) {
+      nameless_ = true;
+    } else if (errno != EOPNOTSUPP && errno != EISDIR && errno != EINVAL) {
+      throw_io(path_, "cannot create a temporary file in " + dir, errno);
+    }
+  }
+  if (fd_ < 0) create_named();
   // Keep the permission bits of the file we replace; a new file gets 0666 & ~umask.
   struct stat st {};
   if (::stat(path_.c_str(), &st) == 0 && S_ISREG(st.st_mode) && ::fchmod(fd_, st.st_mode & 07777) != 0) {
@@ -92,11 +193,54 @@ AtomicFile::AtomicFile(std::string path) : path_(std::move(path)) {
   }
 }
 
+void AtomicFile::set_temp_path(std::string name) {
+  temp_path_ = std::move(name);
+  registry_slot_ = register_temporary(temp_path_);
+}
+
+void AtomicFile::create_named() {
+  for (int attempt = 0; attempt < 100 && fd_ < 0; ++attempt) {
+    std::string name = temporary_name(path_);
+    fd_ = ::open(name.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+    if (fd_ >= 0) {
+      set_temp_path(std::move(name));
+    } else if (errno != EEXIST) {
+      throw_io(path_, "cannot create a temporary file in " + parent_directory(path_), errno);
+    }
+  }
+  if (fd_ < 0) throw_io(path_, "cannot find a free temporary file name", EEXIST);
+  // The lock says "a writer is alive" to collect_stale_temporaries of other processes.
+  if (::flock(fd_, LOCK_EX | LOCK_NB) != 0 && errno != ENOLCK && errno != EOPNOTSUPP) {
+    const int err = errno;
+    discard();
+    throw_io(path_, "cannot lock the temporary file", err);
+  }
+}
+
+void AtomicFile::link_named() {
+  // AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH; /proc/self/fd works for everyone else.
+  char proc_path[64];
+  std::snprintf(proc_path, sizeof proc_path, "/proc/self/fd/%d", fd_);
+  for (int attempt = 0; attempt < 100; ++attempt) {
+    std::string name = temporary_name(path_);
+    int rc = ::linkat(fd_, "", AT_FDCWD, name.c_str(), AT_EMPTY_PATH);
+    if (rc != 0 && (errno == ENOENT || errno == EPERM)) {
+      rc = ::linkat(AT_FDCWD, proc_path, AT_FDCWD, name.c_str(), AT_SYMLINK_FOLLOW);
+    }
+    if (rc == 0) {
+      set_temp_path(std::move(name));
+      return;
+    }
+    if (errno != EEXIST) throw_io(path_, "cannot give the temporary file a name", errno);
+  }
+  throw_io(path_, "cannot find a free temporary file name", EEXIST);
+}
+
 AtomicFile::~AtomicFile() { discard(); }
 
 void AtomicFile::pwrite(const void* data, size_t size, uint64_t offset) {
   try {
-    pwrite_all(fd_, data, size, offset, temp_path_);
+    pwrite_all(fd_, data, size, offset, path_);
   } catch (...) {
     discard();
     throw;
@@ -112,7 +256,7 @@ void AtomicFile::truncate(uint64_t size) {
   if (::ftruncate(fd_, static_cast<off_t>(size)) != 0) {
     const int err = errno;
     discard();
-    throw_io(temp_path_, "cannot set the length to " + std::to_string(size) + " bytes", err);
+    throw_io(path_, "cannot set the length of the new file to " + std::to_string(size) + " bytes", err);
   }
 }
 
@@ -120,23 +264,36 @@ void AtomicFile::finish(bool sync) {
   if (sync && ::fsync(fd_) != 0) {
     const int err = errno;
     discard();
-    throw_io(temp_path_, "fsync failed", err);
+    throw_io(path_, "fsync of the new file failed", err);
   }
+  finished_ = true;
+  if (nameless_) return;  // the descriptor names it until rename_into_place
   const int fd = fd_;
   fd_ = -1;
   if (::close(fd) != 0) {
     const int err = errno;
     discard();
-    throw_io(temp_path_, "close failed", err);
+    throw_io(path_, "close of the new file failed", err);
   }
 }
 
 void AtomicFile::rename_into_place(bool sync) {
-  if (::rename(temp_path_.c_str(), path_.c_str()) != 0) {
-    const int err = errno;
+  try {
+    if (nameless_) {
+      link_named();
+      const int fd = fd_;
+      fd_ = -1;
+      if (::close(fd) != 0) throw_io(path_, "close of the new file failed", errno);
+    }
+    if (::rename(temp_path_.c_str(), path_.c_str()) != 0) {
+      throw_io(path_, "cannot rename the temporary file into place", errno);
+    }
+  } catch (...) {
     discard();
-    throw_io(path_, "cannot rename the temporary file into place", err);
+    throw;
   }
+  unregister_temporary(registry_slot_);
+  registry_slot_ = -1;
   temp_path_.clear();  // it is the destination now
   // The new file is in place; only its directory entry may not be durable yet.
   if (sync) sync_parent_directory(path_);
@@ -149,6 +306,8 @@ void AtomicFile::discard() noexcept {
   }
   if (!temp_path_.empty()) {
     ::unlink(temp_path_.c_str());
+    unregister_temporary(registry_slot_);
+    registry_slot_ = -1;
     temp_path_.clear();
   }
 }

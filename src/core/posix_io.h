@@ -4,7 +4,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
+#include <string_view>
 
 namespace tensormap::detail {
 
@@ -21,10 +23,19 @@ void sync_parent_directory(const std::string& path);
 // rename, directory fsync. On failure `path` is unchanged and no temporary file remains.
 void write_file_atomically(const std::string& path, const std::string& bytes, bool sync);
 
-// A new file written under a temporary name beside `path` and moved over it only on
-// commit: the destination is always either its old content or the complete new one.
-// The destination's permission bits are kept when it exists. Destroyed without commit
-// (or after a failure), the temporary file is removed.
+// A new file written beside `path` and moved over it only on commit: the destination is
+// always either its old content or the complete new one. The destination's permission
+// bits are kept when it exists.
+//
+// Where the filesystem supports O_TMPFILE (ext4, XFS, Btrfs, tmpfs, ...) the file has no
+// name until commit, so a process killed by any signal, kill -9 included, leaves nothing:
+// the kernel frees a nameless file with its last descriptor. Commit links it under a
+// temporary name and renames that over the destination. Elsewhere it is written under a
+// temporary name from the start, locked with flock while it is written; each new
+// AtomicFile for the same destination removes the temporaries whose writer is gone
+// (unlocked and untouched for a minute). Named temporaries are also listed for
+// remove_temporary_files() (tensormap/writer.h), which a signal handler may call.
+// Destroyed without commit (or after a failure), the temporary file is removed.
 class AtomicFile {
  public:
   explicit AtomicFile(std::string path);
@@ -33,8 +44,6 @@ class AtomicFile {
   AtomicFile& operator=(const AtomicFile&) = delete;
 
   const std::string& path() const { return path_; }
-  const std::string& temp_path() const { return temp_path_; }
-  bool open() const { return fd_ >= 0; }
 
   void pwrite(const void* data, size_t size, uint64_t offset);
   // Appends after everything append() wrote so far.
@@ -49,11 +58,22 @@ class AtomicFile {
   void discard() noexcept;
 
  private:
+  void create_named();
+  void link_named();  // gives the nameless file its temporary name
+  void set_temp_path(std::string name);
+
   std::string path_;
-  std::string temp_path_;
+  std::string temp_path_;  // empty while the file has no name
   int fd_ = -1;
+  int registry_slot_ = -1;  // where remove_temporary_files() finds temp_path_
+  bool nameless_ = false;
+  bool finished_ = false;
   uint64_t appended_ = 0;
 };
+
+// Removes the temporary files of stopped writers (see AtomicFile) in `dir` whose
+// destination's file name `ours` accepts. Never throws.
+void collect_stale_temporaries(const std::string& dir, const std::function<bool(std::string_view)>& ours) noexcept;
 
 // The directory part of `path` ("." when there is none).
 std::string parent_directory(const std::string& path);

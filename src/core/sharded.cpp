@@ -1,11 +1,14 @@
 // Sharded checkpoints: the index JSON, and a writer that splits tensors across shards.
 #include "tensormap/sharded.h"
 
-#include <nlohmann/json.hpp>
+#include <unistd.h>
 
+#include <nlohmann/json.hpp>
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <sstream>
+#include <set>
 #include <unordered_map>
 
 #include "names.h"
@@ -27,6 +30,17 @@ std::string base_name(const std::string& path) {
 bool is_plain_file_name(const std::string& name) {
   return !name.empty() && name != "." && name != ".." && name.find('/') == std::string::npos &&
          name.find('\0') == std::string::npos;
+}
+
+// The shard names of the index at `path` if one is there, for the writer that replaces
+// it. An unreadable or invalid file names none.
+std::set<std::string> shards_named_by(const std::string& path) {
+  try {
+    const ShardIndex old = ShardIndex::open(path);
+    return {old.shard_files().begin(), old.shard_files().end()};
+  } catch (const Error&) {
+    return {};
+  }
 }
 
 }  // namespace
@@ -96,6 +110,7 @@ struct ShardedWriter::Impl {
   std::vector<uint32_t> shard_of;      // tensor -> shard
   std::vector<std::string> shard_names;
   std::vector<Writer> writers;         // one per shard, each writing a temporary file
+  std::set<std::string> old_shards;    // named by the index this one replaces
   bool sync = true;
   uint64_t total = 0;
 };
@@ -136,12 +151,31 @@ ShardedWriter::ShardedWriter(std::string index_path, std::vector<TensorSpec> ten
     w.total += byte_lengths[i];
   }
   if (groups.empty()) groups.emplace_back();  // an empty checkpoint still has one shard
+  // The new shards must not replace any file the index being replaced names: until the
+  // new index is in place, the old one must still find all of its shards. So when the
+  // usual names are taken, the shards get a generation tag: model-00001-of-00002.b.tmap.
+  w.old_shards = shards_named_by(index_path);
+  for (const char* tag : {"", ".b", ".c"}) {
+    w.shard_names.clear();
+    bool taken = false;
+    for (size_t s = 0; s < groups.size(); ++s) {
+      char numbers[48];  // room for two 20-digit counts
+      std::snprintf(numbers, sizeof numbers, "-%05zu-of-%05zu", s + 1, groups.size());
+      w.shard_names.push_back(stem + numbers + tag + extension);
+      taken = taken || w.old_shards.count(w.shard_names.back()) > 0;
+    }
+    if (!taken) break;
+  }
   const std::string dir = detail::parent_directory(index_path);
+  // Shards of earlier saves that died between naming a shard and its rename, whatever
+  // their shard count or tag (each shard's writer collects only its own name's).
+  detail::collect_stale_temporaries(dir, [&](std::string_view shard) {
+    return shard.size() > stem.size() + extension.size() && shard.substr(0, stem.size() + 1) == stem + "-" &&
+           shard.substr(shard.size() - extension.size()) == extension &&
+           shard.find("-of-", stem.size()) != std::string_view::npos;
+  });
   for (size_t s = 0; s < groups.size(); ++s) {
-    char numbers[32];
-    std::snprintf(numbers, sizeof numbers, "-%05zu-of-%05zu", s + 1, groups.size());
-    w.shard_names.push_back(stem + numbers + extension);
-    w.writers.emplace_back(dir + "/" + w.shard_names.back(), std::move(groups[s]), options);
+    w.writers.emplace_back(dir + "/" + w.shard_names[s], std::move(groups[s]), options);
   }
   w.tensors = std::move(tensors);
   w.cursor.advance(0, [](size_t) {});
@@ -177,12 +211,22 @@ void ShardedWriter::commit() {
   Impl& w = *impl_;
   w.cursor.check_complete();
   for (Writer& shard : w.writers) shard.finish();  // all data durable under temporary names
+  // Names no file of the old checkpoint has: a crash from here on leaves the old index
+  // with all its shards, and at worst unreferenced new shards beside it.
   for (Writer& shard : w.writers) shard.rename_into_place();
   nlohmann::ordered_json index;
   index["metadata"] = {{"total_size", w.total}};
   index["weight_map"] = nlohmann::ordered_json::object();
   for (size_t i = 0; i < w.tensors.size(); ++i) index["weight_map"][w.tensors[i].name] = w.shard_names[w.shard_of[i]];
-  detail::write_file_atomically(w.index_path, index.dump(2) + "\n", w.sync);
+  detail::write_file_atomically(w.index_path, index.dump(2) + "\n", w.sync);  // the switch
+  // The old shards are nobody's now. A crash before this leaves them as files no index
+  // names; the next save of this path will not reuse their names either way.
+  const std::string dir = detail::parent_directory(w.index_path);
+  for (const std::string& old : w.old_shards) {
+    if (std::find(w.shard_names.begin(), w.shard_names.end(), old) == w.shard_names.end()) {
+      ::unlink((dir + "/" + old).c_str());
+    }
+  }
 }
 
 }  // namespace tensormap

@@ -20,9 +20,17 @@ struct Source {
   virtual Checkpoint::Info info(size_t i) const = 0;
   // Tensor i's bytes, contiguous, into `dest`.
   virtual void read(size_t i, void* dest) const = 0;
+  // Bytes [offset, offset + size) of tensor i's contiguous bytes into `dest` (checked by
+  // the caller); false, reading nothing, where that part cannot be read alone (a
+  // non-contiguous torch.save view).
+  virtual bool read_range(size_t i, uint64_t offset, uint64_t size, void* dest) const = 0;
   // Elements [start, start + length) of tensor i along `dim` (checked by the caller).
   virtual void read_slice(size_t i, int64_t dim, int64_t start, int64_t length, void* dest) const = 0;
+  // read() of tensor i, checked against its file's checksum where it has one.
+  virtual void read_checked(size_t i, void* dest) const { read(i, dest); }
   virtual void evict(size_t) const {}
+  virtual double cached_fraction(size_t) const { return 1.0; }
+  virtual void drop_cache(size_t) const {}
   virtual Checkpoint::Placement placement(size_t i) const = 0;
   virtual std::vector<std::pair<std::string, std::string>> metadata() const { return {}; }
   virtual std::vector<std::pair<std::string, std::string>> skipped() const { return {}; }

@@ -89,6 +89,15 @@ struct TorchSaveSource final : Source {
   void read(size_t i, void* dest) const override {
     read_tensor(tensors[i].desc, tensors[i].storage_offset, dest, tensors[i].byte_length);
   }
+  bool read_range(size_t i, uint64_t offset, uint64_t size, void* dest) const override {
+    const TorchTensor& t = tensors[i];
+    if (!is_contiguous(t.desc)) return false;
+    if (size > 0) {
+      file->read(t.storage_offset + t.desc.offset * dtype_size(t.desc.dtype) + offset, dest, size,
+                 "tensor storage " + quoted(t.desc.key));
+    }
+    return true;
+  }
   void read_slice(size_t i, int64_t dim, int64_t start, int64_t length, void* dest) const override {
     TensorDescription part = tensors[i].desc;  // the slice is a narrower view
     const auto d = static_cast<size_t>(dim);
@@ -102,6 +111,14 @@ struct TorchSaveSource final : Source {
   void evict(size_t i) const override {
     const TorchTensor& t = tensors[i];
     file->release(t.storage_offset, t.storage_offset + t.storage_bytes, "tensor storage " + quoted(t.desc.key));
+  }
+  double cached_fraction(size_t i) const override {
+    const TorchTensor& t = tensors[i];
+    return file->cached_fraction(t.storage_offset, t.storage_offset + t.storage_bytes);
+  }
+  void drop_cache(size_t i) const override {
+    const TorchTensor& t = tensors[i];
+    file->drop_cache(t.storage_offset, t.storage_offset + t.storage_bytes);
   }
   Checkpoint::Placement placement(size_t i) const override {
     const TorchTensor& t = tensors[i];

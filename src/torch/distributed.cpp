@@ -147,6 +147,7 @@ class OneRankLoad {
     if (is_source) {
       failure = attempt([&] {
         state = StateDict::open(path);
+        source_mode = detail::resolved_mode(options.load.mode, *state);
         auto t = table.accessor<int64_t, 2>();
         t[count][0] = count;
         std::unordered_set<std::string_view> names;
@@ -194,7 +195,7 @@ class OneRankLoad {
         StateDict::Info info{static_cast<Dtype>(t[i][kDtype]), {}, 0};
         for (int64_t d = 0; d < t[i][kRank]; ++d) info.shape.push_back(t[i][kDims + d]);
         const std::string why = detail::check_target(target, name, info, plan,
-                                                     is_source ? options.load.mode : LoadMode::Copy,
+                                                     is_source ? source_mode : LoadMode::Copy,
                                                      parts[static_cast<size_t>(i)]);
         if (!why.empty()) {
           report.mismatched.push_back(name + ": " + why);
@@ -227,7 +228,9 @@ class OneRankLoad {
       const int tag = static_cast<int>(i);
       if (is_source) {
         detail::LoadPlan::Binding own{target, name, part};
-        detail::load_binding(own, *state, options.load.mode, mapping, /*read_ahead=*/true);
+        // The page cache is left as it is: the source reads every rank's part of the file.
+        detail::load_binding(own, *state, source_mode, mapping, /*read_ahead=*/true, /*drop_cache=*/false,
+                             options.load.verify_checksums);
       }
       if (part.dim < 0) {  // replicated: a broadcast of the whole tensor
         if (is_source) {
@@ -270,6 +273,7 @@ class OneRankLoad {
   const std::vector<std::pair<std::string, at::Tensor>> model_state;
   const int64_t count;
   std::optional<StateDict> state;  // the source's only
+  LoadMode source_mode = LoadMode::Copy;  // the source's, Auto resolved
   LoadReport report;
   at::Tensor table;                // per model tensor: what the checkpoint holds under its name
   std::vector<detail::Part> parts; // this rank's part of each tensor
@@ -300,6 +304,7 @@ LoadReport load_over(torch::nn::Module& module, const std::string& path, Group& 
   std::optional<detail::LoadPlan> load_plan;
   auto failure = attempt([&] {
     state = StateDict::open(path);
+    local.mode = detail::resolved_mode(local.mode, *state);
     try {
       load_plan = detail::plan_load(module, *state, local);
     } catch (const Error& e) {

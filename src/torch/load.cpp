@@ -8,7 +8,10 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
+#include <optional>
 #include <sstream>
 #include <thread>
 #include <unordered_set>
@@ -67,22 +70,31 @@ namespace {
 // with pread straight into it when the bytes are already what the target holds, so that
 // no temporary is made and no mapped page is faulted in (and no SIGBUS if the file
 // shrinks meanwhile).
-void copy_into(at::Tensor& target, const StateDict& state, const LoadPlan::Binding& b) {
+void copy_into(at::Tensor& target, const StateDict& state, const LoadPlan::Binding& b, bool drop_cache,
+               bool verify) {
   ensure_storage(target);
   const StateDict::Info info = state.info(b.name);
   const bool same_bytes = to_scalar_type(info.dtype) == target.scalar_type() && target.is_contiguous();
   const Part& p = b.part;
   if (same_bytes && p.dim >= 0) {
     state.read(b.name, p.dim, p.start, p.length, target.data_ptr());
+  } else if (same_bytes && verify) {
+    state.read_checked(b.name, target.data_ptr());
   } else if (same_bytes) {
     state.read(b.name, target.data_ptr());
   } else if (p.dim >= 0) {
     target.copy_(state.slice(b.name, p.dim, p.start, p.length));
   } else {
-    const at::Tensor raw = state.raw_bytes(b.name);
+    at::Tensor raw = at::empty({static_cast<int64_t>(info.byte_length)}, at::kByte);
+    if (verify) {
+      state.read_checked(b.name, raw.data_ptr());
+    } else {
+      state.read(b.name, raw.data_ptr());
+    }
     target.copy_(raw.view(*to_scalar_type(info.dtype)).view(info.shape));
   }
   state.evict(b.name);
+  if (drop_cache) state.drop_cache(b.name);
 }
 
 }  // namespace
@@ -226,9 +238,9 @@ LoadPlan plan_load(const torch::nn::Module& module, const StateDict& state, cons
 }
 
 void load_binding(LoadPlan::Binding& b, const StateDict& state, LoadMode mode, ViewMapping mapping,
-                  bool read_ahead) {
+                  bool read_ahead, bool drop_cache, bool verify) {
   if (mode == LoadMode::Copy) {
-    copy_into(b.target, state, b);
+    copy_into(b.target, state, b, drop_cache, verify);
   } else {
     // The tensor, or a rank's part of it: a zero-copy view (a part that is not one range
     // of the file comes as a tensor of its own, read row by row).
@@ -241,6 +253,16 @@ void load_binding(LoadPlan::Binding& b, const StateDict& state, LoadMode mode, V
   }
 }
 
+std::vector<bool> cold_tensors(const std::vector<LoadPlan::Binding>& bindings, const StateDict& state,
+                               const LoadOptions& options) {
+  std::vector<bool> cold(bindings.size(), false);
+  if (options.mode != LoadMode::Copy || !options.drop_read_pages) return cold;
+  // Measured for all before any is read: the kernel's read-ahead for one tensor brings in
+  // the start of the next, which is no reason to keep it.
+  for (size_t i = 0; i < bindings.size(); ++i) cold[i] = state.cached_fraction(bindings[i].name) < 0.5;
+  return cold;
+}
+
 LoadReport apply_load(LoadPlan plan, const StateDict& state, const LoadOptions& options) {
   LoadReport& report = plan.report;
   at::NoGradGuard no_grad;
@@ -249,12 +271,20 @@ LoadReport apply_load(LoadPlan plan, const StateDict& state, const LoadOptions& 
   // around it, the neighbouring ranks' bytes included (up to 2 MiB an edge).
   const ViewMapping mapping =
       options.parallel && own_mappings_fit(plan.bindings.size()) ? ViewMapping::Own : ViewMapping::File;
-  for (LoadPlan::Binding& b : plan.bindings) {
+  const std::vector<bool> cold = cold_tensors(plan.bindings, state, options);
+  for (size_t i = 0; i < plan.bindings.size(); ++i) {
+    LoadPlan::Binding& b = plan.bindings[i];
     // A rank uses everything it loads, so it reads it all ahead.
-    load_binding(b, state, options.mode, mapping, /*read_ahead=*/options.parallel.has_value());
+    load_binding(b, state, options.mode, mapping, /*read_ahead=*/options.parallel.has_value(), cold[i],
+                 options.verify_checksums);
     report.loaded.push_back(b.name);
   }
   return report;
+}
+
+LoadMode resolved_mode(LoadMode mode, const StateDict& state) {
+  if (mode != LoadMode::Auto) return mode;
+  return fault_prone_filesystem(state.checkpoint().path()).empty() ? LoadMode::Map : LoadMode::Copy;
 }
 
 }  // namespace detail
@@ -298,7 +328,9 @@ std::string LoadReport::summary() const {
 }
 
 LoadReport load(torch::nn::Module& module, const StateDict& state, const LoadOptions& options) {
-  return detail::apply_load(detail::plan_load(module, state, options), state, options);
+  LoadOptions resolved = options;
+  resolved.mode = detail::resolved_mode(options.mode, state);
+  return detail::apply_load(detail::plan_load(module, state, resolved), state, resolved);
 }
 
 LoadReport load(torch::nn::Module& module, const File& file, const LoadOptions& options) {
@@ -321,31 +353,54 @@ LoadReport load(torch::nn::Module& module, const std::string& path, const LoadOp
 
 void prefault(const torch::nn::Module& module, int threads) {
   const uintptr_t page = page_bytes();
-  std::vector<PageSpan> ranges;
+  struct Piece {
+    uintptr_t begin, end;
+    size_t tensor;  // index into `names`
+  };
+  std::vector<std::string> names;
+  std::vector<Piece> ranges;
   uint64_t total = 0;
   for (const auto& [name, t] : named_state(module)) {
     if (is_released(t) || t.nbytes() == 0 || !t.device().is_cpu()) continue;
-    ranges.push_back(pages_of(t));
-    total += ranges.back().end - ranges.back().begin;
+    const PageSpan span = pages_of(t);
+    ranges.push_back({span.begin, span.end, names.size()});
+    names.push_back(name);
+    total += span.end - span.begin;
   }
   if (threads <= 0) threads = std::max(1, at::get_num_threads());
   // Cut the ranges into `threads` shares of about equal bytes, on page boundaries.
   const uint64_t share = (total / static_cast<uint64_t>(threads) + page) & ~(page - 1);
-  auto fault = [page](uintptr_t begin, uintptr_t end) {
+  // Faults in one piece; the error, if any, is the first a worker met.
+  auto fault = [&, page](const Piece& r, std::optional<Error>& error) {
 #ifdef MADV_POPULATE_READ
-    if (::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_READ) == 0) return;
+    int rc;
+    do {
+      rc = ::madvise(reinterpret_cast<void*>(r.begin), r.end - r.begin, MADV_POPULATE_READ);
+    } while (rc != 0 && (errno == EINTR || errno == EAGAIN));
+    if (rc == 0) return;
+    const int err = errno;
+    if (err == EFAULT) {  // a touch would have raised SIGBUS: the file shrank under the mapping
+      error = Error(ErrorKind::Truncated, "prefault: the pages of tensor " + quoted_name(names[r.tensor]) +
+                                              " lie past the end of its file, which shrank since it was mapped");
+      return;
+    }
+    if (err != EINVAL) {  // EINVAL: a kernel before 5.14; touch instead
+      error = Error(ErrorKind::Io, "prefault: cannot populate the pages of tensor " + quoted_name(names[r.tensor]) +
+                                       ": " + std::strerror(err));
+      return;
+    }
 #endif
     volatile unsigned char sink = 0;
-    for (uintptr_t p = begin; p < end; p += page) sink = sink + *reinterpret_cast<const unsigned char*>(p);
+    for (uintptr_t p = r.begin; p < r.end; p += page) sink = sink + *reinterpret_cast<const unsigned char*>(p);
   };
-  std::vector<std::vector<PageSpan>> work(static_cast<size_t>(threads));
+  std::vector<std::vector<Piece>> work(static_cast<size_t>(threads));
   size_t worker = 0;
   uint64_t filled = 0;
-  for (PageSpan r : ranges) {
+  for (Piece r : ranges) {
     while (r.begin < r.end) {
       const uint64_t room = share - filled;
       const uintptr_t cut = std::min<uintptr_t>(r.end, r.begin + room);
-      work[worker].push_back({r.begin, cut});
+      work[worker].push_back({r.begin, cut, r.tensor});
       filled += cut - r.begin;
       r.begin = cut;
       if (filled >= share && worker + 1 < work.size()) {
@@ -354,14 +409,20 @@ void prefault(const torch::nn::Module& module, int threads) {
       }
     }
   }
+  std::vector<std::optional<Error>> errors(work.size());
+  auto run = [&](size_t w) {
+    for (const Piece& r : work[w]) {
+      fault(r, errors[w]);
+      if (errors[w]) return;
+    }
+  };
   std::vector<std::thread> pool;
-  for (size_t w = 1; w < work.size(); ++w) {
-    pool.emplace_back([&, w] {
-      for (const PageSpan& r : work[w]) fault(r.begin, r.end);
-    });
-  }
-  for (const PageSpan& r : work[0]) fault(r.begin, r.end);
+  for (size_t w = 1; w < work.size(); ++w) pool.emplace_back(run, w);
+  run(0);
   for (auto& t : pool) t.join();
+  for (const auto& e : errors) {
+    if (e) throw *e;
+  }
 }
 
 }  // namespace tensormap

@@ -61,8 +61,18 @@ LoadReport apply_load(LoadPlan plan, const StateDict& state, const LoadOptions& 
 // Loads one binding: in copy mode, a pread straight into the target's own memory; in map
 // mode, the tensor or part as StateDict::at or slice gives it (a view in `mapping`, read
 // ahead exactly with MADV_WILLNEED first if `read_ahead`), bound to the target.
+// In copy mode, `drop_cache` drops the tensor's pages from the page cache after the copy
+// and `verify` checks a whole tensor's checksum as it is read. REQUIRES: mode is not Auto.
 void load_binding(LoadPlan::Binding& b, const StateDict& state, LoadMode mode, ViewMapping mapping,
-                  bool read_ahead);
+                  bool read_ahead, bool drop_cache, bool verify);
+
+// For each binding, whether a copy-mode load drops its pages from the page cache after
+// copying it (LoadOptions::drop_read_pages): those mostly not cached before the load.
+std::vector<bool> cold_tensors(const std::vector<LoadPlan::Binding>& bindings, const StateDict& state,
+                               const LoadOptions& options);
+
+// `mode`, with Auto resolved for the filesystem `state` lies on (see LoadMode::Auto).
+LoadMode resolved_mode(LoadMode mode, const StateDict& state);
 
 // Makes a released target an ordinary tensor with fresh, faulted-in memory; keeps an
 // allocated one as it is.

@@ -2,6 +2,7 @@
 #include <ATen/ATen.h>
 #include <torch/nn/module.h>
 
+#include <algorithm>
 #include <memory>
 
 #include "released.h"
@@ -23,6 +24,42 @@ std::vector<std::pair<std::string, at::Tensor>> named_state(const torch::nn::Mod
   }
   return out;
 }
+
+namespace {
+
+// The most a piece of a tensor copied to be written takes.
+constexpr int64_t kPieceBytes = 16 << 20;
+
+// Writes `t`'s elements in logical order. A contiguous CPU tensor is written from its own
+// memory; any other is cut along its first dimensions into pieces of at most kPieceBytes,
+// each copied into `staging` (one buffer of kPieceBytes, made at the first need and reused:
+// fresh allocations of that size would each grow the heap) and written in turn, so that
+// saving a strided view or a GPU tensor holds one piece at a time, not a copy of the tensor.
+void write_in_pieces(TensorWriter& writer, const at::Tensor& t, at::Tensor& staging) {
+  const auto nbytes = static_cast<int64_t>(t.numel()) * static_cast<int64_t>(t.element_size());
+  if (nbytes == 0) return;
+  if (t.device().is_cpu() && t.is_contiguous()) {
+    writer.write(t.data_ptr(), static_cast<size_t>(nbytes));
+    return;
+  }
+  if (nbytes <= kPieceBytes || t.dim() == 0) {
+    if (!staging.defined()) staging = at::empty({kPieceBytes}, at::kByte);
+    at::from_blob(staging.data_ptr(), t.sizes(), t.options().device(at::kCPU)).copy_(t);
+    writer.write(staging.data_ptr(), static_cast<size_t>(nbytes));
+    return;
+  }
+  const int64_t rows = t.size(0), row_bytes = nbytes / rows;
+  if (row_bytes > kPieceBytes) {  // one row is too large: cut each row in turn
+    for (int64_t r = 0; r < rows; ++r) write_in_pieces(writer, t.select(0, r), staging);
+    return;
+  }
+  const int64_t per_piece = kPieceBytes / row_bytes;  // >= 1 rows, each a piece no larger
+  for (int64_t r = 0; r < rows; r += per_piece) {
+    write_in_pieces(writer, t.narrow(0, r, std::min(per_piece, rows - r)), staging);
+  }
+}
+
+}  // namespace
 
 void save(const std::vector<std::pair<std::string, at::Tensor>>& tensors, const std::string& path,
           const SaveOptions& options) {
@@ -51,15 +88,12 @@ void save(const std::vector<std::pair<std::string, at::Tensor>>& tensors, const 
   writer_options.sync = options.sync;
   writer_options.format = options.format;
   const std::unique_ptr<TensorWriter> writer = open_writer(path, std::move(specs), writer_options);
+  at::Tensor staging;
   for (const auto& item : tensors) {
-    // One tensor at a time: at most one contiguous copy exists at once.
     at::Tensor t = item.second.detach();
-    if (!t.device().is_cpu()) t = t.cpu();
     if (t.is_conj()) t = t.resolve_conj();
     if (t.is_neg()) t = t.resolve_neg();
-    if (!t.is_contiguous()) t = t.contiguous();
-    const size_t nbytes = static_cast<size_t>(t.numel()) * t.element_size();
-    if (nbytes > 0) writer->write_tensor(t.data_ptr(), nbytes);
+    write_in_pieces(*writer, t, staging);
   }
   writer->commit();
 }

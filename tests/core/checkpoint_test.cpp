@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "../../src/core/mapping.h"
 #include "../../src/core/pickle.h"
 #include "support.h"
 #include "tensormap/core.h"
@@ -18,6 +19,7 @@ namespace {
 using testing::read_bytes;
 using testing::TempDir;
 using testing::write_bytes;
+using testing::write_pattern_file;
 
 const std::string kTorchFixtures = TENSORMAP_FIXTURES_DIR "/torch_save/";
 
@@ -124,6 +126,107 @@ TEST(TorchSave, ViewsOfOneStorageReadAsTheirOwnElements) {
   EXPECT_EQ(static_cast<const float*>(p.storage)[6], 6.0f);
   EXPECT_EQ(c.placement("row").storage, p.storage);  // views share their storage
   EXPECT_EQ(c.placement("row").offset, 4u);
+}
+
+// read_chunks gives exactly read()'s bytes, in pieces no larger than the buffer, for
+// every kind of source: a file, shards, a torch.save storage and a strided view of one.
+std::vector<unsigned char> chunked(const Checkpoint& c, const std::string& name, uint64_t buffer_size,
+                                   uint64_t* largest_piece) {
+  std::vector<unsigned char> buffer(buffer_size), out;
+  *largest_piece = 0;
+  c.read_chunks(name, buffer.data(), buffer_size, [&](const void* data, uint64_t size) {
+    EXPECT_EQ(size % dtype_size(c.info(name).dtype), 0u) << name << ": a piece of whole elements";
+    *largest_piece = std::max(*largest_piece, size);
+    out.insert(out.end(), static_cast<const unsigned char*>(data), static_cast<const unsigned char*>(data) + size);
+  });
+  return out;
+}
+
+// read_checked: a tensormap tensor whose data no longer matches its checksum is named,
+// alone or in a shard; the others read as read() reads them; safetensors reads unchecked.
+TEST(ReadChecked, NamesTheTensorWhoseBytesDoNotMatchItsChecksum) {
+  TempDir dir;
+  const std::string path = dir.file("m.tmap");
+  write_pattern_file(path, {{"a", Dtype::F32, {1024}}, {"b", Dtype::U8, {100}}});
+  const std::string sharded = dir.file("s.tmap.index.json");
+  ConvertOptions options;
+  options.shard_size = 100;
+  options.sync = false;
+  convert(path, sharded, options);
+  const std::string shard = dir.file("s-00002-of-00002.tmap");
+  for (const std::string& damaged : {path, shard}) {
+    const File f = File::open(damaged);
+    std::vector<unsigned char> bytes = read_bytes(damaged);
+    bytes[f.tensors().back().offset + 7] ^= 0x20;  // "b"
+    write_bytes(damaged, bytes);
+  }
+  for (const std::string& p : {path, sharded}) {
+    const Checkpoint c = Checkpoint::open(p);
+    std::vector<unsigned char> a(4096), a_checked(4096), b(100);
+    c.read("a", a.data());
+    c.read_checked("a", a_checked.data());
+    EXPECT_EQ(a, a_checked) << p;
+    try {
+      c.read_checked("b", b.data());
+      ADD_FAILURE() << p << ": a corrupt tensor read without error";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::ChecksumMismatch) << e.what();
+      EXPECT_NE(std::string(e.what()).find("'b'"), std::string::npos) << e.what();
+    }
+  }
+  const std::string st = dir.file("m.safetensors");
+  convert(kTorchFixtures + "state_dict.pt", st, options = {});
+  const Checkpoint c = Checkpoint::open(st);
+  std::vector<unsigned char> out(c.info("0.weight").byte_length);
+  EXPECT_NO_THROW(c.read_checked("0.weight", out.data()));
+}
+
+// LoadMode::Auto copies from these (statfs magic numbers), maps from the rest.
+TEST(FaultProneFilesystems, NetworkAndFuseFilesystemsAreNamedLocalOnesAreNot) {
+  EXPECT_STREQ(detail::fault_prone_filesystem_type(0x6969), "NFS");
+  EXPECT_STREQ(detail::fault_prone_filesystem_type(0xFF534D42), "SMB/CIFS");
+  EXPECT_STREQ(detail::fault_prone_filesystem_type(0xFE534D42), "SMB/CIFS");
+  EXPECT_STREQ(detail::fault_prone_filesystem_type(0x65735546), "FUSE");
+  EXPECT_STREQ(detail::fault_prone_filesystem_type(0x01021997), "9p");
+  EXPECT_STREQ(detail::fault_prone_filesystem_type(0x00C36400), "Ceph");
+  for (uint64_t local : {0xEF53u, 0x01021994u, 0x58465342u, 0x9123683Eu}) {  // ext4, tmpfs, XFS, Btrfs
+    EXPECT_EQ(detail::fault_prone_filesystem_type(local), nullptr) << std::hex << local;
+  }
+  TempDir dir;
+  EXPECT_EQ(fault_prone_filesystem(dir.file("")), "");
+  EXPECT_EQ(fault_prone_filesystem("/proc/self"), "");
+}
+
+TEST(ReadChunks, GiveReadsBytesInPiecesNoLargerThanTheBuffer) {
+  TempDir dir;
+  const std::string sharded = dir.file("state.safetensors.index.json");
+  ConvertOptions options;
+  options.shard_size = 64;
+  options.sync = false;
+  convert(kTorchFixtures + "state_dict.pt", sharded, options);
+  for (const std::string& path : {kTorchFixtures + "shared_views.pt", kTorchFixtures + "state_dict.pt",
+                                  std::string(TENSORMAP_FIXTURES_DIR "/../../format/valid/all_dtypes.tmap"), sharded}) {
+    const Checkpoint c = Checkpoint::open(path);
+    for (const std::string& name : c.keys()) {
+      std::vector<unsigned char> whole(c.info(name).byte_length);
+      c.read(name, whole.data());
+      for (uint64_t buffer_size : {16u, 24u, 40u, 4096u}) {
+        uint64_t largest = 0;
+        EXPECT_EQ(chunked(c, name, buffer_size, &largest), whole) << path << " " << name << " " << buffer_size;
+        EXPECT_LE(largest, buffer_size) << path << " " << name;
+      }
+    }
+  }
+  const Checkpoint c = Checkpoint::open(kTorchFixtures + "shared_views.pt");
+  std::vector<unsigned char> buffer(12);
+  for (uint64_t bad : {0u, 3u}) {  // "row" is F32
+    try {
+      c.read_chunks("row", buffer.data(), bad, [](const void*, uint64_t) {});
+      ADD_FAILURE() << bad;
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::InvalidArgument) << e.what();
+    }
+  }
 }
 
 TEST(TorchSave, ATrainingCheckpointListsWhatItSkipped) {

@@ -2,6 +2,9 @@
 // header in place while keeping its checksum right, so a test breaks exactly one rule.
 #pragma once
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
 #include <xxhash.h>
 
 #include <algorithm>
@@ -11,6 +14,7 @@
 #include <fstream>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "tensormap/core.h"
@@ -45,6 +49,21 @@ class TempDir {
  private:
   fs::path path_;
 };
+
+// Pages of `path` in the page cache, and all its pages.
+inline std::pair<size_t, size_t> cached_pages(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  const size_t size = static_cast<size_t>(::lseek(fd, 0, SEEK_END));
+  void* map = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd, 0);
+  const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+  std::vector<unsigned char> in_core((size + page - 1) / page);
+  ::mincore(map, size, in_core.data());
+  ::munmap(map, size);
+  ::close(fd);
+  size_t cached = 0;
+  for (unsigned char c : in_core) cached += c & 1;
+  return {cached, in_core.size()};
+}
 
 inline std::vector<unsigned char> read_bytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);

@@ -1,18 +1,29 @@
 // The writer: declarations are validated, bytes are checked, and a write either lands
 // completely or leaves the destination exactly as it was, with no temporary file behind.
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sys/file.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <csignal>
 #include <random>
+#include <set>
 
 #include "support.h"
 
 namespace tensormap::testing {
 namespace {
+
+// Set by the ctest run that repeats the writer tests with named temporary files, the
+// fallback for filesystems without O_TMPFILE.
+bool named_temporaries() {
+  const char* v = std::getenv("TENSORMAP_NAMED_TEMPORARIES");
+  return v != nullptr && v[0] == '1';
+}
 
 std::optional<ErrorKind> construct_error(const std::vector<TensorSpec>& specs,
                                          WriterOptions options = {}) {
@@ -95,7 +106,8 @@ TEST(WriterAtomicity, DestroyingBeforeCommitKeepsTheOldFileAndLeavesNoTemp) {
     Writer w(path, {{"new", Dtype::U8, {4}}, {"more", Dtype::U8, {4}}}, {});
     const unsigned char data[4] = {1, 2, 3, 4};
     w.write(data, 4);
-    EXPECT_EQ(dir.entries().size(), 2u) << "the temp file exists while writing";
+    // Named while writing only where it must be; otherwise nameless until commit.
+    EXPECT_EQ(dir.entries().size(), named_temporaries() ? 2u : 1u);
   }
   EXPECT_EQ(read_bytes(path), before);
   EXPECT_EQ(dir.entries(), std::vector<std::string>{"model.tmap"});
@@ -264,6 +276,49 @@ TEST(CrashSafety, KillDashNineDuringSavesLeavesTheOldOrTheNewFileWhole) {
   }
 }
 
+void set_age(const std::string& path, time_t seconds) {
+  const timespec times[2] = {{::time(nullptr) - seconds, 0}, {::time(nullptr) - seconds, 0}};
+  ASSERT_EQ(::utimensat(AT_FDCWD, path.c_str(), times, 0), 0) << path;
+}
+
+TEST(Temporaries, ASaveRemovesTheTemporariesOfDeadWritersOfItsPathOnly) {
+  TempDir dir;
+  const std::string dead = dir.file(".model.tmap.tmp-00000000dead");     // old, unlocked
+  const std::string live = dir.file(".model.tmap.tmp-0000000011fe");     // old, but locked
+  const std::string young = dir.file(".model.tmap.tmp-000000000001");    // unlocked, new
+  const std::string other = dir.file(".other.tmap.tmp-00000000dead");    // another path's
+  const std::string lookalike = dir.file(".model.tmap.tmp-dead");        // not our name
+  for (const auto& p : {dead, live, young, other, lookalike}) write_bytes(p, {1, 2, 3});
+  for (const auto& p : {dead, live, other, lookalike}) set_age(p, 3600);
+  const int held = ::open(live.c_str(), O_RDONLY);
+  ASSERT_GE(held, 0);
+  ASSERT_EQ(::flock(held, LOCK_EX), 0);  // as a writer still at work holds it
+  write_pattern_file(dir.file("model.tmap"), {{"a", Dtype::U8, {4}}});
+  ::close(held);
+  EXPECT_EQ(dir.entries(), (std::vector<std::string>{".model.tmap.tmp-000000000001", ".model.tmap.tmp-0000000011fe",
+                                                      ".model.tmap.tmp-dead", ".other.tmap.tmp-00000000dead",
+                                                      "model.tmap"}));
+}
+
+TEST(Temporaries, RemoveTemporaryFilesLeavesNoNamedFileAndTheWriterThenFails) {
+  TempDir dir;
+  const std::string path = dir.file("model.tmap");
+  write_pattern_file(path, {{"old", Dtype::U8, {10}}});
+  const auto before = read_bytes(path);
+  Writer w(path, {{"new", Dtype::U8, {4}}}, {});
+  const unsigned char data[4] = {1, 2, 3, 4};
+  w.write_tensor(data, 4);
+  remove_temporary_files();  // what the CLI's SIGINT handler does
+  EXPECT_EQ(dir.entries(), std::vector<std::string>{"model.tmap"});
+  if (named_temporaries()) {
+    EXPECT_THROW(w.commit(), Error);  // its file is gone: the rename fails
+    EXPECT_EQ(read_bytes(path), before);
+  } else {
+    w.commit();  // nameless files are not the signal handler's to remove
+  }
+  EXPECT_EQ(dir.entries(), std::vector<std::string>{"model.tmap"});
+}
+
 TEST(ShardedWriter, SplitsAtTheShardSizeAndWritesAnIndexLast) {
   TempDir dir;
   const std::string index_path = dir.file("model.tmap.index.json");
@@ -288,6 +343,108 @@ TEST(ShardedWriter, SplitsAtTheShardSizeAndWritesAnIndexLast) {
   const File last = File::open(index.shard_path(3));
   EXPECT_EQ(static_cast<unsigned char>(last.bytes(last.at("big")).data[0]), 5);
   last.verify();
+}
+
+// Saves a sharded checkpoint of `count` 400-byte tensors, 2 to a shard, each filled with
+// `fill`; returns the index's shard names.
+std::vector<std::string> save_shards(const std::string& index_path, size_t count, unsigned char fill,
+                                     bool sync = false) {
+  std::vector<TensorSpec> specs;
+  for (size_t i = 0; i < count; ++i) specs.push_back({"t" + std::to_string(i), Dtype::U8, {400}});
+  WriterOptions options;
+  options.sync = sync;
+  ShardedWriter w(index_path, specs, 800, options);
+  const std::vector<unsigned char> data(400, fill);
+  for (size_t i = 0; i < count; ++i) w.write_tensor(data.data(), data.size());
+  w.commit();
+  return ShardIndex::open(index_path).shard_files();
+}
+
+TEST(ShardedWriter, ASaveNeverReplacesAShardTheOldIndexNamesAndRemovesTheOldOnes) {
+  TempDir dir;
+  const std::string index = dir.file("model.tmap.index.json");
+  const auto first = save_shards(index, 4, 'A');
+  EXPECT_EQ(first, (std::vector<std::string>{"model-00001-of-00002.tmap", "model-00002-of-00002.tmap"}));
+  // Same shape again: the usual names are the old index's, so the new set is tagged.
+  const auto second = save_shards(index, 4, 'B');
+  EXPECT_EQ(second, (std::vector<std::string>{"model-00001-of-00002.b.tmap", "model-00002-of-00002.b.tmap"}));
+  EXPECT_EQ(dir.entries(), (std::vector<std::string>{"model-00001-of-00002.b.tmap", "model-00002-of-00002.b.tmap",
+                                                      "model.tmap.index.json"}));
+  // And back: saves of one shape alternate between the two sets.
+  EXPECT_EQ(save_shards(index, 4, 'C'), first);
+  // Fewer shards: nothing of the old set stays.
+  EXPECT_EQ(save_shards(index, 2, 'D'), std::vector<std::string>{"model-00001-of-00001.tmap"});
+  EXPECT_EQ(dir.entries(), (std::vector<std::string>{"model-00001-of-00001.tmap", "model.tmap.index.json"}));
+  const Checkpoint checkpoint = Checkpoint::open(index);
+  std::vector<unsigned char> bytes(400);
+  checkpoint.read("t1", bytes.data());
+  EXPECT_EQ(bytes, std::vector<unsigned char>(400, 'D'));
+}
+
+// kill -9 at random moments while a child re-saves a sharded checkpoint, cycling through
+// three versions (3 shards of 'A', 3 shards of 'B', 2 shards of 'C'): the index must
+// always name a complete set, all old or all new, never a mix.
+// Version v of the checkpoint: 6 shards' worth of tensors, or 4 for every third, so that
+// the saves re-shard both ways; each tensor filled with 'A' + v % 3.
+void save_version(const std::string& index, int v) {
+  save_shards(index, v % 3 == 2 ? 4 : 6, static_cast<unsigned char>('A' + v % 3));
+}
+
+TEST(CrashSafety, KillDashNineDuringShardedSavesLeavesAWholeOldOrNewCheckpoint) {
+  TempDir dir;
+  const std::string index = dir.file("model.tmap.index.json");
+  // How long one save takes here (sanitizers and a loaded machine slow it several-fold),
+  // so that the kills land inside saves rather than always after many of them.
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int v = 0; v < 3; ++v) save_version(index, v);
+  const auto one_save = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0) / 3;
+  save_version(index, 0);
+  std::mt19937 rng(11);
+  constexpr int kTrials = 60;
+  std::set<int> seen;
+  int version = 0;  // of the checkpoint on disk
+  for (int trial = 0; trial < kTrials; ++trial) {
+    // The child saves versions version+1, version+2, ... and reports each once committed;
+    // the parent lets trial % 3 of them complete, then kills within the next save.
+    int progress[2];
+    ASSERT_EQ(::pipe(progress), 0);
+    const pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      ::close(progress[0]);
+      for (int v = version + 1;; ++v) {
+        save_version(index, v);
+        if (::write(progress[1], &v, sizeof v) != sizeof v) ::_exit(1);
+      }
+    }
+    ::close(progress[1]);
+    int committed = version;
+    for (int k = 0; k < trial % 3; ++k) ASSERT_EQ(::read(progress[0], &committed, sizeof committed), ssize_t{sizeof committed});
+    ::usleep(std::uniform_int_distribution<unsigned>(0, static_cast<unsigned>(one_save.count()))(rng));
+    ::kill(pid, SIGKILL);
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    for (int v = 0; ::read(progress[0], &v, sizeof v) == ssize_t{sizeof v};) committed = v;
+    ::close(progress[0]);
+    // On disk: the last version reported, or the one after it if the kill fell between
+    // its index rename and its report. Never a mix.
+    const Checkpoint checkpoint = Checkpoint::open(index);
+    std::vector<unsigned char> bytes(400);
+    checkpoint.read("t0", bytes.data());
+    const int on_disk = bytes[0] - 'A' == committed % 3 ? committed : committed + 1;
+    ASSERT_EQ(bytes[0], 'A' + on_disk % 3) << "trial " << trial << ": last committed version " << committed;
+    ASSERT_EQ(checkpoint.size(), on_disk % 3 == 2 ? 4u : 6u) << "trial " << trial;
+    for (const std::string& name : checkpoint.keys()) {
+      checkpoint.read(name, bytes.data());
+      ASSERT_EQ(bytes, std::vector<unsigned char>(400, 'A' + on_disk % 3))
+          << "trial " << trial << ": " << name << " is of another save";
+    }
+    for (const File& shard : checkpoint.files()) EXPECT_NO_THROW(shard.verify());
+    seen.insert(on_disk % 3);
+    version = on_disk;
+  }
+  // Each trial let 0, 1 or 2 saves complete, so every kind of version is met.
+  EXPECT_EQ(seen.size(), 3u);
 }
 
 TEST(ShardedWriter, AFailureBeforeCommitLeavesNothingBehind) {

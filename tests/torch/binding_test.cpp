@@ -297,6 +297,22 @@ TEST(Skeleton, BuiltThenLoadedGivesTheSameOutputsAsBuiltNormally) {
 
 // --- load -------------------------------------------------------------------------------
 
+// LoadMode::Auto maps a file on a local filesystem, as Map does (the classification of
+// remote ones is tested in the core: FaultProneFilesystems).
+TEST(LoadAuto, MapsAFileOnALocalFilesystem) {
+  TempDir dir;
+  const std::string path = dir.file("net.tmap");
+  save(*trained_net(), path);
+  ASSERT_EQ(fault_prone_filesystem(path), "");
+  NetModule net;
+  release(*net);
+  const File f = File::open(path);
+  LoadOptions options;
+  options.mode = LoadMode::Auto;
+  EXPECT_TRUE(load(*net, f, options).complete());
+  for (const auto& [name, t] : named_state(*net)) EXPECT_TRUE(inside(f, t.data_ptr())) << name;
+}
+
 TEST(LoadMap, EveryParameterAndBufferPointsIntoTheMapping) {
   TempDir dir;
   const std::string path = dir.file("net.tmap");
@@ -342,6 +358,40 @@ TEST(LoadCopy, ConvertsBf16InTheFileIntoAnF32Model) {
   EXPECT_EQ(lin->weight.scalar_type(), at::kFloat);
   EXPECT_TRUE(torch::equal(lin->weight, weights.to(at::kBFloat16).to(at::kFloat)));
   EXPECT_TRUE(torch::equal(lin->bias, torch::ones({4})));
+}
+
+// verify_checksums: a flipped byte in a tensor's data (the header still sound, so the
+// file opens) stops a copy-mode load with ChecksumMismatch naming the tensor, whether
+// the bytes go straight into the model or through a dtype conversion; unchecked, the
+// load takes the corrupt bytes.
+TEST(LoadCopy, VerifyingChecksumsNamesTheCorruptTensor) {
+  TempDir dir;
+  const std::string path = dir.file("lin.tmap");
+  save({{"weight", torch::randn({4, 3})}, {"bias", torch::ones({4})}}, path);
+  const File file = File::open(path);
+  const uint64_t at = file.tensors()[file.tensors()[0].name == "bias" ? 0 : 1].offset;  // bias's first byte
+  std::vector<unsigned char> bytes = read_bytes(path);
+  bytes[at] ^= 0x01;
+  write_bytes(path, bytes);
+  for (at::ScalarType dtype : {at::kFloat, at::kDouble}) {
+    torch::nn::Linear lin(3, 4);
+    lin->to(dtype);
+    LoadOptions checked;
+    checked.mode = LoadMode::Copy;
+    checked.verify_checksums = true;
+    try {
+      load(*lin, path, checked);
+      ADD_FAILURE() << "a corrupt tensor loaded";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::ChecksumMismatch) << e.what();
+      EXPECT_NE(std::string(e.what()).find("'bias'"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(path), std::string::npos) << e.what();
+    }
+    LoadOptions unchecked = checked;
+    unchecked.verify_checksums = false;
+    load(*lin, path, unchecked);
+    EXPECT_FALSE(torch::equal(lin->bias, torch::ones({4}, dtype))) << "the flipped bit is loaded";
+  }
 }
 
 TEST(LoadCopy, IntoAnAllocatedModelWritesTheExistingStorage) {

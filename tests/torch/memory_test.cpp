@@ -1,8 +1,13 @@
 // Deterministic memory checks of the LibTorch layer. CTest runs every test in its own
 // process, so the figures of one test are not disturbed by another. Margins are stated
 // where they are used.
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sys/mman.h>
+#include <unistd.h>
 #include <torch/torch.h>
+
+#include <filesystem>
 
 #include "../core/support.h"
 #include "tensormap/tensormap.h"
@@ -135,6 +140,141 @@ TEST_F(Memory, ConvertingA256MiBCheckpointPeaksBelowLargestTensorPlus16MiB) {
   const uint64_t largest = 2048 * 2048 * 4;
   EXPECT_LT(growth(before.vm_hwm, after.vm_hwm), largest + 16 * kMiB)
       << "input pages are given back tensor by tensor; output goes to the page cache";
+}
+
+// One F32 tensor of 1 GiB, written in 16 MiB pieces (the test's own memory stays small):
+// element k is k mod 1000003, exact in F32 and in BF16 up to rounding.
+constexpr int64_t kGiBElements = int64_t{1} << 28;
+float pattern(int64_t k) { return static_cast<float>(k % 1000003); }
+
+void write_one_gib_tensor(const std::string& path) {
+  Writer w(path, {{"huge", Dtype::F32, {uint64_t{1} << 14, uint64_t{1} << 14}}}, {4096, {}, false});
+  std::vector<float> piece(int64_t{1} << 22);
+  for (int64_t at = 0; at < kGiBElements; at += static_cast<int64_t>(piece.size())) {
+    for (size_t j = 0; j < piece.size(); ++j) piece[j] = pattern(at + static_cast<int64_t>(j));
+    w.write(piece.data(), piece.size() * sizeof(float));
+  }
+  w.commit();
+}
+
+// Converting a checkpoint whose one tensor is 1 GiB, to BF16 safetensors and to torch.save
+// unchanged, streams it: the peak grows by tens of MiB, not by the tensor (it once grew by
+// 1 GiB, 1.5 GiB to BF16).
+TEST_F(Memory, ConvertingA1GiBTensorPeaksUnder48MiBWhateverTheDtype) {
+  TempDir dir;
+  const std::string path = dir.file("huge.tmap");
+  write_one_gib_tensor(path);
+  for (const char* out : {"huge.safetensors", "huge.pt"}) {
+    ASSERT_TRUE(reset_peak_memory());
+    const auto before = read_process_memory();
+    ConvertOptions options;
+    options.sync = false;
+    if (std::string(out) == "huge.safetensors") options.float_dtype = Dtype::BF16;
+    convert(path, dir.file(out), options);
+    const auto after = read_process_memory();
+    std::printf("convert of a 1 GiB tensor to %s: peak grew by %.1f MiB\n", out,
+                static_cast<double>(growth(before.vm_hwm, after.vm_hwm)) / kMiB);
+    EXPECT_LT(growth(before.vm_hwm, after.vm_hwm), 48 * kMiB) << out;
+    const Checkpoint c = Checkpoint::open(dir.file(out));
+    const int64_t row = (int64_t{1} << 14) - 1;  // the last row: the end of the last piece
+    at::Tensor last = torch::empty({1, int64_t{1} << 14}, options.float_dtype ? torch::kBFloat16 : torch::kFloat32);
+    c.read("huge", 0, row, 1, last.data_ptr());
+    const at::Tensor expected =
+        (torch::arange(row << 14, (row + 1) << 14, torch::kInt64) % 1000003).to(last.scalar_type()).view({1, -1});
+    EXPECT_TRUE(torch::equal(last, expected)) << out;
+    std::filesystem::remove(dir.file(out));
+  }
+}
+
+// Saving a 1 GiB tensor that is not contiguous (a transposed matrix) copies it in pieces:
+// the peak grows by tens of MiB, not by a contiguous copy of the tensor.
+TEST_F(Memory, SavingANonContiguous1GiBTensorPeaksUnder48MiB) {
+  TempDir dir;
+  const at::Tensor matrix = torch::arange(kGiBElements, torch::kFloat32).view({int64_t{1} << 14, int64_t{1} << 14});
+  const at::Tensor transposed = matrix.t();
+  ASSERT_FALSE(transposed.is_contiguous());
+  ASSERT_TRUE(reset_peak_memory());
+  const auto before = read_process_memory();
+  save({{"t", transposed}}, dir.file("t.tmap"), {4096, {}, false});
+  const auto after = read_process_memory();
+  std::printf("save of a transposed 1 GiB tensor: peak grew by %.1f MiB\n",
+              static_cast<double>(growth(before.vm_hwm, after.vm_hwm)) / kMiB);
+  EXPECT_LT(growth(before.vm_hwm, after.vm_hwm), 48 * kMiB);
+  const auto sd = StateDict::open(dir.file("t.tmap"));
+  EXPECT_TRUE(torch::equal(sd["t"], transposed));
+}
+
+// --- the page cache after a copy-mode load ------------------------------------------------
+
+// 16 x Linear(4096, 4096), zeros: 1 GiB, written in pieces and synced, so that the page
+// cache can then give its pages back.
+torch::nn::Sequential gib_model() {
+  torch::nn::Sequential seq;
+  for (int i = 0; i < 16; ++i) seq->push_back(torch::nn::Linear(4096, 4096));
+  return seq;
+}
+
+void write_gib_checkpoint(const std::string& path) {
+  std::vector<TensorSpec> specs;
+  for (int i = 0; i < 16; ++i) {
+    specs.push_back({std::to_string(i) + ".weight", Dtype::F32, {4096, 4096}});
+    specs.push_back({std::to_string(i) + ".bias", Dtype::F32, {4096}});
+  }
+  Writer w(path, specs, {4096, {}, true});
+  const std::vector<float> zeros(4096 * 256, 0.5f);
+  while (w.current_tensor() < w.tensor_count()) {
+    const uint64_t left = w.byte_length(w.current_tensor());
+    w.write(zeros.data(), std::min<uint64_t>(left, zeros.size() * sizeof(float)));
+  }
+  w.commit();
+}
+
+// The fraction of the file's pages in the page cache.
+double cached(const std::string& path) {
+  const auto [in_cache, pages] = cached_pages(path);
+  return static_cast<double>(in_cache) / static_cast<double>(pages);
+}
+
+void evict_page_cache(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+  ::close(fd);
+}
+
+// A cold copy-mode load of 1 GiB leaves under 5% of the file in the page cache: the
+// process's owned copy is the one copy in memory. A warm file stays cached, and
+// drop_read_pages = false keeps what it read (the test can tell the difference).
+TEST_F(Memory, ACopyLoadLeavesNoCopyInThePageCache) {
+  TempDir dir;
+  const std::string path = dir.file("gib.tmap");
+  write_gib_checkpoint(path);
+  evict_page_cache(path);
+  if (cached(path) > 0.02) GTEST_SKIP() << "cannot evict the file from the page cache here";
+  LoadOptions copy;
+  copy.mode = LoadMode::Copy;
+  {
+    auto model = build_skeleton(gib_model);
+    load(*model, path, copy);
+    std::printf("cold copy-mode load of 1 GiB: %.1f%% of the file cached after\n", 100 * cached(path));
+    EXPECT_LT(cached(path), 0.05);
+    EXPECT_EQ(model[15]->as<torch::nn::Linear>()->weight[4095][4095].item<float>(), 0.5f);
+  }
+  {  // warm: everything cached before stays
+    const File f = File::open(path);
+    f.verify();  // reads every byte
+    ASSERT_GT(cached(path), 0.95);
+    auto model = build_skeleton(gib_model);
+    load(*model, path, copy);
+    EXPECT_GT(cached(path), 0.95) << "a warm file's pages were dropped";
+  }
+  {  // kept on request
+    evict_page_cache(path);
+    auto model = build_skeleton(gib_model);
+    LoadOptions keep = copy;
+    keep.drop_read_pages = false;
+    load(*model, path, keep);
+    EXPECT_GT(cached(path), 0.90) << "drop_read_pages = false dropped pages";
+  }
 }
 
 }  // namespace

@@ -335,21 +335,6 @@ TEST(Slice, OwnMappingViewsHoldOnlyTheirOwnPages) {
   EXPECT_TRUE(pt.at("w", ViewMapping::Own).equal(w));
 }
 
-// Pages of `path` in the page cache, and all its pages.
-std::pair<size_t, size_t> cached_pages(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY);
-  const size_t size = static_cast<size_t>(::lseek(fd, 0, SEEK_END));
-  void* map = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd, 0);
-  const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
-  std::vector<unsigned char> in_core((size + page - 1) / page);
-  ::mincore(map, size, in_core.data());
-  ::munmap(map, size);
-  ::close(fd);
-  size_t cached = 0;
-  for (unsigned char c : in_core) cached += c & 1;
-  return {cached, in_core.size()};
-}
-
 // A rank reads its share of the file and not the rest: with the file evicted from the
 // page cache first (and mincore confirming it), loading rank 1 of 4 and touching every
 // weight brings in about a quarter of the file's pages. Margin: kernel read-around.
@@ -372,6 +357,7 @@ TEST(ParallelLoad, ARankReadsOnlyItsShareOfTheFile) {
     LoadOptions options;
     options.mode = mode;
     options.parallel = ParallelPlan{1, 4, kSplits};
+    options.drop_read_pages = false;  // what was read stays cached, to be counted
     load(*model, path, options);
     double total_sum = 0;
     for (const auto& p : model->parameters()) total_sum += p.sum().item<double>();
@@ -388,12 +374,18 @@ TEST(ParallelLoad, ARankReadsOnlyItsShareOfTheFile) {
 
 // prefault() brings every mapped weight into the process at once, from the page cache,
 // without copying: RssFile grows by the weights, RssAnon does not, values are unchanged.
+// A 32 MiB model written to `path`, then loaded from it in map mode.
+torch::nn::ModuleList mapped_model(const std::string& path) {
+  write_full_model(path, 2, 1024, 2048);
+  auto model = build_skeleton([] { return tp_model(2, 1024, 2048, 1); });
+  load(*model, path);
+  return model;
+}
+
 TEST(Prefault, FaultsInEveryMappedWeightWithoutCopyingThem) {
   TempDir dir;
   const std::string path = dir.file("full.tmap");
-  write_full_model(path, 2, 1024, 2048);  // 32 MiB
-  auto model = build_skeleton([] { return tp_model(2, 1024, 2048, 1); });
-  load(*model, path);
+  auto model = mapped_model(path);
   const auto before = read_process_memory();
   prefault(*model, 2);
   const auto after = read_process_memory();
@@ -402,6 +394,22 @@ TEST(Prefault, FaultsInEveryMappedWeightWithoutCopyingThem) {
   EXPECT_LT(after.rss_anon, before.rss_anon + (4u << 20)) << "prefault copied pages";
 #endif
   EXPECT_EQ(compare_parts(*model, StateDict::open(path), 0, 1), "");
+}
+
+// A file that shrinks after a map-mode load: prefault reports Error(Truncated) naming a
+// tensor past the new end (MADV_POPULATE_READ says EFAULT) instead of dying of SIGBUS.
+TEST(Prefault, AFileThatShrankIsTruncatedNotSigbus) {
+  TempDir dir;
+  const std::string path = dir.file("full.tmap");
+  auto model = mapped_model(path);
+  std::filesystem::resize_file(path, 4 << 20);
+  try {
+    prefault(*model, 2);
+    ADD_FAILURE() << "prefault of a shrunk file returned";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::Truncated) << e.what();
+    EXPECT_NE(std::string(e.what()).find("tensor '"), std::string::npos) << e.what();
+  }
 }
 
 // --- processes ---------------------------------------------------------------------------
