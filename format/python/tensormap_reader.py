@@ -5,9 +5,15 @@ spec/FORMAT.md alone. Needs only numpy.
     w = f.array("fc.weight")             # a numpy view into the mapping, no copy
     f.verify()                           # rules 21 and 22: padding and checksums
 
-Every failure raises TensormapError whose .kind is the spec's error kind. Run as a
-script, it prints the file's description as JSON (the same as `tensormap inspect
---json`), or "error: KIND: message" and exits 1.
+Every failure raises TensormapError whose .kind is the spec's error kind (section 9),
+"Io" when the file cannot be read, or "NotFound" for a name the file does not hold
+(that error is also a KeyError). Run as a script, it prints the file's description as
+JSON (the same as `tensormap inspect --json`), or "error: KIND: message" and exits 1.
+
+numpy has no BF16 or FP8 dtypes. Where the ml_dtypes package is installed, array()
+returns those tensors as ml_dtypes.bfloat16, float8_e4m3fn and float8_e5m2 views;
+otherwise as views of their raw bits (uint16 for BF16, uint8 for FP8), in the tensor's
+shape either way.
 """
 import json
 import os
@@ -33,10 +39,35 @@ DTYPES = {
 }
 
 
+def _numpy_dtypes():
+    """The numpy dtype of a view for each dtype name: ml_dtypes' types where the package
+    is installed, else the unsigned integer holding the raw bits."""
+    found = {name: dtype for name, _, dtype in DTYPES.values()}
+    found.update(BF16=np.uint16, F8_E4M3=np.uint8, F8_E5M2=np.uint8)
+    try:
+        import ml_dtypes
+    except ImportError:
+        return found
+    found.update(BF16=ml_dtypes.bfloat16, F8_E4M3=ml_dtypes.float8_e4m3fn,
+                 F8_E5M2=ml_dtypes.float8_e5m2)
+    return found
+
+
+VIEW_DTYPES = _numpy_dtypes()
+
+
 class TensormapError(Exception):
     def __init__(self, kind, message):
         super().__init__(f"{kind}: {message}")
         self.kind = kind
+
+    def __str__(self):  # KeyError's own __str__ would quote the message
+        return self.args[0]
+
+
+class TensorNotFound(TensormapError, KeyError):
+    """A name the file does not hold: a TensormapError of kind NotFound, and a KeyError so
+    that dict-style code keeps working."""
 
 
 # --- XXH3-64 (seed 0, default secret), spec section 12 ---------------------------------
@@ -313,14 +344,28 @@ class TensormapFile:
         self.metadata = dict(pairs)
         self._by_name = {t.name: t for t in self.tensors}
 
+    def names(self):
+        """The tensor names, in file order."""
+        return [t.name for t in self.tensors]
+
+    def __contains__(self, name):
+        return name in self._by_name
+
+    def info(self, name):
+        """The TensorInfo of a name; TensorNotFound (kind NotFound) if the file lacks it."""
+        t = self._by_name.get(name)
+        if t is None:
+            raise TensorNotFound("NotFound", f"{self.path}: no tensor named {name!r} "
+                                 f"(the file holds {len(self.tensors)})")
+        return t
+
     def array(self, name):
-        """The tensor as a numpy view into the mapping (raw bytes where numpy has no dtype)."""
-        t = self._by_name[name]
+        """The tensor as a read-only numpy view into the mapping, in its shape. BF16 and
+        FP8 come back as ml_dtypes views where ml_dtypes is installed, else as their raw
+        bits (uint16, uint8)."""
+        t = self.info(name)
         raw = self.bytes[t.offset:t.offset + t.byte_length]
-        dtype = next(d for n, _, d in DTYPES.values() if n == t.dtype)
-        if dtype is None:
-            return raw
-        return raw.view(dtype).reshape(t.shape)
+        return raw.view(VIEW_DTYPES[t.dtype]).reshape(t.shape)
 
     def verify(self):
         """Rules 21 and 22: every padding byte is zero and every checksum matches."""

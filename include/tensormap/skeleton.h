@@ -3,7 +3,7 @@
 //
 // The linear-memory recipe:
 //
-//   auto net = tensormap::build_skeleton([] { return MyNet(config); });  // no weight memory
+//   auto net = tensormap::build_skeleton([&] { return MyNet(config); });  // no weight memory
 //   tensormap::load(*net, "model.tmap");  // map mode: parameters point into the file
 //
 // Thread-safety: none of these functions may run concurrently on the same module. The
