@@ -18,6 +18,10 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/nn/module.h>
 
+#include <functional>
+#include <string>
+#include <vector>
+
 #include "tensormap/export.h"
 
 namespace tensormap {
@@ -47,10 +51,35 @@ class TENSORMAP_EXPORT SkeletonScope {
 // keeps its TensorImpl (so module members and parameter dicts stay one object), shape,
 // dtype, device, requires_grad and leaf status. Until the module is loaded, any operation
 // on a released tensor throws c10::Error naming the operator; it never computes on garbage.
+// The exceptions cost nothing and keep the tensor released: Tensor::to, and so
+// Module::to, give a released tensor of the dtype asked (CPU only). As PyTorch's
+// nn.Module.to does, and unlike LibTorch's C++ Module::to on a model with data, a
+// floating-point dtype changes floating-point and complex tensors only: bool and integer
+// buffers keep their dtype, as checkpoints hold them. So a skeleton built in F32 takes a
+// BF16 checkpoint's dtype with `model->to(torch::kBFloat16)` before a map-mode load.
+// A tensor that a non-strict load left released (the checkpoint lacked it) says so in
+// its error; materialize gives it memory.
 TENSORMAP_EXPORT void release(torch::nn::Module& module);
 
 // True if `tensor` was released and not loaded since.
 TENSORMAP_EXPORT bool is_released(const at::Tensor& tensor);
+
+// Called by materialize for each tensor it gives memory to, with its dotted name.
+using TensorInitializer = std::function<void(const std::string& name, at::Tensor& tensor)>;
+
+// Gives every parameter and buffer of `module` (recursively) that is still released its
+// own memory, in place (the same tensor objects, so references and tied parameters stay
+// valid), and returns their dotted names. This is for the tensors a non-strict load did
+// not find in the checkpoint (LoadReport::missing). Each is initialised as torch::nn
+// initialises it: the owning module's own reset_parameters() rules for the torch::nn
+// modules (Linear, Bilinear, Conv*, ConvTranspose*, Embedding, EmbeddingBag, LayerNorm,
+// GroupNorm, BatchNorm*, InstanceNorm*, RNN, LSTM, GRU, MultiheadAttention), without
+// touching the module's tensors that were loaded (each sits out on a scratch copy while
+// the rules run, which costs its size for that moment); zeros for a module of any other
+// type, whose initialisation lives in its constructor. Then `init`, if given, is called
+// for each, and may overwrite it. Initialisers run even inside a SkeletonScope.
+TENSORMAP_EXPORT std::vector<std::string> materialize(torch::nn::Module& module,
+                                                      const TensorInitializer& init = {});
 
 // Constructs a model with `make()` inside a SkeletonScope, then releases it. `make`
 // returns a module holder (torch::nn::Linear, TORCH_MODULE types) or a shared_ptr.

@@ -6,6 +6,16 @@
 // (copy-on-write) mapping where the format and alignment allow, so a tensor's bytes are
 // read when touched.
 //
+// Writes into views. The views of one StateDict (or of one File) lie in one private,
+// copy-on-write mapping of the file: a write into a view copies the touched pages once,
+// for that mapping, and every other view of the same StateDict sees it, as do later at()
+// calls and every model map-loaded from it with load(module, state_dict), which share
+// their weights' pages with each other. The file never changes, nor do the views of
+// another StateDict. This is deliberate: models loaded from one StateDict share one copy
+// of the weights. For models that train (or otherwise write their weights) independently,
+// load each from its path (each such load maps the file privately) or from a StateDict
+// of its own; or load with LoadMode::Copy. (Test: LoadMap.ModelsLoadedFromOneStateDictShareTheirPagesAndLoadsByPathDoNot.)
+//
 // Thread-safety: immutable after open; all const methods may be called from many
 // threads. The returned tensors follow LibTorch's usual rules.
 #pragma once

@@ -190,6 +190,7 @@ class OneRankLoad {
         }
         if (!t[i][kPresent]) {
           report.missing.push_back(name);
+          detail::mark_missing(target, name, path);
           continue;
         }
         StateDict::Info info{static_cast<Dtype>(t[i][kDtype]), {}, 0};

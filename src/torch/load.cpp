@@ -216,6 +216,7 @@ LoadPlan plan_load(const torch::nn::Module& module, const StateDict& state, cons
     model_names.insert(name);
     if (!state.contains(name)) {
       report.missing.push_back(name);
+      plan.missing.emplace_back(name, tensor);
       continue;
     }
     Part part;
@@ -279,6 +280,8 @@ LoadReport apply_load(LoadPlan plan, const StateDict& state, const LoadOptions& 
                  options.verify_checksums);
     report.loaded.push_back(b.name);
   }
+  const std::string& path = state.checkpoint().path();
+  for (const auto& [name, tensor] : plan.missing) mark_missing(tensor, name, path);
   return report;
 }
 

@@ -49,6 +49,7 @@ struct LoadPlan {
   };
   LoadReport report;
   std::vector<Binding> bindings;
+  std::vector<std::pair<std::string, at::Tensor>> missing;  // report.missing, with the tensors
 };
 
 // Checks `module` against `state` as load() does, binding nothing. Throws

@@ -12,9 +12,14 @@
 // would bypass a fallback; they are registered explicitly below so they check too.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/nn.h>
+#include <c10/util/strides.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <sstream>
+#include <string_view>
+#include <vector>
 
 #include "released.h"
 #include "tensormap/skeleton.h"
@@ -28,12 +33,48 @@ bool has_released_bit(const at::Tensor& t) {
   return t.defined() && t.key_set().has_backend(kReleasedBit);
 }
 
+// What a released tensor's null storage carries when a load left it released because
+// the checkpoint lacked it: its name and the checkpoint, for the error message.
+struct MissingNote {
+  std::string name;
+  std::string checkpoint;
+};
+
+void delete_note(void* note) { delete static_cast<MissingNote*>(note); }
+
+const MissingNote* missing_note(const at::Tensor& t) {
+  const c10::DataPtr& data = t.unsafeGetTensorImpl()->unsafe_storage().data_ptr();
+  if (data.get_deleter() != &delete_note) return nullptr;
+  return static_cast<const MissingNote*>(data.get_context());
+}
+
 [[noreturn]] void throw_released(const c10::OperatorName& op, const at::Tensor& t) {
   std::ostringstream shape;
   shape << t.sizes();
+  if (const MissingNote* note = missing_note(t)) {
+    TORCH_CHECK(false, "tensormap: ", op, " was called on '", note->name, "' (shape ", shape.str(),
+                ", ", t.dtype(), "), which holds no data: the checkpoint ", note->checkpoint,
+                " has no tensor of that name, so loading it left this one released. "
+                "Give it memory with tensormap::materialize(module), or load a checkpoint "
+                "that has it");
+  }
   TORCH_CHECK(false, "tensormap: ", op, " was called on a released tensor (shape ", shape.str(),
-              ", ", t.dtype(), ") that holds no data; load a checkpoint into its module "
-              "(tensormap::load) before using it");
+              ", ", t.dtype(), ") that holds no data: its module was built as a skeleton "
+              "and not loaded yet. Load a checkpoint into its module (tensormap::load) "
+              "before using it, or give it memory with tensormap::materialize(module)");
+}
+
+// Makes `t` released in place: a null storage of its size (carrying `note`, which it
+// then owns, if not null) and the PrivateUse1 backend bit. REQUIRES: a NoGradGuard.
+void release_in_place(const at::Tensor& t, MissingNote* note) {
+  const auto nbytes = static_cast<size_t>(t.numel()) * t.element_size();
+  c10::DataPtr data = note ? c10::DataPtr(nullptr, note, &delete_note, c10::Device(c10::kCPU))
+                           : c10::DataPtr(nullptr, c10::Device(c10::kCPU));
+  c10::Storage empty(c10::Storage::use_byte_size_t(), nbytes, std::move(data),
+                     /*allocator=*/nullptr, /*resizable=*/false);
+  at::Tensor target = t;
+  target.set_(empty, 0, t.sizes(), t.strides());
+  t.unsafeGetTensorImpl()->_change_backend_component_keys(c10::Device(c10::DeviceType::PrivateUse1));
 }
 
 void check_arguments(const c10::OperatorHandle& op, const torch::jit::Stack& stack) {
@@ -62,6 +103,83 @@ void checked_passthrough(const c10::OperatorHandle& op, c10::DispatchKeySet keys
   op.redispatchBoxed(keys.remove_backend(kReleasedBit), stack);
 }
 
+// A released tensor of `sizes`/`strides`, `dtype` on the CPU: a null storage of the
+// right size, dispatched to PrivateUse1. Allocates nothing.
+at::Tensor make_released(at::IntArrayRef sizes, at::IntArrayRef strides, at::ScalarType dtype) {
+  at::Tensor t = at::empty({0}, at::TensorOptions().dtype(dtype).device(at::kCPU));
+  int64_t extent = 1;  // elements the strides reach, 0 for an empty tensor
+  for (size_t d = 0; d < sizes.size(); ++d) {
+    if (sizes[d] == 0) extent = 0;
+  }
+  if (extent != 0) {
+    for (size_t d = 0; d < sizes.size(); ++d) extent += (sizes[d] - 1) * strides[d];
+  }
+  const auto nbytes = static_cast<size_t>(extent) * c10::elementSize(dtype);
+  c10::Storage empty(c10::Storage::use_byte_size_t(), nbytes, c10::DataPtr(nullptr, t.device()),
+                     /*allocator=*/nullptr, /*resizable=*/false);
+  t.set_(empty, 0, sizes, strides);
+  t.unsafeGetTensorImpl()->_change_backend_component_keys(c10::Device(c10::DeviceType::PrivateUse1));
+  return t;
+}
+
+// aten::_to_copy, which Tensor::to and so Module::to reach. On a released tensor it makes
+// another released tensor, described as asked, at no cost: a skeleton can be given the
+// checkpoint's dtype before it is loaded. Like PyTorch's nn.Module.to (and unlike
+// LibTorch's C++ Module::to), a floating-point dtype applies to floating-point and complex
+// tensors only; bool and integer buffers keep theirs, as checkpoints hold them. Any
+// other tensor goes to the real kernel.
+void released_to_copy(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                      torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  const size_t first = stack->size() - args.size();
+  const at::Tensor self = (*stack)[first].toTensor();
+  if (!has_released_bit(self)) {
+    checked_passthrough(op, keys, stack);
+    return;
+  }
+  auto argument = [&](const char* name) -> const c10::IValue& {
+    for (size_t i = 0; i < args.size(); ++i) {
+      if (args[i].name() == name) return (*stack)[first + i];
+    }
+    TORCH_CHECK(false, "tensormap: aten::_to_copy has no argument '", name, "' in LibTorch ",
+                TORCH_VERSION);
+  };
+  const c10::IValue& dtype_arg = argument("dtype");
+  const c10::IValue& device_arg = argument("device");
+  const c10::IValue& layout_arg = argument("layout");
+  const c10::IValue& format_arg = argument("memory_format");
+  if (!device_arg.isNone()) {
+    const c10::Device device = device_arg.toDevice();
+    TORCH_CHECK(device.is_cpu(), "tensormap: a released tensor (a skeleton's parameter) can "
+                "only be moved to the CPU, not to ", device, "; load the checkpoint first, then "
+                "move the model");
+  }
+  TORCH_CHECK(layout_arg.isNone() || layout_arg.toLayout() == at::kStrided,
+              "tensormap: a released tensor can only be given the strided layout");
+  at::ScalarType dtype = self.scalar_type();
+  if (!dtype_arg.isNone()) {
+    const at::ScalarType wanted = dtype_arg.toScalarType();
+    const bool self_real = at::isFloatingType(dtype) || at::isComplexType(dtype);
+    const bool wanted_real = at::isFloatingType(wanted) || at::isComplexType(wanted);
+    if (self_real || !wanted_real) dtype = wanted;
+  }
+  const auto format = format_arg.isNone() ? at::MemoryFormat::Preserve : format_arg.toMemoryFormat();
+  std::vector<int64_t> strides;
+  if (format == at::MemoryFormat::Preserve && self.is_non_overlapping_and_dense()) {
+    strides = self.strides().vec();
+  } else if (format == at::MemoryFormat::ChannelsLast && self.dim() == 4) {
+    strides = c10::get_channels_last_strides_2d(self.sizes());
+  } else if (format == at::MemoryFormat::ChannelsLast3d && self.dim() == 5) {
+    strides = c10::get_channels_last_strides_3d(self.sizes());
+  } else {
+    const auto contiguous = c10::contiguous_strides(self.sizes());
+    strides.assign(contiguous.begin(), contiguous.end());
+  }
+  at::Tensor out = make_released(self.sizes(), strides, dtype);
+  torch::jit::drop(*stack, args.size());
+  torch::jit::push(*stack, std::move(out));
+}
+
 at::Tensor& skip_uniform(at::Tensor& self, double, double, c10::optional<at::Generator>) {
   if (has_released_bit(self)) throw_released(c10::OperatorName("aten::uniform_", ""), self);
   return self;
@@ -87,8 +205,10 @@ TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
   // (Only CompositeExplicitAutograd ops: a backend kernel on an implicit one would take
   // its autograd formula away. A test checks this list.)
   for (const char* op : tensormap::detail::explicitly_checked_ops()) {
+    if (std::string_view(op) == "_to_copy") continue;
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&tensormap::checked_passthrough>());
   }
+  m.impl("_to_copy", torch::CppFunction::makeFromBoxedFunction<&tensormap::released_to_copy>());
 }
 
 namespace tensormap {
@@ -105,16 +225,108 @@ void release(torch::nn::Module& module) {
   at::NoGradGuard no_grad;
   auto release_one = [](at::Tensor& t) {
     if (!t.defined() || has_released_bit(t)) return;
-    const auto nbytes = static_cast<size_t>(t.numel()) * t.element_size();
-    c10::Storage empty(c10::Storage::use_byte_size_t(), nbytes,
-                       c10::DataPtr(nullptr, t.device()), /*allocator=*/nullptr,
-                       /*resizable=*/false);
-    t.set_(empty, 0, t.sizes(), t.strides());
-    t.unsafeGetTensorImpl()->_change_backend_component_keys(
-        c10::Device(c10::DeviceType::PrivateUse1));
+    TORCH_CHECK(t.device().is_cpu(), "tensormap::release: tensors on ", t.device(),
+                " cannot be released; skeletons are built on the CPU");
+    release_in_place(t, nullptr);
   };
   for (auto& p : module.parameters(/*recurse=*/true)) release_one(p);
   for (auto& b : module.buffers(/*recurse=*/true)) release_one(b);
+}
+
+namespace {
+
+template <typename Impl>
+bool reset_if(torch::nn::Module& m) {
+  auto* impl = dynamic_cast<Impl*>(&m);
+  if (impl) impl->reset_parameters();
+  return impl != nullptr;
+}
+
+// Runs the initialisation torch::nn gives a module of its own type, over all of its own
+// tensors; false for a type it does not know.
+bool reset_as_torch_nn(torch::nn::Module& m) {
+  using namespace torch::nn;
+  if (auto* mha = dynamic_cast<MultiheadAttentionImpl*>(&m)) {
+    mha->_reset_parameters();
+    return true;
+  }
+  return reset_if<LinearImpl>(m) || reset_if<BilinearImpl>(m) || reset_if<Conv1dImpl>(m) ||
+         reset_if<Conv2dImpl>(m) || reset_if<Conv3dImpl>(m) || reset_if<ConvTranspose1dImpl>(m) ||
+         reset_if<ConvTranspose2dImpl>(m) || reset_if<ConvTranspose3dImpl>(m) ||
+         reset_if<EmbeddingImpl>(m) || reset_if<EmbeddingBagImpl>(m) || reset_if<LayerNormImpl>(m) ||
+         reset_if<GroupNormImpl>(m) || reset_if<BatchNorm1dImpl>(m) || reset_if<BatchNorm2dImpl>(m) ||
+         reset_if<BatchNorm3dImpl>(m) || reset_if<InstanceNorm1dImpl>(m) ||
+         reset_if<InstanceNorm2dImpl>(m) || reset_if<InstanceNorm3dImpl>(m) || reset_if<RNNImpl>(m) ||
+         reset_if<LSTMImpl>(m) || reset_if<GRUImpl>(m);
+}
+
+}  // namespace
+
+std::vector<std::string> materialize(torch::nn::Module& module, const TensorInitializer& init) {
+  // Initialisers must run even inside a SkeletonScope.
+  // (Removing the DispatchKey would drop only the Dense functionality bit and leave the
+  // PrivateUse1 backend bit, which still routes uniform_ to the skipping kernel.)
+  const c10::impl::LocalDispatchKeySet saved = c10::impl::tls_local_dispatch_key_set();
+  c10::impl::LocalDispatchKeySet outside = saved;
+  outside.included_ = outside.included_.remove_backend(kReleasedBit);
+  c10::impl::_force_tls_local_dispatch_key_set(outside);
+  struct Restore {
+    c10::impl::LocalDispatchKeySet keys;
+    ~Restore() { c10::impl::_force_tls_local_dispatch_key_set(keys); }
+  } restore{saved};
+
+  std::vector<std::string> done;
+  for (const auto& item : module.named_modules()) {
+    torch::nn::Module& m = *item.value();
+    const std::string prefix = item.key().empty() ? "" : item.key() + ".";
+    std::vector<std::pair<std::string, at::Tensor>> released, kept;
+    for (const auto& p : m.named_parameters(/*recurse=*/false)) {
+      (has_released_bit(p.value()) ? released : kept).emplace_back(prefix + p.key(), p.value());
+    }
+    for (const auto& b : m.named_buffers(/*recurse=*/false)) {
+      if (!b.value().defined()) continue;
+      (has_released_bit(b.value()) ? released : kept).emplace_back(prefix + b.key(), b.value());
+    }
+    if (released.empty()) continue;
+    {
+      at::NoGradGuard no_grad;
+      for (auto& [name, t] : released) {
+        detail::prepare_to_bind(t);
+        t.set_(at::zeros(t.sizes(), t.options()));
+      }
+    }
+    // The module's own initialisation writes all of its tensors: the loaded ones sit out,
+    // each swapped for a scratch tensor, and come back untouched.
+    std::vector<at::Tensor> loaded;
+    {
+      at::NoGradGuard no_grad;
+      for (auto& [name, t] : kept) {
+        loaded.push_back(at::empty({0}, t.options()).set_(t));
+        t.set_(at::empty_strided(t.sizes(), t.strides(), t.options()));
+      }
+    }
+    bool known = false;
+    try {
+      known = reset_as_torch_nn(m);
+    } catch (...) {
+      at::NoGradGuard no_grad;
+      for (size_t i = 0; i < kept.size(); ++i) kept[i].second.set_(loaded[i]);
+      throw;
+    }
+    {
+      at::NoGradGuard no_grad;
+      for (size_t i = 0; i < kept.size(); ++i) kept[i].second.set_(loaded[i]);
+    }
+    (void)known;  // a module torch::nn does not define keeps the zeros it was given
+    for (auto& [name, t] : released) {
+      if (init) {
+        at::NoGradGuard no_grad;
+        init(name, t);
+      }
+      done.push_back(name);
+    }
+  }
+  return done;
 }
 
 namespace detail {
@@ -126,6 +338,13 @@ const std::vector<const char*>& explicitly_checked_ops() {
       "unsqueeze",    "squeeze",   "permute",      "embedding",    "unbind.int",
       "split.Tensor"};
   return ops;
+}
+
+void mark_missing(const at::Tensor& tensor, const std::string& name, const std::string& checkpoint) {
+  if (!has_released_bit(tensor)) return;
+  at::NoGradGuard no_grad;
+  prepare_to_bind(tensor);
+  release_in_place(tensor, new MissingNote{name, checkpoint});
 }
 
 void prepare_to_bind(const at::Tensor& tensor) {

@@ -208,7 +208,7 @@ TEST(Release, UsingAReleasedModelThrowsInsteadOfComputingOnGarbage) {
   const at::Tensor& w = net->fc1->weight;
   EXPECT_THROW(w.sum(), c10::Error);
   EXPECT_THROW(w.clone(), c10::Error);
-  EXPECT_THROW(w.to(at::kDouble), c10::Error);
+  EXPECT_THROW(w.to(at::kDouble).sum(), c10::Error) << "to() gives a released tensor, not data";
   EXPECT_THROW(w.data_ptr<float>(), c10::Error);
   EXPECT_THROW(torch::zeros({16, 8}).copy_(w), c10::Error);
   EXPECT_THROW(torch::cat({w, w}), c10::Error);
@@ -295,6 +295,72 @@ TEST(Skeleton, BuiltThenLoadedGivesTheSameOutputsAsBuiltNormally) {
   EXPECT_TRUE(torch::equal(skeleton->forward(x), expected));
 }
 
+struct MaskedNetImpl : torch::nn::Module {
+  MaskedNetImpl() {
+    fc = register_module("fc", torch::nn::Linear(8, 8));
+    norm = register_module("norm", torch::nn::BatchNorm1d(8));  // num_batches_tracked: Long
+    mask = register_buffer("mask", torch::ones({8}, torch::kBool));
+  }
+  torch::Tensor forward(torch::Tensor x) { return norm(fc(x)).masked_fill(mask.logical_not(), 0); }
+  torch::nn::Linear fc{nullptr};
+  torch::nn::BatchNorm1d norm{nullptr};
+  torch::Tensor mask;
+};
+TORCH_MODULE(MaskedNet);
+
+TEST(Skeleton, ToADtypeKeepsItASkeletonAndChangesOnlyFloatingPointTensors) {
+  auto net = build_skeleton([] { return MaskedNet(); });
+  auto* weight = net->fc->weight.unsafeGetTensorImpl();
+  net->to(torch::kBFloat16);
+  EXPECT_EQ(net->fc->weight.unsafeGetTensorImpl(), weight) << "the same parameter object";
+  for (const auto& item : net->named_parameters()) {
+    const at::Tensor& t = item.value();
+    EXPECT_TRUE(is_released(t)) << item.key();
+    EXPECT_EQ(t.scalar_type(), at::kBFloat16) << item.key();
+    EXPECT_TRUE(t.requires_grad()) << item.key();
+    EXPECT_TRUE(t.is_leaf()) << item.key();
+  }
+  for (const auto& item : net->named_buffers()) EXPECT_TRUE(is_released(item.value())) << item.key();
+  EXPECT_EQ(net->norm->running_mean.scalar_type(), at::kBFloat16);
+  EXPECT_EQ(net->norm->num_batches_tracked.scalar_type(), at::kLong) << "as nn.Module.to does";
+  EXPECT_EQ(net->mask.scalar_type(), at::kBool) << "as nn.Module.to does";
+  EXPECT_EQ(net->fc->weight.sizes(), (std::vector<int64_t>{8, 8}));
+  net->to(torch::kCPU);
+  net->to(torch::kCPU, torch::kHalf);
+  EXPECT_EQ(net->fc->bias.scalar_type(), at::kHalf);
+  EXPECT_TRUE(is_released(net->fc->bias));
+  try {
+    net->to(c10::Device(c10::kMeta));  // (CUDA: not in Debian's CPU-only LibTorch)
+    FAIL() << "moved a released model off the CPU";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("only be moved to the CPU"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(net->forward(torch::ones({2, 8}, torch::kHalf)), c10::Error) << "still released";
+}
+
+TEST(Skeleton, ConvertedToTheCheckpointsDtypeItMapsAndComputesAsTheOriginal) {
+  TempDir dir;
+  const std::string path = dir.file("half.tmap");
+  MaskedNet original;
+  original->to(torch::kDouble);  // LibTorch's own Module::to converts the buffers too,
+  original->mask.set_data(original->mask.to(torch::kBool));  // so give them their dtypes back
+  original->norm->num_batches_tracked.set_data(original->norm->num_batches_tracked.to(torch::kLong));
+  original->eval();
+  torch::manual_seed(4);
+  const auto x = torch::randn({3, 8}, torch::kDouble);
+  const auto expected = original->forward(x);
+  save(*original, path);
+  auto net = build_skeleton([] { return MaskedNet(); });
+  net->to(torch::kDouble);
+  const File f = File::open(path);
+  const LoadReport report = load(*net, f);
+  EXPECT_TRUE(report.complete()) << report.summary();
+  EXPECT_EQ(report.loaded.size(), 8u);
+  net->eval();
+  EXPECT_TRUE(torch::equal(net->forward(x), expected));
+  EXPECT_TRUE(inside(f, net->fc->weight.data_ptr())) << "mapped, not copied";
+}
+
 // --- load -------------------------------------------------------------------------------
 
 // LoadMode::Auto maps a file on a local filesystem, as Map does (the classification of
@@ -344,6 +410,32 @@ TEST(LoadMap, AnOptimizerStepChangesTheModelAndNeverTheFile) {
   EXPECT_FALSE(torch::equal(net->fc1->weight, w_before)) << "the step changed the weights";
   EXPECT_EQ(read_bytes(path), file_before) << "the file did not change";
   File::open(path).verify();
+}
+
+// The documented rule of state_dict.h: one StateDict, one private mapping, shared by the
+// models loaded from it; by path (or from another StateDict), private pages.
+TEST(LoadMap, ModelsLoadedFromOneStateDictShareTheirPagesAndLoadsByPathDoNot) {
+  TempDir dir;
+  const std::string path = dir.file("net.tmap");
+  save(*trained_net(), path);
+  const auto file_before = read_bytes(path);
+  const StateDict sd = StateDict::open(path);
+  auto a = build_skeleton([] { return NetModule(); });
+  auto b = build_skeleton([] { return NetModule(); });
+  auto c = build_skeleton([] { return NetModule(); });
+  load(*a, sd);
+  load(*b, sd);
+  load(*c, path);
+  const auto original = c->fc1->weight.clone();
+  {
+    torch::NoGradGuard no_grad;
+    a->fc1->weight.add_(1);
+  }
+  EXPECT_TRUE(torch::equal(b->fc1->weight, original + 1)) << "b shares a's pages";
+  EXPECT_TRUE(torch::equal(sd["fc1.weight"], original + 1)) << "so do later views";
+  EXPECT_TRUE(torch::equal(c->fc1->weight, original)) << "a load by path is private";
+  EXPECT_TRUE(torch::equal(StateDict::open(path)["fc1.weight"], original)) << "another StateDict";
+  EXPECT_EQ(read_bytes(path), file_before) << "the file never changes";
 }
 
 TEST(LoadCopy, ConvertsBf16InTheFileIntoAnF32Model) {
@@ -467,6 +559,79 @@ TEST(LoadNonStrict, LoadsWhatMatchesAndReportsTheRest) {
   EXPECT_EQ(r.unexpected, std::vector<std::string>{"extra"});
   EXPECT_FALSE(r.complete());
   EXPECT_TRUE(torch::equal(lin->weight, torch::full({4, 3}, 2.0f)));
+}
+
+TEST(LoadNonStrict, AMissingTensorSaysSoAndMaterializeInitialisesItAsTorchNnWould) {
+  TempDir dir;
+  const std::string path = dir.file("partial.tmap");
+  NetModule trained = trained_net();
+  std::vector<std::pair<std::string, at::Tensor>> kept;
+  for (const auto& item : trained->named_parameters()) {
+    if (item.key() != "fc2.bias" && item.key().rfind("norm.", 0) != 0) kept.emplace_back(item.key(), item.value());
+  }
+  save(kept, path);  // no fc2.bias, nothing of norm
+  auto net = build_skeleton([] { return NetModule(); });
+  const File f = File::open(path);
+  LoadOptions lenient;
+  lenient.strict = false;
+  const LoadReport r = load(*net, f, lenient);
+  EXPECT_EQ(r.missing.size(), 6u) << r.summary();  // fc2.bias and norm's 5 tensors
+  try {
+    net->forward(torch::ones({2, 8}));
+    FAIL() << "forward ran on a missing tensor";
+  } catch (const c10::Error& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("'norm."), std::string::npos) << what;
+    EXPECT_NE(what.find("has no tensor of that name"), std::string::npos) << what;
+    EXPECT_NE(what.find(path), std::string::npos) << what;
+  }
+  SkeletonScope scope;  // materialize initialises even here
+  torch::manual_seed(9);
+  std::vector<std::string> done = materialize(*net);
+  std::sort(done.begin(), done.end());
+  EXPECT_EQ(done, (std::vector<std::string>{"fc2.bias", "norm.bias", "norm.num_batches_tracked",
+                                            "norm.running_mean", "norm.running_var", "norm.weight"}));
+  for (const auto& item : net->named_parameters()) EXPECT_FALSE(is_released(item.value())) << item.key();
+  // Linear's rule: bias uniform in +-1/sqrt(fan_in); BatchNorm's: ones, zeros, fresh stats.
+  const at::Tensor& bias = net->fc2->bias;
+  EXPECT_GT(bias.abs().max().item<float>(), 0.0f);
+  EXPECT_LE(bias.abs().max().item<float>(), 0.25f);
+  EXPECT_TRUE(torch::equal(net->norm->weight, torch::ones({16})));
+  EXPECT_TRUE(torch::equal(net->norm->bias, torch::zeros({16})));
+  EXPECT_TRUE(torch::equal(net->norm->running_var, torch::ones({16})));
+  EXPECT_TRUE(net->fc2->bias.requires_grad());
+  // The loaded weight of the same Linear sat out of its reset: still the file's bytes.
+  EXPECT_TRUE(torch::equal(net->fc2->weight, trained->fc2->weight));
+  EXPECT_TRUE(inside(f, net->fc2->weight.data_ptr())) << "still mapped";
+  net->eval();
+  EXPECT_EQ(net->forward(torch::ones({2, 8})).sizes(), (std::vector<int64_t>{2, 4}));
+  EXPECT_TRUE(materialize(*net).empty()) << "nothing is left released";
+}
+
+struct CustomImpl : torch::nn::Module {
+  CustomImpl() { scale = register_parameter("scale", torch::full({3}, 7.0f)); }
+  torch::Tensor scale;
+};
+TORCH_MODULE(Custom);
+
+TEST(Materialize, AModuleTorchNnDoesNotDefineGetsZerosThenTheCallersInitialiser) {
+  auto custom = build_skeleton([] { return Custom(); });
+  try {
+    (void)custom->scale.sum();
+    FAIL();
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("not loaded yet"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(materialize(*custom), std::vector<std::string>{"scale"});
+  EXPECT_TRUE(torch::equal(custom->scale, torch::zeros({3})));
+  auto other = build_skeleton([] { return Custom(); });
+  std::vector<std::string> seen;
+  materialize(*other, [&](const std::string& name, at::Tensor& t) {
+    seen.push_back(name);
+    t.fill_(1.5f);
+  });
+  EXPECT_EQ(seen, std::vector<std::string>{"scale"});
+  EXPECT_TRUE(torch::equal(other->scale, torch::full({3}, 1.5f)));
 }
 
 // --- save -------------------------------------------------------------------------------

@@ -77,6 +77,42 @@ TEST_F(Memory, SkeletonOfA1GiBModelTakesLessThan16MiBResident) {
   EXPECT_EQ(model->parameters().size(), 32u);
 }
 
+// Large checkpoints are BF16: a skeleton built in F32 is given that dtype with Module::to,
+// which on a skeleton allocates nothing, and the file is then mapped into it.
+TEST_F(Memory, A1GiBBF16CheckpointMapsIntoABF16SkeletonWithUnder16MiBOfRssAnon) {
+  TempDir dir;
+  const std::string path = dir.file("bf16.tmap");
+  constexpr int kLayers = 32;  // 32 x Linear(4096, 4096) in BF16: 1 GiB of weights
+  torch::manual_seed(0);
+  const auto x = torch::randn({2, 4096}).to(torch::kBFloat16);
+  at::Tensor expected;
+  {
+    torch::nn::Sequential original;
+    for (int i = 0; i < kLayers; ++i) {
+      torch::nn::Linear layer(4096, 4096);
+      layer->to(torch::kBFloat16);  // one layer at a time: F32 never holds the whole model
+      original->push_back(layer);
+    }
+    expected = original->forward(x);
+    save(*original, path);
+  }
+  ASSERT_GE(std::filesystem::file_size(path), uint64_t{1} << 30);
+  const auto before = read_process_memory();
+  auto model = build_skeleton([] {
+    torch::nn::Sequential seq;
+    for (int i = 0; i < kLayers; ++i) seq->push_back(torch::nn::Linear(4096, 4096));
+    return seq;
+  });
+  model->to(torch::kBFloat16);
+  const auto converted = read_process_memory();
+  load(*model, path);
+  const auto loaded = read_process_memory();
+  EXPECT_LT(growth(before.rss_anon, converted.rss_anon), 16 * kMiB) << "to() on a skeleton";
+  EXPECT_LT(growth(before.rss_anon, loaded.rss_anon), 16 * kMiB);
+  EXPECT_EQ(model->parameters().front().scalar_type(), at::kBFloat16);
+  EXPECT_TRUE(torch::equal(model->forward(x), expected)) << "the original model's output";
+}
+
 TEST_F(Memory, CopyLoadIntoAnAllocatedModelPeaksBelowLargestTensorPlus16MiB) {
   TempDir dir;
   const std::string path = dir.file("big.tmap");
