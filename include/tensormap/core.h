@@ -5,6 +5,7 @@
 #include "tensormap/checkpoint.h"
 #include "tensormap/convert.h"
 #include "tensormap/dtype.h"
+#include "tensormap/edit.h"
 #include "tensormap/error.h"
 #include "tensormap/file.h"
 #include "tensormap/format.h"

@@ -43,4 +43,13 @@ TENSORMAP_EXPORT void save(const std::vector<std::pair<std::string, at::Tensor>>
 TENSORMAP_EXPORT void save(const torch::nn::Module& module, const std::string& path,
           const SaveOptions& options = {});
 
+class Editor;  // edit.h
+
+// Adds `tensor` to the edit under `name`, or replaces the tensor of that name: the
+// LibTorch form of Editor::put, for `sd[name] = tensor` on a file (edit.h). The Editor
+// keeps the tensor alive until it is destroyed; a tensor that is not a contiguous CPU
+// tensor is first copied into one (its whole size). Throws Error(InvalidArgument) for
+// an undefined or released tensor, Error(UnsupportedDtype).
+TENSORMAP_EXPORT void put(Editor& editor, std::string name, const at::Tensor& tensor);
+
 }  // namespace tensormap

@@ -122,6 +122,11 @@ class TENSORMAP_EXPORT Writer final : public TensorWriter {
 
  private:
   friend class ShardedWriter;
+  friend class Editor;
+  // Writes the whole current tensor by copying `size` bytes at `offset` of the file open
+  // as `fd` (AtomicFile::copy_from), recording `checksum` as its XXH3-64 unread.
+  // REQUIRES: the current tensor has received no bytes and is `size` bytes long.
+  void copy_tensor(int fd, uint64_t offset, uint64_t size, uint64_t checksum, const std::string& what);
   // Everything but the final rename: pads, writes the header and syncs the temporary
   // file, so that only rename_into_place() remains: a ShardedWriter renames its shards
   // together. REQUIRES: every tensor complete.

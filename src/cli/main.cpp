@@ -10,6 +10,7 @@
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
@@ -165,6 +166,33 @@ int verify(const std::string& path) {
   return 0;
 }
 
+struct EditArguments {
+  std::vector<std::string> remove, put, metadata;
+};
+
+int edit(const std::string& path, const EditArguments& args) {
+  if (args.remove.empty() && args.put.empty() && args.metadata.empty()) {
+    throw UsageError("edit: nothing to do: give --remove, --put or --metadata");
+  }
+  Editor editor = Editor::open(path);
+  for (const std::string& name : args.remove) editor.remove(name);
+  std::deque<Checkpoint> sources;  // each must outlive commit()
+  for (const std::string& source : args.put) {
+    sources.push_back(Checkpoint::open(source));
+    for (const std::string& name : sources.back().keys()) editor.put(sources.back(), name);
+  }
+  for (const std::string& pair : args.metadata) {
+    const auto eq = pair.find('=');
+    if (eq == std::string::npos || eq == 0) throw UsageError("edit: --metadata takes KEY=VALUE, got " + pair);
+    editor.set_metadata(pair.substr(0, eq), pair.substr(eq + 1));
+  }
+  const EditReport r = editor.commit();
+  std::cout << path << ": " << r.kept << " tensors kept (" << human_bytes(r.kept_bytes)
+            << ", copied by the kernel), " << r.written << " written (" << human_bytes(r.written_bytes)
+            << "), " << r.removed << " removed\n";
+  return 0;
+}
+
 }  // namespace tensormap::cli
 
 int main(int argc, char** argv) {
@@ -212,6 +240,18 @@ int main(int argc, char** argv) {
   diff_cmd->add_option("A", path, "First checkpoint")->required();
   diff_cmd->add_option("B", other, "Second checkpoint")->required();
 
+  EditArguments edit_options;
+  auto* edit_cmd = app.add_subcommand(
+      "edit", "Remove, add or replace tensors of a tensormap file; the tensors that stay are "
+              "copied by the kernel (shared blocks where the filesystem can), never rewritten");
+  edit_cmd->add_option("FILE", path, "The tensormap file to change (replaced atomically)")->required();
+  edit_cmd->add_option("--remove", edit_options.remove, "Remove this tensor (repeatable)");
+  edit_cmd->add_option("--put", edit_options.put,
+                       "Add every tensor of this checkpoint (any format), replacing those of the same "
+                       "name, after the removals (repeatable)");
+  edit_cmd->add_option("--metadata", edit_options.metadata,
+                       "Set KEY=VALUE in the metadata; an empty VALUE removes KEY (repeatable)");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -229,6 +269,7 @@ int main(int argc, char** argv) {
     if (*verify_cmd) return verify(path);
     if (*convert_cmd) return convert(path, out_path, convert_options, ::isatty(2) != 0);
     if (*diff_cmd) return diff(path, other);
+    if (*edit_cmd) return edit(path, edit_options);
   } catch (const UsageError& e) {
     std::cerr << "tensormap: " << e.what() << "\n";
     return 2;

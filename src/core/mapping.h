@@ -22,6 +22,8 @@ class Mapping {
   const std::string& path() const { return path_; }
   unsigned char* base() const { return base_; }
   uint64_t size() const { return size_; }
+  // The one descriptor, for copies made in the kernel (AtomicFile::copy_from).
+  int descriptor() const { return fd_; }
 
   // Copies [offset, offset + size) of the file into `dest` with pread, never through the
   // mapping: a file that shrank since it was opened gives Error(Truncated) naming `what`,

@@ -16,6 +16,7 @@
 #include <cstring>
 #include <ctime>
 #include <string_view>
+#include <vector>
 
 #include "tensormap/error.h"
 #include "tensormap/writer.h"
@@ -241,6 +242,47 @@ AtomicFile::~AtomicFile() { discard(); }
 void AtomicFile::pwrite(const void* data, size_t size, uint64_t offset) {
   try {
     pwrite_all(fd_, data, size, offset, path_);
+  } catch (...) {
+    discard();
+    throw;
+  }
+}
+
+void AtomicFile::copy_from(int src_fd, uint64_t src_offset, uint64_t size, uint64_t offset,
+                           const std::string& what) {
+  try {
+    bool in_kernel = true;
+    std::vector<unsigned char> buffer;
+    while (size > 0) {
+      const size_t chunk = size < (uint64_t{1} << 30) ? static_cast<size_t>(size) : (size_t{1} << 30);
+      ssize_t n = -1;
+      if (in_kernel) {
+        auto in = static_cast<off_t>(src_offset);
+        auto out = static_cast<off_t>(offset);
+        n = ::copy_file_range(src_fd, &in, fd_, &out, chunk, 0);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && (errno == EXDEV || errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP ||
+                      errno == EBADF || errno == EPERM)) {
+          in_kernel = false;  // not across these filesystems or files: copy it ourselves
+          continue;
+        }
+        if (n < 0) throw_io(path_, "copy of " + what + " failed", errno);
+      } else {
+        if (buffer.empty()) buffer.resize(size_t{1} << 20);
+        const size_t piece = chunk < buffer.size() ? chunk : buffer.size();
+        n = ::pread(src_fd, buffer.data(), piece, static_cast<off_t>(src_offset));
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) throw_io(path_, "read of " + what + " failed", errno);
+        if (n > 0) pwrite_all(fd_, buffer.data(), static_cast<size_t>(n), offset, path_);
+      }
+      if (n == 0) {
+        throw Error(ErrorKind::Truncated, path_ + ": the source of " + what + " ended " +
+                                              std::to_string(size) + " bytes early (it shrank)");
+      }
+      src_offset += static_cast<uint64_t>(n);
+      offset += static_cast<uint64_t>(n);
+      size -= static_cast<uint64_t>(n);
+    }
   } catch (...) {
     discard();
     throw;

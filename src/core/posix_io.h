@@ -46,6 +46,12 @@ class AtomicFile {
   const std::string& path() const { return path_; }
 
   void pwrite(const void* data, size_t size, uint64_t offset);
+  // Copies [src_offset, src_offset + size) of the file open as `src_fd` to `offset`, in
+  // the kernel with copy_file_range (which shares the blocks where the filesystem can:
+  // Btrfs, XFS with reflink, NFS 4.2 server-side copy), else through a 1 MiB buffer with
+  // pread and pwrite. A source shorter than the range gives Error(Truncated) naming
+  // `what`; a failed write, Error(Io).
+  void copy_from(int src_fd, uint64_t src_offset, uint64_t size, uint64_t offset, const std::string& what);
   // Appends after everything append() wrote so far.
   void append(const void* data, size_t size);
   // Sets the file's length (the gaps read as zeros).

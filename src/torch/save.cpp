@@ -6,6 +6,7 @@
 #include <memory>
 
 #include "released.h"
+#include "tensormap/edit.h"
 #include "tensormap/error.h"
 #include "tensormap/save.h"
 #include "tensormap/skeleton.h"
@@ -96,6 +97,27 @@ void save(const std::vector<std::pair<std::string, at::Tensor>>& tensors, const 
     write_in_pieces(*writer, t, staging);
   }
   writer->commit();
+}
+
+void put(Editor& editor, std::string name, const at::Tensor& tensor) {
+  if (!tensor.defined() || is_released(tensor)) {
+    throw Error(ErrorKind::InvalidArgument, "tensor " + quoted_name(name) + " is undefined or released: "
+                                                "it holds no data to put into a file");
+  }
+  Dtype dtype;
+  try {
+    dtype = from_scalar_type(tensor.scalar_type());
+  } catch (const Error& e) {
+    throw Error(ErrorKind::UnsupportedDtype, "tensor " + quoted_name(name) + ": " + e.what());
+  }
+  at::Tensor t = tensor.detach();
+  if (t.is_conj()) t = t.resolve_conj();
+  if (t.is_neg()) t = t.resolve_neg();
+  if (!t.device().is_cpu() || !t.is_contiguous()) t = t.to(at::kCPU).contiguous();
+  std::vector<uint64_t> shape(t.sizes().begin(), t.sizes().end());
+  auto owner = std::make_shared<const at::Tensor>(t);
+  const void* data = owner->numel() > 0 ? owner->data_ptr() : nullptr;
+  editor.put({std::move(name), dtype, std::move(shape)}, data, std::move(owner));
 }
 
 void save(const torch::nn::Module& module, const std::string& path, const SaveOptions& options) {

@@ -2,6 +2,7 @@
 convert, diff, help, human output and exit codes. Usage: test_cli.py PATH/TO/tensormap"""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -288,7 +289,7 @@ def test_file_size_limit_is_a_clean_error(tmp):
               (r.returncode, r.stderr, os.listdir(tmp)))
 
 
-WRITE_PATH_CALLS = ("openat", "pwrite64", "write", "ftruncate", "fsync", "fdatasync", "linkat", "rename",
+WRITE_PATH_CALLS = ("openat", "pwrite64", "write", "copy_file_range", "ftruncate", "fsync", "fdatasync", "linkat", "rename",
                     "renameat", "renameat2", "unlink", "unlinkat", "flock", "close")
 
 
@@ -362,6 +363,66 @@ def test_a_kill_at_every_write_path_system_call_leaves_old_or_new(tmp):
                   f"always old or new ({leftovers} named temporaries left, all collected)",
                   len(points) >= 5 and not failures, failures)
 
+
+
+def test_edit_removes_puts_and_keeps_the_other_tensors_bytes(tmp):
+    a, src = os.path.join(tmp, "a.tmap"), os.path.join(tmp, "src.safetensors")
+    assert run("convert", os.path.join(VALID, "all_dtypes.tmap"), a).returncode == 0
+    assert run("convert", os.path.join(VALID, "spec_example.tmap"), src).returncode == 0
+    before = {t["name"]: t for t in described(a)["tensors"]}
+    r = run("edit", a, "--remove", "t_bool", "--put", src, "--metadata", "who=me")
+    after = described(a)
+    names = [t["name"] for t in after["tensors"]]
+    kept_same = all(t["checksum"] == before[t["name"]]["checksum"] for t in after["tensors"] if t["name"] in before)
+    check("edit removes, adds and sets metadata; kept tensors keep their bytes and checksums",
+          r.returncode == 0 and "t_bool" not in names and names[-1] == "w" and len(names) == 17 and kept_same
+          and after["metadata"] == {"who": "me"} and run("verify", a).returncode == 0
+          and sorted(os.listdir(tmp)) == ["a.tmap", "src.safetensors"], (r.stdout, r.stderr, names))
+    image = open(a, "rb").read()
+    nothing = run("edit", a)
+    missing = run("edit", a, "--remove", "nope", "--remove", "t_u8")
+    other = run("edit", src, "--remove", "w")
+    check("edit: nothing to do is a usage error (2); a missing name or a safetensors file is 1, file untouched",
+          nothing.returncode == 2 and missing.returncode == 1 and "'nope'" in missing.stderr
+          and other.returncode == 1 and "only tensormap files" in other.stderr and open(a, "rb").read() == image
+          and sorted(os.listdir(tmp)) == ["a.tmap", "src.safetensors"],
+          (nothing.stderr, missing.stderr, other.stderr))
+    if not strace_works():
+        print("SKIP edit's kill points: strace cannot trace here (no ptrace?)")
+        return
+    log = os.path.join(tmp, "edit.strace")
+    subprocess.run(["strace", "-f", "-qq", "-o", log, "-e", "trace=copy_file_range,pread64", CLI, "edit", a,
+                    "--remove", "t_u8"], capture_output=True, env=traced_env(), check=True)
+    calls = open(log).read()
+    os.unlink(log)
+    check("edit copies the kept tensors with copy_file_range, not read and write",
+          "copy_file_range(" in calls and "= -1" not in calls.split("copy_file_range(", 1)[1].split("\n", 1)[0],
+          calls[-2000:])
+    # Killed at each write-path call: the file is the whole old one or the whole new one.
+    work = os.path.join(tmp, "w")
+    os.mkdir(work)
+    old, out = os.path.join(work, "old.tmap"), os.path.join(work, "m.tmap")
+    assert run("convert", a, old).returncode == 0
+    shutil.copy(old, out)
+    args = ["edit", out, "--remove", "t_i8", "--put", src]
+    points = write_path_calls(args, work, traced_env())  # runs the edit once, whole
+    new = os.path.join(tmp, "new.tmap")
+    shutil.copy(out, new)
+    shutil.copy(old, out)
+    assert run("diff", new, old).returncode == 1, "the edit changed the file"
+    failures = []
+    for call, n in points:
+        subprocess.run(["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=" + call,
+                        "-e", f"inject={call}:signal=KILL:when={n}", CLI, *args], capture_output=True, env=traced_env())
+        same_old, same_new = run("diff", out, old).returncode == 0, run("diff", out, new).returncode == 0
+        if not (run("verify", out).returncode == 0 and (same_old or same_new)):
+            failures.append(f"{call}#{n}")
+        shutil.copy(old, out)
+        for e in os.listdir(work):
+            if ".tmp-" in e:
+                os.unlink(os.path.join(work, e))
+    check(f"edit killed at each of {len(points)} write-path calls: always the old file or the new one",
+          len(points) >= 5 and not failures, failures)
 
 
 def strace_works():

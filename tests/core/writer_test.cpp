@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstring>
 #include <csignal>
 #include <random>
 #include <set>
@@ -194,6 +195,136 @@ TEST(WriterAtomicity, ReplacingAMappedFileLeavesTheOldMappingIntact) {
   old.verify();
   const File fresh = File::open(path);
   EXPECT_EQ(static_cast<unsigned char>(fresh.bytes(fresh.at("a")).data[5]), 0xEE);
+}
+
+// --- Editor: add, replace and remove tensors of a file ------------------------------------
+
+std::vector<unsigned char> tensor_bytes(const File& f, std::string_view name) {
+  const auto v = f.bytes(f.at(name));
+  return {reinterpret_cast<const unsigned char*>(v.data), reinterpret_cast<const unsigned char*>(v.data) + v.size};
+}
+
+TEST(Editor, AddsReplacesAndRemovesAndKeepsTheOtherTensorsBytesAndChecksums) {
+  TempDir dir;
+  const std::string path = dir.file("model.tmap");
+  WriterOptions options;
+  options.alignment = 256;
+  options.metadata = {{"epoch", "3"}, {"drop", "me"}};
+  write_pattern_file(path, {{"a", Dtype::U8, {100}}, {"b", Dtype::F32, {4, 5}}, {"c", Dtype::I16, {7}},
+                            {"empty", Dtype::F32, {0, 3}}}, options);
+  const File old = File::open(path);
+  const auto a_before = tensor_bytes(old, "a"), c_before = tensor_bytes(old, "c");
+  const std::string other = dir.file("other.safetensors");
+  write_pattern_file(other, {{"x", Dtype::BF16, {3}}}, WriterOptions{4096, {}, false, Format::Safetensors});
+  const Checkpoint source = Checkpoint::open(other);
+
+  Editor e = Editor::open(path);
+  const std::vector<float> b_new(6, 2.5f);
+  e.put({"b", Dtype::F32, {2, 3}}, b_new.data());  // replaced, with a new shape
+  e.remove("c");
+  e.put(source, "x", "added.x");
+  e.set_metadata("epoch", "4");
+  e.set_metadata("drop", "");
+  EXPECT_THROW(e.remove("nope"), Error);
+  const EditReport r = e.commit(/*sync=*/false);
+  EXPECT_EQ(r.kept, 2u);  // a and empty
+  EXPECT_EQ(r.kept_bytes, 100u);
+  EXPECT_EQ(r.written, 2u);
+  EXPECT_EQ(r.removed, 1u);
+
+  const File f = File::open(path);
+  f.verify();  // every checksum matches, the kept ones carried over
+  std::vector<std::string> names;
+  for (const auto& t : f.tensors()) names.emplace_back(t.name);
+  EXPECT_EQ(names, (std::vector<std::string>{"a", "b", "empty", "added.x"})) << "file order, new last";
+  EXPECT_EQ(f.alignment(), 256u);
+  EXPECT_EQ(tensor_bytes(f, "a"), a_before);
+  EXPECT_EQ(f.at("a").checksum, old.at("a").checksum);
+  EXPECT_EQ(f.at("b").rank, 2);
+  std::vector<unsigned char> b_bytes(24);
+  std::memcpy(b_bytes.data(), b_new.data(), 24);
+  EXPECT_EQ(tensor_bytes(f, "b"), b_bytes);
+  EXPECT_EQ(f.at("added.x").dtype, Dtype::BF16);
+  EXPECT_EQ(tensor_bytes(f, "added.x"), (std::vector<unsigned char>{0, 1, 2, 3, 4, 5}));
+  ASSERT_EQ(f.metadata().size(), 1u);
+  EXPECT_EQ(f.metadata()[0].first, "epoch");
+  EXPECT_EQ(f.metadata()[0].second, "4");
+  // The old mapping still holds the old file.
+  EXPECT_EQ(tensor_bytes(old, "c"), c_before);
+  EXPECT_EQ(dir.entries(), (std::vector<std::string>{"model.tmap", "other.safetensors"}));
+  EXPECT_THROW(e.commit(), Error) << "an Editor commits once";
+}
+
+TEST(Editor, AFailedCommitLeavesTheFileAsItWasAndNoTemporary) {
+  TempDir dir;
+  const std::string path = dir.file("model.tmap");
+  write_pattern_file(path, {{"a", Dtype::U8, {100}}});
+  const auto before = read_bytes(path);
+  Editor e = Editor::open(path);
+  const unsigned char data[4] = {};
+  e.put({"", Dtype::U8, {4}}, data);  // a name the format refuses
+  EXPECT_THROW(e.commit(), Error);
+  EXPECT_EQ(read_bytes(path), before);
+  EXPECT_EQ(dir.entries(), std::vector<std::string>{"model.tmap"});
+}
+
+TEST(Editor, AFileThatShrankSinceItWasOpenedIsTruncatedNotSigbusAndNothingIsLeft) {
+  TempDir dir;
+  const std::string path = dir.file("model.tmap");
+  write_pattern_file(path, {{"a", Dtype::U8, {100000}}, {"b", Dtype::U8, {10}}});
+  Editor e = Editor::open(path);
+  e.remove("b");
+  ASSERT_EQ(::truncate(path.c_str(), 8192), 0);  // another process cuts the file short
+  try {
+    e.commit(false);
+    FAIL() << "the edit copied bytes that are gone";
+  } catch (const Error& err) {
+    EXPECT_EQ(err.kind(), ErrorKind::Truncated) << err.what();
+    EXPECT_NE(std::string(err.what()).find("'a'"), std::string::npos) << err.what();
+  }
+  EXPECT_EQ(dir.entries(), std::vector<std::string>{"model.tmap"});
+}
+
+TEST(Editor, RefusesFilesOfOtherFormatsAndNamesTheFile) {
+  TempDir dir;
+  const std::string path = dir.file("model.safetensors");
+  write_pattern_file(path, {{"a", Dtype::U8, {10}}}, WriterOptions{4096, {}, false, Format::Safetensors});
+  try {
+    Editor::open(path);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::InvalidArgument);
+    EXPECT_NE(std::string(e.what()).find(path), std::string::npos) << e.what();
+  }
+}
+
+// The bytes that stay never pass through the process: removing a small tensor from a
+// file with a 512 MiB one grows the peak by far less than that tensor.
+TEST(Editor, KeptTensorsAreCopiedWithBoundedMemory) {
+  TempDir dir;
+  const std::string path = dir.file("big.tmap");
+  const uint64_t big = uint64_t{512} << 20;
+  {
+    Writer w(path, {{"big", Dtype::U8, {big}}, {"small", Dtype::U8, {16}}}, WriterOptions{4096, {}, false});
+    std::vector<unsigned char> chunk(size_t{4} << 20);
+    for (size_t i = 0; i < chunk.size(); ++i) chunk[i] = static_cast<unsigned char>(i * 13);
+    for (uint64_t done = 0; done < big; done += chunk.size()) w.write(chunk.data(), chunk.size());
+    w.write(chunk.data(), 16);
+    w.commit();
+  }
+  const uint64_t checksum = File::open(path).at("big").checksum;
+  (void)reset_peak_memory();  // where allowed: the peak of writing the file is forgotten
+  const auto before = read_process_memory();
+  Editor e = Editor::open(path);
+  e.remove("small");
+  e.commit(/*sync=*/false);
+  const auto after = read_process_memory();
+  const uint64_t growth = after.vm_hwm > before.vm_hwm ? after.vm_hwm - before.vm_hwm : 0;
+  EXPECT_LT(growth, uint64_t{16} << 20) << "peak grew by " << (growth >> 20) << " MiB";
+  const File f = File::open(path);
+  EXPECT_EQ(f.tensors().size(), 1u);
+  EXPECT_EQ(f.at("big").checksum, checksum);
+  f.verify();
 }
 
 TEST(WriterPermissions, ReplacingAFileKeepsItsMode) {

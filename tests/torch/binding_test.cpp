@@ -634,6 +634,35 @@ TEST(Materialize, AModuleTorchNnDoesNotDefineGetsZerosThenTheCallersInitialiser)
   EXPECT_TRUE(torch::equal(other->scale, torch::full({3}, 1.5f)));
 }
 
+// --- edit -------------------------------------------------------------------------------
+
+TEST(Edit, PutAndRemoveTensorsOfAFileAModelIsMappedFrom) {
+  TempDir dir;
+  const std::string path = dir.file("net.tmap");
+  NetModule trained = trained_net();
+  save(*trained, path);
+  auto mapped = build_skeleton([] { return NetModule(); });
+  load(*mapped, path);
+  const auto fc2_bias = mapped->fc2->bias.clone();
+  {
+    Editor e = Editor::open(path);
+    put(e, "fc2.bias", torch::zeros({4}));  // a temporary: the Editor keeps it alive
+    put(e, "extra", torch::arange(10, torch::kLong).view({2, 5}).t());  // not contiguous
+    e.remove("norm.num_batches_tracked");
+    EXPECT_THROW(put(e, "x", at::Tensor()), Error) << "an undefined tensor is refused";
+    const EditReport r = e.commit(false);
+    EXPECT_EQ(r.written, 2u);
+    EXPECT_EQ(r.removed, 1u);
+  }
+  const StateDict sd = StateDict::open(path);
+  EXPECT_TRUE(torch::equal(sd["fc2.bias"], torch::zeros({4})));
+  EXPECT_TRUE(torch::equal(sd["extra"], torch::arange(10, torch::kLong).view({2, 5}).t()));
+  EXPECT_TRUE(torch::equal(sd["fc1.weight"], trained->fc1->weight));
+  EXPECT_FALSE(sd.contains("norm.num_batches_tracked"));
+  EXPECT_TRUE(torch::equal(mapped->fc2->bias, fc2_bias)) << "the mapped model keeps the old file's pages";
+  File::open(path).verify();
+}
+
 // --- save -------------------------------------------------------------------------------
 
 TEST(Save, NonContiguousTensorsAreStoredInLogicalOrder) {
