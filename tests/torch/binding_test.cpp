@@ -333,7 +333,16 @@ TEST(Skeleton, ToADtypeKeepsItASkeletonAndChangesOnlyFloatingPointTensors) {
     net->to(c10::Device(c10::kMeta));  // (CUDA: not in Debian's CPU-only LibTorch)
     FAIL() << "moved a released model off the CPU";
   } catch (const c10::Error& e) {
-    EXPECT_NE(std::string(e.what()).find("only be moved to the CPU"), std::string::npos) << e.what();
+    // LibTorch 1.13 reaches tensormap's _to_copy, which refuses; 2.6 makes a meta tensor
+    // that Module::to's set_data then refuses. Either way nothing moved.
+    const std::string what = e.what();
+    EXPECT_TRUE(what.find("only be moved to the CPU") != std::string::npos ||
+                what.find("incompatible tensor type") != std::string::npos)
+        << what;
+  }
+  for (const auto& item : net->named_parameters()) {
+    EXPECT_TRUE(item.value().device().is_cpu()) << item.key();
+    EXPECT_TRUE(is_released(item.value())) << item.key();
   }
   EXPECT_THROW(net->forward(torch::ones({2, 8}, torch::kHalf)), c10::Error) << "still released";
 }
