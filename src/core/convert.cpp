@@ -6,6 +6,7 @@
 #include <memory>
 #include <vector>
 
+#include "posix_io.h"
 #include "tensormap/checkpoint.h"
 #include "tensormap/error.h"
 #include "tensormap/sharded.h"
@@ -26,25 +27,22 @@ Format format_from_name(const std::string& file_name) {
   return Format::Tensormap;
 }
 
-// The piece of a tensor read, converted and written at a time.
-constexpr uint64_t kChunkBytes = 16 << 20;
-
-// Streams every tensor into `writer` in pieces of at most kChunkBytes: extra memory is one
+// Streams every tensor into `writer` in pieces of at most kStreamPieceBytes: extra memory is one
 // such buffer, plus one of converted values when a dtype changes (the piece read is then
 // small enough for its converted values to fit too), whatever the sizes of the tensors.
 uint64_t stream(const Checkpoint& source, const std::vector<TensorSpec>& specs, TensorWriter& writer,
                 const ConvertOptions& options) {
   uint64_t total = 0, done = 0;
   for (size_t i = 0; i < specs.size(); ++i) total += writer.byte_length(i);
-  std::unique_ptr<unsigned char[]> buffer(new unsigned char[kChunkBytes]);
+  std::unique_ptr<unsigned char[]> buffer(new unsigned char[detail::kStreamPieceBytes]);
   std::unique_ptr<unsigned char[]> converted;  // allocated at the first dtype change
   for (size_t i = 0; i < specs.size(); ++i) {
     const std::string& name = specs[i].name;
     const Dtype from = source.info(name).dtype, to = specs[i].dtype;
-    uint64_t piece = kChunkBytes;
+    uint64_t piece = detail::kStreamPieceBytes;
     if (from != to) {
-      if (!converted) converted.reset(new unsigned char[kChunkBytes]);
-      if (dtype_size(to) > dtype_size(from)) piece = kChunkBytes / (dtype_size(to) / dtype_size(from));
+      if (!converted) converted.reset(new unsigned char[detail::kStreamPieceBytes]);
+      if (dtype_size(to) > dtype_size(from)) piece = detail::kStreamPieceBytes / (dtype_size(to) / dtype_size(from));
     }
     source.read_chunks(name, buffer.get(), piece, [&](const void* data, uint64_t size) {
       if (from == to) {

@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "mapping.h"
+#include "posix_io.h"
 #include "names.h"
 #include "tensormap/error.h"
 #include "tensormap/file.h"
@@ -90,11 +91,7 @@ void Editor::remove(std::string_view name) {
   e.entries.erase(it);
 }
 
-void Editor::put(TensorSpec spec, const void* data) {
-  Impl::Entry entry(std::move(spec), Impl::Kind::Bytes);
-  entry.data = data;
-  impl_->put(std::move(entry));
-}
+void Editor::put(TensorSpec spec, const void* data) { put(std::move(spec), data, nullptr); }
 
 void Editor::put(TensorSpec spec, const void* data, std::shared_ptr<const void> owner) {
   Impl::Entry entry(std::move(spec), Impl::Kind::Bytes);
@@ -158,7 +155,7 @@ EditReport Editor::commit(bool sync) {
         break;
       case Impl::Kind::Source:
         if (length > 0) {
-          if (buffer.empty()) buffer.resize(size_t{16} << 20);
+          if (buffer.empty()) buffer.resize(detail::kStreamPieceBytes);
           entry.source->read_chunks(entry.source_name, buffer.data(), buffer.size(),
                                     [&](const void* data, uint64_t size) { writer.write(data, size); });
         }

@@ -10,6 +10,10 @@
 
 namespace tensormap::detail {
 
+// The piece in which the core streams a tensor from a checkpoint into a writer (convert,
+// Editor): memory beyond it stays constant whatever the tensor's size.
+constexpr uint64_t kStreamPieceBytes = uint64_t{16} << 20;
+
 // "<path>: <what>: <strerror(errno)>" as an Io error.
 [[noreturn]] void throw_io(const std::string& path, const std::string& what, int err);
 

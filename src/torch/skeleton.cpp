@@ -64,17 +64,31 @@ const MissingNote* missing_note(const at::Tensor& t) {
               "before using it, or give it memory with tensormap::materialize(module)");
 }
 
-// Makes `t` released in place: a null storage of its size (carrying `note`, which it
-// then owns, if not null) and the PrivateUse1 backend bit. REQUIRES: a NoGradGuard.
-void release_in_place(const at::Tensor& t, MissingNote* note) {
-  const auto nbytes = static_cast<size_t>(t.numel()) * t.element_size();
+// Makes `t` a released tensor of `sizes` and `strides`: a null storage of the bytes those
+// reach (carrying `note`, which it then owns, if not null) and the PrivateUse1 backend
+// bit. Allocates nothing. REQUIRES: `t` is a CPU tensor; a NoGradGuard.
+void release_as(const at::Tensor& t, at::IntArrayRef sizes, at::IntArrayRef strides, MissingNote* note) {
+  int64_t extent = 1;  // elements the strides reach, 0 for an empty tensor
+  for (size_t d = 0; d < sizes.size(); ++d) {
+    if (sizes[d] == 0) extent = 0;
+  }
+  if (extent != 0) {
+    for (size_t d = 0; d < sizes.size(); ++d) extent += (sizes[d] - 1) * strides[d];
+  }
+  const auto nbytes = static_cast<size_t>(extent) * t.element_size();
   c10::DataPtr data = note ? c10::DataPtr(nullptr, note, &delete_note, c10::Device(c10::kCPU))
                            : c10::DataPtr(nullptr, c10::Device(c10::kCPU));
   c10::Storage empty(c10::Storage::use_byte_size_t(), nbytes, std::move(data),
                      /*allocator=*/nullptr, /*resizable=*/false);
   at::Tensor target = t;
-  target.set_(empty, 0, t.sizes(), t.strides());
+  target.set_(empty, 0, sizes, strides);
   t.unsafeGetTensorImpl()->_change_backend_component_keys(c10::Device(c10::DeviceType::PrivateUse1));
+}
+
+// Makes `t` released in place, keeping its shape and strides.
+void release_in_place(const at::Tensor& t, MissingNote* note) {
+  const std::vector<int64_t> sizes = t.sizes().vec(), strides = t.strides().vec();
+  release_as(t, sizes, strides, note);
 }
 
 void check_arguments(const c10::OperatorHandle& op, const torch::jit::Stack& stack) {
@@ -103,22 +117,10 @@ void checked_passthrough(const c10::OperatorHandle& op, c10::DispatchKeySet keys
   op.redispatchBoxed(keys.remove_backend(kReleasedBit), stack);
 }
 
-// A released tensor of `sizes`/`strides`, `dtype` on the CPU: a null storage of the
-// right size, dispatched to PrivateUse1. Allocates nothing.
+// A released tensor of `sizes`/`strides`, `dtype` on the CPU. Allocates nothing.
 at::Tensor make_released(at::IntArrayRef sizes, at::IntArrayRef strides, at::ScalarType dtype) {
   at::Tensor t = at::empty({0}, at::TensorOptions().dtype(dtype).device(at::kCPU));
-  int64_t extent = 1;  // elements the strides reach, 0 for an empty tensor
-  for (size_t d = 0; d < sizes.size(); ++d) {
-    if (sizes[d] == 0) extent = 0;
-  }
-  if (extent != 0) {
-    for (size_t d = 0; d < sizes.size(); ++d) extent += (sizes[d] - 1) * strides[d];
-  }
-  const auto nbytes = static_cast<size_t>(extent) * c10::elementSize(dtype);
-  c10::Storage empty(c10::Storage::use_byte_size_t(), nbytes, c10::DataPtr(nullptr, t.device()),
-                     /*allocator=*/nullptr, /*resizable=*/false);
-  t.set_(empty, 0, sizes, strides);
-  t.unsafeGetTensorImpl()->_change_backend_component_keys(c10::Device(c10::DeviceType::PrivateUse1));
+  release_as(t, sizes, strides, nullptr);
   return t;
 }
 
