@@ -36,7 +36,7 @@ enum class CheckpointFormat {
   Safetensors,         // one safetensors file (spec/SAFETENSORS.md)
   ShardedTensormap,    // an index and tensormap shards
   ShardedSafetensors,  // an index and safetensors shards
-  TorchSave,           // a torch.save zip archive
+  TorchSave,           // a torch.save zip archive, or LibTorch's (torch::save, OutputArchive)
 };
 
 // "tensormap", "safetensors", "sharded tensormap", "sharded safetensors", "torch.save".

@@ -178,13 +178,14 @@ class Unpickler {
         break;
       }
       case 'b': {                                      // BUILD
-        pop();  // the state: for an OrderedDict, its _metadata attribute, not needed
+        const PickleRef state = pop();  // for an OrderedDict, its _metadata attribute, not needed
         if (top()->kind != Kind::Dict && top()->kind != Kind::Opaque) fail("BUILD on something other than a dict or an object");
+        if (top()->script_object) build_script_object(*top(), state);
         break;
       }
       case 0x81: {                                     // NEWOBJ: cls.__new__(cls, *args)
         pop();
-        push(opaque(*pop()));
+        push(new_object(*pop()));
         break;
       }
       case 0x92: {                                     // NEWOBJ_EX: with keyword arguments
@@ -296,11 +297,32 @@ class Unpickler {
     } else if (module == "torch" && dtype_of_torch_name(name)) {
       v->global = Global::TorchDtype;
       v->dtype = *dtype_of_torch_name(name);
+    } else if (module == "__torch__" || module.rfind("__torch__.", 0) == 0) {
+      v->global = Global::ScriptClass;  // instantiated empty, then given its attributes
     } else {
       v->global = Global::Other;  // never called: whatever it makes stays opaque
     }
     v->what = module + "." + name;
     return v;
+  }
+
+  // cls.__new__(cls): an empty object of a TorchScript class, whose attributes its BUILD
+  // gives; an opaque value for any other class.
+  PickleRef new_object(const PickleValue& callable) {
+    if (callable.kind != Kind::Global || callable.global != Global::ScriptClass) return opaque(callable);
+    auto v = make(Kind::Dict);
+    v->script_object = true;
+    v->what = callable.what;
+    return v;
+  }
+
+  // BUILD of a TorchScript object: its state is the dict of its attributes, given once.
+  void build_script_object(PickleValue& object, const PickleRef& state) {
+    if (object.built) fail("BUILD twice on the object of " + object.what);
+    if (state->kind != Kind::Dict) fail("BUILD of the object of " + object.what + " with a state that is not a dict");
+    if (state.get() == &object) fail("BUILD of the object of " + object.what + " with itself as its state");
+    object.entries = state->entries;
+    object.built = true;
   }
 
   // What calling or instantiating `callable` would have made, without doing it.
@@ -422,6 +444,7 @@ class Unpickler {
           fail("_rebuild_parameter without a tensor");
         }
         return a[0];
+      case Global::ScriptClass:
       case Global::Other:
         return opaque(callable);
       default:

@@ -4,7 +4,11 @@
 // protocols 2 to 5, and the globals collections.OrderedDict, torch._utils's
 // _rebuild_tensor_v2, _rebuild_tensor_v3 (torch 2.x, for dtypes such as float8 and
 // uint16), _rebuild_parameter and _rebuild_parameter_with_state, torch.*Storage,
-// torch.UntypedStorage and the torch dtypes (their names: torch_names.h).
+// torch.UntypedStorage and the torch dtypes (their names: torch_names.h). The archives
+// LibTorch writes (torch::save of a module or a tensor list, OutputArchive::save_to) and
+// torch.jit.save are such zips too: their pickle builds objects of TorchScript classes
+// (globals of the module __torch__ or below it) from a dict of attributes. Such an object
+// is read as that dict: no class is looked up and none of the archive's code/ is read.
 //
 // Nothing in a file is ever executed, and no tensor is made: a tensor is described (its
 // storage record, dtype, offset, sizes and strides) and checked to lie inside its storage.
@@ -43,7 +47,7 @@ struct PickleValue {
   enum class Kind { None, Bool, Int, Float, String, Tuple, List, Dict, Global, Storage, Tensor, Opaque };
   enum class Global {
     None, OrderedDict, RebuildTensorV2, RebuildTensorV3, RebuildParameter, RebuildParameterWithState,
-    StorageType, TorchDtype, Other
+    StorageType, TorchDtype, ScriptClass, Other
   };
 
   Kind kind = Kind::None;
@@ -63,6 +67,9 @@ struct PickleValue {
   // tensor of a dtype tensormap does not store sets `unstored_tensor`.
   std::string what;
   bool unstored_tensor = false;
+  // Dict: an object of TorchScript class `what`, its attributes as entries; built once.
+  bool script_object = false;
+  bool built = false;
 };
 
 // Checks that record `key` exists and holds at least `bytes` bytes; called once per key

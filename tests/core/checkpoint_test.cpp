@@ -10,6 +10,7 @@
 
 #include "../../src/core/mapping.h"
 #include "../../src/core/pickle.h"
+#include "../../src/core/zip.h"
 #include "support.h"
 #include "tensormap/core.h"
 
@@ -335,6 +336,63 @@ TEST(TorchSave, AnArchiveThatShrinksWhileOpenGivesTruncatedNotSigbus) {
     EXPECT_TRUE(e.kind() == ErrorKind::Truncated || e.kind() == ErrorKind::UnsupportedArchive) << e.what();
   }
   EXPECT_FALSE(std::filesystem::exists(dir.file("out.tmap")));
+}
+
+// A zip holding `pickle` as archive/data.pkl and one 8-byte storage record, data/0.
+void write_archive(const std::string& path, const std::string& pickle) {
+  detail::AtomicFile file(path);
+  detail::ZipWriter zip(file, 64);
+  zip.add_record("archive/data.pkl", pickle.data(), pickle.size());
+  const float storage[2] = {1.5f, -2.0f};
+  zip.add_record("archive/data/0", storage, sizeof storage);
+  zip.finish();
+  file.finish(false);
+  file.rename_into_place(false);
+}
+
+// The pickle of LibTorch's archives (torch::save of a module, OutputArchive::save_to)
+// builds TorchScript objects: __torch__.Module.__new__(), then BUILD with a dict of its
+// attributes. Each object reads as that dict; nothing of the class is looked up or run.
+TEST(TorchSave, TorchScriptObjectsReadAsTheirAttributesAndHostileOnesAreRefused) {
+  using namespace std::string_literals;
+  const std::string tensor =  // _rebuild_tensor_v2(('storage', FloatStorage, '0', 'cpu', 2), 0, (2,), (1,), False, OrderedDict())
+      "ctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x00" "0"
+      "X\x03\x00\x00\x00" "cpuK\x02tQK\x00K\x02\x85K\x01\x85\x89" "ccollections\nOrderedDict\n)RtR"s;
+  auto object = [](const std::string& cls, const std::string& attributes) {
+    return "c" + cls + "\nModule\n)\x81}(" + attributes + "ub";
+  };
+  auto attribute = [](const std::string& name, const std::string& value) {
+    return "X" + std::string(1, static_cast<char>(name.size())) + std::string(3, '\0') + name + value;
+  };
+  TempDir dir;
+  const std::string path = dir.file("module.pt");
+  const std::string inner = object("__torch__.___torch_mangle_0", attribute("weight", tensor));
+  write_archive(path, "\x80\x02" + object("__torch__", attribute("fc", inner) + attribute("scale", tensor)) + ".");
+  const Checkpoint c = Checkpoint::open(path);
+  EXPECT_EQ(c.format(), CheckpointFormat::TorchSave);
+  EXPECT_EQ(c.keys(), (std::vector<std::string>{"fc.weight", "scale"}));
+  EXPECT_EQ(read_as<float>(c, "fc.weight"), std::vector<float>({1.5f, -2.0f}));
+  EXPECT_TRUE(c.skipped().empty());
+
+  // Each refused with an Error naming the file, never a crash, a hang or a tensor.
+  const std::string cls = "c__torch__\nModule\n)\x81"s;
+  const std::vector<std::pair<std::string, std::string>> hostile = {
+      {"built twice", cls + "}b}b."},
+      {"a state that is not a dict", cls + "K\x01" "b."},
+      {"itself as its state", cls + "q\x00h\x00" "b."s},
+      {"an object holding itself", cls + "q\x00}(X\x01\x00\x00\x00" "ah\x00" "ub."s},
+      {"another class is never built", "cbuiltins\neval\n)\x81}(X\x01\x00\x00\x00" "a"s + tensor + "ub."},
+  };
+  for (const auto& [what, body] : hostile) {
+    write_archive(path, "\x80\x02" + body);
+    try {
+      const Checkpoint bad = Checkpoint::open(path);
+      ADD_FAILURE() << what << ": opened with " << bad.size() << " tensors";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::UnsupportedArchive) << what << ": " << e.what();
+      EXPECT_NE(std::string(e.what()).find(path), std::string::npos) << e.what();
+    }
+  }
 }
 
 // Every input a fuzzer found crashing the unpickler stays here: each must now be refused

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -49,6 +50,19 @@ class TempDir {
  private:
   fs::path path_;
 };
+
+// The file mapped at `address` in this process, from /proc/self/maps ("" for none).
+inline std::string file_mapped_at(const void* address) {
+  std::ifstream maps("/proc/self/maps");
+  const auto a = reinterpret_cast<uintptr_t>(address);
+  for (std::string line; std::getline(maps, line);) {
+    unsigned long low = 0, high = 0;
+    if (std::sscanf(line.c_str(), "%lx-%lx", &low, &high) != 2 || a < low || a >= high) continue;
+    const size_t slash = line.find('/');
+    return slash == std::string::npos ? "" : line.substr(slash);
+  }
+  return "";
+}
 
 // Pages of `path` in the page cache, and all its pages.
 inline std::pair<size_t, size_t> cached_pages(const std::string& path) {

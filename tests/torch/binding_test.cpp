@@ -868,6 +868,88 @@ TEST(TorchSave, AModuleSavedAsTorchSaveLoadsBackZeroCopy) {
   EXPECT_EQ(head[0], 'P');  // a zip archive, as Python's torch.save writes
 }
 
+// LibTorch's own archives, what a C++ user's old checkpoints are: torch::save(module)
+// writes a TorchScript module, its parameters and buffers as attributes of nested objects.
+// They are read without running or even reading the archive's code, by the names
+// named_parameters() and named_buffers() give, and map-load zero-copy.
+TEST(LibTorchArchive, TorchSaveOfAModuleLoadsIntoASkeletonZeroCopyByItsNames) {
+  TempDir dir;
+  const std::string path = dir.file("net.pt");
+  auto source = trained_net();
+  torch::save(source, path);
+  const StateDict sd = StateDict::open(path);
+  EXPECT_EQ(sd.format(), CheckpointFormat::TorchSave);
+  std::vector<std::string> expected;
+  for (const auto& p : source->named_parameters()) expected.push_back(p.key());
+  for (const auto& b : source->named_buffers()) expected.push_back(b.key());
+  std::vector<std::string> keys = sd.keys();
+  std::sort(expected.begin(), expected.end());
+  std::sort(keys.begin(), keys.end());
+  EXPECT_EQ(keys, expected);
+  EXPECT_TRUE(sd.skipped().empty());
+
+  for (LoadMode mode : {LoadMode::Map, LoadMode::Copy}) {
+    auto net = build_skeleton([] { return NetModule(); });
+    LoadOptions options;
+    options.mode = mode;
+    const LoadReport report = load(*net, path, options);
+    EXPECT_TRUE(report.complete()) << report.summary();
+    EXPECT_EQ(report.loaded.size(), expected.size());
+    const std::string where = mode == LoadMode::Map ? path : "";
+    EXPECT_EQ(file_mapped_at(net->fc1->weight.data_ptr()), where);
+    EXPECT_EQ(file_mapped_at(net->norm->num_batches_tracked.data_ptr()), where);
+    net->eval();
+    const auto x = torch::randn({3, 8});
+    EXPECT_TRUE(torch::equal(net->forward(x), source->forward(x)));
+    EXPECT_EQ(net->norm->num_batches_tracked.item<int64_t>(), 1);
+  }
+  // LibTorch still reads the archive: tensormap never writes to it.
+  auto back = NetModule();
+  torch::load(back, path);
+  EXPECT_TRUE(torch::equal(back->fc2->bias, source->fc2->bias));
+}
+
+TEST(LibTorchArchive, OutputArchivesGiveDottedNamesViewsAndEveryDtype) {
+  TempDir dir;
+  const std::string path = dir.file("archive.pt");
+  torch::manual_seed(1);
+  const auto x = torch::arange(6, torch::kInt64).reshape({2, 3});
+  const auto y = torch::randn({5}).to(torch::kBFloat16);
+  const auto z = torch::randn({3, 2}).t();  // not contiguous
+  const auto flag = torch::tensor({true, false, true});
+  torch::serialize::OutputArchive archive, inner;
+  inner.write("z", z, /*is_buffer=*/true);
+  inner.write("flag", flag, /*is_buffer=*/true);
+  archive.write("x", x);
+  archive.write("inner", inner);
+  archive.write("y", y);
+  archive.save_to(path);
+  const StateDict sd = StateDict::open(path);
+  std::vector<std::string> keys = sd.keys();
+  std::sort(keys.begin(), keys.end());
+  EXPECT_EQ(keys, (std::vector<std::string>{"inner.flag", "inner.z", "x", "y"}));
+  EXPECT_TRUE(torch::equal(sd["x"], x));
+  EXPECT_EQ(sd["y"].scalar_type(), torch::kBFloat16);
+  EXPECT_TRUE(torch::equal(sd["y"], y));
+  EXPECT_TRUE(torch::equal(sd["inner.z"], z));
+  EXPECT_TRUE(torch::equal(sd["inner.flag"], flag));
+
+  // A tensor list (torch::save(std::vector<Tensor>)) names its tensors by position.
+  const std::string list = dir.file("list.pt");
+  torch::save(std::vector<torch::Tensor>{x, z}, list);
+  const StateDict listed = StateDict::open(list);
+  EXPECT_EQ(listed.keys().size(), 2u);
+  EXPECT_TRUE(torch::equal(listed["0"], x));
+  EXPECT_TRUE(torch::equal(listed["1"], z));
+
+  // And each converts to a tensormap file holding the same tensors.
+  const std::string out = dir.file("archive.tmap");
+  convert(path, out);
+  const StateDict converted = StateDict::open(out);
+  EXPECT_TRUE(torch::equal(converted["inner.z"], z));
+  EXPECT_TRUE(torch::equal(converted["y"], y));
+}
+
 // U16, U32, U64 and F8 have no typed storage: they are written as torch 2.x writes them
 // (_rebuild_tensor_v3) and read back with their dtype and bytes, on any LibTorch.
 TEST(TorchSave, EveryDtypeIsWrittenAndReadBackBitForBit) {

@@ -80,19 +80,6 @@ std::string compare_parts(const torch::nn::Module& model, const StateDict& full,
   return out.str();
 }
 
-// The file mapped at `address` in this process, from /proc/self/maps ("" for none).
-std::string file_mapped_at(const void* address) {
-  std::ifstream maps("/proc/self/maps");
-  const auto a = reinterpret_cast<uintptr_t>(address);
-  for (std::string line; std::getline(maps, line);) {
-    uintptr_t low = 0, high = 0;
-    if (std::sscanf(line.c_str(), "%lx-%lx", &low, &high) != 2 || a < low || a >= high) continue;
-    const size_t slash = line.find('/');
-    return slash == std::string::npos ? "" : line.substr(slash);
-  }
-  return "";
-}
-
 // Rss (bytes) of the mapping of this process that holds `address`, from /proc/self/smaps.
 uint64_t rss_of_mapping_at(const void* address) {
   std::ifstream smaps("/proc/self/smaps");
