@@ -41,35 +41,48 @@ def pattern(index, n, dtype):
     return data
 
 
-def build(tensors, metadata=(), alignment=64, minor=0):
-    """tensors: (name, dtype, shape[, data]) tuples. Returns the file's bytes."""
-    full = []
+def build(tensors, metadata=(), alignment=64, minor=0, aliases=None):
+    """tensors: (name, dtype, shape[, data]) tuples; aliases: {name: earlier name} makes
+    those records aliases (format 2.0, section 3.1). Returns the file's bytes."""
+    aliases = aliases or {}
+    full, index = [], {}
     for i, t in enumerate(tensors):
         name, dtype, shape = t[:3]
         count = 1
         for d in shape:
             count *= d
         data = t[3] if len(t) > 3 else pattern(i, count * SIZES[dtype], dtype)
-        full.append((name.encode(), dtype, shape, data))
+        index[name] = i
+        target = index[aliases[name]] if name in aliases else None
+        while target is not None and full[target][4] is not None:  # an alias of an alias
+            target = full[target][4]
+        full.append((name.encode(), dtype, shape, data, target))
     meta = [(k.encode(), v.encode()) for k, v in metadata]
-    h = 48 + sum(32 + 8 * len(s) + pad8(len(n)) for n, _, s, _ in full)
+    h = 48 + sum(32 + 8 * len(s) + pad8(len(n)) for n, _, s, _, _ in full)
     h += sum(8 + pad8(len(k) + len(v)) for k, v in meta) + 8
     cursor, offsets = round_up(h, alignment), []
-    for _, _, _, data in full:
+    for _, _, _, data, target in full:
+        if target is not None:  # no bytes of its own
+            offsets.append(offsets[target])
+            continue
         offsets.append(cursor)
         cursor = round_up(cursor + len(data), alignment)
     out = bytearray(cursor)
-    out[:48] = MAGIC + struct.pack("<HHIQQQQ", 1, minor, alignment, h, len(full), len(meta), 0)
+    major, features = (2, 1) if aliases else (1, 0)
+    out[:48] = MAGIC + struct.pack("<HHIQQQQ", major, minor, alignment, h, len(full), len(meta), features)
     pos = 48
-    for (name, dtype, shape, data), offset in zip(full, offsets):
-        out[pos:pos + 32] = struct.pack("<IBBHQQQ", len(name), CODES[dtype], len(shape), 0, offset,
-                                        len(data), xxh3_64(data))
+    for (name, dtype, shape, data, target), offset in zip(full, offsets):
+        if target is not None:
+            data = full[target][3]
+        out[pos:pos + 32] = struct.pack("<IBBHQQQ", len(name), CODES[dtype], len(shape),
+                                        0 if target is None else 1, offset, len(data), xxh3_64(data))
         for d, dim in enumerate(shape):
             out[pos + 32 + 8 * d:pos + 40 + 8 * d] = struct.pack("<Q", dim)
         at = pos + 32 + 8 * len(shape)
         out[at:at + len(name)] = name
         pos = at + pad8(len(name))
-        out[offset:offset + len(data)] = data
+        if target is None:
+            out[offset:offset + len(data)] = data
     for k, v in meta:
         out[pos:pos + 8] = struct.pack("<II", len(k), len(v))
         out[pos + 8:pos + 8 + len(k) + len(v)] = k + v
@@ -136,6 +149,12 @@ def valid_files():
     yield "names_compared_as_bytes", build([("\u00e9", "U8", [1]), ("e\u0301", "U8", [1])])
     # Metadata values may hold NUL (names and keys may not).
     yield "metadata_value_with_nul", build([], [("k", "a\u0000b")])
+    # Format 2.0 (section 3.1): "head" and "again" are aliases of "emb", stored once; the
+    # cursor does not move for them, so "b" follows "emb" directly.
+    yield "aliases", build([("emb", "F32", [4, 3]), ("head", "F32", [4, 3]), ("b", "U8", [5]),
+                            ("again", "F32", [4, 3])], [("k", "v")], aliases={"head": "emb", "again": "head"})
+    # Major 2 with no feature is read as major 1 is.
+    yield "major2_no_features", patched(build([("w", "F32", [2])]), [(8, "<H", 2)])
 
 
 def invalid_files():
@@ -149,7 +168,7 @@ def invalid_files():
     yield "rule01_55_bytes", 1, "FileTooSmall", "open", base[:55]
     yield "rule02_bad_magic", 2, "BadMagic", "open", b"\x89TMAX" + base[5:]
     yield "rule02_png_file", 2, "BadMagic", "open", b"\x89PNG\r\n\x1a\n" + bytes(56)
-    yield "rule03_major_2", 3, "UnsupportedVersion", "open", patched(base, [(8, "<H", 2)])
+    yield "rule03_major_3", 3, "UnsupportedVersion", "open", patched(base, [(8, "<H", 3)])
     yield "rule04_alignment_0", 4, "BadAlignment", "open", patched(base, [(12, "<I", 0)])
     yield "rule04_alignment_96", 4, "BadAlignment", "open", patched(base, [(12, "<I", 96)])
     yield "rule04_alignment_2mib", 4, "BadAlignment", "open", patched(base, [(12, "<I", 2 << 20)])
@@ -226,6 +245,25 @@ def invalid_files():
     n = (1 << 63) - first - 1
     yield "rule17_padded_end_past_2pow63", 17, "Truncated", "open", assemble(
         tensor_record("a", "U8", [n], first, n) + tensor_record("b", "U8", [1], first, 1), 2, 0)
+    # Format 2.0 (section 3.1). Base: a (F32 [2]), t an alias of a, b (U8 [3]); records at
+    # 48, 96, 144; H = 200; a (and t) at 256, b at 320.
+    tied = build([("a", "F32", [2]), ("t", "F32", [2]), ("b", "U8", [3])], aliases={"t": "a"})
+    t_rec = 96
+    assert struct.unpack_from("<Q", tied, t_rec + 8)[0] == 256
+    yield "rule09_unknown_feature", 9, "UnsupportedVersion", "open", patched(tied, [(40, "<Q", 3)])
+    yield "rule09_unknown_feature_newer_minor", 9, "UnsupportedVersion", "open", patched(
+        tied, [(40, "<Q", 1 << 40), (10, "<H", 7)])
+    yield "rule11_alias_flag_without_feature", 11, "NonZeroReserved", "open", patched(tied, [(40, "<Q", 0)])
+    yield "rule11_alias_flag_in_major_1", 11, "NonZeroReserved", "open", patched(tied, [(8, "<H", 1), (40, "<Q", 0)])
+    yield "rule11_unknown_flag_bit", 11, "NonZeroReserved", "open", patched(tied, [(t_rec + 6, "<H", 3)])
+    yield "rule17_alias_of_no_tensor", 17, "BadAlias", "open", patched(tied, [(t_rec + 8, "<Q", 260)])
+    yield "rule17_alias_of_a_later_tensor", 17, "BadAlias", "open", patched(
+        build([("a", "U8", [3]), ("t", "U8", [3]), ("b", "U8", [3])], aliases={"t": "a"}), [(t_rec + 8, "<Q", 320)])
+    yield "rule17_alias_checksum_differs", 17, "BadAlias", "open", patched(tied, [(t_rec + 24, "<Q", 1)])
+    yield "rule17_alias_dtype_and_shape_differ", 17, "BadAlias", "open", patched(
+        tied, [(t_rec + 4, "<B", CODES["I16"]), (t_rec + 32, "<Q", 4)])
+    yield "rule17_alias_empty", 17, "BadAlias", "open", patched(tied, [(t_rec + 32, "<Q", 0), (t_rec + 16, "<Q", 0)])
+
     # Rule 14 for metadata: the strict UTF-8 of names, without the NUL ban.
     yield "rule14_metadata_value_surrogate", 14, "BadName", "open", patched(names, [(108, "<I", 0x3480A0ED)])
     yield "rule14_metadata_key_nul", 14, "BadName", "open", patched(names, [(105, "<B", 0)])

@@ -1,6 +1,6 @@
 meta:
   id: tensormap
-  title: tensormap tensor checkpoint, format version 1
+  title: tensormap tensor checkpoint, format versions 1 and 2
   file-extension: tmap
   license: CC0-1.0
   endian: le
@@ -17,7 +17,8 @@ seq:
     contents: [0x89, 0x54, 0x4d, 0x41, 0x50, 0x0d, 0x0a, 0x1a]
   - id: major
     type: u2
-    valid: 1
+    valid:
+      any-of: [1, 2]
   - id: minor
     type: u2
   - id: alignment
@@ -33,8 +34,9 @@ seq:
     type: u8
   - id: metadata_count
     type: u8
-  - id: reserved
+  - id: features
     type: u8
+    doc: Major 2 only (reserved, zero, in major 1); bit 0 means aliases.
   - id: tensors
     type: tensor_record
     repeat: expr
@@ -58,8 +60,12 @@ types:
         type: u1
         valid:
           max: 8
-      - id: reserved
+      - id: flags
         type: u2
+        doc: |
+          Major 2 with the aliases feature: bit 0 marks an alias, a second name for
+          the bytes of the earlier record at the same offset (FORMAT.md section 3.1).
+          Reserved, zero, otherwise.
       - id: offset
         type: u8
         doc: Absolute offset of the tensor's first byte in the file.
@@ -79,6 +85,8 @@ types:
       - id: padding
         size: (8 - name_length % 8) % 8
     instances:
+      is_alias:
+        value: _root.major == 2 and (_root.features & 1) != 0 and (flags & 1) != 0
       data:
         io: _root._io
         pos: offset

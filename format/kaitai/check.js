@@ -22,14 +22,22 @@ function describe(buffer) {
       header_size: f.headerSize,
       file_size: buffer.length,
       metadata,
-      tensors: f.tensors.map((t) => ({
-        name: t.name,
-        dtype: Parser.Dtype[t.dtype].toUpperCase(),
-        shape: t.shape,
-        offset: t.offset,
-        byte_length: t.byteLength,
-        checksum: hexLE(t.checksum),
-      })),
+      tensors: f.tensors.map((t, i) => {
+        const out = {
+          name: t.name,
+          dtype: Parser.Dtype[t.dtype].toUpperCase(),
+          shape: t.shape,
+          offset: t.offset,
+          byte_length: t.byteLength,
+          checksum: hexLE(t.checksum),
+        };
+        // An alias names the earlier record, itself no alias, whose bytes start at its offset.
+        if (t.isAlias) {
+          const target = f.tensors.slice(0, i).find((u) => !u.isAlias && u.byteLength > 0 && u.offset === t.offset);
+          out.alias_of = target ? target.name : null;
+        }
+        return out;
+      }),
     },
     dataLengths: f.tensors.map((t) => [t.data.length, t.byteLength]),
   };

@@ -1,5 +1,5 @@
-"""A reference reader of the tensormap file format, version 1, written from
-spec/FORMAT.md alone. Needs only numpy.
+"""A reference reader of the tensormap file format, versions 1 and 2 (aliases), written
+from spec/FORMAT.md alone. Needs only numpy.
 
     f = TensormapFile("model.tmap")      # maps the file and checks rules 1 to 20
     w = f.array("fc.weight")             # a numpy view into the mapping, no copy
@@ -26,6 +26,7 @@ PREAMBLE, CHECKSUM = 48, 8
 MIN_HEADER, MAX_HEADER = 56, 1 << 30
 MAX_TENSORS, MAX_METADATA, MAX_NAME, MAX_RANK = 1 << 24, 1 << 20, 4096, 8
 MAX_OFFSET = (1 << 63) - 1
+FEATURE_ALIASES, FLAG_ALIAS = 1, 1  # format 2: the preamble's features, a record's flags
 M64 = (1 << 64) - 1
 
 # code: (name, element size, numpy dtype of a view, or None where numpy has none)
@@ -218,11 +219,12 @@ def _name_problem(raw):
 
 
 class TensorInfo:
-    __slots__ = ("name", "dtype", "shape", "offset", "byte_length", "checksum")
+    __slots__ = ("name", "dtype", "shape", "offset", "byte_length", "checksum", "alias_of")
 
-    def __init__(self, name, dtype, shape, offset, byte_length, checksum):
+    def __init__(self, name, dtype, shape, offset, byte_length, checksum, alias_of=None):
         self.name, self.dtype, self.shape = name, dtype, shape
         self.offset, self.byte_length, self.checksum = offset, byte_length, checksum
+        self.alias_of = alias_of  # format 2 with aliases: the name whose bytes these are
 
 
 class TensormapFile:
@@ -249,7 +251,7 @@ class TensormapFile:
         if pre[:8] != MAGIC:                                                    # rule 2
             self._fail("BadMagic", "not a tensormap file")
         self.major, self.minor = int.from_bytes(pre[8:10], "little"), int.from_bytes(pre[10:12], "little")
-        if self.major != 1:                                                     # rule 3
+        if self.major not in (1, 2):                                            # rule 3
             self._fail("UnsupportedVersion", f"version {self.major}.{self.minor}")
         a = _u32(pre, 12)
         if not (64 <= a <= 1 << 20 and a & (a - 1) == 0):                       # rule 4
@@ -266,8 +268,13 @@ class TensormapFile:
         if t_count > MAX_TENSORS or m_count > MAX_METADATA or 40 * t_count + 16 * m_count > h - 56:
             self._fail("TooManyEntries", f"{t_count} tensors, {m_count} metadata")  # rule 8
         check_reserved = self.minor <= 0
-        if check_reserved and _u64(pre, 40) != 0:                               # rule 9
+        field = _u64(pre, 40)
+        if self.major == 1 and check_reserved and field != 0:                   # rule 9
             self._fail("NonZeroReserved", "preamble reserved field")
+        if self.major == 2 and field & ~FEATURE_ALIASES:
+            self._fail("UnsupportedVersion", f"unknown features {field & ~FEATURE_ALIASES:#x}")
+        aliases = self.major == 2 and bool(field & FEATURE_ALIASES)
+        by_offset = {}  # where each record's own bytes start -> that record
         self.alignment, self.header_size = a, h
         end, pos, cursor = h - 8, PREAMBLE, _round_up(h, a)
         self.tensors, first_past_end = [], None
@@ -280,7 +287,10 @@ class TensormapFile:
                 self._fail("MalformedHeader", f"tensor record {i} runs past the header")
             name_at = pos + 32 + 8 * rank
             raw = head[name_at:name_at + n]
-            if (check_reserved and head[pos + 6:pos + 8] != b"\0\0") or any(head[name_at + n:pos + rec]):
+            flags = int.from_bytes(head[pos + 6:pos + 8], "little")
+            alias = aliases and bool(flags & FLAG_ALIAS)
+            reserved = flags & ~FLAG_ALIAS if aliases else flags
+            if (check_reserved and reserved) or any(head[name_at + n:pos + rec]):
                 self._fail("NonZeroReserved", f"tensor record {i}")             # rule 11
             if code not in DTYPES:                                              # rule 12
                 self._fail("UnknownDtype", f"tensor record {i}: dtype code {code}")
@@ -300,6 +310,15 @@ class TensormapFile:
             offset, length, checksum = _u64(head, pos + 8), _u64(head, pos + 16), _u64(head, pos + 24)
             if length != expected:                                              # rule 16
                 self._fail("LengthMismatch", f"tensor {name!r}: {length} != {expected}")
+            if alias:                                                           # rule 17, alias
+                target = by_offset.get(offset) if length > 0 else None
+                if target is None or (target.dtype, target.shape, target.checksum) != \
+                        (DTYPES[code][0], shape, checksum):
+                    self._fail("BadAlias", f"tensor {name!r} is no alias of an earlier tensor")
+                self.tensors.append(TensorInfo(name, target.dtype, shape, offset, length, checksum,
+                                               target.name))
+                pos += rec
+                continue
             if offset != cursor:                                                # rule 17
                 self._fail("BadOffset", f"tensor {name!r} at {offset}, expected {cursor}")
             if _round_up(offset + length, a) > MAX_OFFSET:
@@ -308,6 +327,8 @@ class TensormapFile:
                 first_past_end = name
             cursor = _round_up(offset + length, a)
             self.tensors.append(TensorInfo(name, DTYPES[code][0], shape, offset, length, checksum))
+            if length > 0:
+                by_offset[offset] = self.tensors[-1]
             pos += rec
         self.metadata = {}
         pairs = []
@@ -372,6 +393,8 @@ class TensormapFile:
         a = self.alignment
         gaps = [(self.header_size, _round_up(self.header_size, a), "the header")]
         for t in self.tensors:
+            if t.alias_of is not None:  # its bytes and padding are its target's
+                continue
             if xxh3_64(self.bytes[t.offset:t.offset + t.byte_length]) != t.checksum:     # rule 22
                 self._fail("ChecksumMismatch", f"tensor {t.name!r} is corrupted")
             gaps.append((t.offset + t.byte_length, _round_up(t.offset + t.byte_length, a), repr(t.name)))
@@ -388,10 +411,16 @@ class TensormapFile:
             "header_size": self.header_size,
             "file_size": self.file_size,
             "metadata": self.metadata,
-            "tensors": [{"name": t.name, "dtype": t.dtype, "shape": t.shape, "offset": t.offset,
-                         "byte_length": t.byte_length, "checksum": f"{t.checksum:016x}"}
-                        for t in self.tensors],
+            "tensors": [self._describe(t) for t in self.tensors],
         }
+
+    @staticmethod
+    def _describe(t):
+        out = {"name": t.name, "dtype": t.dtype, "shape": t.shape, "offset": t.offset,
+               "byte_length": t.byte_length, "checksum": f"{t.checksum:016x}"}
+        if t.alias_of is not None:
+            out["alias_of"] = t.alias_of
+        return out
 
 
 def main(argv):

@@ -102,6 +102,11 @@ class TENSORMAP_EXPORT Checkpoint {
   // Throws Error(NotFound) naming the checkpoint. For a sharded checkpoint, opens the
   // tensor's shard.
   Info info(std::string_view name) const;
+  // The name of the earlier tensor whose bytes are this tensor's (a tied weight), or
+  // nothing: a tensormap file's alias (format 2.0), a torch.save tensor that is the very
+  // view of an earlier one (same storage, offset, shape and strides). Throws
+  // Error(NotFound) as info() does.
+  std::optional<std::string> alias_of(std::string_view name) const;
 
   // Copies the tensor's bytes, contiguous (info(name).byte_length of them), into `dest`,
   // with pread.

@@ -37,6 +37,7 @@ enum class ErrorKind {
   ShapeOverflow,
   LengthMismatch,
   BadOffset,
+  BadAlias,  // an alias record whose target is missing or differs (major 2)
   DuplicateName,
   TrailingBytes,
   NonZeroPadding,

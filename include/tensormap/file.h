@@ -63,6 +63,10 @@ struct TENSORMAP_EXPORT TensorEntry {
   uint64_t offset;               // absolute offset in the file
   uint64_t byte_length;
   uint64_t checksum;             // XXH3-64 of the bytes
+  // An alias (format major 2): the index in tensors() of the earlier tensor whose bytes
+  // these are, with the same dtype, shape, offset, length and checksum. Nothing for a
+  // tensor with bytes of its own (always, in major 1 and safetensors files).
+  std::optional<uint32_t> alias_of;
 
   // Number of elements: product of the dimensions (1 for rank 0).
   uint64_t element_count() const;
@@ -159,6 +163,7 @@ class TENSORMAP_EXPORT File {
   // Evicts the tensor's pages from this process (MADV_DONTNEED). Clean pages are simply
   // dropped from this process; a page that was written through cow_data() loses that
   // write and reads the file again. Pages shared with another tensor are kept.
+  // An alias's pages are its target's: evicting one evicts both.
   // REQUIRES: no one relies on writes made through cow_data() for this tensor.
   void evict(const TensorEntry& entry) const;
 

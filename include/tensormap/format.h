@@ -25,8 +25,17 @@ enum class Format {
 namespace tensormap::format {
 
 inline constexpr unsigned char kMagic[8] = {0x89, 'T', 'M', 'A', 'P', '\r', '\n', 0x1A};
+// Major 1 is the base format; major 2 adds the `features` field (the preamble's bytes 40
+// to 48, reserved in major 1) and each tensor record's `flags` (its bytes 6 to 8). A
+// writer writes major 1 whenever it uses no feature, so that every reader reads the file.
 inline constexpr uint16_t kMajorVersion = 1;
+inline constexpr uint16_t kMaxMajorVersion = 2;
 inline constexpr uint16_t kMinorVersion = 0;
+// Feature bits (major 2): a reader refuses a file with a bit it does not know.
+inline constexpr uint64_t kFeatureAliases = 1;  // records may be aliases (section 3.1)
+inline constexpr uint64_t kKnownFeatures = kFeatureAliases;
+// Flag bits of a tensor record (major 2 with kFeatureAliases).
+inline constexpr uint16_t kFlagAlias = 1;  // the record names the bytes of an earlier one
 
 inline constexpr uint64_t kPreambleSize = 48;
 inline constexpr uint64_t kChecksumSize = 8;

@@ -22,6 +22,11 @@ struct SaveOptions {
   std::vector<std::pair<std::string, std::string>> metadata;
   bool sync = true;
   Format format = Format::Tensormap;  // or Format::Safetensors, Format::TorchSave
+  // Tied weights (names whose tensors are the very same view of one storage: same
+  // storage, offset, shape, strides and dtype) stored once, the other names aliases of
+  // the first (supports_aliases() formats: a tensormap file, which is then format 2.0 and
+  // refused by readers of 1.x only; a torch.save archive). False stores every name's bytes.
+  bool store_ties_once = true;
 };
 
 // The state of a module: every parameter (recursively, in module order), then every
@@ -35,9 +40,9 @@ TENSORMAP_EXPORT std::vector<std::pair<std::string, at::Tensor>> named_state(con
 // writer for options.format). Atomic as every
 // writer is: saving over the very file a model was loaded
 // from in map mode is safe and leaves the loaded model unchanged.
-// Tied weights: every name is stored with its own bytes. A tie by identity (one tensor
-// registered under two names) survives a load, because both names bind the same tensor;
-// distinct tensors that merely share storage come back as separate, equal tensors.
+// Tied weights are stored once (SaveOptions::store_ties_once), and a load ties them
+// again: the names bind one tensor (load.h). Tensors that merely overlap in a storage
+// (different views) are stored each with its own bytes.
 TENSORMAP_EXPORT void save(const std::vector<std::pair<std::string, at::Tensor>>& tensors,
           const std::string& path, const SaveOptions& options = {});
 TENSORMAP_EXPORT void save(const torch::nn::Module& module, const std::string& path,

@@ -26,6 +26,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -40,6 +41,11 @@ struct TensorSpec {
   std::string name;
   Dtype dtype;
   std::vector<uint64_t> shape;
+  // Another name for the bytes of a tensor declared earlier (a tied weight), which must
+  // have this dtype and shape and not be empty: the bytes are stored once and this
+  // tensor receives none (byte_length() is 0). Only writers for which supports_aliases()
+  // holds take aliases; a tensormap file that has one is format 2.0 (spec/FORMAT.md).
+  std::optional<std::string> alias_of = std::nullopt;
 };
 
 struct WriterOptions {
@@ -95,6 +101,12 @@ class TENSORMAP_EXPORT TensorWriter {
 // Async-signal-safe: for a SIGINT/SIGTERM handler that then calls _exit. The writers
 // whose files it removed fail on their next step; nothing else is touched.
 TENSORMAP_EXPORT void remove_temporary_files() noexcept;
+
+// Whether the writer open_writer() makes for `options` stores aliases (TensorSpec::
+// alias_of): an unsharded tensormap file or torch.save archive. Safetensors files have no
+// aliases (the reference refuses tensors that share bytes), nor do sharded checkpoints:
+// there, write the bytes under each name.
+TENSORMAP_EXPORT bool supports_aliases(const WriterOptions& options);
 
 // The writer for options.format, sharded when options.shard_size > 0. Throws what the
 // writer's constructor throws, and Error(InvalidArgument) for a sharded torch.save.

@@ -198,7 +198,11 @@ int inspect_state(const Checkpoint& sd, bool json) {
     const Checkpoint::Info info = sd.info(name);
     out["tensors"].push_back({{"name", name}, {"dtype", std::string(dtype_name(info.dtype))},
                               {"shape", info.shape}, {"byte_length", info.byte_length}});
-    data += info.byte_length;
+    if (const auto target = sd.alias_of(name)) {
+      out["tensors"].back()["alias_of"] = *target;  // the same bytes, stored once
+    } else {
+      data += info.byte_length;
+    }
   }
   const auto skipped = sd.skipped();
   if (!skipped.empty()) {
@@ -213,7 +217,8 @@ int inspect_state(const Checkpoint& sd, bool json) {
             << " bytes of data\n";
   for (const auto& t : out["tensors"]) {
     std::cout << "  " << t["name"].get<std::string>() << "  " << t["dtype"].get<std::string>() << "  "
-              << t["shape"].dump() << "  " << t["byte_length"].get<uint64_t>() << "\n";
+              << t["shape"].dump() << "  " << t["byte_length"].get<uint64_t>()
+              << (t.contains("alias_of") ? "  (alias of " + t["alias_of"].get<std::string>() + ")" : "") << "\n";
   }
   if (!skipped.empty()) {
     std::cout << skipped.size() << " values that are not tensors were skipped:\n";

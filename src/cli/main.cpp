@@ -95,6 +95,7 @@ nlohmann::ordered_json describe(const File& f) {
     t["offset"] = e.offset;
     t["byte_length"] = e.byte_length;
     t["checksum"] = tmap ? nlohmann::ordered_json(hex16(e.checksum)) : nlohmann::ordered_json(nullptr);
+    if (e.alias_of) t["alias_of"] = std::string(f.tensors()[*e.alias_of].name);  // spec section 14
     out["tensors"].push_back(std::move(t));
   }
   return out;
@@ -111,7 +112,11 @@ int inspect(const std::string& path, bool json) {
     return 0;
   }
   uint64_t data = 0;
-  for (const auto& e : f.tensors()) data += e.byte_length;
+  size_t aliases = 0;
+  for (const auto& e : f.tensors()) {
+    if (e.alias_of) ++aliases;
+    else data += e.byte_length;  // an alias's bytes are its target's
+  }
   std::cout << path << ": ";
   if (f.format() == Format::Tensormap) {
     std::cout << "tensormap " << f.major_version() << "." << f.minor_version() << ", alignment "
@@ -119,8 +124,9 @@ int inspect(const std::string& path, bool json) {
   } else {
     std::cout << "safetensors (no checksums)";
   }
-  std::cout << ", " << f.tensors().size() << " tensors, " << human_bytes(data)
-            << " of data, file " << human_bytes(f.file_size()) << "\n";
+  std::cout << ", " << f.tensors().size() << " tensors";
+  if (aliases > 0) std::cout << " (" << aliases << " of them aliases of another, stored once)";
+  std::cout << ", " << human_bytes(data) << " of data, file " << human_bytes(f.file_size()) << "\n";
   if (!f.metadata().empty()) {
     std::cout << "metadata:\n";
     for (const auto& [k, v] : f.metadata()) std::cout << "  " << k << ": " << v << "\n";
@@ -139,6 +145,7 @@ int inspect(const std::string& path, bool json) {
                 static_cast<unsigned long long>(e.offset),
                 static_cast<unsigned long long>(e.byte_length),
                 f.has_checksums() ? hex16(e.checksum).c_str() : "-");
+    if (e.alias_of) std::printf("    (alias of %s)\n", std::string(f.tensors()[*e.alias_of].name).c_str());
   }
   return 0;
 }

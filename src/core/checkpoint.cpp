@@ -73,6 +73,7 @@ struct FileSource final : Source {
   double cached_fraction(size_t i) const override { return file.cached_fraction(entry(i)); }
   void drop_cache(size_t i) const override { file.drop_cache(entry(i)); }
   Checkpoint::Placement placement(size_t i) const override { return placement_of(file, entry(i)); }
+  std::optional<size_t> alias_of(size_t i) const override { return entry(i).alias_of; }  // same order
   std::vector<std::pair<std::string, std::string>> metadata() const override {
     std::vector<std::pair<std::string, std::string>> out;
     for (const auto& [k, v] : file.metadata()) out.emplace_back(k, v);
@@ -152,6 +153,13 @@ struct ShardedSource final : Source {
   Checkpoint::Placement placement(size_t i) const override {
     const auto [f, e] = locate(i);
     return placement_of(*f, *e);
+  }
+  // An alias within a shard, by its target's name (which the index maps to that shard).
+  std::optional<size_t> alias_of(size_t i) const override {
+    const auto [f, e] = locate(i);
+    if (!e->alias_of) return std::nullopt;
+    const auto target = find(f->tensors()[*e->alias_of].name);
+    return target && *target != i ? target : std::nullopt;
   }
   std::vector<File> files() const override {
     std::vector<File> out;
@@ -245,6 +253,10 @@ size_t Checkpoint::index_of(std::string_view name) const {
 }
 
 Checkpoint::Info Checkpoint::info(std::string_view name) const { return source_->info(index_of(name)); }
+std::optional<std::string> Checkpoint::alias_of(std::string_view name) const {
+  const auto target = source_->alias_of(index_of(name));
+  return target ? std::optional<std::string>(source_->names[*target]) : std::nullopt;
+}
 void Checkpoint::read(std::string_view name, void* dest) const { source_->read(index_of(name), dest); }
 void Checkpoint::read_chunks(std::string_view name, void* buffer, uint64_t buffer_size,
                              const std::function<void(const void*, uint64_t)>& consume) const {

@@ -38,6 +38,10 @@ uint64_t stream(const Checkpoint& source, const std::vector<TensorSpec>& specs, 
   std::unique_ptr<unsigned char[]> converted;  // allocated at the first dtype change
   for (size_t i = 0; i < specs.size(); ++i) {
     const std::string& name = specs[i].name;
+    if (specs[i].alias_of) {  // stored once, with its target
+      if (options.progress) options.progress(done, total, name);
+      continue;
+    }
     const Dtype from = source.info(name).dtype, to = specs[i].dtype;
     uint64_t piece = detail::kStreamPieceBytes;
     if (from != to) {
@@ -79,19 +83,22 @@ ConvertResult convert(const std::string& in, const std::string& out, const Conve
   }
 
   const Checkpoint source = Checkpoint::open(in);
-  std::vector<TensorSpec> specs;
-  for (const std::string& name : source.keys()) {
-    const Checkpoint::Info info = source.info(name);
-    const Dtype dtype = options.float_dtype && is_floating_point(info.dtype) ? *options.float_dtype : info.dtype;
-    specs.push_back({name, dtype, {info.shape.begin(), info.shape.end()}});
-  }
-  result.tensors = specs.size();
   WriterOptions writer_options;
   writer_options.format = result.format;
   writer_options.alignment = options.alignment;
   writer_options.metadata = source.metadata();
   writer_options.sync = options.sync;
   writer_options.shard_size = options.shard_size;
+  // Tied tensors stay stored once where the output can say so, and are written under
+  // each name where it cannot (safetensors, sharded checkpoints).
+  const bool aliases = supports_aliases(writer_options);
+  std::vector<TensorSpec> specs;
+  for (const std::string& name : source.keys()) {
+    const Checkpoint::Info info = source.info(name);
+    const Dtype dtype = options.float_dtype && is_floating_point(info.dtype) ? *options.float_dtype : info.dtype;
+    specs.push_back({name, dtype, {info.shape.begin(), info.shape.end()}, aliases ? source.alias_of(name) : std::nullopt});
+  }
+  result.tensors = specs.size();
   const std::unique_ptr<TensorWriter> writer = open_writer(out, specs, writer_options);
   result.bytes = stream(source, specs, *writer, options);
   writer->commit();

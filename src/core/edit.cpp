@@ -4,6 +4,7 @@
 #include "tensormap/edit.h"
 
 #include <algorithm>
+#include <unordered_map>
 #include <utility>
 
 #include "mapping.h"
@@ -126,8 +127,20 @@ EditReport Editor::commit(bool sync) {
   Impl& e = *impl_;
   e.check_usable();
   e.spent = true;
+  // An alias stays one while its target is kept unchanged before it; otherwise (its
+  // target removed or replaced) it keeps its bytes, copied from the old file.
   std::vector<TensorSpec> specs;
-  for (const auto& entry : e.entries) specs.push_back(entry.spec);
+  std::unordered_map<const TensorEntry*, size_t> kept;
+  for (const auto& entry : e.entries) {
+    specs.push_back(entry.spec);
+    if (entry.kind != Impl::Kind::Keep) continue;
+    if (entry.old->alias_of) {
+      const TensorEntry* target = &e.file.tensors()[*entry.old->alias_of];
+      if (kept.count(target)) specs.back().alias_of = std::string(target->name);
+    } else {
+      kept.emplace(entry.old, specs.size() - 1);
+    }
+  }
   WriterOptions options;
   options.alignment = e.file.alignment();
   options.metadata = e.metadata;

@@ -28,6 +28,7 @@ constexpr KindRow kKinds[] = {
     TENSORMAP_KIND(ShapeOverflow, FormatRule),
     TENSORMAP_KIND(LengthMismatch, FormatRule),
     TENSORMAP_KIND(BadOffset, FormatRule),
+    TENSORMAP_KIND(BadAlias, FormatRule),
     TENSORMAP_KIND(DuplicateName, FormatRule),
     TENSORMAP_KIND(TrailingBytes, FormatRule),
     TENSORMAP_KIND(NonZeroPadding, FormatRule),

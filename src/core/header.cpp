@@ -7,6 +7,7 @@
 #include <xxhash.h>
 
 #include <cstdio>
+#include <algorithm>
 #include <cstring>
 #include <unordered_set>
 
@@ -32,7 +33,8 @@ uint64_t header_checksum(const unsigned char* header, uint64_t header_size) {
 // Writing
 
 Layout plan_layout(const std::vector<TensorSpec>& tensors, const std::vector<uint64_t>& byte_lengths,
-                   const WriterOptions& options, const std::string& path) {
+                   const std::vector<std::optional<size_t>>& aliases, const WriterOptions& options,
+                   const std::string& path) {
   auto invalid = [&](const std::string& what) {
     return Error(ErrorKind::InvalidArgument, path + ": " + what);
   };
@@ -52,6 +54,7 @@ Layout plan_layout(const std::vector<TensorSpec>& tensors, const std::vector<uin
 
   Layout layout;
   layout.byte_lengths = byte_lengths;
+  layout.aliases = aliases;
   uint64_t header_size = fmt::kMinHeaderSize;
   for (const auto& t : tensors) {
     auto label = [&] { return "tensor " + detail::quoted(t.name); };
@@ -89,6 +92,11 @@ Layout plan_layout(const std::vector<TensorSpec>& tensors, const std::vector<uin
   uint64_t cursor = *fmt::round_up(header_size, options.alignment);
   layout.offsets.reserve(tensors.size());
   for (size_t i = 0; i < tensors.size(); ++i) {
+    if (const auto target = aliases[i]) {  // stored once, at its target's place
+      layout.offsets.push_back(layout.offsets[*target]);
+      layout.byte_lengths[i] = layout.byte_lengths[*target];
+      continue;
+    }
     layout.offsets.push_back(cursor);
     const auto end = checked_add(cursor, layout.byte_lengths[i]);
     const auto next = end ? fmt::round_up(*end, options.alignment) : std::nullopt;
@@ -105,13 +113,16 @@ std::vector<unsigned char> encode_header(const std::vector<TensorSpec>& tensors,
   std::vector<unsigned char> out(layout.header_size, 0);
   unsigned char* p = out.data();
   std::memcpy(p, fmt::kMagic, sizeof fmt::kMagic);
-  store_le<uint16_t>(p + 8, fmt::kMajorVersion);
+  // Major 1 unless a feature is used, so that every reader reads what needs no feature.
+  const bool aliases = std::any_of(layout.aliases.begin(), layout.aliases.end(),
+                                   [](const std::optional<size_t>& a) { return a.has_value(); });
+  store_le<uint16_t>(p + 8, aliases ? 2 : fmt::kMajorVersion);
   store_le<uint16_t>(p + 10, fmt::kMinorVersion);
   store_le<uint32_t>(p + 12, static_cast<uint32_t>(options.alignment));
   store_le<uint64_t>(p + 16, layout.header_size);
   store_le<uint64_t>(p + 24, tensors.size());
   store_le<uint64_t>(p + 32, options.metadata.size());
-  // p + 40: reserved, zero.
+  store_le<uint64_t>(p + 40, aliases ? fmt::kFeatureAliases : 0);  // major 1: reserved, zero
 
   size_t pos = fmt::kPreambleSize;
   for (size_t i = 0; i < tensors.size(); ++i) {
@@ -120,9 +131,11 @@ std::vector<unsigned char> encode_header(const std::vector<TensorSpec>& tensors,
     store_le<uint32_t>(p + pos, static_cast<uint32_t>(t.name.size()));
     p[pos + 4] = static_cast<unsigned char>(t.dtype);
     p[pos + 5] = static_cast<unsigned char>(rank);
+    const std::optional<size_t> target = i < layout.aliases.size() ? layout.aliases[i] : std::nullopt;
+    store_le<uint16_t>(p + pos + 6, target ? fmt::kFlagAlias : 0);
     store_le<uint64_t>(p + pos + 8, layout.offsets[i]);
     store_le<uint64_t>(p + pos + 16, layout.byte_lengths[i]);
-    store_le<uint64_t>(p + pos + 24, checksums[i]);
+    store_le<uint64_t>(p + pos + 24, checksums[target.value_or(i)]);
     for (unsigned d = 0; d < rank; ++d) store_le<uint64_t>(p + pos + 32 + 8 * d, t.shape[d]);
     std::memcpy(p + pos + 32 + 8 * rank, t.name.data(), t.name.size());
     pos += fmt::tensor_record_size(rank, t.name.size());
@@ -191,11 +204,10 @@ class HeaderValidator {
   // Rule 3.
   out.major = load_le<uint16_t>(base + 8);
   out.minor = load_le<uint16_t>(base + 10);
-  if (out.major != fmt::kMajorVersion) {
+  if (out.major < fmt::kMajorVersion || out.major > fmt::kMaxMajorVersion) {
     throw fail(ErrorKind::UnsupportedVersion,
                "format version " + num(out.major) + "." + num(out.minor) +
-                   " is not supported; this reader reads major version " +
-                   num(fmt::kMajorVersion));
+                   " is not supported; this reader reads major versions 1 and 2");
   }
   // Rule 4.
   out.alignment = load_le<uint32_t>(base + 12);
@@ -235,10 +247,21 @@ class HeaderValidator {
                    " metadata pairs, more than its " + num(h) + " bytes can hold (limits " +
                    num(fmt::kMaxTensorCount) + " and " + num(fmt::kMaxMetadataCount) + ")");
   }
-  // Rule 9, and the condition for rule 11's reserved fields (section 10).
+  // Rule 9, and the condition for rule 11's reserved fields (section 10). In major 2 the
+  // field is `features`: a bit this reader does not know means a file it cannot read.
   check_reserved = out.minor <= fmt::kMinorVersion;
-  if (check_reserved && load_le<uint64_t>(base + 40) != 0) {
+  const uint64_t field = load_le<uint64_t>(base + 40);
+  if (out.major == 1 && check_reserved && field != 0) {
     throw fail(ErrorKind::NonZeroReserved, "reserved preamble field at offset 40 is not zero");
+  }
+  if (out.major == 2) {
+    if ((field & ~fmt::kKnownFeatures) != 0) {
+      throw fail(ErrorKind::UnsupportedVersion,
+                 "the file needs features " + hex64(field & ~fmt::kKnownFeatures) +
+                     " (format " + num(out.major) + "." + num(out.minor) +
+                     "), which this reader does not implement; it knows aliases (0x1)");
+    }
+    aliases = (field & fmt::kFeatureAliases) != 0;
   }
 
     end = h - fmt::kChecksumSize;
@@ -268,10 +291,12 @@ class HeaderValidator {
     TensorEntry e{};
     e.name = std::string_view(reinterpret_cast<const char*>(r + 32 + 8 * rank), name_length);
     auto label = [&] { return "tensor " + detail::quoted(e.name) + " (record #" + num(i) + ")"; };
-    // Rule 11.
+    // Rule 11. With the aliases feature, bit 0 of the field is the alias flag.
     const uint64_t name_end = 32 + 8 * uint64_t{rank} + name_length;
-    if ((check_reserved && load_le<uint16_t>(r + 6) != 0) ||
-        !all_zero(r + name_end, size - name_end)) {
+    const uint16_t flags = load_le<uint16_t>(r + 6);
+    const bool alias = aliases && (flags & fmt::kFlagAlias) != 0;
+    const uint16_t reserved = aliases ? static_cast<uint16_t>(flags & ~fmt::kFlagAlias) : flags;
+    if ((check_reserved && reserved != 0) || !all_zero(r + name_end, size - name_end)) {
       throw fail(ErrorKind::NonZeroReserved,
                  label() + " has a non-zero reserved field or padding byte");
     }
@@ -281,7 +306,7 @@ class HeaderValidator {
       std::string why = label() + " has unknown dtype code " + num(code);
       if (!check_reserved) {
         why += " (the file is format " + num(out.major) + "." + num(out.minor) +
-               ", newer than this reader's 1." + num(fmt::kMinorVersion) + ")";
+               ", newer than this reader's " + num(out.major) + "." + num(fmt::kMinorVersion) + ")";
       }
       throw fail(ErrorKind::UnknownDtype, why);
     }
@@ -310,7 +335,13 @@ class HeaderValidator {
                                                  " but its shape and dtype make " +
                                                  num(*expected));
     }
-    // Rule 17.
+    // Rule 17. An alias has no bytes of its own: it names those of an earlier record.
+    if (alias) {
+      check_alias(e, label());
+      out.tensors.push_back(e);
+      pos += size;
+      continue;
+    }
     if (e.offset != cursor) {
       throw fail(ErrorKind::BadOffset, label() + " starts at offset " + num(e.offset) +
                                            " but the canonical layout puts it at " +
@@ -322,11 +353,33 @@ class HeaderValidator {
       throw fail(ErrorKind::Truncated, label() + " ends past 2^63 bytes, beyond any file");
     }
     if (!first_past_end && e.offset + e.byte_length > file_size) first_past_end = out.tensors.size();
+    if (e.byte_length > 0) by_offset.emplace(e.offset, static_cast<uint32_t>(out.tensors.size()));
     cursor = *next;
     out.tensors.push_back(e);
     pos += size;
   }
 
+  }
+
+  // Rule 17 for an alias: an earlier record with bytes of its own starts at its offset
+  // (at most one can: they do not overlap) and has its dtype, shape and checksum.
+  void check_alias(TensorEntry& e, const std::string& label) const {
+    if (e.byte_length == 0) {
+      throw fail(ErrorKind::BadAlias, label + " is an alias of no bytes; an empty tensor is stored as itself");
+    }
+    const auto found = by_offset.find(e.offset);
+    if (found == by_offset.end()) {
+      throw fail(ErrorKind::BadAlias, label + " is an alias of offset " + num(e.offset) +
+                                          ", where no earlier tensor's bytes start");
+    }
+    const TensorEntry& target = out.tensors[found->second];
+    const bool same_shape = target.rank == e.rank && std::equal(e.dims.begin(), e.dims.begin() + e.rank, target.dims.begin());
+    if (target.dtype != e.dtype || !same_shape || target.checksum != e.checksum) {
+      throw fail(ErrorKind::BadAlias, label + " is an alias of tensor " + detail::quoted(target.name) +
+                                          " but differs from it in " +
+                                          (target.dtype != e.dtype ? "dtype" : !same_shape ? "shape" : "checksum"));
+    }
+    e.alias_of = found->second;
   }
 
   void read_metadata() {
@@ -423,6 +476,8 @@ class HeaderValidator {
   ParsedHeader out;
   uint64_t h = 0, t_count = 0, m_count = 0;
   bool check_reserved = true;
+  bool aliases = false;  // major 2 with the aliases feature
+  std::unordered_map<uint64_t, uint32_t> by_offset;  // start of each record's own bytes -> its index
   uint64_t end = 0;     // of the records: where the header's checksum starts
   uint64_t pos = 0;     // the next record
   uint64_t cursor = 0;  // where the next tensor's data must start (rule 17)

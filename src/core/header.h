@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <deque>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -19,15 +20,18 @@ namespace tensormap::detail {
 struct Layout {
   uint64_t header_size = 0;
   std::vector<uint64_t> offsets;
-  std::vector<uint64_t> byte_lengths;
+  std::vector<uint64_t> byte_lengths;  // as recorded: an alias has its target's
+  std::vector<std::optional<size_t>> aliases;  // tensormap only: each alias's target
   uint64_t file_size = 0;
 };
 
 // Checks the declarations against every rule a reader applies and computes the layout.
-// `byte_lengths` come from a WriteCursor, which checked repeated names and sizes.
-// Throws Error(InvalidArgument) naming `path` and the offending tensor or key.
+// `byte_lengths` (what each tensor receives, 0 for an alias) and `aliases` come from a
+// WriteCursor, which checked repeated names, sizes and aliases. Throws
+// Error(InvalidArgument) naming `path` and the offending tensor or key.
 Layout plan_layout(const std::vector<TensorSpec>& tensors, const std::vector<uint64_t>& byte_lengths,
-                   const WriterOptions& options, const std::string& path);
+                   const std::vector<std::optional<size_t>>& aliases, const WriterOptions& options,
+                   const std::string& path);
 
 // The safetensors layout and its header bytes, for the writer. Tensors keep their index
 // in `tensors`; only their places in the file are sorted by element size.
@@ -35,7 +39,8 @@ Layout plan_safetensors_layout(const std::vector<TensorSpec>& tensors, const std
                                const WriterOptions& options, const std::string& path,
                                std::vector<unsigned char>* header);
 
-// The header bytes (header_size of them), checksum included.
+// The header bytes (header_size of them), checksum included: format 1.0, or 2.0 with the
+// aliases feature when some tensor is an alias (its checksum is its target's).
 std::vector<unsigned char> encode_header(const std::vector<TensorSpec>& tensors,
                                          const WriterOptions& options, const Layout& layout,
                                          const std::vector<uint64_t>& checksums);

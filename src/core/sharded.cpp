@@ -103,7 +103,7 @@ ShardIndex ShardIndex::parse(std::string_view text, const std::string& path) {
 // ---------------------------------------------------------------------------------------
 
 struct ShardedWriter::Impl {
-  Impl(const std::string& path, const std::vector<TensorSpec>& tensors) : index_path(path), cursor(path, tensors) {}
+  Impl(const std::string& path, const std::vector<TensorSpec>& tensors) : index_path(path), cursor(path, tensors, /*aliases=*/false) {}
   std::string index_path;
   detail::WriteCursor cursor;          // checks the declarations and the order of writes
   std::vector<TensorSpec> tensors;

@@ -32,6 +32,8 @@ struct Source {
   virtual double cached_fraction(size_t) const { return 1.0; }
   virtual void drop_cache(size_t) const {}
   virtual Checkpoint::Placement placement(size_t i) const = 0;
+  // The earlier tensor whose bytes are tensor i's (Checkpoint::alias_of), or nothing.
+  virtual std::optional<size_t> alias_of(size_t) const { return std::nullopt; }
   virtual std::vector<std::pair<std::string, std::string>> metadata() const { return {}; }
   virtual std::vector<std::pair<std::string, std::string>> skipped() const { return {}; }
   virtual std::vector<File> files() const { return {}; }

@@ -12,6 +12,8 @@
 // a file that shrinks meanwhile gives Error(Truncated), never SIGBUS.
 #include <algorithm>
 #include <cstring>
+#include <map>
+#include <tuple>
 #include <unordered_map>
 
 #include "mapping.h"
@@ -124,9 +126,11 @@ struct TorchSaveSource final : Source {
     const TorchTensor& t = tensors[i];
     return {file->base() + t.storage_offset, t.storage_bytes, t.desc.offset, t.desc.strides, file};
   }
+  std::optional<size_t> alias_of(size_t i) const override { return aliases[i]; }
 
   std::shared_ptr<const Mapping> file;
   std::vector<TorchTensor> tensors;
+  std::vector<std::optional<size_t>> aliases;  // the first earlier tensor that is the very same view
   std::vector<std::pair<std::string, std::string>> skipped_values;
 };
 
@@ -282,6 +286,13 @@ std::shared_ptr<const Source> open_torch_save(std::shared_ptr<const Mapping> fil
     }
   }
   source->index_names();
+  // Tied weights: one tensor saved under two names is the same view of one storage.
+  std::map<std::tuple<std::string, Dtype, uint64_t, std::vector<int64_t>, std::vector<int64_t>>, size_t> views;
+  for (size_t i = 0; i < source->tensors.size(); ++i) {
+    const TorchTensor& t = source->tensors[i];
+    const auto [first, inserted] = views.emplace(std::make_tuple(t.desc.key, t.desc.dtype, t.desc.offset, t.desc.sizes, t.desc.strides), i);
+    source->aliases.push_back(inserted || t.byte_length == 0 ? std::nullopt : std::optional<size_t>(first->second));
+  }
   return source;
 }
 

@@ -59,7 +59,9 @@ class PickleOut {
   std::string out_;
 };
 
-std::string pickle_state_dict(const std::vector<TensorSpec>& tensors) {
+// An alias (aliases[i]) is a second tensor over its target's storage record, as
+// torch.save writes tied weights.
+std::string pickle_state_dict(const std::vector<TensorSpec>& tensors, const std::vector<std::optional<size_t>>& aliases) {
   PickleOut p;
   p.op(static_cast<char>(0x80));
   p.op(2);  // PROTO 2
@@ -83,7 +85,7 @@ std::string pickle_state_dict(const std::vector<TensorSpec>& tensors) {
     p.op('(');
     p.string("storage");
     p.global(typed ? "torch" : "torch.storage", typed ? detail::storage_class_of(t.dtype) : "UntypedStorage");
-    p.string(std::to_string(i));
+    p.string(std::to_string(aliases[i].value_or(i)));
     p.string("cpu");
     p.integer(typed ? numel : numel * dtype_size(t.dtype));  // an untyped storage counts bytes
     p.op('t');
@@ -107,7 +109,7 @@ std::string pickle_state_dict(const std::vector<TensorSpec>& tensors) {
 }  // namespace
 
 struct TorchSaveWriter::Impl {
-  Impl(std::string p, const std::vector<TensorSpec>& tensors) : path(std::move(p)), cursor(path, tensors) {}
+  Impl(std::string p, const std::vector<TensorSpec>& tensors) : path(std::move(p)), cursor(path, tensors, /*aliases=*/true) {}
   std::string path;
   detail::WriteCursor cursor;
   std::vector<TensorSpec> tensors;
@@ -138,6 +140,7 @@ struct TorchSaveWriter::Impl {
   // record (a zero-length one opens it first).
   void advance(size_t size) {
     cursor.advance(size, [&](size_t done) {
+      if (cursor.aliases()[done]) return;  // no record: it shares its target's
       if (cursor.byte_lengths()[done] == 0) zip->begin_record(record(done));
       zip->end_record();
     });
@@ -152,7 +155,7 @@ TorchSaveWriter::TorchSaveWriter(std::string path, std::vector<TensorSpec> tenso
   w.file = std::make_unique<detail::AtomicFile>(w.path);
   w.zip = std::make_unique<detail::ZipWriter>(*w.file, 64);
   w.guarded([&] {
-    const std::string pickle = pickle_state_dict(w.tensors);
+    const std::string pickle = pickle_state_dict(w.tensors, w.cursor.aliases());
     w.zip->add_record("archive/data.pkl", pickle.data(), pickle.size());
     w.zip->add_record("archive/byteorder", "little", 6);
     w.advance(0);

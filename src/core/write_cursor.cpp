@@ -2,7 +2,7 @@
 #include "write_cursor.h"
 
 #include <string_view>
-#include <unordered_set>
+#include <unordered_map>
 
 #include "names.h"
 #include "tensormap/error.h"
@@ -10,19 +10,44 @@
 
 namespace tensormap::detail {
 
-WriteCursor::WriteCursor(std::string path, const std::vector<TensorSpec>& tensors) : path_(std::move(path)) {
-  std::unordered_set<std::string_view> seen;
+WriteCursor::WriteCursor(std::string path, const std::vector<TensorSpec>& tensors, bool aliases)
+    : path_(std::move(path)) {
+  std::unordered_map<std::string_view, size_t> seen;
   names_.reserve(tensors.size());
   byte_lengths_.reserve(tensors.size());
-  for (const TensorSpec& t : tensors) {
-    if (!seen.insert(t.name).second) refuse("tensor " + quoted(t.name) + " is declared twice");
+  aliases_.reserve(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const TensorSpec& t = tensors[i];
+    const std::string label = "tensor " + quoted(t.name);
+    if (!seen.emplace(t.name, i).second) refuse(label + " is declared twice");
     if (!dtype_from_code(static_cast<uint8_t>(t.dtype))) {
-      refuse("tensor " + quoted(t.name) + ": unknown dtype code " + std::to_string(static_cast<unsigned>(t.dtype)));
+      refuse(label + ": unknown dtype code " + std::to_string(static_cast<unsigned>(t.dtype)));
     }
     const auto n = format::tensor_byte_length(t.shape.data(), static_cast<unsigned>(t.shape.size()), dtype_size(t.dtype));
-    if (!n) refuse("tensor " + quoted(t.name) + ": shape is too large (2^63 bytes or more)");
+    if (!n) refuse(label + ": shape is too large (2^63 bytes or more)");
     names_.push_back(t.name);
-    byte_lengths_.push_back(*n);
+    if (!t.alias_of) {
+      byte_lengths_.push_back(*n);
+      aliases_.emplace_back();
+      continue;
+    }
+    if (!aliases) {
+      refuse(label + " is declared an alias of " + quoted(*t.alias_of) +
+             ", which this format cannot store: declare it without alias_of and write its bytes");
+    }
+    const auto target = seen.find(*t.alias_of);
+    if (target == seen.end() || target->second == i) {
+      refuse(label + " is an alias of " + quoted(*t.alias_of) + ", which is not declared before it");
+    }
+    const size_t root = aliases_[target->second].value_or(target->second);
+    const TensorSpec& of = tensors[root];
+    if (of.dtype != t.dtype || of.shape != t.shape) {
+      refuse(label + " is an alias of " + quoted(*t.alias_of) + " but differs from it in dtype or shape");
+    }
+    if (*n == 0) refuse(label + " is an alias of an empty tensor; declare it without alias_of");
+    byte_lengths_.push_back(0);
+    aliases_.emplace_back(root);
+    ++alias_count_;
   }
 }
 

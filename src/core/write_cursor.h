@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -15,11 +16,16 @@ namespace tensormap::detail {
 
 class WriteCursor {
  public:
-  // Throws Error(InvalidArgument) naming `path` for a name declared twice or a tensor
-  // whose byte length does not fit below 2^63.
-  WriteCursor(std::string path, const std::vector<TensorSpec>& tensors);
+  // Throws Error(InvalidArgument) naming `path` for a name declared twice, a tensor whose
+  // byte length does not fit below 2^63, or an alias (TensorSpec::alias_of) that the
+  // format cannot store (`aliases` false), names no earlier tensor, or differs from it.
+  WriteCursor(std::string path, const std::vector<TensorSpec>& tensors, bool aliases);
 
+  // The bytes each tensor must receive: 0 for an alias.
   const std::vector<uint64_t>& byte_lengths() const { return byte_lengths_; }
+  // The tensor whose bytes an alias names (never an alias itself), or nothing.
+  const std::vector<std::optional<size_t>>& aliases() const { return aliases_; }
+  bool has_aliases() const { return alias_count_ > 0; }
   size_t size() const { return byte_lengths_.size(); }
   size_t current() const { return current_; }
   uint64_t written() const { return written_; }  // bytes of the current tensor so far
@@ -44,6 +50,8 @@ class WriteCursor {
   std::string path_;
   std::vector<std::string> names_;
   std::vector<uint64_t> byte_lengths_;
+  std::vector<std::optional<size_t>> aliases_;
+  size_t alias_count_ = 0;
   size_t current_ = 0;
   uint64_t written_ = 0;
 };

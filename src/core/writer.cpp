@@ -20,6 +20,10 @@ namespace tensormap {
 
 TensorWriter::~TensorWriter() = default;
 
+bool supports_aliases(const WriterOptions& options) {
+  return options.shard_size == 0 && (options.format == Format::Tensormap || options.format == Format::TorchSave);
+}
+
 std::unique_ptr<TensorWriter> open_writer(std::string path, std::vector<TensorSpec> tensors, WriterOptions options) {
   if (options.shard_size > 0) {
     if (options.format == Format::TorchSave) {
@@ -35,7 +39,8 @@ std::unique_ptr<TensorWriter> open_writer(std::string path, std::vector<TensorSp
 }
 
 struct Writer::Impl {
-  Impl(std::string p, const std::vector<TensorSpec>& tensors) : path(std::move(p)), cursor(path, tensors) {}
+  Impl(std::string p, const std::vector<TensorSpec>& tensors, bool aliases)
+      : path(std::move(p)), cursor(path, tensors, aliases) {}
   std::string path;
   detail::WriteCursor cursor;  // checks the declarations and the order of writes
   std::unique_ptr<detail::AtomicFile> file;  // null once committed or abandoned
@@ -84,7 +89,7 @@ struct Writer::Impl {
 };
 
 Writer::Writer(std::string path, std::vector<TensorSpec> tensors, WriterOptions options)
-    : impl_(std::make_unique<Impl>(std::move(path), tensors)) {
+    : impl_(std::make_unique<Impl>(std::move(path), tensors, options.format == Format::Tensormap)) {
   Impl& w = *impl_;
   if (options.format == Format::TorchSave) {
     throw Error(ErrorKind::InvalidArgument, w.path + ": torch.save archives are written by TorchSaveWriter");
@@ -92,7 +97,7 @@ Writer::Writer(std::string path, std::vector<TensorSpec> tensors, WriterOptions 
   const auto& lengths = w.cursor.byte_lengths();
   w.layout = options.format == Format::Safetensors
                  ? detail::plan_safetensors_layout(tensors, lengths, options, w.path, &w.safetensors_header)
-                 : detail::plan_layout(tensors, lengths, options, w.path);
+                 : detail::plan_layout(tensors, lengths, w.cursor.aliases(), options, w.path);
   w.tensors = std::move(tensors);
   w.options = std::move(options);
   w.checksums.assign(w.tensors.size(), 0);
@@ -109,7 +114,7 @@ Writer::Writer(Writer&&) noexcept = default;
 Writer& Writer::operator=(Writer&&) noexcept = default;
 
 size_t Writer::tensor_count() const { return impl_->tensors.size(); }
-uint64_t Writer::byte_length(size_t index) const { return impl_->layout.byte_lengths.at(index); }
+uint64_t Writer::byte_length(size_t index) const { return impl_->cursor.byte_lengths().at(index); }
 size_t Writer::current_tensor() const { return impl_->cursor.current(); }
 
 void Writer::write(const void* data, size_t size) {

@@ -14,6 +14,7 @@
 #include <optional>
 #include <sstream>
 #include <thread>
+#include <unordered_map>
 #include <unordered_set>
 
 #include "loading.h"
@@ -264,6 +265,22 @@ std::vector<bool> cold_tensors(const std::vector<LoadPlan::Binding>& bindings, c
   return cold;
 }
 
+// Where the checkpoint stores `b`'s tensor as an alias of a tensor already loaded whole
+// into a model tensor of the same dtype and shape (a tied weight), that model tensor:
+// `b` is bound to it rather than read again. Nothing otherwise.
+const at::Tensor* tied_target(const LoadPlan::Binding& b, const StateDict& state,
+                              const std::vector<LoadPlan::Binding>& bindings,
+                              const std::unordered_map<std::string, size_t>& whole) {
+  if (b.part.dim >= 0) return nullptr;
+  const auto target = state.checkpoint().alias_of(b.name);
+  if (!target) return nullptr;
+  const auto found = whole.find(*target);
+  if (found == whole.end()) return nullptr;
+  const at::Tensor& t = bindings[found->second].target;
+  if (t.scalar_type() != b.target.scalar_type() || t.sizes() != b.target.sizes()) return nullptr;
+  return &t;
+}
+
 LoadReport apply_load(LoadPlan plan, const StateDict& state, const LoadOptions& options) {
   LoadReport& report = plan.report;
   at::NoGradGuard no_grad;
@@ -273,11 +290,18 @@ LoadReport apply_load(LoadPlan plan, const StateDict& state, const LoadOptions& 
   const ViewMapping mapping =
       options.parallel && own_mappings_fit(plan.bindings.size()) ? ViewMapping::Own : ViewMapping::File;
   const std::vector<bool> cold = cold_tensors(plan.bindings, state, options);
+  std::unordered_map<std::string, size_t> whole;  // bindings of whole tensors, by name
   for (size_t i = 0; i < plan.bindings.size(); ++i) {
     LoadPlan::Binding& b = plan.bindings[i];
-    // A rank uses everything it loads, so it reads it all ahead.
-    load_binding(b, state, options.mode, mapping, /*read_ahead=*/options.parallel.has_value(), cold[i],
-                 options.verify_checksums);
+    if (const at::Tensor* tied = tied_target(b, state, plan.bindings, whole)) {
+      // The same storage: tied again, nothing read (already so if one tensor has both names).
+      if (tied->unsafeGetTensorImpl() != b.target.unsafeGetTensorImpl()) store(b.target, *tied, LoadMode::Map);
+    } else {
+      // A rank uses everything it loads, so it reads it all ahead.
+      load_binding(b, state, options.mode, mapping, /*read_ahead=*/options.parallel.has_value(), cold[i],
+                   options.verify_checksums);
+      if (b.part.dim < 0) whole.emplace(b.name, i);
+    }
     report.loaded.push_back(b.name);
   }
   const std::string& path = state.checkpoint().path();

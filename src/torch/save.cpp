@@ -3,7 +3,9 @@
 #include <torch/nn/module.h>
 
 #include <algorithm>
+#include <map>
 #include <memory>
+#include <tuple>
 
 #include "released.h"
 #include "tensormap/edit.h"
@@ -60,10 +62,26 @@ void write_in_pieces(TensorWriter& writer, const at::Tensor& t, at::Tensor& stag
   }
 }
 
+// What makes two tensors one tied weight: the same elements of the same storage, read
+// the same way.
+using TieKey = std::tuple<const void*, int64_t, std::vector<int64_t>, std::vector<int64_t>, int, int, bool, bool>;
+TieKey tie_key(const at::Tensor& t) {
+  return {t.storage().unsafeGetStorageImpl(), t.storage_offset(), t.sizes().vec(), t.strides().vec(),
+          static_cast<int>(t.scalar_type()), static_cast<int>(t.device().type()) * 1000 + t.device().index(),
+          t.is_conj(), t.is_neg()};
+}
+
 }  // namespace
 
 void save(const std::vector<std::pair<std::string, at::Tensor>>& tensors, const std::string& path,
           const SaveOptions& options) {
+  WriterOptions writer_options;
+  writer_options.alignment = options.alignment;
+  writer_options.metadata = options.metadata;
+  writer_options.sync = options.sync;
+  writer_options.format = options.format;
+  const bool ties = options.store_ties_once && supports_aliases(writer_options);
+  std::map<TieKey, std::string> first_of;  // each stored tensor's first name
   std::vector<TensorSpec> specs;
   specs.reserve(tensors.size());
   for (const auto& [name, t] : tensors) {
@@ -82,16 +100,16 @@ void save(const std::vector<std::pair<std::string, at::Tensor>>& tensors, const 
       throw Error(ErrorKind::UnsupportedDtype, path + ": tensor " + quoted_name(name) + ": " + e.what());
     }
     specs.push_back({name, dtype, std::move(shape)});
+    if (ties && t.numel() > 0) {
+      const auto [first, inserted] = first_of.emplace(tie_key(t), name);
+      if (!inserted) specs.back().alias_of = first->second;
+    }
   }
-  WriterOptions writer_options;
-  writer_options.alignment = options.alignment;
-  writer_options.metadata = options.metadata;
-  writer_options.sync = options.sync;
-  writer_options.format = options.format;
-  const std::unique_ptr<TensorWriter> writer = open_writer(path, std::move(specs), writer_options);
+  const std::unique_ptr<TensorWriter> writer = open_writer(path, specs, writer_options);
   at::Tensor staging;
-  for (const auto& item : tensors) {
-    at::Tensor t = item.second.detach();
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (specs[i].alias_of) continue;  // its bytes are its first name's
+    at::Tensor t = tensors[i].second.detach();
     if (t.is_conj()) t = t.resolve_conj();
     if (t.is_neg()) t = t.resolve_neg();
     write_in_pieces(*writer, t, staging);

@@ -82,8 +82,10 @@ TEST_F(Validation, Rule02_WrongMagicIsBadMagic) {
 
 // Rule 3.
 TEST_F(Validation, Rule03_OtherMajorVersionIsUnsupported) {
-  put<uint16_t>(bytes_, 8, 2);
+  put<uint16_t>(bytes_, 8, 3);
   EXPECT_EQ(open_patched(), ErrorKind::UnsupportedVersion);
+  put<uint16_t>(bytes_, 8, 2);  // major 2 without features reads as major 1
+  EXPECT_EQ(open_patched(), std::nullopt);
   put<uint16_t>(bytes_, 8, 0);
   EXPECT_EQ(open_patched(), ErrorKind::UnsupportedVersion);
 }
@@ -314,6 +316,98 @@ TEST_F(Validation, Rule17_OverlappingTensorIsBadOffset) {
 
 TEST_F(Validation, Rule17_FirstTensorNotRightAfterTheHeaderIsBadOffset) {
   put<uint64_t>(bytes_, kRecA + 8, 0);
+  EXPECT_EQ(open_patched(), ErrorKind::BadOffset);
+}
+
+// Format 2.0, aliases (spec section 3.1): a (F32 [2]), t an alias of a, b (U8 [3]).
+//   [48,96) record a | [96,144) record t | [144,192) record b | [192,208) metadata k
+//   [208,216) checksum, H = 216 | a (and t) at 256 | b at 320 | size 384
+class Aliases : public ::testing::Test {
+ protected:
+  static constexpr size_t kRecA = 48, kRecT = 96, kRecB = 144;
+  void SetUp() override {
+    path_ = dir_.file("tied.tmap");
+    TensorSpec t{"t", Dtype::F32, {2}};
+    t.alias_of = "a";
+    write_pattern_file(path_, {{"a", Dtype::F32, {2}}, t, {"b", Dtype::U8, {3}}}, {64, {{"k", "v"}}, false});
+    bytes_ = read_bytes(path_);
+    ASSERT_EQ(bytes_.size(), 384u);
+  }
+  std::optional<ErrorKind> open_patched() {
+    reseal(bytes_);
+    write_bytes(path_, bytes_);
+    return open_error(path_);
+  }
+  TempDir dir_;
+  std::string path_;
+  std::vector<unsigned char> bytes_;
+};
+
+TEST_F(Aliases, AnAliasIsFormat2WithTheAliasesFeatureAndNamesItsTargetsBytes) {
+  EXPECT_EQ(get<uint16_t>(bytes_, 8), 2);     // major
+  EXPECT_EQ(get<uint64_t>(bytes_, 40), 1u);   // features: aliases
+  EXPECT_EQ(get<uint16_t>(bytes_, kRecT + 6), 1);  // flags: alias
+  EXPECT_EQ(get<uint16_t>(bytes_, kRecA + 6), 0);
+  const File f = File::open(path_);
+  EXPECT_EQ(f.major_version(), 2);
+  const TensorEntry& a = f.at("a");
+  const TensorEntry& t = f.at("t");
+  EXPECT_FALSE(a.alias_of.has_value());
+  ASSERT_EQ(t.alias_of, std::optional<uint32_t>(0));
+  EXPECT_EQ(t.offset, a.offset);
+  EXPECT_EQ(t.checksum, a.checksum);
+  EXPECT_EQ(f.bytes(t).data, f.bytes(a).data);
+  EXPECT_NO_THROW(f.verify());
+  const Checkpoint c = Checkpoint::open(path_);
+  EXPECT_EQ(c.alias_of("t"), std::optional<std::string>("a"));
+  EXPECT_EQ(c.alias_of("b"), std::nullopt);
+}
+
+TEST_F(Aliases, Rule03And09_AMajorOrAFeatureThisReaderDoesNotKnowIsUnsupported) {
+  put<uint16_t>(bytes_, 8, 3);
+  EXPECT_EQ(open_patched(), ErrorKind::UnsupportedVersion);
+  put<uint16_t>(bytes_, 8, 2);
+  put<uint64_t>(bytes_, 40, 3);  // aliases and an unknown feature
+  EXPECT_EQ(open_patched(), ErrorKind::UnsupportedVersion);
+  put<uint16_t>(bytes_, 10, 9);  // whatever the minor: a feature cannot be skipped
+  EXPECT_EQ(open_patched(), ErrorKind::UnsupportedVersion);
+}
+
+TEST_F(Aliases, Rule11_AnAliasFlagWithoutTheFeatureOrInMajor1IsNonZeroReserved) {
+  put<uint64_t>(bytes_, 40, 0);  // major 2 without the aliases feature
+  EXPECT_EQ(open_patched(), ErrorKind::NonZeroReserved);
+  put<uint16_t>(bytes_, 8, 1);  // a reader of 1.0 reads the flag as a reserved field
+  EXPECT_EQ(open_patched(), ErrorKind::NonZeroReserved);
+  put<uint16_t>(bytes_, 8, 2);
+  put<uint64_t>(bytes_, 40, 1);
+  put<uint16_t>(bytes_, kRecT + 6, 3);  // an unknown flag bit beside the alias flag
+  EXPECT_EQ(open_patched(), ErrorKind::NonZeroReserved);
+  put<uint16_t>(bytes_, 10, 1);  // ... is read as zero in a newer minor
+  EXPECT_EQ(open_patched(), std::nullopt);
+}
+
+TEST_F(Aliases, Rule17_AnAliasOfNothingOfALaterRecordOrOfADifferentTensorIsBadAlias) {
+  const auto original = bytes_;
+  put<uint64_t>(bytes_, kRecT + 8, 264);  // inside a, where no tensor starts
+  EXPECT_EQ(open_patched(), ErrorKind::BadAlias);
+  bytes_ = original;
+  put<uint64_t>(bytes_, kRecT + 8, 320);  // b's offset: b comes later (and is U8)
+  EXPECT_EQ(open_patched(), ErrorKind::BadAlias);
+  bytes_ = original;
+  put<uint64_t>(bytes_, kRecT + 24, get<uint64_t>(bytes_, kRecT + 24) ^ 1);  // checksum differs
+  EXPECT_EQ(open_patched(), ErrorKind::BadAlias);
+  bytes_ = original;
+  bytes_[kRecT + 4] = static_cast<unsigned char>(Dtype::I32);  // dtype differs
+  EXPECT_EQ(open_patched(), ErrorKind::BadAlias);
+  bytes_ = original;
+  put<uint64_t>(bytes_, kRecT + 32, 0);  // shape [0], length 0: an empty alias
+  put<uint64_t>(bytes_, kRecT + 16, 0);
+  EXPECT_EQ(open_patched(), ErrorKind::BadAlias);
+  bytes_ = original;
+  put<uint16_t>(bytes_, kRecA + 6, 1);  // the first record an alias: nothing before it
+  EXPECT_EQ(open_patched(), ErrorKind::BadAlias);
+  bytes_ = original;
+  put<uint16_t>(bytes_, kRecT + 6, 0);  // t no alias: then it must have bytes of its own
   EXPECT_EQ(open_patched(), ErrorKind::BadOffset);
 }
 

@@ -73,6 +73,99 @@ TEST(WriterDeclarations, RejectsUnknownDtypeCode) {
   EXPECT_EQ(construct_error({{"a", static_cast<Dtype>(99), {1}}}), ErrorKind::InvalidArgument);
 }
 
+TensorSpec alias(std::string name, Dtype dtype, std::vector<uint64_t> shape, std::string of) {
+  TensorSpec t{std::move(name), dtype, std::move(shape)};
+  t.alias_of = std::move(of);
+  return t;
+}
+
+TEST(WriterDeclarations, AnAliasMustNameAnEarlierNonEmptyTensorOfItsDtypeAndShape) {
+  const TensorSpec a{"a", Dtype::F32, {2, 3}};
+  EXPECT_EQ(construct_error({a, alias("t", Dtype::F32, {2, 3}, "a")}), std::nullopt);
+  EXPECT_EQ(construct_error({alias("t", Dtype::F32, {2, 3}, "a"), a}), ErrorKind::InvalidArgument);  // later
+  EXPECT_EQ(construct_error({a, alias("t", Dtype::F32, {2, 3}, "t")}), ErrorKind::InvalidArgument);  // itself
+  EXPECT_EQ(construct_error({a, alias("t", Dtype::F32, {2, 3}, "nope")}), ErrorKind::InvalidArgument);
+  EXPECT_EQ(construct_error({a, alias("t", Dtype::F32, {3, 2}, "a")}), ErrorKind::InvalidArgument);
+  EXPECT_EQ(construct_error({a, alias("t", Dtype::I32, {2, 3}, "a")}), ErrorKind::InvalidArgument);
+  EXPECT_EQ(construct_error({{"e", Dtype::F32, {0}}, alias("t", Dtype::F32, {0}, "e")}), ErrorKind::InvalidArgument);
+  // An alias of an alias names the first tensor's bytes.
+  EXPECT_EQ(construct_error({a, alias("t", Dtype::F32, {2, 3}, "a"), alias("u", Dtype::F32, {2, 3}, "t")}),
+            std::nullopt);
+  // Formats that cannot say "these bytes again" refuse aliases instead of writing them twice.
+  WriterOptions safetensors;
+  safetensors.format = Format::Safetensors;
+  EXPECT_FALSE(supports_aliases(safetensors));
+  EXPECT_EQ(construct_error({a, alias("t", Dtype::F32, {2, 3}, "a")}, safetensors), ErrorKind::InvalidArgument);
+  WriterOptions sharded;
+  sharded.shard_size = 1 << 20;
+  EXPECT_FALSE(supports_aliases(sharded));
+  TempDir dir;
+  EXPECT_THROW(open_writer(dir.file("m.tmap.index.json"), {a, alias("t", Dtype::F32, {2, 3}, "a")}, sharded), Error);
+  EXPECT_TRUE(supports_aliases(WriterOptions{}));
+}
+
+TEST(WriterAliases, TiedTensorsAreStoredOnceInTensormapAndTorchSaveAndReadBackTied) {
+  TempDir dir;
+  const std::vector<TensorSpec> specs = {{"emb", Dtype::F32, {256, 64}}, {"mid", Dtype::U8, {3}},
+                                         alias("head", Dtype::F32, {256, 64}, "emb")};
+  for (const Format format : {Format::Tensormap, Format::TorchSave}) {
+    WriterOptions options;
+    options.format = format;
+    const std::string path = dir.file(std::string("tied-") + format_name(format));
+    write_pattern_file(path, specs, options);  // head receives no bytes
+    const Checkpoint c = Checkpoint::open(path);
+    EXPECT_EQ(c.alias_of("head"), std::optional<std::string>("emb")) << format_name(format);
+    EXPECT_EQ(c.alias_of("emb"), std::nullopt);
+    std::vector<unsigned char> emb(c.info("emb").byte_length), head(c.info("head").byte_length);
+    c.read("emb", emb.data());
+    c.read("head", head.data());
+    EXPECT_EQ(emb, head);
+    EXPECT_LT(std::filesystem::file_size(path), 2 * emb.size()) << "the bytes are stored once";
+  }
+  // Without an alias the file stays format 1.0, which every reader reads.
+  write_pattern_file(dir.file("plain.tmap"), {specs[0], specs[1]});
+  EXPECT_EQ(File::open(dir.file("plain.tmap")).major_version(), 1);
+  // Converted where aliases exist they stay; to safetensors each name gets its bytes.
+  convert(dir.file("tied-tensormap"), dir.file("again.pt"));
+  EXPECT_EQ(Checkpoint::open(dir.file("again.pt")).alias_of("head"), std::optional<std::string>("emb"));
+  convert(dir.file("tied-torch.save"), dir.file("again.tmap"));
+  EXPECT_EQ(File::open(dir.file("again.tmap")).at("head").alias_of, std::optional<uint32_t>(0));
+  convert(dir.file("again.tmap"), dir.file("two.safetensors"));
+  const File st = File::open(dir.file("two.safetensors"));
+  EXPECT_NE(st.at("head").offset, st.at("emb").offset);
+  EXPECT_EQ(std::memcmp(st.bytes(st.at("head")).data, st.bytes(st.at("emb")).data, st.at("emb").byte_length), 0);
+  convert(dir.file("two.safetensors"), dir.file("untied.tmap"));
+  EXPECT_EQ(File::open(dir.file("untied.tmap")).major_version(), 1);
+}
+
+TEST(Editor, AnAliasStaysOneWhileItsTargetStaysAndKeepsItsBytesOtherwise) {
+  TempDir dir;
+  const std::string path = dir.file("tied.tmap");
+  write_pattern_file(path, {{"emb", Dtype::U8, {64}}, alias("head", Dtype::U8, {64}, "emb"), {"x", Dtype::U8, {4}}});
+  const auto emb = [&] {
+    const File f = File::open(path);
+    const ByteView v = f.bytes(f.at("emb"));
+    return std::vector<std::byte>(v.data, v.data + v.size);
+  }();
+  {
+    Editor editor = Editor::open(path);
+    editor.remove("x");
+    editor.commit();
+    EXPECT_EQ(File::open(path).at("head").alias_of, std::optional<uint32_t>(0));
+  }
+  {
+    Editor editor = Editor::open(path);
+    editor.remove("emb");
+    editor.commit();
+    const File f = File::open(path);
+    EXPECT_EQ(f.major_version(), 1);
+    EXPECT_FALSE(f.at("head").alias_of.has_value());
+    const ByteView head = f.bytes(f.at("head"));
+    EXPECT_EQ(std::vector<std::byte>(head.data, head.data + head.size), emb);
+    EXPECT_NO_THROW(f.verify());
+  }
+}
+
 TEST(WriterBytes, RefusesBytesPastTheCurrentTensor) {
   TempDir dir;
   Writer w(dir.file("x.tmap"), {{"a", Dtype::U8, {4}}}, {});

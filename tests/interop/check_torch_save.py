@@ -179,6 +179,41 @@ def main(cli):
               and all("a dtype tensormap does not store" in v for v in skipped.values()),
               f"tensors of dtypes tensormap does not store are skipped and listed: {skipped} {run.stderr.strip()}")
 
+        # Tied weights, as a language model ties its embedding and output head: torch.save
+        # stores one storage for both names; tensormap stores the bytes once (format 2.0,
+        # an alias) and writes them back as one storage, which torch.load sees tied.
+        torch.manual_seed(0)
+        lm = torch.nn.Sequential(torch.nn.Embedding(512, 64), torch.nn.Linear(64, 512, bias=False))
+        lm[1].weight = lm[0].weight
+        tied_pt = os.path.join(tmp, "tied.pt")
+        torch.save(lm.state_dict(), tied_pt)
+        tied_tmap = os.path.join(tmp, "tied.tmap")
+        run = subprocess.run([cli, "convert", tied_pt, tied_tmap], capture_output=True, text=True)
+        f = TensormapFile(tied_tmap) if run.returncode == 0 else None
+        weight_bytes = 512 * 64 * 4
+        check(f is not None and f.major == 2 and f.info("1.weight").alias_of == "0.weight"
+              and os.path.getsize(tied_tmap) < 2 * weight_bytes
+              and bytes(f.array("1.weight").tobytes()) == raw(lm[0].weight.detach()),
+              f"tied weights: stored once in the tensormap file ({os.path.getsize(tied_tmap) if f else 0} bytes "
+              f"for two names of {weight_bytes}) {run.stderr.strip()}")
+        back_pt = os.path.join(tmp, "tied.back.pt")
+        run = subprocess.run([cli, "convert", tied_tmap, back_pt], capture_output=True, text=True)
+        loaded = torch.load(back_pt, **LOAD_ARGS) if run.returncode == 0 else {}
+        check(run.returncode == 0 and loaded["0.weight"].data_ptr() == loaded["1.weight"].data_ptr()
+              and torch.equal(loaded["1.weight"], lm[0].weight.detach()),
+              f"tied weights: written back as one storage, torch.load ties them ({run.stderr.strip()})")
+
+        # A TorchScript archive (torch.jit.save; LibTorch's torch::save writes the same kind):
+        # read by the names named_parameters/named_buffers give, its code never read.
+        net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+        scripted = os.path.join(tmp, "scripted.pt")
+        torch.jit.save(torch.jit.script(net), scripted)
+        run = subprocess.run([cli, "inspect", "--json", scripted], capture_output=True, text=True)
+        names = [t["name"] for t in json.loads(run.stdout)["tensors"]] if run.returncode == 0 else []
+        expected = [n for n, _ in net.named_parameters()] + [n for n, _ in net.named_buffers()]
+        check(sorted(names) == sorted(expected),
+              f"a torch.jit.save archive reads by parameter and buffer names: {names} {run.stderr.strip()}")
+
         # Nothing but values that are not tensors: refused with one line.
         for value in (3, {"epoch": 3, "lr": 0.1}):
             path = os.path.join(tmp, "no_tensor.pt")

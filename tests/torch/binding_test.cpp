@@ -702,7 +702,10 @@ TEST(Save, TiedWeightsComeBackTied) {
   auto source = std::make_shared<Tied>();
   save(*source, path);
   const File f = File::open(path);
-  EXPECT_TRUE(f.find("embedding") && f.find("head")) << "each name is stored";
+  ASSERT_TRUE(f.find("embedding") && f.find("head")) << "each name is in the file";
+  EXPECT_EQ(f.at("head").alias_of, std::optional<uint32_t>(0)) << "... and the bytes once";
+  EXPECT_EQ(f.major_version(), 2);
+  EXPECT_LT(f.file_size(), 4096u + 2 * 4096u);
   for (LoadMode mode : {LoadMode::Map, LoadMode::Copy}) {
     auto net = build_skeleton([] { return std::make_shared<Tied>(); });
     LoadOptions options;
@@ -713,6 +716,52 @@ TEST(Save, TiedWeightsComeBackTied) {
     EXPECT_EQ(net->head.unsafeGetTensorImpl(), net->embedding.unsafeGetTensorImpl());
     EXPECT_TRUE(torch::equal(params["head"], source->embedding));
   }
+}
+
+// A model whose factory does not tie (two parameters) loads a file that says they are
+// tied with one storage for both: the load ties them by the file's word, in both modes.
+TEST(Save, ALoadTiesWhatTheFileStoresOnceEvenIfTheSkeletonDoesNot) {
+  struct Pair : torch::nn::Module {
+    Pair() {
+      a = register_parameter("a", torch::randn({64, 8}));
+      b = register_parameter("b", torch::randn({64, 8}));
+      c = register_parameter("c", torch::randn({3}));
+    }
+    at::Tensor a, b, c;
+  };
+  TempDir dir;
+  auto source = std::make_shared<Pair>();
+  source->b.set_data(source->a);  // two parameters over one storage: tied, as a GPT-2's head and embedding
+  const std::string path = dir.file("tied.tmap");
+  save(*source, path);
+  EXPECT_EQ(Checkpoint::open(path).alias_of("b"), std::optional<std::string>("a"));
+  for (LoadMode mode : {LoadMode::Map, LoadMode::Copy}) {
+    auto net = build_skeleton([] { return std::make_shared<Pair>(); });
+    ASSERT_NE(net->a.unsafeGetTensorImpl(), net->b.unsafeGetTensorImpl());
+    LoadOptions options;
+    options.mode = mode;
+    const LoadReport report = load(*net, path, options);
+    EXPECT_TRUE(report.complete()) << report.summary();
+    const auto params = net->named_parameters();
+    EXPECT_EQ(params["a"].data_ptr(), params["b"].data_ptr());
+    EXPECT_TRUE(params["a"].storage().is_alias_of(params["b"].storage()));
+    EXPECT_TRUE(torch::equal(params["b"], source->a));
+    {
+      torch::NoGradGuard no_grad;
+      params["a"].add_(1);  // a step on one is a step on both, as before saving
+    }
+    EXPECT_TRUE(torch::equal(params["b"], source->a + 1));
+  }
+  // Asked not to, save stores each name's bytes: a format 1.0 file for 1.x readers.
+  SaveOptions separate;
+  separate.store_ties_once = false;
+  save(*source, dir.file("separate.tmap"), separate);
+  const File f = File::open(dir.file("separate.tmap"));
+  EXPECT_EQ(f.major_version(), 1);
+  EXPECT_NE(f.at("a").offset, f.at("b").offset);
+  // Python's torch.load sees the tie too: one storage for both names.
+  save(*source, dir.file("tied.pt"), SaveOptions{4096, {}, false, Format::TorchSave});
+  EXPECT_EQ(Checkpoint::open(dir.file("tied.pt")).alias_of("b"), std::optional<std::string>("a"));
 }
 
 TEST(Save, OverTheFileAModelWasMappedFromIsSafe) {
