@@ -115,7 +115,11 @@ class TENSORMAP_EXPORT File {
   ByteView bytes(const TensorEntry& entry) const;
 
   // The tensor's bytes in the private mapping, writable: a write copies the touched page
-  // into this process and never reaches the file.
+  // into this process and never reaches the file. Opening commits no memory for the
+  // file's size, so files larger than memory open and map (pages stream through the page
+  // cache); only written pages cost memory. Under strict overcommit accounting
+  // (vm.overcommit_memory = 2) a file larger than the commit limit is mapped read-only:
+  // every other method works, and this one throws Error(Io) saying so (use copy mode).
   // REQUIRES: entry belongs to this File.
   void* cow_data(const TensorEntry& entry) const;
 

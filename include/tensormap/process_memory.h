@@ -29,4 +29,7 @@ TENSORMAP_EXPORT ProcessMemory read_process_memory();
 // where the kernel does not allow it.
 TENSORMAP_EXPORT bool reset_peak_memory();
 
+// The machine's memory (MemTotal in /proc/meminfo), in bytes; 0 where it cannot be read.
+TENSORMAP_EXPORT uint64_t total_memory();
+
 }  // namespace tensormap

@@ -81,13 +81,26 @@ using TensorInitializer = std::function<void(const std::string& name, at::Tensor
 TENSORMAP_EXPORT std::vector<std::string> materialize(torch::nn::Module& module,
                                                       const TensorInitializer& init = {});
 
+namespace detail {
+// Rethrows the exception being handled; where it is LibTorch's allocator refusing memory
+// under strict overcommit accounting, as Error(Io) saying why and what to do.
+[[noreturn]] TENSORMAP_EXPORT void rethrow_skeleton_failure();
+}  // namespace detail
+
 // Constructs a model with `make()` inside a SkeletonScope, then releases it. `make`
 // returns a module holder (torch::nn::Linear, TORCH_MODULE types) or a shared_ptr.
+// The constructor's allocations are never touched, so they cost no memory under the
+// kernel's default overcommit; under strict accounting (vm.overcommit_memory = 2) they are
+// charged until released, and a model larger than the commit limit fails with Error(Io).
 template <typename Factory>
 auto build_skeleton(Factory&& make) {
   auto model = [&] {
     SkeletonScope scope;
-    return make();
+    try {
+      return make();
+    } catch (const c10::Error&) {
+      detail::rethrow_skeleton_failure();
+    }
   }();
   release(*model);
   return model;

@@ -98,7 +98,7 @@ ByteView File::bytes(const TensorEntry& entry) const {
   return {reinterpret_cast<const std::byte*>(impl_->base + entry.offset), entry.byte_length};
 }
 
-void* File::cow_data(const TensorEntry& entry) const { return impl_->base + entry.offset; }
+void* File::cow_data(const TensorEntry& entry) const { return impl_->mapping->cow_base() + entry.offset; }
 
 std::shared_ptr<void> File::map_region(const TensorEntry& entry, uint64_t offset, uint64_t size) const {
   if (offset > entry.byte_length || size > entry.byte_length - offset) {

@@ -62,7 +62,14 @@ Mapping::Mapping(const std::string& path) : path_(path) {
   }
   size_ = static_cast<uint64_t>(st.st_size);
   if (size_ == 0) return;  // nothing to map; readers report the file as too small
-  void* base = ::mmap(nullptr, static_cast<size_t>(size_), PROT_READ | PROT_WRITE, MAP_PRIVATE, fd_, 0);
+  // MAP_NORESERVE: no commit charge for the size, only for pages written (see mapping.h).
+  void* base = ::mmap(nullptr, static_cast<size_t>(size_), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, fd_, 0);
+  if (base == MAP_FAILED && errno == ENOMEM) {
+    // Strict accounting charges a private writable mapping its whole size; a read-only
+    // one costs nothing, and serves every reader but copy-on-write views.
+    base = ::mmap(nullptr, static_cast<size_t>(size_), PROT_READ, MAP_PRIVATE | MAP_NORESERVE, fd_, 0);
+    writable_ = false;
+  }
   if (base == MAP_FAILED) {
     const int err = errno;
     ::close(fd_);
@@ -74,6 +81,16 @@ Mapping::Mapping(const std::string& path) : path_(path) {
 Mapping::~Mapping() {
   if (base_) ::munmap(base_, static_cast<size_t>(size_));
   if (fd_ >= 0) ::close(fd_);
+}
+
+unsigned char* Mapping::cow_base() const {
+  if (writable_) return base_;
+  throw Error(ErrorKind::Io,
+              path_ + ": the system accounts memory strictly (vm.overcommit_memory = 2) and refused a copy-on-write "
+                      "mapping of this " + std::to_string(size_) + "-byte file, larger than what it may still commit "
+                      "(CommitLimit in /proc/meminfo); the file opened read-only, so it can be inspected, verified, "
+                      "converted and loaded in copy mode (LoadMode::Copy, which needs the memory), but not mapped into "
+                      "writable tensors. Map mode needs vm.overcommit_memory 0 or 1, or more swap");
 }
 
 void Mapping::read(uint64_t offset, void* dest, uint64_t size, const std::string& what) const {
@@ -120,7 +137,7 @@ std::shared_ptr<void> Mapping::map_range(uint64_t offset, uint64_t size, const s
   const auto low = reinterpret_cast<uint64_t>(reserve);
   const uint64_t at = low + ((begin % kTableSpan) + kTableSpan - (low % kTableSpan)) % kTableSpan;
   void* start = ::mmap(reinterpret_cast<void*>(at), static_cast<size_t>(length), PROT_READ | PROT_WRITE,
-                       MAP_PRIVATE | MAP_FIXED, fd_, static_cast<off_t>(begin));
+                       MAP_PRIVATE | MAP_FIXED | MAP_NORESERVE, fd_, static_cast<off_t>(begin));
   if (start == MAP_FAILED) {
     const int err = errno;
     ::munmap(reserve, reserved);

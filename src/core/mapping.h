@@ -1,5 +1,13 @@
 // A whole file opened once and mapped privately (copy-on-write) from that descriptor.
 // Internal to the core: every reader of every format sits on one of these.
+//
+// The mapping commits no memory for the file's size (MAP_NORESERVE), so a file larger
+// than memory plus swap opens under the kernel's default overcommit heuristic: only the
+// pages a process writes cost memory, as anonymous copies. Under strict accounting
+// (vm.overcommit_memory = 2) the flag is ignored and a private writable mapping of the
+// file is charged its whole size; where that is refused, the file is mapped read-only
+// instead, so that everything that reads it still works, and cow_base() says why no
+// copy-on-write view can be made.
 #pragma once
 
 #include <cstdint>
@@ -20,7 +28,13 @@ class Mapping {
   Mapping& operator=(const Mapping&) = delete;
 
   const std::string& path() const { return path_; }
+  // The mapping, for reading only.
   unsigned char* base() const { return base_; }
+  // The mapping, for views that may be written (copy-on-write). Throws Error(Io) naming
+  // the file, the commit limit and what to do instead where strict accounting refused a
+  // writable mapping (see the top of this file).
+  unsigned char* cow_base() const;
+  bool writable() const { return writable_; }
   uint64_t size() const { return size_; }
   // The one descriptor, for copies made in the kernel (AtomicFile::copy_from).
   int descriptor() const { return fd_; }
@@ -63,6 +77,7 @@ class Mapping {
   unsigned char* base_ = nullptr;
   uint64_t size_ = 0;
   int fd_ = -1;  // the one descriptor: mapped, read with pread, mapped again by map_range
+  bool writable_ = true;
 };
 
 using tensormap::page_size;  // file.h

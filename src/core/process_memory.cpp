@@ -23,6 +23,17 @@ void read_kb_fields(const char* path, const char* const* names, uint64_t* const*
 
 }  // namespace
 
+uint64_t total_memory() {
+  std::ifstream meminfo("/proc/meminfo");
+  std::string key;
+  uint64_t kib = 0;
+  while (meminfo >> key >> kib) {
+    if (key == "MemTotal:") return kib * 1024;
+    meminfo.ignore(64, '\n');
+  }
+  return 0;
+}
+
 ProcessMemory read_process_memory() {
   ProcessMemory m;
   const char* status_names[] = {"VmHWM", "VmRSS", "RssAnon", "RssFile"};

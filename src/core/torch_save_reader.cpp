@@ -124,7 +124,7 @@ struct TorchSaveSource final : Source {
   }
   Checkpoint::Placement placement(size_t i) const override {
     const TorchTensor& t = tensors[i];
-    return {file->base() + t.storage_offset, t.storage_bytes, t.desc.offset, t.desc.strides, file};
+    return {file->cow_base() + t.storage_offset, t.storage_bytes, t.desc.offset, t.desc.strides, file};
   }
   std::optional<size_t> alias_of(size_t i) const override { return aliases[i]; }
 

@@ -17,11 +17,14 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include <exception>
+#include <fstream>
 #include <sstream>
 #include <string_view>
 #include <vector>
 
 #include "released.h"
+#include "tensormap/error.h"
 #include "tensormap/skeleton.h"
 
 namespace tensormap {
@@ -222,6 +225,27 @@ SkeletonScope::SkeletonScope() : saved_(c10::impl::tls_local_dispatch_key_set())
 SkeletonScope::~SkeletonScope() { c10::impl::_force_tls_local_dispatch_key_set(saved_); }
 
 bool is_released(const at::Tensor& tensor) { return has_released_bit(tensor); }
+
+void detail::rethrow_skeleton_failure() {
+  const std::exception_ptr current = std::current_exception();
+  std::string what;
+  try {
+    std::rethrow_exception(current);
+  } catch (const c10::Error& e) {
+    what = e.what_without_backtrace();
+  } catch (...) {
+  }
+  std::ifstream mode_file("/proc/sys/vm/overcommit_memory");
+  int mode = 0;
+  if (what.find("can't allocate memory") == std::string::npos || !(mode_file >> mode) || mode != 2) {
+    std::rethrow_exception(current);
+  }
+  throw Error(ErrorKind::Io,
+              "build_skeleton: the system accounts memory strictly (vm.overcommit_memory = 2), so the tensors the "
+              "model's constructor allocates are charged in full although a skeleton never touches them, and the "
+              "allocator was refused (" + what.substr(0, what.find('\n')) + "). A model larger than the commit "
+              "limit (CommitLimit in /proc/meminfo) cannot be built here: use vm.overcommit_memory 0 or 1, or add swap");
+}
 
 void release(torch::nn::Module& module) {
   at::NoGradGuard no_grad;

@@ -7,9 +7,14 @@
 #include <unistd.h>
 #include <torch/torch.h>
 
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <filesystem>
+#include <fstream>
 
 #include "../core/support.h"
+#include "../../src/core/header.h"
 #include "tensormap/tensormap.h"
 
 namespace tensormap::testing {
@@ -311,6 +316,85 @@ TEST_F(Memory, ACopyLoadLeavesNoCopyInThePageCache) {
     load(*model, path, keep);
     EXPECT_GT(cached(path), 0.90) << "drop_read_pages = false dropped pages";
   }
+}
+
+// --- checkpoints larger than memory ---------------------------------------------------
+
+// A valid tensormap file of `layers` F32 [width, width] tensors named as a Sequential of
+// bias-free Linear layers names them, every byte zero, written sparse: the header, then a
+// hole to the end. It takes no disk, and every read of it comes from the page cache.
+void write_sparse_checkpoint(const std::string& path, int layers, int64_t width) {
+  const uint64_t bytes = static_cast<uint64_t>(width * width) * 4;
+  std::vector<TensorSpec> specs;
+  for (int i = 0; i < layers; ++i) {
+    specs.push_back({std::to_string(i) + ".weight", Dtype::F32, {uint64_t(width), uint64_t(width)}});
+  }
+  WriterOptions options;
+  const detail::Layout layout = detail::plan_layout(specs, std::vector<uint64_t>(specs.size(), bytes),
+                                                    std::vector<std::optional<size_t>>(specs.size()), options, path);
+  std::vector<unsigned char> zeros(16 << 20, 0);
+  XXH3_state_t* hash = XXH3_createState();
+  XXH3_64bits_reset(hash);
+  for (uint64_t done = 0; done < bytes; done += zeros.size()) XXH3_64bits_update(hash, zeros.data(), zeros.size());
+  const std::vector<uint64_t> checksums(specs.size(), XXH3_64bits_digest(hash));
+  XXH3_freeState(hash);
+  const auto header = detail::encode_header(specs, options, layout, checksums);
+  const int fd = ::open(path.c_str(), O_CREAT | O_WRONLY | O_TRUNC | O_CLOEXEC, 0644);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::pwrite(fd, header.data(), header.size(), 0), static_cast<ssize_t>(header.size()));
+  ASSERT_EQ(::ftruncate(fd, static_cast<off_t>(layout.file_size)), 0);
+  ::close(fd);
+}
+
+// A checkpoint 1.25x the machine's memory (sparse: no disk is spent) opens, verifies and
+// map-loads, and a forward pass runs through every layer: the kernel pages the weights
+// in and out of the page cache, and the process's own memory stays at what LibTorch
+// needs. Opening once failed with "cannot map the file: Cannot allocate memory": a
+// private writable mapping larger than memory and swap is refused by the overcommit
+// heuristic unless it is MAP_NORESERVE. Run alone (ctest's larger_than_memory.*, serial):
+// it streams more than the machine's memory through the page cache.
+TEST(LargerThanMemory, ACheckpoint125PercentOfMemoryOpensVerifiesAndRunsAForwardPassInMapMode) {
+  if (!std::getenv("TENSORMAP_LARGER_THAN_MEMORY")) {
+    GTEST_SKIP() << "run by ctest as larger_than_memory.sparse_checkpoint_map_load, alone";
+  }
+  constexpr int64_t kWidth = 8192;  // 256 MiB a layer
+  const uint64_t layer_bytes = uint64_t{kWidth * kWidth} * 4, memory = tensormap::total_memory();
+  ASSERT_GT(memory, 0u);
+  const int layers = static_cast<int>((memory + memory / 4) / layer_bytes + 1);
+  TempDir dir;
+  const std::string path = dir.file("larger-than-memory.tmap");
+  write_sparse_checkpoint(path, layers, kWidth);
+  const auto start = std::chrono::steady_clock::now();
+  const File file = File::open(path);
+  ASSERT_GT(file.file_size(), memory + memory / 4);
+  EXPECT_EQ(file.tensors().size(), static_cast<size_t>(layers));
+  const auto problems = file.find_corruption();  // every byte, read with pread
+  EXPECT_TRUE(problems.empty()) << problems.front().what();
+  const auto verified = std::chrono::steady_clock::now();
+
+  auto model = build_skeleton([&] {
+    torch::nn::Sequential seq;
+    for (int i = 0; i < layers; ++i) seq->push_back(torch::nn::Linear(torch::nn::LinearOptions(kWidth, kWidth).bias(false)));
+    return seq;
+  });
+  const auto before = read_process_memory();
+  LoadOptions options;
+  options.mode = LoadMode::Map;
+  const LoadReport report = load(*model, path, options);
+  EXPECT_TRUE(report.complete()) << report.summary();
+  torch::NoGradGuard no_grad;
+  const at::Tensor out = model->forward(torch::ones({1, kWidth}));
+  EXPECT_TRUE(torch::equal(out, torch::zeros({1, kWidth})));
+  const auto after = read_process_memory();
+  const auto done = std::chrono::steady_clock::now();
+  if (!kSanitized) {
+    EXPECT_LT(growth(before.rss_anon, after.rss_anon), 256 * kMiB) << "the weights stay file pages";
+  }
+  const auto seconds = [](auto a, auto b) { return std::chrono::duration<double>(b - a).count(); };
+  std::printf("%d layers, %.1f GiB (MemTotal %.1f GiB): open + verify %.1f s, load + forward %.1f s, "
+              "RssAnon +%.0f MiB\n", layers, double(file.file_size()) / (1 << 30), double(memory) / (1 << 30),
+              seconds(start, verified), seconds(verified, done),
+              double(growth(before.rss_anon, after.rss_anon)) / kMiB);
 }
 
 }  // namespace
