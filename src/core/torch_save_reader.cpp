@@ -153,10 +153,16 @@ std::string describe(const PickleValue& value) {
 
 // Adds every tensor reachable from `value` under `prefix`, and the values that are not
 // tensors to `skipped`.
+// A pickle may reference one value from many places (the memo): 64 levels of a dict
+// holding the next one twice name 2^64 paths in a few hundred bytes. A checkpoint is a
+// tree but for a few shared values (tied weights), so visits are bounded by a small
+// multiple of the values the pickle made.
 struct Collector {
   const std::string& path;
+  uint64_t max_visits;  // 1024 + 8 per value made
   std::vector<std::pair<std::string, TensorDescription>> tensors;
   std::vector<std::pair<std::string, std::string>> skipped;
+  uint64_t visits = 0;
 
   void collect(const PickleValue& value, const std::string& prefix, int depth) {
     using Kind = PickleValue::Kind;
@@ -164,6 +170,11 @@ struct Collector {
     auto join = [&](const std::string& key) { return prefix.empty() ? key : prefix + "." + key; };
     if (depth > 64) {
       throw Error(ErrorKind::UnsupportedArchive, path + ": " + quoted(here) + " nests containers more than 64 deep");
+    }
+    if (++visits > max_visits) {
+      throw Error(ErrorKind::UnsupportedArchive, path + ": its values are reached by more than " +
+                                                     std::to_string(max_visits) +
+                                                     " paths (containers shared over and over)");
     }
     switch (value.kind) {
       case Kind::Tensor:
@@ -259,7 +270,7 @@ std::shared_ptr<const Source> open_torch_save(std::shared_ptr<const Mapping> fil
   };
   const auto document =
       unpickle(reinterpret_cast<const unsigned char*>(text.data()), text.size(), check_storage, path);
-  Collector collector{path, {}, {}};
+  Collector collector{path, 1024 + 8 * uint64_t{document->all.size()}, {}, {}};
   collector.collect(*document->root, "", 0);
   auto source = std::make_shared<TorchSaveSource>();
   source->path = path;
