@@ -13,6 +13,8 @@
 //   tensormap_harness hold     --dir D --mib N        map-load, fault in, wait for stdin
 //   tensormap_harness tp       --dir D --mib N --ranks R --mode map|copy [--source 0]
 //   tensormap_harness part     --dir D --mib N --ranks R --rank K --mode map|copy
+//   tensormap_harness forward  --dir D --mib N --strategy S [--cold] [--passes 5] [--file F]
+//                              build, load, first forward pass, steady-state passes
 //   tensormap_harness huge     --dir D [--ratio 1.25]  a model larger than memory: cold
 //                              sequential read against map-load + one forward pass
 //                              rank K's part alone, in one process, with no process group
@@ -25,6 +27,7 @@
 #include <torch/torch.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -552,6 +555,97 @@ int cmd_part(const Args& a) {
 
 }  // namespace
 
+// --- forward: time to first output and steady-state compute ----------------------------------
+
+// The share (0 to 1) of `path`'s bytes that this process maps with 2 MiB page-table entries
+// (FilePmdMapped in /proc/self/smaps, over every mapping of the file).
+double file_pmd_share(const std::string& path) {
+  std::ifstream smaps("/proc/self/smaps");
+  std::string line;
+  bool inside = false;
+  double pmd_kib = 0;
+  while (std::getline(smaps, line)) {
+    const size_t dash = line.find('-'), space = line.find(' ');
+    if (dash != std::string::npos && space != std::string::npos && dash < space &&
+        line.find_first_not_of("0123456789abcdef") == dash) {
+      inside = line.size() >= path.size() && line.compare(line.size() - path.size(), path.size(), path) == 0;
+    } else if (inside && line.rfind("FilePmdMapped:", 0) == 0) {
+      pmd_kib += std::stod(line.substr(14));
+    }
+  }
+  return pmd_kib * 1024 / static_cast<double>(fs::file_size(path));
+}
+
+// One forward pass of the benchmark model at batch 1 (bench/peers.py computes the same).
+at::Tensor forward(const torch::nn::ModuleList& model, const at::Tensor& input) {
+  at::Tensor y = input;
+  for (const auto& m : *model) {
+    auto* block = m->as<BlockImpl>();
+    y = block->norm(block->down(block->up(y)));
+  }
+  return y;
+}
+
+// Build, load, one forward pass (the first output), then `passes` more (the steady state).
+// tensormap-map-prefault adds the library's own full prefault before the first pass.
+int cmd_forward(const Args& a) {
+  const std::string dir = a.get("dir"), strategy = a.get("strategy");
+  const int64_t mib = std::stoll(a.get("mib"));
+  const int passes = std::stoi(a.get("passes", "5"));
+  const bool cold = a.has("cold");
+  const std::map<std::string, std::string> file_for = {
+      {"tensormap-map", "tmap"}, {"tensormap-map-prefault", "tmap"}, {"tensormap-copy", "tmap"},
+      {"tensormap-copy-keep-cache", "tmap"}, {"safetensors-map", "safetensors"}, {"torchsave-map", "pt"},
+      {"torch-load", "archive"}};
+  if (!file_for.count(strategy)) {
+    std::cerr << "unknown strategy " << strategy << "\n";
+    return 2;
+  }
+  // --file: another copy of the strategy's file (the suite's cp of the .tmap).
+  const std::string path = fs::absolute(a.get("file", file_of(dir, mib, file_for.at(strategy)))).lexically_normal().string();
+  const double cached = cold ? evict(path) : -1;
+  Json out;
+  out.str("strategy", strategy).num("mib", static_cast<double>(mib)).str("cache", cold ? "cold" : "warm");
+  if (cold) out.num("cached_fraction_before", cached);
+  torch::NoGradGuard no_grad;
+  const at::Tensor input = torch::ones({1, kD});
+  tensormap::reset_peak_memory();
+  auto t0 = Clock::now();
+  torch::nn::ModuleList model =
+      strategy == "torch-load" ? make_model(mib) : tensormap::build_skeleton([&] { return make_model(mib); });
+  out.num("build_ms", ms_since(t0));
+  t0 = Clock::now();
+  if (strategy == "torch-load") {
+    torch::load(model, path);
+  } else {
+    tensormap::LoadOptions o;
+    const bool copy = strategy.rfind("tensormap-copy", 0) == 0;
+    o.mode = copy ? tensormap::LoadMode::Copy : tensormap::LoadMode::Map;
+    o.drop_read_pages = strategy != "tensormap-copy-keep-cache";
+    tensormap::load(*model, path, o);
+    if (strategy == "tensormap-map-prefault") tensormap::prefault(*model);
+  }
+  out.num("load_ms", ms_since(t0));
+  out.memory("loaded", tensormap::read_process_memory());
+  t0 = Clock::now();
+  const double first = forward(model, input).sum().item<double>();
+  out.num("first_forward_ms", ms_since(t0));
+  std::vector<double> times;
+  for (int i = 0; i < passes; ++i) {
+    t0 = Clock::now();
+    const double again = forward(model, input).sum().item<double>();
+    times.push_back(ms_since(t0));
+    if (again != first) throw std::runtime_error("the forward pass is not deterministic");
+  }
+  std::sort(times.begin(), times.end());
+  out.num("steady_forward_ms", times.empty() ? 0 : times[times.size() / 2]);
+  out.num("file_pmd_share", file_pmd_share(path));
+  out.memory("used", tensormap::read_process_memory());
+  out.num("check", first);
+  out.print();
+  return 0;
+}
+
 // --- a model larger than memory --------------------------------------------------------------
 
 // Layers of Linear(8192, 8192) without bias, 256 MiB each, as many as `ratio` x memory.
@@ -618,7 +712,7 @@ int cmd_huge(const Args& a) {
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::cerr << "usage: tensormap_harness make|run|memcpy|seqread|evict|seqwrite|save|hold|tp|part|huge [--options]\n";
+    std::cerr << "usage: tensormap_harness make|run|forward|memcpy|seqread|evict|seqwrite|save|hold|tp|part|huge [--options]\n";
     return 2;
   }
   const std::string cmd = argv[1];
@@ -635,6 +729,7 @@ int main(int argc, char** argv) {
     if (cmd == "tp") return cmd_tp(a);
     if (cmd == "part") return cmd_part(a);
     if (cmd == "huge") return cmd_huge(a);
+    if (cmd == "forward") return cmd_forward(a);
   } catch (const std::exception& e) {
     std::cerr << cmd << ": " << e.what() << "\n";
     return 1;

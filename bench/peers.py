@@ -19,6 +19,10 @@ Strategies (torch 2.x needed where marked; on torch 1.13 they report why they ca
                               new Parameter per key through its submodule
   py-seed002                  seed 002 as written: build, then load_state_dict from a dbm
                               store holding one pickle per key
+
+    bench/peers.py forward --dir D --mib N --strategy S [--passes 5]
+build, load, one forward pass at batch 1 (the first output) and more (the steady state), for
+py-torch-load, py-torch-mmap-assign and py-safetensors-meta-assign: the harness's `forward`.
 """
 import argparse
 import dbm
@@ -212,6 +216,75 @@ def run(args):
     print(json.dumps(row))
 
 
+def pmd_share(path):
+    """The share of `path`'s bytes this process maps with 2 MiB entries (FilePmdMapped)."""
+    real, kib, inside = os.path.realpath(path), 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=1)[0] if line.strip() else ""
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                inside = line.rstrip().endswith(real)
+            elif inside and line.startswith("FilePmdMapped:"):
+                kib += int(line.split()[1])
+    return kib * 1024 / os.path.getsize(path)
+
+
+def forward(args):
+    """Build, load, one forward pass (the first output), then --passes more (steady state):
+    the harness's `forward` command, for the Python peers."""
+    s = args.strategy
+    row = {"strategy": s, "mib": args.mib, "cache": "cold" if args.cold else "warm", "torch": torch.__version__}
+    files = {"py-torch-load": "pt", "py-torch-mmap-assign": "pt", "py-safetensors-meta-assign": "safetensors"}
+    if s not in files:
+        raise SystemExit(f"unknown strategy {s}")
+    path = file_of(args, files[s])
+    x = torch.ones(1, D)
+    with torch.no_grad():
+        try:
+            t0 = time.perf_counter()
+            model = make_model(args.mib) if s == "py-torch-load" else meta_model(args.mib)
+            row["build_ms"] = (time.perf_counter() - t0) * 1e3
+            t0 = time.perf_counter()
+            if s == "py-torch-load":
+                model.load_state_dict(torch.load(path, **({"weights_only": True} if TORCH2 else {})))
+            elif s == "py-torch-mmap-assign":
+                if "mmap" not in torch.load.__code__.co_varnames:
+                    raise Unavailable(f"torch {torch.__version__} has no torch.load(mmap=True) (2.1+)")
+                assign(model, torch.load(path, mmap=True, weights_only=True))
+            else:
+                try:
+                    from safetensors.torch import load_file
+                except ImportError as e:
+                    raise Unavailable("the safetensors library is not installed (python3-safetensors, Debian 13)") from e
+                assign(model, load_file(path))
+            row["load_ms"] = (time.perf_counter() - t0) * 1e3
+        except Unavailable as e:
+            row["unavailable"] = str(e)
+            print(json.dumps(row))
+            return
+
+        def once():
+            y = x
+            for block in model:
+                y = block.norm(block.down(block.up(y)))
+            return float(y.sum())
+
+        t0 = time.perf_counter()
+        first = once()
+        row["first_forward_ms"] = (time.perf_counter() - t0) * 1e3
+        times = []
+        for _ in range(args.passes):
+            t0 = time.perf_counter()
+            if once() != first:
+                raise SystemExit("the forward pass is not deterministic")
+            times.append((time.perf_counter() - t0) * 1e3)
+    row["steady_forward_ms"] = sorted(times)[len(times) // 2] if times else 0.0
+    row["file_pmd_share"] = pmd_share(path)
+    record(row, "used", memory())
+    row["check"] = first
+    print(json.dumps(row))
+
+
 def make(args):
     """The seed 002 store: one pickle per key, written from the torch.save file."""
     path = file_of(args, "dbm")
@@ -230,14 +303,15 @@ def make(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["make", "run"])
+    ap.add_argument("command", choices=["make", "run", "forward"])
     ap.add_argument("--dir", required=True)
     ap.add_argument("--mib", type=int, required=True)
     ap.add_argument("--strategy")
     ap.add_argument("--cold", action="store_true", help="the suite evicted the files first")
+    ap.add_argument("--passes", type=int, default=5, help="forward: steady-state passes after the first")
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    make(args) if args.command == "make" else run(args)
+    {"make": make, "run": run, "forward": forward}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,12 @@ FILE_OF = {"tensormap-map": "tmap", "tensormap-map-naive-touch": "tmap", "tensor
            "torch-pickle-load": "pt", "seed-load-then-rebind": "archive", "py-torch-load": "pt",
            "py-torch-mmap-assign": "pt", "py-safetensors-load": "safetensors",
            "py-safetensors-meta-assign": "safetensors", "py-seed000": "pt", "py-seed002": "dbm"}
+# The forward section: build + load + first forward pass (time to first output), then the
+# steady state, interleaved over rounds. "-cp": the .tmap copied with cp first (cached in
+# the folios cp's writes made); "-cp-warmed": that copy after `tensormap warm`.
+FORWARD = ["tensormap-map", "tensormap-map-prefault", "tensormap-map-cp", "tensormap-map-cp-warmed",
+           "tensormap-copy", "torchsave-map", "safetensors-map", "torch-load"]
+PY_FORWARD = ["py-torch-load", "py-torch-mmap-assign", "py-safetensors-meta-assign"]
 PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 PEERS_SCRIPT = os.path.join(ROOT, "bench", "peers.py")
 
@@ -93,6 +99,100 @@ def sharing(exe, work, mib, n=4):
             "total_pss_mib": sum(f[0] for f in figures), "rss_each_mib": [f[1] for f in figures]}
 
 
+def forward_section(exe, work, mib, rounds, cli):
+    """Every FORWARD and PY_FORWARD strategy, `rounds` times interleaved, warm and cold."""
+    rows = []
+    copy = os.path.join(work, f"model-{mib}.cp.tmap")
+    for rnd in range(rounds):
+        for cache in ("warm", "cold"):
+            for s in FORWARD + PY_FORWARD:
+                args = ["--dir", work, "--mib", str(mib), "--passes", "7"]
+                warm_ms = None
+                if s.startswith("tensormap-map-cp"):
+                    if os.path.exists(copy):
+                        os.remove(copy)
+                    subprocess.run(["cp", os.path.join(work, f"model-{mib}.tmap"), copy], check=True)
+                    args += ["--file", copy]
+                    if s.endswith("-warmed"):
+                        t0 = time.time()
+                        subprocess.run([cli, "warm", copy], check=True, capture_output=True)
+                        warm_ms = (time.time() - t0) * 1e3
+                python = s in PY_FORWARD
+                if cache == "cold":
+                    if python:
+                        for f in files_of(work, mib, s):
+                            harness(exe, "evict", "--file", f)
+                    else:
+                        args.append("--cold")
+                name = "tensormap-map" if s.startswith("tensormap-map-cp") else s
+                row = harness("peers" if python else exe, "forward", *args, "--strategy", name)[0]
+                row.update({"strategy": s, "round": rnd, "cache": cache})
+                if warm_ms is not None:
+                    row["warm_ms"] = warm_ms
+                rows.append(row)
+                print(f"   forward {cache} {s}: " + (f"unavailable: {row['unavailable']}" if "unavailable" in row else
+                      f"first output {first_output_ms(row):.0f} ms, steady {row['steady_forward_ms']:.0f} ms, "
+                      f"2 MiB-mapped {100 * row['file_pmd_share']:.0f}%"), file=sys.stderr)
+    if os.path.exists(copy):
+        os.remove(copy)
+    return rows
+
+
+def first_output_ms(row):
+    return row["build_ms"] + row["load_ms"] + row["first_forward_ms"]
+
+
+def median(values):
+    values = sorted(values)
+    return values[len(values) // 2] if values else float("nan")
+
+
+def forward_table(r):
+    rows = r.get("forward", [])
+    if not rows:
+        return []
+    mib = rows[0]["mib"]
+    rounds = 1 + max(x["round"] for x in rows)
+    out = [f"\n## Time to first output and steady-state forward ({mib} MiB model, batch 1, medians of {rounds} "
+           "interleaved rounds)\n",
+           "Build the model without weights (or with, for the loaders that need it), load, one forward pass: "
+           "*first output* adds the three. Then 7 more passes: *steady* is their median. *x best peer*: first "
+           "output over the best real peer's (torch 2.x meta + `torch.load(mmap=True)` + `assign=True`, "
+           "safetensors `load_file` + `assign=True`, or `torch.load` + `load_state_dict`) in the same cache state; "
+           "*x owned*: steady over tensormap-copy's (weights in the process's own memory). *2 MiB-mapped*: "
+           "FilePmdMapped over the file's size. *cp*: the .tmap copied with `cp` just before (cached as cp wrote "
+           "it); *cp-warmed*: then `tensormap warm` (its time in the note).\n",
+           "| cache | strategy | build ms | load ms | first forward ms | first output ms | x best peer | "
+           "steady ms | x owned | 2 MiB-mapped | note |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for cache in ("warm", "cold"):
+        med = {}
+        for s in FORWARD + PY_FORWARD:
+            mine = [x for x in rows if x["strategy"] == s and x["cache"] == cache]
+            if not mine:
+                continue
+            if any("unavailable" in x for x in mine):
+                med[s] = {"unavailable": mine[0]["unavailable"]}
+                continue
+            med[s] = {k: median([x[k] for x in mine]) for k in
+                      ("build_ms", "load_ms", "first_forward_ms", "steady_forward_ms", "file_pmd_share")}
+            med[s]["first_output_ms"] = median([first_output_ms(x) for x in mine])
+            if any("warm_ms" in x for x in mine):
+                med[s]["warm_ms"] = median([x["warm_ms"] for x in mine])
+        peers = [m["first_output_ms"] for s, m in med.items() if s in PY_FORWARD and "unavailable" not in m]
+        best = min(peers) if peers else None
+        owned = med.get("tensormap-copy", {}).get("steady_forward_ms")
+        for s, m in med.items():
+            if "unavailable" in m:
+                out.append(f"| {cache} | {s} | | | | | | | | | unavailable: {m['unavailable'][:80]} |")
+                continue
+            note = f"tensormap warm took {m['warm_ms']:.0f} ms" if "warm_ms" in m else ""
+            out.append(f"| {cache} | {s} | {m['build_ms']:.0f} | {m['load_ms']:.0f} | {m['first_forward_ms']:.0f} | "
+                       f"{m['first_output_ms']:.0f} | {m['first_output_ms'] / best if best else float('nan'):.2f} | "
+                       f"{m['steady_forward_ms']:.0f} | {m['steady_forward_ms'] / owned if owned else float('nan'):.2f} | "
+                       f"{100 * m['file_pmd_share']:.0f}% | {note} |")
+    return out
+
+
 def machine():
     cpu = "unknown CPU"
     with open("/proc/cpuinfo") as f:
@@ -126,7 +226,29 @@ def main():
     ap.add_argument("--render", action="store_true", help="only redo RESULTS.md and plot.png from results.json")
     ap.add_argument("--larger-than-memory", action="store_true",
                     help="also a model 1.25x the machine's memory, written to --work (a few minutes, that much disk)")
+    ap.add_argument("--forward-mib", type=int, default=1024, help="the model of the forward section")
+    ap.add_argument("--forward-rounds", type=int, default=3, help="interleaved rounds of the forward section")
+    ap.add_argument("--forward-only", action="store_true",
+                    help="only the forward section: writes forward.json and FORWARD.md")
+    ap.add_argument("--cli", default=os.path.join(ROOT, "build", "tensormap"))
     args = ap.parse_args()
+    if args.forward_only:
+        started = time.time()
+        harness(args.harness, "make", "--dir", args.work, "--mib", str(args.forward_mib))
+        results = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                   "forward": forward_section(args.harness, args.work, args.forward_mib, args.forward_rounds,
+                                              args.cli)}
+        results["seconds"] = time.time() - started
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "forward.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        report = "\n".join([f"# Forward: time to first output and steady state\n",
+                             f"Machine: {results['machine']}. Date: {results['date']}. "
+                             f"Section time {results['seconds']:.0f} s.\n"] + forward_table(results)) + "\n"
+        with open(os.path.join(args.out, "FORWARD.md"), "w") as f:
+            f.write(report)
+        print(report)
+        return
     sizes = [256] if args.quick else [int(s) for s in args.sizes.split(",")]
     os.makedirs(args.out, exist_ok=True)
     if args.render:
@@ -187,6 +309,10 @@ def main():
             harness(exe, "seqread", "--file", tmap)
             results["tp"][str(mib)][f"alone_{mode}"] = harness(
                 exe, "part", "--dir", work, "--mib", str(mib), "--ranks", "4", "--rank", "1", "--mode", mode)[0]
+    if args.forward_mib in sizes:  # the default sizes hold the default forward model
+        print("== forward", file=sys.stderr)
+        harness(exe, "make", "--dir", work, "--mib", str(args.forward_mib))
+        results["forward"] = forward_section(exe, work, args.forward_mib, args.forward_rounds, args.cli)
     if args.larger_than_memory:  # a real file on the disk, cold: map-load + forward against one sequential read
         print("== larger than memory", file=sys.stderr)
         results["huge"] = harness(exe, "huge", "--dir", os.path.join(work, "huge"), "--ratio", "1.25")[0]
@@ -315,6 +441,7 @@ def render(r, sizes):
                            f"{a['resident_growth_mib'] / int(mib):.3f} |")
         out.append(f"| {mib} | whole model, map + touch | - | {t['whole_map_load_and_touch_ms']:.0f} | | 1 |")
         out.append(f"| {mib} | whole model, copy | - | {t['whole_copy_load_ms']:.0f} | | 1 |")
+    out.extend(forward_table(r))
     out.append("\n## Targets\n")
     out.extend(targets(r, sizes))
     return "\n".join(out) + "\n"

@@ -43,6 +43,43 @@ TENSORMAP_EXPORT uint64_t page_size();
 // each call (a sysctl can change while a process runs; reading it costs microseconds).
 TENSORMAP_EXPORT bool own_mappings_fit(size_t count);
 
+// Huge pages for mapped checkpoints (spec/FORMAT.md, "Huge pages"; README, "Map mode at
+// full speed"). Every file tensormap maps is advised MADV_HUGEPAGE, so that pages read in
+// through the mapping arrive in 2 MiB page-cache folios, each mapped with one page-table
+// entry (FilePmdMapped in /proc/<pid>/smaps): faster faults, fewer TLB misses. Writers
+// write whole aligned 2 MiB blocks, so a file written by tensormap is cached that way too.
+// A file cached in small folios by another writer (cp, a download) is mapped 4 KiB at a
+// time until it leaves the cache or warm_page_cache() re-reads it.
+struct TENSORMAP_EXPORT HugePageSupport {
+  bool madvise_hugepage = false;  // the kernel takes MADV_HUGEPAGE on a file mapping
+  bool collapse = false;          // and MADV_COLLAPSE (5.19+, with READ_ONLY_THP_FOR_FS)
+  std::string thp_mode;           // /sys/kernel/mm/transparent_hugepage/enabled: "always",
+                                  // "madvise", "never", or "" where the kernel has no THP
+};
+// What this kernel offers, probed once (a small mapping of /proc/self/exe) and remembered.
+TENSORMAP_EXPORT HugePageSupport huge_page_support();
+
+// The share (0 to 1) of the pages of `path` that this process has mapped and resident which
+// are mapped with 2 MiB page-table entries, from /proc/self/smaps (every mapping of the
+// file, by its path as the kernel shows it); 0 where none is resident.
+TENSORMAP_EXPORT double huge_mapped_share(const std::string& path);
+
+struct TENSORMAP_EXPORT WarmReport {
+  double share_before = 0;  // of the file's bytes, PMD-mappable from the page cache
+  double share_after = 0;
+  double cached_before = 0;  // of the file's pages, in the page cache (mincore)
+  std::string method;        // "already", "collapse", "reread" or "none: <why>"
+};
+// Brings `path` into the page cache in 2 MiB folios, for every process that maps it later:
+// the remedy for a checkpoint copied or downloaded (written in small pieces) and still
+// cached that way. Maps the file with MADV_HUGEPAGE and populates it; where the share of
+// huge mappings stays under 90%, tries MADV_COLLAPSE and, where the kernel cannot collapse
+// file pages, writes out the file's dirty pages (fdatasync), drops its pages that no
+// process maps (POSIX_FADV_DONTNEED) and reads them again: one read of the file from the
+// disk. Never changes the file's bytes.
+// Throws Error(Io) where the file cannot be opened or mapped.
+TENSORMAP_EXPORT WarmReport warm_page_cache(const std::string& path);
+
 // The kind of filesystem `path` lies on ("NFS", "SMB/CIFS", "FUSE", "9p", ...) if a mapped
 // page there can fault with SIGBUS or stall when the server or daemon does, from statfs;
 // "" for a local filesystem (and where statfs fails: the open that follows will say why).

@@ -9,7 +9,10 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <climits>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "posix_io.h"
@@ -42,7 +45,236 @@ std::string fault_prone_filesystem(const std::string& path) {
 
 namespace tensormap::detail {
 
+namespace {
 
+// A page table spans 2 MiB: the size of the largest page-cache folio, mapped with one
+// entry only where the mapping's address is congruent to the file offset modulo it.
+constexpr uint64_t kTableSpan = uint64_t{2} << 20;
+
+// mmap of [begin, begin + length) of `fd` (begin a multiple of the page size) at an
+// address congruent to `begin` modulo kTableSpan: a reservation that much larger, the
+// file mapped inside it, the rest given back. MAP_FAILED with errno set on failure.
+void* map_aligned(int fd, uint64_t begin, uint64_t length, int prot) {
+  const size_t reserved = static_cast<size_t>(length + kTableSpan);
+  void* reserve = ::mmap(nullptr, reserved, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (reserve == MAP_FAILED) return MAP_FAILED;
+  const auto low = reinterpret_cast<uint64_t>(reserve);
+  const uint64_t at = low + ((begin % kTableSpan) + kTableSpan - (low % kTableSpan)) % kTableSpan;
+  void* start = ::mmap(reinterpret_cast<void*>(at), static_cast<size_t>(length), prot,
+                       MAP_PRIVATE | MAP_FIXED | MAP_NORESERVE, fd, static_cast<off_t>(begin));
+  if (start == MAP_FAILED) {
+    const int err = errno;
+    ::munmap(reserve, reserved);
+    errno = err;
+    return MAP_FAILED;
+  }
+  if (at > low) ::munmap(reserve, static_cast<size_t>(at - low));
+  const uint64_t tail = at + length;
+  if (low + reserved > tail) ::munmap(reinterpret_cast<void*>(tail), static_cast<size_t>(low + reserved - tail));
+  return start;
+}
+
+}  // namespace
+
+bool advise_huge_pages(void* begin, uint64_t length) {
+  // Advisory: EINVAL where the kernel has no transparent huge pages; the mapping then
+  // works at 4 KiB as before. Pages read in later come in 2 MiB folios where the
+  // filesystem's page cache has large folios.
+  if (length < kTableSpan) return false;
+  return ::madvise(begin, static_cast<size_t>(length), MADV_HUGEPAGE) == 0;
+}
+
+namespace {
+
+struct SmapsSum {
+  uint64_t rss_kib = 0, pmd_kib = 0;
+};
+
+// Rss and FilePmdMapped summed over the mappings in /proc/self/smaps that `select` takes
+// (given the mapping's start address and its path field, "" for none).
+template <class Select>
+SmapsSum sum_smaps(Select select) {
+  SmapsSum sum;
+  FILE* f = std::fopen("/proc/self/smaps", "r");
+  if (!f) return sum;
+  char line[4096 + 256];
+  bool inside = false;
+  while (std::fgets(line, sizeof line, f)) {
+    unsigned long long low = 0, high = 0;
+    int name_at = 0;
+    if (std::sscanf(line, "%llx-%llx %*s %*s %*s %*s %n", &low, &high, &name_at) == 2 && name_at > 0) {
+      std::string name = line + name_at;
+      while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
+      inside = select(static_cast<uint64_t>(low), name);
+    } else if (inside && std::strncmp(line, "Rss:", 4) == 0) {
+      sum.rss_kib += std::strtoull(line + 4, nullptr, 10);
+    } else if (inside && std::strncmp(line, "FilePmdMapped:", 14) == 0) {
+      sum.pmd_kib += std::strtoull(line + 14, nullptr, 10);
+    }
+  }
+  std::fclose(f);
+  return sum;
+}
+
+}  // namespace
+}  // namespace tensormap::detail
+
+namespace tensormap {
+
+#ifndef MADV_COLLAPSE
+#define MADV_COLLAPSE 25  // Linux 5.19; older C libraries lack the name
+#endif
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22  // Linux 5.14
+#endif
+
+HugePageSupport huge_page_support() {
+  static const HugePageSupport support = [] {
+    HugePageSupport s;
+    if (FILE* f = std::fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r")) {
+      char text[128] = {};
+      if (std::fgets(text, sizeof text, f)) {
+        const char* open = std::strchr(text, '[');
+        const char* close = open ? std::strchr(open, ']') : nullptr;
+        if (open && close) s.thp_mode.assign(open + 1, close);
+      }
+      std::fclose(f);
+    }
+    // A 2 MiB private read-only mapping of any regular file takes the advice or not; a
+    // file shorter than that still gives the answer (nothing is read).
+    const int fd = ::open("/proc/self/exe", O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+      void* map = ::mmap(nullptr, 4 << 20, PROT_READ, MAP_PRIVATE | MAP_NORESERVE, fd, 0);
+      if (map != MAP_FAILED) {
+        auto* aligned = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(map) + (2 << 20) - 1) & ~uintptr_t{(2 << 20) - 1});
+        s.madvise_hugepage = ::madvise(aligned, 2 << 20, MADV_HUGEPAGE) == 0;
+        // EINVAL: no collapse of file pages; anything else (EAGAIN, ENOMEM, EFAULT past
+        // the end of a small file) means the kernel knows the call for this mapping.
+        s.collapse = s.madvise_hugepage && (::madvise(aligned, 2 << 20, MADV_COLLAPSE) == 0 || errno != EINVAL);
+        ::munmap(map, 4 << 20);
+      }
+      ::close(fd);
+    }
+    return s;
+  }();
+  return support;
+}
+
+double huge_mapped_share(const std::string& path) {
+  char resolved[PATH_MAX];
+  const std::string name = ::realpath(path.c_str(), resolved) ? std::string(resolved) : path;
+  const auto sum = detail::sum_smaps([&](uint64_t, const std::string& mapped) { return mapped == name; });
+  return sum.rss_kib == 0 ? 0.0 : static_cast<double>(sum.pmd_kib) / static_cast<double>(sum.rss_kib);
+}
+
+namespace {
+
+// The share of [base, base + size) mapped with 2 MiB entries, of the file's size.
+double mapped_share(const void* base, uint64_t size) {
+  const auto at = reinterpret_cast<uint64_t>(base);
+  const auto sum = detail::sum_smaps([&](uint64_t low, const std::string&) { return low >= at && low < at + size; });
+  return size == 0 ? 1.0 : std::min(1.0, static_cast<double>(sum.pmd_kib) * 1024.0 / static_cast<double>(size));
+}
+
+// Faults in every page of the mapping for reading: MADV_POPULATE_READ, or one read a page
+// on kernels before 5.14. A page past the end of a file that shrank meanwhile gives EFAULT
+// rather than SIGBUS with the former; the latter is only reached on old kernels.
+bool populate(unsigned char* base, uint64_t size) {
+  int rc;
+  do {
+    rc = ::madvise(base, static_cast<size_t>(size), MADV_POPULATE_READ);
+  } while (rc != 0 && (errno == EINTR || errno == EAGAIN));
+  if (rc == 0) return true;
+  if (errno != EINVAL) return false;
+  volatile unsigned char sink = 0;
+  for (uint64_t i = 0; i < size; i += page_size()) sink = sink + base[i];
+  return true;
+}
+
+}  // namespace
+
+WarmReport warm_page_cache(const std::string& path) {
+  WarmReport report;
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0) detail::throw_io(path, "cannot open", errno);
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) {
+    const int err = errno;
+    ::close(fd);
+    detail::throw_io(path, "cannot stat", err);
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw Error(ErrorKind::Io, path + (S_ISDIR(st.st_mode) ? ": is a directory, not a file" : ": is not a regular file"));
+  }
+  const auto size = static_cast<uint64_t>(st.st_size);
+  auto map = [&] {
+    void* base = size == 0 ? nullptr : detail::map_aligned(fd, 0, size, PROT_READ);
+    if (base == MAP_FAILED) {
+      const int err = errno;
+      ::close(fd);
+      detail::throw_io(path, "cannot map the file", err);
+    }
+    if (base) detail::advise_huge_pages(base, size);
+    return static_cast<unsigned char*>(base);
+  };
+  unsigned char* base = map();
+  if (!base) {
+    ::close(fd);
+    report.share_before = report.share_after = report.cached_before = 1;
+    report.method = "none: the file is empty";
+    return report;
+  }
+  {
+    const uint64_t pages = (size + page_size() - 1) / page_size();
+    std::vector<unsigned char> resident(static_cast<size_t>(pages));
+    uint64_t cached = 0;
+    if (::mincore(base, static_cast<size_t>(size), resident.data()) == 0) {
+      for (unsigned char r : resident) cached += r & 1;
+    }
+    report.cached_before = static_cast<double>(cached) / static_cast<double>(pages);
+  }
+  auto finish = [&](const std::string& method) {
+    report.method = method;
+    ::munmap(base, static_cast<size_t>(size));
+    ::close(fd);
+    return report;
+  };
+  if (!populate(base, size)) {
+    const int err = errno;
+    ::munmap(base, static_cast<size_t>(size));
+    ::close(fd);
+    detail::throw_io(path, "cannot read the file in", err);
+  }
+  // Whole 2 MiB blocks only: the file's last, partial one is never mapped with one entry.
+  const uint64_t whole = size & ~((uint64_t{2} << 20) - 1);
+  const double full = whole == 0 ? 1.0 : static_cast<double>(whole) / static_cast<double>(size);
+  report.share_before = report.share_after = mapped_share(base, size);
+  if (report.share_before >= 0.9 * full) return finish("already");
+  const HugePageSupport support = huge_page_support();
+  if (!support.madvise_hugepage || support.thp_mode == "never" || support.thp_mode.empty()) {
+    return finish("none: the kernel maps no file page with 2 MiB entries (transparent huge pages: " +
+                  (support.thp_mode.empty() ? std::string("absent") : support.thp_mode) + ")");
+  }
+  if (::madvise(base, static_cast<size_t>(size), MADV_COLLAPSE) == 0) {
+    populate(base, size);
+    report.share_after = mapped_share(base, size);
+    if (report.share_after >= 0.9 * full) return finish("collapse");
+  }
+  // Read again: drop the clean pages no process maps (ours first), then fault them in
+  // through the advised mapping, in 2 MiB folios.
+  ::munmap(base, static_cast<size_t>(size));
+  (void)::fdatasync(fd);  // dirty pages are not dropped: written out first
+  (void)::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+  base = map();
+  populate(base, size);
+  report.share_after = mapped_share(base, size);
+  return finish("reread");
+}
+
+}  // namespace tensormap
+
+namespace tensormap::detail {
 
 Mapping::Mapping(const std::string& path) : path_(path) {
   // One descriptor for everything: the checks, the mapping and every pread see the same
@@ -63,11 +295,12 @@ Mapping::Mapping(const std::string& path) : path_(path) {
   size_ = static_cast<uint64_t>(st.st_size);
   if (size_ == 0) return;  // nothing to map; readers report the file as too small
   // MAP_NORESERVE: no commit charge for the size, only for pages written (see mapping.h).
-  void* base = ::mmap(nullptr, static_cast<size_t>(size_), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, fd_, 0);
+  // At a 2 MiB-aligned address, so that 2 MiB folios of the page cache map with one entry.
+  void* base = map_aligned(fd_, 0, size_, PROT_READ | PROT_WRITE);
   if (base == MAP_FAILED && errno == ENOMEM) {
     // Strict accounting charges a private writable mapping its whole size; a read-only
     // one costs nothing, and serves every reader but copy-on-write views.
-    base = ::mmap(nullptr, static_cast<size_t>(size_), PROT_READ, MAP_PRIVATE | MAP_NORESERVE, fd_, 0);
+    base = map_aligned(fd_, 0, size_, PROT_READ);
     writable_ = false;
   }
   if (base == MAP_FAILED) {
@@ -76,6 +309,7 @@ Mapping::Mapping(const std::string& path) : path_(path) {
     throw_io(path, "cannot map the file", err);
   }
   base_ = static_cast<unsigned char*>(base);
+  huge_ = advise_huge_pages(base_, size_);
 }
 
 Mapping::~Mapping() {
@@ -127,25 +361,11 @@ std::shared_ptr<void> Mapping::map_range(uint64_t offset, uint64_t size, const s
   if (size == 0) return std::shared_ptr<void>(base_ + offset, [](void*) {});  // nothing to read there
   const uint64_t begin = offset & ~(page_size() - 1);
   const uint64_t length = offset + size - begin;
-  // The kernel maps a large page-cache folio with one fault only where it lies within one
-  // page table, so the address is chosen congruent to the file offset modulo the 2 MiB a
-  // page table spans: reserve that much more, map inside it, give the rest back.
-  constexpr uint64_t kTableSpan = uint64_t{2} << 20;
-  const size_t reserved = static_cast<size_t>(length + kTableSpan);
-  void* reserve = ::mmap(nullptr, reserved, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  if (reserve == MAP_FAILED) throw_io(path_, "cannot reserve addresses to map " + what, errno);
-  const auto low = reinterpret_cast<uint64_t>(reserve);
-  const uint64_t at = low + ((begin % kTableSpan) + kTableSpan - (low % kTableSpan)) % kTableSpan;
-  void* start = ::mmap(reinterpret_cast<void*>(at), static_cast<size_t>(length), PROT_READ | PROT_WRITE,
-                       MAP_PRIVATE | MAP_FIXED | MAP_NORESERVE, fd_, static_cast<off_t>(begin));
-  if (start == MAP_FAILED) {
-    const int err = errno;
-    ::munmap(reserve, reserved);
-    throw_io(path_, "cannot map " + what, err);
-  }
-  if (at > low) ::munmap(reserve, static_cast<size_t>(at - low));
-  const uint64_t tail = at + length;
-  if (low + reserved > tail) ::munmap(reinterpret_cast<void*>(tail), static_cast<size_t>(low + reserved - tail));
+  // At an address congruent to the offset modulo 2 MiB, as the whole-file mapping. Not
+  // advised MADV_HUGEPAGE: these mappings exist to read no more than their range, and a
+  // huge-page fault reads the whole 2 MiB around it.
+  void* start = map_aligned(fd_, begin, length, PROT_READ | PROT_WRITE);
+  if (start == MAP_FAILED) throw_io(path_, "cannot map " + what, errno);
   return std::shared_ptr<void>(static_cast<unsigned char*>(start) + (offset - begin),
                                [start, length](void*) { ::munmap(start, static_cast<size_t>(length)); });
 }

@@ -35,6 +35,8 @@ class Mapping {
   // writable mapping (see the top of this file).
   unsigned char* cow_base() const;
   bool writable() const { return writable_; }
+  // Whether the kernel took MADV_HUGEPAGE for the mapping (see advise_huge_pages).
+  bool huge() const { return huge_; }
   uint64_t size() const { return size_; }
   // The one descriptor, for copies made in the kernel (AtomicFile::copy_from).
   int descriptor() const { return fd_; }
@@ -78,7 +80,15 @@ class Mapping {
   uint64_t size_ = 0;
   int fd_ = -1;  // the one descriptor: mapped, read with pread, mapped again by map_range
   bool writable_ = true;
+  bool huge_ = false;
 };
+
+// MADV_HUGEPAGE over [begin, begin + length), for mappings of 2 MiB or more: pages read
+// in through them later come in 2 MiB page-cache folios, each mapped with one page-table
+// entry, where the filesystem's page cache has large folios. False where the kernel
+// refused (no transparent huge pages: EINVAL) or the range is smaller; the mapping then
+// works 4 KiB at a time, as without the advice.
+bool advise_huge_pages(void* begin, uint64_t length);
 
 using tensormap::page_size;  // file.h
 

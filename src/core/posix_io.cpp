@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -241,16 +242,83 @@ AtomicFile::~AtomicFile() { discard(); }
 
 void AtomicFile::pwrite(const void* data, size_t size, uint64_t offset) {
   try {
-    pwrite_all(fd_, data, size, offset, path_);
+    stage(static_cast<const unsigned char*>(data), size, offset);
   } catch (...) {
     discard();
     throw;
   }
 }
 
+void AtomicFile::stage(const unsigned char* data, size_t size, uint64_t offset) {
+  uint64_t end = 0;
+  if (__builtin_add_overflow(offset, uint64_t{size}, &end)) {
+    throw Error(ErrorKind::InvalidArgument, path_ + ": a write of " + std::to_string(size) + " bytes at offset " +
+                                                std::to_string(offset) + " runs past the largest file offset");
+  }
+  while (offset < end) {
+    if (staged_ && offset < block_start_) {
+      // Before the staged block: bytes already out in the file, or a gap below them.
+      const uint64_t n = std::min(end, block_start_) - offset;
+      pwrite_all(fd_, data, static_cast<size_t>(n), offset, path_);
+      data += n;
+      offset += n;
+    } else if (staged_ && offset < block_start_ + kBlock) {
+      const uint64_t n = std::min(end, block_start_ + kBlock) - offset;
+      std::memcpy(block_.data() + (offset - block_start_), data, static_cast<size_t>(n));
+      block_fill_ = std::max(block_fill_, offset + n - block_start_);
+      data += n;
+      offset += n;
+    } else if (staged_) {
+      flush_staged(/*whole=*/true);  // the file goes on past the block: its tail is a gap
+    } else if (offset < written_end_ && (offset & ~(kBlock - 1)) + kBlock <= written_end_) {
+      // Inside a block already written out (a header filled in last): in place.
+      const uint64_t n = std::min(end, (offset & ~(kBlock - 1)) + kBlock) - offset;
+      pwrite_all(fd_, data, static_cast<size_t>(n), offset, path_);
+      data += n;
+      offset += n;
+    } else if (offset % kBlock == 0 && end - offset >= kBlock) {
+      // Whole blocks, straight to the file.
+      const uint64_t n = (end - offset) & ~(kBlock - 1);
+      pwrite_all(fd_, data, static_cast<size_t>(n), offset, path_);
+      data += n;
+      offset += n;
+    } else {
+      // Start staging the block holding `offset`, with what the file has of it so far.
+      block_.resize(static_cast<size_t>(kBlock));
+      block_start_ = offset & ~(kBlock - 1);
+      std::memset(block_.data(), 0, block_.size());
+      block_fill_ = 0;
+      if (written_end_ > block_start_) {
+        const uint64_t have = written_end_ - block_start_;
+        for (uint64_t done = 0; done < have;) {
+          const ssize_t n = ::pread(fd_, block_.data() + done, static_cast<size_t>(have - done),
+                                    static_cast<off_t>(block_start_ + done));
+          if (n < 0 && errno == EINTR) continue;
+          if (n < 0) throw_io(path_, "cannot read back the new file", errno);
+          if (n == 0) break;  // a gap at the end: zeros
+          done += static_cast<uint64_t>(n);
+        }
+        block_fill_ = have;
+      }
+      staged_ = true;
+    }
+    written_end_ = std::max(written_end_, offset);
+  }
+}
+
+void AtomicFile::flush_staged(bool whole) {
+  if (!staged_) return;
+  staged_ = false;
+  const uint64_t n = whole ? kBlock : block_fill_;
+  if (n > 0) pwrite_all(fd_, block_.data(), static_cast<size_t>(n), block_start_, path_);
+  written_end_ = std::max(written_end_, block_start_ + n);
+}
+
 void AtomicFile::copy_from(int src_fd, uint64_t src_offset, uint64_t size, uint64_t offset,
                            const std::string& what) {
   try {
+    flush_staged(/*whole=*/false);
+    written_end_ = std::max(written_end_, offset + size);
     bool in_kernel = true;
     std::vector<unsigned char> buffer;
     while (size > 0) {
@@ -295,6 +363,13 @@ void AtomicFile::append(const void* data, size_t size) {
 }
 
 void AtomicFile::truncate(uint64_t size) {
+  try {
+    flush_staged(/*whole=*/false);
+  } catch (...) {
+    discard();
+    throw;
+  }
+  written_end_ = size;
   if (::ftruncate(fd_, static_cast<off_t>(size)) != 0) {
     const int err = errno;
     discard();
@@ -303,6 +378,12 @@ void AtomicFile::truncate(uint64_t size) {
 }
 
 void AtomicFile::finish(bool sync) {
+  try {
+    flush_staged(/*whole=*/false);
+  } catch (...) {
+    discard();
+    throw;
+  }
   if (sync && ::fsync(fd_) != 0) {
     const int err = errno;
     discard();

@@ -7,6 +7,7 @@
 #include <functional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace tensormap::detail {
 
@@ -40,6 +41,14 @@ void write_file_atomically(const std::string& path, const std::string& bytes, bo
 // (unlocked and untouched for a minute). Named temporaries are also listed for
 // remove_temporary_files() (tensormap/writer.h), which a signal handler may call.
 // Destroyed without commit (or after a failure), the temporary file is removed.
+//
+// Writes reach the file in whole, aligned 2 MiB blocks wherever they can: the page cache
+// gives a write a folio no larger than the write and its alignment allow, and only a
+// 2 MiB folio can later be mapped with one page-table entry (see spec/FORMAT.md, "Huge
+// pages"). So the block a write starts or ends inside is staged in memory (one 2 MiB
+// buffer) until a later write moves past it, and the aligned middle of a large write goes
+// straight to the file. Nothing staged can be read back before finish(); the file's bytes
+// are exactly those written, gaps reading as zeros, as with plain pwrite.
 class AtomicFile {
  public:
   explicit AtomicFile(std::string path);
@@ -70,6 +79,17 @@ class AtomicFile {
  private:
   void create_named();
   void link_named();  // gives the nameless file its temporary name
+  void stage(const unsigned char* data, size_t size, uint64_t offset);
+  // Writes the staged block out: all 2 MiB (its tail as zeros) when the file is known to
+  // go on past it, else only the bytes staged. Nothing is staged afterwards.
+  void flush_staged(bool whole);
+
+  static constexpr uint64_t kBlock = uint64_t{2} << 20;
+  std::vector<unsigned char> block_;  // the staged block, kBlock bytes once used
+  uint64_t block_start_ = 0;          // its offset in the file, a multiple of kBlock
+  uint64_t block_fill_ = 0;           // bytes of it that hold content (0: none staged)
+  bool staged_ = false;
+  uint64_t written_end_ = 0;          // the end of everything written or staged so far
   void set_temp_path(std::string name);
 
   std::string path_;

@@ -130,4 +130,35 @@ inline std::optional<ErrorKind> open_error(const std::string& path) {
   return std::nullopt;
 }
 
+// Whether this kernel keeps files of `dir`'s filesystem in the page cache in 2 MiB folios
+// that a mapping maps with one entry each: a file written in aligned 2 MiB pieces is
+// mapped and read in, and /proc/self/smaps asked. Where not, `why` says so, for a skip.
+inline bool page_cache_has_huge_folios(const std::string& dir, std::string& why) {
+  const std::string path = dir + "/huge-folio-probe.bin";
+  {
+    const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0) {
+      why = "cannot write " + path;
+      return false;
+    }
+    std::vector<char> block(2 << 20, 7);
+    bool ok = true;
+    for (int i = 0; i < 4; ++i) ok = ok && ::pwrite(fd, block.data(), block.size(), static_cast<off_t>(i) * (2 << 20)) == static_cast<ssize_t>(block.size());
+    ::close(fd);
+    if (!ok) {
+      why = "cannot write " + path;
+      return false;
+    }
+  }
+  const double share = tensormap::warm_page_cache(path).share_before;
+  std::remove(path.c_str());
+  if (share >= 0.9) return true;
+  const tensormap::HugePageSupport s = tensormap::huge_page_support();
+  why = "the page cache of this kernel does not map files of " + dir + " with 2 MiB pages (" +
+        std::to_string(static_cast<int>(share * 100)) + "% of a file written in aligned 2 MiB pieces; " +
+        "transparent huge pages: " + (s.thp_mode.empty() ? std::string("absent") : s.thp_mode) +
+        "; large folios need e.g. XFS or ext4 on a recent kernel)";
+  return false;
+}
+
 }  // namespace tensormap::testing

@@ -14,6 +14,7 @@
 #include <random>
 #include <set>
 
+#include "../../src/core/posix_io.h"
 #include "support.h"
 
 namespace tensormap::testing {
@@ -698,6 +699,115 @@ TEST(ShardIndex, RejectsMalformedIndexes) {
       EXPECT_EQ(e.kind(), ErrorKind::ShardIndexInvalid) << json;
     }
   }
+}
+
+// AtomicFile stages the 2 MiB block a write starts or ends in and writes aligned blocks
+// whole (so that the page cache holds the file in 2 MiB folios). Whatever the pattern of
+// writes (forward with gaps, back into blocks written out or staged, large and tiny,
+// kernel copies, truncation), the file must end up exactly as with plain pwrite calls.
+TEST(WriterBlocks, StagedWritesGiveExactlyTheBytesOfPlainWrites) {
+  TempDir dir;
+  const std::string source_path = dir.file("source.bin");
+  std::vector<unsigned char> source(12 << 20);
+  std::mt19937_64 rng(20261205);
+  for (auto& b : source) b = static_cast<unsigned char>(rng());
+  {
+    std::ofstream out(source_path, std::ios::binary);
+    out.write(reinterpret_cast<const char*>(source.data()), static_cast<std::streamsize>(source.size()));
+  }
+  const int source_fd = ::open(source_path.c_str(), O_RDONLY);
+  ASSERT_GE(source_fd, 0);
+  constexpr uint64_t kMiB = 1 << 20;
+  for (int round = 0; round < 24; ++round) {
+    const std::string path = dir.file("staged-" + std::to_string(round) + ".bin");
+    std::vector<unsigned char> expected;
+    auto put = [&](uint64_t offset, uint64_t size, const unsigned char* data) {
+      if (expected.size() < offset + size) expected.resize(static_cast<size_t>(offset + size), 0);
+      std::memcpy(expected.data() + offset, data, static_cast<size_t>(size));
+    };
+    detail::AtomicFile file(path);
+    uint64_t cursor = rng() % (3 * kMiB);
+    for (int step = 0; step < 24; ++step) {
+      const int kind = static_cast<int>(rng() % 10);
+      // Sizes from a byte to several blocks, aligned or not.
+      const uint64_t size = kind < 3 ? 1 + rng() % 4096 : kind < 6 ? 1 + rng() % (3 * kMiB)
+                                                                   : (1 + rng() % 3) * 2 * kMiB;
+      uint64_t offset = cursor;
+      if (kind == 6) offset = (cursor + 2 * kMiB - 1) & ~(2 * kMiB - 1);             // aligned
+      if (kind == 7 && !expected.empty()) offset = rng() % expected.size();           // back
+      if (kind == 8) offset = cursor + rng() % (5 * kMiB);                            // a gap
+      const uint64_t from = rng() % (source.size() - size);
+      if (kind == 9) {
+        file.copy_from(source_fd, from, size, offset, "a range");
+      } else {
+        file.pwrite(source.data() + from, static_cast<size_t>(size), offset);
+      }
+      put(offset, size, source.data() + from);
+      cursor = std::max(cursor, offset + size);
+      if (rng() % 15 == 0) {
+        const uint64_t length = rng() % (expected.size() + 3 * kMiB);
+        file.truncate(length);
+        expected.resize(static_cast<size_t>(length), 0);
+        cursor = std::min(cursor, length);
+      }
+    }
+    file.finish(false);
+    file.rename_into_place(false);
+    std::vector<unsigned char> got(static_cast<size_t>(std::filesystem::file_size(path)));
+    std::ifstream in(path, std::ios::binary);
+    in.read(reinterpret_cast<char*>(got.data()), static_cast<std::streamsize>(got.size()));
+    ASSERT_EQ(got.size(), expected.size()) << "round " << round;
+    const auto diff = std::mismatch(got.begin(), got.end(), expected.begin());
+    ASSERT_TRUE(diff.first == got.end()) << "round " << round << ": first wrong byte at "
+                                         << (diff.first - got.begin());
+  }
+  ::close(source_fd);
+}
+
+// A file the Writer writes in small pieces lies in the page cache in 2 MiB folios, each
+// mapped with one page-table entry; a file written in 64 KiB pieces (as cp or a download
+// does) is mapped 4 KiB at a time until warm_page_cache re-reads it.
+TEST(HugePages, AWrittenFileMapsIn2MiBPagesAndACopiedOneAfterWarm) {
+  TempDir dir;
+  std::string why;
+  if (!page_cache_has_huge_folios(dir.path().string(), why)) GTEST_SKIP() << why;
+  constexpr uint64_t kTensor = (3 << 20) + 1234;  // odd sizes: no write is aligned by chance
+  std::vector<TensorSpec> specs;
+  for (int i = 0; i < 8; ++i) specs.push_back({"t" + std::to_string(i), Dtype::U8, {kTensor}});
+  std::vector<unsigned char> bytes(kTensor);
+  for (size_t i = 0; i < bytes.size(); ++i) bytes[i] = static_cast<unsigned char>(i * 31);
+  const std::string written = dir.file("written.tmap");
+  {
+    Writer w(written, specs, {});
+    for (size_t t = 0; t < specs.size(); ++t) {
+      for (uint64_t at = 0; at < kTensor; at += 100 << 10) w.write(bytes.data() + at, std::min<uint64_t>(100 << 10, kTensor - at));
+    }
+    w.commit();
+  }
+  const WarmReport mapped = warm_page_cache(written);
+  EXPECT_GE(mapped.share_before, 0.85) << "the Writer's file is cached in small folios";
+  EXPECT_EQ(mapped.method, "already");
+
+  // The same bytes copied in 64 KiB pieces.
+  const std::string copied = dir.file("copied.tmap");
+  {
+    std::ifstream in(written, std::ios::binary);
+    std::ofstream out(copied, std::ios::binary);
+    std::vector<char> piece(64 << 10);
+    while (in.read(piece.data(), static_cast<std::streamsize>(piece.size())) || in.gcount() > 0) {
+      out.write(piece.data(), in.gcount());
+      out.flush();
+    }
+  }
+  const WarmReport warmed = warm_page_cache(copied);
+  EXPECT_LT(warmed.share_before, 0.5) << "64 KiB writes gave 2 MiB folios: the case is not exercised";
+  EXPECT_GE(warmed.share_after, 0.85) << warmed.method;
+  EXPECT_TRUE(warmed.method == "reread" || warmed.method == "collapse") << warmed.method;
+  EXPECT_EQ(warm_page_cache(copied).method, "already");
+  // Never a changed byte.
+  const Checkpoint a = Checkpoint::open(written), b = Checkpoint::open(copied);
+  EXPECT_TRUE(b.files().front().find_corruption().empty());
+  EXPECT_EQ(a.keys(), b.keys());
 }
 
 }  // namespace

@@ -397,5 +397,28 @@ TEST(LargerThanMemory, ACheckpoint125PercentOfMemoryOpensVerifiesAndRunsAForward
               double(growth(before.rss_anon, after.rss_anon)) / kMiB);
 }
 
+// After save() and a map-mode load, the weights are mapped with 2 MiB page-table entries
+// (FilePmdMapped), where the kernel's page cache has 2 MiB folios for the filesystem.
+TEST_F(Memory, ASavedCheckpointMapLoadsWith2MiBPages) {
+  TempDir dir;
+  std::string why;
+  if (!page_cache_has_huge_folios(dir.path().string(), why)) GTEST_SKIP() << why;
+  const std::string path = dir.file("big.tmap");
+  write_big_checkpoint(path);
+  auto model = build_skeleton(big_model);
+  load(*model, path);
+  prefault(*model);
+  EXPECT_GE(huge_mapped_share(path), 0.9);
+  // The same through torch.save and safetensors files that tensormap wrote.
+  for (const std::string ext : {"pt", "safetensors"}) {
+    const std::string other = dir.file("big." + ext);
+    convert(path, other);
+    auto again = build_skeleton(big_model);
+    load(*again, other);
+    prefault(*again);
+    EXPECT_GE(huge_mapped_share(other), 0.9) << ext;
+  }
+}
+
 }  // namespace
 }  // namespace tensormap::testing
