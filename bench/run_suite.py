@@ -37,11 +37,12 @@ FILE_OF = {"tensormap-map": "tmap", "tensormap-map-naive-touch": "tmap", "tensor
            "safetensors-map": "safetensors", "torchsave-map": "pt", "torch-load": "archive",
            "torch-pickle-load": "pt", "seed-load-then-rebind": "archive", "py-torch-load": "pt",
            "py-torch-mmap-assign": "pt", "py-safetensors-load": "safetensors",
-           "py-safetensors-meta-assign": "safetensors", "py-seed000": "pt", "py-seed002": "dbm"}
+           "py-safetensors-meta-assign": "safetensors", "py-seed000": "pt", "py-seed002": "dbm",
+           "tensormap-map-prefault": "tmap", "tensormap-map-background": "tmap"}
 # The forward section: build + load + first forward pass (time to first output), then the
 # steady state, interleaved over rounds. "-cp": the .tmap copied with cp first (cached in
 # the folios cp's writes made); "-cp-warmed": that copy after `tensormap warm`.
-FORWARD = ["tensormap-map", "tensormap-map-prefault", "tensormap-map-cp", "tensormap-map-cp-warmed",
+FORWARD = ["tensormap-map", "tensormap-map-prefault", "tensormap-map-background", "tensormap-map-cp", "tensormap-map-cp-warmed",
            "tensormap-copy", "torchsave-map", "safetensors-map", "torch-load"]
 PY_FORWARD = ["py-torch-load", "py-torch-mmap-assign", "py-safetensors-meta-assign"]
 PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
@@ -118,6 +119,10 @@ def forward_section(exe, work, mib, rounds, cli):
                         subprocess.run([cli, "warm", copy], check=True, capture_output=True)
                         warm_ms = (time.time() - t0) * 1e3
                 python = s in PY_FORWARD
+                if cache == "warm" and not s.startswith("tensormap-map-cp"):
+                    # As in the rest of the suite: warm follows a sequential read of the file.
+                    for f in files_of(work, mib, s):
+                        harness(exe, "seqread", "--file", f)
                 if cache == "cold":
                     if python:
                         for f in files_of(work, mib, s):
@@ -160,8 +165,10 @@ def forward_table(r):
            "output over the best real peer's (torch 2.x meta + `torch.load(mmap=True)` + `assign=True`, "
            "safetensors `load_file` + `assign=True`, or `torch.load` + `load_state_dict`) in the same cache state; "
            "*x owned*: steady over tensormap-copy's (weights in the process's own memory). *2 MiB-mapped*: "
-           "FilePmdMapped over the file's size. *cp*: the .tmap copied with `cp` just before (cached as cp wrote "
-           "it); *cp-warmed*: then `tensormap warm` (its time in the note).\n",
+           "FilePmdMapped over the file's size. *warm*: the file was read once with read() just before, as in "
+           "the rest of the suite; *cold*: evicted. *cp*: the .tmap copied with `cp` just before (cached as cp "
+           "wrote it); *cp-warmed*: then `tensormap warm` (its time in the note). *background*: "
+           "`prefault_in_background` started as the first pass starts; *prefault*: `prefault` before it.\n",
            "| cache | strategy | build ms | load ms | first forward ms | first output ms | x best peer | "
            "steady ms | x owned | 2 MiB-mapped | note |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for cache in ("warm", "cold"):

@@ -7,6 +7,7 @@
 #include <torch/nn/module.h>
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -114,5 +115,39 @@ TENSORMAP_EXPORT LoadReport load(torch::nn::Module& module, const std::string& p
 // shrank since it was mapped (where a touch would kill the process with SIGBUS), Error(Io)
 // if the kernel cannot populate them.
 TENSORMAP_EXPORT void prefault(const torch::nn::Module& module, int threads = 0);
+
+// The same full prefault on one thread of its own, while the caller goes on: started just
+// after a map-mode load, it reads the weights in ahead of a first forward pass, so that
+// the pass mostly finds its pages in (in the order named_parameters and named_buffers list
+// them, which is the order most models use them). The tensors' storages, and with them
+// their mappings, stay alive until the thread ends, whatever happens to the module.
+//
+//   auto model = tensormap::build_skeleton([] { return Net(); });
+//   tensormap::load(*model, "model.tmap");
+//   auto background = tensormap::prefault_in_background(*model);
+//   auto out = model->forward(input);  // the first output, while pages come in
+//
+// The object stops the thread (at the next 4 MiB) and waits for it when destroyed; wait()
+// waits for the whole prefault and throws what prefault() would (Error(Truncated) for a
+// file that shrank). Neither is needed for correctness: a page not yet in is faulted in
+// by whatever touches it first.
+class TENSORMAP_EXPORT BackgroundPrefault {
+ public:
+  struct State;
+  explicit BackgroundPrefault(std::unique_ptr<State> state);
+  BackgroundPrefault(BackgroundPrefault&&) noexcept;
+  BackgroundPrefault& operator=(BackgroundPrefault&&) noexcept;
+  ~BackgroundPrefault();
+  // Waits until every page is in; throws the thread's error, if any. Afterwards the object
+  // is empty (done() is true).
+  void wait();
+  // Whether the thread has finished (or was never started).
+  bool done() const;
+
+ private:
+  void stop_and_join() noexcept;
+  std::unique_ptr<State> state_;
+};
+TENSORMAP_EXPORT BackgroundPrefault prefault_in_background(const torch::nn::Module& module);
 
 }  // namespace tensormap

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -378,52 +379,73 @@ LoadReport load(torch::nn::Module& module, const std::string& path, const LoadOp
   }
 }
 
-void prefault(const torch::nn::Module& module, int threads) {
-  const uintptr_t page = page_bytes();
-  struct Piece {
-    uintptr_t begin, end;
-    size_t tensor;  // index into `names`
-  };
-  std::vector<std::string> names;
-  std::vector<Piece> ranges;
-  uint64_t total = 0;
+namespace {
+
+// A range of pages to fault in, of the tensor `names[tensor]`.
+struct PrefaultPiece {
+  uintptr_t begin, end;
+  size_t tensor;
+};
+
+// Every CPU parameter and buffer of `module` with storage, as page ranges in the order
+// named_parameters and named_buffers list them; their names into `names`, their tensors
+// into `keep` (when given), and the total bytes into `total`.
+std::vector<PrefaultPiece> prefault_ranges(const torch::nn::Module& module, std::vector<std::string>& names,
+                                           std::vector<at::Tensor>* keep, uint64_t& total) {
+  std::vector<PrefaultPiece> ranges;
+  total = 0;
   for (const auto& [name, t] : named_state(module)) {
     if (is_released(t) || t.nbytes() == 0 || !t.device().is_cpu()) continue;
     const PageSpan span = pages_of(t);
     ranges.push_back({span.begin, span.end, names.size()});
     names.push_back(name);
+    if (keep) keep->push_back(t);
     total += span.end - span.begin;
   }
+  return ranges;
+}
+
+// Faults in one range for reading; the error, if any, into `error`.
+void fault_in(const PrefaultPiece& r, const std::vector<std::string>& names, std::optional<Error>& error) {
+#ifdef MADV_POPULATE_READ
+  int rc;
+  do {
+    rc = ::madvise(reinterpret_cast<void*>(r.begin), r.end - r.begin, MADV_POPULATE_READ);
+  } while (rc != 0 && (errno == EINTR || errno == EAGAIN));
+  if (rc == 0) return;
+  const int err = errno;
+  if (err == EFAULT) {  // a touch would have raised SIGBUS: the file shrank under the mapping
+    error = Error(ErrorKind::Truncated, "prefault: the pages of tensor " + quoted_name(names[r.tensor]) +
+                                            " lie past the end of its file, which shrank since it was mapped");
+    return;
+  }
+  if (err != EINVAL) {  // EINVAL: a kernel before 5.14; touch instead
+    error = Error(ErrorKind::Io, "prefault: cannot populate the pages of tensor " + quoted_name(names[r.tensor]) +
+                                     ": " + std::strerror(err));
+    return;
+  }
+#else
+  (void)names;
+  (void)error;
+#endif
+  volatile unsigned char sink = 0;
+  for (uintptr_t p = r.begin; p < r.end; p += page_bytes()) sink = sink + *reinterpret_cast<const unsigned char*>(p);
+}
+
+}  // namespace
+
+void prefault(const torch::nn::Module& module, int threads) {
+  const uintptr_t page = page_bytes();
+  std::vector<std::string> names;
+  uint64_t total = 0;
+  const std::vector<PrefaultPiece> ranges = prefault_ranges(module, names, nullptr, total);
   if (threads <= 0) threads = std::max(1, at::get_num_threads());
   // Cut the ranges into `threads` shares of about equal bytes, on page boundaries.
   const uint64_t share = (total / static_cast<uint64_t>(threads) + page) & ~(page - 1);
-  // Faults in one piece; the error, if any, is the first a worker met.
-  auto fault = [&, page](const Piece& r, std::optional<Error>& error) {
-#ifdef MADV_POPULATE_READ
-    int rc;
-    do {
-      rc = ::madvise(reinterpret_cast<void*>(r.begin), r.end - r.begin, MADV_POPULATE_READ);
-    } while (rc != 0 && (errno == EINTR || errno == EAGAIN));
-    if (rc == 0) return;
-    const int err = errno;
-    if (err == EFAULT) {  // a touch would have raised SIGBUS: the file shrank under the mapping
-      error = Error(ErrorKind::Truncated, "prefault: the pages of tensor " + quoted_name(names[r.tensor]) +
-                                              " lie past the end of its file, which shrank since it was mapped");
-      return;
-    }
-    if (err != EINVAL) {  // EINVAL: a kernel before 5.14; touch instead
-      error = Error(ErrorKind::Io, "prefault: cannot populate the pages of tensor " + quoted_name(names[r.tensor]) +
-                                       ": " + std::strerror(err));
-      return;
-    }
-#endif
-    volatile unsigned char sink = 0;
-    for (uintptr_t p = r.begin; p < r.end; p += page) sink = sink + *reinterpret_cast<const unsigned char*>(p);
-  };
-  std::vector<std::vector<Piece>> work(static_cast<size_t>(threads));
+  std::vector<std::vector<PrefaultPiece>> work(static_cast<size_t>(threads));
   size_t worker = 0;
   uint64_t filled = 0;
-  for (Piece r : ranges) {
+  for (PrefaultPiece r : ranges) {
     while (r.begin < r.end) {
       const uint64_t room = share - filled;
       const uintptr_t cut = std::min<uintptr_t>(r.end, r.begin + room);
@@ -438,8 +460,8 @@ void prefault(const torch::nn::Module& module, int threads) {
   }
   std::vector<std::optional<Error>> errors(work.size());
   auto run = [&](size_t w) {
-    for (const Piece& r : work[w]) {
-      fault(r, errors[w]);
+    for (const PrefaultPiece& r : work[w]) {
+      fault_in(r, names, errors[w]);
       if (errors[w]) return;
     }
   };
@@ -449,6 +471,71 @@ void prefault(const torch::nn::Module& module, int threads) {
   for (auto& t : pool) t.join();
   for (const auto& e : errors) {
     if (e) throw *e;
+  }
+}
+
+struct BackgroundPrefault::State {
+  std::vector<std::string> names;
+  std::vector<at::Tensor> keep;  // the storages stay alive, and mapped, until the thread ends
+  std::vector<PrefaultPiece> ranges;
+  std::atomic<bool> stop{false};
+  std::atomic<bool> finished{false};
+  std::optional<Error> error;  // written by the thread before `finished`
+  std::thread thread;
+};
+
+BackgroundPrefault prefault_in_background(const torch::nn::Module& module) {
+  auto state = std::make_unique<BackgroundPrefault::State>();
+  uint64_t total = 0;
+  state->ranges = prefault_ranges(module, state->names, &state->keep, total);
+  BackgroundPrefault::State* s = state.get();
+  s->thread = std::thread([s] {
+    // In pieces of 4 MiB, in the order the tensors are listed, so that a forward pass
+    // running meanwhile finds the next layers' pages in, and a stop is quick.
+    constexpr uintptr_t kPiece = uintptr_t{4} << 20;
+    for (const PrefaultPiece& r : s->ranges) {
+      for (uintptr_t at = r.begin; at < r.end && !s->stop.load(std::memory_order_relaxed); at += kPiece) {
+        fault_in({at, std::min(r.end, at + kPiece), r.tensor}, s->names, s->error);
+        if (s->error) break;
+      }
+      if (s->error || s->stop.load(std::memory_order_relaxed)) break;
+    }
+    s->finished.store(true, std::memory_order_release);
+  });
+  return BackgroundPrefault(std::move(state));
+}
+
+BackgroundPrefault::BackgroundPrefault(std::unique_ptr<State> state) : state_(std::move(state)) {}
+BackgroundPrefault::BackgroundPrefault(BackgroundPrefault&&) noexcept = default;
+
+BackgroundPrefault& BackgroundPrefault::operator=(BackgroundPrefault&& other) noexcept {
+  if (this != &other) {
+    stop_and_join();
+    state_ = std::move(other.state_);
+  }
+  return *this;
+}
+
+BackgroundPrefault::~BackgroundPrefault() { stop_and_join(); }
+
+void BackgroundPrefault::stop_and_join() noexcept {
+  if (!state_) return;
+  state_->stop.store(true, std::memory_order_relaxed);
+  if (state_->thread.joinable()) state_->thread.join();
+  state_.reset();
+}
+
+bool BackgroundPrefault::done() const {
+  return !state_ || state_->finished.load(std::memory_order_acquire);
+}
+
+void BackgroundPrefault::wait() {
+  if (!state_) return;
+  if (state_->thread.joinable()) state_->thread.join();
+  if (state_->error) {
+    const Error error = *state_->error;
+    state_.reset();
+    throw error;
   }
 }
 

@@ -17,6 +17,7 @@
 #include <torch/torch.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -396,6 +397,45 @@ TEST(Prefault, AFileThatShrankIsTruncatedNotSigbus) {
   } catch (const Error& e) {
     EXPECT_EQ(e.kind(), ErrorKind::Truncated) << e.what();
     EXPECT_NE(std::string(e.what()).find("tensor '"), std::string::npos) << e.what();
+  }
+}
+
+// prefault_in_background does the same on a thread of its own: the caller computes
+// meanwhile, wait() ends with every weight in, and a file that shrank is reported by
+// wait(). The model may go away while the thread runs: its storages live until it ends.
+TEST(Prefault, InTheBackgroundFaultsInEverythingAndOutlivesTheModel) {
+  TempDir dir;
+  const std::string path = dir.file("full.tmap");
+  auto model = mapped_model(path);
+  const auto before = read_process_memory();
+  auto background = prefault_in_background(*model);
+  double sum = 0;
+  for (const auto& p : model->parameters()) sum += p.sum().item<double>();  // meanwhile
+  background.wait();
+  EXPECT_TRUE(background.done());
+  const auto after = read_process_memory();
+  EXPECT_GT(after.rss_file, before.rss_file + (30u << 20)) << "the weights were not faulted in";
+#if !defined(__SANITIZE_ADDRESS__)
+  EXPECT_LT(after.rss_anon, before.rss_anon + (4u << 20)) << "prefault copied pages";
+#endif
+  EXPECT_EQ(compare_parts(*model, StateDict::open(path), 0, 1), "");
+  EXPECT_TRUE(std::isfinite(sum));
+
+  // Started, then the model dropped at once and the handle with it: no fault, no leak.
+  for (int i = 0; i < 20; ++i) {
+    auto again = mapped_model(dir.file("again.tmap"));
+    auto running = prefault_in_background(*again);
+    again = nullptr;
+  }
+
+  auto shrinking = mapped_model(dir.file("shrinking.tmap"));
+  std::filesystem::resize_file(dir.file("shrinking.tmap"), 4 << 20);
+  auto failing = prefault_in_background(*shrinking);
+  try {
+    failing.wait();
+    ADD_FAILURE() << "a background prefault of a shrunk file ended well";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::Truncated) << e.what();
   }
 }
 
