@@ -370,18 +370,24 @@ torch::nn::ModuleList mapped_model(const std::string& path) {
   return model;
 }
 
+// Every weight of mapped_model(path) is in (RssFile grew by them since `before`), none was
+// copied (RssAnon did not), and the values are the file's.
+void expect_faulted_in_uncopied(const torch::nn::Module& model, const std::string& path, const ProcessMemory& before) {
+  const auto after = read_process_memory();
+  EXPECT_GT(after.rss_file, before.rss_file + (30u << 20)) << "the weights were not faulted in";
+#if !defined(__SANITIZE_ADDRESS__)
+  EXPECT_LT(after.rss_anon, before.rss_anon + (4u << 20)) << "prefault copied pages";
+#endif
+  EXPECT_EQ(compare_parts(model, StateDict::open(path), 0, 1), "");
+}
+
 TEST(Prefault, FaultsInEveryMappedWeightWithoutCopyingThem) {
   TempDir dir;
   const std::string path = dir.file("full.tmap");
   auto model = mapped_model(path);
   const auto before = read_process_memory();
   prefault(*model, 2);
-  const auto after = read_process_memory();
-  EXPECT_GT(after.rss_file, before.rss_file + (30u << 20)) << "the weights were not faulted in";
-#if !defined(__SANITIZE_ADDRESS__)
-  EXPECT_LT(after.rss_anon, before.rss_anon + (4u << 20)) << "prefault copied pages";
-#endif
-  EXPECT_EQ(compare_parts(*model, StateDict::open(path), 0, 1), "");
+  expect_faulted_in_uncopied(*model, path, before);
 }
 
 // A file that shrinks after a map-mode load: prefault reports Error(Truncated) naming a
@@ -413,12 +419,7 @@ TEST(Prefault, InTheBackgroundFaultsInEverythingAndOutlivesTheModel) {
   for (const auto& p : model->parameters()) sum += p.sum().item<double>();  // meanwhile
   background.wait();
   EXPECT_TRUE(background.done());
-  const auto after = read_process_memory();
-  EXPECT_GT(after.rss_file, before.rss_file + (30u << 20)) << "the weights were not faulted in";
-#if !defined(__SANITIZE_ADDRESS__)
-  EXPECT_LT(after.rss_anon, before.rss_anon + (4u << 20)) << "prefault copied pages";
-#endif
-  EXPECT_EQ(compare_parts(*model, StateDict::open(path), 0, 1), "");
+  expect_faulted_in_uncopied(*model, path, before);
   EXPECT_TRUE(std::isfinite(sum));
 
   // Started, then the model dropped at once and the handle with it: no fault, no leak.
