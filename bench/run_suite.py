@@ -120,9 +120,11 @@ def forward_section(exe, work, mib, rounds, cli):
                         warm_ms = (time.time() - t0) * 1e3
                 python = s in PY_FORWARD
                 if cache == "warm" and not s.startswith("tensormap-map-cp"):
-                    # As in the rest of the suite: warm follows a sequential read of the file.
+                    # The same page cache for every strategy: the file evicted, then read once
+                    # from the disk with read(), in the folios the kernel's read-ahead makes
+                    # (left as they are, a previous strategy's own faults would decide them).
                     for f in files_of(work, mib, s):
-                        harness(exe, "seqread", "--file", f)
+                        harness(exe, "seqread", "--file", f, "--cold")
                 if cache == "cold":
                     if python:
                         for f in files_of(work, mib, s):
@@ -165,8 +167,8 @@ def forward_table(r):
            "output over the best real peer's (torch 2.x meta + `torch.load(mmap=True)` + `assign=True`, "
            "safetensors `load_file` + `assign=True`, or `torch.load` + `load_state_dict`) in the same cache state; "
            "*x owned*: steady over tensormap-copy's (weights in the process's own memory). *2 MiB-mapped*: "
-           "FilePmdMapped over the file's size. *warm*: the file was read once with read() just before, as in "
-           "the rest of the suite; *cold*: evicted. *cp*: the .tmap copied with `cp` just before (cached as cp "
+           "FilePmdMapped over the file's size. *warm*: the file was evicted, then read once with read() just "
+           "before (the same page cache for every strategy); *cold*: evicted. *cp*: the .tmap copied with `cp` just before (cached as cp "
            "wrote it); *cp-warmed*: then `tensormap warm` (its time in the note). *background*: "
            "`prefault_in_background` started as the first pass starts; *prefault*: `prefault` before it.\n",
            "| cache | strategy | build ms | load ms | first forward ms | first output ms | x best peer | "
