@@ -532,11 +532,9 @@ bool BackgroundPrefault::done() const {
 void BackgroundPrefault::wait() {
   if (!state_) return;
   if (state_->thread.joinable()) state_->thread.join();
-  if (state_->error) {
-    const Error error = *state_->error;
-    state_.reset();
-    throw error;
-  }
+  const std::optional<Error> error = state_->error;
+  state_.reset();  // the storages are released here: the module holds its own
+  if (error) throw *error;
 }
 
 }  // namespace tensormap
