@@ -195,18 +195,29 @@ AtomicFile::AtomicFile(std::string path) : path_(std::move(path)) {
   }
 }
 
-void AtomicFile::set_temp_path(std::string name) {
+// The name is registered before the file is made under it, so that a stop signal that
+// lands between the two still finds it; a name not taken after all is unregistered.
+bool AtomicFile::take_temp_name(const std::function<bool(const std::string&)>& make) {
+  std::string name = temporary_name(path_);
+  const int slot = register_temporary(name);
+  if (!make(name)) {
+    const int err = errno;
+    unregister_temporary(slot);
+    errno = err;
+    return false;
+  }
   temp_path_ = std::move(name);
-  registry_slot_ = register_temporary(temp_path_);
+  registry_slot_ = slot;
+  return true;
 }
 
 void AtomicFile::create_named() {
   for (int attempt = 0; attempt < 100 && fd_ < 0; ++attempt) {
-    std::string name = temporary_name(path_);
-    fd_ = ::open(name.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-    if (fd_ >= 0) {
-      set_temp_path(std::move(name));
-    } else if (errno != EEXIST) {
+    const bool made = take_temp_name([&](const std::string& name) {
+      fd_ = ::open(name.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+      return fd_ >= 0;
+    });
+    if (!made && errno != EEXIST) {
       throw_io(path_, "cannot create a temporary file in " + parent_directory(path_), errno);
     }
   }
@@ -224,15 +235,14 @@ void AtomicFile::link_named() {
   char proc_path[64];
   std::snprintf(proc_path, sizeof proc_path, "/proc/self/fd/%d", fd_);
   for (int attempt = 0; attempt < 100; ++attempt) {
-    std::string name = temporary_name(path_);
-    int rc = ::linkat(fd_, "", AT_FDCWD, name.c_str(), AT_EMPTY_PATH);
-    if (rc != 0 && (errno == ENOENT || errno == EPERM)) {
-      rc = ::linkat(AT_FDCWD, proc_path, AT_FDCWD, name.c_str(), AT_SYMLINK_FOLLOW);
-    }
-    if (rc == 0) {
-      set_temp_path(std::move(name));
-      return;
-    }
+    const bool linked = take_temp_name([&](const std::string& name) {
+      int rc = ::linkat(fd_, "", AT_FDCWD, name.c_str(), AT_EMPTY_PATH);
+      if (rc != 0 && (errno == ENOENT || errno == EPERM)) {
+        rc = ::linkat(AT_FDCWD, proc_path, AT_FDCWD, name.c_str(), AT_SYMLINK_FOLLOW);
+      }
+      return rc == 0;
+    });
+    if (linked) return;
     if (errno != EEXIST) throw_io(path_, "cannot give the temporary file a name", errno);
   }
   throw_io(path_, "cannot find a free temporary file name", EEXIST);

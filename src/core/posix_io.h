@@ -90,7 +90,7 @@ class AtomicFile {
   uint64_t block_fill_ = 0;           // bytes of it that hold content (0: none staged)
   bool staged_ = false;
   uint64_t written_end_ = 0;          // the end of everything written or staged so far
-  void set_temp_path(std::string name);
+  bool take_temp_name(const std::function<bool(const std::string&)>& make);
 
   std::string path_;
   std::string temp_path_;  // empty while the file has no name
