@@ -61,6 +61,18 @@ class TENSORMAP_EXPORT SkeletonScope {
 // its error; materialize gives it memory.
 TENSORMAP_EXPORT void release(torch::nn::Module& module);
 
+// Releases one CPU tensor in place, as release(module) releases each of a module's (a
+// tensor already released is left as it is). For code that holds a model's tensors
+// rather than a torch::nn::Module: the Python package releases nn.Module tensors with it.
+TENSORMAP_EXPORT void release(const at::Tensor& tensor);
+
+// Makes a CPU `tensor` a released, contiguous tensor of shape `sizes`, in place: its
+// TensorImpl, dtype and requires_grad stay, its storage goes, nothing is allocated. A
+// skeleton's tensor made from a description alone (the Python package turns the meta
+// tensors of a model built on the meta device into these before a load binds them).
+// Throws Error(InvalidArgument) for a tensor not on the CPU or a negative size.
+TENSORMAP_EXPORT void release(const at::Tensor& tensor, at::IntArrayRef sizes);
+
 // True if `tensor` was released and not loaded since.
 TENSORMAP_EXPORT bool is_released(const at::Tensor& tensor);
 

@@ -247,16 +247,30 @@ void detail::rethrow_skeleton_failure() {
               "limit (CommitLimit in /proc/meminfo) cannot be built here: use vm.overcommit_memory 0 or 1, or add swap");
 }
 
-void release(torch::nn::Module& module) {
+void release(const at::Tensor& t) {
+  if (!t.defined() || has_released_bit(t)) return;
+  TORCH_CHECK(t.device().is_cpu(), "tensormap::release: tensors on ", t.device(),
+              " cannot be released; skeletons are built on the CPU");
   at::NoGradGuard no_grad;
-  auto release_one = [](at::Tensor& t) {
-    if (!t.defined() || has_released_bit(t)) return;
-    TORCH_CHECK(t.device().is_cpu(), "tensormap::release: tensors on ", t.device(),
-                " cannot be released; skeletons are built on the CPU");
-    release_in_place(t, nullptr);
-  };
-  for (auto& p : module.parameters(/*recurse=*/true)) release_one(p);
-  for (auto& b : module.buffers(/*recurse=*/true)) release_one(b);
+  release_in_place(t, nullptr);
+}
+
+void release(const at::Tensor& t, at::IntArrayRef sizes) {
+  if (!t.defined() || !t.device().is_cpu()) {
+    throw Error(ErrorKind::InvalidArgument, "tensormap::release: only a defined CPU tensor can be released as a shape");
+  }
+  for (const int64_t s : sizes) {
+    if (s < 0) throw Error(ErrorKind::InvalidArgument, "tensormap::release: a negative size in the shape");
+  }
+  const auto strides = c10::contiguous_strides(sizes);
+  at::NoGradGuard no_grad;
+  if (has_released_bit(t)) detail::prepare_to_bind(t);  // set_ reaches only a CPU tensor
+  release_as(t, sizes, std::vector<int64_t>(strides.begin(), strides.end()), nullptr);
+}
+
+void release(torch::nn::Module& module) {
+  for (auto& p : module.parameters(/*recurse=*/true)) release(p);
+  for (auto& b : module.buffers(/*recurse=*/true)) release(b);
 }
 
 namespace {

@@ -1,0 +1,327 @@
+// tensormap._C: the C++ core and LibTorch layer for the Python package (tensormap/__init__.py
+// holds the Pythonic API over it). Torch tensors cross as at::Tensor handles of the same
+// TensorImpl, so a load binds the very parameter objects a Python nn.Module holds.
+//
+// Every tensormap::Error leaves as tensormap.Error with its kind's name in `.kind`; a
+// c10::Error raised under these functions leaves as tensormap.Error of kind "LibTorch".
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <torch/python.h>
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "tensormap/convert.h"
+#include "tensormap/error.h"
+#include "tensormap/file.h"
+#include "tensormap/load.h"
+#include "tensormap/save.h"
+#include "tensormap/skeleton.h"
+#include "tensormap/state_dict.h"
+#include "tensormap/tensor.h"
+
+namespace py = pybind11;
+
+namespace tensormap::python {
+namespace {
+
+PyObject* error_type = nullptr;  // tensormap.Error, made at import
+
+// Sets tensormap.Error as the Python exception being raised.
+void set_error(const char* kind, const char* message) {
+  py::object error = py::reinterpret_borrow<py::object>(error_type)(message);
+  error.attr("kind") = kind;
+  PyErr_SetObject(error_type, error.ptr());
+}
+
+// One module of a proxy tree: the Python model's tensors registered under their dotted
+// names, so that the C++ load, prefault and save walk them as a torch::nn::Module. The
+// handles are the Python tensors themselves: what the C++ side binds, Python sees.
+struct Proxy : torch::nn::Module {
+  std::shared_ptr<Proxy> child(const std::string& name) {
+    for (const auto& item : named_children()) {
+      if (item.key() == name) return std::static_pointer_cast<Proxy>(item.value());
+    }
+    return register_module(name, std::make_shared<Proxy>());
+  }
+};
+
+struct Entry {
+  std::string name;
+  at::Tensor tensor;
+  bool buffer;
+};
+
+std::shared_ptr<Proxy> proxy_of(const std::vector<Entry>& entries) {
+  auto root = std::make_shared<Proxy>();
+  for (const Entry& e : entries) {
+    if (e.name.empty() || e.name.front() == '.' || e.name.back() == '.' || e.name.find("..") != std::string::npos) {
+      throw Error(ErrorKind::InvalidArgument, "the model has a tensor named '" + e.name + "', which is not a dotted name");
+    }
+    if (!e.tensor.defined()) continue;
+    std::shared_ptr<Proxy> owner = root;
+    size_t start = 0;
+    for (size_t dot = e.name.find('.'); dot != std::string::npos; dot = e.name.find('.', start)) {
+      owner = owner->child(e.name.substr(start, dot - start));
+      start = dot + 1;
+    }
+    const std::string leaf = e.name.substr(start);
+    if (e.buffer) {
+      owner->register_buffer(leaf, e.tensor);
+    } else {
+      owner->register_parameter(leaf, e.tensor, e.tensor.requires_grad());
+    }
+  }
+  return root;
+}
+
+LoadMode mode_of(const std::string& mode) {
+  if (mode == "map") return LoadMode::Map;
+  if (mode == "copy") return LoadMode::Copy;
+  if (mode == "auto") return LoadMode::Auto;
+  throw Error(ErrorKind::InvalidArgument, "mode must be \"map\", \"copy\" or \"auto\", not \"" + mode + "\"");
+}
+
+std::optional<Format> format_of(const std::optional<std::string>& name) {
+  if (!name) return std::nullopt;
+  if (*name == "tensormap") return Format::Tensormap;
+  if (*name == "safetensors") return Format::Safetensors;
+  if (*name == "torch" || *name == "torch.save") return Format::TorchSave;
+  throw Error(ErrorKind::InvalidArgument,
+        "format must be \"tensormap\", \"safetensors\" or \"torch.save\", not \"" + *name + "\"");
+}
+
+std::optional<Dtype> dtype_of(const std::optional<std::string>& name) {
+  if (!name) return std::nullopt;
+  for (const Dtype d : kAllDtypes) {
+    if (dtype_name(d) == *name) return d;
+  }
+  throw Error(ErrorKind::InvalidArgument, "no dtype is named \"" + *name + "\" (F16, BF16, F32, F64)");
+}
+
+py::dict report_dict(const LoadReport& report) {
+  py::dict out;
+  out["loaded"] = report.loaded;
+  out["missing"] = report.missing;
+  out["unexpected"] = report.unexpected;
+  out["mismatched"] = report.mismatched;
+  return out;
+}
+
+py::dict info_dict(const StateDict::Info& info) {
+  py::dict out;
+  out["dtype"] = std::string(dtype_name(info.dtype));
+  out["shape"] = info.shape;
+  out["byte_length"] = info.byte_length;
+  return out;
+}
+
+// The background prefault of a Python model: the proxy keeps the tensor handles alive.
+struct Background {
+  std::shared_ptr<Proxy> proxy;
+  std::optional<BackgroundPrefault> prefault;
+};
+
+struct Scope {
+  std::optional<SkeletonScope> scope;
+};
+
+}  // namespace
+
+void bind(py::module_& m) {
+  error_type = PyErr_NewExceptionWithDoc(
+      "tensormap.Error",
+      "Every failure of tensormap: a malformed or corrupt file, a model that does not match, an I/O error.\n"
+      "`kind` names the rule or operation that failed (\"BadMagic\", \"ChecksumMismatch\", \"ModelMismatch\", "
+      "\"Io\", ...), as the C++ ErrorKind and the command line spell it; str() is the message.",
+      PyExc_Exception, nullptr);
+  m.add_object("Error", py::handle(error_type));
+  py::register_exception_translator([](std::exception_ptr thrown) {
+    try {
+      if (thrown) std::rethrow_exception(thrown);
+    } catch (const Error& e) {
+      set_error(error_kind_name(e.kind()), e.what());
+    } catch (const c10::Error& e) {
+      set_error(error_kind_name(ErrorKind::LibTorch), e.what_without_backtrace());
+    }
+  });
+
+  m.def("error_kinds", [] {
+    std::vector<std::string> names;
+    for (int k = 0; k <= static_cast<int>(ErrorKind::LibTorch); ++k) {
+      names.emplace_back(error_kind_name(static_cast<ErrorKind>(k)));
+    }
+    return names;
+  });
+
+  py::class_<StateDict>(m, "StateDict")
+      .def_static("open", &StateDict::open, py::arg("path"), py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("path", [](const StateDict& s) { return s.checkpoint().path(); })
+      .def_property_readonly("format", [](const StateDict& s) { return std::string(format_name(s.format())); })
+      .def("keys", &StateDict::keys)
+      .def("__len__", &StateDict::size)
+      .def("__contains__", [](const StateDict& s, const std::string& name) { return s.contains(name); })
+      .def("metadata", &StateDict::metadata)
+      .def("skipped", &StateDict::skipped)
+      .def("info", [](const StateDict& s, const std::string& name) { return info_dict(s.info(name)); })
+      .def("alias_of", [](const StateDict& s, const std::string& name) { return s.checkpoint().alias_of(name); })
+      .def("at", [](const StateDict& s, const std::string& name) { return s.at(name); })
+      .def("raw_bytes", [](const StateDict& s, const std::string& name) { return s.raw_bytes(name); })
+      .def("slice", [](const StateDict& s, const std::string& name, int64_t dim, int64_t start,
+                       int64_t length) { return s.slice(name, dim, start, length); });
+
+  m.def(
+      "load",
+      [](const std::vector<std::tuple<std::string, at::Tensor, bool>>& tensors, const StateDict& state,
+         const std::string& mode, bool strict, bool verify_checksums, bool drop_read_pages) {
+        std::vector<Entry> entries;
+        for (const auto& [name, tensor, buffer] : tensors) entries.push_back({name, tensor, buffer});
+        const auto proxy = proxy_of(entries);
+        LoadOptions options;
+        options.mode = mode_of(mode);
+        options.strict = strict;
+        options.verify_checksums = verify_checksums;
+        options.drop_read_pages = drop_read_pages;
+        LoadReport report;
+        {
+          py::gil_scoped_release unlocked;
+          report = tensormap::load(*proxy, state, options);
+        }
+        return report_dict(report);
+      },
+      py::arg("tensors"), py::arg("state"), py::arg("mode"), py::arg("strict"), py::arg("verify_checksums"),
+      py::arg("drop_read_pages"));
+
+  m.def(
+      "save",
+      [](const std::vector<std::pair<std::string, at::Tensor>>& tensors, const std::string& path,
+         const std::optional<std::string>& format, uint64_t alignment,
+         const std::vector<std::pair<std::string, std::string>>& metadata, bool sync, bool store_ties_once) {
+        SaveOptions options;
+        options.format = format_of(format).value_or(Format::Tensormap);
+        options.alignment = alignment;
+        options.metadata = metadata;
+        options.sync = sync;
+        options.store_ties_once = store_ties_once;
+        py::gil_scoped_release unlocked;
+        tensormap::save(tensors, path, options);
+      },
+      py::arg("tensors"), py::arg("path"), py::arg("format"), py::arg("alignment"), py::arg("metadata"),
+      py::arg("sync"), py::arg("store_ties_once"));
+
+  m.def(
+      "convert",
+      [](const std::string& in, const std::string& out, const std::optional<std::string>& format,
+         uint64_t alignment, const std::optional<std::string>& dtype, uint64_t shard_size, bool sync) {
+        ConvertOptions options;
+        options.format = format_of(format);
+        options.alignment = alignment;
+        options.float_dtype = dtype_of(dtype);
+        options.shard_size = shard_size;
+        options.sync = sync;
+        ConvertResult result;
+        {
+          py::gil_scoped_release unlocked;
+          result = tensormap::convert(in, out, options);
+        }
+        py::dict d;
+        d["format"] = std::string(format_name(result.format));
+        d["tensors"] = result.tensors;
+        d["shards"] = result.shards;
+        d["bytes"] = result.bytes;
+        return d;
+      },
+      py::arg("src"), py::arg("dst"), py::arg("format"), py::arg("alignment"), py::arg("dtype"),
+      py::arg("shard_size"), py::arg("sync"));
+
+  m.def(
+      "verify",
+      [](const std::string& path) {
+        py::dict d;
+        std::vector<Error> problems;
+        size_t tensors = 0;
+        bool checksums = false;
+        std::string format;
+        {
+          py::gil_scoped_release unlocked;
+          const Checkpoint checkpoint = Checkpoint::open(path);
+          format = format_name(checkpoint.format());
+          tensors = checkpoint.size();
+          if (checkpoint.format() != CheckpointFormat::TorchSave) {
+            const std::vector<File> files = checkpoint.files();
+            checksums = !files.empty();
+            for (const File& f : files) {
+              checksums = checksums && f.has_checksums();
+              for (Error& e : f.find_corruption()) problems.push_back(std::move(e));
+            }
+          }
+          for (const std::string& name : checkpoint.keys()) checkpoint.info(name);  // each in its shard
+        }
+        if (!problems.empty()) {
+          std::string message = std::to_string(problems.size()) + " problem(s) in " + path + ": ";
+          for (size_t i = 0; i < problems.size(); ++i) message += (i ? "; " : "") + std::string(problems[i].what());
+          throw Error(problems.front().kind(), message);
+        }
+        d["format"] = format;
+        d["tensors"] = tensors;
+        d["checksums"] = checksums;
+        return d;
+      },
+      py::arg("path"));
+
+  m.def(
+      "prefault",
+      [](const std::vector<std::tuple<std::string, at::Tensor, bool>>& tensors, int threads) {
+        std::vector<Entry> entries;
+        for (const auto& [name, tensor, buffer] : tensors) entries.push_back({name, tensor, buffer});
+        const auto proxy = proxy_of(entries);
+        py::gil_scoped_release unlocked;
+        tensormap::prefault(*proxy, threads);
+      },
+      py::arg("tensors"), py::arg("threads"));
+
+  py::class_<Background>(m, "BackgroundPrefault")
+      .def("wait",
+           [](Background& b) {
+             if (!b.prefault) return;
+             {
+               py::gil_scoped_release unlocked;
+               b.prefault->wait();
+             }
+             b.prefault.reset();
+             b.proxy.reset();
+           })
+      .def("done", [](const Background& b) { return !b.prefault || b.prefault->done(); });
+  m.def("prefault_in_background", [](const std::vector<std::tuple<std::string, at::Tensor, bool>>& tensors) {
+    std::vector<Entry> entries;
+    for (const auto& [name, tensor, buffer] : tensors) entries.push_back({name, tensor, buffer});
+    auto b = std::make_unique<Background>();
+    b->proxy = proxy_of(entries);
+    b->prefault.emplace(tensormap::prefault_in_background(*b->proxy));
+    return b;
+  });
+
+  // The skeleton scope of the calling thread, opened and closed by tensormap.skeleton().
+  py::class_<Scope>(m, "SkeletonScope")
+      .def(py::init([] {
+        auto scope = std::make_unique<Scope>();
+        scope->scope.emplace();
+        return scope;
+      }))
+      .def("close", [](Scope& s) { s.scope.reset(); });
+  m.def("release", [](const at::Tensor& t) { tensormap::release(t); }, py::arg("tensor"));
+  m.def("release_as", [](const at::Tensor& t, std::vector<int64_t> sizes) { tensormap::release(t, sizes); },
+        py::arg("tensor"), py::arg("sizes"));
+  m.def("is_released", [](const at::Tensor& t) { return tensormap::is_released(t); }, py::arg("tensor"));
+  m.def("huge_mapped_share", [](const std::string& path) { return tensormap::huge_mapped_share(path); });
+}
+
+}  // namespace tensormap::python
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "tensormap's C++ core; use the tensormap package, not this module";
+  tensormap::python::bind(m);
+}

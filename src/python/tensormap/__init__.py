@@ -1,0 +1,458 @@
+"""tensormap: save and load PyTorch models with linear memory.
+
+A checkpoint is memory-mapped and each parameter of a model is bound to its bytes in the
+mapping: pages are read when first touched and copied only when written (copy-on-write),
+so resident memory never exceeds one copy of the weights. Reads tensormap files,
+safetensors files, sharded checkpoints (``*.index.json``) and ``torch.save`` archives;
+writes the first three formats and torch.save archives.
+
+The linear-memory recipe::
+
+    import tensormap
+
+    with tensormap.skeleton():              # or: with torch.device("meta"):
+        model = MyModel()                   # no memory for the weights
+    tensormap.load(model, "model.tmap")     # every weight a view of the file
+
+    tensormap.save(model, "copy.safetensors")  # streamed, atomic
+
+    with tensormap.open("model.safetensors") as f:   # lazy, read-only, any format
+        w = f["layer.0.weight"]                      # zero-copy
+        rows = f.get_slice("embed.weight")[0:128]    # reads only those rows
+
+Every failure raises :class:`tensormap.Error`, whose ``kind`` names what went wrong.
+The objects of this package run on the CPU; move a model to a GPU after loading it.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import contextlib
+import os
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+from . import _C
+from ._C import Error
+
+__all__ = [
+    "Error", "LoadReport", "Checkpoint", "Slice", "skeleton", "release", "is_released", "load",
+    "save", "open", "safe_open", "load_file", "save_file", "convert", "verify", "prefault",
+    "prefault_in_background",
+]
+
+__version__ = "0.1.0"
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _error(kind: str, message: str) -> Error:
+    error = Error(message)
+    error.kind = kind
+    return error
+
+
+def _path(path: PathLike) -> str:
+    return os.fspath(path)
+
+
+# --- skeletons ------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def skeleton():
+    """Build models without paying for their weights.
+
+    Inside the block, torch's random initialisers (``uniform_``, ``normal_``, and so
+    ``nn.init`` and every ``reset_parameters`` built on them) do nothing, so the memory a
+    constructor allocates for weights is never written and never becomes resident. The
+    weights hold garbage until :func:`load` binds them; :func:`release` makes any use
+    before that an error instead. The scope belongs to the thread that opens it (the same
+    dispatcher as the C++ ``tensormap::SkeletonScope``).
+    """
+    scope = _C.SkeletonScope()
+    try:
+        yield
+    finally:
+        scope.close()
+
+
+def release(module: torch.nn.Module) -> torch.nn.Module:
+    """Free the storage of every parameter and buffer of ``module`` (CPU), in place.
+
+    Each tensor keeps its object, shape, dtype and ``requires_grad``; any operation on it
+    raises until :func:`load` binds it. Returns ``module``.
+    """
+    for t in _unique_tensors(module):
+        _C.release(t)
+    return module
+
+
+def is_released(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` was released (by :func:`release`) and not loaded since."""
+    return _C.is_released(tensor)
+
+
+def _unique_tensors(module: torch.nn.Module) -> List[torch.Tensor]:
+    seen, out = set(), []
+    for m in module.modules():
+        for t in list(m._parameters.values()) + list(m._buffers.values()):
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                out.append(t)
+    return out
+
+
+# --- loading --------------------------------------------------------------------------------
+
+class LoadReport(collections.namedtuple("LoadReport", "loaded missing unexpected mismatched")):
+    """What a load did: names ``loaded``; ``missing`` (in the model, not the checkpoint),
+    ``unexpected`` (in the checkpoint, not the model) and ``mismatched`` (one line each:
+    the name and what differs)."""
+
+    @property
+    def complete(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+
+def _state_entries(module: torch.nn.Module) -> List[Tuple[str, torch.Tensor, bool]]:
+    """(name, tensor, is_buffer) for what ``module.state_dict()`` holds: every parameter
+    and persistent buffer under each of its names (tied weights under each)."""
+    parameters = {id(p) for p in module.parameters()}
+    entries = []
+    for name, value in module.state_dict(keep_vars=True).items():
+        if isinstance(value, torch.Tensor):
+            entries.append((name, value, id(value) not in parameters))
+    return entries
+
+
+def _unmeta(module: torch.nn.Module) -> None:
+    """Replace the meta tensors of ``module`` by released CPU tensors of the same shape,
+    dtype and requires_grad, which a load binds in place. Tied tensors stay tied."""
+    replaced: Dict[int, torch.Tensor] = {}
+    for m in module.modules():
+        for table, is_parameter in ((m._parameters, True), (m._buffers, False)):
+            for key, t in list(table.items()):
+                if t is None or not t.is_meta:
+                    continue
+                new = replaced.get(id(t))
+                if new is None:
+                    new = torch.empty(0, dtype=t.dtype)
+                    if is_parameter:
+                        new = torch.nn.Parameter(new, requires_grad=t.requires_grad)
+                    _C.release_as(new, list(t.shape))
+                    replaced[id(t)] = new
+                table[key] = new
+
+
+def _open_state(source) -> "_C.StateDict":
+    if isinstance(source, Checkpoint):
+        return source._state
+    return _C.StateDict.open(_path(source))
+
+
+def load(module: torch.nn.Module, path: Union[PathLike, "Checkpoint"], mode: str = "map",
+         strict: bool = True, *, verify_checksums: bool = False,
+         drop_read_pages: bool = True) -> LoadReport:
+    """Bind every parameter and persistent buffer of ``module`` to the checkpoint.
+
+    ``path`` is any checkpoint :func:`open` reads (or a :class:`Checkpoint`); tensors are
+    matched by their ``state_dict()`` names.
+
+    ``mode="map"``: each tensor becomes a zero-copy view of the file's private mapping;
+    pages are read when touched, a write (an optimizer step) copies only the pages it
+    touches and never reaches the file. Dtypes must match exactly. ``mode="copy"``: owned
+    memory, filled tensor by tensor (dtypes converted), the file's pages given back after
+    each. ``mode="auto"``: map, or copy on a network filesystem.
+
+    The model may be built under :func:`skeleton`, on the ``meta`` device (its tensors are
+    replaced by loaded ones; tied weights stay tied), or normally (map mode rebinds each
+    tensor in place, copy mode copies into it); the parameter objects of a model not on
+    ``meta`` stay the same objects.
+
+    ``strict``: any missing, unexpected or mismatched name raises ``Error`` (kind
+    ``ModelMismatch``) listing them all, and nothing is loaded. Otherwise the matching
+    tensors are loaded and the rest reported. Returns a :class:`LoadReport`.
+    ``verify_checksums`` (copy mode) checks each tensor of a tensormap file as it is read.
+    """
+    state = _open_state(path)
+    _unmeta(module)
+    report = _C.load(_state_entries(module), state, mode, strict, verify_checksums, drop_read_pages)
+    return LoadReport(report["loaded"], report["missing"], report["unexpected"], report["mismatched"])
+
+
+def prefault(module: torch.nn.Module, threads: int = 0) -> None:
+    """Fault in every page of every tensor of ``module`` now (after a map-mode load: the
+    file's pages), on ``threads`` threads (0: torch's intra-op count), without writing."""
+    _C.prefault(_state_entries(module), threads)
+
+
+def prefault_in_background(module: torch.nn.Module):
+    """The same prefault on a thread of its own, while the caller goes on (a first
+    forward pass). Returns an object with ``wait()`` (raises what :func:`prefault` would)
+    and ``done()``; the thread stops when it is garbage-collected."""
+    return _C.prefault_in_background(_state_entries(module))
+
+
+# --- saving ---------------------------------------------------------------------------------
+
+def _format_for(path: str, format: Optional[str]) -> str:
+    if format is not None:
+        return format
+    name = path[:-len(".index.json")] if path.endswith(".index.json") else path
+    if name.endswith(".safetensors"):
+        return "safetensors"
+    if name.endswith((".pt", ".pth")):
+        return "torch.save"
+    return "tensormap"
+
+
+def save(obj: Union[torch.nn.Module, Mapping[str, torch.Tensor]], path: PathLike,
+         format: Optional[str] = None, *, alignment: int = 4096,
+         metadata: Optional[Mapping[str, str]] = None, sync: bool = True,
+         store_ties_once: bool = True) -> None:
+    """Write a module's ``state_dict()`` or a mapping of names to tensors to ``path``.
+
+    Streamed one tensor at a time (a strided view or a GPU tensor in pieces of at most
+    16 MiB), and atomic: the file appears complete or not at all, and saving over the
+    file a model was map-loaded from leaves that model unchanged. ``format`` is
+    ``"tensormap"``, ``"safetensors"`` or ``"torch.save"``; by default it follows the
+    name (``*.safetensors``, ``*.pt``/``*.pth``, else tensormap). Tied weights are stored
+    once where the format can say so (``store_ties_once``).
+    """
+    path = _path(path)
+    if isinstance(obj, torch.nn.Module):
+        items = [(name, t) for name, t, _ in _state_entries(obj)]
+    elif isinstance(obj, collections.abc.Mapping):
+        items = list(obj.items())
+    else:
+        raise TypeError(f"tensormap.save takes an nn.Module or a mapping of names to tensors, "
+                        f"not {type(obj).__name__}")
+    tensors = []
+    for name, t in items:
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            raise TypeError(f"tensormap.save: {name!r} is not a str name of a torch.Tensor")
+        tensors.append((name, t.detach()))
+    meta = [(str(k), str(v)) for k, v in (metadata or {}).items()]
+    _C.save(tensors, path, _format_for(path, format), alignment, meta, sync, store_ties_once)
+
+
+def save_file(tensors: Mapping[str, torch.Tensor], filename: PathLike,
+              metadata: Optional[Mapping[str, str]] = None) -> None:
+    """safetensors' ``save_file``: :func:`save` with its format picked from the name."""
+    save(tensors, filename, metadata=metadata)
+
+
+# --- reading --------------------------------------------------------------------------------
+
+class _Metadata(dict):
+    """A checkpoint's metadata: a dict that may also be called, as safetensors'
+    ``metadata()`` is."""
+
+    def __call__(self) -> Dict[str, str]:
+        return dict(self)
+
+
+class Slice:
+    """A tensor of a checkpoint not yet read, for reading parts of it (safetensors'
+    ``get_slice``): ``s[0:128]``, ``s[:, 64:96]``, ``s[3]``. The first dimension indexed
+    with less than its whole range is read alone (zero-copy along dimension 0, otherwise
+    row by row), so the rest of the tensor never enters memory; further indices apply to
+    that part."""
+
+    def __init__(self, state, name: str):
+        self._state, self._name = state, name
+        self._info = state.info(name)
+
+    def get_shape(self) -> List[int]:
+        return list(self._info["shape"])
+
+    def get_dtype(self) -> str:
+        return self._info["dtype"]
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self._info["shape"])
+
+    def __len__(self) -> int:
+        shape = self._info["shape"]
+        if not shape:
+            raise TypeError("len() of a 0-d tensor")
+        return shape[0]
+
+    def __getitem__(self, index) -> torch.Tensor:
+        shape = self._info["shape"]
+        if not isinstance(index, tuple):
+            index = (index,)
+        if any(i is Ellipsis for i in index) or any(i is None for i in index):
+            return self._state.at(self._name)[index]
+        if len(index) > len(shape):
+            raise IndexError(f"{len(index)} indices for tensor {self._name!r} of {len(shape)} dimensions")
+        for dim, i in enumerate(index):
+            if isinstance(i, slice):
+                start, stop, step = i.indices(shape[dim])
+                if step != 1:
+                    break
+                length = max(0, stop - start)
+                if length == shape[dim]:
+                    continue
+                part = self._state.slice(self._name, dim, start, length)
+                return part[index[:dim] + (slice(None),) + index[dim + 1:]]
+            if isinstance(i, int):
+                size = shape[dim]
+                if not -size <= i < size:
+                    raise IndexError(f"index {i} is out of bounds for dimension {dim} of "
+                                     f"{self._name!r}, of size {size}")
+                part = self._state.slice(self._name, dim, i % size, 1)
+                return part[index[:dim] + (0,) + index[dim + 1:]]
+            break
+        return self._state.at(self._name)[index]
+
+
+class Checkpoint(collections.abc.Mapping):
+    """A checkpoint of any format, as a lazy, read-only ``Mapping[str, Tensor]``.
+
+    ``f[name]`` is a zero-copy view of the file's private mapping where the format and
+    alignment allow (a write into it copies the touched pages and never reaches the file;
+    other views of this object see it). Names are in file (or index) order.
+    Also answers to safetensors' ``safe_open`` names: ``keys()``, ``get_tensor``,
+    ``get_slice``, ``metadata()``. Views stay valid after the object is closed.
+    """
+
+    def __init__(self, path: PathLike):
+        self._state = _C.StateDict.open(_path(path))
+        self._metadata = _Metadata(self._state.metadata())
+
+    # Mapping
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if not isinstance(name, str) or name not in self._state:
+            raise KeyError(name)
+        return self._state.at(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._state.keys())
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+    def __contains__(self, name) -> bool:
+        return isinstance(name, str) and name in self._state
+
+    def keys(self) -> List[str]:  # a list, as safe_open's is; Mapping's views work too
+        return list(self._state.keys())
+
+    # What the file is
+    @property
+    def path(self) -> str:
+        return self._state.path
+
+    @property
+    def format(self) -> str:
+        """``"tensormap"``, ``"safetensors"``, ``"sharded tensormap"``,
+        ``"sharded safetensors"`` or ``"torch.save"``."""
+        return self._state.format
+
+    @property
+    def metadata(self) -> _Metadata:
+        """The metadata strings (a dict; ``f.metadata()`` also works)."""
+        return self._metadata
+
+    def info(self, name: str) -> Dict[str, object]:
+        """``dtype`` (its safetensors spelling), ``shape`` and ``byte_length``, read
+        without touching the tensor's data."""
+        return self._state.info(name)
+
+    def alias_of(self, name: str) -> Optional[str]:
+        """The name whose bytes ``name`` shares (a tied weight stored once), or None."""
+        return self._state.alias_of(name)
+
+    def skipped(self) -> List[Tuple[str, str]]:
+        """What a torch.save archive holds besides tensors, not read (where, what)."""
+        return self._state.skipped()
+
+    # Parts and copies
+    def slice(self, name: str, dim: int, start: int, length: int) -> torch.Tensor:
+        """Elements ``[start, start + length)`` of the tensor along ``dim``, reading only
+        them (zero-copy along dimension 0)."""
+        return self._state.slice(name, dim, start, length)
+
+    def raw_bytes(self, name: str) -> torch.Tensor:
+        """The tensor's bytes, owned, as a flat uint8 tensor (any dtype, even one this
+        torch lacks)."""
+        return self._state.raw_bytes(name)
+
+    # safetensors' safe_open
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self._state.at(name)
+
+    def get_slice(self, name: str) -> Slice:
+        return Slice(self._state, name)
+
+    def offset_keys(self) -> List[str]:
+        return self.keys()
+
+    # Context manager
+    def close(self) -> None:
+        """Drop this object's hold on the file (views made from it keep theirs)."""
+        self._state = None
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        if self._state is None:
+            return "<tensormap.Checkpoint (closed)>"
+        return f"<tensormap.Checkpoint {self.path!r}: {self.format}, {len(self)} tensors>"
+
+
+def open(path: PathLike) -> Checkpoint:  # noqa: A001 (the module's own open)
+    """Open any checkpoint tensormap reads, recognised by its content: a tensormap file,
+    a safetensors file, a sharded index, a torch.save archive. Nothing is read but the
+    header; raises ``Error`` naming the first rule the file breaks."""
+    return Checkpoint(path)
+
+
+def safe_open(filename: PathLike, framework: str = "pt", device: str = "cpu") -> Checkpoint:
+    """safetensors' ``safe_open``, over every format tensormap reads: change the import,
+    keep the code. Only ``framework="pt"`` and ``device="cpu"``."""
+    if framework not in ("pt", "torch", "pytorch"):
+        raise _error("InvalidArgument", f"tensormap.safe_open gives torch tensors only, not framework {framework!r}")
+    if str(device) != "cpu":
+        raise _error("InvalidArgument", f"tensormap.safe_open maps into CPU memory; move the tensors to {device} after")
+    return Checkpoint(filename)
+
+
+def load_file(filename: PathLike, device: str = "cpu") -> Dict[str, torch.Tensor]:
+    """safetensors' ``load_file``: every tensor, as zero-copy views, in a dict."""
+    with safe_open(filename, device=device) as f:
+        return {name: f[name] for name in f}
+
+
+# --- whole files ----------------------------------------------------------------------------
+
+def convert(src: PathLike, dst: PathLike, format: Optional[str] = None, *,
+            dtype: Optional[Union[str, torch.dtype]] = None, shard_size: int = 0,
+            alignment: int = 4096, sync: bool = True) -> Dict[str, object]:
+    """Convert ``src`` (any format) into ``dst``, streamed in pieces of at most 16 MiB,
+    atomically. ``format`` as for :func:`save` (by default from ``dst``'s name);
+    ``dtype`` converts floating-point tensors (``torch.bfloat16`` or ``"BF16"``);
+    ``shard_size`` > 0 writes shards beside the index ``dst`` (``*.index.json``)."""
+    names = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
+    if isinstance(dtype, torch.dtype):
+        if dtype not in names:
+            raise _error("InvalidArgument", f"convert converts to a floating-point dtype, not {dtype}")
+        dtype = names[dtype]
+    return _C.convert(_path(src), _path(dst), format, alignment, dtype, shard_size, sync)
+
+
+def verify(path: PathLike) -> Dict[str, object]:
+    """Check a checkpoint whole: its structure, and for tensormap files every tensor's
+    XXH3-64 checksum and every padding byte. Returns ``format``, ``tensors`` and
+    ``checksums`` (whether there were any to check); raises ``Error`` listing every
+    problem, of the first one's kind."""
+    return _C.verify(_path(path))
+
+
