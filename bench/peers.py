@@ -22,7 +22,9 @@ Strategies (torch 2.x needed where marked; on torch 1.13 they report why they ca
 
     bench/peers.py forward --dir D --mib N --strategy S [--passes 5]
 build, load, one forward pass at batch 1 (the first output) and more (the steady state), for
-py-torch-load, py-torch-mmap-assign and py-safetensors-meta-assign: the harness's `forward`.
+py-torch-load, py-torch-mmap-assign and py-safetensors-meta-assign: the harness's `forward`;
+and for tensormap's own Python package (`import tensormap`, from TENSORMAP_PYTHON) on the
+same files: py-tensormap-map, -meta-map, -background, -copy, -safetensors-map, -torchsave-map.
 """
 import argparse
 import dbm
@@ -229,23 +231,55 @@ def pmd_share(path):
     return kib * 1024 / os.path.getsize(path)
 
 
+# tensormap's Python package (import tensormap) on the same files as the peers: built under
+# tensormap.skeleton() or on the meta device, map- or copy-loaded, with the background prefault.
+TENSORMAP_FORWARD = {"py-tensormap-map": "tmap", "py-tensormap-meta-map": "tmap", "py-tensormap-background": "tmap",
+                     "py-tensormap-copy": "tmap", "py-tensormap-safetensors-map": "safetensors",
+                     "py-tensormap-torchsave-map": "pt"}
+
+
+def import_tensormap():
+    """The package of the build named by TENSORMAP_PYTHON (bench/run_suite.py sets it)."""
+    if os.environ.get("TENSORMAP_PYTHON"):
+        sys.path.insert(0, os.environ["TENSORMAP_PYTHON"])
+    try:
+        import tensormap
+    except ImportError as e:
+        raise Unavailable(f"the tensormap Python package is not built ({e})") from e
+    return tensormap
+
+
 def forward(args):
     """Build, load, one forward pass (the first output), then --passes more (steady state):
-    the harness's `forward` command, for the Python peers."""
+    the harness's `forward` command, for the Python peers and tensormap's Python package."""
     s = args.strategy
     row = {"strategy": s, "mib": args.mib, "cache": "cold" if args.cold else "warm", "torch": torch.__version__}
-    files = {"py-torch-load": "pt", "py-torch-mmap-assign": "pt", "py-safetensors-meta-assign": "safetensors"}
+    files = {"py-torch-load": "pt", "py-torch-mmap-assign": "pt", "py-safetensors-meta-assign": "safetensors",
+             **TENSORMAP_FORWARD}
     if s not in files:
         raise SystemExit(f"unknown strategy {s}")
     path = file_of(args, files[s])
     x = torch.ones(1, D)
+    background = None
     with torch.no_grad():
         try:
+            tm = import_tensormap() if s in TENSORMAP_FORWARD else None
+            reset_peak()
+            record(row, "base", memory())
             t0 = time.perf_counter()
-            model = make_model(args.mib) if s == "py-torch-load" else meta_model(args.mib)
+            if s in ("py-tensormap-map", "py-tensormap-background", "py-tensormap-copy",
+                     "py-tensormap-safetensors-map", "py-tensormap-torchsave-map"):
+                with tm.skeleton():
+                    model = make_model(args.mib)
+            else:
+                model = make_model(args.mib) if s == "py-torch-load" else meta_model(args.mib)
             row["build_ms"] = (time.perf_counter() - t0) * 1e3
             t0 = time.perf_counter()
-            if s == "py-torch-load":
+            if tm is not None:
+                tm.load(model, path, mode="copy" if s == "py-tensormap-copy" else "map")
+                if s == "py-tensormap-background":
+                    background = tm.prefault_in_background(model)
+            elif s == "py-torch-load":
                 model.load_state_dict(torch.load(path, **({"weights_only": True} if TORCH2 else {})))
             elif s == "py-torch-mmap-assign":
                 if "mmap" not in torch.load.__code__.co_varnames:
@@ -272,6 +306,8 @@ def forward(args):
         t0 = time.perf_counter()
         first = once()
         row["first_forward_ms"] = (time.perf_counter() - t0) * 1e3
+        if background is not None:
+            background.wait()
         times = []
         for _ in range(args.passes):
             t0 = time.perf_counter()

@@ -45,6 +45,12 @@ FILE_OF = {"tensormap-map": "tmap", "tensormap-map-naive-touch": "tmap", "tensor
 FORWARD = ["tensormap-map", "tensormap-map-prefault", "tensormap-map-background", "tensormap-map-cp", "tensormap-map-cp-warmed",
            "tensormap-copy", "torchsave-map", "safetensors-map", "torch-load"]
 PY_FORWARD = ["py-torch-load", "py-torch-mmap-assign", "py-safetensors-meta-assign"]
+# tensormap's Python package, on the same files as the Python peers (bench/peers.py).
+PY_TENSORMAP = ["py-tensormap-map", "py-tensormap-meta-map", "py-tensormap-background", "py-tensormap-copy",
+                "py-tensormap-safetensors-map", "py-tensormap-torchsave-map"]
+FILE_OF.update({"py-tensormap-map": "tmap", "py-tensormap-meta-map": "tmap", "py-tensormap-background": "tmap",
+                "py-tensormap-copy": "tmap", "py-tensormap-safetensors-map": "safetensors",
+                "py-tensormap-torchsave-map": "pt"})
 PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 PEERS_SCRIPT = os.path.join(ROOT, "bench", "peers.py")
 
@@ -101,12 +107,13 @@ def sharing(exe, work, mib, n=4):
 
 
 def forward_section(exe, work, mib, rounds, cli):
-    """Every FORWARD and PY_FORWARD strategy, `rounds` times interleaved, warm and cold."""
+    """Every FORWARD, PY_FORWARD and PY_TENSORMAP strategy, `rounds` times interleaved, warm
+    and cold."""
     rows = []
     copy = os.path.join(work, f"model-{mib}.cp.tmap")
     for rnd in range(rounds):
         for cache in ("warm", "cold"):
-            for s in FORWARD + PY_FORWARD:
+            for s in FORWARD + PY_FORWARD + PY_TENSORMAP:
                 args = ["--dir", work, "--mib", str(mib), "--passes", "7"]
                 warm_ms = None
                 if s.startswith("tensormap-map-cp"):
@@ -118,7 +125,7 @@ def forward_section(exe, work, mib, rounds, cli):
                         t0 = time.time()
                         subprocess.run([cli, "warm", copy], check=True, capture_output=True)
                         warm_ms = (time.time() - t0) * 1e3
-                python = s in PY_FORWARD
+                python = s in PY_FORWARD or s in PY_TENSORMAP
                 if cache == "warm" and not s.startswith("tensormap-map-cp"):
                     # The same page cache for every strategy: the file evicted, then read once
                     # from the disk with read(), in the folios the kernel's read-ahead makes
@@ -202,6 +209,47 @@ def forward_table(r):
     return out
 
 
+def python_table(r):
+    """tensormap's Python package against the Python peers: the forward section's rows."""
+    rows = [x for x in r.get("forward", []) if x["strategy"] in PY_FORWARD + PY_TENSORMAP]
+    if not rows:
+        return []
+    rounds = 1 + max(x["round"] for x in rows)
+    out = [f"\n## From Python: `import tensormap` against the Python peers ({rows[0]['mib']} MiB model, "
+           f"medians of {rounds} interleaved rounds)\n",
+           "The same files for every strategy (the .pt, .safetensors and .tmap of one model), each in a fresh "
+           "`/usr/bin/python3`. *build*: the model under `tensormap.skeleton()`, on the meta device (torch 2.x), or "
+           "with its weights (`py-torch-load`); *load*; *first forward*: the first full use of the weights; "
+           "*x best peer*: first output (the three) over the best Python peer's. *peak*: VmHWM growth from "
+           "just before the build (file pages mapped count too); *anon*: RssAnon growth, the process's own "
+           "memory, at the end.\n",
+           "| cache | strategy | build ms | load ms | first forward ms | first output ms | x best peer | "
+           "peak MiB | anon MiB | note |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for cache in ("warm", "cold"):
+        med = {}
+        for s in PY_FORWARD + PY_TENSORMAP:
+            mine = [x for x in rows if x["strategy"] == s and x["cache"] == cache]
+            if not mine:
+                continue
+            if any("unavailable" in x for x in mine):
+                med[s] = {"unavailable": mine[0]["unavailable"]}
+                continue
+            med[s] = {k: median([x[k] for x in mine]) for k in ("build_ms", "load_ms", "first_forward_ms")}
+            med[s]["first_output_ms"] = median([first_output_ms(x) for x in mine])
+            med[s]["peak"] = median([x["used_hwm_mib"] - x["base_hwm_mib"] for x in mine])
+            med[s]["anon"] = median([x["used_anon_mib"] - x["base_anon_mib"] for x in mine])
+        peers = [m["first_output_ms"] for s, m in med.items() if s in PY_FORWARD and "unavailable" not in m]
+        best = min(peers) if peers else None
+        for s, m in med.items():
+            if "unavailable" in m:
+                out.append(f"| {cache} | {s} | | | | | | | | unavailable: {m['unavailable'][:80]} |")
+                continue
+            out.append(f"| {cache} | {s} | {m['build_ms']:.0f} | {m['load_ms']:.0f} | {m['first_forward_ms']:.0f} | "
+                       f"{m['first_output_ms']:.0f} | {m['first_output_ms'] / best if best else float('nan'):.2f} | "
+                       f"{m['peak']:.0f} | {m['anon']:.0f} | |")
+    return out
+
+
 def machine():
     cpu = "unknown CPU"
     with open("/proc/cpuinfo") as f:
@@ -240,7 +288,10 @@ def main():
     ap.add_argument("--forward-only", action="store_true",
                     help="only the forward section: writes forward.json and FORWARD.md")
     ap.add_argument("--cli", default=os.path.join(ROOT, "build", "tensormap"))
+    ap.add_argument("--python-package", default=os.path.join(ROOT, "build", "python"),
+                    help="the folder holding the built tensormap Python package (for the py-tensormap-* strategies)")
     args = ap.parse_args()
+    os.environ["TENSORMAP_PYTHON"] = os.path.abspath(args.python_package)
     if args.forward_only:
         started = time.time()
         harness(args.harness, "make", "--dir", args.work, "--mib", str(args.forward_mib))
@@ -253,7 +304,8 @@ def main():
             json.dump(results, f, indent=1)
         report = "\n".join([f"# Forward: time to first output and steady state\n",
                              f"Machine: {results['machine']}. Date: {results['date']}. "
-                             f"Section time {results['seconds']:.0f} s.\n"] + forward_table(results)) + "\n"
+                             f"Section time {results['seconds']:.0f} s.\n"] + forward_table(results)
+                           + python_table(results)) + "\n"
         with open(os.path.join(args.out, "FORWARD.md"), "w") as f:
             f.write(report)
         print(report)
@@ -451,6 +503,7 @@ def render(r, sizes):
         out.append(f"| {mib} | whole model, map + touch | - | {t['whole_map_load_and_touch_ms']:.0f} | | 1 |")
         out.append(f"| {mib} | whole model, copy | - | {t['whole_copy_load_ms']:.0f} | | 1 |")
     out.extend(forward_table(r))
+    out.extend(python_table(r))
     out.append("\n## Targets\n")
     out.extend(targets(r, sizes))
     return "\n".join(out) + "\n"
