@@ -161,6 +161,24 @@ def median(values):
     return values[len(values) // 2] if values else float("nan")
 
 
+def forward_medians(rows, strategies, cache, extra):
+    """Per strategy, in one cache state: the medians over rounds of build, load, first forward
+    and first output, and of each extra figure (name: function of a row); or why it was
+    unavailable."""
+    med = {}
+    for s in strategies:
+        mine = [x for x in rows if x["strategy"] == s and x["cache"] == cache]
+        if not mine:
+            continue
+        if any("unavailable" in x for x in mine):
+            med[s] = {"unavailable": mine[0]["unavailable"]}
+            continue
+        figures = {"build_ms": lambda x: x["build_ms"], "load_ms": lambda x: x["load_ms"],
+                   "first_forward_ms": lambda x: x["first_forward_ms"], "first_output_ms": first_output_ms, **extra}
+        med[s] = {k: median([f(x) for x in mine]) for k, f in figures.items()}
+    return med
+
+
 def forward_table(r):
     rows = r.get("forward", [])
     if not rows:
@@ -181,19 +199,12 @@ def forward_table(r):
            "| cache | strategy | build ms | load ms | first forward ms | first output ms | x best peer | "
            "steady ms | x owned | 2 MiB-mapped | note |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for cache in ("warm", "cold"):
-        med = {}
-        for s in FORWARD + PY_FORWARD:
-            mine = [x for x in rows if x["strategy"] == s and x["cache"] == cache]
-            if not mine:
-                continue
-            if any("unavailable" in x for x in mine):
-                med[s] = {"unavailable": mine[0]["unavailable"]}
-                continue
-            med[s] = {k: median([x[k] for x in mine]) for k in
-                      ("build_ms", "load_ms", "first_forward_ms", "steady_forward_ms", "file_pmd_share")}
-            med[s]["first_output_ms"] = median([first_output_ms(x) for x in mine])
-            if any("warm_ms" in x for x in mine):
-                med[s]["warm_ms"] = median([x["warm_ms"] for x in mine])
+        med = forward_medians(rows, FORWARD + PY_FORWARD, cache, {
+            "steady_forward_ms": lambda x: x["steady_forward_ms"], "file_pmd_share": lambda x: x["file_pmd_share"]})
+        for s, m in med.items():
+            mine = [x for x in rows if x["strategy"] == s and x["cache"] == cache and "warm_ms" in x]
+            if mine and "unavailable" not in m:
+                m["warm_ms"] = median([x["warm_ms"] for x in mine])
         peers = [m["first_output_ms"] for s, m in med.items() if s in PY_FORWARD and "unavailable" not in m]
         best = min(peers) if peers else None
         owned = med.get("tensormap-copy", {}).get("steady_forward_ms")
@@ -226,18 +237,9 @@ def python_table(r):
            "| cache | strategy | build ms | load ms | first forward ms | first output ms | x best peer | "
            "peak MiB | anon MiB | note |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for cache in ("warm", "cold"):
-        med = {}
-        for s in PY_FORWARD + PY_TENSORMAP:
-            mine = [x for x in rows if x["strategy"] == s and x["cache"] == cache]
-            if not mine:
-                continue
-            if any("unavailable" in x for x in mine):
-                med[s] = {"unavailable": mine[0]["unavailable"]}
-                continue
-            med[s] = {k: median([x[k] for x in mine]) for k in ("build_ms", "load_ms", "first_forward_ms")}
-            med[s]["first_output_ms"] = median([first_output_ms(x) for x in mine])
-            med[s]["peak"] = median([x["used_hwm_mib"] - x["base_hwm_mib"] for x in mine])
-            med[s]["anon"] = median([x["used_anon_mib"] - x["base_anon_mib"] for x in mine])
+        med = forward_medians(rows, PY_FORWARD + PY_TENSORMAP, cache, {
+            "peak": lambda x: x["used_hwm_mib"] - x["base_hwm_mib"],
+            "anon": lambda x: x["used_anon_mib"] - x["base_anon_mib"]})
         peers = [m["first_output_ms"] for s, m in med.items() if s in PY_FORWARD and "unavailable" not in m]
         best = min(peers) if peers else None
         for s, m in med.items():
