@@ -112,7 +112,11 @@ def test_open_is_a_lazy_mapping_with_safe_open_names(tmp_path):
         assert info == {"dtype": "F32", "shape": [10, 16], "byte_length": 640}
         assert same_bytes(f.raw_bytes("head.weight"), sd["head.weight"].reshape(-1).view(torch.uint8))
         assert "Checkpoint" in repr(f)
+        w = f["head.weight"]
     assert "closed" in repr(f)
+    with pytest.raises(ValueError, match="closed"):
+        f["head.weight"]
+    assert torch.equal(w, sd["head.weight"])  # a view outlives its checkpoint
 
 
 def test_get_slice_reads_parts_along_any_dimension(tmp_path):

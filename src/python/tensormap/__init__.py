@@ -320,8 +320,14 @@ class Checkpoint(collections.abc.Mapping):
     """
 
     def __init__(self, path: PathLike):
-        self._state = _C.StateDict.open(_path(path))
-        self._metadata = _Metadata(self._state.metadata())
+        self._open = _C.StateDict.open(_path(path))
+        self._metadata = _Metadata(self._open.metadata())
+
+    @property
+    def _state(self):
+        if self._open is None:
+            raise ValueError("the tensormap.Checkpoint is closed")
+        return self._open
 
     # Mapping
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -394,7 +400,7 @@ class Checkpoint(collections.abc.Mapping):
     # Context manager
     def close(self) -> None:
         """Drop this object's hold on the file (views made from it keep theirs)."""
-        self._state = None
+        self._open = None
 
     def __enter__(self) -> "Checkpoint":
         return self
@@ -403,7 +409,7 @@ class Checkpoint(collections.abc.Mapping):
         self.close()
 
     def __repr__(self) -> str:
-        if self._state is None:
+        if self._open is None:
             return "<tensormap.Checkpoint (closed)>"
         return f"<tensormap.Checkpoint {self.path!r}: {self.format}, {len(self)} tensors>"
 
