@@ -8,6 +8,7 @@
 #include <xxhash.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -118,6 +119,26 @@ inline void write_pattern_file(const std::string& path, const std::vector<Tensor
     w->write(data.data(), data.size());
   }
   w->commit();
+}
+
+// Pss and Rss (bytes) of process `pid`'s mappings of `path`, from /proc/<pid>/smaps:
+// the file's own pages, whatever code pages of loaded libraries the process faults in.
+inline std::pair<uint64_t, uint64_t> file_mapping_pss_rss(pid_t pid, const std::string& path) {
+  std::ifstream smaps("/proc/" + std::to_string(pid) + "/smaps");
+  std::string line;
+  bool in_file = false;
+  uint64_t pss = 0, rss = 0;
+  while (std::getline(smaps, line)) {
+    if (!line.empty() && std::isxdigit(static_cast<unsigned char>(line[0])) &&
+        line.find('-') < line.find(' ')) {
+      in_file = line.size() >= path.size() && line.compare(line.size() - path.size(), path.size(), path) == 0;
+    } else if (in_file && line.rfind("Pss:", 0) == 0) {
+      pss += std::stoull(line.substr(4)) * 1024;
+    } else if (in_file && line.rfind("Rss:", 0) == 0) {
+      rss += std::stoull(line.substr(4)) * 1024;
+    }
+  }
+  return {pss, rss};
 }
 
 // The error kind File::open throws for `path`, or nothing if it opens.

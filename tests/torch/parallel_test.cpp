@@ -478,25 +478,6 @@ std::string run_children(int n, const std::function<int(int)>& body, unsigned se
   return failures.str();
 }
 
-// Pss and Rss (bytes) of this process's mappings of `path`, from /proc/<pid>/smaps.
-std::pair<uint64_t, uint64_t> mapping_pss_rss(pid_t pid, const std::string& path) {
-  std::ifstream smaps("/proc/" + std::to_string(pid) + "/smaps");
-  std::string line;
-  bool in_file = false;
-  uint64_t pss = 0, rss = 0;
-  while (std::getline(smaps, line)) {
-    if (!line.empty() && std::isxdigit(static_cast<unsigned char>(line[0])) &&
-        line.find('-') < line.find(' ')) {
-      in_file = line.size() >= path.size() && line.compare(line.size() - path.size(), path.size(), path) == 0;
-    } else if (in_file && line.rfind("Pss:", 0) == 0) {
-      pss += std::stoull(line.substr(4)) * 1024;
-    } else if (in_file && line.rfind("Rss:", 0) == 0) {
-      rss += std::stoull(line.substr(4)) * 1024;
-    }
-  }
-  return {pss, rss};
-}
-
 // Four processes load one 64 MiB checkpoint in map mode and touch every weight; the
 // file's pages are mapped by all four but held once: their total Pss for the mapping is
 // at most 1.1 x the file, while each maps (Rss) nearly all of it.
@@ -534,7 +515,7 @@ TEST(SharedPages, FourProcessesMappingOneCheckpointHoldOneCopy) {
   uint64_t total_pss = 0;
   std::vector<uint64_t> rss;
   for (pid_t pid : children) {
-    const auto [pss, r] = mapping_pss_rss(pid, path);
+    const auto [pss, r] = file_mapping_pss_rss(pid, path);
     total_pss += pss;
     rss.push_back(r);
   }
