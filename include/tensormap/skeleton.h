@@ -79,19 +79,28 @@ TENSORMAP_EXPORT bool is_released(const at::Tensor& tensor);
 // Called by materialize for each tensor it gives memory to, with its dotted name.
 using TensorInitializer = std::function<void(const std::string& name, at::Tensor& tensor)>;
 
+// Runs one module's own initialisation (its `reset_parameters()`) over all of its
+// tensors, for materialize, with gradient recording off; `name` is its dotted path ("" for
+// the root). Returns false for a module it has no rule for, which then keeps zeros.
+using ModuleInitializer = std::function<bool(const std::string& name, torch::nn::Module& module)>;
+
 // Gives every parameter and buffer of `module` (recursively) that is still released its
 // own memory, in place (the same tensor objects, so references and tied parameters stay
 // valid), and returns their dotted names. This is for the tensors a non-strict load did
 // not find in the checkpoint (LoadReport::missing). Each is initialised as torch::nn
 // initialises it: the owning module's own reset_parameters() rules for the torch::nn
 // modules (Linear, Bilinear, Conv*, ConvTranspose*, Embedding, EmbeddingBag, LayerNorm,
-// GroupNorm, BatchNorm*, InstanceNorm*, RNN, LSTM, GRU, MultiheadAttention), without
-// touching the module's tensors that were loaded (each sits out on a scratch copy while
-// the rules run, which costs its size for that moment); zeros for a module of any other
-// type, whose initialisation lives in its constructor. Then `init`, if given, is called
-// for each, and may overwrite it. Initialisers run even inside a SkeletonScope.
+// GroupNorm, BatchNorm*, InstanceNorm*, RNN, LSTM, GRU, MultiheadAttention), or by
+// `reset` where given, which then decides for every module; zeros for a module with no
+// rule, whose initialisation lives in its constructor. A rule may write any tensor of its
+// module and of the modules below it (MultiheadAttention's writes its out_proj's bias):
+// every loaded tensor there sits out on a scratch tensor while the rule runs and comes back
+// untouched (a scratch costs memory only where the rule writes it). Then `init`, if given,
+// is called for each released tensor, and may overwrite it. Initialisers run even inside a
+// SkeletonScope.
 TENSORMAP_EXPORT std::vector<std::string> materialize(torch::nn::Module& module,
-                                                      const TensorInitializer& init = {});
+                                                      const TensorInitializer& init = {},
+                                                      const ModuleInitializer& reset = {});
 
 namespace detail {
 // Rethrows the exception being handled; where it is LibTorch's allocator refusing memory

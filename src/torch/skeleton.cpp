@@ -19,8 +19,10 @@
 
 #include <exception>
 #include <fstream>
+#include <memory>
 #include <sstream>
 #include <string_view>
+#include <unordered_set>
 #include <vector>
 
 #include "released.h"
@@ -58,13 +60,14 @@ const MissingNote* missing_note(const at::Tensor& t) {
     TORCH_CHECK(false, "tensormap: ", op, " was called on '", note->name, "' (shape ", shape.str(),
                 ", ", t.dtype(), "), which holds no data: the checkpoint ", note->checkpoint,
                 " has no tensor of that name, so loading it left this one released. "
-                "Give it memory with tensormap::materialize(module), or load a checkpoint "
-                "that has it");
+                "Give it memory with tensormap::materialize(module) (Python: tensormap.materialize), "
+                "or load a checkpoint that has it");
   }
   TORCH_CHECK(false, "tensormap: ", op, " was called on a released tensor (shape ", shape.str(),
               ", ", t.dtype(), ") that holds no data: its module was built as a skeleton "
               "and not loaded yet. Load a checkpoint into its module (tensormap::load) "
-              "before using it, or give it memory with tensormap::materialize(module)");
+              "before using it, or give it memory with tensormap::materialize(module) (Python: "
+              "tensormap.materialize)");
 }
 
 // Makes `t` a released tensor of `sizes` and `strides`: a null storage of the bytes those
@@ -302,7 +305,8 @@ bool reset_as_torch_nn(torch::nn::Module& m) {
 
 }  // namespace
 
-std::vector<std::string> materialize(torch::nn::Module& module, const TensorInitializer& init) {
+std::vector<std::string> materialize(torch::nn::Module& module, const TensorInitializer& init,
+                                     const ModuleInitializer& reset) {
   // Initialisers must run even inside a SkeletonScope.
   // (Removing the DispatchKey would drop only the Dense functionality bit and leave the
   // PrivateUse1 backend bit, which still routes uniform_ to the skipping kernel.)
@@ -315,50 +319,69 @@ std::vector<std::string> materialize(torch::nn::Module& module, const TensorInit
     ~Restore() { c10::impl::_force_tls_local_dispatch_key_set(keys); }
   } restore{saved};
 
-  std::vector<std::string> done;
+  // First every released tensor gets zeroed memory, then each module's rule runs over
+  // its own: a rule that reaches into a child (MultiheadAttention's into its out_proj)
+  // finds memory there, and each tensor is initialised by the rule of the module that
+  // holds it. A tensor tied under several names belongs to the first.
+  struct Owner {
+    std::string name;
+    std::shared_ptr<torch::nn::Module> module;
+    std::vector<std::pair<std::string, at::Tensor>> fresh;
+  };
+  std::vector<Owner> owners;
   for (const auto& item : module.named_modules()) {
     torch::nn::Module& m = *item.value();
     const std::string prefix = item.key().empty() ? "" : item.key() + ".";
-    std::vector<std::pair<std::string, at::Tensor>> released, kept;
+    Owner owner{item.key(), item.value(), {}};
     for (const auto& p : m.named_parameters(/*recurse=*/false)) {
-      (has_released_bit(p.value()) ? released : kept).emplace_back(prefix + p.key(), p.value());
+      if (has_released_bit(p.value())) owner.fresh.emplace_back(prefix + p.key(), p.value());
     }
     for (const auto& b : m.named_buffers(/*recurse=*/false)) {
-      if (!b.value().defined()) continue;
-      (has_released_bit(b.value()) ? released : kept).emplace_back(prefix + b.key(), b.value());
+      if (b.value().defined() && has_released_bit(b.value())) owner.fresh.emplace_back(prefix + b.key(), b.value());
     }
-    if (released.empty()) continue;
-    {
-      at::NoGradGuard no_grad;
-      for (auto& [name, t] : released) {
-        detail::prepare_to_bind(t);
-        t.set_(at::zeros(t.sizes(), t.options()));
-      }
+    if (owner.fresh.empty()) continue;
+    at::NoGradGuard no_grad;
+    for (auto& [name, t] : owner.fresh) {
+      detail::prepare_to_bind(t);
+      t.set_(at::zeros(t.sizes(), t.options()));
     }
-    // The module's own initialisation writes all of its tensors: the loaded ones sit out,
-    // each swapped for a scratch tensor, and come back untouched.
-    std::vector<at::Tensor> loaded;
+    owners.push_back(std::move(owner));
+  }
+
+  std::vector<std::string> done;
+  for (Owner& owner : owners) {
+    torch::nn::Module& m = *owner.module;
+    // The rule may write any tensor of the module's subtree: all but the module's own
+    // fresh ones sit out, each swapped for a scratch tensor, and come back untouched.
+    std::unordered_set<const c10::TensorImpl*> seen;
+    for (const auto& [name, t] : owner.fresh) seen.insert(t.unsafeGetTensorImpl());
+    std::vector<at::Tensor> kept, loaded;
     {
+      const auto keep = [&](const at::Tensor& t) {
+        if (t.defined() && seen.insert(t.unsafeGetTensorImpl()).second) kept.push_back(t);
+      };
+      for (const auto& p : m.parameters(/*recurse=*/true)) keep(p);
+      for (const auto& b : m.buffers(/*recurse=*/true)) keep(b);
       at::NoGradGuard no_grad;
-      for (auto& [name, t] : kept) {
+      for (auto& t : kept) {
         loaded.push_back(at::empty({0}, t.options()).set_(t));
         t.set_(at::empty_strided(t.sizes(), t.strides(), t.options()));
       }
     }
-    bool known = false;
-    try {
-      known = reset_as_torch_nn(m);
-    } catch (...) {
+    const auto put_back = [&] {
       at::NoGradGuard no_grad;
-      for (size_t i = 0; i < kept.size(); ++i) kept[i].second.set_(loaded[i]);
+      for (size_t i = 0; i < kept.size(); ++i) kept[i].set_(loaded[i]);
+    };
+    try {
+      // A module with no rule keeps the zeros it was given.
+      at::NoGradGuard no_grad;
+      (void)(reset ? reset(owner.name, m) : reset_as_torch_nn(m));
+    } catch (...) {
+      put_back();
       throw;
     }
-    {
-      at::NoGradGuard no_grad;
-      for (size_t i = 0; i < kept.size(); ++i) kept[i].second.set_(loaded[i]);
-    }
-    (void)known;  // a module torch::nn does not define keeps the zeros it was given
-    for (auto& [name, t] : released) {
+    put_back();
+    for (auto& [name, t] : owner.fresh) {
       if (init) {
         at::NoGradGuard no_grad;
         init(name, t);

@@ -646,6 +646,47 @@ TEST(Materialize, AModuleTorchNnDoesNotDefineGetsZerosThenTheCallersInitialiser)
   EXPECT_TRUE(torch::equal(other->scale, torch::full({3}, 1.5f)));
 }
 
+// MultiheadAttention's rule also zeroes its out_proj's bias: a loaded out_proj must come
+// through untouched (and still mapped) while the missing in_proj gets the rule's values.
+TEST(Materialize, ARuleThatReachesIntoAChildLeavesTheChildsLoadedTensorsAlone) {
+  TempDir dir;
+  const std::string path = dir.file("attention.tmap");
+  torch::manual_seed(3);
+  torch::nn::MultiheadAttention trained(torch::nn::MultiheadAttentionOptions(8, 2));
+  {
+    torch::NoGradGuard no_grad;
+    trained->out_proj->bias.uniform_(1.0, 2.0);  // torch's own rule would make it 0
+  }
+  save({{"out_proj.weight", trained->out_proj->weight}, {"out_proj.bias", trained->out_proj->bias}}, path);
+  auto attention = build_skeleton([] { return torch::nn::MultiheadAttention(torch::nn::MultiheadAttentionOptions(8, 2)); });
+  const File f = File::open(path);
+  LoadOptions lenient;
+  lenient.strict = false;
+  const LoadReport r = load(*attention, f, lenient);
+  EXPECT_EQ(r.missing, (std::vector<std::string>{"in_proj_weight", "in_proj_bias"})) << r.summary();
+  EXPECT_EQ(materialize(*attention), (std::vector<std::string>{"in_proj_weight", "in_proj_bias"}));
+  EXPECT_TRUE(torch::equal(attention->out_proj->bias, trained->out_proj->bias)) << "the loaded bias was reset";
+  EXPECT_TRUE(inside(f, attention->out_proj->bias.data_ptr())) << "still mapped";
+  EXPECT_TRUE(torch::equal(attention->in_proj_bias, torch::zeros({24})));
+  EXPECT_GT(attention->in_proj_weight.abs().max().item<float>(), 0.0f) << "xavier_uniform_ ran";
+}
+
+TEST(Materialize, TheCallersModuleRuleDecidesForEveryModule) {
+  auto net = build_skeleton([] { return NetModule(); });
+  std::vector<std::string> asked;
+  const auto done = materialize(*net, {}, [&](const std::string& name, torch::nn::Module& m) {
+    asked.push_back(name);
+    if (name != "fc1") return false;  // the others keep zeros
+    for (auto& p : m.parameters(/*recurse=*/false)) p.fill_(0.5f);
+    return true;
+  });
+  EXPECT_EQ(asked, (std::vector<std::string>{"fc1", "norm", "fc2"}));
+  EXPECT_EQ(done.size(), 9u);
+  EXPECT_TRUE(torch::equal(net->fc1->weight, torch::full({16, 8}, 0.5f)));
+  EXPECT_TRUE(torch::equal(net->fc2->weight, torch::zeros_like(net->fc2->weight)));
+  EXPECT_TRUE(torch::equal(net->norm->running_var, torch::zeros({16}))) << "not BatchNorm's rule";
+}
+
 // --- edit -------------------------------------------------------------------------------
 
 TEST(Edit, PutAndRemoveTensorsOfAFileAModelIsMappedFrom) {
