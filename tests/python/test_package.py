@@ -241,6 +241,106 @@ def test_strict_and_non_strict_loads(tmp_path):
     assert e.value.kind == "InvalidArgument"
 
 
+def mapped_from(t, path):
+    """Whether the memory of ``t`` lies in a mapping of the file ``path`` (/proc/self/maps)."""
+    address, real = t.data_ptr(), os.path.realpath(path)
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            if low <= address < high:
+                return len(fields) == 6 and fields[5].strip() == real
+    return False
+
+
+@pytest.mark.parametrize("how", ["released", "meta"])
+def test_materialize_initialises_what_a_non_strict_load_left_released(tmp_path, how):
+    source = trained(Net)
+    path = tmp_path / "m.tmap"
+    tensormap.save({k: v for k, v in source.state_dict().items() if not k.startswith(("head.", "norm."))}, path)
+    model = tensormap.release(build("skeleton", Net)) if how == "released" else build(how, Net)
+    report = tensormap.load(model, path, strict=False)
+    assert sorted(report.missing) == ["head.bias", "head.weight", "norm.bias", "norm.num_batches_tracked",
+                                      "norm.running_mean", "norm.running_var", "norm.weight"]
+    with pytest.raises(RuntimeError, match="tensormap.materialize"):
+        model.head.weight.sum()
+    head_weight = model.head.weight
+    with tensormap.skeleton():  # initialisers run all the same
+        torch.manual_seed(5)
+        done = tensormap.materialize(model)
+    assert sorted(done) == sorted(report.missing)
+    assert model.head.weight is head_weight, "the same parameter object"
+    assert isinstance(model.head.weight, nn.Parameter) and model.head.weight.requires_grad
+    bound = 1 / 16 ** 0.5  # Linear's rule: uniform in +-1/sqrt(fan_in)
+    assert 0 < model.head.weight.abs().max() <= bound and 0 < model.head.bias.abs().max() <= bound
+    assert torch.equal(model.norm.weight, torch.ones(16)) and torch.equal(model.norm.bias, torch.zeros(16))
+    assert torch.equal(model.norm.running_var, torch.ones(16)) and model.norm.num_batches_tracked.item() == 0
+    for name in ("embed.weight", "conv.weight", "conv.bias"):  # loaded: the file's bytes, still mapped
+        t = model.get_parameter(name)
+        assert same_bytes(t, source.state_dict()[name]) and mapped_from(t, path), name
+    model.eval()
+    assert model(torch.randint(0, 50, (2, 5))).shape == (2, 10)
+    assert tensormap.materialize(model) == [], "nothing is left released"
+
+
+class Attention(nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, **kw)
+
+
+def test_materialize_leaves_what_a_parents_reset_would_write_alone(tmp_path):
+    # MultiheadAttention's reset zeroes out_proj.bias: the loaded one must come through.
+    source = Attention()
+    with torch.no_grad():
+        source.attn.out_proj.bias.uniform_(1.0, 2.0)
+    path = tmp_path / "a.tmap"
+    tensormap.save({k: v for k, v in source.state_dict().items() if ".out_proj." in k}, path)
+    with tensormap.skeleton():  # not released: what the load leaves is named
+        model = Attention()
+    report = tensormap.load(model, path, strict=False)
+    assert tensormap.materialize(model) == [], "nothing was released"
+    with pytest.raises(tensormap.Error, match="'attn.nope'") as e:
+        tensormap.materialize(model, names=["attn.nope"])
+    assert e.value.kind == "NotFound"
+    assert tensormap.materialize(model, names=report.missing) == ["attn.in_proj_weight", "attn.in_proj_bias"]
+    assert torch.equal(model.attn.out_proj.bias, source.attn.out_proj.bias)
+    assert mapped_from(model.attn.out_proj.bias, path)
+    assert torch.equal(model.attn.in_proj_bias, torch.zeros(24))
+    assert model.attn.in_proj_weight.abs().max() > 0
+
+
+class Scaled(nn.Module):
+    """No reset_parameters: its initialisation lives in the constructor."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((3,), 7.0))
+        self.inner = Tied()
+
+
+def test_materialize_gives_zeros_without_a_rule_then_calls_init_once_per_tensor(tmp_path):
+    with tensormap.skeleton():
+        model = Scaled()
+    tensormap.release(model)
+    seen = []
+
+    def init(name, t):
+        seen.append(name)
+        assert not torch.is_grad_enabled()
+        if name == "scale":
+            assert torch.equal(t, torch.zeros(3)), "no rule: zeros"
+        t.fill_(0.5)
+
+    done = tensormap.materialize(model, init=init)
+    assert done == seen
+    assert "inner.lm_head.weight" not in done, "a tied tensor is given memory once"
+    assert sorted(done) == ["inner.embed.weight", "inner.mid.bias", "inner.mid.weight", "scale"]
+    assert model.inner.lm_head.weight is model.inner.embed.weight
+    for t in model.parameters():
+        assert torch.equal(t, torch.full_like(t, 0.5))
+
+
 def test_release_makes_use_before_load_an_error_and_load_binds_it(tmp_path):
     source = trained(Net)
     tensormap.save(source, tmp_path / "m.tmap")

@@ -29,7 +29,7 @@ from __future__ import annotations
 import collections.abc
 import contextlib
 import os
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -38,8 +38,8 @@ from ._C import Error
 
 __all__ = [
     "Error", "LoadReport", "Checkpoint", "Slice", "skeleton", "release", "is_released", "load",
-    "save", "open", "safe_open", "load_file", "save_file", "convert", "verify", "prefault",
-    "prefault_in_background",
+    "materialize", "save", "open", "safe_open", "load_file", "save_file", "convert", "verify",
+    "prefault", "prefault_in_background",
 ]
 
 __version__ = "0.1.0"
@@ -67,7 +67,7 @@ def skeleton():
     ``nn.init`` and every ``reset_parameters`` built on them) do nothing, so the memory a
     constructor allocates for weights is never written and never becomes resident. The
     weights hold garbage until :func:`load` binds them; :func:`release` makes any use
-    before that an error instead. The scope belongs to the thread that opens it (the same
+    before that an error instead, and :func:`materialize` initialises what no load bound. The scope belongs to the thread that opens it (the same
     dispatcher as the C++ ``tensormap::SkeletonScope``).
     """
     scope = _C.SkeletonScope()
@@ -91,6 +91,53 @@ def release(module: torch.nn.Module) -> torch.nn.Module:
 def is_released(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` was released (by :func:`release`) and not loaded since."""
     return _C.is_released(tensor)
+
+
+def materialize(module: torch.nn.Module, names: Optional[Sequence[str]] = None,
+                init: Optional[Callable[[str, torch.Tensor], None]] = None) -> List[str]:
+    """Give every tensor of ``module`` that is still released its own memory, in place.
+
+    For what a non-strict :func:`load` did not find in the checkpoint
+    (``LoadReport.missing``): in a model built on ``meta`` or released (:func:`release`),
+    those stay released and raise when used. A model built under :func:`skeleton` alone
+    is not released, so what no load bound holds unwritten memory: pass
+    ``names=report.missing`` to initialise those (any named tensor is released first,
+    whatever it holds). The tensor objects stay
+    the same (references and tied weights stay valid). Each is initialised by the
+    ``reset_parameters()`` of the module that holds it (``_reset_parameters()`` for
+    ``nn.MultiheadAttention``), as a fresh model would be, even inside :func:`skeleton`;
+    the module's loaded tensors, and those of the modules below it, sit out of that reset
+    untouched (and stay mapped). A module without ``reset_parameters`` leaves zeros. Then
+    ``init(name, tensor)``, if given, is called for each under ``torch.no_grad()`` and may
+    overwrite it. Returns the dotted names given memory (a tied tensor under its first).
+    """
+    _unmeta(module)  # a meta model's tensors become released CPU ones first
+    entries = []
+    for prefix, m in module.named_modules(remove_duplicate=False):
+        dot = prefix + "." if prefix else ""
+        for table, is_buffer in ((m._parameters, False), (m._buffers, True)):
+            for key, t in table.items():
+                if t is not None:
+                    entries.append((dot + key, t, is_buffer))
+    if names is not None:
+        tensors = {name: t for name, t, _ in entries}
+        unknown = [n for n in names if n not in tensors]
+        if unknown:
+            raise _error("NotFound", f"materialize: the model has no tensor named {', '.join(map(repr, unknown))}")
+        for n in names:
+            _C.release(tensors[n])
+
+    def reset(name: str) -> bool:
+        m = module.get_submodule(name) if name else module
+        rule = getattr(m, "reset_parameters", None)
+        if isinstance(m, torch.nn.MultiheadAttention):
+            rule = m._reset_parameters
+        if not callable(rule):
+            return False
+        rule()
+        return True
+
+    return _C.materialize(entries, reset, init)
 
 
 def _unique_tensors(module: torch.nn.Module) -> List[torch.Tensor]:
