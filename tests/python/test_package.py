@@ -258,7 +258,7 @@ def test_materialize_initialises_what_a_non_strict_load_left_released(tmp_path, 
     source = trained(Net)
     path = tmp_path / "m.tmap"
     tensormap.save({k: v for k, v in source.state_dict().items() if not k.startswith(("head.", "norm."))}, path)
-    model = tensormap.release(build("skeleton", Net)) if how == "released" else build(how, Net)
+    model = tensormap.build_skeleton(Net) if how == "released" else build(how, Net)
     report = tensormap.load(model, path, strict=False)
     assert sorted(report.missing) == ["head.bias", "head.weight", "norm.bias", "norm.num_batches_tracked",
                                       "norm.running_mean", "norm.running_var", "norm.weight"]
@@ -353,6 +353,28 @@ def test_release_makes_use_before_load_an_error_and_load_binds_it(tmp_path):
     tensormap.load(model, tmp_path / "m.tmap")
     assert not any(tensormap.is_released(t) for t in model.state_dict(keep_vars=True).values())
     assert torch.equal(model.head.weight, source.head.weight)
+
+
+def rss_anon():
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+def test_build_skeleton_gives_a_released_model_without_weight_memory(tmp_path):
+    source = nn.Linear(2048, 4096, bias=False)  # 32 MiB
+    tensormap.save(source, tmp_path / "l.tmap")
+    before = rss_anon()
+    model = tensormap.build_skeleton(nn.Linear, 2048, 4096, bias=False)  # args and kwargs reach it
+    assert rss_anon() - before < 8 << 20, "the 32 MiB weight became resident"
+    assert model.weight.shape == (4096, 2048) and model.bias is None
+    assert tensormap.is_released(model.weight) and isinstance(model.weight, nn.Parameter)
+    with pytest.raises(RuntimeError, match="released"):
+        model(torch.ones(1, 2048))
+    tensormap.load(model, tmp_path / "l.tmap")
+    assert torch.equal(model.weight, source.weight)
 
 
 def test_skeleton_scope_skips_random_initialisers_and_ends(tmp_path):

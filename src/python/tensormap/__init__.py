@@ -37,7 +37,7 @@ from . import _C
 from ._C import Error
 
 __all__ = [
-    "Error", "LoadReport", "Checkpoint", "Slice", "skeleton", "release", "is_released", "load",
+    "Error", "LoadReport", "Checkpoint", "Slice", "skeleton", "build_skeleton", "release", "is_released", "load",
     "materialize", "save", "open", "safe_open", "load_file", "save_file", "convert", "verify",
     "prefault", "prefault_in_background",
 ]
@@ -66,15 +66,26 @@ def skeleton():
     Inside the block, torch's random initialisers (``uniform_``, ``normal_``, and so
     ``nn.init`` and every ``reset_parameters`` built on them) do nothing, so the memory a
     constructor allocates for weights is never written and never becomes resident. The
-    weights hold garbage until :func:`load` binds them; :func:`release` makes any use
-    before that an error instead, and :func:`materialize` initialises what no load bound. The scope belongs to the thread that opens it (the same
-    dispatcher as the C++ ``tensormap::SkeletonScope``).
+    weights hold garbage until :func:`load` binds them; :func:`build_skeleton` (or
+    :func:`release`) makes any use before that an error instead, and :func:`materialize`
+    initialises what no load bound. The scope belongs to the thread that opens it (the
+    same dispatcher as the C++ ``tensormap::SkeletonScope``).
     """
     scope = _C.SkeletonScope()
     try:
         yield
     finally:
         scope.close()
+
+
+def build_skeleton(factory: Callable[..., torch.nn.Module], *args, **kwargs) -> torch.nn.Module:
+    """``factory(*args, **kwargs)`` (a model class, say) under :func:`skeleton`, then
+    :func:`release`: a model without weight memory whose every tensor raises when used
+    until :func:`load` binds it, so that what a non-strict load leaves is never read as
+    garbage (:func:`materialize` initialises it). The C++ ``tensormap::build_skeleton``."""
+    with skeleton():
+        model = factory(*args, **kwargs)
+    return release(model)
 
 
 def release(module: torch.nn.Module) -> torch.nn.Module:
@@ -98,7 +109,7 @@ def materialize(module: torch.nn.Module, names: Optional[Sequence[str]] = None,
     """Give every tensor of ``module`` that is still released its own memory, in place.
 
     For what a non-strict :func:`load` did not find in the checkpoint
-    (``LoadReport.missing``): in a model built on ``meta`` or released (:func:`release`),
+    (``LoadReport.missing``): in a model built on ``meta`` or by :func:`build_skeleton`,
     those stay released and raise when used. A model built under :func:`skeleton` alone
     is not released, so what no load bound holds unwritten memory: pass
     ``names=report.missing`` to initialise those (any named tensor is released first,
