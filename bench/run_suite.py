@@ -269,6 +269,11 @@ def machine():
     try:
         from importlib.metadata import version
         versions += f", safetensors {version('safetensors')}"
+        # Debian 13's python3-safetensors 0.5.2-1+b1 ships a module that says 0.4.5: name both.
+        package = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "python3-safetensors"],
+                                 capture_output=True, text=True)
+        if package.returncode == 0 and package.stdout.strip():
+            versions += f" (Debian package python3-safetensors {package.stdout.strip()})"
     except Exception:
         versions += ", no safetensors library"
     return (f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, Linux {platform.release()}, {system}; "
