@@ -648,6 +648,41 @@ int cmd_forward(const Args& a) {
   out.num("file_pmd_share", file_pmd_share(path));
   out.memory("used", tensormap::read_process_memory());
   out.num("check", first);
+  // --paired N (map strategies): the same weights copied into owned memory in this process,
+  // then N passes of each, alternating which goes first, so that the VM's drifts of speed
+  // (tens of percent between seconds here) fall on both alike: the median of the per-pair
+  // ratios mapped / owned.
+  const int paired = std::stoi(a.get("paired", "0"));
+  if (paired > 0 && strategy.find("-map") != std::string::npos) {
+    auto owned = tensormap::build_skeleton([&] { return make_model(mib); });
+    const auto mapped_tensors = model->named_parameters();
+    const auto mapped_buffers = model->named_buffers();
+    tensormap::materialize(
+        *owned,
+        [&](const std::string& name, at::Tensor& t) {
+          t.copy_(mapped_tensors.contains(name) ? mapped_tensors[name] : mapped_buffers[name]);
+        },
+        [](const std::string&, torch::nn::Module&) { return false; });  // no rule: zeros, then the copy
+    std::vector<double> ratios, mapped_ms, owned_ms;
+    for (int i = 0; i < paired; ++i) {
+      double m = 0, o = 0;
+      for (int k = 0; k < 2; ++k) {
+        const bool mapped_turn = (i + k) % 2 == 0;
+        t0 = Clock::now();
+        const double value = forward(mapped_turn ? model : owned, input).sum().item<double>();
+        (mapped_turn ? m : o) = ms_since(t0);
+        if (value != first) throw std::runtime_error("the owned copy computes another output");
+      }
+      mapped_ms.push_back(m);
+      owned_ms.push_back(o);
+      ratios.push_back(m / o);
+    }
+    const auto mid = [](std::vector<double> v) {
+      std::sort(v.begin(), v.end());
+      return v[v.size() / 2];
+    };
+    out.num("paired_mapped_ms", mid(mapped_ms)).num("paired_owned_ms", mid(owned_ms)).num("paired_x_owned", mid(ratios));
+  }
   out.print();
   return 0;
 }

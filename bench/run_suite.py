@@ -15,6 +15,7 @@ peers that need torch 2.1+ or safetensors are reported as unavailable on Debian 
 """
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -51,6 +52,9 @@ PY_TENSORMAP = ["py-tensormap-map", "py-tensormap-meta-map", "py-tensormap-backg
 FILE_OF.update({"py-tensormap-map": "tmap", "py-tensormap-meta-map": "tmap", "py-tensormap-background": "tmap",
                 "py-tensormap-copy": "tmap", "py-tensormap-safetensors-map": "safetensors",
                 "py-tensormap-torchsave-map": "pt"})
+# Passes of the paired comparison: a map strategy's weights copied into owned memory in the
+# same process, alternating pass by pass (bench/harness.cpp, --paired).
+PAIRED = 9
 PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 PEERS_SCRIPT = os.path.join(ROOT, "bench", "peers.py")
 
@@ -139,6 +143,8 @@ def forward_section(exe, work, mib, rounds, cli):
                     else:
                         args.append("--cold")
                 name = "tensormap-map" if s.startswith("tensormap-map-cp") else s
+                if not python:
+                    args += ["--paired", str(PAIRED)]
                 row = harness("peers" if python else exe, "forward", *args, "--strategy", name)[0]
                 row.update({"strategy": s, "round": rnd, "cache": cache})
                 if warm_ms is not None:
@@ -191,16 +197,21 @@ def forward_table(r):
            "*first output* adds the three. Then 7 more passes: *steady* is their median. *x best peer*: first "
            "output over the best real peer's (torch 2.x meta + `torch.load(mmap=True)` + `assign=True`, "
            "safetensors `load_file` + `assign=True`, or `torch.load` + `load_state_dict`) in the same cache state; "
-           "*x owned*: steady over tensormap-copy's (weights in the process's own memory). *2 MiB-mapped*: "
+           "*x owned*: steady over tensormap-copy's (weights in the process's own memory; another process). "
+           f"*paired*: the map strategies' weights also copied into owned memory in the same process, then "
+           f"{PAIRED} passes of each alternating: the median of mapped / owned per pair, which the VM's swings "
+           "of speed from one second to the next do not reach. *2 MiB-mapped*: "
            "FilePmdMapped over the file's size. *warm*: the file was evicted, then read once with read() just "
            "before (the same page cache for every strategy); *cold*: evicted. *cp*: the .tmap copied with `cp` just before (cached as cp "
            "wrote it); *cp-warmed*: then `tensormap warm` (its time in the note). *background*: "
            "`prefault_in_background` started as the first pass starts; *prefault*: `prefault` before it.\n",
            "| cache | strategy | build ms | load ms | first forward ms | first output ms | x best peer | "
-           "steady ms | x owned | 2 MiB-mapped | note |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+           "steady ms | x owned | paired | 2 MiB-mapped | note |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for cache in ("warm", "cold"):
         med = forward_medians(rows, FORWARD + PY_FORWARD, cache, {
-            "steady_forward_ms": lambda x: x["steady_forward_ms"], "file_pmd_share": lambda x: x["file_pmd_share"]})
+            "steady_forward_ms": lambda x: x["steady_forward_ms"], "file_pmd_share": lambda x: x["file_pmd_share"],
+            "paired_x_owned": lambda x: x.get("paired_x_owned", float("nan"))})
         for s, m in med.items():
             mine = [x for x in rows if x["strategy"] == s and x["cache"] == cache and "warm_ms" in x]
             if mine and "unavailable" not in m:
@@ -210,13 +221,14 @@ def forward_table(r):
         owned = med.get("tensormap-copy", {}).get("steady_forward_ms")
         for s, m in med.items():
             if "unavailable" in m:
-                out.append(f"| {cache} | {s} | | | | | | | | | unavailable: {m['unavailable'][:80]} |")
+                out.append(f"| {cache} | {s} | | | | | | | | | | unavailable: {m['unavailable'][:80]} |")
                 continue
             note = f"tensormap warm took {m['warm_ms']:.0f} ms" if "warm_ms" in m else ""
+            paired = "" if math.isnan(m["paired_x_owned"]) else f"{m['paired_x_owned']:.2f}"
             out.append(f"| {cache} | {s} | {m['build_ms']:.0f} | {m['load_ms']:.0f} | {m['first_forward_ms']:.0f} | "
                        f"{m['first_output_ms']:.0f} | {m['first_output_ms'] / best if best else float('nan'):.2f} | "
                        f"{m['steady_forward_ms']:.0f} | {m['steady_forward_ms'] / owned if owned else float('nan'):.2f} | "
-                       f"{100 * m['file_pmd_share']:.0f}% | {note} |")
+                       f"{paired} | {100 * m['file_pmd_share']:.0f}% | {note} |")
     return out
 
 
