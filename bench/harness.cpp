@@ -662,7 +662,7 @@ int cmd_forward(const Args& a) {
         [&](const std::string& name, at::Tensor& t) {
           t.copy_(mapped_tensors.contains(name) ? mapped_tensors[name] : mapped_buffers[name]);
         },
-        [](const std::string&, torch::nn::Module&) { return false; });  // no rule: zeros, then the copy
+        [](const std::string&, torch::nn::Module&) {});  // no rule: zeros, then the copy
     std::vector<double> ratios, mapped_ms, owned_ms;
     for (int i = 0; i < paired; ++i) {
       double m = 0, o = 0;

@@ -81,8 +81,8 @@ using TensorInitializer = std::function<void(const std::string& name, at::Tensor
 
 // Runs one module's own initialisation (its `reset_parameters()`) over all of its
 // tensors, for materialize, with gradient recording off; `name` is its dotted path ("" for
-// the root). Returns false for a module it has no rule for, which then keeps zeros.
-using ModuleInitializer = std::function<bool(const std::string& name, torch::nn::Module& module)>;
+// the root). A module it has no rule for it leaves alone, and so with zeros.
+using ModuleInitializer = std::function<void(const std::string& name, torch::nn::Module& module)>;
 
 // Gives every parameter and buffer of `module` (recursively) that is still released its
 // own memory, in place (the same tensor objects, so references and tied parameters stay

@@ -317,7 +317,7 @@ void bind(py::module_& m) {
         py::arg("tensor"), py::arg("sizes"));
   m.def("is_released", [](const at::Tensor& t) { return tensormap::is_released(t); }, py::arg("tensor"));
   // materialize over the proxy of a Python model: `reset(name)` runs the Python module's
-  // own rule (its reset_parameters) and says whether it had one; `init(name, tensor)`, if
+  // own rule (its reset_parameters), if it has one; `init(name, tensor)`, if
   // given, follows. Both are Python callables, run with the GIL held.
   m.def(
       "materialize",
@@ -328,9 +328,7 @@ void bind(py::module_& m) {
         const auto proxy = proxy_of(entries);
         TensorInitializer each;
         if (init) each = [&](const std::string& name, at::Tensor& t) { (*init)(name, t); };
-        return tensormap::materialize(*proxy, each, [&](const std::string& name, torch::nn::Module&) {
-          return reset(name).cast<bool>();
-        });
+        return tensormap::materialize(*proxy, each, [&](const std::string& name, torch::nn::Module&) { reset(name); });
       },
       py::arg("tensors"), py::arg("reset"), py::arg("init"));
   m.def("huge_mapped_share", [](const std::string& path) { return tensormap::huge_mapped_share(path); });

@@ -375,7 +375,11 @@ std::vector<std::string> materialize(torch::nn::Module& module, const TensorInit
     try {
       // A module with no rule keeps the zeros it was given.
       at::NoGradGuard no_grad;
-      (void)(reset ? reset(owner.name, m) : reset_as_torch_nn(m));
+      if (reset) {
+        reset(owner.name, m);
+      } else {
+        reset_as_torch_nn(m);
+      }
     } catch (...) {
       put_back();
       throw;

@@ -138,15 +138,13 @@ def materialize(module: torch.nn.Module, names: Optional[Sequence[str]] = None,
         for n in names:
             _C.release(tensors[n])
 
-    def reset(name: str) -> bool:
+    def reset(name: str) -> None:
         m = module.get_submodule(name) if name else module
         rule = getattr(m, "reset_parameters", None)
         if isinstance(m, torch.nn.MultiheadAttention):
             rule = m._reset_parameters
-        if not callable(rule):
-            return False
-        rule()
-        return True
+        if callable(rule):
+            rule()
 
     return _C.materialize(entries, reset, init)
 
