@@ -577,6 +577,13 @@ double file_pmd_share(const std::string& path) {
   return pmd_kib * 1024 / static_cast<double>(fs::file_size(path));
 }
 
+// The median (the upper one of an even count) of `values`; 0 for none.
+double median(std::vector<double> values) {
+  if (values.empty()) return 0;
+  std::sort(values.begin(), values.end());
+  return values[values.size() / 2];
+}
+
 // One forward pass of the benchmark model at batch 1 (bench/peers.py computes the same).
 at::Tensor forward(const torch::nn::ModuleList& model, const at::Tensor& input) {
   at::Tensor y = input;
@@ -643,8 +650,7 @@ int cmd_forward(const Args& a) {
     times.push_back(ms_since(t0));
     if (again != first) throw std::runtime_error("the forward pass is not deterministic");
   }
-  std::sort(times.begin(), times.end());
-  out.num("steady_forward_ms", times.empty() ? 0 : times[times.size() / 2]);
+  out.num("steady_forward_ms", median(times));
   out.num("file_pmd_share", file_pmd_share(path));
   out.memory("used", tensormap::read_process_memory());
   out.num("check", first);
@@ -677,11 +683,8 @@ int cmd_forward(const Args& a) {
       owned_ms.push_back(o);
       ratios.push_back(m / o);
     }
-    const auto mid = [](std::vector<double> v) {
-      std::sort(v.begin(), v.end());
-      return v[v.size() / 2];
-    };
-    out.num("paired_mapped_ms", mid(mapped_ms)).num("paired_owned_ms", mid(owned_ms)).num("paired_x_owned", mid(ratios));
+    out.num("paired_mapped_ms", median(mapped_ms)).num("paired_owned_ms", median(owned_ms))
+        .num("paired_x_owned", median(ratios));
   }
   out.print();
   return 0;
