@@ -26,13 +26,23 @@
 
 namespace tensormap {
 
-// While a SkeletonScope lives on this thread, LibTorch's random initialisers
-// (uniform_, normal_, and so those of torch::nn::init built on them) do nothing, so a
-// model is constructed without writing its weights: fresh allocations are never
-// touched and cost no resident memory. The weights hold garbage until loaded; prefer
-// build_skeleton, which also releases them so that any use before loading throws.
-// Other initialisers (fill_, zero_) still run; they cover only small tensors in
-// torch::nn (biases of norms, running statistics).
+// While a SkeletonScope lives on this thread, a model is constructed without weight memory,
+// whatever its initialisation does to its parameters:
+// - A write into a parameter (a CPU leaf that requires grad) releases it and does
+//   nothing else: random fills, fill_, zero_, arithmetic (erfinv_, mul_, add_, clamp_:
+//   trunc_normal_), copy_, index_put_, any in-place or out= operator, also through a view.
+//   The tensor keeps its TensorImpl, shape, dtype and requires_grad; a write into a tensor
+//   already released does nothing.
+// - An out-of-place operator that reads a released tensor (a buffer computed from a
+//   weight, a view of it) returns released tensors, shaped by LibTorch's meta kernels; an
+//   operator with no meta kernel, or one that needs the values (item()), throws c10::Error
+//   naming it. Writing such values into part of a real tensor throws too.
+// - uniform_ and normal_ of any tensor do nothing (nothing is drawn from the generator).
+// - Everything else runs: buffers and tables computed from scratch keep their values.
+// Tensors never written stay unreleased but untouched (fresh allocations cost no resident
+// memory); prefer build_skeleton, which releases every parameter and buffer at the end so
+// that any use before loading throws. Python's tensormap.skeleton() is this scope, and
+// also releases each parameter as it is registered (which covers writes through .data).
 class TENSORMAP_EXPORT SkeletonScope {
  public:
   SkeletonScope();

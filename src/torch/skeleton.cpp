@@ -1,15 +1,23 @@
 // Skeletons and released tensors, both built on the PrivateUse1 dispatch key.
 //
-// Skeleton: a thread-local "include PrivateUse1" guard routes every operator through
-// PrivateUse1 first. uniform_ and normal_ have kernels there that return self untouched,
-// so torch::nn's random initialisation writes nothing; every other operator reaches a
-// boxed fallback that re-dispatches to the real (CPU) kernel.
-//
 // Released: a released tensor has no data (a null storage of the right size) and its
 // backend dispatch bit is switched from CPU to PrivateUse1. Every operator on it thus
-// reaches PrivateUse1 too, where the same kernels see a released argument and throw.
-// Composite operators (clone, copy_, views...) have kernels for every backend that
-// would bypass a fallback; they are registered explicitly below so they check too.
+// reaches PrivateUse1, where the kernels below see a released argument. Outside a skeleton
+// scope they throw: nothing ever computes on missing data. Composite operators (clone,
+// copy_, views...) have kernels for every backend that would bypass a fallback; they are
+// registered explicitly below so they check too.
+//
+// Skeleton scope: a thread-local "include PrivateUse1" guard routes every operator
+// through PrivateUse1 first, so the same kernels see everything a constructor does:
+// - a write into a parameter (a leaf that requires grad: uniform_, erfinv_, mul_,
+//   clamp_, fill_, copy_, index_put_, any in-place or out= op) releases the parameter
+//   and does nothing else, so initialisation never makes a weight resident;
+// - a write into a tensor already released does nothing;
+// - an out-of-place operator that reads a released tensor runs on the meta device for
+//   the shapes and returns released tensors of those shapes (or, with no meta kernel,
+//   fails naming the operator): values computed from weights stay skeletons too;
+// - random fills (uniform_, normal_) of any tensor do nothing;
+// - everything else (tensors computed from scratch: buffers, tables) runs for real.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/nn.h>
@@ -36,6 +44,42 @@ constexpr auto kReleasedBit = c10::BackendComponent::PrivateUse1Bit;
 
 bool has_released_bit(const at::Tensor& t) {
   return t.defined() && t.key_set().has_backend(kReleasedBit);
+}
+
+// True while a SkeletonScope is open on this thread and not suspended.
+bool in_skeleton_scope() {
+  return c10::impl::tls_local_dispatch_key_set().included_.has_backend(kReleasedBit);
+}
+
+// Suspends this thread's skeleton scope while it lives: what runs inside is plain LibTorch
+// (releasing a tensor, a shape run on the meta device, materialize's initialisers).
+// (Removing the DispatchKey would drop only the Dense functionality bit and leave the
+// PrivateUse1 backend bit, which still routes every operator here.)
+class OutsideSkeleton {
+ public:
+  OutsideSkeleton() : saved_(c10::impl::tls_local_dispatch_key_set()) {
+    c10::impl::LocalDispatchKeySet outside = saved_;
+    outside.included_ = outside.included_.remove_backend(kReleasedBit);
+    c10::impl::_force_tls_local_dispatch_key_set(outside);
+  }
+  ~OutsideSkeleton() { c10::impl::_force_tls_local_dispatch_key_set(saved_); }
+  OutsideSkeleton(const OutsideSkeleton&) = delete;
+  OutsideSkeleton& operator=(const OutsideSkeleton&) = delete;
+
+ private:
+  c10::impl::LocalDispatchKeySet saved_;
+};
+
+// A parameter as a constructor makes it: a CPU leaf that requires grad. Inside a skeleton
+// scope, the values written into one are the initialisation a load replaces.
+bool is_parameter(const at::Tensor& t) {
+  return t.defined() && t.requires_grad() && t.is_leaf() && t.device().is_cpu();
+}
+
+std::string shape_of(const at::Tensor& t) {
+  std::ostringstream out;
+  out << t.sizes() << ", " << t.dtype();
+  return out.str();
 }
 
 // What a released tensor's null storage carries when a load left it released because
@@ -72,7 +116,7 @@ const MissingNote* missing_note(const at::Tensor& t) {
 
 // Makes `t` a released tensor of `sizes` and `strides`: a null storage of the bytes those
 // reach (carrying `note`, which it then owns, if not null) and the PrivateUse1 backend
-// bit. Allocates nothing. REQUIRES: `t` is a CPU tensor; a NoGradGuard.
+// bit. Allocates nothing. REQUIRES: `t` is a CPU tensor.
 void release_as(const at::Tensor& t, at::IntArrayRef sizes, at::IntArrayRef strides, MissingNote* note) {
   int64_t extent = 1;  // elements the strides reach, 0 for an empty tensor
   for (size_t d = 0; d < sizes.size(); ++d) {
@@ -86,6 +130,8 @@ void release_as(const at::Tensor& t, at::IntArrayRef sizes, at::IntArrayRef stri
                            : c10::DataPtr(nullptr, c10::Device(c10::kCPU));
   c10::Storage empty(c10::Storage::use_byte_size_t(), nbytes, std::move(data),
                      /*allocator=*/nullptr, /*resizable=*/false);
+  OutsideSkeleton outside;  // set_ writes a parameter: inside the scope, that would release it
+  at::NoGradGuard no_grad;
   at::Tensor target = t;
   target.set_(empty, 0, sizes, strides);
   t.unsafeGetTensorImpl()->_change_backend_component_keys(c10::Device(c10::DeviceType::PrivateUse1));
@@ -115,8 +161,8 @@ void check_arguments(const c10::OperatorHandle& op, const torch::jit::Stack& sta
   }
 }
 
-// Every operator that lands on PrivateUse1: refuse released tensors, else run the real
-// kernel.
+// Every operator that lands on PrivateUse1 outside a skeleton scope: refuse released
+// tensors, else run the real kernel.
 void checked_passthrough(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
                          torch::jit::Stack* stack) {
   check_arguments(op, *stack);
@@ -128,6 +174,156 @@ at::Tensor make_released(at::IntArrayRef sizes, at::IntArrayRef strides, at::Sca
   at::Tensor t = at::empty({0}, at::TensorOptions().dtype(dtype).device(at::kCPU));
   release_as(t, sizes, strides, nullptr);
   return t;
+}
+
+// Operators whose `Tensor(a!)` argument has its description changed, not its values
+// written: a load binds storage with set_, and a skeleton's tensors are never given
+// another shape. They only pass through (or refuse a released tensor).
+bool changes_description_only(const c10::OperatorName& name) {
+  static const std::unordered_set<std::string> ops = {
+      "aten::set_", "aten::resize_", "aten::resize_as_", "aten::as_strided_", "aten::detach_",
+      "aten::squeeze_", "aten::unsqueeze_", "aten::t_", "aten::transpose_", "aten::swapdims_",
+      "aten::swapaxes_"};
+  return ops.count(name.name) != 0;
+}
+
+// Calls `visit` with every tensor of the arguments on top of `stack` (in lists too), and
+// whether the operator writes it.
+template <typename Visit>
+void for_each_tensor_argument(const c10::OperatorHandle& op, const torch::jit::Stack& stack, Visit&& visit) {
+  const auto& args = op.schema().arguments();
+  const size_t first = stack.size() - args.size();
+  for (size_t i = 0; i < args.size(); ++i) {
+    const c10::IValue& v = stack[first + i];
+    const bool written = args[i].alias_info() != nullptr && args[i].alias_info()->isWrite();
+    if (v.isTensor()) {
+      visit(v.toTensor(), written);
+    } else if (v.isTensorList()) {
+      for (const at::Tensor& t : v.toTensorList().vec()) visit(t, written);
+    } else if (v.isOptionalTensorList()) {
+      for (const c10::optional<at::Tensor>& t : v.toOptionalTensorList().vec()) {
+        if (t) visit(*t, written);
+      }
+    }
+  }
+}
+
+// Skips an operator that writes a skeleton's tensors: pops its arguments and pushes what
+// it would have returned, the written arguments themselves.
+void skip_write(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const auto& schema = op.schema();
+  const auto& args = schema.arguments();
+  const size_t first = stack->size() - args.size();
+  std::vector<c10::IValue> results;
+  for (const auto& ret : schema.returns()) {
+    size_t source = args.size();
+    for (size_t i = 0; ret.alias_info() != nullptr && i < args.size() && source == args.size(); ++i) {
+      if (args[i].alias_info() != nullptr && args[i].alias_info()->beforeSets() == ret.alias_info()->beforeSets()) {
+        source = i;
+      }
+    }
+    TORCH_CHECK(source < args.size(), "tensormap: ", op.operator_name(), " writes a tensor of a skeleton "
+                "(inside a skeleton scope) and also returns a new value, which cannot exist before a checkpoint is "
+                "loaded; call it outside the scope or after loading");
+    results.push_back((*stack)[first + source]);
+  }
+  torch::jit::drop(*stack, args.size());
+  for (auto& r : results) torch::jit::push(*stack, std::move(r));
+}
+
+// The same description on the meta device: a tensor of the same sizes, strides and dtype
+// that holds nothing, released or not.
+c10::IValue to_meta(const c10::IValue& v) {
+  const auto on_meta = [](const at::Tensor& t) {
+    return at::empty_strided(t.sizes(), t.strides(), t.options().device(at::kMeta));
+  };
+  if (v.isTensor()) return on_meta(v.toTensor());
+  if (v.isTensorList()) {
+    c10::List<at::Tensor> list;
+    for (const at::Tensor& t : v.toTensorList().vec()) list.push_back(on_meta(t));
+    return list;
+  }
+  if (v.isOptionalTensorList()) {
+    c10::List<c10::optional<at::Tensor>> list;
+    for (const c10::optional<at::Tensor>& t : v.toOptionalTensorList().vec()) {
+      list.push_back(t ? c10::optional<at::Tensor>(on_meta(*t)) : c10::nullopt);
+    }
+    return list;
+  }
+  return v;
+}
+
+// A meta result as a released CPU tensor of its description; anything else as it is.
+c10::IValue from_meta(const c10::IValue& v) {
+  const auto released = [](const at::Tensor& t) {
+    return t.is_meta() ? make_released(t.sizes(), t.strides(), t.scalar_type()) : t;
+  };
+  if (v.isTensor()) return released(v.toTensor());
+  if (v.isTensorList()) {
+    c10::List<at::Tensor> list;
+    for (const at::Tensor& t : v.toTensorList().vec()) list.push_back(released(t));
+    return list;
+  }
+  return v;
+}
+
+// An out-of-place operator reading a released tensor inside a skeleton scope: its results
+// depend on values a load has not given yet, so they are released tensors too, described
+// by the operator's meta kernel.
+void follow_on_meta(const c10::OperatorHandle& op, torch::jit::Stack* stack, const at::Tensor& released) {
+  const size_t n = op.schema().arguments().size();
+  torch::jit::Stack meta;
+  OutsideSkeleton outside;
+  for (size_t i = stack->size() - n; i < stack->size(); ++i) meta.push_back(to_meta((*stack)[i]));
+  try {
+    op.callBoxed(&meta);
+  } catch (const c10::Error& e) {
+    std::string what = e.what_without_backtrace();
+    what = what.substr(0, std::min(what.find('\n'), what.find(". ")));  // LibTorch's first sentence
+    TORCH_CHECK(false, "tensormap: ", op.operator_name(), " was called inside a skeleton scope on a tensor of "
+                "the skeleton (", shape_of(released), "), whose values do not exist until a checkpoint is "
+                "loaded, and the skeleton cannot follow it on the meta device (", what,
+                "). Compute this value outside the scope or after loading");
+  }
+  torch::jit::drop(*stack, n);
+  for (const c10::IValue& v : meta) torch::jit::push(*stack, from_meta(v));
+}
+
+// Every operator that lands on PrivateUse1. Outside a skeleton scope that is an operator
+// on a released tensor, which it refuses. Inside one, see the file's opening comment.
+void on_private_use(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  if (!in_skeleton_scope() || changes_description_only(op.operator_name())) {
+    checked_passthrough(op, keys, stack);
+    return;
+  }
+  bool writes_skeleton = false, writes = false;
+  at::Tensor read_released;
+  for_each_tensor_argument(op, *stack, [&](const at::Tensor& t, bool written) {
+    writes = writes || written;
+    if (written && (has_released_bit(t) || is_parameter(t))) writes_skeleton = true;
+    if (!written && !read_released.defined() && has_released_bit(t)) read_released = t;
+  });
+  if (!writes_skeleton && !read_released.defined()) {
+    op.redispatchBoxed(keys.remove_backend(kReleasedBit), stack);
+    return;
+  }
+  if (!writes) {
+    follow_on_meta(op, stack, read_released);
+    return;
+  }
+  // A write into the skeleton, or of values computed from it: every tensor written is
+  // (or becomes) released, and nothing is computed. A parameter's initialisation ends
+  // here; so does a composite kernel's out= call into the output it just allocated.
+  for_each_tensor_argument(op, *stack, [&](const at::Tensor& t, bool written) {
+    if (!written || has_released_bit(t)) return;
+    TORCH_CHECK(is_parameter(t) || t.storage().use_count() == 1, "tensormap: ", op.operator_name(),
+                " was called inside a skeleton scope to write values computed from a tensor of the skeleton (",
+                shape_of(read_released.defined() ? read_released : t), ") into part of a tensor that is not one (",
+                shape_of(t), "); those values do not exist until a checkpoint is loaded. Compute it outside the "
+                "scope or after loading");
+    release_in_place(t, nullptr);
+  });
+  skip_write(op, stack);
 }
 
 // aten::_to_copy, which Tensor::to and so Module::to reach. On a released tensor it makes
@@ -142,7 +338,7 @@ void released_to_copy(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
   const size_t first = stack->size() - args.size();
   const at::Tensor self = (*stack)[first].toTensor();
   if (!has_released_bit(self)) {
-    checked_passthrough(op, keys, stack);
+    on_private_use(op, keys, stack);
     return;
   }
   auto argument = [&](const char* name) -> const c10::IValue& {
@@ -188,21 +384,27 @@ void released_to_copy(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
   torch::jit::push(*stack, std::move(out));
 }
 
-at::Tensor& skip_uniform(at::Tensor& self, double, double, c10::optional<at::Generator>) {
-  if (has_released_bit(self)) throw_released(c10::OperatorName("aten::uniform_", ""), self);
+// A random fill inside a skeleton scope does nothing; one into a parameter releases it.
+// Outside a scope only a released tensor arrives here, and is refused.
+at::Tensor& skip_random_fill(const char* op, at::Tensor& self) {
+  if (!in_skeleton_scope()) throw_released(c10::OperatorName(op, ""), self);
+  if (!has_released_bit(self) && is_parameter(self)) release_in_place(self, nullptr);
   return self;
 }
 
+at::Tensor& skip_uniform(at::Tensor& self, double, double, c10::optional<at::Generator>) {
+  return skip_random_fill("aten::uniform_", self);
+}
+
 at::Tensor& skip_normal(at::Tensor& self, double, double, c10::optional<at::Generator>) {
-  if (has_released_bit(self)) throw_released(c10::OperatorName("aten::normal_", ""), self);
-  return self;
+  return skip_random_fill("aten::normal_", self);
 }
 
 }  // namespace
 }  // namespace tensormap
 
 TORCH_LIBRARY_IMPL(_, PrivateUse1, m) {
-  m.fallback(torch::CppFunction::makeFromBoxedFunction<&tensormap::checked_passthrough>());
+  m.fallback(torch::CppFunction::makeFromBoxedFunction<&tensormap::on_private_use>());
 }
 
 TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
@@ -214,7 +416,7 @@ TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
   // its autograd formula away. A test checks this list.)
   for (const char* op : tensormap::detail::explicitly_checked_ops()) {
     if (std::string_view(op) == "_to_copy") continue;
-    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&tensormap::checked_passthrough>());
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&tensormap::on_private_use>());
   }
   m.impl("_to_copy", torch::CppFunction::makeFromBoxedFunction<&tensormap::released_to_copy>());
 }
@@ -307,17 +509,7 @@ bool reset_as_torch_nn(torch::nn::Module& m) {
 
 std::vector<std::string> materialize(torch::nn::Module& module, const TensorInitializer& init,
                                      const ModuleInitializer& reset) {
-  // Initialisers must run even inside a SkeletonScope.
-  // (Removing the DispatchKey would drop only the Dense functionality bit and leave the
-  // PrivateUse1 backend bit, which still routes uniform_ to the skipping kernel.)
-  const c10::impl::LocalDispatchKeySet saved = c10::impl::tls_local_dispatch_key_set();
-  c10::impl::LocalDispatchKeySet outside = saved;
-  outside.included_ = outside.included_.remove_backend(kReleasedBit);
-  c10::impl::_force_tls_local_dispatch_key_set(outside);
-  struct Restore {
-    c10::impl::LocalDispatchKeySet keys;
-    ~Restore() { c10::impl::_force_tls_local_dispatch_key_set(keys); }
-  } restore{saved};
+  OutsideSkeleton outside;  // initialisers must run even inside a SkeletonScope
 
   // First every released tensor gets zeroed memory, then each module's rule runs over
   // its own: a rule that reaches into a child (MultiheadAttention's into its out_proj)

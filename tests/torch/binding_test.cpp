@@ -284,6 +284,124 @@ TEST(Skeleton, OpsStillWorkInsideTheScope) {
   EXPECT_TRUE(torch::equal(torch::ones({2}).fill_(3), torch::full({2}, 3.0f)));
 }
 
+// A constructor with the initialisations real architectures run (timm's and Hugging Face's
+// trunc_normal_, a zeroed padding row, fill_, a scale, a copy from a computed table), a
+// buffer computed from scratch and one computed from a weight.
+struct InitPatternsImpl : torch::nn::Module {
+  explicit InitPatternsImpl(int64_t rows = 8, int64_t cols = 16) {
+    torch::NoGradGuard no_grad;
+    truncated = register_parameter("truncated", torch::empty({rows, cols}));
+    torch::nn::init::uniform_(truncated, -0.9, 0.9);  // trunc_normal_, as torch writes it
+    truncated.erfinv_();
+    truncated.mul_(0.02 * std::sqrt(2.0));
+    truncated.add_(0.0);
+    truncated.clamp_(-2.0, 2.0);
+    embedding = register_parameter("embedding", torch::empty({rows, cols}));
+    torch::nn::init::normal_(embedding);
+    embedding[0].zero_();  // the padding row, through a view
+    scale = register_parameter("scale", torch::empty({cols}));
+    torch::nn::init::constant_(scale, 1.0);
+    scale.mul_(0.5);
+    table = register_parameter("table", torch::empty({rows, cols}));
+    table.copy_(torch::arange(cols, torch::kFloat).sin().expand({rows, cols}));  // a small table, broadcast
+    table.index_put_({torch::tensor({1})}, torch::ones({cols}));
+    positions = register_buffer("positions", torch::arange(rows).unsqueeze(1) * 2 + 1);
+    derived = register_buffer("derived", truncated.t().contiguous() * 2);
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    return torch::matmul(x, (truncated + embedding + table) * scale) + derived.t().sum();
+  }
+  torch::Tensor truncated, embedding, scale, table, positions, derived;
+};
+TORCH_MODULE(InitPatterns);
+
+TEST(Skeleton, EveryWriteIntoAParameterLeavesItReleased) {
+  SkeletonScope scope;
+  InitPatterns net;
+  for (const auto& p : net->named_parameters()) EXPECT_TRUE(is_released(p.value())) << p.key();
+  EXPECT_EQ(net->truncated.sizes(), (std::vector<int64_t>{8, 16}));
+  EXPECT_EQ(net->scale.scalar_type(), at::kFloat);
+  EXPECT_TRUE(net->truncated.requires_grad() && net->truncated.is_leaf());
+}
+
+TEST(Skeleton, ABufferComputedFromScratchKeepsItsValues) {
+  SkeletonScope scope;
+  InitPatterns net;
+  EXPECT_FALSE(is_released(net->positions));
+  EXPECT_TRUE(torch::equal(net->positions, torch::arange(8).unsqueeze(1) * 2 + 1));
+}
+
+TEST(Skeleton, ValuesComputedFromAReleasedTensorAreReleasedOfTheRightShape) {
+  SkeletonScope scope;
+  InitPatterns net;
+  EXPECT_TRUE(is_released(net->derived));
+  EXPECT_EQ(net->derived.sizes(), (std::vector<int64_t>{16, 8}));
+  const at::Tensor sum = net->truncated.sum(0);
+  EXPECT_TRUE(is_released(sum));
+  EXPECT_EQ(sum.sizes(), (std::vector<int64_t>{16}));
+}
+
+TEST(Skeleton, ReadingASkeletonsValueNamesTheOperator) {
+  SkeletonScope scope;
+  InitPatterns net;
+  try {
+    (void)net->scale.sum().item<float>();
+    FAIL() << "item() on a skeleton's tensor returned a value";
+  } catch (const c10::Error& e) {
+    const std::string what = e.what_without_backtrace();
+    EXPECT_NE(what.find("skeleton"), std::string::npos) << what;
+    EXPECT_NE(what.find("aten::_local_scalar_dense"), std::string::npos) << what;
+  }
+}
+
+TEST(Skeleton, WritingASkeletonsValuesIntoPartOfARealTensorIsRefused) {
+  SkeletonScope scope;
+  InitPatterns net;
+  const at::Tensor real = torch::zeros({4, 16});
+  try {
+    real.narrow(0, 0, 1).copy_(net->scale.unsqueeze(0));
+    FAIL() << "a real tensor took values the skeleton does not have";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what_without_backtrace()).find("aten::copy_"), std::string::npos);
+  }
+  EXPECT_TRUE(torch::equal(real, torch::zeros({4, 16})));
+}
+
+TEST(Skeleton, OutsideTheScopeAReleasedTensorIsStillRefused) {
+  InitPatterns net = [] {
+    SkeletonScope scope;
+    return InitPatterns();
+  }();
+  EXPECT_THROW(net->scale.add_(1), c10::Error);
+  EXPECT_THROW((void)net->truncated.sum(), c10::Error);
+}
+
+TEST(Skeleton, AnInitialisationThatDoesArithmeticOnWeightsCostsNoMemory) {
+  // 2 x 64 MiB of weights written by uniform_, erfinv_, mul_, add_, clamp_, normal_,
+  // zero_, fill_, copy_ and index_put_: a constructor run outside a scope makes them all
+  // resident.
+  const bool peak_reset = reset_peak_memory();
+  const ProcessMemory before = read_process_memory();
+  auto net = build_skeleton([] { return InitPatterns(4096, 4096); });
+  const ProcessMemory after = read_process_memory();
+  EXPECT_LT(after.rss_anon - std::min(after.rss_anon, before.rss_anon), 8u << 20);
+  if (peak_reset) {
+    EXPECT_LT(after.vm_hwm - std::min(after.vm_hwm, before.vm_hwm), 16u << 20) << "nothing was resident on the way";
+  }
+}
+
+TEST(Skeleton, AnInitialisationWithArithmeticLoadsToTheOriginalsOutputs) {
+  TempDir dir;
+  const std::string path = dir.file("patterns.tmap");
+  torch::manual_seed(2);
+  InitPatterns original;
+  save(*original, path);
+  const auto x = torch::randn({3, 8});
+  auto skeleton = build_skeleton([] { return InitPatterns(); });
+  load(*skeleton, path);
+  EXPECT_TRUE(torch::equal(skeleton->forward(x), original->forward(x)));
+}
+
 TEST(Skeleton, BuiltThenLoadedGivesTheSameOutputsAsBuiltNormally) {
   TempDir dir;
   const std::string path = dir.file("net.tmap");
