@@ -14,6 +14,7 @@ from torch import nn
 
 import tensormap
 from conftest import Net, Tied, harness_forward, harness_model, run
+from process_memory import rss_anon
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TORCH2 = int(torch.__version__.split(".")[0]) >= 2
@@ -296,14 +297,14 @@ def test_materialize_leaves_what_a_parents_reset_would_write_alone(tmp_path):
         source.attn.out_proj.bias.uniform_(1.0, 2.0)
     path = tmp_path / "a.tmap"
     tensormap.save({k: v for k, v in source.state_dict().items() if ".out_proj." in k}, path)
-    with tensormap.skeleton():  # not released: what the load leaves is named
+    with tensormap.skeleton():  # its parameters stay released until a load binds them
         model = Attention()
     report = tensormap.load(model, path, strict=False)
-    assert tensormap.materialize(model) == [], "nothing was released"
     with pytest.raises(tensormap.Error, match="'attn.nope'") as e:
         tensormap.materialize(model, names=["attn.nope"])
     assert e.value.kind == "NotFound"
-    assert tensormap.materialize(model, names=report.missing) == ["attn.in_proj_weight", "attn.in_proj_bias"]
+    assert report.missing == ["attn.in_proj_weight", "attn.in_proj_bias"]
+    assert tensormap.materialize(model) == report.missing
     assert torch.equal(model.attn.out_proj.bias, source.attn.out_proj.bias)
     assert mapped_from(model.attn.out_proj.bias, path)
     assert torch.equal(model.attn.in_proj_bias, torch.zeros(24))
@@ -355,14 +356,6 @@ def test_release_makes_use_before_load_an_error_and_load_binds_it(tmp_path):
     assert torch.equal(model.head.weight, source.head.weight)
 
 
-def rss_anon():
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no RssAnon in /proc/self/status")
-
-
 def test_build_skeleton_gives_a_released_model_without_weight_memory(tmp_path):
     source = nn.Linear(2048, 4096, bias=False)  # 32 MiB
     tensormap.save(source, tmp_path / "l.tmap")
@@ -375,6 +368,75 @@ def test_build_skeleton_gives_a_released_model_without_weight_memory(tmp_path):
         model(torch.ones(1, 2048))
     tensormap.load(model, tmp_path / "l.tmap")
     assert torch.equal(model.weight, source.weight)
+
+
+class InitPatterns(nn.Module):
+    """What timm, Hugging Face and torchvision initialisations do to weights, a buffer
+    computed from scratch and one computed from a weight."""
+
+    def __init__(self, rows=8, cols=16):
+        super().__init__()
+        self.truncated = nn.Parameter(torch.empty(rows, cols))
+        nn.init.trunc_normal_(self.truncated, std=0.02)  # uniform_, erfinv_, mul_, add_, clamp_
+        self.embed = nn.Embedding(rows, cols, padding_idx=0)  # normal_, then a row's fill_
+        self.scaled = nn.Parameter(torch.empty(rows, cols))
+        self.scaled.data.normal_(0.0, 0.02)  # through .data, as Hugging Face models write it
+        self.scaled.data.mul_(0.5)
+        self.scaled.data[0].zero_()
+        self.table = nn.Parameter(torch.empty(rows, cols))
+        with torch.no_grad():
+            self.table.copy_(torch.arange(cols, dtype=torch.float32).sin().expand(rows, cols))
+            self.table.fill_(1.0)
+        positions = torch.zeros(cols)
+        positions[0::2] = torch.sin(torch.arange(0, cols, 2) * 0.5)
+        self.register_buffer("positions", positions, persistent=False)  # never in a checkpoint
+        self.register_buffer("derived", self.truncated.t().contiguous() * 2)
+
+    def forward(self, ids):
+        return (self.embed(ids).sum(1) + self.truncated + self.scaled + self.table + self.positions) @ self.derived
+
+
+def test_skeleton_keeps_parameters_released_whatever_their_initialisation_does(tmp_path):
+    with tensormap.skeleton():
+        model = InitPatterns()
+    for name, p in model.named_parameters():
+        assert tensormap.is_released(p), name
+        assert isinstance(p, nn.Parameter) and p.requires_grad, name
+    assert model.truncated.shape == (8, 16) and model.table.dtype == torch.float32
+    assert tensormap.is_released(model.derived) and model.derived.shape == (16, 8)
+    expected = torch.zeros(16)
+    expected[0::2] = torch.sin(torch.arange(0, 16, 2) * 0.5)
+    assert not tensormap.is_released(model.positions)
+    assert torch.equal(model.positions, expected), "a buffer computed from scratch keeps its values"
+
+
+def test_skeleton_with_arithmetic_on_weights_costs_no_memory_and_loads_to_the_same_outputs(tmp_path):
+    torch.manual_seed(0)
+    source = InitPatterns()
+    tensormap.save(source, tmp_path / "p.tmap")
+    tensormap.save(source, tmp_path / "p.safetensors")
+    before = rss_anon()
+    with tensormap.skeleton():
+        big = InitPatterns(4096, 4096)  # 4 x 64 MiB, each written by its initialisation
+    assert rss_anon() - before < 8 << 20, "the initialisation made weights resident"
+    del big
+    ids = torch.tensor([[0, 3, 7]])
+    for name in ("p.tmap", "p.safetensors"):
+        with tensormap.skeleton():
+            model = InitPatterns()
+        tensormap.load(model, tmp_path / name, mode="map")
+        assert torch.equal(model(ids), source(ids)), name
+
+
+def test_skeleton_refuses_to_read_a_value_it_does_not_have():
+    with tensormap.skeleton():
+        model = InitPatterns()
+        with pytest.raises(RuntimeError, match="skeleton.*_local_scalar_dense|_local_scalar_dense.*skeleton"):
+            float(model.table.sum())
+        real = torch.zeros(4, 16)
+        with pytest.raises(RuntimeError, match="aten::copy_"):
+            real[0].copy_(model.table[0])
+    assert torch.equal(real, torch.zeros(4, 16))
 
 
 def test_skeleton_scope_skips_random_initialisers_and_ends(tmp_path):

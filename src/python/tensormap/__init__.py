@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections.abc
 import contextlib
 import os
+import threading
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -59,22 +60,49 @@ def _path(path: PathLike) -> str:
 
 # --- skeletons ------------------------------------------------------------------------------
 
+_skeleton_threads = threading.local()  # .depth: the skeleton scopes open on this thread
+_register_parameter = torch.nn.Module.register_parameter
+
+
+def _register_parameter_released(module: torch.nn.Module, name: str, param) -> None:
+    """``nn.Module.register_parameter`` that, inside :func:`skeleton` on this thread,
+    releases the parameter it registers: a later write through ``param.data`` (which
+    does not require grad, so the dispatcher cannot tell it from any other tensor) then
+    finds it released and does nothing."""
+    _register_parameter(module, name, param)
+    if getattr(_skeleton_threads, "depth", 0) and param is not None and param.device.type == "cpu":
+        _C.release(param)
+
+
 @contextlib.contextmanager
 def skeleton():
     """Build models without paying for their weights.
 
-    Inside the block, torch's random initialisers (``uniform_``, ``normal_``, and so
-    ``nn.init`` and every ``reset_parameters`` built on them) do nothing, so the memory a
-    constructor allocates for weights is never written and never becomes resident. The
-    weights hold garbage until :func:`load` binds them; :func:`build_skeleton` (or
-    :func:`release`) makes any use before that an error instead, and :func:`materialize`
-    initialises what no load bound. The scope belongs to the thread that opens it (the
-    same dispatcher as the C++ ``tensormap::SkeletonScope``).
+    Inside the block, a model's parameters stay unallocated whatever its initialisation
+    does to them:
+
+    * every parameter is released as it is registered, and any write into one (random
+      fills, ``fill_``, ``zero_``, ``mul_``, ``clamp_``, ``copy_``, ``index_put_``, any
+      in-place or ``out=`` op, through ``.data`` or a view) does nothing and keeps it
+      released, with its shape, dtype and identity;
+    * an out-of-place op reading a released tensor returns released tensors of the right
+      shapes (from torch's meta kernels), or raises naming the op where torch has none;
+    * random fills (``uniform_``, ``normal_``) of any tensor do nothing;
+    * everything else runs: buffers and tables computed from scratch keep their values.
+
+    :func:`load` then binds the parameters; using one before that raises, and
+    :func:`materialize` initialises what no load bound. Buffers stay real (they are
+    small in practice); :func:`build_skeleton` releases them too. The scope belongs to the
+    thread that opens it (the same dispatcher as the C++ ``tensormap::SkeletonScope``).
     """
+    if torch.nn.Module.register_parameter is not _register_parameter_released:
+        torch.nn.Module.register_parameter = _register_parameter_released
     scope = _C.SkeletonScope()
+    _skeleton_threads.depth = getattr(_skeleton_threads, "depth", 0) + 1
     try:
         yield
     finally:
+        _skeleton_threads.depth -= 1
         scope.close()
 
 
@@ -109,11 +137,12 @@ def materialize(module: torch.nn.Module, names: Optional[Sequence[str]] = None,
     """Give every tensor of ``module`` that is still released its own memory, in place.
 
     For what a non-strict :func:`load` did not find in the checkpoint
-    (``LoadReport.missing``): in a model built on ``meta`` or by :func:`build_skeleton`,
-    those stay released and raise when used. A model built under :func:`skeleton` alone
-    is not released, so what no load bound holds unwritten memory: pass
-    ``names=report.missing`` to initialise those (any named tensor is released first,
-    whatever it holds). The tensor objects stay
+    (``LoadReport.missing``): in a model built on ``meta``, under :func:`skeleton` or by
+    :func:`build_skeleton`, those stay released and raise when used. A tensor that is not
+    released (a buffer of a model built under :func:`skeleton`, or any tensor of a model
+    built normally) is initialised only when ``names`` names it: pass
+    ``names=report.missing`` for those (any named tensor is released first, whatever it
+    holds). The tensor objects stay
     the same (references and tied weights stay valid). Each is initialised by the
     ``reset_parameters()`` of the module that holds it (``_reset_parameters()`` for
     ``nn.MultiheadAttention``), as a fresh model would be, even inside :func:`skeleton`;
