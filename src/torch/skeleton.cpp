@@ -277,8 +277,9 @@ void follow_on_meta(const c10::OperatorHandle& op, torch::jit::Stack* stack, con
   for (size_t i = stack->size() - n; i < stack->size(); ++i) meta.push_back(to_meta((*stack)[i]));
   try {
     op.callBoxed(&meta);
-  } catch (const c10::Error& e) {
-    std::string what = e.what_without_backtrace();
+  } catch (const std::exception& e) {  // c10::Error, or (torch 2.x) a Python meta kernel's error
+    const auto* torch_error = dynamic_cast<const c10::Error*>(&e);
+    std::string what = torch_error ? torch_error->what_without_backtrace() : e.what();
     what = what.substr(0, std::min(what.find('\n'), what.find(". ")));  // LibTorch's first sentence
     TORCH_CHECK(false, "tensormap: ", op.operator_name(), " was called inside a skeleton scope on a tensor of "
                 "the skeleton (", shape_of(released), "), whose values do not exist until a checkpoint is "
