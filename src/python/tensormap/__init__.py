@@ -108,9 +108,9 @@ def skeleton():
 
 def build_skeleton(factory: Callable[..., torch.nn.Module], *args, **kwargs) -> torch.nn.Module:
     """``factory(*args, **kwargs)`` (a model class, say) under :func:`skeleton`, then
-    :func:`release`: a model without weight memory whose every tensor raises when used
-    until :func:`load` binds it, so that what a non-strict load leaves is never read as
-    garbage (:func:`materialize` initialises it). The C++ ``tensormap::build_skeleton``."""
+    :func:`release`: a model without weight memory whose every tensor, buffers included,
+    raises when used until :func:`load` binds it, so that what a non-strict load leaves is
+    never read as garbage (:func:`materialize` initialises it). The C++ ``tensormap::build_skeleton``."""
     with skeleton():
         model = factory(*args, **kwargs)
     return release(model)
