@@ -306,7 +306,8 @@ int cmd_run(const Args& a) {
         }
         at::Tensor value;
         level->read(rest, value);
-        target.set_data(value);  // the parameter takes the loaded storage as its own
+        target.set_(value);  // the parameter takes the loaded storage as its own (set_data
+                             // refuses a released tensor: LibTorch compares dispatch keys)
       }
     } else {
       tensormap::load(*model, path);

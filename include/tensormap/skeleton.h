@@ -69,6 +69,11 @@ class TENSORMAP_EXPORT SkeletonScope {
 // BF16 checkpoint's dtype with `model->to(torch::kBFloat16)` before a map-mode load.
 // A tensor that a non-strict load left released (the checkpoint lacked it) says so in
 // its error; materialize gives it memory.
+// Two operations give a released tensor data, since neither reads what it lacks:
+// `t.set_(other)` (under a NoGradGuard) binds it to another tensor's storage, as a load
+// does; outside a SkeletonScope, `t.copy_(src)` gives it memory of its own and fills it
+// (so torch::load or Python's load_state_dict into a skeleton work, at the usual 2x).
+// Tensor::set_data refuses a released tensor (LibTorch compares their dispatch keys).
 TENSORMAP_EXPORT void release(torch::nn::Module& module);
 
 // Releases one CPU tensor in place, as release(module) releases each of a module's (a

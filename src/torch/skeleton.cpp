@@ -290,9 +290,36 @@ void follow_on_meta(const c10::OperatorHandle& op, torch::jit::Stack* stack, con
   for (const c10::IValue& v : meta) torch::jit::push(*stack, from_meta(v));
 }
 
+// set_ and copy_ into a released tensor from tensors that hold data give it data: set_
+// binds it to their storage (as a load does); copy_, outside a skeleton scope, gives it
+// memory of its own and fills it whole (load_state_dict into a skeleton). Neither reads
+// the missing values. False for any other call, which then goes the usual way.
+bool bind_released(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const std::string& name = op.operator_name().name;
+  const bool is_set = name == "aten::set_", is_copy = name == "aten::copy_";
+  if (!(is_set || (is_copy && !in_skeleton_scope()))) return false;
+  const size_t n = op.schema().arguments().size(), first = stack->size() - n;
+  if (!(*stack)[first].isTensor() || !has_released_bit((*stack)[first].toTensor())) return false;
+  for (size_t i = first + 1; i < stack->size(); ++i) {
+    if ((*stack)[i].isTensor() && has_released_bit((*stack)[i].toTensor())) return false;
+  }
+  const at::Tensor self = (*stack)[first].toTensor();
+  {
+    OutsideSkeleton outside;
+    at::NoGradGuard no_grad;
+    const at::Tensor memory =
+        is_copy ? at::empty_strided(self.sizes(), self.strides(), self.options().device(at::kCPU)) : at::Tensor();
+    detail::prepare_to_bind(self);
+    if (memory.defined()) at::Tensor(self).set_(memory);
+  }
+  op.redispatchBoxed(keys.remove_backend(kReleasedBit), stack);
+  return true;
+}
+
 // Every operator that lands on PrivateUse1. Outside a skeleton scope that is an operator
 // on a released tensor, which it refuses. Inside one, see the file's opening comment.
 void on_private_use(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  if (bind_released(op, keys, stack)) return;
   if (!in_skeleton_scope() || changes_description_only(op.operator_name())) {
     checked_passthrough(op, keys, stack);
     return;

@@ -428,6 +428,17 @@ def test_skeleton_with_arithmetic_on_weights_costs_no_memory_and_loads_to_the_sa
         assert torch.equal(model(ids), source(ids)), name
 
 
+def test_load_state_dict_into_a_skeleton_gives_its_tensors_memory():
+    torch.manual_seed(0)
+    source = InitPatterns()
+    with tensormap.skeleton():
+        model = InitPatterns()
+    model.load_state_dict(source.state_dict())
+    assert not any(tensormap.is_released(t) for t in model.state_dict(keep_vars=True).values())
+    ids = torch.tensor([[1, 2]])
+    assert torch.equal(model(ids), source(ids))
+
+
 def test_skeleton_refuses_to_read_a_value_it_does_not_have():
     with tensormap.skeleton():
         model = InitPatterns()

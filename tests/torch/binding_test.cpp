@@ -402,6 +402,25 @@ TEST(Skeleton, AnInitialisationWithArithmeticLoadsToTheOriginalsOutputs) {
   EXPECT_TRUE(torch::equal(skeleton->forward(x), original->forward(x)));
 }
 
+TEST(Skeleton, SetBindsAReleasedTensorAndCopyGivesItMemory) {
+  auto net = build_skeleton([] { return NetModule(); });
+  torch::manual_seed(4);
+  const at::Tensor weight = torch::randn({16, 8}), bias = torch::randn({16});
+  {
+    torch::NoGradGuard no_grad;
+    net->fc1->weight.set_(weight);
+    net->fc1->bias.copy_(bias);
+  }
+  EXPECT_FALSE(is_released(net->fc1->weight) || is_released(net->fc1->bias));
+  EXPECT_EQ(net->fc1->weight.data_ptr(), weight.data_ptr()) << "set_ binds, zero-copy";
+  EXPECT_NE(net->fc1->bias.data_ptr(), bias.data_ptr()) << "copy_ gives it its own memory";
+  EXPECT_TRUE(torch::equal(net->fc1->bias, bias));
+  EXPECT_TRUE(net->fc1->weight.requires_grad() && net->fc1->weight.is_leaf());
+  EXPECT_TRUE(is_released(net->fc2->weight)) << "the others stay released";
+  torch::NoGradGuard no_grad;
+  EXPECT_THROW(torch::zeros({4, 16}).copy_(net->fc2->weight), c10::Error) << "a released source has no data";
+}
+
 TEST(Skeleton, BuiltThenLoadedGivesTheSameOutputsAsBuiltNormally) {
   TempDir dir;
   const std::string path = dir.file("net.tmap");
