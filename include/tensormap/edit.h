@@ -14,10 +14,18 @@
 // with reflink); elsewhere the kernel copies them, still without passing them through
 // this process. Their checksums are carried over, not recomputed. New tensors are
 // streamed in, so memory stays bounded whatever the sizes. Views and models mapped from
-// the old file keep the old file's pages. An edit reads the file it opened: if another
-// process replaces the file meanwhile, the edit's rename wins and that save is lost, as
-// with any read-modify-write; if the opened file shrinks, commit() throws
-// Error(Truncated) and writes nothing.
+// the old file keep the old file's pages.
+//
+// Edits of one file run one at a time, across processes and threads: open() waits while
+// another Editor of the same file (under any of its names) is open, and the lock is let go
+// when commit() ends or the Editor is destroyed, so the second edit reads the first one's
+// result and neither update is lost. The lock is a POSIX record lock on a lock file beside
+// the file's real path, ".<name>.lock", removed when the lock is let go
+// (Boost.Interprocess's file_lock; the kernel frees the lock of a process that dies, whose
+// lock file the next edit reuses). Writers that do not edit (save, convert)
+// do not take it: a save that replaces the file while an edit is open is lost to the
+// edit's rename, as with any read-modify-write. If the opened file shrinks, commit()
+// throws Error(Truncated) and writes nothing.
 //
 // Thread-safety: an Editor is used by one thread at a time.
 #pragma once
@@ -45,9 +53,11 @@ struct EditReport {
 
 class TENSORMAP_EXPORT Editor {
  public:
-  // Opens and validates the tensormap file at `path` (rules 1 to 20, as File::open).
-  // Throws what File::open throws; Error(InvalidArgument) for a file of another format
-  // (convert it to tensormap first).
+  // Waits for the file's edit lock (see above), then opens and validates the tensormap
+  // file at `path` (rules 1 to 20, as File::open). Throws what File::open throws;
+  // Error(InvalidArgument) for a file of another format (convert it to tensormap first);
+  // Error(Io) if the lock file cannot be made beside it; Error(InvalidArgument) if an
+  // Editor of the same file is open on this thread (it would wait for itself).
   static Editor open(const std::string& path);
   ~Editor();
   Editor(Editor&&) noexcept;

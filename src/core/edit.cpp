@@ -8,8 +8,9 @@
 #include <utility>
 
 #include "mapping.h"
-#include "posix_io.h"
 #include "names.h"
+#include "path_lock.h"
+#include "posix_io.h"
 #include "tensormap/error.h"
 #include "tensormap/file.h"
 
@@ -28,8 +29,10 @@ struct Editor::Impl {
     std::string source_name;
   };
 
-  Impl(std::shared_ptr<const detail::Mapping> m, File f) : mapping(std::move(m)), file(std::move(f)) {}
+  Impl(std::unique_ptr<detail::PathLock> l, std::shared_ptr<const detail::Mapping> m, File f)
+      : lock(std::move(l)), mapping(std::move(m)), file(std::move(f)) {}
 
+  std::unique_ptr<detail::PathLock> lock;  // held from open to the end of commit (or destruction)
   std::shared_ptr<const detail::Mapping> mapping;
   File file;
   std::vector<Entry> entries;  // in the new file's order
@@ -64,6 +67,9 @@ Editor::Editor(Editor&&) noexcept = default;
 Editor& Editor::operator=(Editor&&) noexcept = default;
 
 Editor Editor::open(const std::string& path) {
+  // Locked before reading: a concurrent edit of the same file finishes first, and this
+  // one reads its result instead of overwriting it.
+  auto lock = std::make_unique<detail::PathLock>(path);
   auto mapping = std::make_shared<const detail::Mapping>(path);
   File file = detail::open_file(mapping);
   if (file.format() != Format::Tensormap) {
@@ -71,7 +77,7 @@ Editor Editor::open(const std::string& path) {
                 path + ": only tensormap files can be edited, this is a " + format_name(file.format()) +
                     " file (tensormap convert it to a .tmap first)");
   }
-  auto impl = std::make_unique<Impl>(mapping, file);
+  auto impl = std::make_unique<Impl>(std::move(lock), mapping, file);
   for (const TensorEntry& t : impl->file.tensors()) {
     Impl::Entry e({std::string(t.name), t.dtype, {t.dims.begin(), t.dims.begin() + t.rank}}, Impl::Kind::Keep);
     e.old = &t;
@@ -127,6 +133,10 @@ EditReport Editor::commit(bool sync) {
   Impl& e = *impl_;
   e.check_usable();
   e.spent = true;
+  struct Unlock {  // whatever happens, a spent Editor lets the next edit of the file go on
+    Impl& e;
+    ~Unlock() { e.lock.reset(); }
+  } unlock{e};
   // An alias stays one while its target is kept unchanged before it; otherwise (its
   // target removed or replaced) it keeps its bytes, copied from the old file.
   std::vector<TensorSpec> specs;

@@ -9,11 +9,14 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <future>
+#include <thread>
 #include <cstring>
 #include <csignal>
 #include <random>
 #include <set>
 
+#include "../../src/core/path_lock.h"
 #include "../../src/core/posix_io.h"
 #include "support.h"
 
@@ -394,6 +397,155 @@ TEST(Editor, RefusesFilesOfOtherFormatsAndNamesTheFile) {
 
 // The bytes that stay never pass through the process: removing a small tensor from a
 // file with a 512 MiB one grows the peak by far less than that tensor.
+// --- Editor: one edit of a file at a time (Boost.Interprocess file_lock, path_lock.h) --
+
+std::string metadata_of(const std::string& path, const std::string& key) {
+  const File file = File::open(path);  // metadata() views the file's bytes
+  for (const auto& [k, v] : file.metadata()) {
+    if (k == key) return std::string(v);
+  }
+  return "";
+}
+
+// Opens an Editor of `path`, then says so on `ready` (a pipe's write end) and waits `hold`
+// before setting `key` and committing. The end of a forked child: exits 0 or 1.
+[[noreturn]] void edit_in_child(const std::string& path, int ready, std::chrono::milliseconds hold,
+                                const std::string& key) {
+  int status = 1;
+  try {
+    Editor editor = Editor::open(path);
+    if (ready >= 0 && ::write(ready, "x", 1) != 1) ::_exit(1);
+    std::this_thread::sleep_for(hold);
+    editor.set_metadata(key, "done");
+    editor.commit(/*sync=*/false);
+    status = 0;
+  } catch (...) {
+  }
+  ::_exit(status);
+}
+
+TEST(EditorLock, TwoProcessesEditingOneFileBothUpdatesSurvive) {
+  TempDir dir;
+  const std::string path = dir.file("model.tmap");
+  write_pattern_file(path, {{"a", Dtype::U8, {16}}});
+  int pipe_fds[2];
+  ASSERT_EQ(::pipe(pipe_fds), 0);
+  const pid_t first = ::fork();
+  if (first == 0) edit_in_child(path, pipe_fds[1], std::chrono::milliseconds(400), "first");
+  char c;
+  ASSERT_EQ(::read(pipe_fds[0], &c, 1), 1) << "the first edit opened the file";
+  // The second edit opens while the first holds the file: without the lock it would read
+  // the old file and its rename would drop the first edit's update.
+  const pid_t second = ::fork();
+  if (second == 0) edit_in_child(path, -1, std::chrono::milliseconds(0), "second");
+  for (pid_t pid : {first, second}) {
+    int status = 0;
+    ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  }
+  ::close(pipe_fds[0]);
+  ::close(pipe_fds[1]);
+  EXPECT_EQ(metadata_of(path, "first"), "done");
+  EXPECT_EQ(metadata_of(path, "second"), "done");
+}
+
+TEST(EditorLock, EightProcessesEditingAtOnceKeepEveryUpdateAndLeaveNothingBehind) {
+  TempDir dir;
+  const std::string path = dir.file("model.tmap");
+  write_pattern_file(path, {{"a", Dtype::U8, {16}}});
+  std::vector<pid_t> children;
+  for (int i = 0; i < 8; ++i) {
+    const pid_t pid = ::fork();
+    if (pid == 0) edit_in_child(path, -1, std::chrono::milliseconds(5), "edit" + std::to_string(i));
+    children.push_back(pid);
+  }
+  for (pid_t pid : children) {
+    int status = 0;
+    ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  }
+  for (int i = 0; i < 8; ++i) EXPECT_EQ(metadata_of(path, "edit" + std::to_string(i)), "done") << i;
+  EXPECT_EQ(dir.entries(), std::vector<std::string>{"model.tmap"}) << "no lock file, no temporary";
+}
+
+TEST(EditorLock, TwoThreadsEditingOneFileBothUpdatesSurvive) {
+  TempDir dir;
+  const std::string path = dir.file("model.tmap");
+  write_pattern_file(path, {{"a", Dtype::U8, {16}}});
+  std::promise<void> opened;
+  std::thread first([&] {
+    Editor editor = Editor::open(path);
+    opened.set_value();
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    editor.set_metadata("first", "done");
+    editor.commit(/*sync=*/false);
+  });
+  opened.get_future().wait();
+  Editor second = Editor::open(path);  // waits for the first thread's commit
+  second.set_metadata("second", "done");
+  second.commit(/*sync=*/false);
+  first.join();
+  EXPECT_EQ(metadata_of(path, "first"), "done");
+  EXPECT_EQ(metadata_of(path, "second"), "done");
+}
+
+TEST(EditorLock, AnEditorDestroyedWithoutCommitLetsTheNextOneOpen) {
+  TempDir dir;
+  const std::string path = dir.file("model.tmap");
+  write_pattern_file(path, {{"a", Dtype::U8, {16}}});
+  { Editor abandoned = Editor::open(path); }
+  Editor next = Editor::open(path);
+  next.set_metadata("k", "v");
+  next.commit(/*sync=*/false);
+  EXPECT_EQ(metadata_of(path, "k"), "v");
+}
+
+TEST(EditorLock, ASecondEditorOnTheSameThreadIsRefusedNotADeadlock) {
+  TempDir dir;
+  const std::string path = dir.file("model.tmap");
+  write_pattern_file(path, {{"a", Dtype::U8, {16}}});
+  Editor first = Editor::open(path);
+  try {
+    Editor second = Editor::open(path);
+    FAIL() << "a second Editor of an open file was opened on the same thread";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::InvalidArgument);
+    EXPECT_NE(std::string(e.what()).find(path), std::string::npos) << e.what();
+  }
+}
+
+TEST(EditorLock, ASymlinkAndItsTargetShareOneLockFileBesideTheTarget) {
+  TempDir dir;
+  const std::string real = dir.file("real.tmap"), link = dir.file("latest.tmap");
+  write_pattern_file(real, {{"a", Dtype::U8, {16}}});
+  ASSERT_EQ(::symlink(real.c_str(), link.c_str()), 0);
+  detail::PathLock lock(link);
+  EXPECT_EQ(lock.lock_path(), dir.file(".real.tmap.lock"));
+  EXPECT_THROW(detail::PathLock again(real), Error) << "the target's lock is the link's";
+}
+
+TEST(EditorLock, AProcessKilledWhileEditingReleasesTheLock) {
+  TempDir dir;
+  const std::string path = dir.file("model.tmap");
+  write_pattern_file(path, {{"a", Dtype::U8, {16}}});
+  int pipe_fds[2];
+  ASSERT_EQ(::pipe(pipe_fds), 0);
+  const pid_t child = ::fork();
+  if (child == 0) edit_in_child(path, pipe_fds[1], std::chrono::hours(1), "never");
+  char c;
+  ASSERT_EQ(::read(pipe_fds[0], &c, 1), 1);
+  ::kill(child, SIGKILL);
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ::close(pipe_fds[0]);
+  ::close(pipe_fds[1]);
+  Editor editor = Editor::open(path);  // the kernel freed the dead process's record lock
+  editor.set_metadata("after", "done");
+  editor.commit(/*sync=*/false);
+  EXPECT_EQ(metadata_of(path, "after"), "done");
+  EXPECT_EQ(metadata_of(path, "never"), "");
+}
+
 TEST(Editor, KeptTensorsAreCopiedWithBoundedMemory) {
   TempDir dir;
   const std::string path = dir.file("big.tmap");
