@@ -276,12 +276,13 @@ std::shared_ptr<const Source> open_torch_save(std::shared_ptr<const Mapping> fil
   source->path = path;
   source->file = file;
   source->skipped_values = std::move(collector.skipped);
-  if (collector.tensors.empty() && !source->skipped_values.empty()) {
+  if (collector.tensors.empty()) {  // torch.save({}) too: a checkpoint with nothing to load
     const auto& s = source->skipped_values;
     throw Error(ErrorKind::UnsupportedArchive,
                 path + ": holds no tensor; its root is " +
-                    (s.size() == 1 && s[0].first == "<root>" ? s[0].second
-                                                             : std::to_string(s.size()) + " values that are not tensors"));
+                    (s.empty()                                     ? std::string("an empty container")
+                     : s.size() == 1 && s[0].first == "<root>" ? s[0].second
+                                                               : std::to_string(s.size()) + " values that are not tensors"));
   }
   for (auto& [name, desc] : collector.tensors) {
     const ZipRecord& r = records.at("data/" + desc.key);

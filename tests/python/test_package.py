@@ -787,3 +787,39 @@ def test_map_loading_1_gib_from_python_adds_under_32_mib_of_anonymous_memory(tmp
     # The measure sees a copy: copy mode owns the 1 GiB (the control that this test can fail).
     assert figures["copy"]["used"] > 1000 << 20, figures
     assert figures["copy"]["total"] == figures["map"]["total"]
+
+
+# --- what the reader refuses ------------------------------------------------------------------
+
+@pytest.mark.parametrize("content", [{}, [], {"epoch": 3, "args": ["lr", 0.1]}], ids=["empty-dict", "empty-list", "no-tensor"])
+def test_an_archive_with_no_tensor_is_refused_by_every_entry_point(tmp_path, cli, content):
+    path = tmp_path / "e.pt"
+    torch.save(content, path)
+    with pytest.raises(tensormap.Error, match="holds no tensor") as e:
+        tensormap.open(path)
+    assert e.value.kind == "UnsupportedArchive"
+    with pytest.raises(tensormap.Error, match="holds no tensor"):
+        tensormap.verify(path)
+    with pytest.raises(tensormap.Error, match="holds no tensor"):
+        tensormap.load(nn.Linear(2, 2), path, strict=False)
+    for args in (["inspect", str(path)], ["verify", str(path)], ["convert", str(path), str(tmp_path / "e.tmap")]):
+        out = subprocess.run([cli, *args], capture_output=True, text=True)
+        assert out.returncode == 1, (args, out.stdout, out.stderr)
+        assert "holds no tensor" in out.stderr and str(path) in out.stderr, (args, out.stderr)
+    assert not (tmp_path / "e.tmap").exists()
+
+
+def test_tensor_names_are_str_everywhere_as_in_safe_open(tmp_path):
+    tensormap.save({"w": torch.ones(2)}, tmp_path / "k.safetensors")
+    with tensormap.safe_open(tmp_path / "k.safetensors", "pt") as f:
+        for call in (f.get_tensor, f.get_slice, f.info, f.alias_of, f.raw_bytes):
+            with pytest.raises(TypeError, match="str, not bytes"):
+                call(b"w")
+            with pytest.raises(TypeError, match="str, not int"):
+                call(1)
+        with pytest.raises(TypeError):
+            f.slice(b"w", 0, 0, 1)
+        with pytest.raises(KeyError):
+            f[b"w"]
+        assert b"w" not in f and "w" in f
+        assert torch.equal(f.get_tensor("w"), f["w"])

@@ -414,7 +414,15 @@ class Checkpoint(collections.abc.Mapping):
             raise ValueError("the tensormap.Checkpoint is closed")
         return self._open
 
-    # Mapping
+    @staticmethod
+    def _name(name) -> str:
+        """Tensor names are str, as in safetensors' safe_open (which refuses bytes too):
+        pybind11 would otherwise take bytes for a std::string."""
+        if not isinstance(name, str):
+            raise TypeError(f"a tensor name is a str, not {type(name).__name__} ({name!r})")
+        return name
+
+    # Mapping (a key that is not a str is not there, as in a dict of str keys)
     def __getitem__(self, name: str) -> torch.Tensor:
         if not isinstance(name, str) or name not in self._state:
             raise KeyError(name)
@@ -451,11 +459,11 @@ class Checkpoint(collections.abc.Mapping):
     def info(self, name: str) -> Dict[str, object]:
         """``dtype`` (its safetensors spelling), ``shape`` and ``byte_length``, read
         without touching the tensor's data."""
-        return self._state.info(name)
+        return self._state.info(self._name(name))
 
     def alias_of(self, name: str) -> Optional[str]:
         """The name whose bytes ``name`` shares (a tied weight stored once), or None."""
-        return self._state.alias_of(name)
+        return self._state.alias_of(self._name(name))
 
     def skipped(self) -> List[Tuple[str, str]]:
         """What a torch.save archive holds besides tensors, not read (where, what)."""
@@ -465,19 +473,19 @@ class Checkpoint(collections.abc.Mapping):
     def slice(self, name: str, dim: int, start: int, length: int) -> torch.Tensor:
         """Elements ``[start, start + length)`` of the tensor along ``dim``, reading only
         them (zero-copy along dimension 0)."""
-        return self._state.slice(name, dim, start, length)
+        return self._state.slice(self._name(name), dim, start, length)
 
     def raw_bytes(self, name: str) -> torch.Tensor:
         """The tensor's bytes, owned, as a flat uint8 tensor (any dtype, even one this
         torch lacks)."""
-        return self._state.raw_bytes(name)
+        return self._state.raw_bytes(self._name(name))
 
     # safetensors' safe_open
     def get_tensor(self, name: str) -> torch.Tensor:
-        return self._state.at(name)
+        return self._state.at(self._name(name))
 
     def get_slice(self, name: str) -> Slice:
-        return Slice(self._state, name)
+        return Slice(self._state, self._name(name))
 
     def offset_keys(self) -> List[str]:
         return self.keys()
