@@ -72,6 +72,14 @@ TENSORMAP_EXPORT ErrorGroup error_group(ErrorKind kind);
 // long text shortened. Safe for hostile bytes (a name read from an untrusted file).
 TENSORMAP_EXPORT std::string quoted_name(std::string_view text);
 
+// `text` (a tensor name, a metadata value: bytes from a file) as a terminal may show it,
+// whole and unquoted: every byte that could drive the terminal or forge a line (C0 and
+// C1 control characters, DEL, bidirectional overrides, line and paragraph separators,
+// and all bytes of text that is not UTF-8) is written as \xNN, and a backslash as \\, so
+// that the result is unambiguous. Clean text comes back unchanged. For human-readable
+// output; JSON output carries the exact bytes instead.
+TENSORMAP_EXPORT std::string printable(std::string_view text);
+
 // The kind's name as the spec spells it, e.g. "BadMagic".
 TENSORMAP_EXPORT const char* error_kind_name(ErrorKind kind);
 

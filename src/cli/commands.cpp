@@ -157,13 +157,13 @@ int diff(const std::string& a_path, const std::string& b_path) {
   int differences = 0;
   for (const std::string& name : a.keys()) {
     if (!b.contains(name)) {
-      std::cout << "only in A: " << name << "\n";
+      std::cout << "only in A: " << printable(name) << "\n";
       ++differences;
     }
   }
   for (const std::string& name : b.keys()) {
     if (!a.contains(name)) {
-      std::cout << "only in B: " << name << "\n";
+      std::cout << "only in B: " << printable(name) << "\n";
       ++differences;
     }
   }
@@ -171,7 +171,7 @@ int diff(const std::string& a_path, const std::string& b_path) {
     if (!b.contains(name)) continue;
     const std::string line = difference(a, b, name);
     if (!line.empty()) {
-      std::cout << "changed: " << name << ": " << line << "\n";
+      std::cout << "changed: " << printable(name) << ": " << line << "\n";
       ++differences;
     }
     a.evict(name);
@@ -216,13 +216,14 @@ int inspect_state(const Checkpoint& sd, bool json) {
   std::cout << path << ": " << format_name(sd.format()) << ", " << sd.size() << " tensors, " << data
             << " bytes of data\n";
   for (const auto& t : out["tensors"]) {
-    std::cout << "  " << t["name"].get<std::string>() << "  " << t["dtype"].get<std::string>() << "  "
+    std::cout << "  " << printable(t["name"].get<std::string>()) << "  " << t["dtype"].get<std::string>() << "  "
               << t["shape"].dump() << "  " << t["byte_length"].get<uint64_t>()
-              << (t.contains("alias_of") ? "  (alias of " + t["alias_of"].get<std::string>() + ")" : "") << "\n";
+              << (t.contains("alias_of") ? "  (alias of " + printable(t["alias_of"].get<std::string>()) + ")" : "")
+              << "\n";
   }
   if (!skipped.empty()) {
     std::cout << skipped.size() << " values that are not tensors were skipped:\n";
-    for (const auto& [where, what] : skipped) std::cout << "  " << where << ": " << what << "\n";
+    for (const auto& [where, what] : skipped) std::cout << "  " << printable(where) << ": " << printable(what) << "\n";
   }
   return 0;
 }

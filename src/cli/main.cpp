@@ -129,23 +129,26 @@ int inspect(const std::string& path, bool json) {
   std::cout << ", " << human_bytes(data) << " of data, file " << human_bytes(f.file_size()) << "\n";
   if (!f.metadata().empty()) {
     std::cout << "metadata:\n";
-    for (const auto& [k, v] : f.metadata()) std::cout << "  " << k << ": " << v << "\n";
+    for (const auto& [k, v] : f.metadata()) std::cout << "  " << printable(k) << ": " << printable(v) << "\n";
   }
   size_t name_width = 4, shape_width = 5;
+  std::vector<std::string> names;  // as the terminal may show them: a name is untrusted bytes
   for (const auto& e : f.tensors()) {
-    name_width = std::max(name_width, e.name.size());
+    names.push_back(printable(e.name));
+    name_width = std::max(name_width, names.back().size());
     shape_width = std::max(shape_width, shape_text(e).size());
   }
   std::printf("%-*s  %-7s  %-*s  %14s  %14s  %-16s\n", static_cast<int>(name_width), "name", "dtype",
               static_cast<int>(shape_width), "shape", "offset", "bytes", "checksum");
-  for (const auto& e : f.tensors()) {
+  for (size_t i = 0; i < f.tensors().size(); ++i) {
+    const TensorEntry& e = f.tensors()[i];
     std::printf("%-*s  %-7s  %-*s  %14llu  %14llu  %s\n", static_cast<int>(name_width),
-                std::string(e.name).c_str(), std::string(dtype_name(e.dtype)).c_str(),
+                names[i].c_str(), std::string(dtype_name(e.dtype)).c_str(),
                 static_cast<int>(shape_width), shape_text(e).c_str(),
                 static_cast<unsigned long long>(e.offset),
                 static_cast<unsigned long long>(e.byte_length),
                 f.has_checksums() ? hex16(e.checksum).c_str() : "-");
-    if (e.alias_of) std::printf("    (alias of %s)\n", std::string(f.tensors()[*e.alias_of].name).c_str());
+    if (e.alias_of) std::printf("    (alias of %s)\n", names[*e.alias_of].c_str());
   }
   return 0;
 }
@@ -187,7 +190,8 @@ int warm(const std::vector<std::string>& paths) {
     for (const std::string& file : files) {
       const WarmReport r = warm_page_cache(file);
       std::printf("%s: %.0f%% cached before; mapped with 2 MiB pages: %.0f%% before, %.0f%% after (%s)\n",
-                  file.c_str(), 100 * r.cached_before, 100 * r.share_before, 100 * r.share_after, r.method.c_str());
+                  printable(file).c_str(), 100 * r.cached_before, 100 * r.share_before, 100 * r.share_after,
+                  r.method.c_str());
     }
   }
   if (!support.madvise_hugepage || support.thp_mode == "never") {

@@ -103,6 +103,51 @@ def test_diff_reports_names_and_shapes(tmp):
           r.returncode == 1 and "changed: w: max abs difference" in r.stdout, r.stdout)
 
 
+def write_safetensors(path, tensors, metadata=None):
+    """A safetensors file written by hand: {name: (dtype, shape, bytes)}."""
+    header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = metadata
+    for name, (dtype, shape, data) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text + b"".join(t[2] for t in tensors.values()))
+
+
+HOSTILE = "a\x1b[31mRED\nfake line\x07\u009b2J\u202eevil"  # colour, a forged row, a bell, C1 CSI, bidi
+
+
+def test_names_and_metadata_from_a_file_cannot_drive_the_terminal(tmp):
+    weights = os.path.join(tmp, "w.safetensors")
+    write_safetensors(weights, {HOSTILE: ("U8", [4], bytes(4)), "plain": ("U8", [2], bytes(2))},
+                      {"note": "title\x1b]0;owned\x07 here", HOSTILE: "x"})
+    tmap = os.path.join(tmp, "w.tmap")
+    converted = run("convert", weights, tmap)
+    shard = "s\x1b[2Jhard.safetensors"
+    write_safetensors(os.path.join(tmp, shard), {HOSTILE: ("U8", [4], bytes(4))})
+    index = os.path.join(tmp, "model.safetensors.index.json")
+    with open(index, "w") as f:
+        json.dump({"metadata": {}, "weight_map": {HOSTILE: shard}}, f)
+    plain = os.path.join(tmp, "plain.safetensors")
+    write_safetensors(plain, {"plain": ("U8", [2], bytes(2))})
+    name = "\\x1b[31mRED\\x0afake line\\x07\\xc2\\x9b2J\\xe2\\x80\\xaeevil"  # as printed
+    outputs = {"inspect tmap": (run("inspect", tmap), name), "inspect safetensors": (run("inspect", weights), name),
+               "inspect sharded": (run("inspect", index), name), "diff": (run("diff", tmap, plain), name),
+               "warm": (run("warm", index), "s\\x1b[2Jhard.safetensors")}
+    for what, (r, shown) in outputs.items():
+        raw = [c for c in ("\x1b", "\x07", "\u009b", "\u202e") if c in r.stdout + r.stderr]
+        forged = [line for line in r.stdout.splitlines() if line.startswith("fake line")]
+        check(f"{what}: untrusted names print escaped", converted.returncode == 0 and r.returncode in (0, 1)
+              and not raw and not forged and shown in r.stdout,
+              f"exit {r.returncode}, raw {raw}, forged {forged}: {r.stdout!r} {r.stderr!r}")
+    r = run("inspect", "--json", tmap)
+    names = [t["name"] for t in json.loads(r.stdout)["tensors"]]
+    check("inspect --json keeps the exact bytes of a name", HOSTILE in names, names)
+
+
 def test_convert_to_safetensors_and_back_is_bit_identical(tmp):
     st = os.path.join(tmp, "model.safetensors")
     r = run("convert", os.path.join(VALID, "all_dtypes.tmap"), st)

@@ -478,6 +478,19 @@ TEST(DtypeConversion, EveryRealDtypeWidensToDouble) {
   EXPECT_FALSE(to_f64(Dtype::C64, c64, &d, 1));
 }
 
+TEST(Printable, CleanTextIsUnchangedAndEverythingThatDrivesATerminalIsEscaped) {
+  EXPECT_EQ(printable("layers.0.attn.weight"), "layers.0.attn.weight");
+  EXPECT_EQ(printable("caf\xc3\xa9 \xe6\xa8\xa1\xe5\x9e\x8b"), "caf\xc3\xa9 \xe6\xa8\xa1\xe5\x9e\x8b") << "readable UTF-8 stays";
+  EXPECT_EQ(printable("a\x1b[31mRED\nfake\x07"), "a\\x1b[31mRED\\x0afake\\x07");
+  EXPECT_EQ(printable("\x7f"), "\\x7f");
+  EXPECT_EQ(printable("\xc2\x9b" "2J"), "\\xc2\\x9b2J") << "C1 CSI, which some terminals obey";
+  EXPECT_EQ(printable("a\xe2\x80\xae" "b"), "a\\xe2\\x80\\xaeb") << "a bidirectional override";
+  EXPECT_EQ(printable("\xe2\x80\xa8"), "\\xe2\\x80\\xa8") << "a line separator";
+  EXPECT_EQ(printable("x\xff\xc3\xa9"), "x\\xff\\xc3\\xa9") << "not UTF-8: every high byte";
+  EXPECT_EQ(printable("a\\x1b"), "a\\\\x1b") << "a backslash is doubled, so escapes are unambiguous";
+  EXPECT_EQ(printable(std::string_view("a\0b", 3)), "a\\x00b");
+}
+
 TEST(Errors, EveryKindHasOneNameThatReadsBackAndAGroup) {
   int rules = 0;
   for (int k = 0; k <= static_cast<int>(ErrorKind::LibTorch); ++k) {
