@@ -52,6 +52,23 @@ std::string parent_directory(const std::string& path) {
   return path.substr(0, slash);
 }
 
+std::string write_target(const std::string& path) {
+  std::string current = path;
+  for (int links = 0; links <= 40; ++links) {
+    struct stat st {};
+    if (::lstat(current.c_str(), &st) != 0 || !S_ISLNK(st.st_mode)) return current;
+    std::string target(static_cast<size_t>(st.st_size) + 1, '\0');
+    ssize_t n;
+    while ((n = ::readlink(current.c_str(), target.data(), target.size())) >= static_cast<ssize_t>(target.size())) {
+      target.resize(target.size() * 2);  // the link changed since lstat
+    }
+    if (n < 0) throw_io(current, "cannot read the symbolic link", errno);
+    target.resize(static_cast<size_t>(n));
+    current = target.front() == '/' ? target : parent_directory(current) + "/" + target;
+  }
+  throw_io(path, "cannot write through it", ELOOP);
+}
+
 void sync_parent_directory(const std::string& path) {
   const std::string dir = parent_directory(path);
   const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -173,7 +190,7 @@ void collect_stale_temporaries(const std::string& dir, const std::function<bool(
   ::closedir(d);
 }
 
-AtomicFile::AtomicFile(std::string path) : path_(std::move(path)) {
+AtomicFile::AtomicFile(std::string path) : path_(write_target(path)) {
   const std::string base = base_name(path_);
   collect_stale_temporaries(parent_directory(path_), [&](std::string_view destination) { return destination == base; });
   const std::string dir = parent_directory(path_);

@@ -21,6 +21,13 @@ constexpr uint64_t kStreamPieceBytes = uint64_t{16} << 20;
 // Writes all `size` bytes at `offset`, retrying short writes and EINTR.
 void pwrite_all(int fd, const void* data, size_t size, uint64_t offset, const std::string& path);
 
+// The file a write to `path` replaces: `path` itself or, where `path` is a symbolic link,
+// the file it finally points to (a relative target read from the link's directory), which
+// need not exist yet. Writers replace that file, in its own directory, and the links stay
+// links (a "latest.tmap -> step-1000.tmap" link, a Hugging Face cache's snapshot link).
+// Throws Error(Io) for more than 40 links in a row, as the kernel does.
+std::string write_target(const std::string& path);
+
 // fsync on the directory holding `path`.
 void sync_parent_directory(const std::string& path);
 

@@ -117,7 +117,7 @@ struct ShardedWriter::Impl {
 
 ShardedWriter::ShardedWriter(std::string index_path, std::vector<TensorSpec> tensors,
                              uint64_t max_shard_bytes, WriterOptions options)
-    : impl_(std::make_unique<Impl>(index_path, tensors)) {
+    : impl_(std::make_unique<Impl>(detail::write_target(index_path), tensors)) {  // shards beside the real index
   Impl& w = *impl_;
   const std::string suffix = ".index.json";
   const std::string base = base_name(index_path);
@@ -166,7 +166,7 @@ ShardedWriter::ShardedWriter(std::string index_path, std::vector<TensorSpec> ten
     }
     if (!taken) break;
   }
-  const std::string dir = detail::parent_directory(index_path);
+  const std::string dir = detail::parent_directory(w.index_path);  // the real index's directory
   // Shards of earlier saves that died between naming a shard and its rename, whatever
   // their shard count or tag (each shard's writer collects only its own name's).
   detail::collect_stale_temporaries(dir, [&](std::string_view shard) {

@@ -148,6 +148,20 @@ def test_names_and_metadata_from_a_file_cannot_drive_the_terminal(tmp):
     check("inspect --json keeps the exact bytes of a name", HOSTILE in names, names)
 
 
+def test_edit_and_convert_through_a_symlink_write_the_target_and_keep_the_link(tmp):
+    real, link = os.path.join(tmp, "real.tmap"), os.path.join(tmp, "link.tmap")
+    shutil.copy(os.path.join(VALID, "spec_example.tmap"), real)
+    os.symlink("real.tmap", link)
+    r = run("edit", link, "--metadata", "x=y")
+    check("edit through a symlink edits the target and keeps the link",
+          r.returncode == 0 and os.path.islink(link) and described(real)["metadata"].get("x") == "y"
+          and sorted(os.listdir(tmp)) == ["link.tmap", "real.tmap"], (r.stderr, os.listdir(tmp)))
+    r = run("convert", os.path.join(VALID, "align_64.tmap"), link)
+    check("convert onto a symlink replaces the target and keeps the link",
+          r.returncode == 0 and os.path.islink(link) and "a" in {t["name"] for t in described(real)["tensors"]},
+          r.stderr)
+
+
 def test_convert_to_safetensors_and_back_is_bit_identical(tmp):
     st = os.path.join(tmp, "model.safetensors")
     r = run("convert", os.path.join(VALID, "all_dtypes.tmap"), st)

@@ -722,6 +722,113 @@ TEST(ShardedWriter, SplitsAtTheShardSizeAndWritesAnIndexLast) {
   last.verify();
 }
 
+// --- symbolic links: a write replaces the link's target, in its directory; the link stays --
+
+bool is_symlink(const std::string& path) {
+  struct stat st {};
+  return ::lstat(path.c_str(), &st) == 0 && S_ISLNK(st.st_mode);
+}
+
+std::string entries_of(const std::filesystem::path& dir) {
+  std::vector<std::string> names;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) names.push_back(e.path().filename());
+  std::sort(names.begin(), names.end());
+  std::string out;
+  for (const auto& n : names) out += n + " ";
+  return out;
+}
+
+TEST(Symlinks, SavingOverALinkReplacesItsTargetAndKeepsTheLink) {
+  TempDir dir;
+  write_pattern_file(dir.file("step-1000.tmap"), {{"a", Dtype::U8, {8}}});
+  ASSERT_EQ(::symlink("step-1000.tmap", dir.file("latest.tmap").c_str()), 0);  // relative, as users make them
+  write_pattern_file(dir.file("latest.tmap"), {{"b", Dtype::U8, {4}}});
+  EXPECT_TRUE(is_symlink(dir.file("latest.tmap")));
+  EXPECT_TRUE(File::open(dir.file("step-1000.tmap")).find("b"));
+  EXPECT_EQ(entries_of(dir.path()), "latest.tmap step-1000.tmap ") << "no temporary, no second file";
+}
+
+TEST(Symlinks, TheTargetIsWrittenInItsOwnDirectory) {
+  TempDir links, blobs;
+  const std::string blob = blobs.file("3f2a9c");
+  write_pattern_file(blob, {{"a", Dtype::U8, {8}}}, WriterOptions{64, {}, false, Format::Safetensors});
+  ASSERT_EQ(::symlink(blob.c_str(), links.file("model.safetensors").c_str()), 0);  // absolute
+  write_pattern_file(links.file("model.safetensors"), {{"c", Dtype::U8, {4}}},
+                     WriterOptions{64, {}, false, Format::Safetensors});
+  EXPECT_TRUE(is_symlink(links.file("model.safetensors")));
+  EXPECT_TRUE(Checkpoint::open(blob).contains("c"));
+  EXPECT_EQ(entries_of(blobs.path()), "3f2a9c ");
+}
+
+TEST(Symlinks, ALinkToAFileNotYetWrittenCreatesIt) {
+  TempDir dir;
+  ASSERT_EQ(::symlink("step-2000.tmap", dir.file("latest.tmap").c_str()), 0);  // dangling
+  write_pattern_file(dir.file("latest.tmap"), {{"a", Dtype::U8, {8}}});
+  EXPECT_TRUE(is_symlink(dir.file("latest.tmap")));
+  EXPECT_TRUE(File::open(dir.file("step-2000.tmap")).find("a"));
+}
+
+TEST(Symlinks, EditingThroughALinkEditsTheTargetAndKeepsTheLink) {
+  TempDir dir;
+  write_pattern_file(dir.file("real.tmap"), {{"a", Dtype::U8, {8}}});
+  ASSERT_EQ(::symlink("real.tmap", dir.file("link.tmap").c_str()), 0);
+  Editor editor = Editor::open(dir.file("link.tmap"));
+  editor.set_metadata("x", "y");
+  editor.commit(/*sync=*/false);
+  EXPECT_TRUE(is_symlink(dir.file("link.tmap")));
+  const File real = File::open(dir.file("real.tmap"));
+  ASSERT_EQ(real.metadata().size(), 1u);
+  EXPECT_EQ(real.metadata()[0].second, "y");
+  EXPECT_EQ(entries_of(dir.path()), "link.tmap real.tmap ");
+}
+
+TEST(Symlinks, ALoopOfLinksIsAnIoErrorAndWritesNothing) {
+  TempDir dir;
+  ASSERT_EQ(::symlink("b.tmap", dir.file("a.tmap").c_str()), 0);
+  ASSERT_EQ(::symlink("a.tmap", dir.file("b.tmap").c_str()), 0);
+  try {
+    write_pattern_file(dir.file("a.tmap"), {{"a", Dtype::U8, {8}}});
+    FAIL() << "a write through a loop of links succeeded";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::Io);
+    EXPECT_NE(std::string(e.what()).find("symbolic links"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(entries_of(dir.path()), "a.tmap b.tmap ");
+}
+
+TEST(Symlinks, AShardedSaveThroughALinkedIndexPutsItsShardsBesideTheRealIndex) {
+  TempDir links, real;
+  ASSERT_EQ(::symlink(real.file("model.tmap.index.json").c_str(), links.file("model.tmap.index.json").c_str()), 0);
+  std::vector<TensorSpec> specs{{"t0", Dtype::U8, {400}}, {"t1", Dtype::U8, {400}}};
+  ShardedWriter w(links.file("model.tmap.index.json"), specs, 500, {4096, {}, false});
+  for (size_t i = 0; i < specs.size(); ++i) {
+    std::vector<unsigned char> data(w.byte_length(i), static_cast<unsigned char>(i));
+    w.write_tensor(data.data(), data.size());
+  }
+  w.commit();
+  EXPECT_EQ(entries_of(links.path()), "model.tmap.index.json ");
+  EXPECT_EQ(entries_of(real.path()), "model-00001-of-00002.tmap model-00002-of-00002.tmap model.tmap.index.json ");
+  EXPECT_TRUE(Checkpoint::open(links.file("model.tmap.index.json")).contains("t1"));
+}
+
+TEST(Symlinks, AHuggingFaceCacheLayoutLoadsThroughItsSnapshotLinks) {
+  // snapshots/<revision>/model.safetensors -> ../../blobs/<sha256>
+  TempDir cache;
+  std::filesystem::create_directories(cache.path() / "blobs");
+  std::filesystem::create_directories(cache.path() / "snapshots" / "a1b2c3");
+  const std::string blob = (cache.path() / "blobs" / "9e8d7c").string();
+  write_pattern_file(blob, {{"w", Dtype::F32, {4}}}, WriterOptions{64, {}, false, Format::Safetensors});
+  const std::string snapshot = (cache.path() / "snapshots" / "a1b2c3" / "model.safetensors").string();
+  ASSERT_EQ(::symlink("../../blobs/9e8d7c", snapshot.c_str()), 0);
+  const Checkpoint via_link = Checkpoint::open(snapshot);
+  const Checkpoint direct = Checkpoint::open(blob);
+  ASSERT_TRUE(via_link.contains("w"));
+  std::vector<unsigned char> a(16), b(16);
+  via_link.read("w", a.data());
+  direct.read("w", b.data());
+  EXPECT_EQ(a, b);
+}
+
 // Saves a sharded checkpoint of `count` 400-byte tensors, 2 to a shard, each filled with
 // `fill`; returns the index's shard names.
 std::vector<std::string> save_shards(const std::string& index_path, size_t count, unsigned char fill,
