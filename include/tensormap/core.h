@@ -9,6 +9,7 @@
 #include "tensormap/error.h"
 #include "tensormap/file.h"
 #include "tensormap/format.h"
+#include "tensormap/interrupt.h"
 #include "tensormap/process_memory.h"
 #include "tensormap/sharded.h"
 #include "tensormap/torch_save.h"

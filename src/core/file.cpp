@@ -18,6 +18,7 @@
 #include "posix_io.h"
 #include "source.h"
 #include "tensormap/format.h"
+#include "tensormap/interrupt.h"
 
 namespace tensormap {
 
@@ -198,6 +199,7 @@ std::vector<Error> File::find_corruption() const {
   // Reads [begin, end) in chunks with pread; `sink` sees each chunk.
   auto scan = [&](uint64_t begin, uint64_t end, const std::string& what, auto&& sink) {
     for (uint64_t at = begin; at < end; at += kChunk) {
+      detail::check_interrupt();
       const uint64_t n = std::min(kChunk, end - at);
       m.read(at, buffer.data(), n, what);
       sink(buffer.data(), n, at);

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "tensormap/error.h"
+#include "tensormap/interrupt.h"
 #include "tensormap/writer.h"
 
 namespace tensormap::detail {
@@ -269,7 +270,15 @@ AtomicFile::~AtomicFile() { discard(); }
 
 void AtomicFile::pwrite(const void* data, size_t size, uint64_t offset) {
   try {
-    stage(static_cast<const unsigned char*>(data), size, offset);
+    // In pieces, so that a long write can be interrupted (interrupt.h) between them.
+    const auto* bytes = static_cast<const unsigned char*>(data);
+    size_t done = 0;
+    do {
+      check_interrupt();
+      const size_t piece = std::min<size_t>(size - done, kStreamPieceBytes);
+      stage(bytes + done, piece, offset + done);
+      done += piece;
+    } while (done < size);
   } catch (...) {
     discard();
     throw;
@@ -349,7 +358,8 @@ void AtomicFile::copy_from(int src_fd, uint64_t src_offset, uint64_t size, uint6
     bool in_kernel = true;
     std::vector<unsigned char> buffer;
     while (size > 0) {
-      const size_t chunk = size < (uint64_t{1} << 30) ? static_cast<size_t>(size) : (size_t{1} << 30);
+      check_interrupt();
+      const size_t chunk = size < kStreamPieceBytes ? static_cast<size_t>(size) : kStreamPieceBytes;
       ssize_t n = -1;
       if (in_kernel) {
         auto in = static_cast<off_t>(src_offset);

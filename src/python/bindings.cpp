@@ -17,6 +17,7 @@
 #include "tensormap/convert.h"
 #include "tensormap/error.h"
 #include "tensormap/file.h"
+#include "tensormap/interrupt.h"
 #include "tensormap/load.h"
 #include "tensormap/save.h"
 #include "tensormap/skeleton.h"
@@ -27,6 +28,17 @@ namespace py = pybind11;
 
 namespace tensormap::python {
 namespace {
+
+// Ctrl-C (any Python signal handler that raises) interrupts a long call: the core checks
+// between pieces of work, with the GIL taken just for the check, and the exception
+// unwinds the call like any failure (a save keeps the old file and leaves no temporary).
+InterruptCheck python_signals() {
+  return [] {
+    py::gil_scoped_acquire gil;
+    if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+  };
+}
+
 
 PyObject* error_type = nullptr;  // tensormap.Error, made at import
 
@@ -187,6 +199,7 @@ void bind(py::module_& m) {
         options.drop_read_pages = drop_read_pages;
         LoadReport report;
         {
+          InterruptCheckScope interruptible(python_signals());
           py::gil_scoped_release unlocked;
           report = tensormap::load(*proxy, state, options);
         }
@@ -206,6 +219,7 @@ void bind(py::module_& m) {
         options.metadata = metadata;
         options.sync = sync;
         options.store_ties_once = store_ties_once;
+        InterruptCheckScope interruptible(python_signals());
         py::gil_scoped_release unlocked;
         tensormap::save(tensors, path, options);
       },
@@ -224,6 +238,7 @@ void bind(py::module_& m) {
         options.sync = sync;
         ConvertResult result;
         {
+          InterruptCheckScope interruptible(python_signals());
           py::gil_scoped_release unlocked;
           result = tensormap::convert(in, out, options);
         }
@@ -246,6 +261,7 @@ void bind(py::module_& m) {
         bool checksums = false;
         std::string format;
         {
+          InterruptCheckScope interruptible(python_signals());
           py::gil_scoped_release unlocked;
           const Checkpoint checkpoint = Checkpoint::open(path);
           format = format_name(checkpoint.format());

@@ -21,6 +21,7 @@
 #include "loading.h"
 #include "released.h"
 #include "tensormap/error.h"
+#include "tensormap/interrupt.h"
 #include "tensormap/load.h"
 #include "tensormap/save.h"
 #include "tensormap/skeleton.h"
@@ -242,6 +243,7 @@ LoadPlan plan_load(const torch::nn::Module& module, const StateDict& state, cons
 
 void load_binding(LoadPlan::Binding& b, const StateDict& state, LoadMode mode, ViewMapping mapping,
                   bool read_ahead, bool drop_cache, bool verify) {
+  detail::check_interrupt();  // between tensors (interrupt.h)
   if (mode == LoadMode::Copy) {
     copy_into(b.target, state, b, drop_cache, verify);
   } else {

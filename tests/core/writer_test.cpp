@@ -722,6 +722,40 @@ TEST(ShardedWriter, SplitsAtTheShardSizeAndWritesAnIndexLast) {
   last.verify();
 }
 
+// --- interrupting a write (interrupt.h) ------------------------------------------------
+
+struct Stop {};
+
+TEST(Interrupt, ACheckThatThrowsAbandonsAWriteBetweenPiecesAndKeepsTheOldFile) {
+  TempDir dir;
+  const std::string path = dir.file("model.tmap");
+  write_pattern_file(path, {{"old", Dtype::U8, {8}}});
+  const auto old = read_bytes(path);
+  int checks = 0;
+  {
+    InterruptCheckScope scope([&] {
+      if (++checks == 3) throw Stop{};  // in the middle of the 64 MiB tensor
+    });
+    EXPECT_THROW(write_pattern_file(path, {{"big", Dtype::U8, {64u << 20}}}), Stop);
+  }
+  EXPECT_EQ(checks, 3);
+  EXPECT_EQ(read_bytes(path), old);
+  EXPECT_EQ(dir.entries(), std::vector<std::string>{"model.tmap"});
+  write_pattern_file(path, {{"big", Dtype::U8, {64u << 20}}});  // the scope is gone: no check
+  EXPECT_EQ(checks, 3);
+}
+
+TEST(Interrupt, ScopesNestAndTheInnerOneIsInForce) {
+  std::vector<int> seen;
+  InterruptCheckScope outer([&] { seen.push_back(1); });
+  {
+    InterruptCheckScope inner([&] { seen.push_back(2); });
+    detail::check_interrupt();
+  }
+  detail::check_interrupt();
+  EXPECT_EQ(seen, (std::vector<int>{2, 1}));
+}
+
 // --- symbolic links: a write replaces the link's target, in its directory; the link stays --
 
 bool is_symlink(const std::string& path) {

@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import warnings
@@ -823,3 +824,50 @@ def test_tensor_names_are_str_everywhere_as_in_safe_open(tmp_path):
             f[b"w"]
         assert b"w" not in f and "w" in f
         assert torch.equal(f.get_tensor("w"), f["w"])
+
+
+# --- Ctrl-C -------------------------------------------------------------------------------------
+
+INTERRUPTIBLE = r"""
+import sys, torch, tensormap
+what, src, dst = sys.argv[1:4]
+big = {"w": torch.ones(256 << 20)} if what == "save" else None  # 1 GiB
+print("ready", flush=True)
+try:
+    if what == "save":
+        tensormap.save(big, dst)
+    elif what == "convert":
+        tensormap.convert(src, dst)
+    else:
+        tensormap.verify(src)
+    print("finished", flush=True)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+def written_bytes(pid):
+    with open(f"/proc/{pid}/io") as f:
+        return int(dict(line.split(": ") for line in f.read().splitlines())["wchar"])
+
+
+@pytest.mark.parametrize("what", ["save", "convert"])
+def test_ctrl_c_aborts_a_save_or_convert_keeping_the_old_file_and_no_temporary(tmp_path, what):
+    src = tmp_path / "src.tmap"
+    if what == "convert":
+        tensormap.save({"w": torch.ones(256 << 20)}, src, sync=False)
+    dst = tmp_path / "out.safetensors"
+    tensormap.save({"old": torch.arange(4.0)}, dst)
+    old = dst.read_bytes()
+    before = sorted(os.listdir(tmp_path))
+    child = subprocess.Popen([sys.executable, "-c", INTERRUPTIBLE, what, str(src), str(dst)],
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "ready"
+    start = written_bytes(child.pid)
+    while written_bytes(child.pid) - start < 64 << 20:  # the save is under way, far from its end
+        assert child.poll() is None, "the child ended before it wrote 64 MiB"
+    child.send_signal(signal.SIGINT)
+    out = child.communicate(timeout=120)[0]
+    assert "interrupted" in out and "finished" not in out, out
+    assert dst.read_bytes() == old, "the interrupted save replaced the file"
+    assert sorted(os.listdir(tmp_path)) == before, "a temporary was left"
