@@ -143,22 +143,31 @@ void release_in_place(const at::Tensor& t, MissingNote* note) {
   release_as(t, sizes, strides, note);
 }
 
-void check_arguments(const c10::OperatorHandle& op, const torch::jit::Stack& stack) {
-  const size_t n = op.schema().arguments().size();
-  for (size_t i = stack.size() - n; i < stack.size(); ++i) {
-    const c10::IValue& v = stack[i];
+// Calls `visit` with every tensor of the arguments on top of `stack` (in lists too), and
+// whether the operator writes it.
+template <typename Visit>
+void for_each_tensor_argument(const c10::OperatorHandle& op, const torch::jit::Stack& stack, Visit&& visit) {
+  const auto& args = op.schema().arguments();
+  const size_t first = stack.size() - args.size();
+  for (size_t i = 0; i < args.size(); ++i) {
+    const c10::IValue& v = stack[first + i];
+    const bool written = args[i].alias_info() != nullptr && args[i].alias_info()->isWrite();
     if (v.isTensor()) {
-      if (has_released_bit(v.toTensor())) throw_released(op.operator_name(), v.toTensor());
+      visit(v.toTensor(), written);
     } else if (v.isTensorList()) {
-      for (const at::Tensor& t : v.toTensorList().vec()) {
-        if (has_released_bit(t)) throw_released(op.operator_name(), t);
-      }
+      for (const at::Tensor& t : v.toTensorList().vec()) visit(t, written);
     } else if (v.isOptionalTensorList()) {
       for (const c10::optional<at::Tensor>& t : v.toOptionalTensorList().vec()) {
-        if (t && has_released_bit(*t)) throw_released(op.operator_name(), *t);
+        if (t) visit(*t, written);
       }
     }
   }
+}
+
+void check_arguments(const c10::OperatorHandle& op, const torch::jit::Stack& stack) {
+  for_each_tensor_argument(op, stack, [&](const at::Tensor& t, bool /*written*/) {
+    if (has_released_bit(t)) throw_released(op.operator_name(), t);
+  });
 }
 
 // Every operator that lands on PrivateUse1 outside a skeleton scope: refuse released
@@ -185,27 +194,6 @@ bool changes_description_only(const c10::OperatorName& name) {
       "aten::squeeze_", "aten::unsqueeze_", "aten::t_", "aten::transpose_", "aten::swapdims_",
       "aten::swapaxes_"};
   return ops.count(name.name) != 0;
-}
-
-// Calls `visit` with every tensor of the arguments on top of `stack` (in lists too), and
-// whether the operator writes it.
-template <typename Visit>
-void for_each_tensor_argument(const c10::OperatorHandle& op, const torch::jit::Stack& stack, Visit&& visit) {
-  const auto& args = op.schema().arguments();
-  const size_t first = stack.size() - args.size();
-  for (size_t i = 0; i < args.size(); ++i) {
-    const c10::IValue& v = stack[first + i];
-    const bool written = args[i].alias_info() != nullptr && args[i].alias_info()->isWrite();
-    if (v.isTensor()) {
-      visit(v.toTensor(), written);
-    } else if (v.isTensorList()) {
-      for (const at::Tensor& t : v.toTensorList().vec()) visit(t, written);
-    } else if (v.isOptionalTensorList()) {
-      for (const c10::optional<at::Tensor>& t : v.toOptionalTensorList().vec()) {
-        if (t) visit(*t, written);
-      }
-    }
-  }
 }
 
 // Skips an operator that writes a skeleton's tensors: pops its arguments and pushes what
