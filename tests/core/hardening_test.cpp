@@ -21,19 +21,8 @@ namespace {
 
 using testing::read_bytes;
 using testing::TempDir;
+using testing::kSanitized;
 using testing::write_pattern_file;
-
-#if defined(__SANITIZE_ADDRESS__)
-constexpr bool kSanitized = true;
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-constexpr bool kSanitized = true;
-#else
-constexpr bool kSanitized = false;
-#endif
-#else
-constexpr bool kSanitized = false;
-#endif
 
 // A 1 MiB tmpfs mounted over a scratch directory, unmounted when the object dies. Needs
 // CAP_SYS_ADMIN; mounted() is false where the machine does not allow it.

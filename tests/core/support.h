@@ -23,6 +23,20 @@
 
 namespace tensormap::testing {
 
+// Built with AddressSanitizer: its allocator, redzones and quarantine distort memory and
+// time figures, which the tests that measure them then skip or loosen.
+#if defined(__SANITIZE_ADDRESS__)
+constexpr bool kSanitized = true;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+constexpr bool kSanitized = true;
+#else
+constexpr bool kSanitized = false;
+#endif
+#else
+constexpr bool kSanitized = false;
+#endif
+
 namespace fs = std::filesystem;
 
 // A fresh directory removed with everything in it when the object dies.

@@ -22,12 +22,6 @@ namespace {
 
 constexpr uint64_t kMiB = 1 << 20;
 
-#if defined(__SANITIZE_ADDRESS__)
-constexpr bool kSanitized = true;  // ASan's allocator and quarantine distort RSS figures
-#else
-constexpr bool kSanitized = false;
-#endif
-
 class Memory : public ::testing::Test {
  protected:
   void SetUp() override {
