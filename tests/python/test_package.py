@@ -440,6 +440,26 @@ def test_load_state_dict_into_a_skeleton_gives_its_tensors_memory():
     assert torch.equal(model(ids), source(ids))
 
 
+class AssignsData(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.empty(4, 4))
+        self.w.data = torch.ones(4, 4)  # older models initialise by assigning .data
+
+
+def test_assigning_data_is_an_initialisation_in_a_skeleton_and_binds_a_released_parameter_after():
+    with tensormap.skeleton():
+        model = AssignsData()
+    assert tensormap.is_released(model.w), "the assignment in __init__ was skipped"
+    model.w.data = torch.full((4, 4), 2.0)
+    assert not tensormap.is_released(model.w) and isinstance(model.w, nn.Parameter) and model.w.requires_grad
+    assert torch.equal(model.w, torch.full((4, 4), 2.0))
+    normal = AssignsData()
+    assert torch.equal(normal.w, torch.ones(4, 4)), "a model built normally assigns as torch does"
+    normal.w.data = torch.zeros(2)  # torch's own rules: .data may change the shape
+    assert normal.w.shape == (2,)
+
+
 def test_skeleton_refuses_to_read_a_value_it_does_not_have():
     with tensormap.skeleton():
         model = InitPatterns()

@@ -74,6 +74,26 @@ def _register_parameter_released(module: torch.nn.Module, name: str, param) -> N
         _C.release(param)
 
 
+_tensor_data = torch.Tensor.data  # torch's own descriptor, which Parameter inherits
+
+
+def _parameter_data_set(param, value) -> None:
+    """``param.data = value``. LibTorch's set_data refuses a released parameter (it
+    compares dispatch keys), so for one: inside :func:`skeleton` the assignment is an
+    initialisation and is skipped (the parameter stays released); outside, it binds the
+    parameter to ``value``'s storage, as ``set_`` does. Anything else is torch's."""
+    if isinstance(value, torch.Tensor) and _C.is_released(param) and value.dtype == param.dtype:
+        if getattr(_skeleton_threads, "depth", 0):
+            return
+        with torch.no_grad():
+            param.set_(value)
+        return
+    _tensor_data.__set__(param, value)
+
+
+_parameter_data = property(_tensor_data.__get__, _parameter_data_set, doc=_tensor_data.__doc__)
+
+
 @contextlib.contextmanager
 def skeleton():
     """Build models without paying for their weights.
@@ -97,6 +117,7 @@ def skeleton():
     """
     if torch.nn.Module.register_parameter is not _register_parameter_released:
         torch.nn.Module.register_parameter = _register_parameter_released
+        torch.nn.Parameter.data = _parameter_data
     scope = _C.SkeletonScope()
     _skeleton_threads.depth = getattr(_skeleton_threads, "depth", 0) + 1
     try:
