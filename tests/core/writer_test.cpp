@@ -424,16 +424,26 @@ std::string metadata_of(const std::string& path, const std::string& key) {
   ::_exit(status);
 }
 
+// Forks a child running edit_in_child(path, ..., hold, key) and returns its pid once it
+// holds the file open for editing; -1 if it never said so.
+pid_t fork_editor_holding_the_file(const std::string& path, std::chrono::milliseconds hold, const std::string& key) {
+  int fds[2];
+  if (::pipe(fds) != 0) return -1;
+  const pid_t pid = ::fork();
+  if (pid == 0) edit_in_child(path, fds[1], hold, key);
+  char c;
+  const bool opened = ::read(fds[0], &c, 1) == 1;
+  ::close(fds[0]);
+  ::close(fds[1]);
+  return opened ? pid : -1;
+}
+
 TEST(EditorLock, TwoProcessesEditingOneFileBothUpdatesSurvive) {
   TempDir dir;
   const std::string path = dir.file("model.tmap");
   write_pattern_file(path, {{"a", Dtype::U8, {16}}});
-  int pipe_fds[2];
-  ASSERT_EQ(::pipe(pipe_fds), 0);
-  const pid_t first = ::fork();
-  if (first == 0) edit_in_child(path, pipe_fds[1], std::chrono::milliseconds(400), "first");
-  char c;
-  ASSERT_EQ(::read(pipe_fds[0], &c, 1), 1) << "the first edit opened the file";
+  const pid_t first = fork_editor_holding_the_file(path, std::chrono::milliseconds(400), "first");
+  ASSERT_GT(first, 0) << "the first edit opened the file";
   // The second edit opens while the first holds the file: without the lock it would read
   // the old file and its rename would drop the first edit's update.
   const pid_t second = ::fork();
@@ -443,8 +453,6 @@ TEST(EditorLock, TwoProcessesEditingOneFileBothUpdatesSurvive) {
     ASSERT_EQ(::waitpid(pid, &status, 0), pid);
     EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
   }
-  ::close(pipe_fds[0]);
-  ::close(pipe_fds[1]);
   EXPECT_EQ(metadata_of(path, "first"), "done");
   EXPECT_EQ(metadata_of(path, "second"), "done");
 }
@@ -528,17 +536,11 @@ TEST(EditorLock, AProcessKilledWhileEditingReleasesTheLock) {
   TempDir dir;
   const std::string path = dir.file("model.tmap");
   write_pattern_file(path, {{"a", Dtype::U8, {16}}});
-  int pipe_fds[2];
-  ASSERT_EQ(::pipe(pipe_fds), 0);
-  const pid_t child = ::fork();
-  if (child == 0) edit_in_child(path, pipe_fds[1], std::chrono::hours(1), "never");
-  char c;
-  ASSERT_EQ(::read(pipe_fds[0], &c, 1), 1);
+  const pid_t child = fork_editor_holding_the_file(path, std::chrono::hours(1), "never");
+  ASSERT_GT(child, 0);
   ::kill(child, SIGKILL);
   int status = 0;
   ASSERT_EQ(::waitpid(child, &status, 0), child);
-  ::close(pipe_fds[0]);
-  ::close(pipe_fds[1]);
   Editor editor = Editor::open(path);  // the kernel freed the dead process's record lock
   editor.set_metadata("after", "done");
   editor.commit(/*sync=*/false);
