@@ -438,6 +438,15 @@ pid_t fork_editor_holding_the_file(const std::string& path, std::chrono::millise
   return opened ? pid : -1;
 }
 
+// Waits for every child and expects each to have exited with status 0.
+void expect_each_exits_0(const std::vector<pid_t>& children) {
+  for (pid_t pid : children) {
+    int status = 0;
+    EXPECT_EQ(::waitpid(pid, &status, 0), pid);
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "child " << pid << ", wait status " << status;
+  }
+}
+
 TEST(EditorLock, TwoProcessesEditingOneFileBothUpdatesSurvive) {
   TempDir dir;
   const std::string path = dir.file("model.tmap");
@@ -448,11 +457,7 @@ TEST(EditorLock, TwoProcessesEditingOneFileBothUpdatesSurvive) {
   // the old file and its rename would drop the first edit's update.
   const pid_t second = ::fork();
   if (second == 0) edit_in_child(path, -1, std::chrono::milliseconds(0), "second");
-  for (pid_t pid : {first, second}) {
-    int status = 0;
-    ASSERT_EQ(::waitpid(pid, &status, 0), pid);
-    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
-  }
+  expect_each_exits_0({first, second});
   EXPECT_EQ(metadata_of(path, "first"), "done");
   EXPECT_EQ(metadata_of(path, "second"), "done");
 }
@@ -467,11 +472,7 @@ TEST(EditorLock, EightProcessesEditingAtOnceKeepEveryUpdateAndLeaveNothingBehind
     if (pid == 0) edit_in_child(path, -1, std::chrono::milliseconds(5), "edit" + std::to_string(i));
     children.push_back(pid);
   }
-  for (pid_t pid : children) {
-    int status = 0;
-    ASSERT_EQ(::waitpid(pid, &status, 0), pid);
-    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
-  }
+  expect_each_exits_0(children);
   for (int i = 0; i < 8; ++i) EXPECT_EQ(metadata_of(path, "edit" + std::to_string(i)), "done") << i;
   EXPECT_EQ(dir.entries(), std::vector<std::string>{"model.tmap"}) << "no lock file, no temporary";
 }
