@@ -61,6 +61,11 @@ def _path(path: PathLike) -> str:
 # --- skeletons ------------------------------------------------------------------------------
 
 _skeleton_threads = threading.local()  # .depth: the skeleton scopes open on this thread
+
+
+def _skeleton_depth() -> int:
+    """How many :func:`skeleton` scopes are open on this thread."""
+    return getattr(_skeleton_threads, "depth", 0)
 _register_parameter = torch.nn.Module.register_parameter
 
 
@@ -70,7 +75,7 @@ def _register_parameter_released(module: torch.nn.Module, name: str, param) -> N
     does not require grad, so the dispatcher cannot tell it from any other tensor) then
     finds it released and does nothing."""
     _register_parameter(module, name, param)
-    if getattr(_skeleton_threads, "depth", 0) and param is not None and param.device.type == "cpu":
+    if _skeleton_depth() and param is not None and param.device.type == "cpu":
         _C.release(param)
 
 
@@ -83,7 +88,7 @@ def _parameter_data_set(param, value) -> None:
     initialisation and is skipped (the parameter stays released); outside, it binds the
     parameter to ``value``'s storage, as ``set_`` does. Anything else is torch's."""
     if isinstance(value, torch.Tensor) and _C.is_released(param) and value.dtype == param.dtype:
-        if getattr(_skeleton_threads, "depth", 0):
+        if _skeleton_depth():
             return
         with torch.no_grad():
             param.set_(value)
@@ -119,7 +124,7 @@ def skeleton():
         torch.nn.Module.register_parameter = _register_parameter_released
         torch.nn.Parameter.data = _parameter_data
     scope = _C.SkeletonScope()
-    _skeleton_threads.depth = getattr(_skeleton_threads, "depth", 0) + 1
+    _skeleton_threads.depth = _skeleton_depth() + 1
     try:
         yield
     finally:
