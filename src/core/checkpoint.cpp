@@ -193,12 +193,21 @@ bool is_sharded(CheckpointFormat format) {
 namespace detail {
 namespace {
 
-// What the first bytes of the opened file say it is.
-Detected detect_opened(const Mapping& mapping) {
-  unsigned char head[kHeadBytes] = {};
-  const auto head_size = static_cast<size_t>(std::min<uint64_t>(mapping.size(), sizeof head));
-  mapping.read(0, head, head_size, "the first bytes");
-  return detect(head, head_size, mapping.size());
+// What the first bytes of the opened source say it is.
+Detected detect_opened(const ByteSource& bytes) {
+  const auto head = read_head(bytes, kHeadBytes);
+  return detect(head.data(), head.size(), bytes.size());
+}
+
+// The whole of a shard index, bounded before it is read.
+ShardIndex read_shard_index(const ByteSource& bytes) {
+  if (bytes.size() > kMaxShardIndexBytes) {
+    throw Error(ErrorKind::ShardIndexInvalid, bytes.name() + ": index is " + std::to_string(bytes.size()) +
+                                                  " bytes, more than an index can be");
+  }
+  std::string text(static_cast<size_t>(bytes.size()), '\0');
+  bytes.read(0, text.data(), text.size(), "the index");
+  return ShardIndex::parse(text, bytes.name());
 }
 
 }  // namespace
@@ -218,15 +227,8 @@ Checkpoint Checkpoint::open(const std::string& path) {
   switch (detail::detect_opened(*mapping)) {
     case detail::Detected::TorchSave:
       return Checkpoint(detail::open_torch_save(std::move(mapping)));
-    case detail::Detected::ShardIndex: {
-      if (mapping->size() > kMaxShardIndexBytes) {
-        throw Error(ErrorKind::ShardIndexInvalid, path + ": index is " + std::to_string(mapping->size()) +
-                                                      " bytes, more than an index can be");
-      }
-      std::string text(static_cast<size_t>(mapping->size()), '\0');
-      mapping->read(0, text.data(), text.size(), "the index");
-      return Checkpoint(std::make_shared<detail::ShardedSource>(ShardIndex::parse(text, path)));
-    }
+    case detail::Detected::ShardIndex:
+      return Checkpoint(std::make_shared<detail::ShardedSource>(detail::read_shard_index(*mapping)));
     default:
       return Checkpoint(detail::open_file(std::move(mapping)));
   }

@@ -142,9 +142,9 @@ HugePageSupport huge_page_support() {
     }
     // A 2 MiB private read-only mapping of any regular file takes the advice or not; a
     // file shorter than that still gives the answer (nothing is read).
-    const int fd = ::open("/proc/self/exe", O_RDONLY | O_CLOEXEC);
-    if (fd >= 0) {
-      void* map = ::mmap(nullptr, 4 << 20, PROT_READ, MAP_PRIVATE | MAP_NORESERVE, fd, 0);
+    const detail::UniqueFd fd(::open("/proc/self/exe", O_RDONLY | O_CLOEXEC));
+    if (fd) {
+      void* map = ::mmap(nullptr, 4 << 20, PROT_READ, MAP_PRIVATE | MAP_NORESERVE, fd.get(), 0);
       if (map != MAP_FAILED) {
         auto* aligned = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(map) + (2 << 20) - 1) & ~uintptr_t{(2 << 20) - 1});
         s.madvise_hugepage = ::madvise(aligned, 2 << 20, MADV_HUGEPAGE) == 0;
@@ -153,7 +153,6 @@ HugePageSupport huge_page_support() {
         s.collapse = s.madvise_hugepage && (::madvise(aligned, 2 << 20, MADV_COLLAPSE) == 0 || errno != EINVAL);
         ::munmap(map, 4 << 20);
       }
-      ::close(fd);
     }
     return s;
   }();
@@ -195,32 +194,22 @@ bool populate(unsigned char* base, uint64_t size) {
 
 WarmReport warm_page_cache(const std::string& path) {
   WarmReport report;
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-  if (fd < 0) detail::throw_io(path, "cannot open", errno);
+  const detail::UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
+  if (!fd) detail::throw_io(path, "cannot open", errno);
   struct stat st {};
-  if (::fstat(fd, &st) != 0) {
-    const int err = errno;
-    ::close(fd);
-    detail::throw_io(path, "cannot stat", err);
-  }
+  if (::fstat(fd.get(), &st) != 0) detail::throw_io(path, "cannot stat", errno);
   if (!S_ISREG(st.st_mode)) {
-    ::close(fd);
     throw Error(ErrorKind::Io, path + (S_ISDIR(st.st_mode) ? ": is a directory, not a file" : ": is not a regular file"));
   }
   const auto size = static_cast<uint64_t>(st.st_size);
   auto map = [&] {
-    void* base = size == 0 ? nullptr : detail::map_aligned(fd, 0, size, PROT_READ);
-    if (base == MAP_FAILED) {
-      const int err = errno;
-      ::close(fd);
-      detail::throw_io(path, "cannot map the file", err);
-    }
+    void* base = size == 0 ? nullptr : detail::map_aligned(fd.get(), 0, size, PROT_READ);
+    if (base == MAP_FAILED) detail::throw_io(path, "cannot map the file", errno);
     if (base) detail::advise_huge_pages(base, size);
     return static_cast<unsigned char*>(base);
   };
   unsigned char* base = map();
   if (!base) {
-    ::close(fd);
     report.share_before = report.share_after = report.cached_before = 1;
     report.method = "none: the file is empty";
     return report;
@@ -237,13 +226,11 @@ WarmReport warm_page_cache(const std::string& path) {
   auto finish = [&](const std::string& method) {
     report.method = method;
     ::munmap(base, static_cast<size_t>(size));
-    ::close(fd);
     return report;
   };
   if (!populate(base, size)) {
     const int err = errno;
     ::munmap(base, static_cast<size_t>(size));
-    ::close(fd);
     detail::throw_io(path, "cannot read the file in", err);
   }
   // Whole 2 MiB blocks only: the file's last, partial one is never mapped with one entry.
@@ -264,8 +251,8 @@ WarmReport warm_page_cache(const std::string& path) {
   // Read again: drop the clean pages no process maps (ours first), then fault them in
   // through the advised mapping, in 2 MiB folios.
   ::munmap(base, static_cast<size_t>(size));
-  (void)::fdatasync(fd);  // dirty pages are not dropped: written out first
-  (void)::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+  (void)::fdatasync(fd.get());  // dirty pages are not dropped: written out first
+  (void)::posix_fadvise(fd.get(), 0, 0, POSIX_FADV_DONTNEED);
   base = map();
   populate(base, size);
   report.share_after = mapped_share(base, size);
@@ -280,41 +267,31 @@ Mapping::Mapping(const std::string& path) : path_(path) {
   // One descriptor for everything: the checks, the mapping and every pread see the same
   // file even if the path is replaced meanwhile (as every tensormap writer replaces it).
   // O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just below.
-  fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-  if (fd_ < 0) throw_io(path, "cannot open", errno);
+  fd_.reset(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
+  if (!fd_) throw_io(path, "cannot open", errno);
   struct stat st {};
-  if (::fstat(fd_, &st) != 0) {
-    const int err = errno;
-    ::close(fd_);
-    throw_io(path, "cannot stat", err);
-  }
+  if (::fstat(fd_.get(), &st) != 0) throw_io(path, "cannot stat", errno);
   if (!S_ISREG(st.st_mode)) {
-    ::close(fd_);
     throw Error(ErrorKind::Io, path + (S_ISDIR(st.st_mode) ? ": is a directory, not a file" : ": is not a regular file"));
   }
   size_ = static_cast<uint64_t>(st.st_size);
   if (size_ == 0) return;  // nothing to map; readers report the file as too small
   // MAP_NORESERVE: no commit charge for the size, only for pages written (see mapping.h).
   // At a 2 MiB-aligned address, so that 2 MiB folios of the page cache map with one entry.
-  void* base = map_aligned(fd_, 0, size_, PROT_READ | PROT_WRITE);
+  void* base = map_aligned(fd_.get(), 0, size_, PROT_READ | PROT_WRITE);
   if (base == MAP_FAILED && errno == ENOMEM) {
     // Strict accounting charges a private writable mapping its whole size; a read-only
     // one costs nothing, and serves every reader but copy-on-write views.
-    base = map_aligned(fd_, 0, size_, PROT_READ);
+    base = map_aligned(fd_.get(), 0, size_, PROT_READ);
     writable_ = false;
   }
-  if (base == MAP_FAILED) {
-    const int err = errno;
-    ::close(fd_);
-    throw_io(path, "cannot map the file", err);
-  }
+  if (base == MAP_FAILED) throw_io(path, "cannot map the file", errno);
   base_ = static_cast<unsigned char*>(base);
   huge_ = advise_huge_pages(base_, size_);
 }
 
 Mapping::~Mapping() {
   if (base_) ::munmap(base_, static_cast<size_t>(size_));
-  if (fd_ >= 0) ::close(fd_);
 }
 
 unsigned char* Mapping::cow_base() const {
@@ -332,14 +309,14 @@ void Mapping::read(uint64_t offset, void* dest, uint64_t size, const std::string
   uint64_t done = 0;
   while (done < size) {
     const size_t chunk = static_cast<size_t>(std::min<uint64_t>(size - done, uint64_t{1} << 30));
-    const ssize_t n = ::pread(fd_, out + done, chunk, static_cast<off_t>(offset + done));
+    const ssize_t n = ::pread(fd_.get(), out + done, chunk, static_cast<off_t>(offset + done));
     if (n < 0) {
       if (errno == EINTR) continue;
       throw_io(path_, "reading " + what + " failed", errno);
     }
     if (n == 0) {
       struct stat st {};
-      const uint64_t now = ::fstat(fd_, &st) == 0 ? static_cast<uint64_t>(st.st_size) : 0;
+      const uint64_t now = ::fstat(fd_.get(), &st) == 0 ? static_cast<uint64_t>(st.st_size) : 0;
       throw Error(ErrorKind::Truncated, path_ + ": " + what + " ends at " + std::to_string(offset + size) +
                                             " but the file shrank to " + std::to_string(now) +
                                             " bytes while it was open");
@@ -349,7 +326,7 @@ void Mapping::read(uint64_t offset, void* dest, uint64_t size, const std::string
 }
 
 void Mapping::set_read_ahead(bool on) const {
-  (void)::posix_fadvise(fd_, 0, 0, on ? POSIX_FADV_NORMAL : POSIX_FADV_RANDOM);
+  (void)::posix_fadvise(fd_.get(), 0, 0, on ? POSIX_FADV_NORMAL : POSIX_FADV_RANDOM);
 }
 
 std::shared_ptr<void> Mapping::map_range(uint64_t offset, uint64_t size, const std::string& what) const {
@@ -364,7 +341,7 @@ std::shared_ptr<void> Mapping::map_range(uint64_t offset, uint64_t size, const s
   // At an address congruent to the offset modulo 2 MiB, as the whole-file mapping. Not
   // advised MADV_HUGEPAGE: these mappings exist to read no more than their range, and a
   // huge-page fault reads the whole 2 MiB around it.
-  void* start = map_aligned(fd_, begin, length, PROT_READ | PROT_WRITE);
+  void* start = map_aligned(fd_.get(), begin, length, PROT_READ | PROT_WRITE);
   if (start == MAP_FAILED) throw_io(path_, "cannot map " + what, errno);
   return std::shared_ptr<void>(static_cast<unsigned char*>(start) + (offset - begin),
                                [start, length](void*) { ::munmap(start, static_cast<size_t>(length)); });
@@ -414,7 +391,7 @@ void Mapping::drop_cache(uint64_t begin, uint64_t end) const {
   constexpr uint64_t kFolio = 2 << 20;
   begin &= ~(kFolio - 1);
   end = std::min(size_, end > size_ - kFolio ? size_ : (end + kFolio - 1) & ~(kFolio - 1));
-  if (end > begin) (void)::posix_fadvise(fd_, static_cast<off_t>(begin), static_cast<off_t>(end - begin), POSIX_FADV_DONTNEED);
+  if (end > begin) (void)::posix_fadvise(fd_.get(), static_cast<off_t>(begin), static_cast<off_t>(end - begin), POSIX_FADV_DONTNEED);
 }
 
 void Mapping::release(uint64_t begin, uint64_t end, const std::string& what) const {

@@ -14,20 +14,23 @@
 #include <memory>
 #include <string>
 
+#include "byte_source.h"
 #include "tensormap/file.h"
+#include "unique_fd.h"
 
 namespace tensormap::detail {
 
-class Mapping {
+class Mapping final : public ByteSource {
  public:
   // Maps `path`. Throws Error(Io) for a missing file, a directory, a non-regular file or
   // a failed map. An empty file gives a mapping of size 0 with no address.
   explicit Mapping(const std::string& path);
-  ~Mapping();
+  ~Mapping() override;
   Mapping(const Mapping&) = delete;
   Mapping& operator=(const Mapping&) = delete;
 
   const std::string& path() const { return path_; }
+  const std::string& name() const override { return path_; }
   // The mapping, for reading only.
   unsigned char* base() const { return base_; }
   // The mapping, for views that may be written (copy-on-write). Throws Error(Io) naming
@@ -37,14 +40,14 @@ class Mapping {
   bool writable() const { return writable_; }
   // Whether the kernel took MADV_HUGEPAGE for the mapping (see advise_huge_pages).
   bool huge() const { return huge_; }
-  uint64_t size() const { return size_; }
+  uint64_t size() const override { return size_; }
   // The one descriptor, for copies made in the kernel (AtomicFile::copy_from).
-  int descriptor() const { return fd_; }
+  int descriptor() const { return fd_.get(); }
 
   // Copies [offset, offset + size) of the file into `dest` with pread, never through the
   // mapping: a file that shrank since it was opened gives Error(Truncated) naming `what`,
   // where touching the mapping would kill the process with SIGBUS.
-  void read(uint64_t offset, void* dest, uint64_t size, const std::string& what) const;
+  void read(uint64_t offset, void* dest, uint64_t size, const std::string& what) const override;
 
   // Turns the kernel's read-ahead for read() on or off (POSIX_FADV_RANDOM / NORMAL).
   // Advisory; affects every reader of this Mapping while off.
@@ -78,7 +81,7 @@ class Mapping {
   std::string path_;
   unsigned char* base_ = nullptr;
   uint64_t size_ = 0;
-  int fd_ = -1;  // the one descriptor: mapped, read with pread, mapped again by map_range
+  UniqueFd fd_;  // the one descriptor: mapped, read with pread, mapped again by map_range
   bool writable_ = true;
   bool huge_ = false;
 };

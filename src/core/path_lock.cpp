@@ -18,6 +18,7 @@
 #include <thread>
 
 #include "posix_io.h"
+#include "unique_fd.h"
 #include "tensormap/error.h"
 
 namespace tensormap::detail {
@@ -76,14 +77,11 @@ class ProcessLocks {
 }  // namespace
 
 struct PathLock::Held {
-  Held(std::string path, int descriptor, boost::interprocess::file_lock lock)
-      : lock_path(std::move(path)), fd(descriptor), across_processes(std::move(lock)) {}
-  ~Held() { ::close(fd); }
-  Held(const Held&) = delete;
-  Held& operator=(const Held&) = delete;
+  Held(std::string path, UniqueFd descriptor, boost::interprocess::file_lock lock)
+      : lock_path(std::move(path)), fd(std::move(descriptor)), across_processes(std::move(lock)) {}
 
   std::string lock_path;
-  int fd;  // our own descriptor of the lock file: what identifies the file locked
+  UniqueFd fd;  // our own descriptor of the lock file: what identifies the file locked
   boost::interprocess::file_lock across_processes;
 };
 
@@ -94,26 +92,25 @@ namespace {
 // that the name still gives the file it locked, and otherwise starts again on the new one.
 std::unique_ptr<PathLock::Held> lock_across_processes(const std::string& lock_path, const std::string& path) {
   for (int attempt = 0; attempt < 10000; ++attempt) {
-    const int fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-    if (fd < 0) throw_io(lock_path, "cannot create the lock file of " + path, errno);
+    UniqueFd fd(::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+    if (!fd) throw_io(lock_path, "cannot create the lock file of " + path, errno);
     boost::interprocess::file_lock lock;
     try {
       boost::interprocess::file_lock opened(lock_path.c_str());  // Boost opens by name only
       opened.lock();
       lock.swap(opened);
     } catch (const boost::interprocess::interprocess_exception& e) {
-      ::close(fd);
       if (e.get_error_code() == boost::interprocess::not_found_error) continue;  // removed meanwhile
       throw Error(ErrorKind::Io, lock_path + ": cannot lock it for " + path + ": " + e.what());
     }
     // Boost opened the name after `fd` did: if the name still gives fd's file, so did its
     // open (a file once unlinked never gets its name back).
     struct stat held {}, named {};
-    if (::fstat(fd, &held) == 0 && ::stat(lock_path.c_str(), &named) == 0 && held.st_ino == named.st_ino &&
+    if (::fstat(fd.get(), &held) == 0 && ::stat(lock_path.c_str(), &named) == 0 && held.st_ino == named.st_ino &&
         held.st_dev == named.st_dev) {
-      return std::make_unique<PathLock::Held>(lock_path, fd, std::move(lock));
+      return std::make_unique<PathLock::Held>(lock_path, std::move(fd), std::move(lock));
     }
-    ::close(fd);  // the previous holder removed this one: lock the file now under the name
+    // The previous holder removed this one: lock the file now under the name (fd closes).
   }
   throw Error(ErrorKind::Io, lock_path + ": could not lock it for " + path + " after 10000 attempts: "
               "other processes keep replacing it");

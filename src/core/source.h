@@ -54,9 +54,10 @@ struct Source {
   std::unordered_map<std::string_view, size_t> positions;
 };
 
-// A torch.save archive. Defined in torch_save_reader.cpp.
-class Mapping;
-std::shared_ptr<const Source> open_torch_save(std::shared_ptr<const Mapping> file);
+// A torch.save archive, read through `file` (a Mapping where it is a local file, which
+// adds placement and the page-cache operations). Defined in torch_save_reader.cpp.
+class ByteSource;
+std::shared_ptr<const Source> open_torch_save(std::shared_ptr<const ByteSource> file);
 
 // What the first bytes of a file say it is (detect.cpp).
 enum class Detected { Tensormap, Safetensors, ShardIndex, TorchSave };

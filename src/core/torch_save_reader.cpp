@@ -8,7 +8,8 @@
 // {"model": {"fc.weight": ...}, "optimizer": {"state": {0: {"exp_avg": ...}}}} gives
 // "model.fc.weight" and "optimizer.state.0.exp_avg"); any other value (an epoch, a
 // learning rate, an object of the training script) is skipped and listed by skipped().
-// Reads go through pread on the descriptor the archive was opened with (Mapping::read):
+// Reads go through the archive's ByteSource: for a local file, pread on the descriptor it
+// was opened with (Mapping::read):
 // a file that shrinks meanwhile gives Error(Truncated), never SIGBUS.
 #include <algorithm>
 #include <cstring>
@@ -79,13 +80,13 @@ struct TorchSaveSource final : Source {
     const uint64_t first = storage_offset + t.offset * element;
     const std::string what = "tensor storage " + quoted(t.key);
     if (is_contiguous(t)) {
-      file->read(first, dest, byte_length, what);
+      bytes->read(first, dest, byte_length, what);
       return;
     }
     uint64_t span = 1;
     for (size_t d = 0; d < t.sizes.size(); ++d) span += static_cast<uint64_t>((t.sizes[d] - 1) * t.strides[d]);
     std::vector<unsigned char> buffer(span * element);
-    file->read(first, buffer.data(), buffer.size(), what);
+    bytes->read(first, buffer.data(), buffer.size(), what);
     gather(buffer.data(), t.sizes, t.strides, element, static_cast<unsigned char*>(dest));
   }
   void read(size_t i, void* dest) const override {
@@ -95,7 +96,7 @@ struct TorchSaveSource final : Source {
     const TorchTensor& t = tensors[i];
     if (!is_contiguous(t.desc)) return false;
     if (size > 0) {
-      file->read(t.storage_offset + t.desc.offset * dtype_size(t.desc.dtype) + offset, dest, size,
+      bytes->read(t.storage_offset + t.desc.offset * dtype_size(t.desc.dtype) + offset, dest, size,
                  "tensor storage " + quoted(t.desc.key));
     }
     return true;
@@ -111,24 +112,32 @@ struct TorchSaveSource final : Source {
     read_tensor(part, tensors[i].storage_offset, dest, bytes);
   }
   void evict(size_t i) const override {
+    if (!file) return;
     const TorchTensor& t = tensors[i];
     file->release(t.storage_offset, t.storage_offset + t.storage_bytes, "tensor storage " + quoted(t.desc.key));
   }
   double cached_fraction(size_t i) const override {
+    if (!file) return 0.0;
     const TorchTensor& t = tensors[i];
     return file->cached_fraction(t.storage_offset, t.storage_offset + t.storage_bytes);
   }
   void drop_cache(size_t i) const override {
+    if (!file) return;
     const TorchTensor& t = tensors[i];
     file->drop_cache(t.storage_offset, t.storage_offset + t.storage_bytes);
   }
   Checkpoint::Placement placement(size_t i) const override {
     const TorchTensor& t = tensors[i];
+    if (!file) {
+      throw Error(ErrorKind::InvalidArgument, path + ": tensor " + quoted(names[i]) +
+                                                  " cannot be mapped: the archive is not a local file; read or copy it");
+    }
     return {file->cow_base() + t.storage_offset, t.storage_bytes, t.desc.offset, t.desc.strides, file};
   }
   std::optional<size_t> alias_of(size_t i) const override { return aliases[i]; }
 
-  std::shared_ptr<const Mapping> file;
+  std::shared_ptr<const ByteSource> bytes;  // where every read goes
+  std::shared_ptr<const Mapping> file;      // the same bytes where they are a mapped file, else null
   std::vector<TorchTensor> tensors;
   std::vector<std::optional<size_t>> aliases;  // the first earlier tensor that is the very same view
   std::vector<std::pair<std::string, std::string>> skipped_values;
@@ -206,9 +215,9 @@ struct Collector {
 };
 
 // The records of the archive by name, without the archive's top folder ("archive/").
-std::unordered_map<std::string, ZipRecord> records_of(const Mapping& file) {
+std::unordered_map<std::string, ZipRecord> records_of(const ByteSource& file) {
   std::vector<ZipRecord> all = read_zip_directory(file);
-  if (all.empty()) throw Error(ErrorKind::UnsupportedArchive, file.path() + ": an empty zip archive is not a torch.save file");
+  if (all.empty()) throw Error(ErrorKind::UnsupportedArchive, file.name() + ": an empty zip archive is not a torch.save file");
   const size_t slash = all.front().name.find('/');
   const std::string top = slash == std::string::npos ? "" : all.front().name.substr(0, slash + 1);
   std::unordered_map<std::string, ZipRecord> records;
@@ -216,20 +225,20 @@ std::unordered_map<std::string, ZipRecord> records_of(const Mapping& file) {
     if (r.name.compare(0, top.size(), top) != 0) continue;
     std::string name = r.name.substr(top.size());
     if (!records.emplace(name, std::move(r)).second) {
-      throw Error(ErrorKind::UnsupportedArchive, file.path() + ": record " + quoted(name) + " occurs twice");
+      throw Error(ErrorKind::UnsupportedArchive, file.name() + ": record " + quoted(name) + " occurs twice");
     }
   }
   return records;
 }
 
 // The bytes of a small record (the pickle, the byte order), read with pread.
-std::string small_record(const Mapping& file, const ZipRecord& r, const std::string& name) {
+std::string small_record(const ByteSource& file, const ZipRecord& r, const std::string& name) {
   if (r.method != 0) {
-    throw Error(ErrorKind::UnsupportedArchive, file.path() + ": record " + quoted(name) + " is compressed (method " +
+    throw Error(ErrorKind::UnsupportedArchive, file.name() + ": record " + quoted(name) + " is compressed (method " +
                                                    std::to_string(r.method) + "); torch.save stores records");
   }
   if (r.size > kMaxPickleBytes) {
-    throw Error(ErrorKind::UnsupportedArchive, file.path() + ": record " + quoted(name) + " is " +
+    throw Error(ErrorKind::UnsupportedArchive, file.name() + ": record " + quoted(name) + " is " +
                                                    std::to_string(r.size) + " bytes, more than tensormap reads");
   }
   std::string out(static_cast<size_t>(r.size), '\0');
@@ -239,8 +248,8 @@ std::string small_record(const Mapping& file, const ZipRecord& r, const std::str
 
 }  // namespace
 
-std::shared_ptr<const Source> open_torch_save(std::shared_ptr<const Mapping> file) {
-  const std::string& path = file->path();
+std::shared_ptr<const Source> open_torch_save(std::shared_ptr<const ByteSource> file) {
+  const std::string& path = file->name();
   const auto records = records_of(*file);
   const auto pickle = records.find("data.pkl");
   if (pickle == records.end()) {
@@ -274,7 +283,8 @@ std::shared_ptr<const Source> open_torch_save(std::shared_ptr<const Mapping> fil
   collector.collect(*document->root, "", 0);
   auto source = std::make_shared<TorchSaveSource>();
   source->path = path;
-  source->file = file;
+  source->file = std::dynamic_pointer_cast<const Mapping>(file);
+  source->bytes = std::move(file);
   source->skipped_values = std::move(collector.skipped);
   if (collector.tensors.empty()) {  // torch.save({}) too: a checkpoint with nothing to load
     const auto& s = source->skipped_values;
