@@ -65,28 +65,12 @@ class TENSORMAP_EXPORT ShardIndex {
 // atomically; then the shards of the old index that the new one does not name are
 // removed. A failure before commit() leaves nothing behind; a crash during commit() may
 // leave new shards that no index names, or old ones after the switch, never a mix.
-class TENSORMAP_EXPORT ShardedWriter final : public TensorWriter {
+class TENSORMAP_EXPORT ShardedWriter final : public FormatWriter {
  public:
   ShardedWriter(std::string index_path, std::vector<TensorSpec> tensors, uint64_t max_shard_bytes,
                 WriterOptions options = {});
-  ~ShardedWriter() override;
-  ShardedWriter(ShardedWriter&&) noexcept;
-  ShardedWriter& operator=(ShardedWriter&&) noexcept;
 
   size_t shard_count() const;
-
-  // The TensorWriter contract, over all shards in order.
-  size_t tensor_count() const override;
-  uint64_t byte_length(size_t index) const override;
-  size_t current_tensor() const override;
-  void write(const void* data, size_t size) override;
-  void write_tensor(const void* data, size_t size) override;
-  void commit() override;
-  void abandon() noexcept override;
-
- private:
-  struct Impl;
-  std::unique_ptr<Impl> impl_;
 };
 
 }  // namespace tensormap

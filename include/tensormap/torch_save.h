@@ -19,26 +19,12 @@
 
 namespace tensormap {
 
-class TENSORMAP_EXPORT TorchSaveWriter final : public TensorWriter {
+class TENSORMAP_EXPORT TorchSaveWriter final : public FormatWriter {
  public:
   // Every dtype is written; U16, U32, U64 and F8 as torch 2.x writes them, which only
   // torch 2.x (and tensormap) reads back. Of the options, only `sync` applies. Throws
   // Error(InvalidArgument) for repeated names, Error(Io) if the file cannot be made.
   TorchSaveWriter(std::string path, std::vector<TensorSpec> tensors, WriterOptions options = {});
-  ~TorchSaveWriter() override;  // abandons the write unless commit() succeeded
-
-  // The TensorWriter contract (writer.h).
-  size_t tensor_count() const override;
-  uint64_t byte_length(size_t index) const override;
-  size_t current_tensor() const override;
-  void write(const void* data, size_t size) override;
-  void write_tensor(const void* data, size_t size) override;
-  void commit() override;
-  void abandon() noexcept override;
-
- private:
-  struct Impl;
-  std::unique_ptr<Impl> impl_;
 };
 
 }  // namespace tensormap

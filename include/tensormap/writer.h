@@ -113,40 +113,41 @@ TENSORMAP_EXPORT bool supports_aliases(const WriterOptions& options);
 TENSORMAP_EXPORT std::unique_ptr<TensorWriter> open_writer(std::string path, std::vector<TensorSpec> tensors,
                                                            WriterOptions options = {});
 
+namespace detail {
+class WriterCore;
+}
+
+// The one implementation of the contract above, shared by every writer class below: each
+// differs only in how it lays out its format (src/core/writer_core.h).
+class TENSORMAP_EXPORT FormatWriter : public TensorWriter {
+ public:
+  ~FormatWriter() override;  // abandons the write unless commit() succeeded
+  FormatWriter(FormatWriter&&) noexcept;
+  FormatWriter& operator=(FormatWriter&&) noexcept;
+
+  size_t tensor_count() const final;
+  uint64_t byte_length(size_t index) const final;
+  size_t current_tensor() const final;
+  void write(const void* data, size_t size) final;
+  void write_tensor(const void* data, size_t size) final;
+  void commit() final;
+  void abandon() noexcept final;
+
+ protected:
+  explicit FormatWriter(std::unique_ptr<detail::WriterCore> core);
+  detail::WriterCore& core() const { return *core_; }
+
+ private:
+  std::unique_ptr<detail::WriterCore> core_;
+};
+
 // A tensormap or safetensors file (options.format).
-class TENSORMAP_EXPORT Writer final : public TensorWriter {
+class TENSORMAP_EXPORT Writer final : public FormatWriter {
  public:
   // Validates the declarations (same rules as a reader applies) and creates the
   // temporary file. Throws Error(InvalidArgument) for a bad declaration, Error(Io) if the
   // temporary file cannot be created.
   Writer(std::string path, std::vector<TensorSpec> tensors, WriterOptions options = {});
-  ~Writer() override;  // abandons the write unless commit() succeeded
-  Writer(Writer&&) noexcept;
-  Writer& operator=(Writer&&) noexcept;
-
-  size_t tensor_count() const override;
-  uint64_t byte_length(size_t index) const override;
-  size_t current_tensor() const override;
-  void write(const void* data, size_t size) override;
-  void write_tensor(const void* data, size_t size) override;
-  void commit() override;
-  void abandon() noexcept override;
-
- private:
-  friend class ShardedWriter;
-  friend class Editor;
-  // Writes the whole current tensor by copying `size` bytes at `offset` of the file open
-  // as `fd` (AtomicFile::copy_from), recording `checksum` as its XXH3-64 unread.
-  // REQUIRES: the current tensor has received no bytes and is `size` bytes long.
-  void copy_tensor(int fd, uint64_t offset, uint64_t size, uint64_t checksum, const std::string& what);
-  // Everything but the final rename: pads, writes the header and syncs the temporary
-  // file, so that only rename_into_place() remains: a ShardedWriter renames its shards
-  // together. REQUIRES: every tensor complete.
-  void finish();
-  void rename_into_place();
-
-  struct Impl;
-  std::unique_ptr<Impl> impl_;
 };
 
 }  // namespace tensormap

@@ -1,12 +1,13 @@
 // tensormap::Editor: a new file whose kept tensors are copied by the kernel from the old
 // one (copy_file_range, reflinks where the filesystem shares blocks), whose new tensors are
-// streamed in, renamed over the old file by the ordinary Writer.
+// streamed in, renamed over the old file by the ordinary file writer (file_writer.h).
 #include "tensormap/edit.h"
 
 #include <algorithm>
 #include <unordered_map>
 #include <utility>
 
+#include "file_writer.h"
 #include "mapping.h"
 #include "names.h"
 #include "path_lock.h"
@@ -155,13 +156,13 @@ EditReport Editor::commit(bool sync) {
   options.alignment = e.file.alignment();
   options.metadata = e.metadata;
   options.sync = sync;
-  Writer writer(e.path(), std::move(specs), std::move(options));
+  detail::FileWriterCore writer(e.path(), std::move(specs), std::move(options));
   EditReport report;
   report.removed = e.removed;
   std::vector<unsigned char> buffer;
   for (size_t i = 0; i < e.entries.size(); ++i) {
     const Impl::Entry& entry = e.entries[i];
-    const uint64_t length = writer.byte_length(i);
+    const uint64_t length = writer.cursor().byte_lengths()[i];
     switch (entry.kind) {
       case Impl::Kind::Keep:
         if (length > 0) {  // the writer passes over empty tensors by itself

@@ -72,12 +72,9 @@ std::string write_target(const std::string& path) {
 
 void sync_parent_directory(const std::string& path) {
   const std::string dir = parent_directory(path);
-  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) throw_io(dir, "cannot open directory to sync it", errno);
-  const int rc = ::fsync(fd);
-  const int err = errno;
-  ::close(fd);
-  if (rc != 0) throw_io(dir, "fsync of directory failed", err);
+  const UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!fd) throw_io(dir, "cannot open directory to sync it", errno);
+  if (::fsync(fd.get()) != 0) throw_io(dir, "fsync of directory failed", errno);
 }
 
 void write_file_atomically(const std::string& path, const std::string& bytes, bool sync) {
@@ -173,20 +170,19 @@ void collect_stale_temporaries(const std::string& dir, const std::function<bool(
       continue;
     }
     const std::string candidate = dir + "/" + std::string(name);
-    const int fd = ::open(candidate.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
-    if (fd < 0) continue;
+    const UniqueFd fd(::open(candidate.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK));
+    if (!fd) continue;
     struct stat st {};
     // A live writer holds its flock; a young file may be one whose writer has not taken
     // it yet (create, then lock); the checks after the lock see that the name still
     // leads to the file locked.
-    if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && now - st.st_mtime >= kStaleAfterSeconds &&
-        ::flock(fd, LOCK_EX | LOCK_NB) == 0) {
+    if (::fstat(fd.get(), &st) == 0 && S_ISREG(st.st_mode) && now - st.st_mtime >= kStaleAfterSeconds &&
+        ::flock(fd.get(), LOCK_EX | LOCK_NB) == 0) {
       struct stat again {};
       if (::lstat(candidate.c_str(), &again) == 0 && again.st_ino == st.st_ino && again.st_dev == st.st_dev) {
         ::unlink(candidate.c_str());
       }
     }
-    ::close(fd);
   }
   ::closedir(d);
 }
@@ -196,17 +192,17 @@ AtomicFile::AtomicFile(std::string path) : path_(write_target(path)) {
   collect_stale_temporaries(parent_directory(path_), [&](std::string_view destination) { return destination == base; });
   const std::string dir = parent_directory(path_);
   if (!named_temporaries_forced()) {
-    fd_ = ::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0666);
-    if (fd_ >= 0) {
+    fd_.reset(::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0666));
+    if (fd_) {
       nameless_ = true;
     } else if (errno != EOPNOTSUPP && errno != EISDIR && errno != EINVAL) {
       throw_io(path_, "cannot create a temporary file in " + dir, errno);
     }
   }
-  if (fd_ < 0) create_named();
+  if (!fd_) create_named();
   // Keep the permission bits of the file we replace; a new file gets 0666 & ~umask.
   struct stat st {};
-  if (::stat(path_.c_str(), &st) == 0 && S_ISREG(st.st_mode) && ::fchmod(fd_, st.st_mode & 07777) != 0) {
+  if (::stat(path_.c_str(), &st) == 0 && S_ISREG(st.st_mode) && ::fchmod(fd_.get(), st.st_mode & 07777) != 0) {
     const int err = errno;
     discard();
     throw_io(path_, "cannot copy permissions to the temporary file", err);
@@ -230,18 +226,18 @@ bool AtomicFile::take_temp_name(const std::function<bool(const std::string&)>& m
 }
 
 void AtomicFile::create_named() {
-  for (int attempt = 0; attempt < 100 && fd_ < 0; ++attempt) {
+  for (int attempt = 0; attempt < 100 && !fd_; ++attempt) {
     const bool made = take_temp_name([&](const std::string& name) {
-      fd_ = ::open(name.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-      return fd_ >= 0;
+      fd_.reset(::open(name.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0666));
+      return fd_.valid();
     });
     if (!made && errno != EEXIST) {
       throw_io(path_, "cannot create a temporary file in " + parent_directory(path_), errno);
     }
   }
-  if (fd_ < 0) throw_io(path_, "cannot find a free temporary file name", EEXIST);
+  if (!fd_) throw_io(path_, "cannot find a free temporary file name", EEXIST);
   // The lock says "a writer is alive" to collect_stale_temporaries of other processes.
-  if (::flock(fd_, LOCK_EX | LOCK_NB) != 0 && errno != ENOLCK && errno != EOPNOTSUPP) {
+  if (::flock(fd_.get(), LOCK_EX | LOCK_NB) != 0 && errno != ENOLCK && errno != EOPNOTSUPP) {
     const int err = errno;
     discard();
     throw_io(path_, "cannot lock the temporary file", err);
@@ -251,10 +247,10 @@ void AtomicFile::create_named() {
 void AtomicFile::link_named() {
   // AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH; /proc/self/fd works for everyone else.
   char proc_path[64];
-  std::snprintf(proc_path, sizeof proc_path, "/proc/self/fd/%d", fd_);
+  std::snprintf(proc_path, sizeof proc_path, "/proc/self/fd/%d", fd_.get());
   for (int attempt = 0; attempt < 100; ++attempt) {
     const bool linked = take_temp_name([&](const std::string& name) {
-      int rc = ::linkat(fd_, "", AT_FDCWD, name.c_str(), AT_EMPTY_PATH);
+      int rc = ::linkat(fd_.get(), "", AT_FDCWD, name.c_str(), AT_EMPTY_PATH);
       if (rc != 0 && (errno == ENOENT || errno == EPERM)) {
         rc = ::linkat(AT_FDCWD, proc_path, AT_FDCWD, name.c_str(), AT_SYMLINK_FOLLOW);
       }
@@ -295,7 +291,7 @@ void AtomicFile::stage(const unsigned char* data, size_t size, uint64_t offset) 
     if (staged_ && offset < block_start_) {
       // Before the staged block: bytes already out in the file, or a gap below them.
       const uint64_t n = std::min(end, block_start_) - offset;
-      pwrite_all(fd_, data, static_cast<size_t>(n), offset, path_);
+      pwrite_all(fd_.get(), data, static_cast<size_t>(n), offset, path_);
       data += n;
       offset += n;
     } else if (staged_ && offset < block_start_ + kBlock) {
@@ -309,13 +305,13 @@ void AtomicFile::stage(const unsigned char* data, size_t size, uint64_t offset) 
     } else if (offset < written_end_ && (offset & ~(kBlock - 1)) + kBlock <= written_end_) {
       // Inside a block already written out (a header filled in last): in place.
       const uint64_t n = std::min(end, (offset & ~(kBlock - 1)) + kBlock) - offset;
-      pwrite_all(fd_, data, static_cast<size_t>(n), offset, path_);
+      pwrite_all(fd_.get(), data, static_cast<size_t>(n), offset, path_);
       data += n;
       offset += n;
     } else if (offset % kBlock == 0 && end - offset >= kBlock) {
       // Whole blocks, straight to the file.
       const uint64_t n = (end - offset) & ~(kBlock - 1);
-      pwrite_all(fd_, data, static_cast<size_t>(n), offset, path_);
+      pwrite_all(fd_.get(), data, static_cast<size_t>(n), offset, path_);
       data += n;
       offset += n;
     } else {
@@ -327,7 +323,7 @@ void AtomicFile::stage(const unsigned char* data, size_t size, uint64_t offset) 
       if (written_end_ > block_start_) {
         const uint64_t have = written_end_ - block_start_;
         for (uint64_t done = 0; done < have;) {
-          const ssize_t n = ::pread(fd_, block_.data() + done, static_cast<size_t>(have - done),
+          const ssize_t n = ::pread(fd_.get(), block_.data() + done, static_cast<size_t>(have - done),
                                     static_cast<off_t>(block_start_ + done));
           if (n < 0 && errno == EINTR) continue;
           if (n < 0) throw_io(path_, "cannot read back the new file", errno);
@@ -346,7 +342,7 @@ void AtomicFile::flush_staged(bool whole) {
   if (!staged_) return;
   staged_ = false;
   const uint64_t n = whole ? kBlock : block_fill_;
-  if (n > 0) pwrite_all(fd_, block_.data(), static_cast<size_t>(n), block_start_, path_);
+  if (n > 0) pwrite_all(fd_.get(), block_.data(), static_cast<size_t>(n), block_start_, path_);
   written_end_ = std::max(written_end_, block_start_ + n);
 }
 
@@ -364,7 +360,7 @@ void AtomicFile::copy_from(int src_fd, uint64_t src_offset, uint64_t size, uint6
       if (in_kernel) {
         auto in = static_cast<off_t>(src_offset);
         auto out = static_cast<off_t>(offset);
-        n = ::copy_file_range(src_fd, &in, fd_, &out, chunk, 0);
+        n = ::copy_file_range(src_fd, &in, fd_.get(), &out, chunk, 0);
         if (n < 0 && errno == EINTR) continue;
         if (n < 0 && (errno == EXDEV || errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP ||
                       errno == EBADF || errno == EPERM)) {
@@ -378,7 +374,7 @@ void AtomicFile::copy_from(int src_fd, uint64_t src_offset, uint64_t size, uint6
         n = ::pread(src_fd, buffer.data(), piece, static_cast<off_t>(src_offset));
         if (n < 0 && errno == EINTR) continue;
         if (n < 0) throw_io(path_, "read of " + what + " failed", errno);
-        if (n > 0) pwrite_all(fd_, buffer.data(), static_cast<size_t>(n), offset, path_);
+        if (n > 0) pwrite_all(fd_.get(), buffer.data(), static_cast<size_t>(n), offset, path_);
       }
       if (n == 0) {
         throw Error(ErrorKind::Truncated, path_ + ": the source of " + what + " ended " +
@@ -407,7 +403,7 @@ void AtomicFile::truncate(uint64_t size) {
     throw;
   }
   written_end_ = size;
-  if (::ftruncate(fd_, static_cast<off_t>(size)) != 0) {
+  if (::ftruncate(fd_.get(), static_cast<off_t>(size)) != 0) {
     const int err = errno;
     discard();
     throw_io(path_, "cannot set the length of the new file to " + std::to_string(size) + " bytes", err);
@@ -421,16 +417,14 @@ void AtomicFile::finish(bool sync) {
     discard();
     throw;
   }
-  if (sync && ::fsync(fd_) != 0) {
+  if (sync && ::fsync(fd_.get()) != 0) {
     const int err = errno;
     discard();
     throw_io(path_, "fsync of the new file failed", err);
   }
   finished_ = true;
   if (nameless_) return;  // the descriptor names it until rename_into_place
-  const int fd = fd_;
-  fd_ = -1;
-  if (::close(fd) != 0) {
+  if (fd_.close() != 0) {
     const int err = errno;
     discard();
     throw_io(path_, "close of the new file failed", err);
@@ -441,9 +435,7 @@ void AtomicFile::rename_into_place(bool sync) {
   try {
     if (nameless_) {
       link_named();
-      const int fd = fd_;
-      fd_ = -1;
-      if (::close(fd) != 0) throw_io(path_, "close of the new file failed", errno);
+      if (fd_.close() != 0) throw_io(path_, "close of the new file failed", errno);
     }
     if (::rename(temp_path_.c_str(), path_.c_str()) != 0) {
       throw_io(path_, "cannot rename the temporary file into place", errno);
@@ -460,10 +452,7 @@ void AtomicFile::rename_into_place(bool sync) {
 }
 
 void AtomicFile::discard() noexcept {
-  if (fd_ >= 0) {
-    ::close(fd_);
-    fd_ = -1;
-  }
+  fd_.reset();
   if (!temp_path_.empty()) {
     ::unlink(temp_path_.c_str());
     unregister_temporary(registry_slot_);

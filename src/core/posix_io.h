@@ -9,6 +9,9 @@
 #include <string_view>
 #include <vector>
 
+#include "output.h"
+#include "unique_fd.h"
+
 namespace tensormap::detail {
 
 // The piece in which the core streams a tensor from a checkpoint into a writer (convert,
@@ -56,32 +59,33 @@ void write_file_atomically(const std::string& path, const std::string& bytes, bo
 // buffer) until a later write moves past it, and the aligned middle of a large write goes
 // straight to the file. Nothing staged can be read back before finish(); the file's bytes
 // are exactly those written, gaps reading as zeros, as with plain pwrite.
-class AtomicFile {
+class AtomicFile final : public Output {
  public:
   explicit AtomicFile(std::string path);
-  ~AtomicFile();
+  ~AtomicFile() override;
   AtomicFile(const AtomicFile&) = delete;
   AtomicFile& operator=(const AtomicFile&) = delete;
 
-  const std::string& path() const { return path_; }
+  const std::string& path() const override { return path_; }
 
-  void pwrite(const void* data, size_t size, uint64_t offset);
+  void pwrite(const void* data, size_t size, uint64_t offset) override;
   // Copies [src_offset, src_offset + size) of the file open as `src_fd` to `offset`, in
   // the kernel with copy_file_range (which shares the blocks where the filesystem can:
   // Btrfs, XFS with reflink, NFS 4.2 server-side copy), else through a 1 MiB buffer with
   // pread and pwrite. A source shorter than the range gives Error(Truncated) naming
   // `what`; a failed write, Error(Io).
-  void copy_from(int src_fd, uint64_t src_offset, uint64_t size, uint64_t offset, const std::string& what);
+  void copy_from(int src_fd, uint64_t src_offset, uint64_t size, uint64_t offset, const std::string& what) override;
   // Appends after everything append() wrote so far.
-  void append(const void* data, size_t size);
+  void append(const void* data, size_t size) override;
   // Sets the file's length (the gaps read as zeros).
-  void truncate(uint64_t size);
+  void truncate(uint64_t size) override;
   // fsync (if `sync`) and close: after this, only rename_into_place() remains.
-  void finish(bool sync);
+  void finish(bool sync) override;
   // Renames the finished temporary file over the destination, then fsyncs the directory.
   void rename_into_place(bool sync);
+  void publish(bool sync) override { rename_into_place(sync); }
   // Removes the temporary file. Safe to call more than once.
-  void discard() noexcept;
+  void discard() noexcept override;
 
  private:
   void create_named();
@@ -101,7 +105,7 @@ class AtomicFile {
 
   std::string path_;
   std::string temp_path_;  // empty while the file has no name
-  int fd_ = -1;
+  UniqueFd fd_;
   int registry_slot_ = -1;  // where remove_temporary_files() finds temp_path_
   bool nameless_ = false;
   bool finished_ = false;

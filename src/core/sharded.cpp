@@ -15,7 +15,7 @@
 #include "posix_io.h"
 #include "tensormap/error.h"
 #include "tensormap/format.h"
-#include "write_cursor.h"
+#include "file_writer.h"
 
 namespace tensormap {
 namespace {
@@ -102,23 +102,41 @@ ShardIndex ShardIndex::parse(std::string_view text, const std::string& path) {
 
 // ---------------------------------------------------------------------------------------
 
-struct ShardedWriter::Impl {
-  Impl(const std::string& path, const std::vector<TensorSpec>& tensors) : index_path(path), cursor(path, tensors, /*aliases=*/false) {}
-  std::string index_path;
-  detail::WriteCursor cursor;          // checks the declarations and the order of writes
-  std::vector<TensorSpec> tensors;
-  std::vector<uint32_t> shard_of;      // tensor -> shard
-  std::vector<std::string> shard_names;
-  std::vector<Writer> writers;         // one per shard, each writing a temporary file
-  std::set<std::string> old_shards;    // named by the index this one replaces
-  bool sync = true;
-  uint64_t total = 0;
+namespace detail {
+namespace {
+
+// The shards, each a FileWriterCore, behind one cursor over all tensors; the index last.
+class ShardedCore final : public WriterCore {
+ public:
+  ShardedCore(std::string index_path, std::vector<TensorSpec> tensors, uint64_t max_shard_bytes,
+              const WriterOptions& options);
+  size_t shard_count() const { return shards_.size(); }
+
+ private:
+  void put(const void* data, size_t size, size_t tensor, uint64_t) override {
+    shards_[shard_of_[tensor]]->write(data, size);
+  }
+  void seal() override {
+    for (auto& shard : shards_) shard->seal_all();  // all data durable under temporary names
+  }
+  void publish() override;
+  void discard() noexcept override {
+    for (auto& shard : shards_) shard->abandon();
+  }
+
+  std::string index_path_;
+  std::vector<TensorSpec> tensors_;
+  std::vector<uint32_t> shard_of_;  // tensor -> shard
+  std::vector<std::string> shard_names_;
+  std::vector<std::unique_ptr<FileWriterCore>> shards_;  // one per shard, each writing a temporary file
+  std::set<std::string> old_shards_;                     // named by the index this one replaces
+  bool sync_ = true;
+  uint64_t total_ = 0;
 };
 
-ShardedWriter::ShardedWriter(std::string index_path, std::vector<TensorSpec> tensors,
-                             uint64_t max_shard_bytes, WriterOptions options)
-    : impl_(std::make_unique<Impl>(detail::write_target(index_path), tensors)) {  // shards beside the real index
-  Impl& w = *impl_;
+ShardedCore::ShardedCore(std::string index_path, std::vector<TensorSpec> tensors, uint64_t max_shard_bytes,
+                         const WriterOptions& options)
+    : WriterCore(write_target(index_path), tensors, /*aliases=*/false), index_path_(path()) {  // shards beside the real index
   const std::string suffix = ".index.json";
   const std::string base = base_name(index_path);
   if (base.size() <= suffix.size() || base.compare(base.size() - suffix.size(), suffix.size(), suffix) != 0) {
@@ -135,9 +153,9 @@ ShardedWriter::ShardedWriter(std::string index_path, std::vector<TensorSpec> ten
     throw Error(ErrorKind::InvalidArgument, index_path + ": torch.save archives are not sharded");
   }
   // Assign tensors to shards in order, starting a new shard when the next tensor would
-  // not fit. Each shard's Writer validates its own declarations.
-  w.sync = options.sync;
-  const std::vector<uint64_t>& byte_lengths = w.cursor.byte_lengths();
+  // not fit. Each shard's writer validates its own declarations.
+  sync_ = options.sync;
+  const std::vector<uint64_t>& byte_lengths = cursor().byte_lengths();
   std::vector<std::vector<TensorSpec>> groups;
   uint64_t in_group = 0;
   for (size_t i = 0; i < tensors.size(); ++i) {
@@ -146,87 +164,68 @@ ShardedWriter::ShardedWriter(std::string index_path, std::vector<TensorSpec> ten
       in_group = 0;
     }
     groups.back().push_back(tensors[i]);
-    w.shard_of.push_back(static_cast<uint32_t>(groups.size() - 1));
+    shard_of_.push_back(static_cast<uint32_t>(groups.size() - 1));
     in_group += byte_lengths[i];
-    w.total += byte_lengths[i];
+    total_ += byte_lengths[i];
   }
   if (groups.empty()) groups.emplace_back();  // an empty checkpoint still has one shard
   // The new shards must not replace any file the index being replaced names: until the
   // new index is in place, the old one must still find all of its shards. So when the
   // usual names are taken, the shards get a generation tag: model-00001-of-00002.b.tmap.
-  w.old_shards = shards_named_by(index_path);
+  old_shards_ = shards_named_by(index_path);
   for (const char* tag : {"", ".b", ".c"}) {
-    w.shard_names.clear();
+    shard_names_.clear();
     bool taken = false;
     for (size_t s = 0; s < groups.size(); ++s) {
       char numbers[48];  // room for two 20-digit counts
       std::snprintf(numbers, sizeof numbers, "-%05zu-of-%05zu", s + 1, groups.size());
-      w.shard_names.push_back(stem + numbers + tag + extension);
-      taken = taken || w.old_shards.count(w.shard_names.back()) > 0;
+      shard_names_.push_back(stem + numbers + tag + extension);
+      taken = taken || old_shards_.count(shard_names_.back()) > 0;
     }
     if (!taken) break;
   }
-  const std::string dir = detail::parent_directory(w.index_path);  // the real index's directory
+  const std::string dir = parent_directory(index_path_);  // the real index's directory
   // Shards of earlier saves that died between naming a shard and its rename, whatever
   // their shard count or tag (each shard's writer collects only its own name's).
-  detail::collect_stale_temporaries(dir, [&](std::string_view shard) {
+  collect_stale_temporaries(dir, [&](std::string_view shard) {
     return shard.size() > stem.size() + extension.size() && shard.substr(0, stem.size() + 1) == stem + "-" &&
            shard.substr(shard.size() - extension.size()) == extension &&
            shard.find("-of-", stem.size()) != std::string_view::npos;
   });
   for (size_t s = 0; s < groups.size(); ++s) {
-    w.writers.emplace_back(dir + "/" + w.shard_names[s], std::move(groups[s]), options);
+    shards_.push_back(std::make_unique<FileWriterCore>(dir + "/" + shard_names_[s], std::move(groups[s]), options));
   }
-  w.tensors = std::move(tensors);
-  w.cursor.advance(0, [](size_t) {});
+  tensors_ = std::move(tensors);
+  start();
 }
 
-ShardedWriter::~ShardedWriter() = default;
-ShardedWriter::ShardedWriter(ShardedWriter&&) noexcept = default;
-ShardedWriter& ShardedWriter::operator=(ShardedWriter&&) noexcept = default;
-
-size_t ShardedWriter::shard_count() const { return impl_->writers.size(); }
-size_t ShardedWriter::tensor_count() const { return impl_->tensors.size(); }
-uint64_t ShardedWriter::byte_length(size_t index) const { return impl_->cursor.byte_lengths().at(index); }
-size_t ShardedWriter::current_tensor() const { return impl_->cursor.current(); }
-
-void ShardedWriter::write(const void* data, size_t size) {
-  Impl& w = *impl_;
-  w.cursor.check_write(size);
-  if (size == 0) return;
-  w.writers[w.shard_of[w.cursor.current()]].write(data, size);
-  w.cursor.advance(size, [](size_t) {});
-}
-
-void ShardedWriter::write_tensor(const void* data, size_t size) {
-  impl_->cursor.check_whole(size);
-  write(data, size);
-}
-
-void ShardedWriter::abandon() noexcept {
-  for (Writer& shard : impl_->writers) shard.abandon();
-}
-
-void ShardedWriter::commit() {
-  Impl& w = *impl_;
-  w.cursor.check_complete();
-  for (Writer& shard : w.writers) shard.finish();  // all data durable under temporary names
+void ShardedCore::publish() {
   // Names no file of the old checkpoint has: a crash from here on leaves the old index
   // with all its shards, and at worst unreferenced new shards beside it.
-  for (Writer& shard : w.writers) shard.rename_into_place();
+  for (auto& shard : shards_) shard->publish_all();
   nlohmann::ordered_json index;
-  index["metadata"] = {{"total_size", w.total}};
+  index["metadata"] = {{"total_size", total_}};
   index["weight_map"] = nlohmann::ordered_json::object();
-  for (size_t i = 0; i < w.tensors.size(); ++i) index["weight_map"][w.tensors[i].name] = w.shard_names[w.shard_of[i]];
-  detail::write_file_atomically(w.index_path, index.dump(2) + "\n", w.sync);  // the switch
+  for (size_t i = 0; i < tensors_.size(); ++i) index["weight_map"][tensors_[i].name] = shard_names_[shard_of_[i]];
+  write_file_atomically(index_path_, index.dump(2) + "\n", sync_);  // the switch
   // The old shards are nobody's now. A crash before this leaves them as files no index
   // names; the next save of this path will not reuse their names either way.
-  const std::string dir = detail::parent_directory(w.index_path);
-  for (const std::string& old : w.old_shards) {
-    if (std::find(w.shard_names.begin(), w.shard_names.end(), old) == w.shard_names.end()) {
+  const std::string dir = parent_directory(index_path_);
+  for (const std::string& old : old_shards_) {
+    if (std::find(shard_names_.begin(), shard_names_.end(), old) == shard_names_.end()) {
       ::unlink((dir + "/" + old).c_str());
     }
   }
 }
+
+}  // namespace
+}  // namespace detail
+
+ShardedWriter::ShardedWriter(std::string index_path, std::vector<TensorSpec> tensors, uint64_t max_shard_bytes,
+                             WriterOptions options)
+    : FormatWriter(std::make_unique<detail::ShardedCore>(std::move(index_path), std::move(tensors), max_shard_bytes,
+                                                         options)) {}
+
+size_t ShardedWriter::shard_count() const { return static_cast<const detail::ShardedCore&>(core()).shard_count(); }
 
 }  // namespace tensormap

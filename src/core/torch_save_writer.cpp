@@ -19,7 +19,7 @@
 #include "tensormap/error.h"
 #include "tensormap/format.h"
 #include "torch_names.h"
-#include "write_cursor.h"
+#include "writer_core.h"
 #include "zip.h"
 
 namespace tensormap {
@@ -108,101 +108,62 @@ std::string pickle_state_dict(const std::vector<TensorSpec>& tensors, const std:
 
 }  // namespace
 
-struct TorchSaveWriter::Impl {
-  Impl(std::string p, const std::vector<TensorSpec>& tensors) : path(std::move(p)), cursor(path, tensors, /*aliases=*/true) {}
-  std::string path;
-  detail::WriteCursor cursor;
-  std::vector<TensorSpec> tensors;
-  bool sync = true;
-  std::unique_ptr<detail::AtomicFile> file;  // null once committed or abandoned
-  std::unique_ptr<detail::ZipWriter> zip;
-  bool failed = false;
+namespace detail {
+namespace {
 
+// A torch.save archive through the writer core: the pickle and byte order first, then one
+// zip record per tensor that is not an alias, then the version and the zip directory.
+class TorchSaveCore final : public WriterCore {
+ public:
+  TorchSaveCore(std::string path, std::vector<TensorSpec> tensors, const WriterOptions& options)
+      : WriterCore(std::move(path), tensors, /*aliases=*/true), sync_(options.sync) {
+    output_ = std::make_unique<AtomicFile>(this->path());
+    zip_ = std::make_unique<ZipWriter>(*output_, 64);
+    guarded([&] {
+      const std::string pickle = pickle_state_dict(tensors, cursor().aliases());
+      zip_->add_record("archive/data.pkl", pickle.data(), pickle.size());
+      zip_->add_record("archive/byteorder", "little", 6);
+    });
+    start();
+  }
+
+ private:
   static std::string record(size_t i) { return "archive/data/" + std::to_string(i); }
 
-  void check_writable() const {
-    if (failed) throw Error(ErrorKind::InvalidArgument, path + ": the writer failed earlier and was abandoned");
-    if (!file) throw Error(ErrorKind::InvalidArgument, path + ": the writer was already committed or abandoned");
+  void put(const void* data, size_t size, size_t tensor, uint64_t at) override {
+    if (at == 0) zip_->begin_record(record(tensor));
+    zip_->append(data, size);
   }
-  // Runs `step` on the file; on any failure the writer is abandoned.
-  template <typename Step>
-  void guarded(Step step) {
-    try {
-      step();
-    } catch (...) {
-      failed = true;
-      zip.reset();
-      file.reset();
-      throw;
-    }
+  // Closes the tensor's record (a zero-length one opens it first); an alias has none: it
+  // shares its target's.
+  void tensor_done(size_t tensor) override {
+    if (cursor().aliases()[tensor]) return;
+    if (cursor().byte_lengths()[tensor] == 0) zip_->begin_record(record(tensor));
+    zip_->end_record();
   }
-  // Records `size` bytes of the current tensor; each tensor that completes closes its
-  // record (a zero-length one opens it first).
-  void advance(size_t size) {
-    cursor.advance(size, [&](size_t done) {
-      if (cursor.aliases()[done]) return;  // no record: it shares its target's
-      if (cursor.byte_lengths()[done] == 0) zip->begin_record(record(done));
-      zip->end_record();
-    });
+  void seal() override {
+    zip_->add_record("archive/version", "3\n", 2);
+    zip_->finish();
+    output_->finish(sync_);
   }
+  void publish() override {
+    output_->publish(sync_);
+    discard();
+  }
+  void discard() noexcept override {
+    zip_.reset();
+    output_.reset();
+  }
+
+  bool sync_;
+  std::unique_ptr<Output> output_;  // null once published or discarded
+  std::unique_ptr<ZipWriter> zip_;
 };
 
+}  // namespace
+}  // namespace detail
+
 TorchSaveWriter::TorchSaveWriter(std::string path, std::vector<TensorSpec> tensors, WriterOptions options)
-    : impl_(std::make_unique<Impl>(std::move(path), tensors)) {
-  Impl& w = *impl_;
-  w.tensors = std::move(tensors);
-  w.sync = options.sync;
-  w.file = std::make_unique<detail::AtomicFile>(w.path);
-  w.zip = std::make_unique<detail::ZipWriter>(*w.file, 64);
-  w.guarded([&] {
-    const std::string pickle = pickle_state_dict(w.tensors, w.cursor.aliases());
-    w.zip->add_record("archive/data.pkl", pickle.data(), pickle.size());
-    w.zip->add_record("archive/byteorder", "little", 6);
-    w.advance(0);
-  });
-}
-
-TorchSaveWriter::~TorchSaveWriter() = default;
-
-size_t TorchSaveWriter::tensor_count() const { return impl_->tensors.size(); }
-uint64_t TorchSaveWriter::byte_length(size_t index) const { return impl_->cursor.byte_lengths().at(index); }
-size_t TorchSaveWriter::current_tensor() const { return impl_->cursor.current(); }
-
-void TorchSaveWriter::write(const void* data, size_t size) {
-  Impl& w = *impl_;
-  w.check_writable();
-  w.cursor.check_write(size);
-  if (size == 0) return;
-  w.guarded([&] {
-    if (w.cursor.written() == 0) w.zip->begin_record(Impl::record(w.cursor.current()));
-    w.zip->append(data, size);
-    w.advance(size);
-  });
-}
-
-void TorchSaveWriter::write_tensor(const void* data, size_t size) {
-  impl_->check_writable();
-  impl_->cursor.check_whole(size);
-  write(data, size);
-}
-
-void TorchSaveWriter::commit() {
-  Impl& w = *impl_;
-  w.check_writable();
-  w.cursor.check_complete();
-  w.guarded([&] {
-    w.zip->add_record("archive/version", "3\n", 2);
-    w.zip->finish();
-    w.file->finish(w.sync);
-    w.file->rename_into_place(w.sync);
-  });
-  w.zip.reset();
-  w.file.reset();
-}
-
-void TorchSaveWriter::abandon() noexcept {
-  impl_->zip.reset();
-  impl_->file.reset();
-}
+    : FormatWriter(std::make_unique<detail::TorchSaveCore>(std::move(path), std::move(tensors), options)) {}
 
 }  // namespace tensormap

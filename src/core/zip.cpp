@@ -7,7 +7,7 @@
 #include <cstring>
 
 #include "bytes.h"
-#include "mapping.h"
+#include "byte_source.h"
 #include "names.h"
 #include "tensormap/error.h"
 #include "tensormap/format.h"
@@ -26,13 +26,13 @@ constexpr uint16_t kPaddingExtraId = 0x4246;  // as torch.save pads its records
 constexpr uint32_t kMax32 = 0xFFFFFFFF;
 constexpr uint16_t kMax16 = 0xFFFF;
 
-// The archive's bytes, read with pread, and checked.
+// The archive's bytes, read through the source, and checked.
 class Reader {
  public:
-  explicit Reader(const Mapping& m) : m_(m) {}
+  explicit Reader(const ByteSource& m) : m_(m) {}
 
   [[noreturn]] void fail(const std::string& what) const {
-    throw Error(ErrorKind::UnsupportedArchive, m_.path() + ": not a readable zip archive: " + what);
+    throw Error(ErrorKind::UnsupportedArchive, m_.name() + ": not a readable zip archive: " + what);
   }
   std::vector<unsigned char> read(uint64_t offset, uint64_t size, const char* what) const {
     const auto end = checked_add(offset, size);
@@ -47,7 +47,7 @@ class Reader {
   uint64_t size() const { return m_.size(); }
 
  private:
-  const Mapping& m_;
+  const ByteSource& m_;
 };
 
 struct Directory {
@@ -88,7 +88,7 @@ Directory find_directory(const Reader& r) {
 
 }  // namespace
 
-std::vector<ZipRecord> read_zip_directory(const Mapping& file) {
+std::vector<ZipRecord> read_zip_directory(const ByteSource& file) {
   const Reader r(file);
   const Directory d = find_directory(r);
   const auto dir = r.read(d.offset, d.size, "the central directory");
@@ -149,7 +149,7 @@ std::vector<ZipRecord> read_zip_directory(const Mapping& file) {
   return records;
 }
 
-ZipWriter::ZipWriter(AtomicFile& file, uint64_t alignment) : file_(file), alignment_(alignment) {}
+ZipWriter::ZipWriter(Output& file, uint64_t alignment) : file_(file), alignment_(alignment) {}
 
 void ZipWriter::begin_record(const std::string& name) {
   if (open_) throw Error(ErrorKind::InvalidArgument, file_.path() + ": a zip record is still open");

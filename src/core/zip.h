@@ -10,11 +10,11 @@
 #include <string>
 #include <vector>
 
-#include "posix_io.h"
+#include "output.h"
 
 namespace tensormap::detail {
 
-class Mapping;
+class ByteSource;
 
 struct ZipRecord {
   std::string name;
@@ -23,17 +23,17 @@ struct ZipRecord {
   uint16_t method;       // 0: stored
 };
 
-// Every record of the archive open as `file`, in directory order, read with pread.
+// Every record of the archive `file`, in directory order, read through its read().
 // Throws Error(UnsupportedArchive) naming the file for anything malformed, a record
 // whose bytes pass the end of the file, or an encrypted record.
-std::vector<ZipRecord> read_zip_directory(const Mapping& file);
+std::vector<ZipRecord> read_zip_directory(const ByteSource& file);
 
-// Writes a zip of stored records through an AtomicFile, each record's data starting on a
+// Writes a zip of stored records through an Output, each record's data starting on a
 // multiple of `alignment` (as torch.save aligns them, 64), CRC-32 computed as the bytes
 // go. Records of unknown size are streamed: begin_record(), append(), end_record().
 class ZipWriter {
  public:
-  ZipWriter(AtomicFile& file, uint64_t alignment);
+  ZipWriter(Output& file, uint64_t alignment);
   void begin_record(const std::string& name);
   void append(const void* data, size_t size);
   void end_record();
@@ -48,7 +48,7 @@ class ZipWriter {
     uint64_t size;
     uint32_t crc;
   };
-  AtomicFile& file_;
+  Output& file_;
   uint64_t alignment_;
   uint64_t at_ = 0;  // bytes written so far
   std::vector<Entry> entries_;

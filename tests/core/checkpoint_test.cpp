@@ -10,6 +10,7 @@
 
 #include "../../src/core/mapping.h"
 #include "../../src/core/pickle.h"
+#include "../../src/core/posix_io.h"
 #include "../../src/core/zip.h"
 #include "support.h"
 #include "tensormap/core.h"
