@@ -6,6 +6,7 @@
 
 #include <xxhash.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -22,6 +23,10 @@ class FileWriterCore final : public WriterCore {
   // Validates the declarations and plans the layout, then creates the output: a new
   // AtomicFile at `path`.
   FileWriterCore(std::string path, std::vector<TensorSpec> tensors, WriterOptions options);
+  // The same, writing to what `make_output` returns once the declarations are checked
+  // (another destination, or a fault injected in a test).
+  FileWriterCore(std::string path, std::vector<TensorSpec> tensors, WriterOptions options,
+                 const std::function<std::unique_ptr<Output>()>& make_output);
   ~FileWriterCore() override;
 
   // Writes the whole current tensor by copying `size` bytes at `offset` of the local file

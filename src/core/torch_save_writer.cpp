@@ -148,10 +148,12 @@ class TorchSaveCore final : public WriterCore {
   }
   void publish() override {
     output_->publish(sync_);
-    discard();
+    zip_.reset();
+    output_.reset();
   }
   void discard() noexcept override {
     zip_.reset();
+    if (output_) output_->discard();
     output_.reset();
   }
 

@@ -42,6 +42,11 @@ Writer::Writer(std::string path, std::vector<TensorSpec> tensors, WriterOptions 
 namespace detail {
 
 FileWriterCore::FileWriterCore(std::string path, std::vector<TensorSpec> tensors, WriterOptions options)
+    : FileWriterCore(path, std::move(tensors), std::move(options),
+                     [&path] { return std::make_unique<AtomicFile>(path); }) {}
+
+FileWriterCore::FileWriterCore(std::string path, std::vector<TensorSpec> tensors, WriterOptions options,
+                               const std::function<std::unique_ptr<Output>()>& make_output)
     : WriterCore(std::move(path), tensors, options.format == Format::Tensormap) {
   if (options.format == Format::TorchSave) {
     throw Error(ErrorKind::InvalidArgument, this->path() + ": torch.save archives are written by TorchSaveWriter");
@@ -57,7 +62,7 @@ FileWriterCore::FileWriterCore(std::string path, std::vector<TensorSpec> tensors
   if (!hash_ || XXH3_64bits_reset(hash_.get()) != XXH_OK) {
     throw Error(ErrorKind::Io, this->path() + ": cannot allocate a hash state");
   }
-  output_ = std::make_unique<AtomicFile>(this->path());
+  output_ = make_output();
   start();
 }
 
@@ -98,7 +103,10 @@ void FileWriterCore::publish() {
   output_.reset();
 }
 
-void FileWriterCore::discard() noexcept { output_.reset(); }
+void FileWriterCore::discard() noexcept {
+  if (output_) output_->discard();
+  output_.reset();
+}
 
 }  // namespace detail
 }  // namespace tensormap

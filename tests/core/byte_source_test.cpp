@@ -1,13 +1,16 @@
-// The ByteSource seam: readers that take one read the same from memory as from a file,
-// and a source that fails or shrinks under them gives an Error, never a crash or wrong
-// bytes.
+// The seams in front of the OS. ByteSource: readers that take one read the same from
+// memory as from a file, and a source that fails or shrinks under them gives an Error,
+// never a crash or wrong bytes. Output: a writer whose destination fails at any write is
+// abandoned and publishes nothing.
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "../../src/core/byte_source.h"
+#include "../../src/core/file_writer.h"
 #include "../../src/core/mapping.h"
 #include "../../src/core/source.h"
 #include "../../src/core/zip.h"
@@ -109,6 +112,86 @@ TEST(ByteSource, AReadThatFailsAtAnyPointGivesThatErrorAndNothingElse) {
     }
     EXPECT_GT(failed, 0);
   }
+}
+
+}  // namespace
+}  // namespace tensormap
+
+namespace tensormap {
+namespace {
+
+// An Output that keeps bytes in memory and refuses every write after `budget` bytes, as a
+// disk that fills up; it records whether it was published or discarded.
+struct Recorded {
+  std::vector<unsigned char> bytes;
+  bool published = false, discarded = false;
+};
+class FillingOutput final : public detail::Output {
+ public:
+  FillingOutput(uint64_t budget, Recorded& record) : budget_(budget), record_(record) {}
+  const std::string& path() const override { return path_; }
+  void pwrite(const void* data, size_t size, uint64_t offset) override {
+    if (size > budget_) throw Error(ErrorKind::Io, path_ + ": write failed: No space left on device (injected)");
+    budget_ -= size;
+    if (record_.bytes.size() < offset + size) record_.bytes.resize(offset + size);
+    std::memcpy(record_.bytes.data() + offset, data, size);
+  }
+  void append(const void* data, size_t size) override { pwrite(data, size, appended_), appended_ += size; }
+  void truncate(uint64_t size) override { record_.bytes.resize(size); }
+  void finish(bool) override {}
+  void publish(bool) override { record_.published = true; }
+  void discard() noexcept override { record_.discarded = true; }
+
+ private:
+  std::string path_ = "mem://model.tmap";
+  uint64_t budget_;
+  uint64_t appended_ = 0;
+  Recorded& record_;
+};
+
+TEST(OutputSeam, AFullDiskAtAnyWriteAbandonsTheWriterAndPublishesNothing) {
+  const std::vector<TensorSpec> specs = {{"a", Dtype::F32, {300}}, {"b", Dtype::U8, {5000}}, {"c", Dtype::I64, {7}}};
+  std::vector<std::vector<unsigned char>> data;
+  for (const auto& spec : specs) {
+    uint64_t n = dtype_size(spec.dtype);
+    for (uint64_t d : spec.shape) n *= d;
+    data.emplace_back(static_cast<size_t>(n));
+    for (size_t i = 0; i < data.back().size(); ++i) data.back()[i] = static_cast<unsigned char>(i * 7 + n);
+  }
+  int failures = 0;
+  for (uint64_t budget = 0; budget < 8000; budget += 501) {
+    Recorded record;
+    detail::FileWriterCore writer("mem://model.tmap", specs, {}, [&] {
+      return std::make_unique<FillingOutput>(budget, record);
+    });
+    try {
+      for (const auto& bytes : data) writer.write(bytes.data(), bytes.size());
+      writer.commit();
+      EXPECT_TRUE(record.published);
+      // What was published reads back as the tensors written.
+      testing::TempDir dir;
+      testing::write_bytes(dir.file("x.tmap"), record.bytes);
+      const Checkpoint c = Checkpoint::open(dir.file("x.tmap"));
+      for (size_t i = 0; i < specs.size(); ++i) {
+        std::vector<unsigned char> back(data[i].size());
+        c.read(specs[i].name, back.data());
+        EXPECT_EQ(back, data[i]) << specs[i].name;
+      }
+    } catch (const Error& e) {
+      ++failures;
+      EXPECT_EQ(e.kind(), ErrorKind::Io) << e.what();
+      EXPECT_FALSE(record.published) << budget;
+      EXPECT_TRUE(record.discarded) << budget;
+      // Everything after the failure is refused, with the reason.
+      try {
+        writer.write(data[0].data(), 1);
+        FAIL() << "a write after the failure";
+      } catch (const Error& later) {
+        EXPECT_NE(std::string(later.what()).find("failed earlier"), std::string::npos) << later.what();
+      }
+    }
+  }
+  EXPECT_GT(failures, 5);
 }
 
 }  // namespace
