@@ -26,6 +26,8 @@
 #include "tensormap/error.h"
 #include "tensormap/export.h"
 #include "tensormap/format.h"
+#include "tensormap/page_cache.h"
+#include "tensormap/tensor_entry.h"
 
 namespace tensormap {
 
@@ -35,85 +37,6 @@ class Mapping;
 File open_file(std::shared_ptr<const Mapping> mapping);
 }  // namespace detail
 
-// The system's page size: what mappings and evictions round to.
-TENSORMAP_EXPORT uint64_t page_size();
-
-// Whether `count` mappings of their own (File::map_region, ViewMapping::Own) fit the
-// budget of one process: a quarter of the kernel's limit, vm.max_map_count, read afresh at
-// each call (a sysctl can change while a process runs; reading it costs microseconds).
-TENSORMAP_EXPORT bool own_mappings_fit(size_t count);
-
-// Huge pages for mapped checkpoints (spec/FORMAT.md, "Huge pages"; README, "Map mode at
-// full speed"). Every file tensormap maps is advised MADV_HUGEPAGE, so that pages read in
-// through the mapping arrive in 2 MiB page-cache folios, each mapped with one page-table
-// entry (FilePmdMapped in /proc/<pid>/smaps): faster faults, fewer TLB misses. Writers
-// write whole aligned 2 MiB blocks, so a file written by tensormap is cached that way too.
-// A file cached in small folios by another writer (cp, a download) is mapped 4 KiB at a
-// time until it leaves the cache or warm_page_cache() re-reads it.
-struct TENSORMAP_EXPORT HugePageSupport {
-  bool madvise_hugepage = false;  // the kernel takes MADV_HUGEPAGE on a file mapping
-  bool collapse = false;          // and MADV_COLLAPSE (5.19+, with READ_ONLY_THP_FOR_FS)
-  std::string thp_mode;           // /sys/kernel/mm/transparent_hugepage/enabled: "always",
-                                  // "madvise", "never", or "" where the kernel has no THP
-};
-// What this kernel offers, probed once (a small mapping of /proc/self/exe) and remembered.
-TENSORMAP_EXPORT HugePageSupport huge_page_support();
-
-// The share (0 to 1) of the pages of `path` that this process has mapped and resident which
-// are mapped with 2 MiB page-table entries, from /proc/self/smaps (every mapping of the
-// file, by its path as the kernel shows it); 0 where none is resident.
-TENSORMAP_EXPORT double huge_mapped_share(const std::string& path);
-
-struct TENSORMAP_EXPORT WarmReport {
-  double share_before = 0;  // of the file's bytes, PMD-mappable from the page cache
-  double share_after = 0;
-  double cached_before = 0;  // of the file's pages, in the page cache (mincore)
-  std::string method;        // "already", "collapse", "reread" or "none: <why>"
-};
-// Brings `path` into the page cache in 2 MiB folios, for every process that maps it later:
-// the remedy for a checkpoint copied or downloaded (written in small pieces) and still
-// cached that way. Maps the file with MADV_HUGEPAGE and populates it; where the share of
-// huge mappings stays under 90%, tries MADV_COLLAPSE and, where the kernel cannot collapse
-// file pages, writes out the file's dirty pages (fdatasync), drops its pages that no
-// process maps (POSIX_FADV_DONTNEED) and reads them again: one read of the file from the
-// disk. Never changes the file's bytes.
-// Throws Error(Io) where the file cannot be opened or mapped.
-TENSORMAP_EXPORT WarmReport warm_page_cache(const std::string& path);
-
-// The kind of filesystem `path` lies on ("NFS", "SMB/CIFS", "FUSE", "9p", ...) if a mapped
-// page there can fault with SIGBUS or stall when the server or daemon does, from statfs;
-// "" for a local filesystem (and where statfs fails: the open that follows will say why).
-// LoadMode::Auto copies from the former and maps the latter.
-TENSORMAP_EXPORT std::string fault_prone_filesystem(const std::string& path);
-
-// "tensormap", "safetensors" or "torch.save".
-TENSORMAP_EXPORT const char* format_name(Format format);
-
-// One tensor of the file. The name stays valid as long as the File (or anything holding
-// keep_alive()) lives. Safetensors tensors have no checksum (0) and may start at an
-// offset that is not a multiple of their element size.
-struct TENSORMAP_EXPORT TensorEntry {
-  std::string_view name;
-  Dtype dtype;
-  uint8_t rank;
-  std::array<uint64_t, 8> dims;  // only the first `rank` are meaningful
-  uint64_t offset;               // absolute offset in the file
-  uint64_t byte_length;
-  uint64_t checksum;             // XXH3-64 of the bytes
-  // An alias (format major 2): the index in tensors() of the earlier tensor whose bytes
-  // these are, with the same dtype, shape, offset, length and checksum. Nothing for a
-  // tensor with bytes of its own (always, in major 1 and safetensors files).
-  std::optional<uint32_t> alias_of;
-
-  // Number of elements: product of the dimensions (1 for rank 0).
-  uint64_t element_count() const;
-};
-
-// The bytes of one tensor inside the mapping.
-struct ByteView {
-  const std::byte* data;
-  uint64_t size;
-};
 
 class TENSORMAP_EXPORT File {
  public:

@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <optional>
+#include <string_view>
 
 #include "tensormap/export.h"
 
@@ -19,6 +20,18 @@ enum class Format {
   Safetensors,  // spec/SAFETENSORS.md
   TorchSave,    // Python's torch.save zip archive; written by the LibTorch layer only
 };
+
+// "tensormap", "safetensors" or "torch.save".
+TENSORMAP_EXPORT const char* format_name(Format format);
+
+// The format a user names: format_name()'s spellings, and "torch" for torch.save. Nothing
+// for any other name.
+TENSORMAP_EXPORT std::optional<Format> format_from_name(std::string_view name);
+
+// The format a destination's name asks for, without its ".index.json" (a sharded
+// checkpoint's index): *.safetensors gives Safetensors, *.pt and *.pth TorchSave,
+// anything else Tensormap.
+TENSORMAP_EXPORT Format format_for_path(std::string_view path);
 
 }  // namespace tensormap
 

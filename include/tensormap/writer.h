@@ -34,6 +34,7 @@
 #include "tensormap/dtype.h"
 #include "tensormap/export.h"
 #include "tensormap/format.h"
+#include "tensormap/temporaries.h"  // remove_temporary_files(), for the named temporaries above
 
 namespace tensormap {
 
@@ -96,11 +97,6 @@ class TENSORMAP_EXPORT TensorWriter {
   // Discards everything written so far. Safe to call more than once.
   virtual void abandon() noexcept = 0;
 };
-
-// Removes the named temporary files of this process's unfinished writers (see above).
-// Async-signal-safe: for a SIGINT/SIGTERM handler that then calls _exit. The writers
-// whose files it removed fail on their next step; nothing else is touched.
-TENSORMAP_EXPORT void remove_temporary_files() noexcept;
 
 // Whether the writer open_writer() makes for `options` stores aliases (TensorSpec::
 // alias_of): an unsharded tensormap file or torch.save archive. Safetensors files have no

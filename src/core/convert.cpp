@@ -15,18 +15,6 @@
 namespace tensormap {
 namespace {
 
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
-// The output format `out`'s name asks for: *.safetensors(.index.json) gives safetensors,
-// *.pt and *.pth torch.save, anything else tensormap.
-Format format_from_name(const std::string& file_name) {
-  if (ends_with(file_name, ".safetensors")) return Format::Safetensors;
-  if (ends_with(file_name, ".pt") || ends_with(file_name, ".pth")) return Format::TorchSave;
-  return Format::Tensormap;
-}
-
 // Streams every tensor into `writer` in pieces of at most kStreamPieceBytes: extra memory is one
 // such buffer, plus one of converted values when a dtype changes (the piece read is then
 // small enough for its converted values to fit too), whatever the sizes of the tensors.
@@ -73,11 +61,10 @@ ConvertResult convert(const std::string& in, const std::string& out, const Conve
     throw Error(ErrorKind::InvalidArgument, "convert: the float dtype must be F16, BF16, F32 or F64");
   }
   const bool sharded = options.shard_size > 0;
-  if (sharded && !ends_with(out, ".index.json")) {
+  if (sharded && (out.size() < 11 || out.compare(out.size() - 11, 11, ".index.json") != 0)) {
     throw Error(ErrorKind::InvalidArgument, out + ": a sharded output must be an index such as model.safetensors.index.json");
   }
-  ConvertResult result{options.format ? *options.format
-                                      : format_from_name(sharded ? out.substr(0, out.size() - 11) : out)};
+  ConvertResult result{options.format ? *options.format : format_for_path(out)};
   if (result.format == Format::TorchSave && sharded) {
     throw Error(ErrorKind::InvalidArgument, out + ": torch.save archives are not sharded");
   }

@@ -1,5 +1,10 @@
-// The error kinds: names, spelled as spec/FORMAT.md spells them, and groups.
+// The error kinds (names, spelled as spec/FORMAT.md spells them, and groups), and names
+// quoted for messages and terminals.
 #include "tensormap/error.h"
+
+#include <cstdio>
+
+#include "utf8.h"
 
 namespace tensormap {
 namespace {
@@ -81,5 +86,79 @@ std::optional<ErrorKind> error_kind_from_name(std::string_view name) {
 
 Error::Error(ErrorKind kind, const std::string& message)
     : std::runtime_error(message), kind_(kind) {}
+
+}  // namespace tensormap
+
+// --- names in messages and on terminals -------------------------------------------------
+
+namespace tensormap {
+
+std::string quoted_name(std::string_view text) {
+  using detail::is_valid_utf8;
+  constexpr size_t kMaxShown = 80;
+  const bool utf8 = is_valid_utf8(text);
+  std::string out = "'";
+  for (size_t i = 0; i < text.size() && i < kMaxShown; ++i) {
+    const auto c = static_cast<unsigned char>(text[i]);
+    if (c >= 0x20 && c < 0x7F && c != '\\' && c != '\'') {
+      out += static_cast<char>(c);
+    } else if (c >= 0x80 && utf8) {
+      out += static_cast<char>(c);  // keep readable non-ASCII names as they are
+    } else {
+      char buf[5];
+      std::snprintf(buf, sizeof buf, "\\x%02x", c);
+      out += buf;
+    }
+  }
+  if (text.size() > kMaxShown) out += "...";
+  return out + "'";
+}
+
+namespace {
+
+// Whether the code point a terminal would act on, or that reorders or breaks what it shows.
+bool is_control_code_point(uint32_t cp) {
+  return cp < 0x20 || (cp >= 0x7F && cp <= 0x9F) || cp == 0x2028 || cp == 0x2029 ||
+         (cp >= 0x202A && cp <= 0x202E) || (cp >= 0x2066 && cp <= 0x2069);
+}
+
+}  // namespace
+
+std::string printable(std::string_view text) {
+  const bool utf8 = detail::is_valid_utf8(text);
+  std::string out;
+  out.reserve(text.size());
+  const auto escape = [&](std::string_view bytes) {
+    for (const char byte : bytes) {
+      char buf[5];
+      std::snprintf(buf, sizeof buf, "\\x%02x", static_cast<unsigned char>(byte));
+      out += buf;
+    }
+  };
+  for (size_t i = 0; i < text.size();) {
+    const auto c = static_cast<unsigned char>(text[i]);
+    if (c == '\\') {
+      out += "\\\\";
+      ++i;
+      continue;
+    }
+    if (c >= 0x80 && !utf8) {
+      escape(text.substr(i, 1));
+      ++i;
+      continue;
+    }
+    // Valid UTF-8 here: the lead byte gives the sequence's length.
+    const size_t length = c < 0x80 ? 1 : c < 0xE0 ? 2 : c < 0xF0 ? 3 : 4;
+    uint32_t cp = length == 1 ? c : length == 2 ? c & 0x1F : length == 3 ? c & 0x0F : c & 0x07;
+    for (size_t k = 1; k < length; ++k) cp = (cp << 6) | (static_cast<unsigned char>(text[i + k]) & 0x3F);
+    if (is_control_code_point(cp)) {
+      escape(text.substr(i, length));
+    } else {
+      out.append(text.data() + i, length);
+    }
+    i += length;
+  }
+  return out;
+}
 
 }  // namespace tensormap

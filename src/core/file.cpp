@@ -30,21 +30,6 @@ struct File::Impl {
   detail::ParsedHeader header;
 };
 
-const char* format_name(Format format) {
-  switch (format) {
-    case Format::Tensormap: return "tensormap";
-    case Format::Safetensors: return "safetensors";
-    case Format::TorchSave: return "torch.save";
-  }
-  return "unknown";
-}
-
-uint64_t TensorEntry::element_count() const {
-  uint64_t n = 1;
-  for (unsigned d = 0; d < rank; ++d) n *= dims[d];  // validated: cannot overflow
-  return n;
-}
-
 File::File(std::shared_ptr<const Impl> impl) : impl_(std::move(impl)) {}
 
 File File::open(const std::string& path) {

@@ -3,6 +3,36 @@
 
 #include "bytes.h"
 
+namespace tensormap {
+
+const char* format_name(Format format) {
+  switch (format) {
+    case Format::Tensormap: return "tensormap";
+    case Format::Safetensors: return "safetensors";
+    case Format::TorchSave: return "torch.save";
+  }
+  return "unknown";
+}
+
+std::optional<Format> format_from_name(std::string_view name) {
+  if (name == "tensormap") return Format::Tensormap;
+  if (name == "safetensors") return Format::Safetensors;
+  if (name == "torch.save" || name == "torch") return Format::TorchSave;
+  return std::nullopt;
+}
+
+Format format_for_path(std::string_view path) {
+  const auto ends_with = [&](std::string_view suffix) {
+    return path.size() >= suffix.size() && path.substr(path.size() - suffix.size()) == suffix;
+  };
+  if (ends_with(".index.json")) path.remove_suffix(std::string_view(".index.json").size());
+  if (ends_with(".safetensors")) return Format::Safetensors;
+  if (ends_with(".pt") || ends_with(".pth")) return Format::TorchSave;
+  return Format::Tensormap;
+}
+
+}  // namespace tensormap
+
 namespace tensormap::format {
 
 std::optional<uint64_t> tensor_byte_length(const uint64_t* shape, unsigned rank,

@@ -15,7 +15,8 @@
 #include <string>
 
 #include "byte_source.h"
-#include "tensormap/file.h"
+#include "page_cache_detail.h"
+#include "tensormap/page_cache.h"
 #include "unique_fd.h"
 
 namespace tensormap::detail {
@@ -86,17 +87,5 @@ class Mapping final : public ByteSource {
   bool huge_ = false;
 };
 
-// MADV_HUGEPAGE over [begin, begin + length), for mappings of 2 MiB or more: pages read
-// in through them later come in 2 MiB page-cache folios, each mapped with one page-table
-// entry, where the filesystem's page cache has large folios. False where the kernel
-// refused (no transparent huge pages: EINVAL) or the range is smaller; the mapping then
-// works 4 KiB at a time, as without the advice.
-bool advise_huge_pages(void* begin, uint64_t length);
-
-using tensormap::page_size;  // file.h
-
-// The name of the fault-prone filesystem (see fault_prone_filesystem) of statfs type
-// `magic`, or nullptr.
-const char* fault_prone_filesystem_type(uint64_t magic);
 
 }  // namespace tensormap::detail

@@ -6,12 +6,9 @@
 #include <string_view>
 
 #include "tensormap/error.h"
+#include "utf8.h"
 
 namespace tensormap::detail {
-
-// True if `text` is well-formed UTF-8: no overlong forms, no surrogates, nothing past
-// U+10FFFF, no truncated sequence.
-bool is_valid_utf8(std::string_view text);
 
 // Why `name` cannot be a tensor name or metadata key, or "" if it can.
 std::string name_problem(std::string_view name);

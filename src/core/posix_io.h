@@ -112,11 +112,8 @@ class AtomicFile final : public Output {
   uint64_t appended_ = 0;
 };
 
-// Removes the temporary files of stopped writers (see AtomicFile) in `dir` whose
-// destination's file name `ours` accepts. Never throws.
-void collect_stale_temporaries(const std::string& dir, const std::function<bool(std::string_view)>& ours) noexcept;
-
-// The directory part of `path` ("." when there is none).
+// The directory part of `path` ("." when there is none), and the part after it.
 std::string parent_directory(const std::string& path);
+std::string base_name(const std::string& path);
 
 }  // namespace tensormap::detail

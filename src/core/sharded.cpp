@@ -13,6 +13,7 @@
 
 #include "names.h"
 #include "posix_io.h"
+#include "temporaries.h"
 #include "tensormap/error.h"
 #include "tensormap/format.h"
 #include "file_writer.h"
@@ -20,11 +21,6 @@
 namespace tensormap {
 namespace {
 
-
-std::string base_name(const std::string& path) {
-  const auto slash = path.find_last_of('/');
-  return slash == std::string::npos ? path : path.substr(slash + 1);
-}
 
 // A shard must be a plain file name beside the index: no directories, no way out.
 bool is_plain_file_name(const std::string& name) {

@@ -230,8 +230,12 @@ class OneRankLoad {
       if (is_source) {
         detail::LoadPlan::Binding own{target, name, part};
         // The page cache is left as it is: the source reads every rank's part of the file.
-        detail::load_binding(own, *state, source_mode, mapping, /*read_ahead=*/true, /*drop_cache=*/false,
-                             options.load.verify_checksums);
+        detail::BindingOptions how;
+        how.mode = source_mode;
+        how.mapping = mapping;
+        how.read_ahead = true;
+        how.verify = options.load.verify_checksums;
+        detail::load_binding(own, *state, how);
       }
       if (part.dim < 0) {  // replicated: a broadcast of the whole tensor
         if (is_source) {

@@ -1,8 +1,7 @@
 // Loading a torch::nn::Module from a checkpoint: the checks every load shares (loading.h),
-// map and copy mode, tensor-parallel parts, and prefault.
+// map and copy mode, tensor-parallel parts. Prefaulting a loaded model: prefault.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <sys/mman.h>
 #include <torch/nn/module.h>
 #include <torch/version.h>
 #include <unistd.h>
@@ -35,18 +34,6 @@ std::string shape_string(at::IntArrayRef sizes) {
   std::ostringstream out;
   out << sizes;
   return out.str();
-}
-
-uintptr_t page_bytes() { return static_cast<uintptr_t>(page_size()); }
-
-// The addresses of a tensor's bytes, from the start of the page holding the first.
-struct PageSpan {
-  uintptr_t begin, end;
-};
-
-PageSpan pages_of(const at::Tensor& t) {
-  const auto data = reinterpret_cast<uintptr_t>(t.data_ptr());
-  return {data & ~(page_bytes() - 1), data + t.nbytes()};
 }
 
 // Names are quoted: an unexpected name comes from the file, which may hold any bytes. A
@@ -132,15 +119,7 @@ std::string mismatch(const at::Tensor& target, const StateDict::Info& info, Load
 // first-touch faults cost several times more, markedly so in virtual machines.
 at::Tensor allocate_populated(at::IntArrayRef sizes, const at::TensorOptions& options) {
   at::Tensor t = at::empty(sizes, options);
-#ifdef MADV_POPULATE_WRITE
-  const uintptr_t page = page_bytes();
-  const auto begin = (reinterpret_cast<uintptr_t>(t.data_ptr()) + page - 1) & ~(page - 1);
-  const auto end = (reinterpret_cast<uintptr_t>(t.data_ptr()) + t.nbytes()) & ~(page - 1);
-  if (end > begin) {
-    // Advisory: on kernels before 5.14 it fails with EINVAL and the copy faults instead.
-    (void)::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_WRITE);
-  }
-#endif
+  populate_for_write(t.data_ptr(), t.nbytes());
   return t;
 }
 
@@ -183,7 +162,7 @@ std::string check_target(const at::Tensor& target, const std::string& name, Stat
 
 void read_ahead_exactly(const at::Tensor& view) {
   const auto [begin, end] = pages_of(view);
-  if (end > begin) (void)::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_WILLNEED);
+  if (end > begin) read_ahead(reinterpret_cast<const void*>(begin), end - begin);
 }
 
 void check_plan(const ParallelPlan& plan) {
@@ -241,19 +220,19 @@ LoadPlan plan_load(const torch::nn::Module& module, const StateDict& state, cons
   return plan;
 }
 
-void load_binding(LoadPlan::Binding& b, const StateDict& state, LoadMode mode, ViewMapping mapping,
-                  bool read_ahead, bool drop_cache, bool verify) {
+void load_binding(LoadPlan::Binding& b, const StateDict& state, const BindingOptions& options) {
   detail::check_interrupt();  // between tensors (interrupt.h)
-  if (mode == LoadMode::Copy) {
-    copy_into(b.target, state, b, drop_cache, verify);
+  if (options.mode == LoadMode::Copy) {
+    copy_into(b.target, state, b, options.drop_cache, options.verify);
   } else {
     // The tensor, or a rank's part of it: a zero-copy view (a part that is not one range
     // of the file comes as a tensor of its own, read row by row).
-    at::Tensor value = b.part.dim >= 0 ? state.slice(b.name, b.part.dim, b.part.start, b.part.length, mapping)
-                                       : state.at(b.name, mapping);
+    at::Tensor value = b.part.dim >= 0
+                           ? state.slice(b.name, b.part.dim, b.part.start, b.part.length, options.mapping)
+                           : state.at(b.name, options.mapping);
     // Read ahead now, exactly. Left to page faults, the kernel's read-around (up to
     // read_ahead_kb, 8 MiB on some disks) would pull in the neighbouring ranks' parts too.
-    if (read_ahead) read_ahead_exactly(value);
+    if (options.read_ahead) read_ahead_exactly(value);
     store(b.target, value, LoadMode::Map);
   }
 }
@@ -301,8 +280,13 @@ LoadReport apply_load(LoadPlan plan, const StateDict& state, const LoadOptions& 
       if (tied->unsafeGetTensorImpl() != b.target.unsafeGetTensorImpl()) store(b.target, *tied, LoadMode::Map);
     } else {
       // A rank uses everything it loads, so it reads it all ahead.
-      load_binding(b, state, options.mode, mapping, /*read_ahead=*/options.parallel.has_value(), cold[i],
-                   options.verify_checksums);
+      BindingOptions how;
+      how.mode = options.mode;
+      how.mapping = mapping;
+      how.read_ahead = options.parallel.has_value();
+      how.drop_cache = cold[i];
+      how.verify = options.verify_checksums;
+      load_binding(b, state, how);
       if (b.part.dim < 0) whole.emplace(b.name, i);
     }
     report.loaded.push_back(b.name);
@@ -379,164 +363,6 @@ LoadReport load(torch::nn::Module& module, const std::string& path, const LoadOp
     if (e.kind() != ErrorKind::ModelMismatch) throw;
     throw Error(e.kind(), path + ": " + e.what());
   }
-}
-
-namespace {
-
-// A range of pages to fault in, of the tensor `names[tensor]`.
-struct PrefaultPiece {
-  uintptr_t begin, end;
-  size_t tensor;
-};
-
-// Every CPU parameter and buffer of `module` with storage, as page ranges in the order
-// named_parameters and named_buffers list them; their names into `names`, their tensors
-// into `keep` (when given), and the total bytes into `total`.
-std::vector<PrefaultPiece> prefault_ranges(const torch::nn::Module& module, std::vector<std::string>& names,
-                                           std::vector<at::Tensor>* keep, uint64_t& total) {
-  std::vector<PrefaultPiece> ranges;
-  total = 0;
-  for (const auto& [name, t] : named_state(module)) {
-    if (is_released(t) || t.nbytes() == 0 || !t.device().is_cpu()) continue;
-    const PageSpan span = pages_of(t);
-    ranges.push_back({span.begin, span.end, names.size()});
-    names.push_back(name);
-    if (keep) keep->push_back(t);
-    total += span.end - span.begin;
-  }
-  return ranges;
-}
-
-// Faults in one range for reading; the error, if any, into `error`.
-void fault_in(const PrefaultPiece& r, const std::vector<std::string>& names, std::optional<Error>& error) {
-#ifdef MADV_POPULATE_READ
-  int rc;
-  do {
-    rc = ::madvise(reinterpret_cast<void*>(r.begin), r.end - r.begin, MADV_POPULATE_READ);
-  } while (rc != 0 && (errno == EINTR || errno == EAGAIN));
-  if (rc == 0) return;
-  const int err = errno;
-  if (err == EFAULT) {  // a touch would have raised SIGBUS: the file shrank under the mapping
-    error = Error(ErrorKind::Truncated, "prefault: the pages of tensor " + quoted_name(names[r.tensor]) +
-                                            " lie past the end of its file, which shrank since it was mapped");
-    return;
-  }
-  if (err != EINVAL) {  // EINVAL: a kernel before 5.14; touch instead
-    error = Error(ErrorKind::Io, "prefault: cannot populate the pages of tensor " + quoted_name(names[r.tensor]) +
-                                     ": " + std::strerror(err));
-    return;
-  }
-#else
-  (void)names;
-  (void)error;
-#endif
-  volatile unsigned char sink = 0;
-  for (uintptr_t p = r.begin; p < r.end; p += page_bytes()) sink = sink + *reinterpret_cast<const unsigned char*>(p);
-}
-
-}  // namespace
-
-void prefault(const torch::nn::Module& module, int threads) {
-  const uintptr_t page = page_bytes();
-  std::vector<std::string> names;
-  uint64_t total = 0;
-  const std::vector<PrefaultPiece> ranges = prefault_ranges(module, names, nullptr, total);
-  if (threads <= 0) threads = std::max(1, at::get_num_threads());
-  // Cut the ranges into `threads` shares of about equal bytes, on page boundaries.
-  const uint64_t share = (total / static_cast<uint64_t>(threads) + page) & ~(page - 1);
-  std::vector<std::vector<PrefaultPiece>> work(static_cast<size_t>(threads));
-  size_t worker = 0;
-  uint64_t filled = 0;
-  for (PrefaultPiece r : ranges) {
-    while (r.begin < r.end) {
-      const uint64_t room = share - filled;
-      const uintptr_t cut = std::min<uintptr_t>(r.end, r.begin + room);
-      work[worker].push_back({r.begin, cut, r.tensor});
-      filled += cut - r.begin;
-      r.begin = cut;
-      if (filled >= share && worker + 1 < work.size()) {
-        ++worker;
-        filled = 0;
-      }
-    }
-  }
-  std::vector<std::optional<Error>> errors(work.size());
-  auto run = [&](size_t w) {
-    for (const PrefaultPiece& r : work[w]) {
-      fault_in(r, names, errors[w]);
-      if (errors[w]) return;
-    }
-  };
-  std::vector<std::thread> pool;
-  for (size_t w = 1; w < work.size(); ++w) pool.emplace_back(run, w);
-  run(0);
-  for (auto& t : pool) t.join();
-  for (const auto& e : errors) {
-    if (e) throw *e;
-  }
-}
-
-struct BackgroundPrefault::State {
-  std::vector<std::string> names;
-  std::vector<at::Tensor> keep;  // the storages stay alive, and mapped, until the thread ends
-  std::vector<PrefaultPiece> ranges;
-  std::atomic<bool> stop{false};
-  std::atomic<bool> finished{false};
-  std::optional<Error> error;  // written by the thread before `finished`
-  std::thread thread;
-};
-
-BackgroundPrefault prefault_in_background(const torch::nn::Module& module) {
-  auto state = std::make_unique<BackgroundPrefault::State>();
-  uint64_t total = 0;
-  state->ranges = prefault_ranges(module, state->names, &state->keep, total);
-  BackgroundPrefault::State* s = state.get();
-  s->thread = std::thread([s] {
-    // In pieces of 4 MiB, in the order the tensors are listed, so that a forward pass
-    // running meanwhile finds the next layers' pages in, and a stop is quick.
-    constexpr uintptr_t kPiece = uintptr_t{4} << 20;
-    for (const PrefaultPiece& r : s->ranges) {
-      for (uintptr_t at = r.begin; at < r.end && !s->stop.load(std::memory_order_relaxed); at += kPiece) {
-        fault_in({at, std::min(r.end, at + kPiece), r.tensor}, s->names, s->error);
-        if (s->error) break;
-      }
-      if (s->error || s->stop.load(std::memory_order_relaxed)) break;
-    }
-    s->finished.store(true, std::memory_order_release);
-  });
-  return BackgroundPrefault(std::move(state));
-}
-
-BackgroundPrefault::BackgroundPrefault(std::unique_ptr<State> state) : state_(std::move(state)) {}
-BackgroundPrefault::BackgroundPrefault(BackgroundPrefault&&) noexcept = default;
-
-BackgroundPrefault& BackgroundPrefault::operator=(BackgroundPrefault&& other) noexcept {
-  if (this != &other) {
-    stop_and_join();
-    state_ = std::move(other.state_);
-  }
-  return *this;
-}
-
-BackgroundPrefault::~BackgroundPrefault() { stop_and_join(); }
-
-void BackgroundPrefault::stop_and_join() noexcept {
-  if (!state_) return;
-  state_->stop.store(true, std::memory_order_relaxed);
-  if (state_->thread.joinable()) state_->thread.join();
-  state_.reset();
-}
-
-bool BackgroundPrefault::done() const {
-  return !state_ || state_->finished.load(std::memory_order_acquire);
-}
-
-void BackgroundPrefault::wait() {
-  if (!state_) return;
-  if (state_->thread.joinable()) state_->thread.join();
-  const std::optional<Error> error = state_->error;
-  state_.reset();  // the storages are released here: the module holds its own
-  if (error) throw *error;
 }
 
 }  // namespace tensormap

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "tensormap/module.h"
+#include "tensormap/page_cache.h"
 #include "tensormap/state_dict.h"
 #include "tensormap/tensor.h"
 
@@ -35,6 +36,16 @@ std::string plan_part(const std::optional<ParallelPlan>& plan, const std::string
 std::string check_target(const at::Tensor& target, const std::string& name, StateDict::Info info,
                          const std::optional<ParallelPlan>& plan, LoadMode mode, Part& part);
 
+// The addresses of a tensor's bytes, from the start of the page holding the first.
+struct PageSpan {
+  uintptr_t begin, end;
+};
+inline PageSpan pages_of(const at::Tensor& t) {
+  const auto data = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const auto page = static_cast<uintptr_t>(page_size());
+  return {data & ~(page - 1), data + t.nbytes()};
+}
+
 // MADV_WILLNEED over the pages of a tensor's data: reads a mapped part of a file ahead,
 // exactly its pages. Advisory.
 void read_ahead_exactly(const at::Tensor& view);
@@ -59,13 +70,22 @@ LoadPlan plan_load(const torch::nn::Module& module, const StateDict& state, cons
 // Carries out a plan: binds (map) or copies (copy) each tensor, and returns the report.
 LoadReport apply_load(LoadPlan plan, const StateDict& state, const LoadOptions& options);
 
+// How load_binding reads one tensor.
+struct BindingOptions {
+  LoadMode mode = LoadMode::Copy;  // Copy or Map, never Auto (resolved_mode)
+  // Map mode: where zero-copy views live (StateDict::at), and whether a view is read
+  // ahead exactly (MADV_WILLNEED) first.
+  ViewMapping mapping = ViewMapping::File;
+  bool read_ahead = false;
+  // Copy mode: drop the tensor's pages from the page cache after the copy, and check a
+  // whole tensor's checksum as it is read.
+  bool drop_cache = false;
+  bool verify = false;
+};
+
 // Loads one binding: in copy mode, a pread straight into the target's own memory; in map
-// mode, the tensor or part as StateDict::at or slice gives it (a view in `mapping`, read
-// ahead exactly with MADV_WILLNEED first if `read_ahead`), bound to the target.
-// In copy mode, `drop_cache` drops the tensor's pages from the page cache after the copy
-// and `verify` checks a whole tensor's checksum as it is read. REQUIRES: mode is not Auto.
-void load_binding(LoadPlan::Binding& b, const StateDict& state, LoadMode mode, ViewMapping mapping,
-                  bool read_ahead, bool drop_cache, bool verify);
+// mode, the tensor or part as StateDict::at or slice gives it, bound to the target.
+void load_binding(LoadPlan::Binding& b, const StateDict& state, const BindingOptions& options);
 
 // For each binding, whether a copy-mode load drops its pages from the page cache after
 // copying it (LoadOptions::drop_read_pages): those mostly not cached before the load.
