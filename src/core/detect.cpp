@@ -13,7 +13,7 @@
 #include <cstring>
 
 #include "bytes.h"
-#include "source.h"
+#include "detect.h"
 #include "tensormap/format.h"
 
 namespace tensormap::detail {

@@ -11,8 +11,8 @@
 #include <utility>
 #include <vector>
 
-#include "tensormap/file.h"
-#include "tensormap/writer.h"
+#include "tensormap/tensor_entry.h"
+#include "tensormap/tensor_spec.h"
 
 namespace tensormap::detail {
 

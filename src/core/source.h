@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "detect.h"
 #include "tensormap/checkpoint.h"
 
 namespace tensormap::detail {
@@ -59,9 +60,5 @@ struct Source {
 class ByteSource;
 std::shared_ptr<const Source> open_torch_save(std::shared_ptr<const ByteSource> file);
 
-// What the first bytes of a file say it is (detect.cpp).
-enum class Detected { Tensormap, Safetensors, ShardIndex, TorchSave };
-// `head`: the file's first bytes (up to 72); `file_size`: its whole size.
-Detected detect(const unsigned char* head, size_t head_size, uint64_t file_size);
 
 }  // namespace tensormap::detail

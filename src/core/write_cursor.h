@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "tensormap/writer.h"
+#include "tensormap/tensor_spec.h"
 
 namespace tensormap::detail {
 
