@@ -13,4 +13,5 @@
 #include "tensormap/process_memory.h"
 #include "tensormap/sharded.h"
 #include "tensormap/torch_save.h"
+#include "tensormap/verify.h"
 #include "tensormap/writer.h"

@@ -1,4 +1,4 @@
-// tensormap convert and tensormap diff, and inspect and verify of the checkpoints that
+// tensormap convert and tensormap diff, and inspect of the checkpoints that
 // are not one file. Like the whole command line, they use only the torch-free core.
 #include <algorithm>
 #include <cmath>
@@ -87,9 +87,12 @@ int convert(const std::string& in, const std::string& out, const ConvertArgument
       throw UsageError("--shard-size: OUT must be an index such as model.safetensors.index.json");
     }
   }
-  if (options.format == "tensormap") convert_options.format = Format::Tensormap;
-  if (options.format == "safetensors") convert_options.format = Format::Safetensors;
-  if (options.format == "torch.save") convert_options.format = Format::TorchSave;
+  if (!options.format.empty()) {
+    convert_options.format = format_from_name(options.format);
+    if (!convert_options.format) {
+      throw UsageError("--format " + options.format + ": expected one of tensormap, safetensors, torch.save");
+    }
+  }
   convert_options.alignment = options.alignment;
   std::unique_ptr<Progress> bar;
   if (progress) {
@@ -185,7 +188,7 @@ int diff(const std::string& a_path, const std::string& b_path) {
   return 1;
 }
 
-// inspect and verify of the checkpoints that are not one tensormap or safetensors file.
+// inspect of the checkpoints that are not one tensormap or safetensors file.
 int inspect_state(const Checkpoint& sd, bool json) {
   const std::string& path = sd.path();
   nlohmann::ordered_json out;
@@ -225,28 +228,6 @@ int inspect_state(const Checkpoint& sd, bool json) {
     std::cout << skipped.size() << " values that are not tensors were skipped:\n";
     for (const auto& [where, what] : skipped) std::cout << "  " << printable(where) << ": " << printable(what) << "\n";
   }
-  return 0;
-}
-
-int verify_state(const Checkpoint& sd) {
-  const std::string& path = sd.path();
-  if (is_sharded(sd.format())) {
-    int bad = 0;
-    const std::vector<File> shards = sd.files();
-    for (const File& shard : shards) {
-      for (const Error& e : shard.find_corruption()) {
-        std::cerr << "tensormap: " << error_kind_name(e.kind()) << ": " << e.what() << "\n";
-        ++bad;
-      }
-    }
-    for (const std::string& name : sd.keys()) sd.info(name);  // every name is in its shard
-    if (bad) return 1;
-    std::cout << path << ": ok, " << sd.size() << " tensors in " << shards.size() << " shards\n";
-    return 0;
-  }
-  for (const std::string& name : sd.keys()) sd.info(name);
-  std::cout << path << ": ok, " << sd.size() << " tensors (" << format_name(sd.format())
-            << " has no checksums, so only its structure was validated)\n";
   return 0;
 }
 

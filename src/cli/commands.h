@@ -26,9 +26,8 @@ int verify(const std::string& path);
 int convert(const std::string& in, const std::string& out, const ConvertArguments& options,
             bool progress);
 int diff(const std::string& a, const std::string& b);
-// inspect and verify of sharded checkpoints and torch.save archives.
+// inspect of sharded checkpoints and torch.save archives.
 int inspect_state(const Checkpoint& checkpoint, bool json);
-int verify_state(const Checkpoint& checkpoint);
 
 // The first line of a message (LibTorch errors carry a backtrace after it).
 std::string first_line(const std::string& message);

@@ -1,6 +1,6 @@
 // tensormap: the command line. It links only the torch-free core (libtensormap), so it
-// starts in milliseconds. inspect and verify of single files live here; convert, diff,
-// and inspect and verify of the other formats, in commands.cpp.
+// starts in milliseconds. inspect of single files and verify of any checkpoint live here;
+// convert, diff, and inspect of the other formats, in commands.cpp.
 //
 // Exit codes: 0 success, 1 an invalid or corrupt input or a failed check, 2 a usage
 // error. Errors are one line on stderr naming the file and what is wrong.
@@ -17,6 +17,7 @@
 #include "commands.h"
 #include "tensormap/checkpoint.h"
 #include "tensormap/core.h"
+#include "tensormap/verify.h"
 #include "tensormap/writer.h"
 
 namespace tensormap::cli {
@@ -153,25 +154,20 @@ int inspect(const std::string& path, bool json) {
   return 0;
 }
 
+// Presents verify_checkpoint's report: each problem on stderr, or one line saying what
+// was checked.
 int verify(const std::string& path) {
-  const Checkpoint checkpoint = Checkpoint::open(path);
-  if (is_sharded(checkpoint.format()) || checkpoint.format() == CheckpointFormat::TorchSave) {
-    return verify_state(checkpoint);
-  }
-  const File f = checkpoint.files().front();
-  const auto problems = f.find_corruption();
-  for (const Error& e : problems) {
+  const VerifyReport report = verify_checkpoint(path);
+  for (const Error& e : report.problems) {
     std::cerr << "tensormap: " << error_kind_name(e.kind()) << ": " << e.what() << "\n";
   }
-  if (!problems.empty()) return 1;
-  uint64_t data = 0;
-  for (const auto& e : f.tensors()) data += e.byte_length;
-  if (f.has_checksums()) {
-    std::cout << path << ": ok, " << f.tensors().size() << " tensors, " << human_bytes(data)
-              << " verified\n";
+  if (!report.ok()) return 1;
+  std::cout << path << ": ok, " << report.tensors << " tensors";
+  if (is_sharded(report.format)) std::cout << " in " << report.files << " shards";
+  if (report.checksums) {
+    std::cout << ", " << human_bytes(report.bytes) << " verified\n";
   } else {
-    std::cout << path << ": ok, " << f.tensors().size() << " tensors; " << format_name(f.format())
-              << " has no checksums, so only its structure was validated\n";
+    std::cout << "; " << format_name(report.format) << " has no checksums, so only its structure was validated\n";
   }
   return 0;
 }
@@ -259,8 +255,7 @@ int main(int argc, char** argv) {
   convert_cmd->add_option("OUT", out_path, "The file to write (replaced atomically)")->required();
   convert_cmd->add_option("--format", convert_options.format,
                           "Format of OUT: tensormap, safetensors or torch.save (default: from OUT's "
-                          "extension: .safetensors, .pt or .pth, else tensormap)")
-      ->check(CLI::IsMember({"tensormap", "safetensors", "torch.save"}));
+                          "extension: .safetensors, .pt or .pth, else tensormap)");
   convert_cmd->add_option("--alignment", convert_options.alignment,
                           "Alignment of every tensor in a tensormap OUT (power of two, 64 to 1048576)")
       ->default_val(4096);

@@ -23,6 +23,7 @@
 #include "tensormap/skeleton.h"
 #include "tensormap/state_dict.h"
 #include "tensormap/tensor.h"
+#include "tensormap/verify.h"
 
 namespace py = pybind11;
 
@@ -97,20 +98,18 @@ LoadMode mode_of(const std::string& mode) {
   throw Error(ErrorKind::InvalidArgument, "mode must be \"map\", \"copy\" or \"auto\", not \"" + mode + "\"");
 }
 
+// The core's format_from_name, with Python's error for a name it does not know.
 std::optional<Format> format_of(const std::optional<std::string>& name) {
   if (!name) return std::nullopt;
-  if (*name == "tensormap") return Format::Tensormap;
-  if (*name == "safetensors") return Format::Safetensors;
-  if (*name == "torch" || *name == "torch.save") return Format::TorchSave;
+  if (const auto format = format_from_name(*name)) return format;
   throw Error(ErrorKind::InvalidArgument,
-        "format must be \"tensormap\", \"safetensors\" or \"torch.save\", not \"" + *name + "\"");
+              "format must be \"tensormap\", \"safetensors\" or \"torch.save\", not \"" + *name + "\"");
 }
 
+// The core's dtype_from_name, with Python's error for a name it does not know.
 std::optional<Dtype> dtype_of(const std::optional<std::string>& name) {
   if (!name) return std::nullopt;
-  for (const Dtype d : kAllDtypes) {
-    if (dtype_name(d) == *name) return d;
-  }
+  if (const auto dtype = dtype_from_name(*name)) return dtype;
   throw Error(ErrorKind::InvalidArgument, "no dtype is named \"" + *name + "\" (F16, BF16, F32, F64)");
 }
 
@@ -141,9 +140,8 @@ struct Scope {
   std::optional<SkeletonScope> scope;
 };
 
-}  // namespace
-
-void bind(py::module_& m) {
+// tensormap.Error, raised for every tensormap::Error and LibTorch error, and the kinds.
+void bind_errors(py::module_& m) {
   error_type = PyErr_NewExceptionWithDoc(
       "tensormap.Error",
       "Every failure of tensormap: a malformed or corrupt file, a model that does not match, an I/O error.\n"
@@ -168,7 +166,10 @@ void bind(py::module_& m) {
     }
     return names;
   });
+}
 
+// Opening a checkpoint of any format and reading its tensors.
+void bind_reading(py::module_& m) {
   py::class_<StateDict>(m, "StateDict")
       .def_static("open", &StateDict::open, py::arg("path"), py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("path", [](const StateDict& s) { return s.checkpoint().path(); })
@@ -184,7 +185,10 @@ void bind(py::module_& m) {
       .def("raw_bytes", [](const StateDict& s, const std::string& name) { return s.raw_bytes(name); })
       .def("slice", [](const StateDict& s, const std::string& name, int64_t dim, int64_t start,
                        int64_t length) { return s.slice(name, dim, start, length); });
+}
 
+// Loading a model (through the proxy of its Python tensors) and prefaulting it.
+void bind_loading(py::module_& m) {
   m.def(
       "load",
       [](const std::vector<std::tuple<std::string, at::Tensor, bool>>& tensors, const StateDict& state,
@@ -207,14 +211,48 @@ void bind(py::module_& m) {
       },
       py::arg("tensors"), py::arg("state"), py::arg("mode"), py::arg("strict"), py::arg("verify_checksums"),
       py::arg("drop_read_pages"));
+  m.def(
+      "prefault",
+      [](const std::vector<std::tuple<std::string, at::Tensor, bool>>& tensors, int threads) {
+        std::vector<Entry> entries;
+        for (const auto& [name, tensor, buffer] : tensors) entries.push_back({name, tensor, buffer});
+        const auto proxy = proxy_of(entries);
+        py::gil_scoped_release unlocked;
+        tensormap::prefault(*proxy, threads);
+      },
+      py::arg("tensors"), py::arg("threads"));
 
+  py::class_<Background>(m, "BackgroundPrefault")
+      .def("wait",
+           [](Background& b) {
+             if (!b.prefault) return;
+             {
+               py::gil_scoped_release unlocked;
+               b.prefault->wait();
+             }
+             b.prefault.reset();
+             b.proxy.reset();
+           })
+      .def("done", [](const Background& b) { return !b.prefault || b.prefault->done(); });
+  m.def("prefault_in_background", [](const std::vector<std::tuple<std::string, at::Tensor, bool>>& tensors) {
+    std::vector<Entry> entries;
+    for (const auto& [name, tensor, buffer] : tensors) entries.push_back({name, tensor, buffer});
+    auto b = std::make_unique<Background>();
+    b->proxy = proxy_of(entries);
+    b->prefault.emplace(tensormap::prefault_in_background(*b->proxy));
+    return b;
+  });
+}
+
+// Saving tensors and converting checkpoints.
+void bind_saving(py::module_& m) {
   m.def(
       "save",
       [](const std::vector<std::pair<std::string, at::Tensor>>& tensors, const std::string& path,
          const std::optional<std::string>& format, uint64_t alignment,
          const std::vector<std::pair<std::string, std::string>>& metadata, bool sync, bool store_ties_once) {
         SaveOptions options;
-        options.format = format_of(format).value_or(Format::Tensormap);
+        options.format = format_of(format).value_or(format_for_path(path));
         options.alignment = alignment;
         options.metadata = metadata;
         options.sync = sync;
@@ -251,75 +289,36 @@ void bind(py::module_& m) {
       },
       py::arg("src"), py::arg("dst"), py::arg("format"), py::arg("alignment"), py::arg("dtype"),
       py::arg("shard_size"), py::arg("sync"));
+}
 
+// Checking a whole checkpoint.
+void bind_verifying(py::module_& m) {
   m.def(
       "verify",
       [](const std::string& path) {
-        py::dict d;
-        std::vector<Error> problems;
-        size_t tensors = 0;
-        bool checksums = false;
-        std::string format;
+        VerifyReport report;
         {
           InterruptCheckScope interruptible(python_signals());
           py::gil_scoped_release unlocked;
-          const Checkpoint checkpoint = Checkpoint::open(path);
-          format = format_name(checkpoint.format());
-          tensors = checkpoint.size();
-          if (checkpoint.format() != CheckpointFormat::TorchSave) {
-            const std::vector<File> files = checkpoint.files();
-            checksums = !files.empty();
-            for (const File& f : files) {
-              checksums = checksums && f.has_checksums();
-              for (Error& e : f.find_corruption()) problems.push_back(std::move(e));
-            }
-          }
-          for (const std::string& name : checkpoint.keys()) checkpoint.info(name);  // each in its shard
+          report = verify_checkpoint(path);
         }
-        if (!problems.empty()) {
+        if (!report.ok()) {
+          const auto& problems = report.problems;
           std::string message = std::to_string(problems.size()) + " problem(s) in " + path + ": ";
           for (size_t i = 0; i < problems.size(); ++i) message += (i ? "; " : "") + std::string(problems[i].what());
           throw Error(problems.front().kind(), message);
         }
-        d["format"] = format;
-        d["tensors"] = tensors;
-        d["checksums"] = checksums;
+        py::dict d;
+        d["format"] = std::string(format_name(report.format));
+        d["tensors"] = report.tensors;
+        d["checksums"] = report.checksums;
         return d;
       },
       py::arg("path"));
+}
 
-  m.def(
-      "prefault",
-      [](const std::vector<std::tuple<std::string, at::Tensor, bool>>& tensors, int threads) {
-        std::vector<Entry> entries;
-        for (const auto& [name, tensor, buffer] : tensors) entries.push_back({name, tensor, buffer});
-        const auto proxy = proxy_of(entries);
-        py::gil_scoped_release unlocked;
-        tensormap::prefault(*proxy, threads);
-      },
-      py::arg("tensors"), py::arg("threads"));
-
-  py::class_<Background>(m, "BackgroundPrefault")
-      .def("wait",
-           [](Background& b) {
-             if (!b.prefault) return;
-             {
-               py::gil_scoped_release unlocked;
-               b.prefault->wait();
-             }
-             b.prefault.reset();
-             b.proxy.reset();
-           })
-      .def("done", [](const Background& b) { return !b.prefault || b.prefault->done(); });
-  m.def("prefault_in_background", [](const std::vector<std::tuple<std::string, at::Tensor, bool>>& tensors) {
-    std::vector<Entry> entries;
-    for (const auto& [name, tensor, buffer] : tensors) entries.push_back({name, tensor, buffer});
-    auto b = std::make_unique<Background>();
-    b->proxy = proxy_of(entries);
-    b->prefault.emplace(tensormap::prefault_in_background(*b->proxy));
-    return b;
-  });
-
+// Models without storage: the skeleton scope, releasing, materializing.
+void bind_skeleton(py::module_& m) {
   // The skeleton scope of the calling thread, opened and closed by tensormap.skeleton().
   py::class_<Scope>(m, "SkeletonScope")
       .def(py::init([] {
@@ -347,7 +346,23 @@ void bind(py::module_& m) {
         return tensormap::materialize(*proxy, each, [&](const std::string& name, torch::nn::Module&) { reset(name); });
       },
       py::arg("tensors"), py::arg("reset"), py::arg("init"));
+}
+
+// The page cache under mapped checkpoints.
+void bind_page_cache(py::module_& m) {
   m.def("huge_mapped_share", [](const std::string& path) { return tensormap::huge_mapped_share(path); });
+}
+
+}  // namespace
+
+void bind(py::module_& m) {
+  bind_errors(m);
+  bind_reading(m);
+  bind_loading(m);
+  bind_saving(m);
+  bind_verifying(m);
+  bind_skeleton(m);
+  bind_page_cache(m);
 }
 
 }  // namespace tensormap::python

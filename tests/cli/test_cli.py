@@ -38,6 +38,12 @@ def test_help_and_usage_errors(tmp):
     check("missing argument is a usage error (2)", run("diff", "a").returncode == 2)
     r = run("convert", os.path.join(VALID, "align_64.tmap"), os.path.join(tmp, "o.tmap"), "--dtype", "I8")
     check("--dtype of a non-float is a usage error (2)", r.returncode == 2, r.stderr)
+    r = run("convert", os.path.join(VALID, "align_64.tmap"), os.path.join(tmp, "o.tmap"), "--format", "gguf")
+    check("--format names one of the formats (2)", r.returncode == 2 and "tensormap, safetensors, torch.save" in r.stderr,
+          r.stderr)
+    r = run("convert", os.path.join(VALID, "align_64.tmap"), os.path.join(tmp, "o.pt"), "--format", "torch")
+    check("--format torch is torch.save, as in Python", r.returncode == 0 and run("inspect", os.path.join(tmp, "o.pt")).returncode == 0,
+          r.stderr)
 
 
 def test_bad_inputs_are_one_line_errors(tmp):

@@ -522,3 +522,81 @@ TEST(Errors, NotFoundNamesTheCheckpoint) {
 
 }  // namespace
 }  // namespace tensormap
+
+namespace tensormap {
+namespace {
+
+TEST(FormatNames, OneSpellingTableForTheCommandLineAndPython) {
+  EXPECT_EQ(format_from_name("tensormap"), Format::Tensormap);
+  EXPECT_EQ(format_from_name("safetensors"), Format::Safetensors);
+  EXPECT_EQ(format_from_name("torch.save"), Format::TorchSave);
+  EXPECT_EQ(format_from_name("torch"), Format::TorchSave);
+  EXPECT_EQ(format_from_name("SafeTensors"), std::nullopt);
+  EXPECT_EQ(format_from_name(""), std::nullopt);
+  for (const Format f : {Format::Tensormap, Format::Safetensors, Format::TorchSave}) {
+    EXPECT_EQ(format_from_name(format_name(f)), f);
+  }
+}
+
+TEST(FormatNames, TheDestinationsNameGivesItsFormat) {
+  EXPECT_EQ(format_for_path("m.safetensors"), Format::Safetensors);
+  EXPECT_EQ(format_for_path("dir/m.safetensors.index.json"), Format::Safetensors);
+  EXPECT_EQ(format_for_path("m.pt"), Format::TorchSave);
+  EXPECT_EQ(format_for_path("m.pth"), Format::TorchSave);
+  EXPECT_EQ(format_for_path("m.tmap"), Format::Tensormap);
+  EXPECT_EQ(format_for_path("m.tmap.index.json"), Format::Tensormap);
+  EXPECT_EQ(format_for_path("m.safetensors.bak"), Format::Tensormap);
+  EXPECT_EQ(format_for_path(".index.json"), Format::Tensormap);
+}
+
+TEST(VerifyCheckpoint, ReportsWhatWasCheckedForEachFormatAndEveryBadTensor) {
+  TempDir dir;
+  const std::vector<TensorSpec> specs = {{"a", Dtype::F32, {1000}}, {"b", Dtype::U8, {5000}}};
+  WriterOptions options;
+  options.sync = false;
+  const std::string tmap = dir.file("m.tmap");
+  write_pattern_file(tmap, specs, options);
+  VerifyReport r = verify_checkpoint(tmap);
+  EXPECT_TRUE(r.ok());
+  EXPECT_EQ(r.format, CheckpointFormat::Tensormap);
+  EXPECT_EQ(r.tensors, 2u);
+  EXPECT_EQ(r.files, 1u);
+  EXPECT_EQ(r.bytes, 9000u);
+  EXPECT_TRUE(r.checksums);
+
+  options.format = Format::Safetensors;
+  write_pattern_file(dir.file("m.safetensors"), specs, options);
+  r = verify_checkpoint(dir.file("m.safetensors"));
+  EXPECT_TRUE(r.ok());
+  EXPECT_FALSE(r.checksums);
+
+  options.format = Format::Tensormap;
+  options.shard_size = 5000;
+  write_pattern_file(dir.file("m.tmap.index.json"), specs, options);
+  r = verify_checkpoint(dir.file("m.tmap.index.json"));
+  EXPECT_TRUE(r.ok());
+  EXPECT_EQ(r.format, CheckpointFormat::ShardedTensormap);
+  EXPECT_EQ(r.files, 2u);
+  EXPECT_TRUE(r.checksums);
+
+  r = verify_checkpoint(kTorchFixtures + "state_dict.pt");
+  EXPECT_TRUE(r.ok());
+  EXPECT_EQ(r.files, 0u);
+  EXPECT_FALSE(r.checksums);
+
+  // Both tensors damaged: two problems, in file order, each naming its tensor.
+  std::vector<unsigned char> bytes = read_bytes(tmap);
+  const File f = File::open(tmap);
+  const uint64_t at_a = f.at("a").offset, at_b = f.at("b").offset;
+  bytes[at_a] ^= 1;
+  bytes[at_b + 17] ^= 1;
+  write_bytes(tmap, bytes);
+  r = verify_checkpoint(tmap);
+  ASSERT_EQ(r.problems.size(), 2u);
+  EXPECT_EQ(r.problems[0].kind(), ErrorKind::ChecksumMismatch);
+  EXPECT_NE(std::string(r.problems[0].what()).find("'a'"), std::string::npos) << r.problems[0].what();
+  EXPECT_NE(std::string(r.problems[1].what()).find("'b'"), std::string::npos) << r.problems[1].what();
+}
+
+}  // namespace
+}  // namespace tensormap

@@ -307,16 +307,6 @@ def prefault_in_background(module: torch.nn.Module):
 
 # --- saving ---------------------------------------------------------------------------------
 
-def _format_for(path: str, format: Optional[str]) -> str:
-    if format is not None:
-        return format
-    name = path[:-len(".index.json")] if path.endswith(".index.json") else path
-    if name.endswith(".safetensors"):
-        return "safetensors"
-    if name.endswith((".pt", ".pth")):
-        return "torch.save"
-    return "tensormap"
-
 
 def save(obj: Union[torch.nn.Module, Mapping[str, torch.Tensor]], path: PathLike,
          format: Optional[str] = None, *, alignment: int = 4096,
@@ -345,7 +335,7 @@ def save(obj: Union[torch.nn.Module, Mapping[str, torch.Tensor]], path: PathLike
             raise TypeError(f"tensormap.save: {name!r} is not a str name of a torch.Tensor")
         tensors.append((name, t.detach()))
     meta = [(str(k), str(v)) for k, v in (metadata or {}).items()]
-    _C.save(tensors, path, _format_for(path, format), alignment, meta, sync, store_ties_once)
+    _C.save(tensors, path, format, alignment, meta, sync, store_ties_once)
 
 
 def save_file(tensors: Mapping[str, torch.Tensor], filename: PathLike,
