@@ -1,37 +1,33 @@
-// A restricted unpickler for the pickles torch.save writes. Internal to the core.
+// A bounded pickle machine: the opcodes of pickle protocols 2 to 5 that build plain data
+// (None, booleans, integers, floats, strings and bytes, tuples, lists, dicts, sets), with
+// the stack, the marks and the memo. Internal to the core.
 //
-// The subset torch.save uses for tensors in (ordered) dicts, lists and tuples: pickle
-// protocols 2 to 5, and the globals collections.OrderedDict, torch._utils's
-// _rebuild_tensor_v2, _rebuild_tensor_v3 (torch 2.x, for dtypes such as float8 and
-// uint16), _rebuild_parameter and _rebuild_parameter_with_state, torch.*Storage,
-// torch.UntypedStorage and the torch dtypes (their names: torch_names.h). The archives
-// LibTorch writes (torch::save of a module or a tensor list, OutputArchive::save_to) and
-// torch.jit.save are such zips too: their pickle builds objects of TorchScript classes
-// (globals of the module __torch__ or below it) from a dict of attributes. Such an object
-// is read as that dict: no class is looked up and none of the archive's code/ is read.
+// The machine executes nothing. What a pickle names (GLOBAL) and what it calls or builds
+// (REDUCE, NEWOBJ, BUILD, BINPERSID) is decided by the PickleObjects given to it; the
+// objects of torch.save archives are in torch_pickle.h.
 //
-// Nothing in a file is ever executed, and no tensor is made: a tensor is described (its
-// storage record, dtype, offset, sizes and strides) and checked to lie inside its storage.
-// Any other global (a class of the training script, argparse.Namespace, a numpy scalar)
-// becomes an opaque value that remembers its name: calling or building it makes another
-// opaque value, so a training checkpoint that holds such objects beside its tensors is
-// still read, and the caller reports what it skipped. Every length is checked against the
-// bytes left; memo and stack sizes are bounded by the input.
+// Values live in an arena owned by their PickleDocument and refer to each other by plain
+// pointers, so a pickle that builds a cycle (a dict holding itself through the memo) costs
+// nothing to tear down. Memory is bounded: None, True, False, the empty tuple and the
+// integers 0 to 255 are shared; every other value (about 100 bytes) counts against a
+// budget of 4096 + size / 2 values, at most 2^22, and the memo against one of 2^22
+// entries; past either, the pickle is refused. So a pickle costs at most about 50 times
+// its size, and never more than about 600 MiB, whatever its size. Legitimate pickles
+// make one value per 6 to 7 bytes (a state dict, an optimizer's state: 2^22 values is a
+// checkpoint of some 250,000 tensors). Every length is checked against the bytes left.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
-#include <functional>
+#include <deque>
 #include <memory>
 #include <string>
-#include <utility>
+#include <unordered_map>
 #include <vector>
 
 #include "tensormap/dtype.h"
 
 namespace tensormap::detail {
-
-struct PickleValue;
-using PickleRef = std::shared_ptr<PickleValue>;
 
 // A tensor as torch.save describes it: elements of `dtype` inside storage record `key`.
 // Checked: every element lies within the storage's bytes, and the byte length fits 2^63.
@@ -43,56 +39,123 @@ struct TensorDescription {
   std::vector<int64_t> strides;  // in elements, each >= 0
 };
 
+struct PickleValue;
+using PickleRef = PickleValue*;  // into the arena of the document being read
+
 struct PickleValue {
   enum class Kind { None, Bool, Int, Float, String, Tuple, List, Dict, Global, Storage, Tensor, Opaque };
+  // What a Global names, as PickleObjects::global classified it.
   enum class Global {
     None, OrderedDict, RebuildTensorV2, RebuildTensorV3, RebuildParameter, RebuildParameterWithState,
     StorageType, TorchDtype, ScriptClass, Other
   };
 
   Kind kind = Kind::None;
-  bool boolean = false;
-  int64_t integer = 0;
-  double real = 0;
-  std::string text;                                       // String; Storage: its key
-  std::vector<PickleRef> items;                           // Tuple, List
-  std::vector<std::pair<PickleRef, PickleRef>> entries;   // Dict, in insertion order
   Global global = Global::None;
-  // Global::StorageType and Storage: the element dtype, or nothing for an untyped storage.
-  bool untyped = false;
   Dtype dtype = Dtype::U8;  // Global::StorageType, Global::TorchDtype, Storage
-  uint64_t storage_bytes = 0;  // Storage
-  TensorDescription tensor;    // Tensor
-  // Global::Other and Opaque: what it is ("argparse.Namespace"). An Opaque made for a
-  // tensor of a dtype tensormap does not store sets `unstored_tensor`.
-  std::string what;
-  bool unstored_tensor = false;
-  // Dict: an object of TorchScript class `what`, its attributes as entries; built once.
-  bool script_object = false;
+  bool boolean = false;
+  bool untyped = false;          // Global::StorageType and Storage: an untyped storage
+  bool unstored_tensor = false;  // Opaque: made for a tensor of a dtype tensormap does not store
+  bool script_object = false;    // Dict: an object of TorchScript class `text`, built once
   bool built = false;
+  union {
+    int64_t integer = 0;
+    double real;             // Float
+    uint64_t storage_bytes;  // Storage
+  };
+  // String: its bytes. Storage: its key. Global and Opaque: what it is
+  // ("argparse.Namespace"). A script object's Dict: its class.
+  std::string text;
+  // Tuple, List: the items. Dict: key, value, key, value... in insertion order.
+  std::vector<PickleRef> items;
+  std::unique_ptr<TensorDescription> tensor;  // Tensor
+
+  size_t entry_count() const { return items.size() / 2; }
+  const PickleValue& key(size_t i) const { return *items[2 * i]; }
+  const PickleValue& value(size_t i) const { return *items[2 * i + 1]; }
 };
 
-// Checks that record `key` exists and holds at least `bytes` bytes; called once per key
-// (storages are cached, so views share them). Throws Error(UnsupportedArchive) otherwise.
-using StorageCheck = std::function<void(const std::string& key, uint64_t bytes)>;
+// An unpickled value and every value made while reading it.
+class PickleDocument {
+ public:
+  PickleDocument();
+  PickleDocument(const PickleDocument&) = delete;
+  PickleDocument& operator=(const PickleDocument&) = delete;
 
-// An unpickled value and everything made while reading it. A hostile pickle can build
-// cycles (a dict holding itself through the memo); the document breaks them when it
-// dies, so nothing leaks.
-struct PickleDocument {
-  PickleRef root;
-  std::vector<PickleRef> all;
-  ~PickleDocument() {
-    for (const PickleRef& v : all) {
-      v->items.clear();
-      v->entries.clear();
-    }
-  }
+  PickleRef root = nullptr;
+  // Values made (the shared ones not counted).
+  size_t size() const { return values_.size(); }
+
+ private:
+  friend class PickleMachine;
+  std::deque<PickleValue> values_;
+  PickleValue none_, true_, false_, empty_tuple_;
+  PickleValue small_[256];  // the integers 0 to 255
 };
 
-// Unpickles `data`. Throws Error(UnsupportedArchive) naming `path` on anything outside
-// the subset, or on malformed input.
-std::unique_ptr<PickleDocument> unpickle(const unsigned char* data, size_t size,
-                                         const StorageCheck& check_storage, const std::string& path);
+// What the names in a pickle mean and what calling them makes. The machine hands each
+// hook the document to make values in (PickleMachine::make) and throws what the hook
+// throws.
+class PickleMachine;
+class PickleObjects {
+ public:
+  virtual ~PickleObjects() = default;
+  virtual PickleRef global(PickleMachine& m, const std::string& module, const std::string& name) = 0;
+  virtual PickleRef reduce(PickleMachine& m, const PickleValue& callable, const PickleValue& args) = 0;
+  // cls.__new__(cls, *args) (NEWOBJ), or with keyword arguments too (NEWOBJ_EX).
+  virtual PickleRef new_object(PickleMachine& m, const PickleValue& cls, bool keywords) = 0;
+  // BUILD: `object` (the top of the stack) given `state`.
+  virtual void build(PickleMachine& m, PickleValue& object, const PickleValue& state) = 0;
+  virtual PickleRef persistent(PickleMachine& m, const PickleValue& pid) = 0;
+};
+
+class PickleMachine {
+ public:
+  PickleMachine(PickleDocument& document, PickleObjects& objects, const unsigned char* data, size_t size,
+                const std::string& path);
+
+  // Runs to STOP; the value left is the document's root.
+  void run();
+
+  // A new value of `kind` in the document. Throws Error(UnsupportedArchive) past the
+  // value budget.
+  PickleRef make(PickleValue::Kind kind);
+  [[noreturn]] void fail(const std::string& what) const;
+  const std::string& path() const { return path_; }
+
+ private:
+  bool framing(unsigned char op);
+  bool scalars(unsigned char op);
+  bool containers(unsigned char op);
+  bool calls(unsigned char op);
+
+  const unsigned char* bytes(uint64_t n);
+  unsigned char byte() { return *bytes(1); }
+  uint16_t u16();
+  uint32_t u32();
+  uint64_t u64();
+  std::string line();
+  PickleRef string(uint64_t n);
+  PickleRef integer(int64_t i);
+  PickleRef sequence(PickleValue::Kind kind, std::vector<PickleRef> items);
+  void push(PickleRef v) { stack_.push_back(v); }
+  size_t fence() const { return marks_.empty() ? 0 : marks_.back(); }
+  PickleRef pop();
+  PickleRef top() const;
+  std::vector<PickleRef> pop_mark();
+  void remember(uint64_t index);
+  PickleRef recall(uint64_t index) const;
+  PickleRef of_kind(PickleRef v, PickleValue::Kind kind, const char* what) const;
+
+  PickleDocument& document_;
+  PickleObjects& objects_;
+  const unsigned char* p_;
+  const unsigned char* end_;
+  const std::string& path_;
+  size_t budget_;  // values that may still be made
+  std::vector<PickleRef> stack_;
+  std::vector<size_t> marks_;
+  std::unordered_map<uint64_t, PickleRef> memo_;  // at most 2^23 entries
+};
 
 }  // namespace tensormap::detail

@@ -2,7 +2,7 @@
 //
 // A torch.save file is a zip: <dir>/data.pkl (a pickle) and one record per storage,
 // <dir>/data/<key>, stored uncompressed. The central directory (zip.h) gives every
-// record's place; the restricted unpickler (pickle.h) describes every tensor; no tensor
+// record's place; the restricted unpickler (torch_pickle.h) describes every tensor; no tensor
 // byte is read here. Every tensor reachable from the root through dicts, lists and tuples
 // is named by its path with '.' between keys (a training checkpoint's
 // {"model": {"fc.weight": ...}, "optimizer": {"state": {0: {"exp_avg": ...}}}} gives
@@ -19,9 +19,9 @@
 
 #include "mapping.h"
 #include "names.h"
-#include "pickle.h"
 #include "source.h"
 #include "tensormap/error.h"
+#include "torch_pickle.h"
 #include "zip.h"
 
 namespace tensormap::detail {
@@ -151,10 +151,10 @@ std::string describe(const PickleValue& value) {
     case Kind::Int: return "the int " + std::to_string(value.integer);
     case Kind::Float: return "a float";
     case Kind::String: return "a string";
-    case Kind::Global: return "the global " + quoted(value.what);
+    case Kind::Global: return "the global " + quoted(value.text);
     case Kind::Opaque:
-      return value.unstored_tensor ? quoted(value.what) + ", a dtype tensormap does not store"
-                                   : "an object made by " + quoted(value.what) + " (not executed)";
+      return value.unstored_tensor ? quoted(value.text) + ", a dtype tensormap does not store"
+                                   : "an object made by " + quoted(value.text) + " (not executed)";
     case Kind::Storage: return "a storage";
     default: return "a container";
   }
@@ -191,16 +191,17 @@ struct Collector {
           throw Error(ErrorKind::UnsupportedArchive,
                       path + ": the archive is a single tensor, not a dict of tensors; it has no name to read it by");
         }
-        tensors.emplace_back(prefix, value.tensor);
+        tensors.emplace_back(prefix, *value.tensor);
         return;
       case Kind::Dict:
-        for (const auto& [key, item] : value.entries) {
-          if (key->kind == Kind::String) {
-            collect(*item, join(key->text), depth + 1);
-          } else if (key->kind == Kind::Int) {  // an optimizer's state, keyed by parameter index
-            collect(*item, join(std::to_string(key->integer)), depth + 1);
+        for (size_t i = 0; i < value.entry_count(); ++i) {
+          const PickleValue& key = value.key(i);
+          if (key.kind == Kind::String) {
+            collect(value.value(i), join(key.text), depth + 1);
+          } else if (key.kind == Kind::Int) {  // an optimizer's state, keyed by parameter index
+            collect(value.value(i), join(std::to_string(key.integer)), depth + 1);
           } else {
-            skipped.emplace_back(join("?"), "a dict entry whose key is " + describe(*key));
+            skipped.emplace_back(join("?"), "a dict entry whose key is " + describe(key));
           }
         }
         return;
@@ -279,7 +280,7 @@ std::shared_ptr<const Source> open_torch_save(std::shared_ptr<const ByteSource> 
   };
   const auto document =
       unpickle(reinterpret_cast<const unsigned char*>(text.data()), text.size(), check_storage, path);
-  Collector collector{path, 1024 + 8 * uint64_t{document->all.size()}, {}, {}};
+  Collector collector{path, 1024 + 8 * uint64_t{document->size()}, {}, {}};
   collector.collect(*document->root, "", 0);
   auto source = std::make_shared<TorchSaveSource>();
   source->path = path;

@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "../../src/core/mapping.h"
-#include "../../src/core/pickle.h"
+#include "../../src/core/torch_pickle.h"
 #include "../../src/core/posix_io.h"
 #include "../../src/core/zip.h"
 #include "support.h"
@@ -422,6 +422,42 @@ TEST(TorchSave, InputsThatOnceCrashedTheUnpicklerAreRefusedCleanly) {
     ++seen;
   }
   EXPECT_GE(seen, 1);
+}
+
+// Issue 29: a pickle of popped values once kept every one alive (an 8 MB pickle of "N0"
+// peaked at 1.2 GB). Shared scalars make none; every other value counts against a budget
+// of 4096 + one per 2 bytes of pickle, past which the pickle is refused.
+TEST(TorchSave, HostilePicklesAreBoundedByTheirSize) {
+  const auto no_storage = [](const std::string&, uint64_t) {};
+  auto pickle = [](const std::string& body, size_t times) {
+    std::string p = "\x80\x02}";
+    p.reserve(3 + body.size() * times + 1);
+    for (size_t i = 0; i < times; ++i) p += body;
+    return p + ".";
+  };
+  auto unpickled = [&](const std::string& p) {
+    return detail::unpickle(reinterpret_cast<const unsigned char*>(p.data()), p.size(), no_storage, "h.pt");
+  };
+  // Shared values: None, booleans, small integers, the empty tuple.
+  for (const std::string body : {"N0", "\x88" "0", "K\x07" "0", ")0"}) {
+    const auto document = unpickled(pickle(body, 1'000'000));
+    EXPECT_EQ(document->size(), 1u) << body;  // the root dict alone
+  }
+  // Values that cost memory: within the budget, read; past it, refused with the numbers.
+  EXPECT_NO_THROW(unpickled(pickle("]0", 1'000'000)));  // 1M values in 2 MB: within 4096 + 1M
+  const std::string dense = pickle("]]00", 1'000'000);  // 2M values in 4 MB: still within
+  EXPECT_NO_THROW(unpickled(dense));
+  std::string over = "\x80\x02]";  // a list of 1M empty lists: 1M values in 2 MB ...
+  for (int i = 0; i < 1'000'000; ++i) over += "]a";
+  over += std::string(10000, ']');  // ... and 10000 more in 10000 bytes: past 4096 + size / 2
+  over += ".";
+  try {
+    unpickled(over);
+    FAIL() << "a pickle past its value budget";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::UnsupportedArchive);
+    EXPECT_NE(std::string(e.what()).find("more than a pickle of its size can describe"), std::string::npos) << e.what();
+  }
 }
 
 uint16_t f32_to(Dtype to, float value) {

@@ -1,8 +1,8 @@
-// libFuzzer target: the restricted unpickler of torch.save archives (src/core/pickle.h).
+// libFuzzer target: the restricted unpickler of torch.save archives (src/core/torch_pickle.h).
 // Every storage record exists and is 64 KiB long, so the fuzzer reaches the tensor checks.
 #include <cstdint>
 
-#include "../../src/core/pickle.h"
+#include "../../src/core/torch_pickle.h"
 #include "tensormap/error.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
