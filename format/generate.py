@@ -155,6 +155,11 @@ def valid_files():
                             ("again", "F32", [4, 3])], [("k", "v")], aliases={"head": "emb", "again": "head"})
     # Major 2 with no feature is read as major 1 is.
     yield "major2_no_features", patched(build([("w", "F32", [2])]), [(8, "<H", 2)])
+    # Section 10: in a newer minor, bits 1 to 15 of an alias record's flags are reserved
+    # and read as 0; bit 0 still makes it an alias (the feature says so in every minor).
+    yield "newer_minor_alias_with_reserved_flag_bits", patched(
+        build([("a", "F32", [2]), ("t", "F32", [2]), ("b", "U8", [3])], minor=3, aliases={"t": "a"}),
+        [(96 + 6, "<H", 0x8003)])
 
 
 def invalid_files():
@@ -263,6 +268,28 @@ def invalid_files():
     yield "rule17_alias_dtype_and_shape_differ", 17, "BadAlias", "open", patched(
         tied, [(t_rec + 4, "<B", CODES["I16"]), (t_rec + 32, "<Q", 4)])
     yield "rule17_alias_empty", 17, "BadAlias", "open", patched(tied, [(t_rec + 32, "<Q", 0), (t_rec + 16, "<Q", 0)])
+
+    # Section 10: a minor never adds a dtype code (no reader could skip such a tensor and
+    # still read the file correctly), so an unknown code is UnknownDtype in every minor.
+    yield "rule12_dtype_18_newer_minor", 12, "UnknownDtype", "open", patched(
+        build([("a", "F32", [2])], minor=3), [(48 + 4, "<B", 18)])
+    # Rule 19 is checked once every record is read and rule 18 passed, not record by
+    # record: a duplicate name before unused header bytes is rule 18's MalformedHeader,
+    # and before a bad metadata value, rule 14's BadName.
+    yield "rule18_before_duplicate_name", 18, "MalformedHeader", "open", patched(
+        base, [(rec_b + 40, "<B", ord("a")), (32, "<Q", 0)])
+    yield "rule14_metadata_before_duplicate_name", 14, "BadName", "open", patched(
+        base, [(rec_b + 40, "<B", ord("a")), (meta + 9, "<B", 0xC0)])
+    # A metadata record's key_length + value_length is summed without wrapping: 2^32 - 1
+    # plus 1 is 2^32, a record far past the header (in 32 bits it would wrap to 0).
+    yield "rule10_metadata_lengths_wrap_in_32_bits", 10, "MalformedHeader", "open", patched(
+        base, [(meta, "<I", 0xFFFFFFFF), (meta + 4, "<I", 1)])
+    # Rules 21 and 22 are checked together, region by region in file order (the header's
+    # padding, then each tensor's bytes and its padding): the first bad region decides.
+    yield "rule22_before_later_padding", 22, "ChecksumMismatch", "verify", patched(
+        base, [(192, "<B", 0x55), (300, "<B", 1)], False)
+    yield "rule21_before_later_checksum", 21, "NonZeroPadding", "verify", patched(
+        base, [(200, "<B", 1), (257, "<B", 0x11)], False)
 
     # Rule 14 for metadata: the strict UTF-8 of names, without the NUL ban.
     yield "rule14_metadata_value_surrogate", 14, "BadName", "open", patched(names, [(108, "<I", 0x3480A0ED)])

@@ -389,18 +389,21 @@ class TensormapFile:
         return raw.view(VIEW_DTYPES[t.dtype]).reshape(t.shape)
 
     def verify(self):
-        """Rules 21 and 22: every padding byte is zero and every checksum matches."""
+        """Rules 21 and 22: every padding byte is zero and every checksum matches, region
+        by region in file order (the header's padding, then each tensor and its padding)."""
         a = self.alignment
-        gaps = [(self.header_size, _round_up(self.header_size, a), "the header")]
+
+        def check_padding(begin, end, after):
+            if np.any(self.bytes[begin:end]):                                   # rule 21
+                self._fail("NonZeroPadding", f"padding after {after}")
+
+        check_padding(self.header_size, _round_up(self.header_size, a), "the header")
         for t in self.tensors:
             if t.alias_of is not None:  # its bytes and padding are its target's
                 continue
             if xxh3_64(self.bytes[t.offset:t.offset + t.byte_length]) != t.checksum:     # rule 22
                 self._fail("ChecksumMismatch", f"tensor {t.name!r} is corrupted")
-            gaps.append((t.offset + t.byte_length, _round_up(t.offset + t.byte_length, a), repr(t.name)))
-        for begin, end, after in gaps:
-            if np.any(self.bytes[begin:end]):                                   # rule 21
-                self._fail("NonZeroPadding", f"padding after {after}")
+            check_padding(t.offset + t.byte_length, _round_up(t.offset + t.byte_length, a), repr(t.name))
 
     def describe(self):
         """The file as `tensormap inspect --json` describes it."""
