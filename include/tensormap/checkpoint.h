@@ -27,21 +27,11 @@
 #include "tensormap/dtype.h"
 #include "tensormap/export.h"
 #include "tensormap/file.h"
+#include "tensormap/format.h"
+#include "tensormap/tensor_info.h"
 
 namespace tensormap {
 
-// What a path holds.
-enum class CheckpointFormat {
-  Tensormap,           // one tensormap file (spec/FORMAT.md)
-  Safetensors,         // one safetensors file (spec/SAFETENSORS.md)
-  ShardedTensormap,    // an index and tensormap shards
-  ShardedSafetensors,  // an index and safetensors shards
-  TorchSave,           // a torch.save zip archive, or LibTorch's (torch::save, OutputArchive)
-};
-
-// "tensormap", "safetensors", "sharded tensormap", "sharded safetensors", "torch.save".
-TENSORMAP_EXPORT const char* format_name(CheckpointFormat format);
-TENSORMAP_EXPORT bool is_sharded(CheckpointFormat format);
 
 // The format of the file at `path`, from its first bytes and its size (spec/FORMAT.md
 // section 13 lists the facts). A sharded checkpoint's index is reported as
@@ -56,29 +46,9 @@ struct Source;
 
 class TENSORMAP_EXPORT Checkpoint {
  public:
-  // What a tensor is, known without reading its data.
-  struct Info {
-    Dtype dtype;
-    std::vector<int64_t> shape;
-    uint64_t byte_length;
-  };
-
-  // Where a tensor's elements lie in memory, for a zero-copy view: in a storage of
-  // `storage_bytes` bytes at `storage`, in a private (copy-on-write) mapping of the file,
-  // element 0 at element `offset` of it and the others `strides` elements apart. `owner`
-  // keeps the mapping alive. A torch.save tensor may be a strided view of a storage that
-  // other tensors share; a file's tensor is its own contiguous storage. For a tensormap or
-  // safetensors file (sharded or not), `file` and `entry` give the tensor's File and entry,
-  // valid while the Checkpoint lives (map_region() maps its own pages); nullptr otherwise.
-  struct Placement {
-    void* storage;
-    uint64_t storage_bytes;
-    uint64_t offset;
-    std::vector<int64_t> strides;
-    std::shared_ptr<const void> owner;
-    const File* file = nullptr;
-    const TensorEntry* entry = nullptr;
-  };
+  // What a tensor is, and where its elements lie in memory (tensor_info.h).
+  using Info = TensorInfo;
+  using Placement = TensorPlacement;
 
   // Opens the checkpoint at `path`, whatever its format. Throws the Error of the first
   // rule it breaks, Error(Io) if it cannot be read.

@@ -24,6 +24,19 @@ enum class Format {
 // "tensormap", "safetensors" or "torch.save".
 TENSORMAP_EXPORT const char* format_name(Format format);
 
+// What a path holds: a checkpoint of one file, several, or an archive (checkpoint.h).
+enum class CheckpointFormat {
+  Tensormap,           // one tensormap file (spec/FORMAT.md)
+  Safetensors,         // one safetensors file (spec/SAFETENSORS.md)
+  ShardedTensormap,    // an index and tensormap shards
+  ShardedSafetensors,  // an index and safetensors shards
+  TorchSave,           // a torch.save zip archive, or LibTorch's (torch::save, OutputArchive)
+};
+
+// "tensormap", "safetensors", "sharded tensormap", "sharded safetensors", "torch.save".
+TENSORMAP_EXPORT const char* format_name(CheckpointFormat format);
+TENSORMAP_EXPORT bool is_sharded(CheckpointFormat format);
+
 // The format a user names: format_name()'s spellings, and "torch" for torch.save. Nothing
 // for any other name.
 TENSORMAP_EXPORT std::optional<Format> format_from_name(std::string_view name);

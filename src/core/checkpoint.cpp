@@ -6,8 +6,8 @@
 #include <mutex>
 #include <optional>
 
-#include "mapping.h"
-#include "names.h"
+#include "io/mapping.h"
+#include "format/names.h"
 #include "source.h"
 #include "tensormap/error.h"
 #include "tensormap/sharded.h"
@@ -18,7 +18,7 @@ namespace {
 
 constexpr size_t kHeadBytes = 72;
 
-Checkpoint::Info info_of(const TensorEntry& e) {
+TensorInfo info_of(const TensorEntry& e) {
   // Validation guarantees every dimension is below 2^63.
   return {e.dtype, std::vector<int64_t>(e.dims.begin(), e.dims.begin() + e.rank), e.byte_length};
 }
@@ -38,7 +38,7 @@ void read_part(const File& file, const TensorEntry& e, int64_t dim, int64_t star
   file.read_rows(e, first, e.dims[static_cast<size_t>(dim)] * inner, bytes, outer, dest);
 }
 
-Checkpoint::Placement placement_of(const File& file, const TensorEntry& e) {
+TensorPlacement placement_of(const File& file, const TensorEntry& e) {
   std::vector<int64_t> strides(e.rank);
   int64_t stride = 1;
   for (size_t d = e.rank; d-- > 0;) {
@@ -59,7 +59,7 @@ struct FileSource final : Source {
     return file.format() == Format::Safetensors ? CheckpointFormat::Safetensors : CheckpointFormat::Tensormap;
   }
   const TensorEntry& entry(size_t i) const { return file.tensors()[i]; }
-  Checkpoint::Info info(size_t i) const override { return info_of(entry(i)); }
+  TensorInfo info(size_t i) const override { return info_of(entry(i)); }
   void read(size_t i, void* dest) const override { file.read(entry(i), 0, dest, entry(i).byte_length); }
   bool read_range(size_t i, uint64_t offset, uint64_t size, void* dest) const override {
     file.read(entry(i), offset, dest, size);
@@ -72,7 +72,7 @@ struct FileSource final : Source {
   void evict(size_t i) const override { file.evict(entry(i)); }
   double cached_fraction(size_t i) const override { return file.cached_fraction(entry(i)); }
   void drop_cache(size_t i) const override { file.drop_cache(entry(i)); }
-  Checkpoint::Placement placement(size_t i) const override { return placement_of(file, entry(i)); }
+  TensorPlacement placement(size_t i) const override { return placement_of(file, entry(i)); }
   std::optional<size_t> alias_of(size_t i) const override { return entry(i).alias_of; }  // same order
   std::vector<std::pair<std::string, std::string>> metadata() const override {
     std::vector<std::pair<std::string, std::string>> out;
@@ -120,7 +120,7 @@ struct ShardedSource final : Source {
     }
     return safetensors ? CheckpointFormat::ShardedSafetensors : CheckpointFormat::ShardedTensormap;
   }
-  Checkpoint::Info info(size_t i) const override { return info_of(*locate(i).second); }
+  TensorInfo info(size_t i) const override { return info_of(*locate(i).second); }
   void read(size_t i, void* dest) const override {
     const auto [f, e] = locate(i);
     f->read(*e, 0, dest, e->byte_length);
@@ -150,7 +150,7 @@ struct ShardedSource final : Source {
     const auto [f, e] = locate(i);
     f->drop_cache(*e);
   }
-  Checkpoint::Placement placement(size_t i) const override {
+  TensorPlacement placement(size_t i) const override {
     const auto [f, e] = locate(i);
     return placement_of(*f, *e);
   }
@@ -174,21 +174,6 @@ struct ShardedSource final : Source {
 
 }  // namespace
 }  // namespace detail
-
-const char* format_name(CheckpointFormat format) {
-  switch (format) {
-    case CheckpointFormat::Tensormap: return "tensormap";
-    case CheckpointFormat::Safetensors: return "safetensors";
-    case CheckpointFormat::ShardedTensormap: return "sharded tensormap";
-    case CheckpointFormat::ShardedSafetensors: return "sharded safetensors";
-    case CheckpointFormat::TorchSave: return "torch.save";
-  }
-  return "unknown";
-}
-
-bool is_sharded(CheckpointFormat format) {
-  return format == CheckpointFormat::ShardedTensormap || format == CheckpointFormat::ShardedSafetensors;
-}
 
 namespace detail {
 namespace {
@@ -254,7 +239,7 @@ size_t Checkpoint::index_of(std::string_view name) const {
                                        std::to_string(source_->size()) + " tensors)");
 }
 
-Checkpoint::Info Checkpoint::info(std::string_view name) const { return source_->info(index_of(name)); }
+TensorInfo Checkpoint::info(std::string_view name) const { return source_->info(index_of(name)); }
 std::optional<std::string> Checkpoint::alias_of(std::string_view name) const {
   const auto target = source_->alias_of(index_of(name));
   return target ? std::optional<std::string>(source_->names[*target]) : std::nullopt;
@@ -295,7 +280,7 @@ void Checkpoint::read_checked(std::string_view name, void* dest) const { source_
 void Checkpoint::evict(std::string_view name) const { source_->evict(index_of(name)); }
 double Checkpoint::cached_fraction(std::string_view name) const { return source_->cached_fraction(index_of(name)); }
 void Checkpoint::drop_cache(std::string_view name) const { source_->drop_cache(index_of(name)); }
-Checkpoint::Placement Checkpoint::placement(std::string_view name) const {
+TensorPlacement Checkpoint::placement(std::string_view name) const {
   return source_->placement(index_of(name));
 }
 

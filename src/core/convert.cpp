@@ -6,7 +6,7 @@
 #include <memory>
 #include <vector>
 
-#include "posix_io.h"
+#include "io/posix_io.h"
 #include "tensormap/checkpoint.h"
 #include "tensormap/error.h"
 #include "tensormap/sharded.h"
@@ -81,7 +81,7 @@ ConvertResult convert(const std::string& in, const std::string& out, const Conve
   const bool aliases = supports_aliases(writer_options);
   std::vector<TensorSpec> specs;
   for (const std::string& name : source.keys()) {
-    const Checkpoint::Info info = source.info(name);
+    const TensorInfo info = source.info(name);
     const Dtype dtype = options.float_dtype && is_floating_point(info.dtype) ? *options.float_dtype : info.dtype;
     specs.push_back({name, dtype, {info.shape.begin(), info.shape.end()}, aliases ? source.alias_of(name) : std::nullopt});
   }

@@ -7,11 +7,11 @@
 #include <unordered_map>
 #include <utility>
 
-#include "file_writer.h"
-#include "mapping.h"
-#include "names.h"
-#include "path_lock.h"
-#include "posix_io.h"
+#include "write/file_writer.h"
+#include "io/mapping.h"
+#include "format/names.h"
+#include "io/path_lock.h"
+#include "io/posix_io.h"
 #include "tensormap/error.h"
 #include "tensormap/file.h"
 
@@ -109,7 +109,7 @@ void Editor::put(TensorSpec spec, const void* data, std::shared_ptr<const void> 
 }
 
 void Editor::put(const Checkpoint& source, std::string_view name, std::string new_name) {
-  const Checkpoint::Info info = source.info(name);  // Error(NotFound) naming the source
+  const TensorInfo info = source.info(name);  // Error(NotFound) naming the source
   Impl::Entry entry({new_name.empty() ? std::string(name) : std::move(new_name), info.dtype, {}}, Impl::Kind::Source);
   for (int64_t d : info.shape) entry.spec.shape.push_back(static_cast<uint64_t>(d));
   entry.source = &source;

@@ -4,7 +4,7 @@
 
 #include <cstdio>
 
-#include "utf8.h"
+#include "util/utf8.h"
 
 namespace tensormap {
 namespace {

@@ -11,12 +11,12 @@
 #include <cstring>
 #include <memory>
 
-#include "bytes.h"
-#include "header.h"
-#include "mapping.h"
-#include "names.h"
-#include "posix_io.h"
-#include "source.h"
+#include "util/bytes.h"
+#include "format/header.h"
+#include "io/mapping.h"
+#include "format/names.h"
+#include "io/posix_io.h"
+#include "format/detect.h"
 #include "tensormap/format.h"
 #include "tensormap/interrupt.h"
 

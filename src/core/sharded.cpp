@@ -11,12 +11,12 @@
 #include <set>
 #include <unordered_map>
 
-#include "names.h"
-#include "posix_io.h"
-#include "temporaries.h"
+#include "format/names.h"
+#include "io/posix_io.h"
+#include "io/temporaries.h"
 #include "tensormap/error.h"
 #include "tensormap/format.h"
-#include "file_writer.h"
+#include "write/file_writer.h"
 
 namespace tensormap {
 namespace {

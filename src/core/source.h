@@ -10,15 +10,17 @@
 #include <utility>
 #include <vector>
 
-#include "detect.h"
-#include "tensormap/checkpoint.h"
+#include "format/detect.h"
+#include "tensormap/file.h"
+#include "tensormap/format.h"
+#include "tensormap/tensor_info.h"
 
 namespace tensormap::detail {
 
 struct Source {
   virtual ~Source() = default;
   virtual CheckpointFormat format() const = 0;
-  virtual Checkpoint::Info info(size_t i) const = 0;
+  virtual TensorInfo info(size_t i) const = 0;
   // Tensor i's bytes, contiguous, into `dest`.
   virtual void read(size_t i, void* dest) const = 0;
   // Bytes [offset, offset + size) of tensor i's contiguous bytes into `dest` (checked by
@@ -32,7 +34,7 @@ struct Source {
   virtual void evict(size_t) const {}
   virtual double cached_fraction(size_t) const { return 1.0; }
   virtual void drop_cache(size_t) const {}
-  virtual Checkpoint::Placement placement(size_t i) const = 0;
+  virtual TensorPlacement placement(size_t i) const = 0;
   // The earlier tensor whose bytes are tensor i's (Checkpoint::alias_of), or nothing.
   virtual std::optional<size_t> alias_of(size_t) const { return std::nullopt; }
   virtual std::vector<std::pair<std::string, std::string>> metadata() const { return {}; }

@@ -9,11 +9,11 @@
 #include <string>
 #include <vector>
 
-#include "../../src/core/byte_source.h"
-#include "../../src/core/file_writer.h"
-#include "../../src/core/mapping.h"
+#include "../../src/core/io/byte_source.h"
+#include "../../src/core/write/file_writer.h"
+#include "../../src/core/io/mapping.h"
 #include "../../src/core/source.h"
-#include "../../src/core/zip.h"
+#include "../../src/core/torch_save/zip.h"
 #include "support.h"
 #include "tensormap/core.h"
 

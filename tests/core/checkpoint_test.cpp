@@ -8,10 +8,10 @@
 #include <string>
 #include <vector>
 
-#include "../../src/core/mapping.h"
-#include "../../src/core/torch_pickle.h"
-#include "../../src/core/posix_io.h"
-#include "../../src/core/zip.h"
+#include "../../src/core/io/mapping.h"
+#include "../../src/core/torch_save/torch_pickle.h"
+#include "../../src/core/io/posix_io.h"
+#include "../../src/core/torch_save/zip.h"
 #include "support.h"
 #include "tensormap/core.h"
 

@@ -16,8 +16,8 @@
 #include <random>
 #include <set>
 
-#include "../../src/core/path_lock.h"
-#include "../../src/core/posix_io.h"
+#include "../../src/core/io/path_lock.h"
+#include "../../src/core/io/posix_io.h"
 #include "support.h"
 
 namespace tensormap::testing {

@@ -4,7 +4,7 @@
 #include <cstring>
 #include <vector>
 
-#include "../../src/core/header.h"
+#include "../../src/core/format/header.h"
 #include "tensormap/error.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {

@@ -2,7 +2,7 @@
 // Every storage record exists and is 64 KiB long, so the fuzzer reaches the tensor checks.
 #include <cstdint>
 
-#include "../../src/core/torch_pickle.h"
+#include "../../src/core/torch_save/torch_pickle.h"
 #include "tensormap/error.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {

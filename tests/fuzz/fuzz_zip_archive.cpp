@@ -5,9 +5,9 @@
 #include <memory>
 #include <vector>
 
-#include "../../src/core/byte_source.h"
+#include "../../src/core/io/byte_source.h"
 #include "../../src/core/source.h"
-#include "../../src/core/zip.h"
+#include "../../src/core/torch_save/zip.h"
 #include "tensormap/error.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {

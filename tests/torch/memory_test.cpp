@@ -14,7 +14,7 @@
 #include <fstream>
 
 #include "../core/support.h"
-#include "../../src/core/header.h"
+#include "../../src/core/format/header.h"
 #include "tensormap/tensormap.h"
 
 namespace tensormap::testing {
