@@ -13,7 +13,8 @@
 namespace {
 
 std::string scratch(const std::string& name) {
-  return (std::filesystem::temp_directory_path() / ("tensormap-bench-" + std::to_string(::getpid()) + "-" + name)).string();
+  return (std::filesystem::temp_directory_path() / ("tensormap-bench-" + std::to_string(::getpid()) + "-" + name))
+      .string();
 }
 
 std::string tensor_name(int64_t i) {

@@ -22,10 +22,10 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
-#include <torch/csrc/distributed/c10d/FileStore.hpp>
-#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/torch.h>
 #include <unistd.h>
+#include <torch/csrc/distributed/c10d/FileStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 
 #include <algorithm>
 #include <chrono>
@@ -49,9 +49,7 @@ namespace {
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
-double ms_since(Clock::time_point t0) {
-  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-}
+double ms_since(Clock::time_point t0) { return std::chrono::duration<double, std::milli>(Clock::now() - t0).count(); }
 
 // The benchmark model: Megatron-style blocks of d=2048, h=4096 (64 MiB each in F32):
 // `up` column-parallel, `down` row-parallel, a replicated LayerNorm. world = 1: whole.
@@ -234,13 +232,16 @@ int cmd_run(const Args& a) {
   const std::string dir = a.get("dir"), strategy = a.get("strategy");
   const int64_t mib = std::stoll(a.get("mib"));
   const bool cold = a.has("cold");
-  const std::map<std::string, std::string> file_for = {
-      {"tensormap-map", "tmap"},       {"tensormap-map-naive-touch", "tmap"},
-      {"tensormap-copy", "tmap"},      {"tensormap-copy-keep-cache", "tmap"},
-      {"tensormap-copy-verified", "tmap"},
-      {"safetensors-map", "safetensors"},
-      {"torchsave-map", "pt"},         {"torch-load", "archive"},
-      {"torch-pickle-load", "pt"},     {"seed-load-then-rebind", "archive"}};
+  const std::map<std::string, std::string> file_for = {{"tensormap-map", "tmap"},
+                                                       {"tensormap-map-naive-touch", "tmap"},
+                                                       {"tensormap-copy", "tmap"},
+                                                       {"tensormap-copy-keep-cache", "tmap"},
+                                                       {"tensormap-copy-verified", "tmap"},
+                                                       {"safetensors-map", "safetensors"},
+                                                       {"torchsave-map", "pt"},
+                                                       {"torch-load", "archive"},
+                                                       {"torch-pickle-load", "pt"},
+                                                       {"seed-load-then-rebind", "archive"}};
   if (!file_for.count(strategy)) {
     std::cerr << "unknown strategy " << strategy << "\n";
     return 2;
@@ -277,7 +278,7 @@ int cmd_run(const Args& a) {
       tensormap::LoadOptions o;
       o.mode = tensormap::LoadMode::Copy;
       o.drop_read_pages = strategy != "tensormap-copy-keep-cache";  // copy mode before issue 15
-      o.verify_checksums = strategy == "tensormap-copy-verified";  // off by default
+      o.verify_checksums = strategy == "tensormap-copy-verified";   // off by default
       tensormap::load(*model, path, o);
     } else if (strategy == "torch-load") {
       torch::load(model, path);
@@ -379,8 +380,12 @@ int cmd_memcpy(const Args& a) {
     fresh = std::min(fresh, ms_since(t0));
     ::munmap(raw, bytes);
   }
-  Json().num("memcpy_mib", static_cast<double>(bytes >> 20)).num("memcpy_ms", best)
-      .num("memcpy_gbps", bytes / best / 1e6).num("fresh_memcpy_gbps", bytes / fresh / 1e6).print();
+  Json()
+      .num("memcpy_mib", static_cast<double>(bytes >> 20))
+      .num("memcpy_ms", best)
+      .num("memcpy_gbps", bytes / best / 1e6)
+      .num("fresh_memcpy_gbps", bytes / fresh / 1e6)
+      .print();
   return 0;
 }
 
@@ -396,7 +401,9 @@ int cmd_seqread(const Args& a) {
   const double ms = ms_since(t0);
   ::close(fd);
   Json j;
-  j.str("cache", cold ? "cold" : "warm").num("bytes", static_cast<double>(total)).num("ms", ms)
+  j.str("cache", cold ? "cold" : "warm")
+      .num("bytes", static_cast<double>(total))
+      .num("ms", ms)
       .num("gbps", total / ms / 1e6);
   if (cold) j.num("cached_fraction_before", cached);
   j.print();
@@ -443,7 +450,10 @@ int cmd_save(const Args& a) {
   const auto after = tensormap::read_process_memory();
   const auto bytes = static_cast<double>(fs::file_size(out_path));
   fs::remove(out_path);
-  Json().str("strategy", strategy).num("mib", static_cast<double>(mib)).num("ms", ms)
+  Json()
+      .str("strategy", strategy)
+      .num("mib", static_cast<double>(mib))
+      .num("ms", ms)
       .num("gbps", bytes / ms / 1e6)
       .num("extra_peak_mib", (after.vm_hwm > before.vm_rss ? after.vm_hwm - before.vm_rss : 0) / 1048576.0)
       .print();
@@ -467,7 +477,8 @@ int cmd_hold(const Args& a) {
 // Growth of RssAnon + RssFile (what a rank holds, mapped or owned), in MiB.
 double resident_growth_mib(const tensormap::ProcessMemory& before, const tensormap::ProcessMemory& after) {
   return (static_cast<double>(after.rss_anon + after.rss_file) -
-          static_cast<double>(before.rss_anon + before.rss_file)) / 1048576.0;
+          static_cast<double>(before.rss_anon + before.rss_file)) /
+         1048576.0;
 }
 
 // --- tensor parallelism over c10d -------------------------------------------------------------
@@ -502,7 +513,9 @@ int cmd_tp(const Args& a) {
       const double ms = ms_since(t0);
       Json j;
       const auto after = tensormap::read_process_memory();
-      j.num("rank", rank).num("load_and_touch_ms", ms).memory("touched", after)
+      j.num("rank", rank)
+          .num("load_and_touch_ms", ms)
+          .memory("touched", after)
           .num("resident_growth_mib", resident_growth_mib(before, after))
           .num("peak_growth_mib", (static_cast<double>(after.vm_hwm) - static_cast<double>(before.vm_rss)) / 1048576.0);
       j.out << "}";
@@ -548,7 +561,10 @@ int cmd_part(const Args& a) {
   tensormap::prefault(*model, 1);
   const double touch_ms = ms_since(t1);
   const auto after = tensormap::read_process_memory();
-  Json().num("rank", static_cast<double>(rank)).num("load_ms", load_ms).num("touch_ms", touch_ms)
+  Json()
+      .num("rank", static_cast<double>(rank))
+      .num("load_ms", load_ms)
+      .num("touch_ms", touch_ms)
       .memory("touched", after)
       .num("resident_growth_mib", resident_growth_mib(before, after))
       .print();
@@ -603,17 +619,21 @@ int cmd_forward(const Args& a) {
   const int64_t mib = std::stoll(a.get("mib"));
   const int passes = std::stoi(a.get("passes", "5"));
   const bool cold = a.has("cold");
-  const std::map<std::string, std::string> file_for = {
-      {"tensormap-map", "tmap"}, {"tensormap-map-prefault", "tmap"}, {"tensormap-map-background", "tmap"},
-      {"tensormap-copy", "tmap"},
-      {"tensormap-copy-keep-cache", "tmap"}, {"safetensors-map", "safetensors"}, {"torchsave-map", "pt"},
-      {"torch-load", "archive"}};
+  const std::map<std::string, std::string> file_for = {{"tensormap-map", "tmap"},
+                                                       {"tensormap-map-prefault", "tmap"},
+                                                       {"tensormap-map-background", "tmap"},
+                                                       {"tensormap-copy", "tmap"},
+                                                       {"tensormap-copy-keep-cache", "tmap"},
+                                                       {"safetensors-map", "safetensors"},
+                                                       {"torchsave-map", "pt"},
+                                                       {"torch-load", "archive"}};
   if (!file_for.count(strategy)) {
     std::cerr << "unknown strategy " << strategy << "\n";
     return 2;
   }
   // --file: another copy of the strategy's file (the suite's cp of the .tmap).
-  const std::string path = fs::absolute(a.get("file", file_of(dir, mib, file_for.at(strategy)))).lexically_normal().string();
+  const std::string path =
+      fs::absolute(a.get("file", file_of(dir, mib, file_for.at(strategy)))).lexically_normal().string();
   const double cached = cold ? evict(path) : -1;
   Json out;
   out.str("strategy", strategy).num("mib", static_cast<double>(mib)).str("cache", cold ? "cold" : "warm");
@@ -684,7 +704,8 @@ int cmd_forward(const Args& a) {
       owned_ms.push_back(o);
       ratios.push_back(m / o);
     }
-    out.num("paired_mapped_ms", median(mapped_ms)).num("paired_owned_ms", median(owned_ms))
+    out.num("paired_mapped_ms", median(mapped_ms))
+        .num("paired_owned_ms", median(owned_ms))
         .num("paired_x_owned", median(ratios));
   }
   out.print();
@@ -709,7 +730,8 @@ int cmd_huge(const Args& a) {
   const std::string path = dir + "/huge-" + std::to_string(layers) + ".tmap";
   if (!fs::exists(path)) {  // real data on the disk, not a sparse file: small values, so the pass stays finite
     std::vector<tensormap::TensorSpec> specs;
-    for (int i = 0; i < layers; ++i) specs.push_back({std::to_string(i) + ".weight", tensormap::Dtype::F32, {8192, 8192}});
+    for (int i = 0; i < layers; ++i)
+      specs.push_back({std::to_string(i) + ".weight", tensormap::Dtype::F32, {8192, 8192}});
     tensormap::Writer writer(path, specs, {});
     std::vector<float> buffer(8192 * 8192);
     for (int i = 0; i < layers; ++i) {
@@ -719,7 +741,8 @@ int cmd_huge(const Args& a) {
     writer.commit();
   }
   Json j;
-  j.num("layers", layers).num("file_gib", static_cast<double>(fs::file_size(path)) / (1 << 30))
+  j.num("layers", layers)
+      .num("file_gib", static_cast<double>(fs::file_size(path)) / (1 << 30))
       .num("memory_gib", static_cast<double>(memory) / (1 << 30));
   // The baseline: the whole file read once, sequentially, from the disk.
   j.num("cached_before_read", evict(path));
@@ -727,8 +750,7 @@ int cmd_huge(const Args& a) {
   {
     const int fd = ::open(path.c_str(), O_RDONLY);
     std::vector<char> buffer(8 << 20);
-    while (::read(fd, buffer.data(), buffer.size()) > 0) {
-    }
+    while (::read(fd, buffer.data(), buffer.size()) > 0) {}
     ::close(fd);
   }
   const double read_ms = ms_since(t0);
@@ -746,9 +768,11 @@ int cmd_huge(const Args& a) {
   const at::Tensor out = model->forward(torch::ones({1, 8192}));
   const double forward_ms = ms_since(t0) - load_ms;
   const auto after = tensormap::read_process_memory();
-  j.num("build_and_map_load_ms", load_ms).num("first_forward_ms", forward_ms)
+  j.num("build_and_map_load_ms", load_ms)
+      .num("first_forward_ms", forward_ms)
       .num("forward_over_seqread", (load_ms + forward_ms) / read_ms)
-      .num("rss_anon_growth_mib", (static_cast<double>(after.rss_anon) - static_cast<double>(before.rss_anon)) / 1048576.0)
+      .num("rss_anon_growth_mib",
+           (static_cast<double>(after.rss_anon) - static_cast<double>(before.rss_anon)) / 1048576.0)
       .num("output_sum", out.sum().item<double>());
   j.memory("after", after);
   j.print();
@@ -757,7 +781,8 @@ int cmd_huge(const Args& a) {
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::cerr << "usage: tensormap_harness make|run|forward|memcpy|seqread|evict|seqwrite|save|hold|tp|part|huge [--options]\n";
+    std::cerr
+        << "usage: tensormap_harness make|run|forward|memcpy|seqread|evict|seqwrite|save|hold|tp|part|huge [--options]\n";
     return 2;
   }
   const std::string cmd = argv[1];

@@ -23,10 +23,10 @@ torch::nn::Sequential linear_stack(int64_t layers, int64_t width) {
 // The checkpoint of linear_stack(layers, width), written with the core writer (zeros),
 // so that making a 1 GiB file does not cost a 1 GiB random initialisation.
 std::string checkpoint(int64_t layers, int64_t width) {
-  const std::string path = (std::filesystem::temp_directory_path() /
-                            ("tensormap-torchbench-" + std::to_string(::getpid()) + "-" +
-                             std::to_string(layers) + "x" + std::to_string(width) + ".tmap"))
-                               .string();
+  const std::string path =
+      (std::filesystem::temp_directory_path() / ("tensormap-torchbench-" + std::to_string(::getpid()) + "-" +
+                                                 std::to_string(layers) + "x" + std::to_string(width) + ".tmap"))
+          .string();
   if (std::filesystem::exists(path)) return path;
   std::vector<tensormap::TensorSpec> specs;
   const auto w = static_cast<uint64_t>(width);
@@ -64,9 +64,7 @@ void BM_MapLoad_300Tensors_BySize(benchmark::State& state) {
 }
 BENCHMARK(BM_MapLoad_300Tensors_BySize)->Arg(64)->Arg(256)->Arg(1024)->Unit(benchmark::kMillisecond);
 
-void BM_MapLoad_ByTensorCount(benchmark::State& state) {
-  map_load(state, state.range(0) / 2, 16);
-}
+void BM_MapLoad_ByTensorCount(benchmark::State& state) { map_load(state, state.range(0) / 2, 16); }
 BENCHMARK(BM_MapLoad_ByTensorCount)->Arg(100)->Arg(1000)->Arg(10000)->Unit(benchmark::kMillisecond);
 
 // The same 300 tensors (256 MiB) in each format: tensormap, safetensors, torch.save.
@@ -112,7 +110,8 @@ void BM_Convert_ToSafetensors(benchmark::State& state) {
     peak_extra = std::max(peak_extra, static_cast<double>(hwm - std::min(hwm, before)) / (1 << 20));
   }
   std::filesystem::remove(out);
-  state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * static_cast<int64_t>(std::filesystem::file_size(in)));
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) *
+                          static_cast<int64_t>(std::filesystem::file_size(in)));
   state.counters["peak_extra_MiB"] = peak_extra;
 }
 BENCHMARK(BM_Convert_ToSafetensors)->Arg(1024)->Arg(4096)->Unit(benchmark::kMillisecond)->UseRealTime();
@@ -132,7 +131,8 @@ void BM_PlainFileCopy(benchmark::State& state) {
     std::fclose(dst);
   }
   std::filesystem::remove(out);
-  state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * static_cast<int64_t>(std::filesystem::file_size(in)));
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) *
+                          static_cast<int64_t>(std::filesystem::file_size(in)));
 }
 BENCHMARK(BM_PlainFileCopy)->Arg(1024)->Arg(4096)->Unit(benchmark::kMillisecond)->UseRealTime();
 

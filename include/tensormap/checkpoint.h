@@ -32,7 +32,6 @@
 
 namespace tensormap {
 
-
 // The format of the file at `path`, from its first bytes and its size (spec/FORMAT.md
 // section 13 lists the facts). A sharded checkpoint's index is reported as
 // ShardedTensormap or ShardedSafetensors from its first shard (an empty index from its

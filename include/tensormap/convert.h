@@ -41,6 +41,7 @@ struct ConvertResult {
 // Reads `in` (any format StateDict::open reads) and writes `out` atomically. Values are
 // bit-identical unless float_dtype asks for a conversion. Throws Error on any failure, in
 // which case nothing is left at `out`.
-TENSORMAP_EXPORT ConvertResult convert(const std::string& in, const std::string& out, const ConvertOptions& options = {});
+TENSORMAP_EXPORT ConvertResult convert(const std::string& in, const std::string& out,
+                                       const ConvertOptions& options = {});
 
 }  // namespace tensormap

@@ -18,9 +18,9 @@
 // rank that found it, and nothing is loaded; no rank is left waiting.
 #pragma once
 
-#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/nn/module.h>
 #include <torch/version.h>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
 #include <string>
 #include <utility>
@@ -53,16 +53,16 @@ struct DistributedLoadOptions {
 // `group`: LibTorch 1.13, a c10d::ProcessGroupGloo (or any ProcessGroup); LibTorch 2.x, a
 // c10d::ProcessGroup with a CPU backend (what torch.distributed's default group is).
 TENSORMAP_EXPORT LoadReport load_distributed(torch::nn::Module& module, const std::string& path,
-                            c10d::ProcessGroup& group,
-                            const std::vector<std::pair<std::string, int64_t>>& splits,
-                            const DistributedLoadOptions& options = {});
+                                             c10d::ProcessGroup& group,
+                                             const std::vector<std::pair<std::string, int64_t>>& splits,
+                                             const DistributedLoadOptions& options = {});
 
 #if TENSORMAP_C10D_HAS_BACKEND
 // LibTorch 2.x: the same over a backend used on its own, such as a c10d::ProcessGroupGloo
 // made directly from a store.
 TENSORMAP_EXPORT LoadReport load_distributed(torch::nn::Module& module, const std::string& path, c10d::Backend& group,
-                            const std::vector<std::pair<std::string, int64_t>>& splits,
-                            const DistributedLoadOptions& options = {});
+                                             const std::vector<std::pair<std::string, int64_t>>& splits,
+                                             const DistributedLoadOptions& options = {});
 #endif
 
 }  // namespace tensormap

@@ -35,8 +35,8 @@ enum class Dtype : uint8_t {
 
 // Every dtype, in code order.
 inline constexpr Dtype kAllDtypes[] = {
-    Dtype::BOOL, Dtype::U8,  Dtype::I8,   Dtype::I16,  Dtype::U16,     Dtype::I32,
-    Dtype::U32,  Dtype::I64, Dtype::U64,  Dtype::F16,  Dtype::BF16,    Dtype::F32,
+    Dtype::BOOL, Dtype::U8,  Dtype::I8,   Dtype::I16,     Dtype::U16,     Dtype::I32,
+    Dtype::U32,  Dtype::I64, Dtype::U64,  Dtype::F16,     Dtype::BF16,    Dtype::F32,
     Dtype::F64,  Dtype::C64, Dtype::C128, Dtype::F8_E4M3, Dtype::F8_E5M2,
 };
 

@@ -44,9 +44,9 @@
 namespace tensormap {
 
 struct EditReport {
-  size_t kept = 0;            // tensors copied from the old file
+  size_t kept = 0;  // tensors copied from the old file
   uint64_t kept_bytes = 0;
-  size_t written = 0;         // tensors added or replaced
+  size_t written = 0;  // tensors added or replaced
   uint64_t written_bytes = 0;
   size_t removed = 0;
 };

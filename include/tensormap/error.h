@@ -53,15 +53,15 @@ enum class ErrorKind {
   SafetensorsSizeMismatch,    // data_offsets span differs from shape x dtype size
   SafetensorsBufferMismatch,  // the data does not end exactly at the end of the file
   // Checkpoint: the other checkpoints tensormap reads.
-  ShardIndexInvalid,  // a sharded checkpoint's index is malformed or disagrees with a shard
-  UnsupportedArchive, // a torch.save archive that is malformed or holds what tensormap cannot read
+  ShardIndexInvalid,   // a sharded checkpoint's index is malformed or disagrees with a shard
+  UnsupportedArchive,  // a torch.save archive that is malformed or holds what tensormap cannot read
   // Operation: what a caller asked for, and what the system answered.
-  Io,               // the operating system refused an open, read, write, sync or rename
-  InvalidArgument,  // the caller asked for something the API does not allow
-  NotFound,         // no tensor of that name (the message names the checkpoint)
-  UnsupportedDtype, // the dtype has no equivalent in this LibTorch (1.13: U16, U32, U64, F8)
-  ModelMismatch,    // a checkpoint and a model disagree on names, shapes or dtypes
-  LibTorch,         // LibTorch itself failed (a c10::Error), for example in a collective
+  Io,                // the operating system refused an open, read, write, sync or rename
+  InvalidArgument,   // the caller asked for something the API does not allow
+  NotFound,          // no tensor of that name (the message names the checkpoint)
+  UnsupportedDtype,  // the dtype has no equivalent in this LibTorch (1.13: U16, U32, U64, F8)
+  ModelMismatch,     // a checkpoint and a model disagree on names, shapes or dtypes
+  LibTorch,          // LibTorch itself failed (a c10::Error), for example in a collective
 };
 
 enum class ErrorGroup { FormatRule, SafetensorsRule, Checkpoint, Operation };

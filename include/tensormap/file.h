@@ -37,7 +37,6 @@ class Mapping;
 File open_file(std::shared_ptr<const Mapping> mapping);
 }  // namespace detail
 
-
 class TENSORMAP_EXPORT File {
  public:
   // Maps and validates `path`. Throws Error with the kind of the first broken rule, or
@@ -118,8 +117,8 @@ class TENSORMAP_EXPORT File {
   // span pages, the kernel's read-ahead is off during the call, so that only the rows'
   // pages enter the page cache. Throws Error(InvalidArgument) if a row runs past the
   // tensor or row_bytes > stride, Error(Truncated) as read() does.
-  void read_rows(const TensorEntry& entry, uint64_t offset, uint64_t stride, uint64_t row_bytes,
-                 uint64_t rows, void* dest) const;
+  void read_rows(const TensorEntry& entry, uint64_t offset, uint64_t stride, uint64_t row_bytes, uint64_t rows,
+                 void* dest) const;
 
   // Asks the kernel to read the tensor's pages ahead (MADV_WILLNEED). Advisory.
   void prefetch(const TensorEntry& entry) const;

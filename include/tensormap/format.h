@@ -107,6 +107,6 @@ inline constexpr uint64_t metadata_record_size(uint64_t key_length, uint64_t val
 // Byte length of a tensor: product(shape) * element size, or nothing on overflow past
 // kMaxFileOffset (rule 15).
 TENSORMAP_EXPORT std::optional<uint64_t> tensor_byte_length(const uint64_t* shape, unsigned rank,
-                                           uint64_t element_size);
+                                                            uint64_t element_size);
 
 }  // namespace tensormap::format

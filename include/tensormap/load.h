@@ -93,7 +93,7 @@ struct TENSORMAP_EXPORT LoadReport {
   std::vector<std::string> unexpected;  // in the file, not in the model
   std::vector<std::string> mismatched;  // one line each: name, what differs
   bool complete() const { return missing.empty() && unexpected.empty() && mismatched.empty(); }
-  std::string summary() const;          // one line listing every problem
+  std::string summary() const;  // one line listing every problem
 };
 
 // Binds (map mode) or copies (copy mode) every parameter and buffer of `module`, by its
@@ -103,8 +103,7 @@ struct TENSORMAP_EXPORT LoadReport {
 // recognised by its content.
 TENSORMAP_EXPORT LoadReport load(torch::nn::Module& module, const StateDict& state, const LoadOptions& options = {});
 TENSORMAP_EXPORT LoadReport load(torch::nn::Module& module, const File& file, const LoadOptions& options = {});
-TENSORMAP_EXPORT LoadReport load(torch::nn::Module& module, const std::string& path,
-                const LoadOptions& options = {});
+TENSORMAP_EXPORT LoadReport load(torch::nn::Module& module, const std::string& path, const LoadOptions& options = {});
 
 // Faults in now every page of every parameter and buffer of `module` (after a map-mode
 // load: the file's pages), with MADV_POPULATE_READ, split among `threads` threads (0:

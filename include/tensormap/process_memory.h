@@ -15,11 +15,11 @@
 namespace tensormap {
 
 struct ProcessMemory {
-  uint64_t vm_hwm = 0;    // bytes
+  uint64_t vm_hwm = 0;  // bytes
   uint64_t vm_rss = 0;
   uint64_t rss_anon = 0;
   uint64_t rss_file = 0;
-  uint64_t pss = 0;       // proportional set size, from /proc/self/smaps_rollup
+  uint64_t pss = 0;  // proportional set size, from /proc/self/smaps_rollup
 };
 
 // Reads /proc/self/status and /proc/self/smaps_rollup. Missing fields stay 0.

@@ -43,10 +43,9 @@ TENSORMAP_EXPORT std::vector<std::pair<std::string, at::Tensor>> named_state(con
 // Tied weights are stored once (SaveOptions::store_ties_once), and a load ties them
 // again: the names bind one tensor (load.h). Tensors that merely overlap in a storage
 // (different views) are stored each with its own bytes.
-TENSORMAP_EXPORT void save(const std::vector<std::pair<std::string, at::Tensor>>& tensors,
-          const std::string& path, const SaveOptions& options = {});
-TENSORMAP_EXPORT void save(const torch::nn::Module& module, const std::string& path,
-          const SaveOptions& options = {});
+TENSORMAP_EXPORT void save(const std::vector<std::pair<std::string, at::Tensor>>& tensors, const std::string& path,
+                           const SaveOptions& options = {});
+TENSORMAP_EXPORT void save(const torch::nn::Module& module, const std::string& path, const SaveOptions& options = {});
 
 class Editor;  // edit.h
 

@@ -113,8 +113,7 @@ using ModuleInitializer = std::function<void(const std::string& name, torch::nn:
 // untouched (a scratch costs memory only where the rule writes it). Then `init`, if given,
 // is called for each released tensor, and may overwrite it. Initialisers run even inside a
 // SkeletonScope.
-TENSORMAP_EXPORT std::vector<std::string> materialize(torch::nn::Module& module,
-                                                      const TensorInitializer& init = {},
+TENSORMAP_EXPORT std::vector<std::string> materialize(torch::nn::Module& module, const TensorInitializer& init = {},
                                                       const ModuleInitializer& reset = {});
 
 namespace detail {

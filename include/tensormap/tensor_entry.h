@@ -23,7 +23,7 @@ struct TENSORMAP_EXPORT TensorEntry {
   std::array<uint64_t, 8> dims;  // only the first `rank` are meaningful
   uint64_t offset;               // absolute offset in the file
   uint64_t byte_length;
-  uint64_t checksum;             // XXH3-64 of the bytes
+  uint64_t checksum;  // XXH3-64 of the bytes
   // An alias (format major 2): the index in tensors() of the earlier tensor whose bytes
   // these are, with the same dtype, shape, offset, length and checksum. Nothing for a
   // tensor with bytes of its own (always, in major 1 and safetensors files).

@@ -17,8 +17,8 @@ struct TENSORMAP_EXPORT VerifyReport {
   std::string path;
   CheckpointFormat format = CheckpointFormat::Tensormap;
   size_t tensors = 0;
-  size_t files = 0;     // tensormap and safetensors files checked: 1, every shard, or 0 (torch.save)
-  uint64_t bytes = 0;   // tensor bytes in those files
+  size_t files = 0;    // tensormap and safetensors files checked: 1, every shard, or 0 (torch.save)
+  uint64_t bytes = 0;  // tensor bytes in those files
   // Whether every file checked has checksums (tensormap files), so that every tensor's
   // bytes and every padding byte were checked, not only the structure.
   bool checksums = false;

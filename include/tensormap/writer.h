@@ -34,8 +34,8 @@
 #include "tensormap/dtype.h"
 #include "tensormap/export.h"
 #include "tensormap/format.h"
-#include "tensormap/tensor_spec.h"
 #include "tensormap/temporaries.h"  // remove_temporary_files(), for the named temporaries above
+#include "tensormap/tensor_spec.h"
 
 namespace tensormap {
 

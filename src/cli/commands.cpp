@@ -45,7 +45,6 @@ std::string shape_text(const std::vector<uint64_t>& shape) {
   return s + "]";
 }
 
-
 }  // namespace
 
 std::string first_line(const std::string& message) { return message.substr(0, message.find('\n')); }
@@ -60,10 +59,14 @@ uint64_t parse_size(const std::string& text) {
   }
   const std::string unit = text.substr(used);
   double scale = 1;
-  if (unit == "K" || unit == "KiB") scale = 1024.0;
-  else if (unit == "M" || unit == "MiB") scale = 1024.0 * 1024;
-  else if (unit == "G" || unit == "GiB") scale = 1024.0 * 1024 * 1024;
-  else if (!unit.empty() && unit != "B") throw UsageError("--shard-size " + text + ": unknown unit '" + unit + "'");
+  if (unit == "K" || unit == "KiB")
+    scale = 1024.0;
+  else if (unit == "M" || unit == "MiB")
+    scale = 1024.0 * 1024;
+  else if (unit == "G" || unit == "GiB")
+    scale = 1024.0 * 1024 * 1024;
+  else if (!unit.empty() && unit != "B")
+    throw UsageError("--shard-size " + text + ": unknown unit '" + unit + "'");
   const double bytes = value * scale;
   // NaN and infinity fail the first test; 2^63 bytes is more than any file can hold.
   if (!(bytes >= 1) || !(bytes < 9223372036854775808.0)) {
@@ -72,8 +75,7 @@ uint64_t parse_size(const std::string& text) {
   return static_cast<uint64_t>(bytes);
 }
 
-int convert(const std::string& in, const std::string& out, const ConvertArguments& options,
-            bool progress) {
+int convert(const std::string& in, const std::string& out, const ConvertArguments& options, bool progress) {
   tensormap::ConvertOptions convert_options;
   if (!options.dtype.empty()) {
     convert_options.float_dtype = dtype_from_name(options.dtype);
@@ -104,8 +106,10 @@ int convert(const std::string& in, const std::string& out, const ConvertArgument
   const ConvertResult r = tensormap::convert(in, out, convert_options);
   bar.reset();
   std::cout << in << " -> " << out << ": " << r.tensors << " tensors";
-  if (r.shards) std::cout << " in " << r.shards << " " << format_name(r.format) << " shards\n";
-  else std::cout << ", " << format_name(r.format) << "\n";
+  if (r.shards)
+    std::cout << " in " << r.shards << " " << format_name(r.format) << " shards\n";
+  else
+    std::cout << ", " << format_name(r.format) << "\n";
   return 0;
 }
 
@@ -140,7 +144,8 @@ std::string difference(const Checkpoint& a, const Checkpoint& b, const std::stri
            shape_text({ib.shape.begin(), ib.shape.end()});
   }
   std::string line;
-  if (ia.dtype != ib.dtype) line = "dtype " + std::string(dtype_name(ia.dtype)) + " -> " + std::string(dtype_name(ib.dtype));
+  if (ia.dtype != ib.dtype)
+    line = "dtype " + std::string(dtype_name(ia.dtype)) + " -> " + std::string(dtype_name(ib.dtype));
   const auto bytes_a = bytes_of(a, name, ia.byte_length);
   const auto bytes_b = bytes_of(b, name, ib.byte_length);
   if (ia.dtype == ib.dtype && std::memcmp(bytes_a.get(), bytes_b.get(), ia.byte_length) == 0) return line;
@@ -199,8 +204,10 @@ int inspect_state(const Checkpoint& sd, bool json) {
   uint64_t data = 0;
   for (const std::string& name : sd.keys()) {
     const Checkpoint::Info info = sd.info(name);
-    out["tensors"].push_back({{"name", name}, {"dtype", std::string(dtype_name(info.dtype))},
-                              {"shape", info.shape}, {"byte_length", info.byte_length}});
+    out["tensors"].push_back({{"name", name},
+                              {"dtype", std::string(dtype_name(info.dtype))},
+                              {"shape", info.shape},
+                              {"byte_length", info.byte_length}});
     if (const auto target = sd.alias_of(name)) {
       out["tensors"].back()["alias_of"] = *target;  // the same bytes, stored once
     } else {

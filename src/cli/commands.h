@@ -15,7 +15,7 @@ struct UsageError : std::runtime_error {
 };
 
 struct ConvertArguments {
-  std::string format;      // "" decides by the output's extension
+  std::string format;  // "" decides by the output's extension
   uint64_t alignment = 4096;
   std::string dtype;       // "" keeps every dtype
   std::string shard_size;  // "" writes one file
@@ -23,8 +23,7 @@ struct ConvertArguments {
 
 int inspect(const std::string& path, bool json);
 int verify(const std::string& path);
-int convert(const std::string& in, const std::string& out, const ConvertArguments& options,
-            bool progress);
+int convert(const std::string& in, const std::string& out, const ConvertArguments& options, bool progress);
 int diff(const std::string& a, const std::string& b);
 // inspect of sharded checkpoints and torch.save archives.
 int inspect_state(const Checkpoint& checkpoint, bool json);

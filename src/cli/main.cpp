@@ -79,9 +79,9 @@ nlohmann::ordered_json describe(const File& f) {
   nlohmann::ordered_json out;
   const bool tmap = f.format() == Format::Tensormap;
   out["format"] = format_name(f.format());
-  out["version"] = tmap ? nlohmann::ordered_json(std::to_string(f.major_version()) + "." +
-                                                 std::to_string(f.minor_version()))
-                        : nlohmann::ordered_json(nullptr);
+  out["version"] =
+      tmap ? nlohmann::ordered_json(std::to_string(f.major_version()) + "." + std::to_string(f.minor_version()))
+           : nlohmann::ordered_json(nullptr);
   out["alignment"] = tmap ? nlohmann::ordered_json(f.alignment()) : nlohmann::ordered_json(nullptr);
   out["header_size"] = f.header_size();
   out["file_size"] = f.file_size();
@@ -115,13 +115,14 @@ int inspect(const std::string& path, bool json) {
   uint64_t data = 0;
   size_t aliases = 0;
   for (const auto& e : f.tensors()) {
-    if (e.alias_of) ++aliases;
-    else data += e.byte_length;  // an alias's bytes are its target's
+    if (e.alias_of)
+      ++aliases;
+    else
+      data += e.byte_length;  // an alias's bytes are its target's
   }
   std::cout << path << ": ";
   if (f.format() == Format::Tensormap) {
-    std::cout << "tensormap " << f.major_version() << "." << f.minor_version() << ", alignment "
-              << f.alignment();
+    std::cout << "tensormap " << f.major_version() << "." << f.minor_version() << ", alignment " << f.alignment();
   } else {
     std::cout << "safetensors (no checksums)";
   }
@@ -143,11 +144,9 @@ int inspect(const std::string& path, bool json) {
               static_cast<int>(shape_width), "shape", "offset", "bytes", "checksum");
   for (size_t i = 0; i < f.tensors().size(); ++i) {
     const TensorEntry& e = f.tensors()[i];
-    std::printf("%-*s  %-7s  %-*s  %14llu  %14llu  %s\n", static_cast<int>(name_width),
-                names[i].c_str(), std::string(dtype_name(e.dtype)).c_str(),
-                static_cast<int>(shape_width), shape_text(e).c_str(),
-                static_cast<unsigned long long>(e.offset),
-                static_cast<unsigned long long>(e.byte_length),
+    std::printf("%-*s  %-7s  %-*s  %14llu  %14llu  %s\n", static_cast<int>(name_width), names[i].c_str(),
+                std::string(dtype_name(e.dtype)).c_str(), static_cast<int>(shape_width), shape_text(e).c_str(),
+                static_cast<unsigned long long>(e.offset), static_cast<unsigned long long>(e.byte_length),
                 f.has_checksums() ? hex16(e.checksum).c_str() : "-");
     if (e.alias_of) std::printf("    (alias of %s)\n", names[*e.alias_of].c_str());
   }
@@ -218,9 +217,8 @@ int edit(const std::string& path, const EditArguments& args) {
     editor.set_metadata(pair.substr(0, eq), pair.substr(eq + 1));
   }
   const EditReport r = editor.commit();
-  std::cout << path << ": " << r.kept << " tensors kept (" << human_bytes(r.kept_bytes)
-            << ", copied by the kernel), " << r.written << " written (" << human_bytes(r.written_bytes)
-            << "), " << r.removed << " removed\n";
+  std::cout << path << ": " << r.kept << " tensors kept (" << human_bytes(r.kept_bytes) << ", copied by the kernel), "
+            << r.written << " written (" << human_bytes(r.written_bytes) << "), " << r.removed << " removed\n";
   return 0;
 }
 
@@ -228,8 +226,9 @@ int edit(const std::string& path, const EditArguments& args) {
 
 int main(int argc, char** argv) {
   using namespace tensormap::cli;
-  CLI::App app{"tensormap: inspect, verify, convert and compare tensor checkpoints.\n"
-               "Exit codes: 0 success, 1 invalid or corrupt input or failed check, 2 usage error."};
+  CLI::App app{
+      "tensormap: inspect, verify, convert and compare tensor checkpoints.\n"
+      "Exit codes: 0 success, 1 invalid or corrupt input or failed check, 2 usage error."};
   app.require_subcommand(1);
   app.set_help_all_flag("--help-all", "Help for every subcommand");
 
@@ -237,27 +236,31 @@ int main(int argc, char** argv) {
   bool json = false;
   ConvertArguments convert_options;
 
-  auto* inspect_cmd = app.add_subcommand("inspect", "Show a checkpoint's header: format, version, "
-                                                    "alignment, metadata, and every tensor's name, "
-                                                    "dtype, shape, offset, bytes and checksum");
-  inspect_cmd->add_option("FILE", path,
-                          "A tensormap or safetensors file, a shard index (*.index.json) or a "
-                          "torch.save archive")->required();
+  auto* inspect_cmd = app.add_subcommand("inspect",
+                                         "Show a checkpoint's header: format, version, "
+                                         "alignment, metadata, and every tensor's name, "
+                                         "dtype, shape, offset, bytes and checksum");
+  inspect_cmd
+      ->add_option("FILE", path,
+                   "A tensormap or safetensors file, a shard index (*.index.json) or a "
+                   "torch.save archive")
+      ->required();
   inspect_cmd->add_flag("--json", json, "Print the description as JSON (the schema of spec/CLI.md)");
 
-  auto* verify_cmd = app.add_subcommand(
-      "verify", "Validate the whole file and every tensor checksum; names each bad tensor");
+  auto* verify_cmd =
+      app.add_subcommand("verify", "Validate the whole file and every tensor checksum; names each bad tensor");
   verify_cmd->add_option("FILE", path, "The checkpoint")->required();
 
-  auto* convert_cmd = app.add_subcommand(
-      "convert", "Rewrite a checkpoint, tensor by tensor, with constant extra memory");
+  auto* convert_cmd =
+      app.add_subcommand("convert", "Rewrite a checkpoint, tensor by tensor, with constant extra memory");
   convert_cmd->add_option("IN", path, "The checkpoint to read")->required();
   convert_cmd->add_option("OUT", out_path, "The file to write (replaced atomically)")->required();
   convert_cmd->add_option("--format", convert_options.format,
                           "Format of OUT: tensormap, safetensors or torch.save (default: from OUT's "
                           "extension: .safetensors, .pt or .pth, else tensormap)");
-  convert_cmd->add_option("--alignment", convert_options.alignment,
-                          "Alignment of every tensor in a tensormap OUT (power of two, 64 to 1048576)")
+  convert_cmd
+      ->add_option("--alignment", convert_options.alignment,
+                   "Alignment of every tensor in a tensormap OUT (power of two, 64 to 1048576)")
       ->default_val(4096);
   convert_cmd->add_option("--dtype", convert_options.dtype,
                           "Convert floating-point tensors to this dtype (F16, BF16, F32, F64)");
@@ -265,22 +268,22 @@ int main(int argc, char** argv) {
                           "Split OUT into shards of at most SIZE of tensor data (e.g. 500M, 2G); OUT is "
                           "then the index, e.g. model.safetensors.index.json");
 
-  auto* diff_cmd = app.add_subcommand(
-      "diff", "Compare two checkpoints tensor by tensor; exits 1 when they differ");
+  auto* diff_cmd = app.add_subcommand("diff", "Compare two checkpoints tensor by tensor; exits 1 when they differ");
   diff_cmd->add_option("A", path, "First checkpoint")->required();
   diff_cmd->add_option("B", other, "Second checkpoint")->required();
 
   std::vector<std::string> warm_paths;
-  auto* warm_cmd = app.add_subcommand(
-      "warm", "Bring checkpoints into the page cache in 2 MiB folios, so that every process maps "
-              "them with huge pages: for files copied or downloaded in small pieces (cp, curl) and "
-              "still cached that way; re-reads such a file once from the disk");
+  auto* warm_cmd =
+      app.add_subcommand("warm",
+                         "Bring checkpoints into the page cache in 2 MiB folios, so that every process maps "
+                         "them with huge pages: for files copied or downloaded in small pieces (cp, curl) and "
+                         "still cached that way; re-reads such a file once from the disk");
   warm_cmd->add_option("FILE", warm_paths, "Checkpoints (a shard index warms every shard)")->required();
 
   EditArguments edit_options;
-  auto* edit_cmd = app.add_subcommand(
-      "edit", "Remove, add or replace tensors of a tensormap file; the tensors that stay are "
-              "copied by the kernel (shared blocks where the filesystem can), never rewritten");
+  auto* edit_cmd = app.add_subcommand("edit",
+                                      "Remove, add or replace tensors of a tensormap file; the tensors that stay are "
+                                      "copied by the kernel (shared blocks where the filesystem can), never rewritten");
   edit_cmd->add_option("FILE", path, "The tensormap file to change (replaced atomically)")->required();
   edit_cmd->add_option("--remove", edit_options.remove, "Remove this tensor (repeatable)");
   edit_cmd->add_option("--put", edit_options.put,

@@ -6,8 +6,8 @@
 #include <mutex>
 #include <optional>
 
-#include "io/mapping.h"
 #include "format/names.h"
+#include "io/mapping.h"
 #include "source.h"
 #include "tensormap/error.h"
 #include "tensormap/sharded.h"
@@ -103,9 +103,8 @@ struct ShardedSource final : Source {
     const File& f = shard(s);
     const TensorEntry* entry = f.find(names[i]);
     if (!entry) {
-      throw Error(ErrorKind::ShardIndexInvalid, index.path() + ": tensor " + quoted(names[i]) +
-                                                    " is mapped to shard " + quoted(index.shard_files()[s]) +
-                                                    ", which does not contain it");
+      throw Error(ErrorKind::ShardIndexInvalid, index.path() + ": tensor " + quoted(names[i]) + " is mapped to shard " +
+                                                    quoted(index.shard_files()[s]) + ", which does not contain it");
     }
     return {&f, entry};
   }
@@ -114,7 +113,8 @@ struct ShardedSource final : Source {
     bool safetensors = false;
     if (index.shard_files().empty()) {
       const std::string suffix = ".safetensors.index.json";
-      safetensors = path.size() >= suffix.size() && path.compare(path.size() - suffix.size(), suffix.size(), suffix) == 0;
+      safetensors =
+          path.size() >= suffix.size() && path.compare(path.size() - suffix.size(), suffix.size(), suffix) == 0;
     } else {
       safetensors = shard(0).format() == Format::Safetensors;
     }
@@ -187,8 +187,8 @@ Detected detect_opened(const ByteSource& bytes) {
 // The whole of a shard index, bounded before it is read.
 ShardIndex read_shard_index(const ByteSource& bytes) {
   if (bytes.size() > kMaxShardIndexBytes) {
-    throw Error(ErrorKind::ShardIndexInvalid, bytes.name() + ": index is " + std::to_string(bytes.size()) +
-                                                  " bytes, more than an index can be");
+    throw Error(ErrorKind::ShardIndexInvalid,
+                bytes.name() + ": index is " + std::to_string(bytes.size()) + " bytes, more than an index can be");
   }
   std::string text(static_cast<size_t>(bytes.size()), '\0');
   bytes.read(0, text.data(), text.size(), "the index");
@@ -210,12 +210,10 @@ CheckpointFormat detect_format(const std::string& path) {
 Checkpoint Checkpoint::open(const std::string& path) {
   auto mapping = std::make_shared<const detail::Mapping>(path);
   switch (detail::detect_opened(*mapping)) {
-    case detail::Detected::TorchSave:
-      return Checkpoint(detail::open_torch_save(std::move(mapping)));
+    case detail::Detected::TorchSave: return Checkpoint(detail::open_torch_save(std::move(mapping)));
     case detail::Detected::ShardIndex:
       return Checkpoint(std::make_shared<detail::ShardedSource>(detail::read_shard_index(*mapping)));
-    default:
-      return Checkpoint(detail::open_file(std::move(mapping)));
+    default: return Checkpoint(detail::open_file(std::move(mapping)));
   }
 }
 
@@ -252,9 +250,10 @@ void Checkpoint::read_chunks(std::string_view name, void* buffer, uint64_t buffe
   const uint64_t element = dtype_size(info.dtype), length = info.byte_length;
   const uint64_t piece = buffer_size - buffer_size % element;  // whole elements
   if (piece == 0) {
-    throw Error(ErrorKind::InvalidArgument, source_->path + ": read_chunks of " + detail::quoted(name) + ": a buffer of " +
-                                                std::to_string(buffer_size) + " bytes cannot hold one " +
-                                                std::string(dtype_name(info.dtype)) + " element");
+    throw Error(ErrorKind::InvalidArgument, source_->path + ": read_chunks of " + detail::quoted(name) +
+                                                ": a buffer of " + std::to_string(buffer_size) +
+                                                " bytes cannot hold one " + std::string(dtype_name(info.dtype)) +
+                                                " element");
   }
   auto* chunk = static_cast<unsigned char*>(buffer);
   if (length <= piece) {
@@ -280,9 +279,7 @@ void Checkpoint::read_checked(std::string_view name, void* dest) const { source_
 void Checkpoint::evict(std::string_view name) const { source_->evict(index_of(name)); }
 double Checkpoint::cached_fraction(std::string_view name) const { return source_->cached_fraction(index_of(name)); }
 void Checkpoint::drop_cache(std::string_view name) const { source_->drop_cache(index_of(name)); }
-TensorPlacement Checkpoint::placement(std::string_view name) const {
-  return source_->placement(index_of(name));
-}
+TensorPlacement Checkpoint::placement(std::string_view name) const { return source_->placement(index_of(name)); }
 
 void Checkpoint::read(std::string_view name, int64_t dim, int64_t start, int64_t length, void* dest) const {
   dim = checked_slice(name, dim, start, length);
@@ -293,8 +290,8 @@ int64_t Checkpoint::checked_slice(std::string_view name, int64_t dim, int64_t st
   const Info info = source_->info(index_of(name));
   const auto rank = static_cast<int64_t>(info.shape.size());
   auto refuse = [&](const std::string& why) {
-    return Error(ErrorKind::InvalidArgument, source_->path + ": cannot slice tensor " + detail::quoted(name) +
-                                                 ": " + why);
+    return Error(ErrorKind::InvalidArgument,
+                 source_->path + ": cannot slice tensor " + detail::quoted(name) + ": " + why);
   };
   if (dim < -rank || dim >= rank || rank == 0) {
     throw refuse("dimension " + std::to_string(dim) + " is out of range for rank " + std::to_string(rank));
@@ -302,9 +299,8 @@ int64_t Checkpoint::checked_slice(std::string_view name, int64_t dim, int64_t st
   if (dim < 0) dim += rank;
   const int64_t size = info.shape[static_cast<size_t>(dim)];
   if (start < 0 || length < 0 || start > size || length > size - start) {
-    throw refuse("elements [" + std::to_string(start) + ", " + std::to_string(start) + " + " +
-                 std::to_string(length) + ") are not within dimension " + std::to_string(dim) +
-                 " of size " + std::to_string(size));
+    throw refuse("elements [" + std::to_string(start) + ", " + std::to_string(start) + " + " + std::to_string(length) +
+                 ") are not within dimension " + std::to_string(dim) + " of size " + std::to_string(size));
   }
   return dim;
 }

@@ -62,7 +62,8 @@ ConvertResult convert(const std::string& in, const std::string& out, const Conve
   }
   const bool sharded = options.shard_size > 0;
   if (sharded && (out.size() < 11 || out.compare(out.size() - 11, 11, ".index.json") != 0)) {
-    throw Error(ErrorKind::InvalidArgument, out + ": a sharded output must be an index such as model.safetensors.index.json");
+    throw Error(ErrorKind::InvalidArgument,
+                out + ": a sharded output must be an index such as model.safetensors.index.json");
   }
   ConvertResult result{options.format ? *options.format : format_for_path(out)};
   if (result.format == Format::TorchSave && sharded) {
@@ -83,7 +84,8 @@ ConvertResult convert(const std::string& in, const std::string& out, const Conve
   for (const std::string& name : source.keys()) {
     const TensorInfo info = source.info(name);
     const Dtype dtype = options.float_dtype && is_floating_point(info.dtype) ? *options.float_dtype : info.dtype;
-    specs.push_back({name, dtype, {info.shape.begin(), info.shape.end()}, aliases ? source.alias_of(name) : std::nullopt});
+    specs.push_back(
+        {name, dtype, {info.shape.begin(), info.shape.end()}, aliases ? source.alias_of(name) : std::nullopt});
   }
   result.tensors = specs.size();
   const std::unique_ptr<TensorWriter> writer = open_writer(out, specs, writer_options);

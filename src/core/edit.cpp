@@ -7,13 +7,13 @@
 #include <unordered_map>
 #include <utility>
 
-#include "write/file_writer.h"
-#include "io/mapping.h"
 #include "format/names.h"
+#include "io/mapping.h"
 #include "io/path_lock.h"
 #include "io/posix_io.h"
 #include "tensormap/error.h"
 #include "tensormap/file.h"
+#include "write/file_writer.h"
 
 namespace tensormap {
 
@@ -23,10 +23,10 @@ struct Editor::Impl {
     Entry(TensorSpec s, Kind k) : spec(std::move(s)), kind(k) {}
     TensorSpec spec;
     Kind kind;
-    const TensorEntry* old = nullptr;      // Keep
-    const void* data = nullptr;            // Bytes
-    std::shared_ptr<const void> owner;     // Bytes: keeps `data` alive, if given
-    const Checkpoint* source = nullptr;    // Source
+    const TensorEntry* old = nullptr;    // Keep
+    const void* data = nullptr;          // Bytes
+    std::shared_ptr<const void> owner;   // Bytes: keeps `data` alive, if given
+    const Checkpoint* source = nullptr;  // Source
     std::string source_name;
   };
 
@@ -74,9 +74,9 @@ Editor Editor::open(const std::string& path) {
   auto mapping = std::make_shared<const detail::Mapping>(path);
   File file = detail::open_file(mapping);
   if (file.format() != Format::Tensormap) {
-    throw Error(ErrorKind::InvalidArgument,
-                path + ": only tensormap files can be edited, this is a " + format_name(file.format()) +
-                    " file (tensormap convert it to a .tmap first)");
+    throw Error(ErrorKind::InvalidArgument, path + ": only tensormap files can be edited, this is a " +
+                                                format_name(file.format()) +
+                                                " file (tensormap convert it to a .tmap first)");
   }
   auto impl = std::make_unique<Impl>(std::move(lock), mapping, file);
   for (const TensorEntry& t : impl->file.tensors()) {

@@ -15,7 +15,8 @@ struct KindRow {
   ErrorGroup group;
 };
 
-#define TENSORMAP_KIND(kind, group) {ErrorKind::kind, #kind, ErrorGroup::group}
+#define TENSORMAP_KIND(kind, group) \
+  { ErrorKind::kind, #kind, ErrorGroup::group }
 constexpr KindRow kKinds[] = {
     TENSORMAP_KIND(FileTooSmall, FormatRule),
     TENSORMAP_KIND(BadMagic, FormatRule),
@@ -84,8 +85,7 @@ std::optional<ErrorKind> error_kind_from_name(std::string_view name) {
   return std::nullopt;
 }
 
-Error::Error(ErrorKind kind, const std::string& message)
-    : std::runtime_error(message), kind_(kind) {}
+Error::Error(ErrorKind kind, const std::string& message) : std::runtime_error(message), kind_(kind) {}
 
 }  // namespace tensormap
 
@@ -118,8 +118,8 @@ namespace {
 
 // Whether the code point a terminal would act on, or that reorders or breaks what it shows.
 bool is_control_code_point(uint32_t cp) {
-  return cp < 0x20 || (cp >= 0x7F && cp <= 0x9F) || cp == 0x2028 || cp == 0x2029 ||
-         (cp >= 0x202A && cp <= 0x202E) || (cp >= 0x2066 && cp <= 0x2069);
+  return cp < 0x20 || (cp >= 0x7F && cp <= 0x9F) || cp == 0x2028 || cp == 0x2029 || (cp >= 0x202A && cp <= 0x202E) ||
+         (cp >= 0x2066 && cp <= 0x2069);
 }
 
 }  // namespace

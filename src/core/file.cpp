@@ -11,19 +11,20 @@
 #include <cstring>
 #include <memory>
 
-#include "util/bytes.h"
-#include "format/header.h"
-#include "io/mapping.h"
-#include "format/names.h"
-#include "io/posix_io.h"
 #include "format/detect.h"
+#include "format/header.h"
+#include "format/names.h"
+#include "io/mapping.h"
+#include "io/posix_io.h"
 #include "tensormap/format.h"
 #include "tensormap/interrupt.h"
+#include "util/bytes.h"
 
 namespace tensormap {
 
 struct File::Impl {
-  explicit Impl(std::shared_ptr<const detail::Mapping> m) : mapping(std::move(m)), base(mapping->base()), size(mapping->size()) {}
+  explicit Impl(std::shared_ptr<const detail::Mapping> m)
+      : mapping(std::move(m)), base(mapping->base()), size(mapping->size()) {}
   std::shared_ptr<const detail::Mapping> mapping;
   unsigned char* base;
   uint64_t size;
@@ -32,9 +33,7 @@ struct File::Impl {
 
 File::File(std::shared_ptr<const Impl> impl) : impl_(std::move(impl)) {}
 
-File File::open(const std::string& path) {
-  return detail::open_file(std::make_shared<const detail::Mapping>(path));
-}
+File File::open(const std::string& path) { return detail::open_file(std::make_shared<const detail::Mapping>(path)); }
 
 File detail::open_file(std::shared_ptr<const Mapping> mapping) {
   auto impl = std::make_shared<File::Impl>(std::move(mapping));
@@ -64,9 +63,8 @@ const TensorEntry* File::find(std::string_view name) const {
 
 const TensorEntry& File::at(std::string_view name) const {
   if (const TensorEntry* e = find(name)) return *e;
-  throw Error(ErrorKind::NotFound,
-              impl_->mapping->path() + ": no tensor named " + detail::quoted(name) + " (the file has " +
-                  std::to_string(impl_->header.tensors.size()) + " tensors)");
+  throw Error(ErrorKind::NotFound, impl_->mapping->path() + ": no tensor named " + detail::quoted(name) +
+                                       " (the file has " + std::to_string(impl_->header.tensors.size()) + " tensors)");
 }
 
 const std::vector<std::pair<std::string_view, std::string_view>>& File::metadata() const {
@@ -129,8 +127,8 @@ void File::read_checked(const TensorEntry& entry, void* dest) const {
   if (computed != entry.checksum) throw corrupted(entry, computed);
 }
 
-void File::read_rows(const TensorEntry& entry, uint64_t offset, uint64_t stride, uint64_t row_bytes,
-                     uint64_t rows, void* dest) const {
+void File::read_rows(const TensorEntry& entry, uint64_t offset, uint64_t stride, uint64_t row_bytes, uint64_t rows,
+                     void* dest) const {
   if (rows == 0 || row_bytes == 0) return;
   const auto last = detail::checked_mul(rows - 1, stride);
   const auto start = last ? detail::checked_add(offset, *last) : std::nullopt;
@@ -195,8 +193,9 @@ std::vector<Error> File::find_corruption() const {
     scan(begin, end, "the padding after " + after, [&](const unsigned char* p, uint64_t n, uint64_t at) {
       for (uint64_t i = 0; i < n && !reported; ++i) {
         if (p[i] != 0) {
-          problems.emplace_back(ErrorKind::NonZeroPadding, m.path() + ": padding after " + after +
-                                                               " has a non-zero byte at offset " + std::to_string(at + i));
+          problems.emplace_back(
+              ErrorKind::NonZeroPadding,
+              m.path() + ": padding after " + after + " has a non-zero byte at offset " + std::to_string(at + i));
           reported = true;
         }
       }

@@ -3,12 +3,12 @@
 
 #include <unistd.h>
 
-#include <nlohmann/json.hpp>
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
-#include <sstream>
+#include <nlohmann/json.hpp>
 #include <set>
+#include <sstream>
 #include <unordered_map>
 
 #include "format/names.h"
@@ -20,7 +20,6 @@
 
 namespace tensormap {
 namespace {
-
 
 // A shard must be a plain file name beside the index: no directories, no way out.
 bool is_plain_file_name(const std::string& name) {
@@ -46,14 +45,13 @@ std::string ShardIndex::shard_path(uint32_t i) const {
 }
 
 ShardIndex ShardIndex::open(const std::string& path) {
-  auto invalid = [&](const std::string& what) {
-    return Error(ErrorKind::ShardIndexInvalid, path + ": " + what);
-  };
+  auto invalid = [&](const std::string& what) { return Error(ErrorKind::ShardIndexInvalid, path + ": " + what); };
   std::ifstream in(path, std::ios::binary);
   if (!in) detail::throw_io(path, "cannot open", errno);
   in.seekg(0, std::ios::end);
   const auto size = static_cast<uint64_t>(in.tellg());
-  if (size > kMaxShardIndexBytes) throw invalid("index is " + std::to_string(size) + " bytes, more than an index can be");
+  if (size > kMaxShardIndexBytes)
+    throw invalid("index is " + std::to_string(size) + " bytes, more than an index can be");
   in.seekg(0);
   std::string text(size, '\0');
   in.read(text.data(), static_cast<std::streamsize>(size));
@@ -61,9 +59,7 @@ ShardIndex ShardIndex::open(const std::string& path) {
 }
 
 ShardIndex ShardIndex::parse(std::string_view text, const std::string& path) {
-  auto invalid = [&](const std::string& what) {
-    return Error(ErrorKind::ShardIndexInvalid, path + ": " + what);
-  };
+  auto invalid = [&](const std::string& what) { return Error(ErrorKind::ShardIndexInvalid, path + ": " + what); };
   nlohmann::ordered_json json;
   try {
     json = nlohmann::ordered_json::parse(text);
@@ -132,11 +128,13 @@ class ShardedCore final : public WriterCore {
 
 ShardedCore::ShardedCore(std::string index_path, std::vector<TensorSpec> tensors, uint64_t max_shard_bytes,
                          const WriterOptions& options)
-    : WriterCore(write_target(index_path), tensors, /*aliases=*/false), index_path_(path()) {  // shards beside the real index
+    : WriterCore(write_target(index_path), tensors, /*aliases=*/false),
+      index_path_(path()) {  // shards beside the real index
   const std::string suffix = ".index.json";
   const std::string base = base_name(index_path);
   if (base.size() <= suffix.size() || base.compare(base.size() - suffix.size(), suffix.size(), suffix) != 0) {
-    throw Error(ErrorKind::InvalidArgument, index_path + ": a shard index must be named like model.safetensors.index.json");
+    throw Error(ErrorKind::InvalidArgument,
+                index_path + ": a shard index must be named like model.safetensors.index.json");
   }
   if (max_shard_bytes == 0) throw Error(ErrorKind::InvalidArgument, index_path + ": the shard size must be positive");
   // model.safetensors.index.json -> stem "model", extension ".safetensors"
@@ -219,8 +217,8 @@ void ShardedCore::publish() {
 
 ShardedWriter::ShardedWriter(std::string index_path, std::vector<TensorSpec> tensors, uint64_t max_shard_bytes,
                              WriterOptions options)
-    : FormatWriter(std::make_unique<detail::ShardedCore>(std::move(index_path), std::move(tensors), max_shard_bytes,
-                                                         options)) {}
+    : FormatWriter(
+          std::make_unique<detail::ShardedCore>(std::move(index_path), std::move(tensors), max_shard_bytes, options)) {}
 
 size_t ShardedWriter::shard_count() const { return static_cast<const detail::ShardedCore&>(core()).shard_count(); }
 

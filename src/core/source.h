@@ -62,5 +62,4 @@ struct Source {
 class ByteSource;
 std::shared_ptr<const Source> open_torch_save(std::shared_ptr<const ByteSource> file);
 
-
 }  // namespace tensormap::detail

@@ -52,9 +52,7 @@ int64_t blocks_for(double size_mib) {
 }
 
 double now_ms() {
-  return std::chrono::duration<double, std::milli>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 double mib(uint64_t bytes) { return static_cast<double>(bytes) / 1048576.0; }
@@ -122,10 +120,10 @@ int run_child(const std::string& strategy, const std::string& dir, int64_t block
   return 0;
 }
 
-std::map<std::string, double> spawn(const std::string& self, const std::string& strategy,
-                                    const std::string& dir, int64_t blocks) {
-  const std::string command = "'" + self + "' --child " + strategy + " --dir '" + dir +
-                              "' --blocks " + std::to_string(blocks);
+std::map<std::string, double> spawn(const std::string& self, const std::string& strategy, const std::string& dir,
+                                    int64_t blocks) {
+  const std::string command =
+      "'" + self + "' --child " + strategy + " --dir '" + dir + "' --blocks " + std::to_string(blocks);
   FILE* pipe = ::popen(command.c_str(), "r");
   if (!pipe) throw std::runtime_error("cannot start " + command);
   std::string text;
@@ -167,11 +165,16 @@ int main(int argc, char** argv) {
       }
       return argv[++i];
     };
-    if (a == "--child") child = next();
-    else if (a == "--dir") dir = next();
-    else if (a == "--blocks") blocks = std::stoll(next());
-    else if (a == "--size-mib") size_mib = std::stod(next());
-    else if (a == "--keep") keep = true;
+    if (a == "--child")
+      child = next();
+    else if (a == "--dir")
+      dir = next();
+    else if (a == "--blocks")
+      blocks = std::stoll(next());
+    else if (a == "--size-mib")
+      size_mib = std::stod(next());
+    else if (a == "--keep")
+      keep = true;
     else if (a == "--help" || a == "-h") {
       usage();
       return 0;
@@ -185,17 +188,18 @@ int main(int argc, char** argv) {
 
     blocks = blocks_for(size_mib);
     const bool own_dir = dir.empty();
-    if (own_dir) dir = (std::filesystem::temp_directory_path() / ("tensormap-demo-" + std::to_string(::getpid()))).string();
+    if (own_dir)
+      dir = (std::filesystem::temp_directory_path() / ("tensormap-demo-" + std::to_string(::getpid()))).string();
     std::filesystem::create_directories(dir);
     const std::string self = std::filesystem::read_symlink("/proc/self/exe").string();
 
-    std::printf("tensormap demo: %lld blocks of width %lld, checkpoints in %s\n",
-                static_cast<long long>(blocks), static_cast<long long>(kWidth), dir.c_str());
+    std::printf("tensormap demo: %lld blocks of width %lld, checkpoints in %s\n", static_cast<long long>(blocks),
+                static_cast<long long>(kWidth), dir.c_str());
     const auto saved = spawn(self, "save", dir, blocks);
-    std::printf("model: %.0f tensors, %.1f MiB; built in %.0f ms\n", saved.at("tensors"),
-                saved.at("file_mib"), saved.at("build_ms"));
-    std::printf("save: tensormap %.0f ms (peak %.0f MiB, model included), torch::save %.0f ms\n\n",
-                saved.at("load_ms"), saved.at("hwm_after_load"), saved.at("torch_save_ms"));
+    std::printf("model: %.0f tensors, %.1f MiB; built in %.0f ms\n", saved.at("tensors"), saved.at("file_mib"),
+                saved.at("build_ms"));
+    std::printf("save: tensormap %.0f ms (peak %.0f MiB, model included), torch::save %.0f ms\n\n", saved.at("load_ms"),
+                saved.at("hwm_after_load"), saved.at("torch_save_ms"));
 
     struct Row {
       const char* label;
@@ -205,23 +209,26 @@ int main(int argc, char** argv) {
                         {"tensormap copy", "copy"},
                         {"torch::load", "torch_load"},
                         {"copy into built", "copy_into_built"}};
-    std::printf("| %-16s | %9s | %9s | %9s | %10s | %9s | %11s | %11s | %16s | %18s |\n", "strategy",
-                "build ms", "load ms", "total ms", "forward ms", "VmHWM MiB", "RssAnon MiB",
-                "RssFile MiB", "RssAnon fwd MiB", "RssFile fwd MiB");
-    std::printf("|------------------|-----------|-----------|-----------|------------|-----------|-------------|-------------|------------------|--------------------|\n");
+    std::printf("| %-16s | %9s | %9s | %9s | %10s | %9s | %11s | %11s | %16s | %18s |\n", "strategy", "build ms",
+                "load ms", "total ms", "forward ms", "VmHWM MiB", "RssAnon MiB", "RssFile MiB", "RssAnon fwd MiB",
+                "RssFile fwd MiB");
+    std::printf(
+        "|------------------|-----------|-----------|-----------|------------|-----------|-------------|-------------|------------------|--------------------|\n");
     double reference = 0;
     bool agree = true;
     for (const Row& row : rows) {
       const auto r = spawn(self, row.strategy, dir, blocks);
       if (row.strategy == std::string("map")) reference = r.at("checksum");
       agree = agree && r.at("checksum") == reference;
-      std::printf("| %-16s | %9.1f | %9.1f | %9.1f | %10.1f | %9.0f | %11.0f | %11.0f | %16.0f | %18.0f |\n",
-                  row.label, r.at("build_ms"), r.at("load_ms"), r.at("build_ms") + r.at("load_ms"),
-                  r.at("forward_ms"), r.at("hwm_after_forward"), r.at("anon_after_load"),
-                  r.at("file_after_load"), r.at("anon_after_forward"), r.at("file_after_forward"));
+      std::printf("| %-16s | %9.1f | %9.1f | %9.1f | %10.1f | %9.0f | %11.0f | %11.0f | %16.0f | %18.0f |\n", row.label,
+                  r.at("build_ms"), r.at("load_ms"), r.at("build_ms") + r.at("load_ms"), r.at("forward_ms"),
+                  r.at("hwm_after_forward"), r.at("anon_after_load"), r.at("file_after_load"),
+                  r.at("anon_after_forward"), r.at("file_after_forward"));
     }
-    std::printf("\nVmHWM is the process peak up to the end of the forward pass. Every strategy "
-                "%s on the model's output.\n", agree ? "agrees" : "DOES NOT AGREE");
+    std::printf(
+        "\nVmHWM is the process peak up to the end of the forward pass. Every strategy "
+        "%s on the model's output.\n",
+        agree ? "agrees" : "DOES NOT AGREE");
     if (own_dir && !keep) std::filesystem::remove_all(dir);
     return agree ? 0 : 1;
   } catch (const std::exception& e) {

@@ -40,7 +40,6 @@ InterruptCheck python_signals() {
   };
 }
 
-
 PyObject* error_type = nullptr;  // tensormap.Error, made at import
 
 // Sets tensormap.Error as the Python exception being raised.
@@ -72,7 +71,8 @@ std::shared_ptr<Proxy> proxy_of(const std::vector<Entry>& entries) {
   auto root = std::make_shared<Proxy>();
   for (const Entry& e : entries) {
     if (e.name.empty() || e.name.front() == '.' || e.name.back() == '.' || e.name.find("..") != std::string::npos) {
-      throw Error(ErrorKind::InvalidArgument, "the model has a tensor named '" + e.name + "', which is not a dotted name");
+      throw Error(ErrorKind::InvalidArgument,
+                  "the model has a tensor named '" + e.name + "', which is not a dotted name");
     }
     if (!e.tensor.defined()) continue;
     std::shared_ptr<Proxy> owner = root;
@@ -183,8 +183,9 @@ void bind_reading(py::module_& m) {
       .def("alias_of", [](const StateDict& s, const std::string& name) { return s.checkpoint().alias_of(name); })
       .def("at", [](const StateDict& s, const std::string& name) { return s.at(name); })
       .def("raw_bytes", [](const StateDict& s, const std::string& name) { return s.raw_bytes(name); })
-      .def("slice", [](const StateDict& s, const std::string& name, int64_t dim, int64_t start,
-                       int64_t length) { return s.slice(name, dim, start, length); });
+      .def("slice", [](const StateDict& s, const std::string& name, int64_t dim, int64_t start, int64_t length) {
+        return s.slice(name, dim, start, length);
+      });
 }
 
 // Loading a model (through the proxy of its Python tensors) and prefaulting it.
@@ -266,8 +267,8 @@ void bind_saving(py::module_& m) {
 
   m.def(
       "convert",
-      [](const std::string& in, const std::string& out, const std::optional<std::string>& format,
-         uint64_t alignment, const std::optional<std::string>& dtype, uint64_t shard_size, bool sync) {
+      [](const std::string& in, const std::string& out, const std::optional<std::string>& format, uint64_t alignment,
+         const std::optional<std::string>& dtype, uint64_t shard_size, bool sync) {
         ConvertOptions options;
         options.format = format_of(format);
         options.alignment = alignment;
@@ -287,8 +288,8 @@ void bind_saving(py::module_& m) {
         d["bytes"] = result.bytes;
         return d;
       },
-      py::arg("src"), py::arg("dst"), py::arg("format"), py::arg("alignment"), py::arg("dtype"),
-      py::arg("shard_size"), py::arg("sync"));
+      py::arg("src"), py::arg("dst"), py::arg("format"), py::arg("alignment"), py::arg("dtype"), py::arg("shard_size"),
+      py::arg("sync"));
 }
 
 // Checking a whole checkpoint.
@@ -327,10 +328,13 @@ void bind_skeleton(py::module_& m) {
         return scope;
       }))
       .def("close", [](Scope& s) { s.scope.reset(); });
-  m.def("release", [](const at::Tensor& t) { tensormap::release(t); }, py::arg("tensor"));
-  m.def("release_as", [](const at::Tensor& t, std::vector<int64_t> sizes) { tensormap::release(t, sizes); },
-        py::arg("tensor"), py::arg("sizes"));
-  m.def("is_released", [](const at::Tensor& t) { return tensormap::is_released(t); }, py::arg("tensor"));
+  m.def(
+      "release", [](const at::Tensor& t) { tensormap::release(t); }, py::arg("tensor"));
+  m.def(
+      "release_as", [](const at::Tensor& t, std::vector<int64_t> sizes) { tensormap::release(t, sizes); },
+      py::arg("tensor"), py::arg("sizes"));
+  m.def(
+      "is_released", [](const at::Tensor& t) { return tensormap::is_released(t); }, py::arg("tensor"));
   // materialize over the proxy of a Python model: `reset(name)` runs the Python module's
   // own rule (its reset_parameters), if it has one; `init(name, tensor)`, if
   // given, follows. Both are Python callables, run with the GIL held.

@@ -6,8 +6,8 @@
 
 #include <cstring>
 #include <functional>
-#include <unordered_set>
 #include <optional>
+#include <unordered_set>
 
 #include "loading.h"
 #include "released.h"
@@ -127,8 +127,13 @@ class OneRankLoad {
  public:
   OneRankLoad(torch::nn::Module& module, const std::string& path, Group& group, const ParallelPlan& plan,
               const DistributedLoadOptions& options)
-      : path(path), group(group), plan(plan), options(options), source(options.source_rank),
-        is_source(group.rank() == source), model_state(named_state(module)),
+      : path(path),
+        group(group),
+        plan(plan),
+        options(options),
+        source(options.source_rank),
+        is_source(group.rank() == source),
+        model_state(named_state(module)),
         count(static_cast<int64_t>(model_state.size())) {}
 
   LoadReport run() {
@@ -179,14 +184,13 @@ class OneRankLoad {
     const std::optional<Error> failure = attempt([&] {
       if (t[count][0] != count) {
         throw Error(ErrorKind::ModelMismatch, "the model has " + std::to_string(count) +
-                                                  " tensors, the source rank's model " +
-                                                  std::to_string(t[count][0]));
+                                                  " tensors, the source rank's model " + std::to_string(t[count][0]));
       }
       for (int64_t i = 0; i < count; ++i) {
         const auto& [name, target] = model_state[static_cast<size_t>(i)];
         if (t[i][kNameHash] != static_cast<int64_t>(std::hash<std::string>{}(name))) {
-          throw Error(ErrorKind::ModelMismatch,
-                      "tensor " + std::to_string(i) + " is " + quoted_name(name) + " here, another name on the source rank");
+          throw Error(ErrorKind::ModelMismatch, "tensor " + std::to_string(i) + " is " + quoted_name(name) +
+                                                    " here, another name on the source rank");
         }
         if (!t[i][kPresent]) {
           report.missing.push_back(name);
@@ -195,8 +199,7 @@ class OneRankLoad {
         }
         StateDict::Info info{static_cast<Dtype>(t[i][kDtype]), {}, 0};
         for (int64_t d = 0; d < t[i][kRank]; ++d) info.shape.push_back(t[i][kDims + d]);
-        const std::string why = detail::check_target(target, name, info, plan,
-                                                     is_source ? source_mode : LoadMode::Copy,
+        const std::string why = detail::check_target(target, name, info, plan, is_source ? source_mode : LoadMode::Copy,
                                                      parts[static_cast<size_t>(i)]);
         if (!why.empty()) {
           report.mismatched.push_back(name + ": " + why);
@@ -257,7 +260,8 @@ class OneRankLoad {
           if (r == source) continue;  // its own part is loaded above
           at::Tensor piece = send_buffer.narrow(0, 0, bytes);
           state->read(name, part.dim, part.length * r, part.length, piece.data_ptr());
-          if (stored != target.scalar_type()) piece = bytes_of(piece.view(stored).view(target.sizes()).to(target.scalar_type()));
+          if (stored != target.scalar_type())
+            piece = bytes_of(piece.view(stored).view(target.sizes()).to(target.scalar_type()));
           group.send(piece, r, tag);
         }
       } else {
@@ -277,16 +281,16 @@ class OneRankLoad {
   const bool is_source;
   const std::vector<std::pair<std::string, at::Tensor>> model_state;
   const int64_t count;
-  std::optional<StateDict> state;  // the source's only
+  std::optional<StateDict> state;         // the source's only
   LoadMode source_mode = LoadMode::Copy;  // the source's, Auto resolved
   LoadReport report;
-  at::Tensor table;                // per model tensor: what the checkpoint holds under its name
-  std::vector<detail::Part> parts; // this rank's part of each tensor
-  at::Tensor loadable;             // per model tensor: 1 if every rank can take it
+  at::Tensor table;                 // per model tensor: what the checkpoint holds under its name
+  std::vector<detail::Part> parts;  // this rank's part of each tensor
+  at::Tensor loadable;              // per model tensor: 1 if every rank can take it
 };
 
-LoadReport load_from_one_rank(torch::nn::Module& module, const std::string& path, Group& group, const ParallelPlan& plan,
-                              const DistributedLoadOptions& options) {
+LoadReport load_from_one_rank(torch::nn::Module& module, const std::string& path, Group& group,
+                              const ParallelPlan& plan, const DistributedLoadOptions& options) {
   return OneRankLoad(module, path, group, plan, options).run();
 }
 
@@ -296,8 +300,7 @@ LoadReport load_over(torch::nn::Module& module, const std::string& path, Group& 
   ParallelPlan plan{group.rank(), group.size(), splits};
   if (options.source_rank < -1 || options.source_rank >= group.size()) {
     throw Error(ErrorKind::InvalidArgument, "source rank " + std::to_string(options.source_rank) +
-                                                " is not a rank of the group of " +
-                                                std::to_string(group.size()));
+                                                " is not a rank of the group of " + std::to_string(group.size()));
   }
   if (options.source_rank >= 0) return load_from_one_rank(module, path, group, plan, options);
 
@@ -326,8 +329,7 @@ LoadReport load_over(torch::nn::Module& module, const std::string& path, Group& 
 
 }  // namespace
 
-LoadReport load_distributed(torch::nn::Module& module, const std::string& path,
-                            c10d::ProcessGroup& group,
+LoadReport load_distributed(torch::nn::Module& module, const std::string& path, c10d::ProcessGroup& group,
                             const std::vector<std::pair<std::string, int64_t>>& splits,
                             const DistributedLoadOptions& options) {
   GroupOf<c10d::ProcessGroup> adapted(group);

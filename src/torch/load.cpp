@@ -38,8 +38,8 @@ std::string shape_string(at::IntArrayRef sizes) {
 
 // Names are quoted: an unexpected name comes from the file, which may hold any bytes. A
 // mismatch line ("name: why") names a tensor both sides have, and is shown as it is.
-void append_list(std::ostringstream& out, const char* what, const std::vector<std::string>& items,
-                 bool& first, bool names = true) {
+void append_list(std::ostringstream& out, const char* what, const std::vector<std::string>& items, bool& first,
+                 bool names = true) {
   if (items.empty()) return;
   constexpr size_t kShown = 8;
   out << (first ? "" : "; ") << items.size() << " " << what << " (";
@@ -60,8 +60,7 @@ namespace {
 // with pread straight into it when the bytes are already what the target holds, so that
 // no temporary is made and no mapped page is faulted in (and no SIGBUS if the file
 // shrinks meanwhile).
-void copy_into(at::Tensor& target, const StateDict& state, const LoadPlan::Binding& b, bool drop_cache,
-               bool verify) {
+void copy_into(at::Tensor& target, const StateDict& state, const LoadPlan::Binding& b, bool drop_cache, bool verify) {
   ensure_storage(target);
   const StateDict::Info info = state.info(b.name);
   const bool same_bytes = to_scalar_type(info.dtype) == target.scalar_type() && target.is_contiguous();
@@ -94,16 +93,13 @@ void copy_into(at::Tensor& target, const StateDict& state, const LoadPlan::Bindi
 std::string mismatch(const at::Tensor& target, const StateDict::Info& info, LoadMode mode) {
   const auto file_type = to_scalar_type(info.dtype);
   if (!file_type) {
-    return "dtype " + std::string(dtype_name(info.dtype)) +
-           " in the file has no equivalent in LibTorch " TORCH_VERSION;
+    return "dtype " + std::string(dtype_name(info.dtype)) + " in the file has no equivalent in LibTorch " TORCH_VERSION;
   }
   if (target.sizes() != at::IntArrayRef(info.shape)) {
-    return "shape " + shape_string(target.sizes()) + " in the model, " + shape_string(info.shape) +
-           " in the file";
+    return "shape " + shape_string(target.sizes()) + " in the model, " + shape_string(info.shape) + " in the file";
   }
-  const std::string types = std::string("dtype ") + c10::toString(target.scalar_type()) +
-                            " in the model, " + std::string(dtype_name(info.dtype)) +
-                            " in the file";
+  const std::string types = std::string("dtype ") + c10::toString(target.scalar_type()) + " in the model, " +
+                            std::string(dtype_name(info.dtype)) + " in the file";
   if (mode == LoadMode::Map) {
     if (*file_type != target.scalar_type()) {
       return types + " (map mode cannot convert; use LoadMode::Copy)";
@@ -125,21 +121,20 @@ at::Tensor allocate_populated(at::IntArrayRef sizes, const at::TensorOptions& op
 
 // This rank's part of a tensor of shape `shape` under `plan`, and the part's shape put
 // into `shape`; or the reason it cannot be split.
-std::string plan_part(const std::optional<ParallelPlan>& plan, const std::string& name,
-                      std::vector<int64_t>& shape, Part& part) {
+std::string plan_part(const std::optional<ParallelPlan>& plan, const std::string& name, std::vector<int64_t>& shape,
+                      Part& part) {
   if (!plan) return "";
   const auto dim = plan->split_dim(name);
   if (!dim) return "";
   const auto rank = static_cast<int64_t>(shape.size());
   int64_t d = *dim < 0 ? *dim + rank : *dim;
   if (d < 0 || d >= rank) {
-    return "the plan splits dimension " + std::to_string(*dim) + " of a tensor of rank " +
-           std::to_string(rank);
+    return "the plan splits dimension " + std::to_string(*dim) + " of a tensor of rank " + std::to_string(rank);
   }
   const int64_t size = shape[static_cast<size_t>(d)];
   if (size % plan->world_size != 0) {
-    return "dimension " + std::to_string(d) + " of size " + std::to_string(size) +
-           " does not split into " + std::to_string(plan->world_size) + " equal parts";
+    return "dimension " + std::to_string(d) + " of size " + std::to_string(size) + " does not split into " +
+           std::to_string(plan->world_size) + " equal parts";
   }
   part = {d, size / plan->world_size * plan->rank, size / plan->world_size};
   shape[static_cast<size_t>(d)] = part.length;
@@ -153,9 +148,9 @@ std::string check_target(const at::Tensor& target, const std::string& name, Stat
   if (!why.empty()) return why;
   if (part.dim >= 0 && target.sizes() != at::IntArrayRef(info.shape)) {
     return "shape " + shape_string(target.sizes()) + " in the model, " + shape_string(info.shape) +
-           " expected for rank " + std::to_string(plan->rank) + " of " + std::to_string(plan->world_size) +
-           " (dim " + std::to_string(part.dim) + " of " + shape_string(whole) + " split in " +
-           std::to_string(plan->world_size) + ")";
+           " expected for rank " + std::to_string(plan->rank) + " of " + std::to_string(plan->world_size) + " (dim " +
+           std::to_string(part.dim) + " of " + shape_string(whole) + " split in " + std::to_string(plan->world_size) +
+           ")";
   }
   return mismatch(target, info, mode);
 }
@@ -167,8 +162,8 @@ void read_ahead_exactly(const at::Tensor& view) {
 
 void check_plan(const ParallelPlan& plan) {
   if (plan.world_size < 1 || plan.rank < 0 || plan.rank >= plan.world_size) {
-    throw Error(ErrorKind::InvalidArgument, "parallel plan has rank " + std::to_string(plan.rank) +
-                                                " of world size " + std::to_string(plan.world_size));
+    throw Error(ErrorKind::InvalidArgument, "parallel plan has rank " + std::to_string(plan.rank) + " of world size " +
+                                                std::to_string(plan.world_size));
   }
 }
 
@@ -213,9 +208,9 @@ LoadPlan plan_load(const torch::nn::Module& module, const StateDict& state, cons
     if (!model_names.count(name)) report.unexpected.push_back(name);
   }
   if (options.strict && !report.complete()) {
-    throw Error(ErrorKind::ModelMismatch, "the " + std::string(format_name(state.format())) +
-                                              " checkpoint does not match the model, nothing was loaded: " +
-                                              report.summary());
+    throw Error(ErrorKind::ModelMismatch,
+                "the " + std::string(format_name(state.format())) +
+                    " checkpoint does not match the model, nothing was loaded: " + report.summary());
   }
   return plan;
 }
@@ -227,9 +222,8 @@ void load_binding(LoadPlan::Binding& b, const StateDict& state, const BindingOpt
   } else {
     // The tensor, or a rank's part of it: a zero-copy view (a part that is not one range
     // of the file comes as a tensor of its own, read row by row).
-    at::Tensor value = b.part.dim >= 0
-                           ? state.slice(b.name, b.part.dim, b.part.start, b.part.length, options.mapping)
-                           : state.at(b.name, options.mapping);
+    at::Tensor value = b.part.dim >= 0 ? state.slice(b.name, b.part.dim, b.part.start, b.part.length, options.mapping)
+                                       : state.at(b.name, options.mapping);
     // Read ahead now, exactly. Left to page faults, the kernel's read-around (up to
     // read_ahead_kb, 8 MiB on some disks) would pull in the neighbouring ranks' parts too.
     if (options.read_ahead) read_ahead_exactly(value);

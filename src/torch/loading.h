@@ -28,8 +28,8 @@ std::string mismatch(const at::Tensor& target, const StateDict::Info& info, Load
 
 // This rank's part of a tensor of shape `shape` under `plan`, with the part's shape put
 // into `shape`; or the reason it cannot be split ("" if it can, or is not split).
-std::string plan_part(const std::optional<ParallelPlan>& plan, const std::string& name,
-                      std::vector<int64_t>& shape, Part& part);
+std::string plan_part(const std::optional<ParallelPlan>& plan, const std::string& name, std::vector<int64_t>& shape,
+                      Part& part);
 
 // Why `info` (the whole tensor in the checkpoint) cannot be loaded into `target` under
 // `plan` in `mode`, or "" with `part` set to what this rank takes.

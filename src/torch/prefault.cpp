@@ -64,7 +64,8 @@ void fault_in(const PrefaultPiece& r, const std::vector<std::string>& names, std
     return;
   }
   volatile unsigned char sink = 0;
-  for (uintptr_t p = r.begin; p < r.end; p += static_cast<uintptr_t>(page_size())) sink = sink + *reinterpret_cast<const unsigned char*>(p);
+  for (uintptr_t p = r.begin; p < r.end; p += static_cast<uintptr_t>(page_size()))
+    sink = sink + *reinterpret_cast<const unsigned char*>(p);
 }
 
 }  // namespace
@@ -160,9 +161,7 @@ void BackgroundPrefault::stop_and_join() noexcept {
   state_.reset();
 }
 
-bool BackgroundPrefault::done() const {
-  return !state_ || state_->finished.load(std::memory_order_acquire);
-}
+bool BackgroundPrefault::done() const { return !state_ || state_->finished.load(std::memory_order_acquire); }
 
 void BackgroundPrefault::wait() {
   if (!state_) return;

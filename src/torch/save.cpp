@@ -66,9 +66,14 @@ void write_in_pieces(TensorWriter& writer, const at::Tensor& t, at::Tensor& stag
 // the same way.
 using TieKey = std::tuple<const void*, int64_t, std::vector<int64_t>, std::vector<int64_t>, int, int, bool, bool>;
 TieKey tie_key(const at::Tensor& t) {
-  return {t.storage().unsafeGetStorageImpl(), t.storage_offset(), t.sizes().vec(), t.strides().vec(),
-          static_cast<int>(t.scalar_type()), static_cast<int>(t.device().type()) * 1000 + t.device().index(),
-          t.is_conj(), t.is_neg()};
+  return {t.storage().unsafeGetStorageImpl(),
+          t.storage_offset(),
+          t.sizes().vec(),
+          t.strides().vec(),
+          static_cast<int>(t.scalar_type()),
+          static_cast<int>(t.device().type()) * 1000 + t.device().index(),
+          t.is_conj(),
+          t.is_neg()};
 }
 
 }  // namespace
@@ -119,7 +124,8 @@ void save(const std::vector<std::pair<std::string, at::Tensor>>& tensors, const 
 
 void put(Editor& editor, std::string name, const at::Tensor& tensor) {
   if (!tensor.defined() || is_released(tensor)) {
-    throw Error(ErrorKind::InvalidArgument, "tensor " + quoted_name(name) + " is undefined or released: "
+    throw Error(ErrorKind::InvalidArgument, "tensor " + quoted_name(name) +
+                                                " is undefined or released: "
                                                 "it holds no data to put into a file");
   }
   Dtype dtype;

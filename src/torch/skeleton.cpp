@@ -20,9 +20,9 @@
 // - everything else (tensors computed from scratch: buffers, tables) runs for real.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/nn.h>
 #include <c10/util/strides.h>
 #include <torch/library.h>
+#include <torch/nn.h>
 #include <torch/version.h>
 
 #include <exception>
@@ -42,14 +42,10 @@ namespace {
 
 constexpr auto kReleasedBit = c10::BackendComponent::PrivateUse1Bit;
 
-bool has_released_bit(const at::Tensor& t) {
-  return t.defined() && t.key_set().has_backend(kReleasedBit);
-}
+bool has_released_bit(const at::Tensor& t) { return t.defined() && t.key_set().has_backend(kReleasedBit); }
 
 // True while a SkeletonScope is open on this thread and not suspended.
-bool in_skeleton_scope() {
-  return c10::impl::tls_local_dispatch_key_set().included_.has_backend(kReleasedBit);
-}
+bool in_skeleton_scope() { return c10::impl::tls_local_dispatch_key_set().included_.has_backend(kReleasedBit); }
 
 // Suspends this thread's skeleton scope while it lives: what runs inside is plain LibTorch
 // (releasing a tensor, a shape run on the meta device, materialize's initialisers).
@@ -101,14 +97,14 @@ const MissingNote* missing_note(const at::Tensor& t) {
   std::ostringstream shape;
   shape << t.sizes();
   if (const MissingNote* note = missing_note(t)) {
-    TORCH_CHECK(false, "tensormap: ", op, " was called on '", note->name, "' (shape ", shape.str(),
-                ", ", t.dtype(), "), which holds no data: the checkpoint ", note->checkpoint,
+    TORCH_CHECK(false, "tensormap: ", op, " was called on '", note->name, "' (shape ", shape.str(), ", ", t.dtype(),
+                "), which holds no data: the checkpoint ", note->checkpoint,
                 " has no tensor of that name, so loading it left this one released. "
                 "Give it memory with tensormap::materialize(module) (Python: tensormap.materialize), "
                 "or load a checkpoint that has it");
   }
-  TORCH_CHECK(false, "tensormap: ", op, " was called on a released tensor (shape ", shape.str(),
-              ", ", t.dtype(), ") that holds no data: its module was built as a skeleton "
+  TORCH_CHECK(false, "tensormap: ", op, " was called on a released tensor (shape ", shape.str(), ", ", t.dtype(),
+              ") that holds no data: its module was built as a skeleton "
               "and not loaded yet. Load a checkpoint into its module (tensormap::load) "
               "before using it, or give it memory with tensormap::materialize(module) (Python: "
               "tensormap.materialize)");
@@ -172,8 +168,7 @@ void check_arguments(const c10::OperatorHandle& op, const torch::jit::Stack& sta
 
 // Every operator that lands on PrivateUse1 outside a skeleton scope: refuse released
 // tensors, else run the real kernel.
-void checked_passthrough(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
-                         torch::jit::Stack* stack) {
+void checked_passthrough(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   check_arguments(op, *stack);
   op.redispatchBoxed(keys.remove_backend(kReleasedBit), stack);
 }
@@ -190,9 +185,8 @@ at::Tensor make_released(at::IntArrayRef sizes, at::IntArrayRef strides, at::Sca
 // another shape. They only pass through (or refuse a released tensor).
 bool changes_description_only(const c10::OperatorName& name) {
   static const std::unordered_set<std::string> ops = {
-      "aten::set_", "aten::resize_", "aten::resize_as_", "aten::as_strided_", "aten::detach_",
-      "aten::squeeze_", "aten::unsqueeze_", "aten::t_", "aten::transpose_", "aten::swapdims_",
-      "aten::swapaxes_"};
+      "aten::set_",       "aten::resize_", "aten::resize_as_", "aten::as_strided_", "aten::detach_",  "aten::squeeze_",
+      "aten::unsqueeze_", "aten::t_",      "aten::transpose_", "aten::swapdims_",   "aten::swapaxes_"};
   return ops.count(name.name) != 0;
 }
 
@@ -210,7 +204,8 @@ void skip_write(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
         source = i;
       }
     }
-    TORCH_CHECK(source < args.size(), "tensormap: ", op.operator_name(), " writes a tensor of a skeleton "
+    TORCH_CHECK(source < args.size(), "tensormap: ", op.operator_name(),
+                " writes a tensor of a skeleton "
                 "(inside a skeleton scope) and also returns a new value, which cannot exist before a checkpoint is "
                 "loaded; call it outside the scope or after loading");
     results.push_back((*stack)[first + source]);
@@ -269,10 +264,13 @@ void follow_on_meta(const c10::OperatorHandle& op, torch::jit::Stack* stack, con
     const auto* torch_error = dynamic_cast<const c10::Error*>(&e);
     std::string what = torch_error ? torch_error->what_without_backtrace() : e.what();
     what = what.substr(0, std::min(what.find('\n'), what.find(". ")));  // LibTorch's first sentence
-    TORCH_CHECK(false, "tensormap: ", op.operator_name(), " was called inside a skeleton scope on a tensor of "
-                "the skeleton (", shape_of(released), "), whose values do not exist until a checkpoint is "
-                "loaded, and the skeleton cannot follow it on the meta device (", what,
-                "). Compute this value outside the scope or after loading");
+    TORCH_CHECK(false, "tensormap: ", op.operator_name(),
+                " was called inside a skeleton scope on a tensor of "
+                "the skeleton (",
+                shape_of(released),
+                "), whose values do not exist until a checkpoint is "
+                "loaded, and the skeleton cannot follow it on the meta device (",
+                what, "). Compute this value outside the scope or after loading");
   }
   torch::jit::drop(*stack, n);
   for (const c10::IValue& v : meta) torch::jit::push(*stack, from_meta(v));
@@ -335,7 +333,8 @@ void on_private_use(const c10::OperatorHandle& op, c10::DispatchKeySet keys, tor
     TORCH_CHECK(is_parameter(t) || t.storage().use_count() == 1, "tensormap: ", op.operator_name(),
                 " was called inside a skeleton scope to write values computed from a tensor of the skeleton (",
                 shape_of(read_released.defined() ? read_released : t), ") into part of a tensor that is not one (",
-                shape_of(t), "); those values do not exist until a checkpoint is loaded. Compute it outside the "
+                shape_of(t),
+                "); those values do not exist until a checkpoint is loaded. Compute it outside the "
                 "scope or after loading");
     release_in_place(t, nullptr);
   });
@@ -348,8 +347,7 @@ void on_private_use(const c10::OperatorHandle& op, c10::DispatchKeySet keys, tor
 // LibTorch's C++ Module::to), a floating-point dtype applies to floating-point and complex
 // tensors only; bool and integer buffers keep theirs, as checkpoints hold them. Any
 // other tensor goes to the real kernel.
-void released_to_copy(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
-                      torch::jit::Stack* stack) {
+void released_to_copy(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   const auto& args = op.schema().arguments();
   const size_t first = stack->size() - args.size();
   const at::Tensor self = (*stack)[first].toTensor();
@@ -361,8 +359,7 @@ void released_to_copy(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
     for (size_t i = 0; i < args.size(); ++i) {
       if (args[i].name() == name) return (*stack)[first + i];
     }
-    TORCH_CHECK(false, "tensormap: aten::_to_copy has no argument '", name, "' in LibTorch ",
-                TORCH_VERSION);
+    TORCH_CHECK(false, "tensormap: aten::_to_copy has no argument '", name, "' in LibTorch ", TORCH_VERSION);
   };
   const c10::IValue& dtype_arg = argument("dtype");
   const c10::IValue& device_arg = argument("device");
@@ -370,8 +367,11 @@ void released_to_copy(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
   const c10::IValue& format_arg = argument("memory_format");
   if (!device_arg.isNone()) {
     const c10::Device device = device_arg.toDevice();
-    TORCH_CHECK(device.is_cpu(), "tensormap: a released tensor (a skeleton's parameter) can "
-                "only be moved to the CPU, not to ", device, "; load the checkpoint first, then "
+    TORCH_CHECK(device.is_cpu(),
+                "tensormap: a released tensor (a skeleton's parameter) can "
+                "only be moved to the CPU, not to ",
+                device,
+                "; load the checkpoint first, then "
                 "move the model");
   }
   TORCH_CHECK(layout_arg.isNone() || layout_arg.toLayout() == at::kStrided,
@@ -454,18 +454,20 @@ void detail::rethrow_skeleton_failure() {
     std::rethrow_exception(current);
   } catch (const c10::Error& e) {
     what = e.what_without_backtrace();
-  } catch (...) {
-  }
+  } catch (...) {}
   std::ifstream mode_file("/proc/sys/vm/overcommit_memory");
   int mode = 0;
   if (what.find("can't allocate memory") == std::string::npos || !(mode_file >> mode) || mode != 2) {
     std::rethrow_exception(current);
   }
-  throw Error(ErrorKind::Io,
-              "build_skeleton: the system accounts memory strictly (vm.overcommit_memory = 2), so the tensors the "
-              "model's constructor allocates are charged in full although a skeleton never touches them, and the "
-              "allocator was refused (" + what.substr(0, what.find('\n')) + "). A model larger than the commit "
-              "limit (CommitLimit in /proc/meminfo) cannot be built here: use vm.overcommit_memory 0 or 1, or add swap");
+  throw Error(
+      ErrorKind::Io,
+      "build_skeleton: the system accounts memory strictly (vm.overcommit_memory = 2), so the tensors the "
+      "model's constructor allocates are charged in full although a skeleton never touches them, and the "
+      "allocator was refused (" +
+          what.substr(0, what.find('\n')) +
+          "). A model larger than the commit "
+          "limit (CommitLimit in /proc/meminfo) cannot be built here: use vm.overcommit_memory 0 or 1, or add swap");
 }
 
 void release(const at::Tensor& t) {
@@ -511,12 +513,11 @@ bool reset_as_torch_nn(torch::nn::Module& m) {
     mha->_reset_parameters();
     return true;
   }
-  return reset_if<LinearImpl>(m) || reset_if<BilinearImpl>(m) || reset_if<Conv1dImpl>(m) ||
-         reset_if<Conv2dImpl>(m) || reset_if<Conv3dImpl>(m) || reset_if<ConvTranspose1dImpl>(m) ||
-         reset_if<ConvTranspose2dImpl>(m) || reset_if<ConvTranspose3dImpl>(m) ||
-         reset_if<EmbeddingImpl>(m) || reset_if<EmbeddingBagImpl>(m) || reset_if<LayerNormImpl>(m) ||
-         reset_if<GroupNormImpl>(m) || reset_if<BatchNorm1dImpl>(m) || reset_if<BatchNorm2dImpl>(m) ||
-         reset_if<BatchNorm3dImpl>(m) || reset_if<InstanceNorm1dImpl>(m) ||
+  return reset_if<LinearImpl>(m) || reset_if<BilinearImpl>(m) || reset_if<Conv1dImpl>(m) || reset_if<Conv2dImpl>(m) ||
+         reset_if<Conv3dImpl>(m) || reset_if<ConvTranspose1dImpl>(m) || reset_if<ConvTranspose2dImpl>(m) ||
+         reset_if<ConvTranspose3dImpl>(m) || reset_if<EmbeddingImpl>(m) || reset_if<EmbeddingBagImpl>(m) ||
+         reset_if<LayerNormImpl>(m) || reset_if<GroupNormImpl>(m) || reset_if<BatchNorm1dImpl>(m) ||
+         reset_if<BatchNorm2dImpl>(m) || reset_if<BatchNorm3dImpl>(m) || reset_if<InstanceNorm1dImpl>(m) ||
          reset_if<InstanceNorm2dImpl>(m) || reset_if<InstanceNorm3dImpl>(m) || reset_if<RNNImpl>(m) ||
          reset_if<LSTMImpl>(m) || reset_if<GRUImpl>(m);
 }
@@ -608,10 +609,8 @@ namespace detail {
 
 const std::vector<const char*>& explicitly_checked_ops() {
   static const std::vector<const char*> ops = {
-      "clone",        "copy_",     "_to_copy",     "detach",       "alias",
-      "t",            "transpose.int", "select.int", "slice.Tensor", "expand",
-      "unsqueeze",    "squeeze",   "permute",      "embedding",    "unbind.int",
-      "split.Tensor"};
+      "clone",        "copy_",  "_to_copy",  "detach",  "alias",   "t",         "transpose.int", "select.int",
+      "slice.Tensor", "expand", "unsqueeze", "squeeze", "permute", "embedding", "unbind.int",    "split.Tensor"};
   return ops;
 }
 

@@ -27,7 +27,8 @@ at::Tensor region_view(const File& file, const TensorEntry& e, uint64_t offset, 
   }
   std::shared_ptr<void> region = file.map_region(e, offset, bytes);
   void* data = region.get();
-  return at::from_blob(data, sizes, [region](void*) mutable { region.reset(); }, options);
+  return at::from_blob(
+      data, sizes, [region](void*) mutable { region.reset(); }, options);
 }
 
 // Elements [start, start + length) along `dim` of a file's tensor: a zero-copy view when
@@ -35,8 +36,8 @@ at::Tensor region_view(const File& file, const TensorEntry& e, uint64_t offset, 
 // always for dim 0), in the whole file's mapping or one of its own; otherwise a new
 // tensor filled row by row with pread (into memory faulted in ahead, in one system call),
 // so that only the needed bytes are read and nothing else of the file enters this process.
-at::Tensor slice_of(const Checkpoint& c, std::string_view name, const File& file, const TensorEntry& e,
-                    int64_t dim, int64_t start, int64_t length, ViewMapping mapping) {
+at::Tensor slice_of(const Checkpoint& c, std::string_view name, const File& file, const TensorEntry& e, int64_t dim,
+                    int64_t start, int64_t length, ViewMapping mapping) {
   std::vector<int64_t> sizes = detail::sizes_of(e);
   uint64_t outer = 1, inner = dtype_size(e.dtype);
   for (int64_t d = 0; d < dim; ++d) outer *= static_cast<uint64_t>(sizes[static_cast<size_t>(d)]);
@@ -75,8 +76,8 @@ at::Tensor StateDict::at(std::string_view name, ViewMapping mapping) const {
     return copy;
   }
   auto* owner = new std::shared_ptr<const void>(p.owner);
-  at::DataPtr data(p.storage, owner, [](void* ctx) { delete static_cast<std::shared_ptr<const void>*>(ctx); },
-                   at::Device(at::kCPU));
+  at::DataPtr data(
+      p.storage, owner, [](void* ctx) { delete static_cast<std::shared_ptr<const void>*>(ctx); }, at::Device(at::kCPU));
   c10::Storage storage(c10::Storage::use_byte_size_t(), static_cast<size_t>(p.storage_bytes), std::move(data),
                        /*allocator=*/nullptr, /*resizable=*/false);
   at::Tensor out = at::empty({0}, options);

@@ -14,8 +14,7 @@ namespace {
 
 // A view of the entry's bytes; a copy where they are not aligned to the element size
 // (possible in safetensors files), so that no misaligned typed pointer is ever made.
-at::Tensor view_as(const File& file, const TensorEntry& entry, c10::ScalarType type,
-                   at::IntArrayRef sizes) {
+at::Tensor view_as(const File& file, const TensorEntry& entry, c10::ScalarType type, at::IntArrayRef sizes) {
   const auto options = at::TensorOptions().dtype(type).device(at::kCPU);
   void* data = file.cow_data(entry);
   if (reinterpret_cast<uintptr_t>(data) % c10::elementSize(type) != 0) {
@@ -24,7 +23,8 @@ at::Tensor view_as(const File& file, const TensorEntry& entry, c10::ScalarType t
     return copy;
   }
   auto owner = file.keep_alive();
-  return at::from_blob(data, sizes, [owner](void*) mutable { owner.reset(); }, options);
+  return at::from_blob(
+      data, sizes, [owner](void*) mutable { owner.reset(); }, options);
 }
 
 }  // namespace
@@ -38,9 +38,9 @@ std::vector<int64_t> sizes_of(const TensorEntry& entry) {
 
 c10::ScalarType scalar_type_or_throw(Dtype dtype, const std::string& path, std::string_view name) {
   if (auto type = to_scalar_type(dtype)) return *type;
-  throw Error(ErrorKind::UnsupportedDtype, path + ": tensor " + quoted_name(name) + " has dtype " +
-                                               std::string(dtype_name(dtype)) + ", which LibTorch " TORCH_VERSION
-                                               " cannot represent; read its raw bytes instead");
+  throw Error(ErrorKind::UnsupportedDtype,
+              path + ": tensor " + quoted_name(name) + " has dtype " + std::string(dtype_name(dtype)) +
+                  ", which LibTorch " TORCH_VERSION " cannot represent; read its raw bytes instead");
 }
 
 }  // namespace detail
@@ -85,12 +85,11 @@ Dtype from_scalar_type(c10::ScalarType type) {
 }
 
 at::Tensor tensor_view(const File& file, const TensorEntry& entry) {
-  return view_as(file, entry, detail::scalar_type_or_throw(entry.dtype, file.path(), entry.name), detail::sizes_of(entry));
+  return view_as(file, entry, detail::scalar_type_or_throw(entry.dtype, file.path(), entry.name),
+                 detail::sizes_of(entry));
 }
 
-at::Tensor tensor_copy(const File& file, const TensorEntry& entry) {
-  return tensor_view(file, entry).clone();
-}
+at::Tensor tensor_copy(const File& file, const TensorEntry& entry) { return tensor_view(file, entry).clone(); }
 
 at::Tensor raw_bytes_view(const File& file, const TensorEntry& entry) {
   return view_as(file, entry, at::kByte, {static_cast<int64_t>(entry.byte_length)});

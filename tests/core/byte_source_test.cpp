@@ -10,10 +10,10 @@
 #include <vector>
 
 #include "../../src/core/io/byte_source.h"
-#include "../../src/core/write/file_writer.h"
 #include "../../src/core/io/mapping.h"
 #include "../../src/core/source.h"
 #include "../../src/core/torch_save/zip.h"
+#include "../../src/core/write/file_writer.h"
 #include "support.h"
 #include "tensormap/core.h"
 
@@ -161,9 +161,8 @@ TEST(OutputSeam, AFullDiskAtAnyWriteAbandonsTheWriterAndPublishesNothing) {
   int failures = 0;
   for (uint64_t budget = 0; budget < 8000; budget += 501) {
     Recorded record;
-    detail::FileWriterCore writer("mem://model.tmap", specs, {}, [&] {
-      return std::make_unique<FillingOutput>(budget, record);
-    });
+    detail::FileWriterCore writer("mem://model.tmap", specs, {},
+                                  [&] { return std::make_unique<FillingOutput>(budget, record); });
     try {
       for (const auto& bytes : data) writer.write(bytes.data(), bytes.size());
       writer.commit();

@@ -9,8 +9,8 @@
 #include <vector>
 
 #include "../../src/core/io/mapping.h"
-#include "../../src/core/torch_save/torch_pickle.h"
 #include "../../src/core/io/posix_io.h"
+#include "../../src/core/torch_save/torch_pickle.h"
 #include "../../src/core/torch_save/zip.h"
 #include "support.h"
 #include "tensormap/core.h"
@@ -75,7 +75,8 @@ TEST(Detection, EachFormatIsRecognisedByContentNotName) {
   }
   WriterOptions sharded;
   sharded.shard_size = 8;
-  const auto writer = open_writer(dir.file("m.tmap.index.json"), {{"a", Dtype::F32, {2}}, {"b", Dtype::F32, {2}}}, sharded);
+  const auto writer =
+      open_writer(dir.file("m.tmap.index.json"), {{"a", Dtype::F32, {2}}, {"b", Dtype::F32, {2}}}, sharded);
   writer->write_tensor(values, 8);
   writer->write_tensor(values + 2, 8);
   writer->commit();
@@ -304,8 +305,7 @@ TEST(TorchSave, ArchivesThatLieAboutTheirRecordsAreRefused) {
         std::vector<unsigned char> out(c.info(name).byte_length);
         c.read(name, out.data());
       }
-    } catch (const Error&) {
-    }
+    } catch (const Error&) {}
   }
 }
 
@@ -356,9 +356,13 @@ void write_archive(const std::string& path, const std::string& pickle) {
 // attributes. Each object reads as that dict; nothing of the class is looked up or run.
 TEST(TorchSave, TorchScriptObjectsReadAsTheirAttributesAndHostileOnesAreRefused) {
   using namespace std::string_literals;
-  const std::string tensor =  // _rebuild_tensor_v2(('storage', FloatStorage, '0', 'cpu', 2), 0, (2,), (1,), False, OrderedDict())
-      "ctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x00" "0"
-      "X\x03\x00\x00\x00" "cpuK\x02tQK\x00K\x02\x85K\x01\x85\x89" "ccollections\nOrderedDict\n)RtR"s;
+  const std::string
+      tensor =  // _rebuild_tensor_v2(('storage', FloatStorage, '0', 'cpu', 2), 0, (2,), (1,), False, OrderedDict())
+      "ctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x00"
+      "0"
+      "X\x03\x00\x00\x00"
+      "cpuK\x02tQK\x00K\x02\x85K\x01\x85\x89"
+      "ccollections\nOrderedDict\n)RtR"s;
   auto object = [](const std::string& cls, const std::string& attributes) {
     return "c" + cls + "\nModule\n)\x81}(" + attributes + "ub";
   };
@@ -379,16 +383,30 @@ TEST(TorchSave, TorchScriptObjectsReadAsTheirAttributesAndHostileOnesAreRefused)
   const std::string cls = "c__torch__\nModule\n)\x81"s;
   std::vector<std::pair<std::string, std::string>> hostile = {
       {"built twice", cls + "}b}b."},
-      {"a state that is not a dict", cls + "K\x01" "b."},
-      {"itself as its state", cls + "q\x00h\x00" "b."s},
-      {"an object holding itself", cls + "q\x00}(X\x01\x00\x00\x00" "ah\x00" "ub."s},
-      {"another class is never built", "cbuiltins\neval\n)\x81}(X\x01\x00\x00\x00" "a"s + tensor + "ub."},
+      {"a state that is not a dict", cls + "K\x01"
+                                           "b."},
+      {"itself as its state", cls + "q\x00h\x00"
+                                    "b."s},
+      {"an object holding itself", cls + "q\x00}(X\x01\x00\x00\x00"
+                                         "ah\x00"
+                                         "ub."s},
+      {"another class is never built",
+       "cbuiltins\neval\n)\x81}(X\x01\x00\x00\x00"
+       "a"s +
+           tensor + "ub."},
   };
   // 64 dicts, each holding the next twice (through the memo): 2^64 paths to one tensor,
   // refused after a bounded number of visits instead of walked for ever.
-  std::string laughs = tensor + "q\x00" "0"s;  // memo 0: the tensor, popped
+  std::string laughs = tensor +
+                       "q\x00"
+                       "0"s;                  // memo 0: the tensor, popped
   for (int level = 0; level < 63; ++level) {  // memo 0: a dict holding memo 0 twice, popped
-    laughs += "}(X\x01\x00\x00\x00" "ah\x00X\x01\x00\x00\x00" "bh\x00" "uq\x00" "0"s;
+    laughs +=
+        "}(X\x01\x00\x00\x00"
+        "ah\x00X\x01\x00\x00\x00"
+        "bh\x00"
+        "uq\x00"
+        "0"s;
   }
   hostile.emplace_back("a dict of 2^63 paths", laughs + "h\x00."s);
   for (const auto& [what, body] : hostile) {
@@ -417,8 +435,7 @@ TEST(TorchSave, InputsThatOnceCrashedTheUnpicklerAreRefusedCleanly) {
     auto check = [](const std::string&, uint64_t size) {
       if (size > (1 << 16)) throw Error(ErrorKind::UnsupportedArchive, "too large");
     };
-    EXPECT_THROW(detail::unpickle(bytes.data(), bytes.size(), check, entry.path().string()), Error)
-        << entry.path();
+    EXPECT_THROW(detail::unpickle(bytes.data(), bytes.size(), check, entry.path().string()), Error) << entry.path();
     ++seen;
   }
   EXPECT_GE(seen, 1);
@@ -439,7 +456,12 @@ TEST(TorchSave, HostilePicklesAreBoundedByTheirSize) {
     return detail::unpickle(reinterpret_cast<const unsigned char*>(p.data()), p.size(), no_storage, "h.pt");
   };
   // Shared values: None, booleans, small integers, the empty tuple.
-  for (const std::string body : {"N0", "\x88" "0", "K\x07" "0", ")0"}) {
+  for (const std::string body : {"N0",
+                                 "\x88"
+                                 "0",
+                                 "K\x07"
+                                 "0",
+                                 ")0"}) {
     const auto document = unpickled(pickle(body, 1'000'000));
     EXPECT_EQ(document->size(), 1u) << body;  // the root dict alone
   }
@@ -472,9 +494,9 @@ TEST(DtypeConversion, FloatsRoundToNearestEvenAsLibTorchDoes) {
   EXPECT_EQ(f32_to(Dtype::F16, 65519.0f), 0x7BFF);  // below the halfway point to 65536
   EXPECT_EQ(f32_to(Dtype::F16, 65520.0f), 0x7C00);  // halfway: to even, infinity
   EXPECT_EQ(f32_to(Dtype::F16, -INFINITY), 0xFC00);
-  EXPECT_EQ(f32_to(Dtype::F16, std::ldexp(1.0f, -24)), 0x0001);  // least subnormal
-  EXPECT_EQ(f32_to(Dtype::F16, std::ldexp(1.0f, -25)), 0x0000);  // halfway: to even, zero
-  EXPECT_EQ(f32_to(Dtype::F16, std::ldexp(3.0f, -25)), 0x0002);  // 1.5 ulp: to even, 2
+  EXPECT_EQ(f32_to(Dtype::F16, std::ldexp(1.0f, -24)), 0x0001);         // least subnormal
+  EXPECT_EQ(f32_to(Dtype::F16, std::ldexp(1.0f, -25)), 0x0000);         // halfway: to even, zero
+  EXPECT_EQ(f32_to(Dtype::F16, std::ldexp(3.0f, -25)), 0x0002);         // 1.5 ulp: to even, 2
   EXPECT_EQ(f32_to(Dtype::F16, 1.0f + std::ldexp(1.0f, -11)), 0x3C00);  // halfway: to even
   EXPECT_EQ(f32_to(Dtype::F16, 1.0f + std::ldexp(3.0f, -11)), 0x3C02);
   EXPECT_EQ(f32_to(Dtype::F16, NAN) & 0x7E00, 0x7E00);
@@ -517,11 +539,18 @@ TEST(DtypeConversion, EveryRealDtypeWidensToDouble) {
 
 TEST(Printable, CleanTextIsUnchangedAndEverythingThatDrivesATerminalIsEscaped) {
   EXPECT_EQ(printable("layers.0.attn.weight"), "layers.0.attn.weight");
-  EXPECT_EQ(printable("caf\xc3\xa9 \xe6\xa8\xa1\xe5\x9e\x8b"), "caf\xc3\xa9 \xe6\xa8\xa1\xe5\x9e\x8b") << "readable UTF-8 stays";
+  EXPECT_EQ(printable("caf\xc3\xa9 \xe6\xa8\xa1\xe5\x9e\x8b"), "caf\xc3\xa9 \xe6\xa8\xa1\xe5\x9e\x8b")
+      << "readable UTF-8 stays";
   EXPECT_EQ(printable("a\x1b[31mRED\nfake\x07"), "a\\x1b[31mRED\\x0afake\\x07");
   EXPECT_EQ(printable("\x7f"), "\\x7f");
-  EXPECT_EQ(printable("\xc2\x9b" "2J"), "\\xc2\\x9b2J") << "C1 CSI, which some terminals obey";
-  EXPECT_EQ(printable("a\xe2\x80\xae" "b"), "a\\xe2\\x80\\xaeb") << "a bidirectional override";
+  EXPECT_EQ(printable("\xc2\x9b"
+                      "2J"),
+            "\\xc2\\x9b2J")
+      << "C1 CSI, which some terminals obey";
+  EXPECT_EQ(printable("a\xe2\x80\xae"
+                      "b"),
+            "a\\xe2\\x80\\xaeb")
+      << "a bidirectional override";
   EXPECT_EQ(printable("\xe2\x80\xa8"), "\\xe2\\x80\\xa8") << "a line separator";
   EXPECT_EQ(printable("x\xff\xc3\xa9"), "x\\xff\\xc3\\xa9") << "not UTF-8: every high byte";
   EXPECT_EQ(printable("a\\x1b"), "a\\\\x1b") << "a backslash is doubled, so escapes are unambiguous";

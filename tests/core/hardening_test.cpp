@@ -19,9 +19,9 @@
 namespace tensormap {
 namespace {
 
+using testing::kSanitized;
 using testing::read_bytes;
 using testing::TempDir;
-using testing::kSanitized;
 using testing::write_pattern_file;
 
 // A 1 MiB tmpfs mounted over a scratch directory, unmounted when the object dies. Needs
@@ -29,8 +29,7 @@ using testing::write_pattern_file;
 class SmallTmpfs {
  public:
   SmallTmpfs() {
-    if (::mount("tensormap-test", dir_.path().c_str(), "tmpfs", MS_NOSUID | MS_NODEV,
-                "size=1m,mode=0700") == 0) {
+    if (::mount("tensormap-test", dir_.path().c_str(), "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0700") == 0) {
       mounted_ = true;
     } else {
       why_ = std::strerror(errno);
@@ -181,16 +180,15 @@ TEST(TinyEntries, TwoMillionTensorsOpenInBoundedTimeAndMemory) {
   ASSERT_TRUE(cost.ok) << "open failed or the last name was not found";
   RecordProperty("open_cpu_seconds", std::to_string(cost.cpu_seconds));
   RecordProperty("peak_delta_mib", std::to_string(cost.peak_delta >> 20));
-  std::printf("2M entries: header %.1f MiB, open %.3f s CPU (%.3f s wall), VmHWM +%.1f MiB, "
-              "held %.1f MiB\n",
-              header / 1048576.0, cost.cpu_seconds, cost.seconds, cost.peak_delta / 1048576.0,
-              cost.held / 1048576.0);
+  std::printf(
+      "2M entries: header %.1f MiB, open %.3f s CPU (%.3f s wall), VmHWM +%.1f MiB, "
+      "held %.1f MiB\n",
+      header / 1048576.0, cost.cpu_seconds, cost.seconds, cost.peak_delta / 1048576.0, cost.held / 1048576.0);
   const double time_bound = kCount * 2e-6 * (kSanitized ? 10 : 1);
   EXPECT_LT(cost.cpu_seconds, time_bound) << "open took " << cost.cpu_seconds << " s of CPU";
   if (!kSanitized) {  // ASan's allocator redzones distort the figures
     EXPECT_LT(cost.held, kCount * 192) << "index holds " << cost.held << " bytes";
-    EXPECT_LT(cost.peak_delta, kCount * 192 + header + (16u << 20))
-        << "peak grew by " << cost.peak_delta << " bytes";
+    EXPECT_LT(cost.peak_delta, kCount * 192 + header + (16u << 20)) << "peak grew by " << cost.peak_delta << " bytes";
   }
 }
 
@@ -209,10 +207,10 @@ TEST(TinyEntries, OneMillionSafetensorsEntriesOpenInBoundedTimeAndMemory) {
   const uint64_t header = File::open(path).header_size();
   const OpenCost cost = measure_open_in_child(path, "t999999");
   ASSERT_TRUE(cost.ok) << "open failed or the last name was not found";
-  std::printf("1M safetensors entries: header %.1f MiB, open %.3f s CPU (%.3f s wall), "
-              "VmHWM +%.1f MiB, held %.1f MiB\n",
-              header / 1048576.0, cost.cpu_seconds, cost.seconds, cost.peak_delta / 1048576.0,
-              cost.held / 1048576.0);
+  std::printf(
+      "1M safetensors entries: header %.1f MiB, open %.3f s CPU (%.3f s wall), "
+      "VmHWM +%.1f MiB, held %.1f MiB\n",
+      header / 1048576.0, cost.cpu_seconds, cost.seconds, cost.peak_delta / 1048576.0, cost.held / 1048576.0);
   const double time_bound = kCount * 4e-6 * (kSanitized ? 10 : 1);
   EXPECT_LT(cost.cpu_seconds, time_bound) << "open took " << cost.cpu_seconds << " s of CPU";
   if (!kSanitized) {

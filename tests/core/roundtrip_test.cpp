@@ -84,8 +84,7 @@ TEST(RoundTrip, ZeroSizedTensorsTakeNoSpace) {
   const std::string path = dir.file("empty.tmap");
   const uint32_t x = 0xDEADBEEF;
   {
-    Writer w(path, {{"a", Dtype::F32, {0}}, {"b", Dtype::I64, {4, 0, 3}}, {"c", Dtype::U32, {1}}},
-             {});
+    Writer w(path, {{"a", Dtype::F32, {0}}, {"b", Dtype::I64, {4, 0, 3}}, {"c", Dtype::U32, {1}}}, {});
     EXPECT_EQ(w.current_tensor(), 2u) << "empty tensors are passed over";
     w.write_tensor(&x, sizeof x);
     w.commit();
@@ -211,7 +210,7 @@ TEST(RoundTrip, SpecExampleHasTheDocumentedLayout) {
   }
   const auto b = read_bytes(path);
   ASSERT_EQ(b.size(), 192u);
-  EXPECT_EQ(get<uint64_t>(b, 16), 120u);  // H
+  EXPECT_EQ(get<uint64_t>(b, 16), 120u);      // H
   EXPECT_EQ(get<uint64_t>(b, 48 + 8), 128u);  // offset of w
   const unsigned char tensor[8] = {0x00, 0x00, 0x80, 0x3F, 0x00, 0x00, 0x00, 0x40};
   EXPECT_EQ(std::memcmp(b.data() + 128, tensor, 8), 0);
@@ -292,7 +291,8 @@ TEST(RoundTrip, MapRegionMapsARangeOnItsOwn) {
     const File f = File::open(path);
     const TensorEntry& a = f.at("a");
     const auto* whole = reinterpret_cast<const unsigned char*>(f.bytes(a).data);
-    for (auto [offset, size] : std::vector<std::pair<uint64_t, uint64_t>>{{0, 10000}, {4095, 2}, {5000, 0}, {9999, 1}}) {
+    for (auto [offset, size] :
+         std::vector<std::pair<uint64_t, uint64_t>>{{0, 10000}, {4095, 2}, {5000, 0}, {9999, 1}}) {
       const std::shared_ptr<void> r = f.map_region(a, offset, size);
       const auto* bytes = static_cast<const unsigned char*>(r.get());
       if (size) {

@@ -111,27 +111,27 @@ TEST(SafetensorsRules, Rule4_HeaderNotUtf8IsHeaderNotUtf8) {
 
 TEST(SafetensorsRules, Rule5_EverythingThatIsNotTheSafetensorsShapeIsBadJson) {
   const char* headers[] = {
-      "{",                                                               // not JSON
-      "{} []",                                                           // trailing text
-      R"({"a": 1})",                                                     // not an object
-      R"({"a": {"dtype": "F32", "shape": [1]}})",                        // no data_offsets
-      R"({"a": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}})",  // unknown dtype
-      R"({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}})",  // negative dim
+      "{",                                                                   // not JSON
+      "{} []",                                                               // trailing text
+      R"({"a": 1})",                                                         // not an object
+      R"({"a": {"dtype": "F32", "shape": [1]}})",                            // no data_offsets
+      R"({"a": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}})",    // unknown dtype
+      R"({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}})",   // negative dim
       R"({"a": {"dtype": "F32", "shape": [1.5], "data_offsets": [0, 4]}})",  // fraction
-      R"({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0]}})",     // one offset
-      R"({"__metadata__": {"k": 1}})",                                    // metadata not string
+      R"({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0]}})",       // one offset
+      R"({"__metadata__": {"k": 1}})",                                       // metadata not string
       R"({"__metadata__": []})",
       R"({"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
-          "a": {"dtype": "U8", "shape": [1], "data_offsets": [1, 2]}})",   // duplicate name
-      R"({"a": {"dtype": "U8", "dtype": "U8", "shape": [4], "data_offsets": [0, 4]}})",  // field twice
-      R"({"__metadata__": {"k": "v", "k": "w"}})",                       // metadata key twice
-      R"({"__metadata__": {}, "__metadata__": {}})",                     // metadata twice
-      R"({"a": {"dtype": "U8", "shape": [1,1,1,1,1,1,1,1,4], "data_offsets": [0, 4]}})",  // rank 9
-      R"({"a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4, 4]}})",  // three offsets
-      R"({"a": {"dtype": "U8", "shape": [[4]], "data_offsets": [0, 4]}})",   // nested shape
-      R"({"a": {"dtype": ["U8"], "shape": [4], "data_offsets": [0, 4]}})",   // dtype not a string
-      R"({"a": {"dtype": "U8", "shape": 4, "data_offsets": [0, 4]}})",       // shape not an array
-      R"({"a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 18446744073709551616]}})",  // > u64
+          "a": {"dtype": "U8", "shape": [1], "data_offsets": [1, 2]}})",                      // duplicate name
+      R"({"a": {"dtype": "U8", "dtype": "U8", "shape": [4], "data_offsets": [0, 4]}})",       // field twice
+      R"({"__metadata__": {"k": "v", "k": "w"}})",                                            // metadata key twice
+      R"({"__metadata__": {}, "__metadata__": {}})",                                          // metadata twice
+      R"({"a": {"dtype": "U8", "shape": [1,1,1,1,1,1,1,1,4], "data_offsets": [0, 4]}})",      // rank 9
+      R"({"a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4, 4]}})",                   // three offsets
+      R"({"a": {"dtype": "U8", "shape": [[4]], "data_offsets": [0, 4]}})",                    // nested shape
+      R"({"a": {"dtype": ["U8"], "shape": [4], "data_offsets": [0, 4]}})",                    // dtype not a string
+      R"({"a": {"dtype": "U8", "shape": 4, "data_offsets": [0, 4]}})",                        // shape not an array
+      R"({"a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 18446744073709551616]}})",   // > u64
       R"({"a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4], "x": [1, {"y": 2}]},)",  // cut
   };
   for (const char* h : headers) {
@@ -155,7 +155,8 @@ TEST(SafetensorsRules, Rule5_ErrorsNameTheTensorAndWhatIsWrong) {
        "tensor 'w' has a dimension that is not a non-negative integer"},
       {R"({"w": {"dtype": "Q4", "shape": [1], "data_offsets": [0, 4]}})", "tensor 'w' has unknown dtype 'Q4'"},
       {R"({"w": {"shape": [1], "shape": [1]}})", "tensor 'w' has the field 'shape' twice"},
-      {R"({"w": {"dtype": "U8", "shape": [4]}})", "tensor 'w' needs a string dtype, an array shape and two data_offsets"},
+      {R"({"w": {"dtype": "U8", "shape": [4]}})",
+       "tensor 'w' needs a string dtype, an array shape and two data_offsets"},
       {R"({"w": 3})", "tensor 'w' is not an object"},
       {R"({"__metadata__": {"k": 1}})", "metadata value of 'k' is not a string"},
       {R"({"__metadata__": {"k": "v", "k": "v"}})", "metadata key 'k' appears twice"},

@@ -44,8 +44,7 @@ class TempDir {
  public:
   TempDir() {
     std::random_device rd;
-    path_ = fs::temp_directory_path() / ("tensormap-test-" + std::to_string(rd()) + "-" +
-                                         std::to_string(rd()));
+    path_ = fs::temp_directory_path() / ("tensormap-test-" + std::to_string(rd()) + "-" + std::to_string(rd()));
     fs::create_directories(path_);
   }
   ~TempDir() {
@@ -143,8 +142,7 @@ inline std::pair<uint64_t, uint64_t> file_mapping_pss_rss(pid_t pid, const std::
   bool in_file = false;
   uint64_t pss = 0, rss = 0;
   while (std::getline(smaps, line)) {
-    if (!line.empty() && std::isxdigit(static_cast<unsigned char>(line[0])) &&
-        line.find('-') < line.find(' ')) {
+    if (!line.empty() && std::isxdigit(static_cast<unsigned char>(line[0])) && line.find('-') < line.find(' ')) {
       in_file = line.size() >= path.size() && line.compare(line.size() - path.size(), path.size(), path) == 0;
     } else if (in_file && line.rfind("Pss:", 0) == 0) {
       pss += std::stoull(line.substr(4)) * 1024;
@@ -178,7 +176,9 @@ inline bool page_cache_has_huge_folios(const std::string& dir, std::string& why)
     }
     std::vector<char> block(2 << 20, 7);
     bool ok = true;
-    for (int i = 0; i < 4; ++i) ok = ok && ::pwrite(fd, block.data(), block.size(), static_cast<off_t>(i) * (2 << 20)) == static_cast<ssize_t>(block.size());
+    for (int i = 0; i < 4; ++i)
+      ok = ok && ::pwrite(fd, block.data(), block.size(), static_cast<off_t>(i) * (2 << 20)) ==
+                     static_cast<ssize_t>(block.size());
     ::close(fd);
     if (!ok) {
       why = "cannot write " + path;

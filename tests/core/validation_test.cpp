@@ -18,8 +18,7 @@ class Validation : public ::testing::Test {
  protected:
   void SetUp() override {
     path_ = dir_.file("base.tmap");
-    write_pattern_file(path_, {{"a", Dtype::F32, {2}}, {"b", Dtype::U8, {3}}},
-                       {64, {{"k", "v"}}, false});
+    write_pattern_file(path_, {{"a", Dtype::F32, {2}}, {"b", Dtype::U8, {3}}}, {64, {{"k", "v"}}, false});
     bytes_ = read_bytes(path_);
     ASSERT_EQ(bytes_.size(), kSize);
     ASSERT_EQ(get<uint64_t>(bytes_, 16), kH);
@@ -100,8 +99,7 @@ TEST_F(Validation, Rule04_AlignmentThatIsZeroOddSmallOrHugeIsBadAlignment) {
 
 // Rule 5.
 TEST_F(Validation, Rule05_HeaderSizeOutOfRangeOrUnalignedIsBadHeaderSize) {
-  for (uint64_t h : {uint64_t{0}, uint64_t{48}, uint64_t{170}, (uint64_t{1} << 30) + 8,
-                     ~uint64_t{0}}) {
+  for (uint64_t h : {uint64_t{0}, uint64_t{48}, uint64_t{170}, (uint64_t{1} << 30) + 8, ~uint64_t{0}}) {
     put<uint64_t>(bytes_, 16, h);
     EXPECT_EQ(open_patched(false), ErrorKind::BadHeaderSize) << h;
   }
@@ -238,7 +236,7 @@ class ValidationNames : public ::testing::Test {
 };
 
 TEST_F(ValidationNames, Rule14_ValidUtf8NameIsAccepted) {
-  EXPECT_EQ(with_name({0xC3, 0xA9, 'x', 'y'}, kName), std::nullopt);  // "éxy"
+  EXPECT_EQ(with_name({0xC3, 0xA9, 'x', 'y'}, kName), std::nullopt);    // "éxy"
   EXPECT_EQ(with_name({0xF0, 0x9F, 0x98, 0x80}, kName), std::nullopt);  // U+1F600
 }
 
@@ -285,7 +283,8 @@ TEST_F(Validation, Rule15_DimensionOf2To63IsShapeOverflowEvenBesideAZero) {
 TEST_F(Validation, Rule15_AZeroDimensionExcusesNoOverflowInAnyOrder) {
   TempDir dir;
   const std::string path = dir.file("zero.tmap");
-  for (const auto& dims : {std::vector<uint64_t>{0, uint64_t{1} << 62, 4}, std::vector<uint64_t>{uint64_t{1} << 62, 4, 0}}) {
+  for (const auto& dims :
+       {std::vector<uint64_t>{0, uint64_t{1} << 62, 4}, std::vector<uint64_t>{uint64_t{1} << 62, 4, 0}}) {
     write_pattern_file(path, {{"z", Dtype::U8, {0, 1, 1}}}, {64, {}, false});
     auto b = read_bytes(path);
     for (size_t d = 0; d < 3; ++d) put<uint64_t>(b, 48 + 32 + 8 * d, dims[d]);
@@ -344,8 +343,8 @@ class Aliases : public ::testing::Test {
 };
 
 TEST_F(Aliases, AnAliasIsFormat2WithTheAliasesFeatureAndNamesItsTargetsBytes) {
-  EXPECT_EQ(get<uint16_t>(bytes_, 8), 2);     // major
-  EXPECT_EQ(get<uint64_t>(bytes_, 40), 1u);   // features: aliases
+  EXPECT_EQ(get<uint16_t>(bytes_, 8), 2);          // major
+  EXPECT_EQ(get<uint64_t>(bytes_, 40), 1u);        // features: aliases
   EXPECT_EQ(get<uint16_t>(bytes_, kRecT + 6), 1);  // flags: alias
   EXPECT_EQ(get<uint16_t>(bytes_, kRecA + 6), 0);
   const File f = File::open(path_);
@@ -440,8 +439,7 @@ TEST_F(Validation, Rule20_FileEndingInsideATensorIsTruncatedNamingIt) {
   bytes_.resize(196);
   const std::string message = open_message();
   EXPECT_EQ(open_patched(false), ErrorKind::Truncated);
-  EXPECT_NE(message.find("base.tmap: tensor 'a' ends at 200, past the end of the file (196)"),
-            std::string::npos)
+  EXPECT_NE(message.find("base.tmap: tensor 'a' ends at 200, past the end of the file (196)"), std::string::npos)
       << message;
 }
 

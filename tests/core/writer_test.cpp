@@ -9,12 +9,12 @@
 #include <unistd.h>
 
 #include <chrono>
-#include <future>
-#include <thread>
-#include <cstring>
 #include <csignal>
+#include <cstring>
+#include <future>
 #include <random>
 #include <set>
+#include <thread>
 
 #include "../../src/core/io/path_lock.h"
 #include "../../src/core/io/posix_io.h"
@@ -30,8 +30,7 @@ bool named_temporaries() {
   return v != nullptr && v[0] == '1';
 }
 
-std::optional<ErrorKind> construct_error(const std::vector<TensorSpec>& specs,
-                                         WriterOptions options = {}) {
+std::optional<ErrorKind> construct_error(const std::vector<TensorSpec>& specs, WriterOptions options = {}) {
   TempDir dir;
   try {
     Writer w(dir.file("x.tmap"), specs, options);
@@ -50,15 +49,12 @@ TEST(WriterDeclarations, RejectsNamesTheReaderWouldReject) {
 }
 
 TEST(WriterDeclarations, RejectsDuplicateNames) {
-  EXPECT_EQ(construct_error({{"a", Dtype::U8, {1}}, {"a", Dtype::F32, {1}}}),
-            ErrorKind::InvalidArgument);
+  EXPECT_EQ(construct_error({{"a", Dtype::U8, {1}}, {"a", Dtype::F32, {1}}}), ErrorKind::InvalidArgument);
 }
 
 TEST(WriterDeclarations, RejectsRankAboveEightAndOverflowingShapes) {
-  EXPECT_EQ(construct_error({{"a", Dtype::U8, std::vector<uint64_t>(9, 1)}}),
-            ErrorKind::InvalidArgument);
-  EXPECT_EQ(construct_error({{"a", Dtype::F64, {uint64_t{1} << 40, uint64_t{1} << 30}}}),
-            ErrorKind::InvalidArgument);
+  EXPECT_EQ(construct_error({{"a", Dtype::U8, std::vector<uint64_t>(9, 1)}}), ErrorKind::InvalidArgument);
+  EXPECT_EQ(construct_error({{"a", Dtype::F64, {uint64_t{1} << 40, uint64_t{1} << 30}}}), ErrorKind::InvalidArgument);
 }
 
 TEST(WriterDeclarations, RejectsBadAlignments) {
@@ -110,8 +106,8 @@ TEST(WriterDeclarations, AnAliasMustNameAnEarlierNonEmptyTensorOfItsDtypeAndShap
 
 TEST(WriterAliases, TiedTensorsAreStoredOnceInTensormapAndTorchSaveAndReadBackTied) {
   TempDir dir;
-  const std::vector<TensorSpec> specs = {{"emb", Dtype::F32, {256, 64}}, {"mid", Dtype::U8, {3}},
-                                         alias("head", Dtype::F32, {256, 64}, "emb")};
+  const std::vector<TensorSpec> specs = {
+      {"emb", Dtype::F32, {256, 64}}, {"mid", Dtype::U8, {3}}, alias("head", Dtype::F32, {256, 64}, "emb")};
   for (const Format format : {Format::Tensormap, Format::TorchSave}) {
     WriterOptions options;
     options.format = format;
@@ -179,8 +175,7 @@ TEST(WriterBytes, RefusesBytesPastTheCurrentTensor) {
     FAIL();
   } catch (const Error& e) {
     EXPECT_EQ(e.kind(), ErrorKind::InvalidArgument);
-    EXPECT_NE(std::string(e.what()).find("'a' takes 4 more bytes, got 5"), std::string::npos)
-        << e.what();
+    EXPECT_NE(std::string(e.what()).find("'a' takes 4 more bytes, got 5"), std::string::npos) << e.what();
   }
   w.write(data, 4);
   EXPECT_THROW(w.write(data, 1), Error);
@@ -225,8 +220,7 @@ TEST(WriterAtomicity, CommitWithAMissingTensorFailsAndKeepsTheOldFile) {
     FAIL();
   } catch (const Error& e) {
     EXPECT_EQ(e.kind(), ErrorKind::InvalidArgument);
-    EXPECT_NE(std::string(e.what()).find("'more' received 2 of its 4 bytes"), std::string::npos)
-        << e.what();
+    EXPECT_NE(std::string(e.what()).find("'more' received 2 of its 4 bytes"), std::string::npos) << e.what();
   }
   w.abandon();
   EXPECT_EQ(read_bytes(path), before);
@@ -250,8 +244,8 @@ TEST(WriterAtomicity, IoFailureMidwayKeepsTheOldFileAndLeavesNoTemp) {
     ::setrlimit(RLIMIT_FSIZE, &limit);
     std::vector<unsigned char> big(512 * 1024, 7);
     try {
-      Writer w(path, {{"a", Dtype::U8, {big.size()}}, {"b", Dtype::U8, {big.size()}},
-                      {"c", Dtype::U8, {big.size()}}}, {});
+      Writer w(path, {{"a", Dtype::U8, {big.size()}}, {"b", Dtype::U8, {big.size()}}, {"c", Dtype::U8, {big.size()}}},
+               {});
       for (int i = 0; i < 3; ++i) w.write_tensor(big.data(), big.size());
       w.commit();
     } catch (const Error& e) {
@@ -307,8 +301,9 @@ TEST(Editor, AddsReplacesAndRemovesAndKeepsTheOtherTensorsBytesAndChecksums) {
   WriterOptions options;
   options.alignment = 256;
   options.metadata = {{"epoch", "3"}, {"drop", "me"}};
-  write_pattern_file(path, {{"a", Dtype::U8, {100}}, {"b", Dtype::F32, {4, 5}}, {"c", Dtype::I16, {7}},
-                            {"empty", Dtype::F32, {0, 3}}}, options);
+  write_pattern_file(
+      path, {{"a", Dtype::U8, {100}}, {"b", Dtype::F32, {4, 5}}, {"c", Dtype::I16, {7}}, {"empty", Dtype::F32, {0, 3}}},
+      options);
   const File old = File::open(path);
   const auto a_before = tensor_bytes(old, "a"), c_before = tensor_bytes(old, "c");
   const std::string other = dir.file("other.safetensors");
@@ -419,8 +414,7 @@ std::string metadata_of(const std::string& path, const std::string& key) {
     editor.set_metadata(key, "done");
     editor.commit(/*sync=*/false);
     status = 0;
-  } catch (...) {
-  }
+  } catch (...) {}
   ::_exit(status);
 }
 
@@ -645,7 +639,8 @@ TEST(CrashSafety, KillDashNineDuringSavesLeavesTheOldOrTheNewFileWhole) {
     int status = 0;
     ::waitpid(pid, &status, 0);
     const auto now = read_bytes(path);
-    ASSERT_TRUE(now == old_bytes || now == new_bytes) << "trial " << trial << ": a torn file of " << now.size() << " bytes";
+    ASSERT_TRUE(now == old_bytes || now == new_bytes)
+        << "trial " << trial << ": a torn file of " << now.size() << " bytes";
     (now == old_bytes ? saw_old : saw_new)++;
     File::open(path).verify();
   }
@@ -663,11 +658,11 @@ void set_age(const std::string& path, time_t seconds) {
 
 TEST(Temporaries, ASaveRemovesTheTemporariesOfDeadWritersOfItsPathOnly) {
   TempDir dir;
-  const std::string dead = dir.file(".model.tmap.tmp-00000000dead");     // old, unlocked
-  const std::string live = dir.file(".model.tmap.tmp-0000000011fe");     // old, but locked
-  const std::string young = dir.file(".model.tmap.tmp-000000000001");    // unlocked, new
-  const std::string other = dir.file(".other.tmap.tmp-00000000dead");    // another path's
-  const std::string lookalike = dir.file(".model.tmap.tmp-dead");        // not our name
+  const std::string dead = dir.file(".model.tmap.tmp-00000000dead");   // old, unlocked
+  const std::string live = dir.file(".model.tmap.tmp-0000000011fe");   // old, but locked
+  const std::string young = dir.file(".model.tmap.tmp-000000000001");  // unlocked, new
+  const std::string other = dir.file(".other.tmap.tmp-00000000dead");  // another path's
+  const std::string lookalike = dir.file(".model.tmap.tmp-dead");      // not our name
   for (const auto& p : {dead, live, young, other, lookalike}) write_bytes(p, {1, 2, 3});
   for (const auto& p : {dead, live, other, lookalike}) set_age(p, 3600);
   const int held = ::open(live.c_str(), O_RDONLY);
@@ -675,9 +670,9 @@ TEST(Temporaries, ASaveRemovesTheTemporariesOfDeadWritersOfItsPathOnly) {
   ASSERT_EQ(::flock(held, LOCK_EX), 0);  // as a writer still at work holds it
   write_pattern_file(dir.file("model.tmap"), {{"a", Dtype::U8, {4}}});
   ::close(held);
-  EXPECT_EQ(dir.entries(), (std::vector<std::string>{".model.tmap.tmp-000000000001", ".model.tmap.tmp-0000000011fe",
-                                                      ".model.tmap.tmp-dead", ".other.tmap.tmp-00000000dead",
-                                                      "model.tmap"}));
+  EXPECT_EQ(dir.entries(),
+            (std::vector<std::string>{".model.tmap.tmp-000000000001", ".model.tmap.tmp-0000000011fe",
+                                      ".model.tmap.tmp-dead", ".other.tmap.tmp-00000000dead", "model.tmap"}));
 }
 
 TEST(Temporaries, RemoveTemporaryFilesLeavesNoNamedFileAndTheWriterThenFails) {
@@ -890,7 +885,7 @@ TEST(ShardedWriter, ASaveNeverReplacesAShardTheOldIndexNamesAndRemovesTheOldOnes
   const auto second = save_shards(index, 4, 'B');
   EXPECT_EQ(second, (std::vector<std::string>{"model-00001-of-00002.b.tmap", "model-00002-of-00002.b.tmap"}));
   EXPECT_EQ(dir.entries(), (std::vector<std::string>{"model-00001-of-00002.b.tmap", "model-00002-of-00002.b.tmap",
-                                                      "model.tmap.index.json"}));
+                                                     "model.tmap.index.json"}));
   // And back: saves of one shape alternate between the two sets.
   EXPECT_EQ(save_shards(index, 4, 'C'), first);
   // Fewer shards: nothing of the old set stays.
@@ -918,7 +913,8 @@ TEST(CrashSafety, KillDashNineDuringShardedSavesLeavesAWholeOldOrNewCheckpoint) 
   // so that the kills land inside saves rather than always after many of them.
   const auto t0 = std::chrono::steady_clock::now();
   for (int v = 0; v < 3; ++v) save_version(index, v);
-  const auto one_save = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0) / 3;
+  const auto one_save =
+      std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0) / 3;
   save_version(index, 0);
   std::mt19937 rng(11);
   constexpr int kTrials = 60;
@@ -940,7 +936,8 @@ TEST(CrashSafety, KillDashNineDuringShardedSavesLeavesAWholeOldOrNewCheckpoint) 
     }
     ::close(progress[1]);
     int committed = version;
-    for (int k = 0; k < trial % 3; ++k) ASSERT_EQ(::read(progress[0], &committed, sizeof committed), ssize_t{sizeof committed});
+    for (int k = 0; k < trial % 3; ++k)
+      ASSERT_EQ(::read(progress[0], &committed, sizeof committed), ssize_t{sizeof committed});
     ::usleep(std::uniform_int_distribution<unsigned>(0, static_cast<unsigned>(one_save.count()))(rng));
     ::kill(pid, SIGKILL);
     int status = 0;
@@ -1026,12 +1023,13 @@ TEST(WriterBlocks, StagedWritesGiveExactlyTheBytesOfPlainWrites) {
     for (int step = 0; step < 24; ++step) {
       const int kind = static_cast<int>(rng() % 10);
       // Sizes from a byte to several blocks, aligned or not.
-      const uint64_t size = kind < 3 ? 1 + rng() % 4096 : kind < 6 ? 1 + rng() % (3 * kMiB)
-                                                                   : (1 + rng() % 3) * 2 * kMiB;
+      const uint64_t size = kind < 3   ? 1 + rng() % 4096
+                            : kind < 6 ? 1 + rng() % (3 * kMiB)
+                                       : (1 + rng() % 3) * 2 * kMiB;
       uint64_t offset = cursor;
-      if (kind == 6) offset = (cursor + 2 * kMiB - 1) & ~(2 * kMiB - 1);             // aligned
-      if (kind == 7 && !expected.empty()) offset = rng() % expected.size();           // back
-      if (kind == 8) offset = cursor + rng() % (5 * kMiB);                            // a gap
+      if (kind == 6) offset = (cursor + 2 * kMiB - 1) & ~(2 * kMiB - 1);     // aligned
+      if (kind == 7 && !expected.empty()) offset = rng() % expected.size();  // back
+      if (kind == 8) offset = cursor + rng() % (5 * kMiB);                   // a gap
       const uint64_t from = rng() % (source.size() - size);
       if (kind == 9) {
         file.copy_from(source_fd, from, size, offset, "a range");
@@ -1054,8 +1052,7 @@ TEST(WriterBlocks, StagedWritesGiveExactlyTheBytesOfPlainWrites) {
     in.read(reinterpret_cast<char*>(got.data()), static_cast<std::streamsize>(got.size()));
     ASSERT_EQ(got.size(), expected.size()) << "round " << round;
     const auto diff = std::mismatch(got.begin(), got.end(), expected.begin());
-    ASSERT_TRUE(diff.first == got.end()) << "round " << round << ": first wrong byte at "
-                                         << (diff.first - got.begin());
+    ASSERT_TRUE(diff.first == got.end()) << "round " << round << ": first wrong byte at " << (diff.first - got.begin());
   }
   ::close(source_fd);
 }
@@ -1076,7 +1073,8 @@ TEST(HugePages, AWrittenFileMapsIn2MiBPagesAndACopiedOneAfterWarm) {
   {
     Writer w(written, specs, {});
     for (size_t t = 0; t < specs.size(); ++t) {
-      for (uint64_t at = 0; at < kTensor; at += 100 << 10) w.write(bytes.data() + at, std::min<uint64_t>(100 << 10, kTensor - at));
+      for (uint64_t at = 0; at < kTensor; at += 100 << 10)
+        w.write(bytes.data() + at, std::min<uint64_t>(100 << 10, kTensor - at));
     }
     w.commit();
   }

@@ -7,10 +7,9 @@
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   try {
-    const auto index = tensormap::ShardIndex::parse(
-        std::string_view(reinterpret_cast<const char*>(data), size), "/fuzz/model.index.json");
+    const auto index = tensormap::ShardIndex::parse(std::string_view(reinterpret_cast<const char*>(data), size),
+                                                    "/fuzz/model.index.json");
     for (const auto& [name, shard] : index.weight_map()) (void)index.shard_path(shard);
-  } catch (const tensormap::Error&) {
-  }
+  } catch (const tensormap::Error&) {}
   return 0;
 }

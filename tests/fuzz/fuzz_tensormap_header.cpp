@@ -16,7 +16,6 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       if (e.byte_length) sink = copy[e.offset + e.byte_length - 1];  // in bounds by validation
       (void)sink;
     }
-  } catch (const tensormap::Error&) {
-  }
+  } catch (const tensormap::Error&) {}
   return 0;
 }

@@ -12,7 +12,6 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   try {
     const auto document = tensormap::detail::unpickle(data, size, check, "fuzz.pt");
     (void)document;
-  } catch (const tensormap::Error&) {
-  }
+  } catch (const tensormap::Error&) {}
   return 0;
 }

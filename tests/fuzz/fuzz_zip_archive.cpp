@@ -27,7 +27,6 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       buffer.resize(static_cast<size_t>(length));
       source->read(i, buffer.data());
     }
-  } catch (const tensormap::Error&) {
-  }
+  } catch (const tensormap::Error&) {}
   return 0;
 }

@@ -4,16 +4,15 @@
 #include <torch/torch.h>
 #include <torch/version.h>
 
-#include "../core/support.h"
 #include "../../src/torch/released.h"
+#include "../core/support.h"
 #include "tensormap/tensormap.h"
 
 namespace tensormap::testing {
 namespace {
 
 bool inside(const File& f, const void* p) {
-  const auto* base = static_cast<const unsigned char*>(f.cow_data(f.tensors().front())) -
-                     f.tensors().front().offset;
+  const auto* base = static_cast<const unsigned char*>(f.cow_data(f.tensors().front())) - f.tensors().front().offset;
   const auto* q = static_cast<const unsigned char*>(p);
   return q >= base && q < base + f.file_size();
 }
@@ -47,8 +46,8 @@ TEST(TensorView, EveryLibTorchDtypeRoundTripsWithItsShape) {
   torch::manual_seed(1);
   std::vector<std::pair<std::string, at::Tensor>> tensors;
   const auto base = torch::randn({3, 4}, torch::kDouble) * 100;
-  for (auto type : {at::kBool, at::kByte, at::kChar, at::kShort, at::kInt, at::kLong, at::kHalf,
-                    at::kBFloat16, at::kFloat, at::kDouble, at::kComplexFloat, at::kComplexDouble}) {
+  for (auto type : {at::kBool, at::kByte, at::kChar, at::kShort, at::kInt, at::kLong, at::kHalf, at::kBFloat16,
+                    at::kFloat, at::kDouble, at::kComplexFloat, at::kComplexDouble}) {
     tensors.emplace_back(c10::toString(type), base.to(type));
   }
   tensors.emplace_back("scalar", torch::tensor(2.5));
@@ -238,8 +237,7 @@ TEST(Release, ExplicitlyCheckedOperatorsAreNotCompositeImplicit) {
       overload = name.substr(dot + 1);
       name = name.substr(0, dot);
     }
-    const auto handle = c10::Dispatcher::singleton().findSchemaOrThrow(("aten::" + name).c_str(),
-                                                                       overload.c_str());
+    const auto handle = c10::Dispatcher::singleton().findSchemaOrThrow(("aten::" + name).c_str(), overload.c_str());
     EXPECT_FALSE(handle.hasKernelForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd)) << op;
   }
 }
@@ -263,8 +261,7 @@ TEST(Skeleton, InitialisersRunAgainOnceTheScopeEnds) {
   torch::nn::Linear lin(64, 64);
   EXPECT_GT(lin->weight.abs().sum().item<float>(), 1.0f) << "kaiming_uniform_ ran";
   EXPECT_FALSE(torch::equal(torch::rand({1000}), a)) << "the generator advanced";
-  EXPECT_FALSE(c10::impl::tls_local_dispatch_key_set().included_.has_backend(
-      c10::BackendComponent::PrivateUse1Bit))
+  EXPECT_FALSE(c10::impl::tls_local_dispatch_key_set().included_.has_backend(c10::BackendComponent::PrivateUse1Bit))
       << "no PrivateUse1 bit is left behind in the thread-local key set";
 }
 
@@ -492,7 +489,7 @@ TEST(Skeleton, ConvertedToTheCheckpointsDtypeItMapsAndComputesAsTheOriginal) {
   TempDir dir;
   const std::string path = dir.file("half.tmap");
   MaskedNet original;
-  original->to(torch::kDouble);  // LibTorch's own Module::to converts the buffers too,
+  original->to(torch::kDouble);                              // LibTorch's own Module::to converts the buffers too,
   original->mask.set_data(original->mask.to(torch::kBool));  // so give them their dtypes back
   original->norm->num_batches_tracked.set_data(original->norm->num_batches_tracked.to(torch::kLong));
   original->eval();
@@ -739,8 +736,8 @@ TEST(LoadNonStrict, AMissingTensorSaysSoAndMaterializeInitialisesItAsTorchNnWoul
   torch::manual_seed(9);
   std::vector<std::string> done = materialize(*net);
   std::sort(done.begin(), done.end());
-  EXPECT_EQ(done, (std::vector<std::string>{"fc2.bias", "norm.bias", "norm.num_batches_tracked",
-                                            "norm.running_mean", "norm.running_var", "norm.weight"}));
+  EXPECT_EQ(done, (std::vector<std::string>{"fc2.bias", "norm.bias", "norm.num_batches_tracked", "norm.running_mean",
+                                            "norm.running_var", "norm.weight"}));
   for (const auto& item : net->named_parameters()) EXPECT_FALSE(is_released(item.value())) << item.key();
   // Linear's rule: bias uniform in +-1/sqrt(fan_in); BatchNorm's: ones, zeros, fresh stats.
   const at::Tensor& bias = net->fc2->bias;
@@ -796,7 +793,8 @@ TEST(Materialize, ARuleThatReachesIntoAChildLeavesTheChildsLoadedTensorsAlone) {
     trained->out_proj->bias.uniform_(1.0, 2.0);  // torch's own rule would make it 0
   }
   save({{"out_proj.weight", trained->out_proj->weight}, {"out_proj.bias", trained->out_proj->bias}}, path);
-  auto attention = build_skeleton([] { return torch::nn::MultiheadAttention(torch::nn::MultiheadAttentionOptions(8, 2)); });
+  auto attention =
+      build_skeleton([] { return torch::nn::MultiheadAttention(torch::nn::MultiheadAttentionOptions(8, 2)); });
   const File f = File::open(path);
   LoadOptions lenient;
   lenient.strict = false;
@@ -836,7 +834,7 @@ TEST(Edit, PutAndRemoveTensorsOfAFileAModelIsMappedFrom) {
   const auto fc2_bias = mapped->fc2->bias.clone();
   {
     Editor e = Editor::open(path);
-    put(e, "fc2.bias", torch::zeros({4}));  // a temporary: the Editor keeps it alive
+    put(e, "fc2.bias", torch::zeros({4}));                              // a temporary: the Editor keeps it alive
     put(e, "extra", torch::arange(10, torch::kLong).view({2, 5}).t());  // not contiguous
     e.remove("norm.num_batches_tracked");
     EXPECT_THROW(put(e, "x", at::Tensor()), Error) << "an undefined tensor is refused";
@@ -1192,7 +1190,8 @@ TEST(TorchSave, EveryDtypeIsWrittenAndReadBackBitForBit) {
     for (size_t i = 0; i < specs.size(); ++i) {
       std::vector<uint8_t> bytes(w.byte_length(i));
       for (size_t j = 0; j < bytes.size(); ++j) bytes[j] = static_cast<uint8_t>(j * 7 + i);
-      if (specs[i].dtype == Dtype::BOOL) for (auto& b : bytes) b &= 1;
+      if (specs[i].dtype == Dtype::BOOL)
+        for (auto& b : bytes) b &= 1;
       w.write_tensor(bytes.data(), bytes.size());
     }
     w.commit();
@@ -1225,7 +1224,8 @@ TEST(Sharded, AnIndexLoadsLikeOneFileAndMapsShardsOnlyWhenNeeded) {
   const auto state = named_state(*source);
   {
     std::vector<TensorSpec> specs;
-    for (const auto& [name, t] : state) specs.push_back({name, from_scalar_type(t.scalar_type()), {t.sizes().begin(), t.sizes().end()}});
+    for (const auto& [name, t] : state)
+      specs.push_back({name, from_scalar_type(t.scalar_type()), {t.sizes().begin(), t.sizes().end()}});
     WriterOptions options;
     options.format = Format::Safetensors;
     ShardedWriter writer(index, specs, 300, options);  // several shards
@@ -1267,7 +1267,8 @@ TEST(Sharded, ATensorMissingFromItsShardIsAnErrorNamingBoth) {
   } catch (const Error& e) {
     EXPECT_EQ(e.kind(), ErrorKind::ShardIndexInvalid);
     EXPECT_NE(std::string(e.what()).find("tensor 'b' is mapped to shard 'shard-a.tmap', which does not contain it"),
-              std::string::npos) << e.what();
+              std::string::npos)
+        << e.what();
   }
 }
 
@@ -1315,8 +1316,8 @@ class TransformerRoundTrip : public ::testing::TestWithParam<LoadMode> {};
 
 TEST_P(TransformerRoundTrip, OutputsAreBitIdenticalAfterSaveAndLoad) {
   auto make = [] {
-    return torch::nn::TransformerEncoder(torch::nn::TransformerEncoderOptions(
-        torch::nn::TransformerEncoderLayerOptions(64, 4).dim_feedforward(128), 2));
+    return torch::nn::TransformerEncoder(
+        torch::nn::TransformerEncoderOptions(torch::nn::TransformerEncoderLayerOptions(64, 4).dim_feedforward(128), 2));
   };
   torch::manual_seed(7);
   auto original = make();

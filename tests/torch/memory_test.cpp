@@ -4,8 +4,8 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <sys/mman.h>
-#include <unistd.h>
 #include <torch/torch.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cstdio>
@@ -13,8 +13,8 @@
 #include <filesystem>
 #include <fstream>
 
-#include "../core/support.h"
 #include "../../src/core/format/header.h"
+#include "../core/support.h"
 #include "tensormap/tensormap.h"
 
 namespace tensormap::testing {
@@ -368,7 +368,8 @@ TEST(LargerThanMemory, ACheckpoint125PercentOfMemoryOpensVerifiesAndRunsAForward
 
   auto model = build_skeleton([&] {
     torch::nn::Sequential seq;
-    for (int i = 0; i < layers; ++i) seq->push_back(torch::nn::Linear(torch::nn::LinearOptions(kWidth, kWidth).bias(false)));
+    for (int i = 0; i < layers; ++i)
+      seq->push_back(torch::nn::Linear(torch::nn::LinearOptions(kWidth, kWidth).bias(false)));
     return seq;
   });
   const auto before = read_process_memory();
@@ -385,10 +386,11 @@ TEST(LargerThanMemory, ACheckpoint125PercentOfMemoryOpensVerifiesAndRunsAForward
     EXPECT_LT(growth(before.rss_anon, after.rss_anon), 256 * kMiB) << "the weights stay file pages";
   }
   const auto seconds = [](auto a, auto b) { return std::chrono::duration<double>(b - a).count(); };
-  std::printf("%d layers, %.1f GiB (MemTotal %.1f GiB): open + verify %.1f s, load + forward %.1f s, "
-              "RssAnon +%.0f MiB\n", layers, double(file.file_size()) / (1 << 30), double(memory) / (1 << 30),
-              seconds(start, verified), seconds(verified, done),
-              double(growth(before.rss_anon, after.rss_anon)) / kMiB);
+  std::printf(
+      "%d layers, %.1f GiB (MemTotal %.1f GiB): open + verify %.1f s, load + forward %.1f s, "
+      "RssAnon +%.0f MiB\n",
+      layers, double(file.file_size()) / (1 << 30), double(memory) / (1 << 30), seconds(start, verified),
+      seconds(verified, done), double(growth(before.rss_anon, after.rss_anon)) / kMiB);
 }
 
 // After save() and a map-mode load, the weights are mapped with 2 MiB page-table entries

@@ -11,11 +11,11 @@
 #include <sys/mount.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
+#include <torch/torch.h>
+#include <unistd.h>
 #include <torch/csrc/distributed/c10d/FileStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
-#include <torch/torch.h>
-#include <unistd.h>
 
 #include <cmath>
 #include <cstdio>
@@ -52,8 +52,7 @@ torch::nn::ModuleList tp_model(int64_t layers, int64_t d, int64_t h, int64_t wor
   return list;
 }
 
-const std::vector<std::pair<std::string, int64_t>> kSplits = {
-    {"*.up.*", 0}, {"*.down.weight", 1}};
+const std::vector<std::pair<std::string, int64_t>> kSplits = {{"*.up.*", 0}, {"*.down.weight", 1}};
 
 // The tensor `name` of the whole model, cut as rank `rank` of `world` should hold it,
 // computed with torch's own narrow from the full tensor.
@@ -68,8 +67,7 @@ at::Tensor expected_part(const StateDict& full, const std::string& name, int64_t
 }
 
 // Checks every tensor of `model` against the whole checkpoint; "" when all match.
-std::string compare_parts(const torch::nn::Module& model, const StateDict& full, int64_t rank,
-                          int64_t world) {
+std::string compare_parts(const torch::nn::Module& model, const StateDict& full, int64_t rank, int64_t world) {
   std::ostringstream out;
   for (const auto& [name, t] : named_state(model)) {
     if (is_released(t)) {
@@ -109,12 +107,11 @@ uint64_t resident() {
 void warm(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   std::vector<char> buffer(1 << 20);
-  while (in.read(buffer.data(), static_cast<std::streamsize>(buffer.size())) || in.gcount() > 0) {
-  }
+  while (in.read(buffer.data(), static_cast<std::streamsize>(buffer.size())) || in.gcount() > 0) {}
 }
 
-void write_full_model(const std::string& path, int64_t layers, int64_t d, int64_t h,
-                      Format format = Format::Tensormap, bool sync = false) {
+void write_full_model(const std::string& path, int64_t layers, int64_t d, int64_t h, Format format = Format::Tensormap,
+                      bool sync = false) {
   torch::manual_seed(7);
   SaveOptions options;
   options.format = format;
@@ -260,8 +257,7 @@ TEST(ParallelLoad, UnevenSplitsBadRanksAndWrongShapesAreRefusedAndNothingIsLoade
   TempDir dir;
   const std::string path = dir.file("full.tmap");
   write_full_model(path, 1, 16, 64);
-  auto expect_error = [&](const ParallelPlan& plan, int64_t world_of_model, ErrorKind kind,
-                          const std::string& needle) {
+  auto expect_error = [&](const ParallelPlan& plan, int64_t world_of_model, ErrorKind kind, const std::string& needle) {
     auto model = build_skeleton([&] { return tp_model(1, 16, 64, world_of_model); });
     LoadOptions options;
     options.parallel = plan;
@@ -277,7 +273,8 @@ TEST(ParallelLoad, UnevenSplitsBadRanksAndWrongShapesAreRefusedAndNothingIsLoade
   // 64 does not split into 3 equal parts (the model is built for 4, so shapes differ too).
   expect_error({0, 3, kSplits}, 4, ErrorKind::ModelMismatch, "does not split into 3 equal parts");
   expect_error({4, 4, kSplits}, 4, ErrorKind::InvalidArgument, "rank 4 of world size 4");
-  expect_error({0, 2, kSplits}, 4, ErrorKind::ModelMismatch, "shape [16, 16] in the model, [32, 16] expected for rank 0 of 2 (dim 0 of [64, 16] split in 2)");
+  expect_error({0, 2, kSplits}, 4, ErrorKind::ModelMismatch,
+               "shape [16, 16] in the model, [32, 16] expected for rank 0 of 2 (dim 0 of [64, 16] split in 2)");
   expect_error({0, 4, {{"*.up.*", 2}}}, 4, ErrorKind::ModelMismatch, "splits dimension 2");
 }
 
@@ -351,8 +348,8 @@ TEST(ParallelLoad, ARankReadsOnlyItsShareOfTheFile) {
     for (const auto& p : model->parameters()) total_sum += p.sum().item<double>();
     (void)total_sum;
     const auto [after, pages] = cached_pages(path);
-    std::printf("%s: %zu of %zu pages cached after loading rank 1 of 4\n",
-                mode == LoadMode::Map ? "map" : "copy", after, pages);
+    std::printf("%s: %zu of %zu pages cached after loading rank 1 of 4\n", mode == LoadMode::Map ? "map" : "copy",
+                after, pages);
     EXPECT_LT(after, pages / 4 + pages / 10) << "read more than its share";
     EXPECT_GT(after, pages / 4 - pages / 50) << "did not read its share";
   }
@@ -523,8 +520,8 @@ TEST(SharedPages, FourProcessesMappingOneCheckpointHoldOneCopy) {
   (void)!::write(go[1], release, 4);
   for (pid_t pid : children) ::waitpid(pid, nullptr, 0);
   ASSERT_EQ(ok, 4) << "a child failed to load";
-  std::printf("4 processes: total Pss of the mapping %.1f MiB, file %.1f MiB\n",
-              total_pss / 1048576.0, file_size / 1048576.0);
+  std::printf("4 processes: total Pss of the mapping %.1f MiB, file %.1f MiB\n", total_pss / 1048576.0,
+              file_size / 1048576.0);
   EXPECT_LE(static_cast<double>(total_pss), 1.1 * static_cast<double>(file_size));
   for (uint64_t r : rss) EXPECT_GE(static_cast<double>(r), 0.9 * static_cast<double>(file_size - 8192));
 }
@@ -557,8 +554,8 @@ TEST(ParallelLoad, ARankHoldsAQuarterOfTheModelInMapAndCopyMode) {
       load(*model, path, options);
       prefault(*model, 1);
       const uint64_t grown = resident() - before;
-      std::printf("%s: rank 1 of 4 holds %.2f MiB of a %.2f MiB model (%.4f)\n",
-                  mode == LoadMode::Map ? "map" : "copy", grown / 1048576.0, model_bytes / 1048576.0,
+      std::printf("%s: rank 1 of 4 holds %.2f MiB of a %.2f MiB model (%.4f)\n", mode == LoadMode::Map ? "map" : "copy",
+                  grown / 1048576.0, model_bytes / 1048576.0,
                   static_cast<double>(grown) / static_cast<double>(model_bytes));
       if (!compare_parts(*model, StateDict::open(path), 1, 4).empty()) return 2;
       return grown <= model_bytes / 4 + (1u << 20) && grown + (1u << 20) >= model_bytes / 4 ? 0 : 1;
@@ -610,8 +607,8 @@ TEST(ParallelLoad, PastAQuarterOfMaxMapCountPartsShareTheWholeFilesMapping) {
 
 // --- distributed loading over c10d -------------------------------------------------------
 
-c10::intrusive_ptr<c10d::ProcessGroupGloo> gloo_group(const c10::intrusive_ptr<c10d::Store>& store,
-                                                     int rank, int world) {
+c10::intrusive_ptr<c10d::ProcessGroupGloo> gloo_group(const c10::intrusive_ptr<c10d::Store>& store, int rank,
+                                                      int world) {
   auto options = c10d::ProcessGroupGloo::Options::create();
   options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
   options->timeout = std::chrono::seconds(60);
@@ -621,11 +618,10 @@ c10::intrusive_ptr<c10d::ProcessGroupGloo> gloo_group(const c10::intrusive_ptr<c
 #if TENSORMAP_C10D_HAS_BACKEND
 // What a LibTorch 2.x user holds (torch.distributed's default group is one): a
 // ProcessGroup that dispatches CPU work to a Gloo backend.
-c10::intrusive_ptr<c10d::ProcessGroup> wrapped_gloo_group(const c10::intrusive_ptr<c10d::Store>& store,
-                                                           int rank, int world) {
+c10::intrusive_ptr<c10d::ProcessGroup> wrapped_gloo_group(const c10::intrusive_ptr<c10d::Store>& store, int rank,
+                                                          int world) {
   auto group = c10::make_intrusive<c10d::ProcessGroup>(store, rank, world);
-  group->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::GLOO,
-                    gloo_group(store, rank, world));
+  group->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::GLOO, gloo_group(store, rank, world));
   group->setDefaultBackend(c10d::ProcessGroup::BackendType::GLOO);
   return group;
 }
@@ -670,8 +666,8 @@ c10::intrusive_ptr<c10d::Store> tcp_store(uint16_t port, int rank, int world) {
 // Rank body shared by the distributed tests: load this rank's part, then check it against
 // the whole checkpoint (which the test itself reads, after the load).
 template <typename C10dGroup>
-int load_and_check(C10dGroup& group, const std::string& path_for_this_rank,
-                   const std::string& real_path, int source, LoadMode mode) {
+int load_and_check(C10dGroup& group, const std::string& path_for_this_rank, const std::string& real_path, int source,
+                   LoadMode mode) {
   const int rank = group.getRank(), world = group.getSize();
   auto model = build_skeleton([&] { return tp_model(2, 16, 64, world); });
   DistributedLoadOptions options;
@@ -691,10 +687,11 @@ TEST(Distributed, FourRanksReadTheirOwnPartsFromSharedStorageOverAFileStore) {
   const std::string path = dir.file("full.tmap");
   write_full_model(path, 2, 16, 64);
   const std::string store = dir.file("store");
-  EXPECT_EQ(run_children(4, [&](int rank) {
-              auto group = process_group(c10::make_intrusive<c10d::FileStore>(store, 4), rank, 4);
-              return load_and_check(*group, path, path, -1, LoadMode::Map);
-            }),
+  EXPECT_EQ(run_children(4,
+                         [&](int rank) {
+                           auto group = process_group(c10::make_intrusive<c10d::FileStore>(store, 4), rank, 4);
+                           return load_and_check(*group, path, path, -1, LoadMode::Map);
+                         }),
             "");
 }
 
@@ -706,12 +703,13 @@ TEST(Distributed, OnlyRankZeroHasTheFileAndSendsTheOthersTheirPartsOverATcpStore
     const std::string path = dir.file("full.safetensors");
     write_full_model(path, 2, 16, 64, Format::Safetensors);
     const uint16_t port = free_port();
-    EXPECT_EQ(run_children(world, [&](int rank) {
-                auto store = tcp_store(port, rank, world);
-                auto group = gloo_group(store, rank, world);
-                return load_and_check(*group, rank == 0 ? path : dir.file("absent"), path, 0,
-                                      rank == 0 ? LoadMode::Map : LoadMode::Copy);
-              }),
+    EXPECT_EQ(run_children(world,
+                           [&](int rank) {
+                             auto store = tcp_store(port, rank, world);
+                             auto group = gloo_group(store, rank, world);
+                             return load_and_check(*group, rank == 0 ? path : dir.file("absent"), path, 0,
+                                                   rank == 0 ? LoadMode::Map : LoadMode::Copy);
+                           }),
               "")
         << "world " << world;
   }
@@ -736,10 +734,12 @@ TEST(Distributed, PartsAreConvertedToTheModelsDtypeInCopyMode) {
     EXPECT_EQ(compare_parts(*model, StateDict::open(path), rank, 4), "") << "rank " << rank;
   }
   const std::string store = dir.file("store");
-  EXPECT_EQ(run_children(2, [&](int rank) {
-              auto group = gloo_group(c10::make_intrusive<c10d::FileStore>(store, 2), rank, 2);
-              return load_and_check(*group, rank == 0 ? path : dir.file("absent"), path, 0, LoadMode::Copy);
-            }),
+  EXPECT_EQ(run_children(2,
+                         [&](int rank) {
+                           auto group = gloo_group(c10::make_intrusive<c10d::FileStore>(store, 2), rank, 2);
+                           return load_and_check(*group, rank == 0 ? path : dir.file("absent"), path, 0,
+                                                 LoadMode::Copy);
+                         }),
             "");
 }
 
@@ -750,27 +750,28 @@ TEST(Distributed, AMismatchOnOneRankFailsEveryRankWithItsMessage) {
   write_full_model(path, 2, 16, 64);
   for (int source : {-1, 0}) {
     const std::string store = dir.file("store" + std::to_string(source + 1));
-    EXPECT_EQ(run_children(2, [&](int rank) {
-                auto group = gloo_group(c10::make_intrusive<c10d::FileStore>(store, 2), rank, 2);
-                // Rank 1 builds its model for 4 ranks: its shapes do not match.
-                auto model = build_skeleton([&] { return tp_model(2, 16, 64, rank == 1 ? 4 : 2); });
-                DistributedLoadOptions options;
-                options.source_rank = source;
-                try {
-                  load_distributed(*model, path, *group, kSplits, options);
-                } catch (const Error& e) {
-                  const std::string what = e.what();
-                  const bool right = e.kind() == ErrorKind::ModelMismatch &&
-                                     what.find("rank 1 of 2") != std::string::npos &&
-                                     what.find("0.up.weight") != std::string::npos;
-                  if (!right) std::cerr << "rank " << rank << ": " << what << "\n";
-                  for (const auto& [name, t] : named_state(*model)) {
-                    if (!is_released(t)) return 4;  // something was loaded
-                  }
-                  return right ? 0 : 2;
-                }
-                return 1;
-              }),
+    EXPECT_EQ(run_children(2,
+                           [&](int rank) {
+                             auto group = gloo_group(c10::make_intrusive<c10d::FileStore>(store, 2), rank, 2);
+                             // Rank 1 builds its model for 4 ranks: its shapes do not match.
+                             auto model = build_skeleton([&] { return tp_model(2, 16, 64, rank == 1 ? 4 : 2); });
+                             DistributedLoadOptions options;
+                             options.source_rank = source;
+                             try {
+                               load_distributed(*model, path, *group, kSplits, options);
+                             } catch (const Error& e) {
+                               const std::string what = e.what();
+                               const bool right = e.kind() == ErrorKind::ModelMismatch &&
+                                                  what.find("rank 1 of 2") != std::string::npos &&
+                                                  what.find("0.up.weight") != std::string::npos;
+                               if (!right) std::cerr << "rank " << rank << ": " << what << "\n";
+                               for (const auto& [name, t] : named_state(*model)) {
+                                 if (!is_released(t)) return 4;  // something was loaded
+                               }
+                               return right ? 0 : 2;
+                             }
+                             return 1;
+                           }),
               "")
         << "source " << source;
   }

@@ -12,9 +12,9 @@
 //     own rules report what is wrong; else tensormap, whose rules do.
 #include <cstring>
 
-#include "util/bytes.h"
 #include "format/detect.h"
 #include "tensormap/format.h"
+#include "util/bytes.h"
 
 namespace tensormap::detail {
 namespace {

@@ -37,9 +37,9 @@ uint16_t float_to_half(float f) {
   const uint32_t x = bits_of(f);
   const auto sign = static_cast<uint16_t>((x >> 16) & 0x8000);
   const uint32_t magnitude = x & 0x7FFFFFFF;
-  if (magnitude > 0x7F800000) return sign | 0x7E00;    // NaN
-  if (magnitude >= 0x477FF000) return sign | 0x7C00;   // >= 65520 rounds to infinity
-  if (magnitude < 0x38800000) {                        // below 2^-14: a subnormal half
+  if (magnitude > 0x7F800000) return sign | 0x7E00;   // NaN
+  if (magnitude >= 0x477FF000) return sign | 0x7C00;  // >= 65520 rounds to infinity
+  if (magnitude < 0x38800000) {                       // below 2^-14: a subnormal half
     // Scaling by 2^24 is exact; nearbyint rounds to nearest even (the default mode).
     const float scaled = float_of(magnitude) * 16777216.0f;
     return sign | static_cast<uint16_t>(std::nearbyint(scaled));  // 1024 is the least normal, right
@@ -64,8 +64,10 @@ double e4m3_to_double(uint8_t v) {
   const unsigned exponent = (v >> 3) & 0xF, mantissa = v & 0x7;
   double out;
   if (exponent == 0xF && mantissa == 0x7) return std::nan("");
-  if (exponent == 0) out = std::ldexp(static_cast<double>(mantissa), -9);
-  else out = std::ldexp(1.0 + mantissa / 8.0, static_cast<int>(exponent) - 7);
+  if (exponent == 0)
+    out = std::ldexp(static_cast<double>(mantissa), -9);
+  else
+    out = std::ldexp(1.0 + mantissa / 8.0, static_cast<int>(exponent) - 7);
   return negative ? -out : out;
 }
 

@@ -50,8 +50,7 @@ Format format_for_path(std::string_view path) {
 
 namespace tensormap::format {
 
-std::optional<uint64_t> tensor_byte_length(const uint64_t* shape, unsigned rank,
-                                           uint64_t element_size) {
+std::optional<uint64_t> tensor_byte_length(const uint64_t* shape, unsigned rank, uint64_t element_size) {
   // Spec rule 15: every dimension below 2^63, and the product of the non-zero ones times
   // the element size below 2^63, in any order. So a zero dimension empties the tensor but
   // excuses no overflow of the others: every shape that passes fits a 64-bit size in

@@ -20,7 +20,7 @@ namespace tensormap::detail {
 struct Layout {
   uint64_t header_size = 0;
   std::vector<uint64_t> offsets;
-  std::vector<uint64_t> byte_lengths;  // as recorded: an alias has its target's
+  std::vector<uint64_t> byte_lengths;          // as recorded: an alias has its target's
   std::vector<std::optional<size_t>> aliases;  // tensormap only: each alias's target
   uint64_t file_size = 0;
 };
@@ -41,9 +41,8 @@ Layout plan_safetensors_layout(const std::vector<TensorSpec>& tensors, const std
 
 // The header bytes (header_size of them), checksum included: format 1.0, or 2.0 with the
 // aliases feature when some tensor is an alias (its checksum is its target's).
-std::vector<unsigned char> encode_header(const std::vector<TensorSpec>& tensors,
-                                         const WriterOptions& options, const Layout& layout,
-                                         const std::vector<uint64_t>& checksums);
+std::vector<unsigned char> encode_header(const std::vector<TensorSpec>& tensors, const WriterOptions& options,
+                                         const Layout& layout, const std::vector<uint64_t>& checksums);
 
 // XXH3-64 of the header without its last 8 bytes (section 6).
 uint64_t header_checksum(const unsigned char* header, uint64_t header_size);
@@ -57,18 +56,16 @@ struct ParsedHeader {
   std::vector<TensorEntry> tensors;
   std::vector<std::pair<std::string_view, std::string_view>> metadata;
   std::unordered_map<std::string_view, uint32_t> index;  // name -> position in tensors
-  std::deque<std::string> owned;  // names and metadata that are not in the file verbatim
+  std::deque<std::string> owned;                         // names and metadata that are not in the file verbatim
 };
 
 // Validates rules 1 to 20 over the whole file at `base` (file_size bytes) and parses it.
 // Views in the result point into `base`. Throws Error of the first broken rule's kind.
-ParsedHeader validate_header(const unsigned char* base, uint64_t file_size,
-                             const std::string& path);
+ParsedHeader validate_header(const unsigned char* base, uint64_t file_size, const std::string& path);
 
 // Validates a safetensors file as the reference implementation does
 // (spec/SAFETENSORS.md) and parses it. Views point into `base` or into `owned`.
-ParsedHeader validate_safetensors(const unsigned char* base, uint64_t file_size,
-                                  const std::string& path);
+ParsedHeader validate_safetensors(const unsigned char* base, uint64_t file_size, const std::string& path);
 
 // "0x" followed by 16 hex digits.
 std::string hex64(uint64_t value);

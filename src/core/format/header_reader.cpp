@@ -7,11 +7,11 @@
 #include <cstring>
 #include <unordered_set>
 
-#include "util/bytes.h"
 #include "format/header.h"
 #include "format/names.h"
 #include "tensormap/error.h"
 #include "tensormap/format.h"
+#include "util/bytes.h"
 
 namespace tensormap::detail {
 namespace {
@@ -90,9 +90,8 @@ Preamble read_preamble(const unsigned char* base, uint64_t file_size, const Fail
   const uint64_t stored = load_le<uint64_t>(base + h - fmt::kChecksumSize);
   const uint64_t computed = header_checksum(base, h);
   if (stored != computed) {
-    throw fail(ErrorKind::HeaderChecksumMismatch, "header checksum is " + hex64(stored) +
-                                                      " but the header hashes to " + hex64(computed) +
-                                                      " (the header is corrupted)");
+    throw fail(ErrorKind::HeaderChecksumMismatch, "header checksum is " + hex64(stored) + " but the header hashes to " +
+                                                      hex64(computed) + " (the header is corrupted)");
   }
   // Rule 8. With both counts capped first, 40*T + 16*M cannot overflow.
   p.tensor_count = load_le<uint64_t>(base + 24);
@@ -114,9 +113,9 @@ Preamble read_preamble(const unsigned char* base, uint64_t file_size, const Fail
   }
   if (p.major == 2) {
     if ((field & ~fmt::kKnownFeatures) != 0) {
-      throw fail(ErrorKind::UnsupportedVersion,
-                 "the file needs features " + hex64(field & ~fmt::kKnownFeatures) + " (format " + num(p.major) +
-                     "." + num(p.minor) + "), which this reader does not implement; it knows aliases (0x1)");
+      throw fail(ErrorKind::UnsupportedVersion, "the file needs features " + hex64(field & ~fmt::kKnownFeatures) +
+                                                    " (format " + num(p.major) + "." + num(p.minor) +
+                                                    "), which this reader does not implement; it knows aliases (0x1)");
     }
     p.aliases = (field & fmt::kFeatureAliases) != 0;
   }
@@ -146,9 +145,9 @@ class RecordCursor {
     const unsigned char* r = base_ + pos_;
     size = size_of(r);
     if (size > end_ - pos_) {
-      throw fail_(ErrorKind::MalformedHeader, label(what) + " is " + num(size) +
-                                                  " bytes long and runs past the end of the header (" + num(end_) +
-                                                  ")");
+      throw fail_(
+          ErrorKind::MalformedHeader,
+          label(what) + " is " + num(size) + " bytes long and runs past the end of the header (" + num(end_) + ")");
     }
     return r;
   }
@@ -186,7 +185,8 @@ class TensorRecordReader {
   void read_record(uint64_t i) {
     uint64_t size = 0;
     const unsigned char* r = records_.next(
-        fmt::kTensorRecordFixedSize, [](const unsigned char* f) { return fmt::tensor_record_size(f[5], load_le<uint32_t>(f)); },
+        fmt::kTensorRecordFixedSize,
+        [](const unsigned char* f) { return fmt::tensor_record_size(f[5], load_le<uint32_t>(f)); },
         "tensor record #" + num(i), size);
     const uint32_t name_length = load_le<uint32_t>(r);
     const uint8_t code = r[4];
@@ -274,7 +274,9 @@ class TensorRecordReader {
     if (target.dtype != e.dtype || !same_shape || target.checksum != e.checksum) {
       throw fail_(ErrorKind::BadAlias, label + " is an alias of tensor " + detail::quoted(target.name) +
                                            " but differs from it in " +
-                                           (target.dtype != e.dtype ? "dtype" : !same_shape ? "shape" : "checksum"));
+                                           (target.dtype != e.dtype ? "dtype"
+                                            : !same_shape           ? "shape"
+                                                                    : "checksum"));
     }
     e.alias_of = found->second;
   }
@@ -297,7 +299,9 @@ std::vector<std::pair<std::string_view, std::string_view>> read_metadata(const P
     uint64_t size = 0;
     const unsigned char* r = records.next(
         fmt::kMetadataRecordFixedSize,
-        [](const unsigned char* f) { return fmt::metadata_record_size(load_le<uint32_t>(f), load_le<uint32_t>(f + 4)); },
+        [](const unsigned char* f) {
+          return fmt::metadata_record_size(load_le<uint32_t>(f), load_le<uint32_t>(f + 4));
+        },
         what, size);
     const uint64_t key_length = load_le<uint32_t>(r);
     const uint64_t value_length = load_le<uint32_t>(r + 4);
@@ -311,7 +315,8 @@ std::vector<std::pair<std::string_view, std::string_view>> read_metadata(const P
     }
     // Rule 14.
     if (auto problem = name_problem(key); !problem.empty()) {
-      throw fail(ErrorKind::BadName, "metadata key " + detail::quoted(key) + " (" + records.label(what) + ") " + problem);
+      throw fail(ErrorKind::BadName,
+                 "metadata key " + detail::quoted(key) + " (" + records.label(what) + ") " + problem);
     }
     if (auto problem = value_problem(value); !problem.empty()) {
       throw fail(ErrorKind::BadName,
@@ -339,8 +344,7 @@ void check_unique(ParsedHeader& out, const Failure& fail) {
     const auto [it, inserted] = out.index.emplace(out.tensors[i].name, i);
     if (!inserted) {
       throw fail(ErrorKind::DuplicateName, "tensor name " + detail::quoted(out.tensors[i].name) +
-                                               " appears twice (records #" + num(it->second) + " and #" + num(i) +
-                                               ")");
+                                               " appears twice (records #" + num(it->second) + " and #" + num(i) + ")");
     }
   }
   std::unordered_set<std::string_view> keys;
@@ -357,9 +361,8 @@ void check_file_end(const std::vector<TensorEntry>& tensors, std::optional<size_
                     uint64_t file_size, const Failure& fail) {
   if (first_past_end) {
     const TensorEntry& e = tensors[*first_past_end];
-    throw fail(ErrorKind::Truncated, "tensor " + detail::quoted(e.name) + " ends at " +
-                                         num(e.offset + e.byte_length) + ", past the end of the file (" +
-                                         num(file_size) + ")");
+    throw fail(ErrorKind::Truncated, "tensor " + detail::quoted(e.name) + " ends at " + num(e.offset + e.byte_length) +
+                                         ", past the end of the file (" + num(file_size) + ")");
   }
   if (file_size < data_end) {
     throw fail(ErrorKind::Truncated,
@@ -386,7 +389,7 @@ ParsedHeader validate_header(const unsigned char* base, uint64_t file_size, cons
   out.alignment = preamble.alignment;
   out.header_size = preamble.header_size;
   out.tensors = std::move(tensors.tensors);
-  check_unique(out, fail);                                                           // rule 19
+  check_unique(out, fail);                                                                 // rule 19
   check_file_end(out.tensors, tensors.first_past_end, tensors.data_end, file_size, fail);  // rule 20
   return out;
 }

@@ -5,15 +5,15 @@
 
 #include <xxhash.h>
 
-#include <cstdio>
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <unordered_set>
 
-#include "util/bytes.h"
 #include "format/names.h"
 #include "tensormap/error.h"
 #include "tensormap/format.h"
+#include "util/bytes.h"
 
 namespace tensormap::detail {
 namespace fmt = tensormap::format;
@@ -31,20 +31,16 @@ uint64_t header_checksum(const unsigned char* header, uint64_t header_size) {
 Layout plan_layout(const std::vector<TensorSpec>& tensors, const std::vector<uint64_t>& byte_lengths,
                    const std::vector<std::optional<size_t>>& aliases, const WriterOptions& options,
                    const std::string& path) {
-  auto invalid = [&](const std::string& what) {
-    return Error(ErrorKind::InvalidArgument, path + ": " + what);
-  };
+  auto invalid = [&](const std::string& what) { return Error(ErrorKind::InvalidArgument, path + ": " + what); };
   if (!fmt::is_valid_alignment(options.alignment)) {
-    throw invalid("alignment " + std::to_string(options.alignment) +
-                  " is not a power of two between 64 and 1048576");
+    throw invalid("alignment " + std::to_string(options.alignment) + " is not a power of two between 64 and 1048576");
   }
   if (tensors.size() > fmt::kMaxTensorCount) {
     throw invalid(std::to_string(tensors.size()) + " tensors, more than the limit of " +
                   std::to_string(fmt::kMaxTensorCount));
   }
   if (options.metadata.size() > fmt::kMaxMetadataCount) {
-    throw invalid(std::to_string(options.metadata.size()) +
-                  " metadata pairs, more than the limit of " +
+    throw invalid(std::to_string(options.metadata.size()) + " metadata pairs, more than the limit of " +
                   std::to_string(fmt::kMaxMetadataCount));
   }
 
@@ -58,8 +54,7 @@ Layout plan_layout(const std::vector<TensorSpec>& tensors, const std::vector<uin
       throw invalid(label() + ": name " + problem);
     }
     if (t.shape.size() > fmt::kMaxRank) {
-      throw invalid(label() + " has rank " + std::to_string(t.shape.size()) +
-                    ", more than the limit of 8");
+      throw invalid(label() + " has rank " + std::to_string(t.shape.size()) + ", more than the limit of 8");
     }
     header_size += fmt::tensor_record_size(static_cast<unsigned>(t.shape.size()), t.name.size());
   }
@@ -80,8 +75,7 @@ Layout plan_layout(const std::vector<TensorSpec>& tensors, const std::vector<uin
     if (header_size > fmt::kMaxHeaderSize) break;  // reported just below
   }
   if (header_size > fmt::kMaxHeaderSize) {
-    throw invalid("header would be larger than the limit of " +
-                  std::to_string(fmt::kMaxHeaderSize) + " bytes");
+    throw invalid("header would be larger than the limit of " + std::to_string(fmt::kMaxHeaderSize) + " bytes");
   }
   layout.header_size = header_size;
 
@@ -103,9 +97,8 @@ Layout plan_layout(const std::vector<TensorSpec>& tensors, const std::vector<uin
   return layout;
 }
 
-std::vector<unsigned char> encode_header(const std::vector<TensorSpec>& tensors,
-                                         const WriterOptions& options, const Layout& layout,
-                                         const std::vector<uint64_t>& checksums) {
+std::vector<unsigned char> encode_header(const std::vector<TensorSpec>& tensors, const WriterOptions& options,
+                                         const Layout& layout, const std::vector<uint64_t>& checksums) {
   std::vector<unsigned char> out(layout.header_size, 0);
   unsigned char* p = out.data();
   std::memcpy(p, fmt::kMagic, sizeof fmt::kMagic);

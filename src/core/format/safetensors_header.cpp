@@ -6,11 +6,11 @@
 #include <cstring>
 #include <unordered_set>
 
-#include "util/bytes.h"
 #include "format/header.h"
 #include "format/names.h"
 #include "tensormap/error.h"
 #include "tensormap/format.h"
+#include "util/bytes.h"
 
 namespace tensormap::detail {
 
@@ -71,8 +71,14 @@ class HeaderReader final : public nlohmann::json_sax<nlohmann::json> {
   bool start_array(std::size_t) override {
     switch (state_) {
       case State::FieldValue:
-        if (field_ == kShape) { state_ = State::Shape; return true; }
-        if (field_ == kOffsets) { state_ = State::Offsets; return true; }
+        if (field_ == kShape) {
+          state_ = State::Shape;
+          return true;
+        }
+        if (field_ == kOffsets) {
+          state_ = State::Offsets;
+          return true;
+        }
         return wrong_value();
       case State::Skip: ++skip_depth_; return true;
       default: return wrong_value();
@@ -173,8 +179,17 @@ class HeaderReader final : public nlohmann::json_sax<nlohmann::json> {
 
  private:
   enum class State {
-    BeforeRoot, RootKey, RootValue, FieldKey, FieldValue, Shape, Offsets, MetadataKey,
-    MetadataValue, Skip, AfterRoot
+    BeforeRoot,
+    RootKey,
+    RootValue,
+    FieldKey,
+    FieldValue,
+    Shape,
+    Offsets,
+    MetadataKey,
+    MetadataValue,
+    Skip,
+    AfterRoot
   };
   static constexpr unsigned kDtype = 1, kShape = 2, kOffsets = 4;
 
@@ -216,10 +231,10 @@ class HeaderReader final : public nlohmann::json_sax<nlohmann::json> {
   std::string_view name_;      // the tensor being read
   std::string_view meta_key_;  // the metadata key whose value comes next
   TensorEntry entry_{};
-  unsigned seen_ = 0;          // fields of the tensor seen so far
-  unsigned field_ = 0;         // the field whose value comes next
+  unsigned seen_ = 0;   // fields of the tensor seen so far
+  unsigned field_ = 0;  // the field whose value comes next
   unsigned offset_count_ = 0;
-  unsigned skip_depth_ = 0;    // nesting inside an ignored field's value
+  unsigned skip_depth_ = 0;  // nesting inside an ignored field's value
   bool in_metadata_ = false;
   bool metadata_seen_ = false;
   std::unordered_set<std::string_view> metadata_keys_;
@@ -227,11 +242,8 @@ class HeaderReader final : public nlohmann::json_sax<nlohmann::json> {
 
 }  // namespace
 
-ParsedHeader validate_safetensors(const unsigned char* base, uint64_t file_size,
-                                  const std::string& path) {
-  auto fail = [&](ErrorKind kind, const std::string& what) {
-    return Error(kind, path + ": " + what);
-  };
+ParsedHeader validate_safetensors(const unsigned char* base, uint64_t file_size, const std::string& path) {
+  auto fail = [&](ErrorKind kind, const std::string& what) { return Error(kind, path + ": " + what); };
   ParsedHeader out;
   out.format = Format::Safetensors;
   // Rule 1.
@@ -247,9 +259,8 @@ ParsedHeader validate_safetensors(const unsigned char* base, uint64_t file_size,
   }
   // Rule 3 (n <= 1e8, so 8 + n cannot overflow).
   if (8 + n > file_size) {
-    throw fail(ErrorKind::SafetensorsHeaderPastEnd, "header of " + num(n) +
-                                                        " bytes runs past the end of the file (" +
-                                                        num(file_size) + " bytes)");
+    throw fail(ErrorKind::SafetensorsHeaderPastEnd,
+               "header of " + num(n) + " bytes runs past the end of the file (" + num(file_size) + " bytes)");
   }
   out.header_size = 8 + n;
   // Rule 4.
@@ -292,14 +303,14 @@ ParsedHeader validate_safetensors(const unsigned char* base, uint64_t file_size,
     auto label = [&] { return "tensor " + detail::quoted(e.name); };
     if (begin != cursor || end < begin) {
       throw fail(ErrorKind::SafetensorsBadOffsets,
-                 label() + " has data_offsets [" + num(begin) + ", " + num(end) + "] but must start at " +
-                     num(cursor) + (begin < cursor ? " (it overlaps the previous tensor)" : " (there is a hole before it)"));
+                 label() + " has data_offsets [" + num(begin) + ", " + num(end) + "] but must start at " + num(cursor) +
+                     (begin < cursor ? " (it overlaps the previous tensor)" : " (there is a hole before it)"));
     }
     const auto expected = format::tensor_byte_length(e.dims.data(), e.rank, dtype_size(e.dtype));
     if (!expected) throw fail(ErrorKind::SafetensorsOverflow, label() + ": its shape holds 2^63 bytes or more");
     if (end - begin != *expected) {
-      throw fail(ErrorKind::SafetensorsSizeMismatch, label() + " spans " + num(end - begin) +
-                                                         " bytes but its shape and dtype make " + num(*expected));
+      throw fail(ErrorKind::SafetensorsSizeMismatch,
+                 label() + " spans " + num(end - begin) + " bytes but its shape and dtype make " + num(*expected));
     }
     cursor = end;
     e.offset = 8 + n + begin;
@@ -332,9 +343,8 @@ Layout plan_safetensors_layout(const std::vector<TensorSpec>& tensors, const std
   // element size from the (page-aligned) start of the data.
   std::vector<size_t> order(tensors.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
-    return dtype_size(tensors[a].dtype) > dtype_size(tensors[b].dtype);
-  });
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t b) { return dtype_size(tensors[a].dtype) > dtype_size(tensors[b].dtype); });
   std::vector<uint64_t> relative(tensors.size());
   uint64_t cursor = 0;
   for (size_t i : order) {

@@ -30,7 +30,8 @@ Mapping::Mapping(const std::string& path) : path_(path) {
   struct stat st {};
   if (::fstat(fd_.get(), &st) != 0) throw_io(path, "cannot stat", errno);
   if (!S_ISREG(st.st_mode)) {
-    throw Error(ErrorKind::Io, path + (S_ISDIR(st.st_mode) ? ": is a directory, not a file" : ": is not a regular file"));
+    throw Error(ErrorKind::Io,
+                path + (S_ISDIR(st.st_mode) ? ": is a directory, not a file" : ": is not a regular file"));
   }
   size_ = static_cast<uint64_t>(st.st_size);
   if (size_ == 0) return;  // nothing to map; readers report the file as too small
@@ -55,11 +56,14 @@ Mapping::~Mapping() {
 unsigned char* Mapping::cow_base() const {
   if (writable_) return base_;
   throw Error(ErrorKind::Io,
-              path_ + ": the system accounts memory strictly (vm.overcommit_memory = 2) and refused a copy-on-write "
-                      "mapping of this " + std::to_string(size_) + "-byte file, larger than what it may still commit "
-                      "(CommitLimit in /proc/meminfo); the file opened read-only, so it can be inspected, verified, "
-                      "converted and loaded in copy mode (LoadMode::Copy, which needs the memory), but not mapped into "
-                      "writable tensors. Map mode needs vm.overcommit_memory 0 or 1, or more swap");
+              path_ +
+                  ": the system accounts memory strictly (vm.overcommit_memory = 2) and refused a copy-on-write "
+                  "mapping of this " +
+                  std::to_string(size_) +
+                  "-byte file, larger than what it may still commit "
+                  "(CommitLimit in /proc/meminfo); the file opened read-only, so it can be inspected, verified, "
+                  "converted and loaded in copy mode (LoadMode::Copy, which needs the memory), but not mapped into "
+                  "writable tensors. Map mode needs vm.overcommit_memory 0 or 1, or more swap");
 }
 
 void Mapping::read(uint64_t offset, void* dest, uint64_t size, const std::string& what) const {
@@ -131,7 +135,8 @@ void Mapping::drop_cache(uint64_t begin, uint64_t end) const {
   constexpr uint64_t kFolio = 2 << 20;
   begin &= ~(kFolio - 1);
   end = std::min(size_, end > size_ - kFolio ? size_ : (end + kFolio - 1) & ~(kFolio - 1));
-  if (end > begin) (void)::posix_fadvise(fd_.get(), static_cast<off_t>(begin), static_cast<off_t>(end - begin), POSIX_FADV_DONTNEED);
+  if (end > begin)
+    (void)::posix_fadvise(fd_.get(), static_cast<off_t>(begin), static_cast<off_t>(end - begin), POSIX_FADV_DONTNEED);
 }
 
 void Mapping::release(uint64_t begin, uint64_t end, const std::string& what) const {

@@ -16,8 +16,8 @@
 
 #include "io/byte_source.h"
 #include "io/page_cache_detail.h"
-#include "tensormap/page_cache.h"
 #include "io/unique_fd.h"
+#include "tensormap/page_cache.h"
 
 namespace tensormap::detail {
 
@@ -86,6 +86,5 @@ class Mapping final : public ByteSource {
   bool writable_ = true;
   bool huge_ = false;
 };
-
 
 }  // namespace tensormap::detail

@@ -21,8 +21,8 @@ void Output::copy_from(int src_fd, uint64_t src_offset, uint64_t size, uint64_t 
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) throw_io(path(), "read of " + what + " failed", errno);
     if (n == 0) {
-      throw Error(ErrorKind::Truncated, path() + ": the source of " + what + " ended " + std::to_string(size) +
-                                            " bytes early (it shrank)");
+      throw Error(ErrorKind::Truncated,
+                  path() + ": the source of " + what + " ended " + std::to_string(size) + " bytes early (it shrank)");
     }
     pwrite(buffer.data(), static_cast<size_t>(n), offset);
     src_offset += static_cast<uint64_t>(n);

@@ -18,8 +18,8 @@
 
 #include "io/page_cache_detail.h"
 #include "io/posix_io.h"
-#include "tensormap/error.h"
 #include "io/unique_fd.h"
+#include "tensormap/error.h"
 
 namespace tensormap {
 
@@ -118,11 +118,14 @@ const char* fault_prone_filesystem_type(uint64_t magic) {
   // The magic numbers of linux/magic.h and of the filesystems' own sources.
   switch (magic) {
     case 0x6969: return "NFS";
-    case 0x517B: case 0xFF534D42: case 0xFE534D42: return "SMB/CIFS";
+    case 0x517B:
+    case 0xFF534D42:
+    case 0xFE534D42: return "SMB/CIFS";
     case 0x65735546: return "FUSE";  // sshfs, s3fs, gcsfuse, virtiofs, GlusterFS...
     case 0x01021997: return "9p";
     case 0x00C36400: return "Ceph";
-    case 0x5346414F: case 0x6B414653: return "AFS";
+    case 0x5346414F:
+    case 0x6B414653: return "AFS";
     case 0x73757245: return "Coda";
     case 0x0BD00BD0: return "Lustre";
     case 0x01161970: return "GFS2";
@@ -161,7 +164,8 @@ HugePageSupport huge_page_support() {
     if (fd) {
       void* map = ::mmap(nullptr, 4 << 20, PROT_READ, MAP_PRIVATE | MAP_NORESERVE, fd.get(), 0);
       if (map != MAP_FAILED) {
-        auto* aligned = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(map) + (2 << 20) - 1) & ~uintptr_t{(2 << 20) - 1});
+        auto* aligned =
+            reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(map) + (2 << 20) - 1) & ~uintptr_t{(2 << 20) - 1});
         s.madvise_hugepage = ::madvise(aligned, 2 << 20, MADV_HUGEPAGE) == 0;
         // EINVAL: no collapse of file pages; anything else (EAGAIN, ENOMEM, EFAULT past
         // the end of a small file) means the kernel knows the call for this mapping.
@@ -214,7 +218,8 @@ WarmReport warm_page_cache(const std::string& path) {
   struct stat st {};
   if (::fstat(fd.get(), &st) != 0) detail::throw_io(path, "cannot stat", errno);
   if (!S_ISREG(st.st_mode)) {
-    throw Error(ErrorKind::Io, path + (S_ISDIR(st.st_mode) ? ": is a directory, not a file" : ": is not a regular file"));
+    throw Error(ErrorKind::Io,
+                path + (S_ISDIR(st.st_mode) ? ": is a directory, not a file" : ": is not a regular file"));
   }
   const auto size = static_cast<uint64_t>(st.st_size);
   auto map = [&] {

@@ -11,8 +11,8 @@
 #include <boost/interprocess/sync/file_lock.hpp>
 #include <cerrno>
 #include <climits>
-#include <cstdlib>
 #include <condition_variable>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <thread>
@@ -53,8 +53,9 @@ class ProcessLocks {
     std::unique_lock<std::mutex> guard(mutex_);
     const auto held = held_.find(lock_path);
     if (held != held_.end() && held->second == std::this_thread::get_id()) {
-      throw Error(ErrorKind::InvalidArgument, path + ": this thread already holds its lock (" + lock_path +
-                  "): an Editor of this file is open here; commit or destroy it before opening another");
+      throw Error(ErrorKind::InvalidArgument,
+                  path + ": this thread already holds its lock (" + lock_path +
+                      "): an Editor of this file is open here; commit or destroy it before opening another");
     }
     released_.wait(guard, [&] { return held_.count(lock_path) == 0; });
     held_.emplace(lock_path, std::this_thread::get_id());
@@ -105,15 +106,17 @@ std::unique_ptr<PathLock::Held> lock_across_processes(const std::string& lock_pa
     }
     // Boost opened the name after `fd` did: if the name still gives fd's file, so did its
     // open (a file once unlinked never gets its name back).
-    struct stat held {}, named {};
+    struct stat held {
+    }, named{};
     if (::fstat(fd.get(), &held) == 0 && ::stat(lock_path.c_str(), &named) == 0 && held.st_ino == named.st_ino &&
         held.st_dev == named.st_dev) {
       return std::make_unique<PathLock::Held>(lock_path, std::move(fd), std::move(lock));
     }
     // The previous holder removed this one: lock the file now under the name (fd closes).
   }
-  throw Error(ErrorKind::Io, lock_path + ": could not lock it for " + path + " after 10000 attempts: "
-              "other processes keep replacing it");
+  throw Error(ErrorKind::Io, lock_path + ": could not lock it for " + path +
+                                 " after 10000 attempts: "
+                                 "other processes keep replacing it");
 }
 
 }  // namespace

@@ -19,9 +19,9 @@
 #include <string_view>
 #include <vector>
 
+#include "io/temporaries.h"
 #include "tensormap/error.h"
 #include "tensormap/interrupt.h"
-#include "io/temporaries.h"
 
 namespace tensormap::detail {
 
@@ -36,8 +36,8 @@ void pwrite_all(int fd, const void* data, size_t size, uint64_t offset, const st
     const ssize_t n = ::pwrite(fd, p, chunk, static_cast<off_t>(offset));
     if (n < 0) {
       if (errno == EINTR) continue;
-      throw_io(path, "write of " + std::to_string(chunk) + " bytes at offset " +
-                         std::to_string(offset) + " failed", errno);
+      throw_io(path, "write of " + std::to_string(chunk) + " bytes at offset " + std::to_string(offset) + " failed",
+               errno);
     }
     if (n == 0) throw_io(path, "write made no progress", EIO);
     p += n;
@@ -248,8 +248,7 @@ void AtomicFile::flush_staged(bool whole) {
   written_end_ = std::max(written_end_, block_start_ + n);
 }
 
-void AtomicFile::copy_from(int src_fd, uint64_t src_offset, uint64_t size, uint64_t offset,
-                           const std::string& what) {
+void AtomicFile::copy_from(int src_fd, uint64_t src_offset, uint64_t size, uint64_t offset, const std::string& what) {
   try {
     flush_staged(/*whole=*/false);
     written_end_ = std::max(written_end_, offset + size);
@@ -264,8 +263,8 @@ void AtomicFile::copy_from(int src_fd, uint64_t src_offset, uint64_t size, uint6
         auto out = static_cast<off_t>(offset);
         n = ::copy_file_range(src_fd, &in, fd_.get(), &out, chunk, 0);
         if (n < 0 && errno == EINTR) continue;
-        if (n < 0 && (errno == EXDEV || errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP ||
-                      errno == EBADF || errno == EPERM)) {
+        if (n < 0 && (errno == EXDEV || errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP || errno == EBADF ||
+                      errno == EPERM)) {
           in_kernel = false;  // not across these filesystems or files: copy it ourselves
           continue;
         }
@@ -279,8 +278,8 @@ void AtomicFile::copy_from(int src_fd, uint64_t src_offset, uint64_t size, uint6
         if (n > 0) pwrite_all(fd_.get(), buffer.data(), static_cast<size_t>(n), offset, path_);
       }
       if (n == 0) {
-        throw Error(ErrorKind::Truncated, path_ + ": the source of " + what + " ended " +
-                                              std::to_string(size) + " bytes early (it shrank)");
+        throw Error(ErrorKind::Truncated,
+                    path_ + ": the source of " + what + " ended " + std::to_string(size) + " bytes early (it shrank)");
       }
       src_offset += static_cast<uint64_t>(n);
       offset += static_cast<uint64_t>(n);

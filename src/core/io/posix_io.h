@@ -100,7 +100,7 @@ class AtomicFile final : public Output {
   uint64_t block_start_ = 0;          // its offset in the file, a multiple of kBlock
   uint64_t block_fill_ = 0;           // bytes of it that hold content (0: none staged)
   bool staged_ = false;
-  uint64_t written_end_ = 0;          // the end of everything written or staged so far
+  uint64_t written_end_ = 0;  // the end of everything written or staged so far
   bool take_temp_name(const std::function<bool(const std::string&)>& make);
 
   std::string path_;

@@ -16,8 +16,8 @@
 #include <ctime>
 
 #include "io/posix_io.h"
-#include "tensormap/temporaries.h"
 #include "io/unique_fd.h"
+#include "tensormap/temporaries.h"
 
 namespace tensormap::detail {
 
@@ -94,7 +94,8 @@ void collect_stale_temporaries(const std::string& dir, const std::function<bool(
   const time_t now = ::time(nullptr);
   while (const dirent* entry = ::readdir(d)) {
     const std::string_view name(entry->d_name);
-    if (name.size() < 2 + kSuffix || name[0] != '.' || name.substr(name.size() - kSuffix, kTag.size()) != kTag) continue;
+    if (name.size() < 2 + kSuffix || name[0] != '.' || name.substr(name.size() - kSuffix, kTag.size()) != kTag)
+      continue;
     try {
       if (!ours(name.substr(1, name.size() - 1 - kSuffix))) continue;
     } catch (...) {

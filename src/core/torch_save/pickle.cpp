@@ -4,8 +4,8 @@
 #include <cstdio>
 #include <cstring>
 
-#include "util/bytes.h"
 #include "tensormap/error.h"
+#include "util/bytes.h"
 
 namespace tensormap::detail {
 namespace {
@@ -34,8 +34,8 @@ PickleDocument::PickleDocument() {
   }
 }
 
-PickleMachine::PickleMachine(PickleDocument& document, PickleObjects& objects, const unsigned char* data,
-                             size_t size, const std::string& path)
+PickleMachine::PickleMachine(PickleDocument& document, PickleObjects& objects, const unsigned char* data, size_t size,
+                             const std::string& path)
     : document_(document),
       objects_(objects),
       p_(data),
@@ -73,19 +73,18 @@ void PickleMachine::run() {
 // Protocol, framing, the memo, marks and the stack itself; false if `op` is none of them.
 bool PickleMachine::framing(unsigned char op) {
   switch (op) {
-    case 0x80: byte(); break;                           // PROTO
-    case 0x95: bytes(8); break;                         // FRAME: lengths only
-    case 'q': remember(byte()); break;                  // BINPUT
-    case 'r': remember(u32()); break;                   // LONG_BINPUT
-    case 0x94: remember(memo_.size()); break;           // MEMOIZE
-    case 'h': push(recall(byte())); break;              // BINGET
-    case 'j': push(recall(u32())); break;               // LONG_BINGET
-    case '(': marks_.push_back(stack_.size()); break;   // MARK
-    case '0': pop(); break;                             // POP
-    case '1': pop_mark(); break;                        // POP_MARK
-    case '2': push(top()); break;                       // DUP
-    default:
-      return false;
+    case 0x80: byte(); break;                          // PROTO
+    case 0x95: bytes(8); break;                        // FRAME: lengths only
+    case 'q': remember(byte()); break;                 // BINPUT
+    case 'r': remember(u32()); break;                  // LONG_BINPUT
+    case 0x94: remember(memo_.size()); break;          // MEMOIZE
+    case 'h': push(recall(byte())); break;             // BINGET
+    case 'j': push(recall(u32())); break;              // LONG_BINGET
+    case '(': marks_.push_back(stack_.size()); break;  // MARK
+    case '0': pop(); break;                            // POP
+    case '1': pop_mark(); break;                       // POP_MARK
+    case '2': push(top()); break;                      // DUP
+    default: return false;
   }
   return true;
 }
@@ -94,12 +93,12 @@ bool PickleMachine::framing(unsigned char op) {
 bool PickleMachine::scalars(unsigned char op) {
   switch (op) {
     case 'N': push(&document_.none_); break;
-    case 0x88: push(&document_.true_); break;   // NEWTRUE
-    case 0x89: push(&document_.false_); break;  // NEWFALSE
+    case 0x88: push(&document_.true_); break;                     // NEWTRUE
+    case 0x89: push(&document_.false_); break;                    // NEWFALSE
     case 'J': push(integer(static_cast<int32_t>(u32()))); break;  // BININT
     case 'K': push(&document_.small_[byte()]); break;             // BININT1: shared
     case 'M': push(integer(u16())); break;                        // BININT2
-    case 0x8a: {                                                   // LONG1
+    case 0x8a: {                                                  // LONG1
       const size_t n = byte();
       if (n > 8) fail("integer of " + std::to_string(n) + " bytes");
       const unsigned char* b = bytes(n);
@@ -118,14 +117,15 @@ bool PickleMachine::scalars(unsigned char op) {
       push(v);
       break;
     }
-    case 'X': push(string(u32())); break;              // BINUNICODE
-    case 0x8c: push(string(byte())); break;            // SHORT_BINUNICODE
-    case 0x8d: push(string(u64())); break;             // BINUNICODE8
-    case 'U': case 'C': push(string(byte())); break;   // SHORT_BINSTRING, SHORT_BINBYTES
-    case 'T': case 'B': push(string(u32())); break;    // BINSTRING, BINBYTES
-    case 0x8e: push(string(u64())); break;             // BINBYTES8
-    default:
-      return false;
+    case 'X': push(string(u32())); break;    // BINUNICODE
+    case 0x8c: push(string(byte())); break;  // SHORT_BINUNICODE
+    case 0x8d: push(string(u64())); break;   // BINUNICODE8
+    case 'U':
+    case 'C': push(string(byte())); break;  // SHORT_BINSTRING, SHORT_BINBYTES
+    case 'T':
+    case 'B': push(string(u32())); break;   // BINSTRING, BINBYTES
+    case 0x8e: push(string(u64())); break;  // BINBYTES8
+    default: return false;
   }
   return true;
 }
@@ -135,7 +135,9 @@ bool PickleMachine::containers(unsigned char op) {
   switch (op) {
     case ')': push(&document_.empty_tuple_); break;            // EMPTY_TUPLE
     case 't': push(sequence(Kind::Tuple, pop_mark())); break;  // TUPLE
-    case 0x85: case 0x86: case 0x87: {                         // TUPLE1..3
+    case 0x85:
+    case 0x86:
+    case 0x87: {  // TUPLE1..3
       const size_t n = op - 0x84u;
       if (stack_.size() < fence() + n) fail("tuple of " + std::to_string(n) + " reaches below a MARK");
       std::vector<PickleRef> items(stack_.end() - static_cast<long>(n), stack_.end());
@@ -178,8 +180,7 @@ bool PickleMachine::containers(unsigned char op) {
       break;
     }
     case 0x91: push(sequence(Kind::List, pop_mark())); break;  // FROZENSET
-    default:
-      return false;
+    default: return false;
   }
   return true;
 }
@@ -221,8 +222,7 @@ bool PickleMachine::calls(unsigned char op) {
       break;
     }
     case 'Q': push(objects_.persistent(*this, *pop())); break;  // BINPERSID
-    default:
-      return false;
+    default: return false;
   }
   return true;
 }

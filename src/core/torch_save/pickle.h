@@ -32,9 +32,9 @@ namespace tensormap::detail {
 // A tensor as torch.save describes it: elements of `dtype` inside storage record `key`.
 // Checked: every element lies within the storage's bytes, and the byte length fits 2^63.
 struct TensorDescription {
-  std::string key;               // the storage's record, "data/<key>" in the archive
+  std::string key;  // the storage's record, "data/<key>" in the archive
   Dtype dtype = Dtype::U8;
-  uint64_t offset = 0;           // in elements, from the storage's start
+  uint64_t offset = 0;  // in elements, from the storage's start
   std::vector<int64_t> sizes;
   std::vector<int64_t> strides;  // in elements, each >= 0
 };
@@ -46,8 +46,16 @@ struct PickleValue {
   enum class Kind { None, Bool, Int, Float, String, Tuple, List, Dict, Global, Storage, Tensor, Opaque };
   // What a Global names, as PickleObjects::global classified it.
   enum class Global {
-    None, OrderedDict, RebuildTensorV2, RebuildTensorV3, RebuildParameter, RebuildParameterWithState,
-    StorageType, TorchDtype, ScriptClass, Other
+    None,
+    OrderedDict,
+    RebuildTensorV2,
+    RebuildTensorV3,
+    RebuildParameter,
+    RebuildParameterWithState,
+    StorageType,
+    TorchDtype,
+    ScriptClass,
+    Other
   };
 
   Kind kind = Kind::None;

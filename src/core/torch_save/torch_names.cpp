@@ -32,8 +32,8 @@ constexpr Names kNames[] = {
 
 // Other spellings torch accepts for the same dtypes.
 constexpr std::pair<const char*, Dtype> kAliases[] = {
-    {"short", Dtype::I16}, {"int", Dtype::I32},     {"long", Dtype::I64},     {"half", Dtype::F16},
-    {"float", Dtype::F32}, {"double", Dtype::F64},  {"cfloat", Dtype::C64},   {"cdouble", Dtype::C128},
+    {"short", Dtype::I16}, {"int", Dtype::I32},    {"long", Dtype::I64},   {"half", Dtype::F16},
+    {"float", Dtype::F32}, {"double", Dtype::F64}, {"cfloat", Dtype::C64}, {"cdouble", Dtype::C128},
 };
 
 }  // namespace

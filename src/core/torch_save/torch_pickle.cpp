@@ -4,11 +4,11 @@
 #include <optional>
 #include <unordered_map>
 
-#include "util/bytes.h"
 #include "format/names.h"
 #include "tensormap/error.h"
 #include "tensormap/format.h"
 #include "torch_save/torch_names.h"
+#include "util/bytes.h"
 
 namespace tensormap::detail {
 namespace {
@@ -78,10 +78,8 @@ class TorchObjects final : public PickleObjects {
         }
         return a[0];
       case Global::ScriptClass:
-      case Global::Other:
-        return opaque(m, callable);
-      default:
-        m.fail("REDUCE of " + callable.text + ", which is not callable");
+      case Global::Other: return opaque(m, callable);
+      default: m.fail("REDUCE of " + callable.text + ", which is not callable");
     }
   }
 
@@ -118,7 +116,7 @@ class TorchObjects final : public PickleObjects {
         p[4]->kind != Kind::Int || p[4]->integer < 0) {
       m.fail("a persistent id that is not a storage reference");
     }
-    if (p[1]->global == Global::Other) {  // a storage of a dtype tensormap does not store
+    if (p[1]->global == Global::Other) {         // a storage of a dtype tensormap does not store
       const PickleRef v = m.make(Kind::Opaque);  // (torch.ComplexHalfStorage): its tensors are skipped
       v->text = p[1]->text;
       return v;
@@ -132,8 +130,7 @@ class TorchObjects final : public PickleObjects {
       v->dtype = type.dtype;
       v->text = key;
       // An untyped storage counts bytes; a typed one, elements.
-      const auto bytes =
-          checked_mul(static_cast<uint64_t>(p[4]->integer), type.untyped ? 1 : dtype_size(type.dtype));
+      const auto bytes = checked_mul(static_cast<uint64_t>(p[4]->integer), type.untyped ? 1 : dtype_size(type.dtype));
       if (!bytes || *bytes > format::kMaxFileOffset) m.fail("storage " + quoted(key) + " is too large to address");
       v->storage_bytes = *bytes;
       check_(key, *bytes);
@@ -185,8 +182,7 @@ class TorchObjects final : public PickleObjects {
     if (t->sizes.size() != t->strides.size()) m.fail("a tensor whose size and stride differ in length");
     if (t->sizes.size() > 64) m.fail("a tensor of rank " + std::to_string(t->sizes.size()));
     const std::vector<uint64_t> shape(t->sizes.begin(), t->sizes.end());
-    const auto bytes =
-        format::tensor_byte_length(shape.data(), static_cast<unsigned>(shape.size()), dtype_size(dtype));
+    const auto bytes = format::tensor_byte_length(shape.data(), static_cast<unsigned>(shape.size()), dtype_size(dtype));
     if (!bytes) m.fail("a tensor of " + std::to_string(shape.size()) + " dimensions too large to address");
     if (*bytes > 0) {
       std::optional<uint64_t> last = t->offset;

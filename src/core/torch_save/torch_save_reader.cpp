@@ -17,8 +17,8 @@
 #include <tuple>
 #include <unordered_map>
 
-#include "io/mapping.h"
 #include "format/names.h"
+#include "io/mapping.h"
 #include "source.h"
 #include "tensormap/error.h"
 #include "torch_save/torch_pickle.h"
@@ -97,7 +97,7 @@ struct TorchSaveSource final : Source {
     if (!is_contiguous(t.desc)) return false;
     if (size > 0) {
       bytes->read(t.storage_offset + t.desc.offset * dtype_size(t.desc.dtype) + offset, dest, size,
-                 "tensor storage " + quoted(t.desc.key));
+                  "tensor storage " + quoted(t.desc.key));
     }
     return true;
   }
@@ -129,8 +129,9 @@ struct TorchSaveSource final : Source {
   TensorPlacement placement(size_t i) const override {
     const TorchTensor& t = tensors[i];
     if (!file) {
-      throw Error(ErrorKind::InvalidArgument, path + ": tensor " + quoted(names[i]) +
-                                                  " cannot be mapped: the archive is not a local file; read or copy it");
+      throw Error(ErrorKind::InvalidArgument,
+                  path + ": tensor " + quoted(names[i]) +
+                      " cannot be mapped: the archive is not a local file; read or copy it");
     }
     return {file->cow_base() + t.storage_offset, t.storage_bytes, t.desc.offset, t.desc.strides, file};
   }
@@ -209,8 +210,7 @@ struct Collector {
       case Kind::Tuple:
         for (size_t i = 0; i < value.items.size(); ++i) collect(*value.items[i], join(std::to_string(i)), depth + 1);
         return;
-      default:
-        skipped.emplace_back(here, describe(value));
+      default: skipped.emplace_back(here, describe(value));
     }
   }
 };
@@ -218,7 +218,8 @@ struct Collector {
 // The records of the archive by name, without the archive's top folder ("archive/").
 std::unordered_map<std::string, ZipRecord> records_of(const ByteSource& file) {
   std::vector<ZipRecord> all = read_zip_directory(file);
-  if (all.empty()) throw Error(ErrorKind::UnsupportedArchive, file.name() + ": an empty zip archive is not a torch.save file");
+  if (all.empty())
+    throw Error(ErrorKind::UnsupportedArchive, file.name() + ": an empty zip archive is not a torch.save file");
   const size_t slash = all.front().name.find('/');
   const std::string top = slash == std::string::npos ? "" : all.front().name.substr(0, slash + 1);
   std::unordered_map<std::string, ZipRecord> records;
@@ -265,7 +266,8 @@ std::shared_ptr<const Source> open_torch_save(std::shared_ptr<const ByteSource> 
   auto check_storage = [&](const std::string& key, uint64_t bytes) {
     const auto found = records.find("data/" + key);
     if (found == records.end()) {
-      throw Error(ErrorKind::UnsupportedArchive, path + ": the pickle names storage " + quoted(key) + ", which has no record");
+      throw Error(ErrorKind::UnsupportedArchive,
+                  path + ": the pickle names storage " + quoted(key) + ", which has no record");
     }
     if (found->second.method != 0) {
       throw Error(ErrorKind::UnsupportedArchive, path + ": storage " + quoted(key) + " is compressed (method " +
@@ -278,8 +280,7 @@ std::shared_ptr<const Source> open_torch_save(std::shared_ptr<const ByteSource> 
                                                      std::to_string(found->second.size) + " bytes");
     }
   };
-  const auto document =
-      unpickle(reinterpret_cast<const unsigned char*>(text.data()), text.size(), check_storage, path);
+  const auto document = unpickle(reinterpret_cast<const unsigned char*>(text.data()), text.size(), check_storage, path);
   Collector collector{path, 1024 + 8 * uint64_t{document->size()}, {}, {}};
   collector.collect(*document->root, "", 0);
   auto source = std::make_shared<TorchSaveSource>();
@@ -289,11 +290,11 @@ std::shared_ptr<const Source> open_torch_save(std::shared_ptr<const ByteSource> 
   source->skipped_values = std::move(collector.skipped);
   if (collector.tensors.empty()) {  // torch.save({}) too: a checkpoint with nothing to load
     const auto& s = source->skipped_values;
-    throw Error(ErrorKind::UnsupportedArchive,
-                path + ": holds no tensor; its root is " +
-                    (s.empty()                                     ? std::string("an empty container")
-                     : s.size() == 1 && s[0].first == "<root>" ? s[0].second
-                                                               : std::to_string(s.size()) + " values that are not tensors"));
+    throw Error(ErrorKind::UnsupportedArchive, path + ": holds no tensor; its root is " +
+                                                   (s.empty() ? std::string("an empty container")
+                                                    : s.size() == 1 && s[0].first == "<root>"
+                                                        ? s[0].second
+                                                        : std::to_string(s.size()) + " values that are not tensors"));
   }
   for (auto& [name, desc] : collector.tensors) {
     const ZipRecord& r = records.at("data/" + desc.key);
@@ -313,7 +314,8 @@ std::shared_ptr<const Source> open_torch_save(std::shared_ptr<const ByteSource> 
   std::map<std::tuple<std::string, Dtype, uint64_t, std::vector<int64_t>, std::vector<int64_t>>, size_t> views;
   for (size_t i = 0; i < source->tensors.size(); ++i) {
     const TorchTensor& t = source->tensors[i];
-    const auto [first, inserted] = views.emplace(std::make_tuple(t.desc.key, t.desc.dtype, t.desc.offset, t.desc.sizes, t.desc.strides), i);
+    const auto [first, inserted] =
+        views.emplace(std::make_tuple(t.desc.key, t.desc.dtype, t.desc.offset, t.desc.sizes, t.desc.strides), i);
     source->aliases.push_back(inserted || t.byte_length == 0 ? std::nullopt : std::optional<size_t>(first->second));
   }
   return source;

@@ -19,8 +19,8 @@
 #include "tensormap/error.h"
 #include "tensormap/format.h"
 #include "torch_save/torch_names.h"
-#include "write/writer_core.h"
 #include "torch_save/zip.h"
+#include "write/writer_core.h"
 
 namespace tensormap {
 namespace {
@@ -61,7 +61,8 @@ class PickleOut {
 
 // An alias (aliases[i]) is a second tensor over its target's storage record, as
 // torch.save writes tied weights.
-std::string pickle_state_dict(const std::vector<TensorSpec>& tensors, const std::vector<std::optional<size_t>>& aliases) {
+std::string pickle_state_dict(const std::vector<TensorSpec>& tensors,
+                              const std::vector<std::optional<size_t>>& aliases) {
   PickleOut p;
   p.op(static_cast<char>(0x80));
   p.op(2);  // PROTO 2

@@ -6,11 +6,11 @@
 #include <algorithm>
 #include <cstring>
 
-#include "util/bytes.h"
-#include "io/byte_source.h"
 #include "format/names.h"
+#include "io/byte_source.h"
 #include "tensormap/error.h"
 #include "tensormap/format.h"
+#include "util/bytes.h"
 
 namespace tensormap::detail {
 namespace {
@@ -74,12 +74,14 @@ Directory find_directory(const Reader& r) {
       const uint64_t at = load_le<uint64_t>(locator.data() + 8);
       const auto end64 = r.read(at, kEnd64Size, "the Zip64 end record");
       if (load_le<uint32_t>(end64.data()) != kEnd64Signature) r.fail("the Zip64 locator points at no Zip64 end record");
-      d = {load_le<uint64_t>(end64.data() + 32), load_le<uint64_t>(end64.data() + 48), load_le<uint64_t>(end64.data() + 40)};
+      d = {load_le<uint64_t>(end64.data() + 32), load_le<uint64_t>(end64.data() + 48),
+           load_le<uint64_t>(end64.data() + 40)};
     }
     const auto dir_end = checked_add(d.offset, d.size);
     if (!dir_end || *dir_end > end_at) r.fail("its central directory passes its end record");
     if (d.count > d.size / kCentralSize) {
-      r.fail(std::to_string(d.count) + " records cannot fit a central directory of " + std::to_string(d.size) + " bytes");
+      r.fail(std::to_string(d.count) + " records cannot fit a central directory of " + std::to_string(d.size) +
+             " bytes");
     }
     return d;
   }
@@ -136,8 +138,8 @@ std::vector<ZipRecord> read_zip_directory(const ByteSource& file) {
     if (load_le<uint32_t>(header.data()) != kLocalSignature) {
       r.fail("record " + quoted(rec.name) + " has no local header at offset " + std::to_string(local));
     }
-    const auto data = checked_add(local, kLocalSize + load_le<uint16_t>(header.data() + 26) +
-                                             load_le<uint16_t>(header.data() + 28));
+    const auto data =
+        checked_add(local, kLocalSize + load_le<uint16_t>(header.data() + 26) + load_le<uint16_t>(header.data() + 28));
     const auto data_end = data ? checked_add(*data, rec.size) : std::nullopt;
     if (!data_end || *data_end > r.size()) {
       r.fail("record " + quoted(rec.name) + " of " + std::to_string(rec.size) + " bytes passes the end of the file");

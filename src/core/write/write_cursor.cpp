@@ -23,7 +23,8 @@ WriteCursor::WriteCursor(std::string path, const std::vector<TensorSpec>& tensor
     if (!dtype_from_code(static_cast<uint8_t>(t.dtype))) {
       refuse(label + ": unknown dtype code " + std::to_string(static_cast<unsigned>(t.dtype)));
     }
-    const auto n = format::tensor_byte_length(t.shape.data(), static_cast<unsigned>(t.shape.size()), dtype_size(t.dtype));
+    const auto n =
+        format::tensor_byte_length(t.shape.data(), static_cast<unsigned>(t.shape.size()), dtype_size(t.dtype));
     if (!n) refuse(label + ": shape is too large (2^63 bytes or more)");
     names_.push_back(t.name);
     if (!t.alias_of) {
@@ -51,7 +52,9 @@ WriteCursor::WriteCursor(std::string path, const std::vector<TensorSpec>& tensor
   }
 }
 
-void WriteCursor::refuse(const std::string& what) const { throw Error(ErrorKind::InvalidArgument, path_ + ": " + what); }
+void WriteCursor::refuse(const std::string& what) const {
+  throw Error(ErrorKind::InvalidArgument, path_ + ": " + what);
+}
 
 void WriteCursor::check_write(size_t size) const {
   if (size == 0) return;
@@ -67,8 +70,7 @@ void WriteCursor::check_whole(size_t size) const {
   if (complete()) refuse("write_tensor called after every tensor was complete");
   if (written_ != 0 || size != byte_lengths_[current_]) {
     refuse("tensor " + quoted(names_[current_]) + " takes " + std::to_string(byte_lengths_[current_]) +
-           " bytes in one piece, got " + std::to_string(size) + " (" + std::to_string(written_) +
-           " already written)");
+           " bytes in one piece, got " + std::to_string(size) + " (" + std::to_string(written_) + " already written)");
   }
 }
 

@@ -7,9 +7,9 @@
 // The header, which holds the checksums, is written last.
 #include "tensormap/writer.h"
 
-#include "write/file_writer.h"
 #include "io/posix_io.h"
 #include "tensormap/error.h"
+#include "write/file_writer.h"
 
 namespace tensormap {
 
@@ -85,7 +85,7 @@ void FileWriterCore::copy_tensor(int fd, uint64_t offset, uint64_t size, uint64_
   const size_t i = cursor().current();
   guarded([&] {
     output_->copy_from(fd, offset, size, layout_.offsets[i], what);
-    advance(size);            // records the hash of no bytes ...
+    advance(size);             // records the hash of no bytes ...
     checksums_[i] = checksum;  // ... which the source's checksum replaces
   });
 }
