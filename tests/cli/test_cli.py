@@ -270,6 +270,28 @@ def test_the_cli_is_the_core_only_fast_and_small(tmp):
                   code == 0 and kib < 48 * 1024, probe.stderr)
 
 
+def test_hostile_pickles_are_refused_in_bounded_memory(tmp):
+    """Issue 29: an 8 MB pickle of popped values once made inspect peak at 1.2 GB."""
+    import zipfile
+    libs = subprocess.run(["ldd", CLI], capture_output=True, text=True).stdout
+    sanitized = "libasan" in libs or "libubsan" in libs
+    for what, body, limit_mib in (("popped Nones", b"N0" * 4_000_000, 48), ("popped small ints", b"K\x000" * 2_700_000, 48),
+                                  ("one list memoized 4M times", b"]" + b"q\x00" * 4_000_000, 48)):
+        path = os.path.join(tmp, "hostile.pt")
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+            z.writestr("archive/data.pkl", b"\x80\x02}" + body + b"." if not body.startswith(b"]") else b"\x80\x02" + body + b".")
+            z.writestr("archive/version", "3\n")
+        probe = subprocess.run([sys.executable, "-c", (
+            "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+            "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); print(r.stderr)"), CLI, "inspect", path],
+            capture_output=True, text=True)
+        first, message = probe.stdout.split("\n", 1)
+        code, kib = (int(x) for x in first.split())
+        ok = code == 1 and "UnsupportedArchive" in message and (sanitized or kib < limit_mib * 1024)
+        check(f"8 MB pickle of {what}: exit 1 (UnsupportedArchive), peak RSS {kib / 1024:.1f} MiB < {limit_mib} MiB", ok,
+              message)
+
+
 def test_shard_size_must_be_a_size(tmp):
     source = os.path.join(VALID, "all_dtypes.tmap")
     for bad in ("0.5", "0", "-1", "inf", "nan", "1e30", "12X", "G"):
