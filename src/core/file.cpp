@@ -8,8 +8,11 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <condition_variable>
 #include <cstring>
 #include <memory>
+#include <mutex>
+#include <thread>
 
 #include "format/detect.h"
 #include "format/header.h"
@@ -106,9 +109,92 @@ Error File::corrupted(const TensorEntry& entry, uint64_t computed) const {
                                                 " but the header records " + detail::hex64(entry.checksum));
 }
 
+namespace {
+
+// Hashes the bytes of `dest` a second thread has read so far, on this thread, while that
+// thread goes on reading: the checksum of a large tensor costs a second core's time, not
+// the load's. `read_upto` grows as pieces land; `failed` stops the hashing early.
+class PipelinedHash {
+ public:
+  PipelinedHash(const unsigned char* data, uint64_t size, const std::string& path) : data_(data), size_(size) {
+    if (!state_) throw Error(ErrorKind::Io, path + ": cannot allocate a hash state");
+    XXH3_64bits_reset(state_.get());
+    worker_ = std::thread([this] { run(); });
+  }
+  ~PipelinedHash() { stop(); }
+  PipelinedHash(const PipelinedHash&) = delete;
+  PipelinedHash& operator=(const PipelinedHash&) = delete;
+
+  // Bytes [0, upto) of the tensor are in place.
+  void landed(uint64_t upto) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      read_upto_ = upto;
+    }
+    more_.notify_one();
+  }
+  // Waits for the hash of all `size` bytes.
+  uint64_t digest() {
+    worker_.join();
+    return XXH3_64bits_digest(state_.get());
+  }
+  // Stops the hashing (a read failed); safe to call twice.
+  void stop() noexcept {
+    if (!worker_.joinable()) return;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stopped_ = true;
+    }
+    more_.notify_one();
+    worker_.join();
+  }
+
+ private:
+  void run() {
+    uint64_t hashed = 0;
+    while (hashed < size_) {
+      uint64_t upto;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        more_.wait(lock, [&] { return stopped_ || read_upto_ > hashed; });
+        if (stopped_) return;
+        upto = read_upto_;
+      }
+      XXH3_64bits_update(state_.get(), data_ + hashed, static_cast<size_t>(upto - hashed));
+      hashed = upto;
+    }
+  }
+
+  const unsigned char* data_;
+  uint64_t size_;
+  std::unique_ptr<XXH3_state_t, XXH_errorcode (*)(XXH3_state_t*)> state_{XXH3_createState(), XXH3_freeState};
+  std::mutex mutex_;
+  std::condition_variable more_;
+  uint64_t read_upto_ = 0;
+  bool stopped_ = false;
+  std::thread worker_;
+};
+
+}  // namespace
+
 void File::read_checked(const TensorEntry& entry, void* dest) const {
   if (!has_checksums()) {
     read(entry, 0, dest, entry.byte_length);
+    return;
+  }
+  const std::string label = "tensor " + detail::quoted(entry.name);
+  auto* out = static_cast<unsigned char*>(dest);
+  // A large tensor: read on this thread, hashed on another as the pieces land.
+  constexpr uint64_t kPipelined = 8 << 20, kLanding = 1 << 20;
+  if (entry.byte_length >= kPipelined && std::thread::hardware_concurrency() > 1) {
+    PipelinedHash hash(out, entry.byte_length, path());
+    for (uint64_t at = 0; at < entry.byte_length; at += kLanding) {
+      const uint64_t n = std::min(kLanding, entry.byte_length - at);
+      impl_->mapping->read(entry.offset + at, out + at, n, label);  // a failure stops the hash first
+      hash.landed(at + n);
+    }
+    const uint64_t computed = hash.digest();
+    if (computed != entry.checksum) throw corrupted(entry, computed);
     return;
   }
   constexpr uint64_t kPiece = 256 << 10;  // hashed while still in the CPU's cache
@@ -116,8 +202,6 @@ void File::read_checked(const TensorEntry& entry, void* dest) const {
   if (!state) throw Error(ErrorKind::Io, path() + ": cannot allocate a hash state");
   std::unique_ptr<XXH3_state_t, XXH_errorcode (*)(XXH3_state_t*)> owner(state, XXH3_freeState);
   XXH3_64bits_reset(state);
-  const std::string label = "tensor " + detail::quoted(entry.name);
-  auto* out = static_cast<unsigned char*>(dest);
   for (uint64_t at = 0; at < entry.byte_length; at += kPiece) {
     const uint64_t n = std::min(kPiece, entry.byte_length - at);
     impl_->mapping->read(entry.offset + at, out + at, n, label);

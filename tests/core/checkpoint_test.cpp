@@ -614,6 +614,32 @@ TEST(FormatNames, TheDestinationsNameGivesItsFormat) {
   EXPECT_EQ(format_for_path(".index.json"), Format::Tensormap);
 }
 
+// A tensor of 8 MiB or more is hashed on a second thread as its pieces land: the same
+// verdict as the one-thread path, wherever the damage is.
+TEST(ReadChecked, ALargeTensorIsCheckedAsItLandsWhereverItIsDamaged) {
+  TempDir dir;
+  const std::string path = dir.file("big.tmap");
+  const uint64_t n = (uint64_t{24} << 20) + 12345;
+  write_pattern_file(path, {{"small", Dtype::U8, {1000}}, {"big", Dtype::U8, {n}}});
+  std::vector<unsigned char> out(n);
+  Checkpoint::open(path).read_checked("big", out.data());
+  EXPECT_EQ(out[n - 1], static_cast<unsigned char>(7 + (n - 1)));
+  const uint64_t at = File::open(path).at("big").offset;
+  for (const uint64_t where : {uint64_t{0}, (uint64_t{1} << 20) - 1, n / 2, n - 1}) {
+    std::vector<unsigned char> bytes = read_bytes(path);
+    bytes[at + where] ^= 0x40;
+    const std::string damaged = dir.file("damaged.tmap");
+    write_bytes(damaged, bytes);
+    try {
+      Checkpoint::open(damaged).read_checked("big", out.data());
+      FAIL() << "damage at byte " << where << " went unseen";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::ChecksumMismatch) << e.what();
+      EXPECT_NE(std::string(e.what()).find("'big'"), std::string::npos) << e.what();
+    }
+  }
+}
+
 TEST(VerifyCheckpoint, ReportsWhatWasCheckedForEachFormatAndEveryBadTensor) {
   TempDir dir;
   const std::vector<TensorSpec> specs = {{"a", Dtype::F32, {1000}}, {"b", Dtype::U8, {5000}}};
