@@ -85,6 +85,12 @@ struct LoadOptions {
   // cold 1 GiB copy-mode load in the benchmark suite (tensormap-copy-verified against
   // tensormap-copy), more than the 10% that would make it free.
   bool verify_checksums = false;
+  // Copy mode: a parameter without storage (a skeleton's) gets fresh memory of its own,
+  // 2 MiB-aligned and advised MADV_HUGEPAGE where it is 2 MiB or more (allocate_huge,
+  // page_cache.h): the first write into fresh memory bounds a copy from the page cache,
+  // and costs less in 2 MiB pages. The memory is the parameter's own, as before (1x).
+  // false: the CPU allocator's memory, in 4 KiB pages.
+  bool huge_pages = true;
 };
 
 struct TENSORMAP_EXPORT LoadReport {
@@ -114,6 +120,25 @@ TENSORMAP_EXPORT LoadReport load(torch::nn::Module& module, const std::string& p
 // shrank since it was mapped (where a touch would kill the process with SIGBUS), Error(Io)
 // if the kernel cannot populate them.
 TENSORMAP_EXPORT void prefault(const torch::nn::Module& module, int threads = 0);
+
+struct PrefaultOptions {
+  int threads = 0;  // as for prefault() above
+  // Check each tensor against `state`'s XXH3-64 while faulting it in: the hash reads every
+  // byte, so it is the fault-in, on the same threads. Tensors of a file without checksums
+  // (safetensors, torch.save), rank parts and tensors whose bytes differ in size from the
+  // checkpoint's are faulted in unchecked. A mismatch is Error(ChecksumMismatch) naming
+  // the tensor: the file is corrupt, or the tensor was written since it was loaded (call
+  // it right after the load, before training changes the weights).
+  bool verify = false;
+};
+
+// prefault() of a model loaded from `state`, with the options above: map mode's
+// counterpart of LoadOptions::verify_checksums.
+//
+//   auto state = tensormap::StateDict::open("model.tmap");
+//   tensormap::load(*model, state);
+//   tensormap::prefault(*model, state, {.verify = true});
+TENSORMAP_EXPORT void prefault(const torch::nn::Module& module, const StateDict& state, const PrefaultOptions& options);
 
 // The same full prefault on one thread of its own, while the caller goes on: started just
 // after a map-mode load, it reads the weights in ahead of a first forward pass, so that

@@ -214,14 +214,20 @@ void bind_loading(py::module_& m) {
       py::arg("drop_read_pages"));
   m.def(
       "prefault",
-      [](const std::vector<std::tuple<std::string, at::Tensor, bool>>& tensors, int threads) {
+      [](const std::vector<std::tuple<std::string, at::Tensor, bool>>& tensors, int threads,
+         const StateDict* verify_against) {
         std::vector<Entry> entries;
         for (const auto& [name, tensor, buffer] : tensors) entries.push_back({name, tensor, buffer});
         const auto proxy = proxy_of(entries);
+        InterruptCheckScope interruptible(python_signals());
         py::gil_scoped_release unlocked;
-        tensormap::prefault(*proxy, threads);
+        if (verify_against) {
+          tensormap::prefault(*proxy, *verify_against, {threads, true});
+        } else {
+          tensormap::prefault(*proxy, threads);
+        }
       },
-      py::arg("tensors"), py::arg("threads"));
+      py::arg("tensors"), py::arg("threads"), py::arg("verify_against") = nullptr);
 
   py::class_<Background>(m, "BackgroundPrefault")
       .def("wait",

@@ -7,15 +7,19 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <optional>
 #include <thread>
+
+#include <xxhash.h>
 
 #include "loading.h"
 #include "released.h"
 #include "tensormap/error.h"
 #include "tensormap/load.h"
 #include "tensormap/page_cache.h"
+#include "tensormap/state_dict.h"
 #include "tensormap/tensor.h"
 
 namespace tensormap {
@@ -98,6 +102,82 @@ void prefault(const torch::nn::Module& module, int threads) {
   auto run = [&](size_t w) {
     for (const PrefaultPiece& r : work[w]) {
       fault_in(r, names, errors[w]);
+      if (errors[w]) return;
+    }
+  };
+  std::vector<std::thread> pool;
+  for (size_t w = 1; w < work.size(); ++w) pool.emplace_back(run, w);
+  run(0);
+  for (auto& t : pool) t.join();
+  for (const auto& e : errors) {
+    if (e) throw *e;
+  }
+}
+
+namespace {
+
+// One tensor for a verified prefault: its bytes, and the checksum they must hash to (none:
+// faulted in unchecked).
+struct VerifyJob {
+  const unsigned char* data;
+  uint64_t size;
+  std::optional<uint64_t> checksum;
+  std::string name;
+};
+
+void run_job(const VerifyJob& job, const std::string& path, std::optional<Error>& error) {
+  const uintptr_t page = static_cast<uintptr_t>(page_size());
+  const auto begin = reinterpret_cast<uintptr_t>(job.data) & ~(page - 1);
+  const auto end = reinterpret_cast<uintptr_t>(job.data) + job.size;
+  fault_in({begin, end, 0}, {job.name}, error);  // Truncated, not SIGBUS, for a file that shrank
+  if (error || !job.checksum) return;
+  const uint64_t computed = XXH3_64bits(job.data, static_cast<size_t>(job.size));
+  if (computed != *job.checksum) {
+    char hex[2][19];
+    std::snprintf(hex[0], sizeof hex[0], "0x%016llx", static_cast<unsigned long long>(computed));
+    std::snprintf(hex[1], sizeof hex[1], "0x%016llx", static_cast<unsigned long long>(*job.checksum));
+    error = Error(ErrorKind::ChecksumMismatch,
+                  "prefault: tensor " + quoted_name(job.name) + " hashes to " + hex[0] + " but " + path +
+                      " records " + hex[1] + ": the file is corrupt, or the tensor was written since it was loaded");
+  }
+}
+
+}  // namespace
+
+void prefault(const torch::nn::Module& module, const StateDict& state, const PrefaultOptions& options) {
+  if (!options.verify) {
+    prefault(module, options.threads);
+    return;
+  }
+  std::vector<VerifyJob> jobs;
+  std::vector<at::Tensor> keep;
+  for (const auto& [name, t] : named_state(module)) {
+    if (is_released(t) || t.nbytes() == 0 || !t.device().is_cpu()) continue;
+    VerifyJob job{static_cast<const unsigned char*>(t.data_ptr()), t.nbytes(), std::nullopt, name};
+    if (state.contains(name) && t.is_contiguous()) {
+      const TensorPlacement p = state.checkpoint().placement(name);
+      if (p.file && p.entry && p.file->has_checksums() && p.entry->byte_length == t.nbytes()) {
+        job.checksum = p.entry->checksum;
+      }
+    }
+    jobs.push_back(std::move(job));
+    keep.push_back(t);
+  }
+  // The largest first, each to the thread with the fewest bytes so far.
+  std::sort(jobs.begin(), jobs.end(), [](const VerifyJob& a, const VerifyJob& b) { return a.size > b.size; });
+  const size_t threads = static_cast<size_t>(options.threads > 0 ? options.threads : std::max(1, at::get_num_threads()));
+  std::vector<std::vector<const VerifyJob*>> work(std::min(threads, std::max<size_t>(jobs.size(), 1)));
+  std::vector<uint64_t> assigned(work.size(), 0);
+  for (const VerifyJob& job : jobs) {
+    const size_t w = static_cast<size_t>(std::min_element(assigned.begin(), assigned.end()) - assigned.begin());
+    work[w].push_back(&job);
+    assigned[w] += job.size;
+  }
+  const std::string& path = state.checkpoint().path();
+  std::vector<std::optional<Error>> errors(work.size());
+  auto run = [&](size_t w) {
+    for (const VerifyJob* job : work[w]) {
+      run_job(*job, path, errors[w]);
       if (errors[w]) return;
     }
   };

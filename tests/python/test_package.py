@@ -752,6 +752,20 @@ def test_prefault_and_prefault_in_background(tmp_path):
         assert torch.equal(model.head.weight, source.head.weight)
 
 
+def test_prefault_verify_checks_each_tensor_against_the_file(tmp_path):
+    source = trained(Net)
+    path = tmp_path / "m.tmap"
+    tensormap.save(source, path)
+    model = build("skeleton", Net)
+    tensormap.load(model, path)
+    tensormap.prefault(model, threads=2, verify=path)  # intact: passes
+    with torch.no_grad():
+        model.head.weight[0, 0] += 1  # written since the load (a copy-on-write page)
+    with pytest.raises(tensormap.Error) as e:
+        tensormap.prefault(model, verify=path)
+    assert e.value.kind == "ChecksumMismatch" and "'head.weight'" in str(e.value)
+
+
 # --- memory ---------------------------------------------------------------------------------
 
 MEMORY_PROBE = r"""

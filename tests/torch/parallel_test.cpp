@@ -387,6 +387,44 @@ TEST(Prefault, FaultsInEveryMappedWeightWithoutCopyingThem) {
   expect_faulted_in_uncopied(*model, path, before);
 }
 
+// prefault with verify: every weight is faulted in and checked against the file's XXH3;
+// a weight whose bytes in the file were damaged after the save is named.
+TEST(Prefault, VerifiedChecksEveryWeightAgainstTheFileAsItFaultsItIn) {
+  TempDir dir;
+  const std::string path = dir.file("full.tmap");
+  auto model = mapped_model(path);
+  const auto before = read_process_memory();
+  prefault(*model, StateDict::open(path), {2, true});
+  expect_faulted_in_uncopied(*model, path, before);
+
+  // One byte of one weight damaged in the file: a map-mode load does not read it, the
+  // verified prefault does.
+  const File f = File::open(path);
+  const TensorEntry& victim = f.tensors().back();
+  const std::string name(victim.name);
+  const uint64_t at = victim.offset + victim.byte_length / 2;
+  {
+    std::fstream io(path, std::ios::in | std::ios::out | std::ios::binary);
+    io.seekg(static_cast<std::streamoff>(at));
+    char c = 0;
+    io.read(&c, 1);
+    c = static_cast<char>(c ^ 0x20);
+    io.seekp(static_cast<std::streamoff>(at));
+    io.write(&c, 1);
+  }
+  auto again = build_skeleton([] { return tp_model(2, 1024, 2048, 1); });
+  const StateDict state = StateDict::open(path);
+  load(*again, state);
+  prefault(*again, state, {0, false});  // unverified: nothing to see
+  try {
+    prefault(*again, state, {2, true});
+    ADD_FAILURE() << "a damaged weight passed the verified prefault";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::ChecksumMismatch) << e.what();
+    EXPECT_NE(std::string(e.what()).find(quoted_name(name)), std::string::npos) << e.what();
+  }
+}
+
 // A file that shrinks after a map-mode load: prefault reports Error(Truncated) naming a
 // tensor past the new end (MADV_POPULATE_READ says EFAULT) instead of dying of SIGBUS.
 TEST(Prefault, AFileThatShrankIsTruncatedNotSigbus) {

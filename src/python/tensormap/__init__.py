@@ -292,10 +292,16 @@ def load(module: torch.nn.Module, path: Union[PathLike, "Checkpoint"], mode: str
     return LoadReport(report["loaded"], report["missing"], report["unexpected"], report["mismatched"])
 
 
-def prefault(module: torch.nn.Module, threads: int = 0) -> None:
+def prefault(module: torch.nn.Module, threads: int = 0, *, verify: Optional[PathLike] = None) -> None:
     """Fault in every page of every tensor of ``module`` now (after a map-mode load: the
-    file's pages), on ``threads`` threads (0: torch's intra-op count), without writing."""
-    _C.prefault(_state_entries(module), threads)
+    file's pages), on ``threads`` threads (0: torch's intra-op count), without writing.
+
+    ``verify``: the checkpoint the model was loaded from; each tensor is then checked
+    against its XXH3-64 as it is faulted in (map mode's counterpart of a verified copy
+    load), and a mismatch raises ``Error`` of kind ``ChecksumMismatch`` naming it. Call it
+    right after the load: a tensor written since then no longer matches."""
+    state = _C.StateDict.open(_path(verify)) if verify is not None else None
+    _C.prefault(_state_entries(module), threads, state)
 
 
 def prefault_in_background(module: torch.nn.Module):
