@@ -2,6 +2,7 @@
 // quoted for messages and terminals.
 #include "tensormap/error.h"
 
+#include <cstdint>
 #include <cstdio>
 
 #include "util/utf8.h"
