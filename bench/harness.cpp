@@ -237,6 +237,7 @@ int cmd_run(const Args& a) {
                                                        {"tensormap-copy", "tmap"},
                                                        {"tensormap-copy-keep-cache", "tmap"},
                                                        {"tensormap-copy-verified", "tmap"},
+                                                       {"tensormap-copy-huge", "tmap"},
                                                        {"safetensors-map", "safetensors"},
                                                        {"torchsave-map", "pt"},
                                                        {"torch-load", "archive"},
@@ -278,7 +279,8 @@ int cmd_run(const Args& a) {
       tensormap::LoadOptions o;
       o.mode = tensormap::LoadMode::Copy;
       o.drop_read_pages = strategy != "tensormap-copy-keep-cache";  // copy mode before issue 15
-      o.verify_checksums = strategy == "tensormap-copy-verified";   // off by default
+      o.verify_checksums = strategy == "tensormap-copy-verified";   // explicit, whatever the default
+      o.huge_pages = strategy == "tensormap-copy-huge";             // off by default
       tensormap::load(*model, path, o);
     } else if (strategy == "torch-load") {
       torch::load(model, path);

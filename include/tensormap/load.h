@@ -81,16 +81,20 @@ struct LoadOptions {
   // it is read (File::read_checked); a corrupt one stops the load with
   // Error(ChecksumMismatch) naming the file and the tensor, the tensors before it loaded.
   // A rank's part of a split tensor, and safetensors and torch.save files (no checksums),
-  // are read unchecked. Off by default: it cost 1.4x to 1.6x the load time of a warm or
-  // cold 1 GiB copy-mode load in the benchmark suite (tensormap-copy-verified against
-  // tensormap-copy), more than the 10% that would make it free.
-  bool verify_checksums = false;
+  // are read unchecked. On by default: a tensor of 8 MiB or more is hashed on a second
+  // thread as its pieces land, a smaller one in 256 KiB pieces while they are in cache,
+  // and a 1 GiB load cost 1.03x (warm) and 1.04x (cold) the unchecked time, 9
+  // interleaved rounds (bench/results/COPY-MODES-debian12.md). false skips the check.
+  // Map mode reads nothing at load time: prefault(module, state, {.verify = true}) checks.
+  bool verify_checksums = true;
   // Copy mode: a parameter without storage (a skeleton's) gets fresh memory of its own,
   // 2 MiB-aligned and advised MADV_HUGEPAGE where it is 2 MiB or more (allocate_huge,
-  // page_cache.h): the first write into fresh memory bounds a copy from the page cache,
-  // and costs less in 2 MiB pages. The memory is the parameter's own, as before (1x).
-  // false: the CPU allocator's memory, in 4 KiB pages.
-  bool huge_pages = true;
+  // page_cache.h), instead of the CPU allocator's 4 KiB pages; the memory is the
+  // parameter's own either way (1x). Off by default: on the machines measured (a 2-core
+  // VM, THP "madvise" with defrag "madvise"), 2 MiB pages made 1 GiB loads slower, not
+  // faster (bench/results/COPY-MODES-debian12.md): the kernel compacts memory to find
+  // each huge page in the fault path. Worth trying where huge pages come cheap.
+  bool huge_pages = false;
 };
 
 struct TENSORMAP_EXPORT LoadReport {

@@ -75,4 +75,14 @@ TENSORMAP_EXPORT void read_ahead(const void* begin, size_t size);
 // (which shrank), where a touch would raise SIGBUS. EINVAL: the kernel lacks the call.
 TENSORMAP_EXPORT int populate_for_read(const void* begin, size_t size);
 
+// Fresh anonymous memory of `size` bytes for a copy-mode destination, its start on a 2 MiB
+// boundary, advised MADV_HUGEPAGE (where the kernel has transparent huge pages in
+// `madvise` or `always` mode) and faulted in for writing in one call: the first write into
+// fresh memory, the bound of a copy from the page cache, costs less with 2 MiB pages. The
+// mapping ends at `size` rounded up to the page size, so the last partial 2 MiB block
+// stays in 4 KiB pages and no memory beyond the tensor's is committed. nullptr where the
+// mapping is refused (the caller then allocates as usual). Free with free_huge.
+TENSORMAP_EXPORT void* allocate_huge(size_t size);
+TENSORMAP_EXPORT void free_huge(void* memory, size_t size) noexcept;
+
 }  // namespace tensormap

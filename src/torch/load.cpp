@@ -60,8 +60,9 @@ namespace {
 // with pread straight into it when the bytes are already what the target holds, so that
 // no temporary is made and no mapped page is faulted in (and no SIGBUS if the file
 // shrinks meanwhile).
-void copy_into(at::Tensor& target, const StateDict& state, const LoadPlan::Binding& b, bool drop_cache, bool verify) {
-  ensure_storage(target);
+void copy_into(at::Tensor& target, const StateDict& state, const LoadPlan::Binding& b, const BindingOptions& how) {
+  const bool verify = how.verify;
+  ensure_storage(target, how.huge_pages);
   const StateDict::Info info = state.info(b.name);
   const bool same_bytes = to_scalar_type(info.dtype) == target.scalar_type() && target.is_contiguous();
   const Part& p = b.part;
@@ -83,7 +84,7 @@ void copy_into(at::Tensor& target, const StateDict& state, const LoadPlan::Bindi
     target.copy_(raw.view(*to_scalar_type(info.dtype)).view(info.shape));
   }
   state.evict(b.name);
-  if (drop_cache) state.drop_cache(b.name);
+  if (how.drop_cache) state.drop_cache(b.name);
 }
 
 }  // namespace
@@ -112,8 +113,17 @@ std::string mismatch(const at::Tensor& target, const StateDict::Info& info, Load
 }
 
 // A fresh tensor whose pages are faulted in ahead, in one system call: page by page
-// first-touch faults cost several times more, markedly so in virtual machines.
-at::Tensor allocate_populated(at::IntArrayRef sizes, const at::TensorOptions& options) {
+// first-touch faults cost several times more, markedly so in virtual machines. With
+// `huge`, one of 2 MiB or more lies in memory of its own in 2 MiB pages (allocate_huge).
+at::Tensor allocate_populated(at::IntArrayRef sizes, const at::TensorOptions& options, bool huge) {
+  constexpr size_t kHuge = size_t{2} << 20;
+  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+  if (huge && bytes >= kHuge && options.device().is_cpu()) {
+    if (void* memory = allocate_huge(bytes)) {
+      return at::from_blob(
+          memory, sizes, [bytes](void* p) { free_huge(p, bytes); }, options);
+    }
+  }
   at::Tensor t = at::empty(sizes, options);
   populate_for_write(t.data_ptr(), t.nbytes());
   return t;
@@ -167,10 +177,10 @@ void check_plan(const ParallelPlan& plan) {
   }
 }
 
-void ensure_storage(at::Tensor& target) {
+void ensure_storage(at::Tensor& target, bool huge) {
   if (is_released(target)) {
     prepare_to_bind(target);
-    target.set_(allocate_populated(target.sizes(), target.options()));
+    target.set_(allocate_populated(target.sizes(), target.options(), huge));
   }
 }
 
@@ -218,7 +228,7 @@ LoadPlan plan_load(const torch::nn::Module& module, const StateDict& state, cons
 void load_binding(LoadPlan::Binding& b, const StateDict& state, const BindingOptions& options) {
   detail::check_interrupt();  // between tensors (interrupt.h)
   if (options.mode == LoadMode::Copy) {
-    copy_into(b.target, state, b, options.drop_cache, options.verify);
+    copy_into(b.target, state, b, options);
   } else {
     // The tensor, or a rank's part of it: a zero-copy view (a part that is not one range
     // of the file comes as a tensor of its own, read row by row).
@@ -280,6 +290,7 @@ LoadReport apply_load(LoadPlan plan, const StateDict& state, const LoadOptions& 
       how.read_ahead = options.parallel.has_value();
       how.drop_cache = cold[i];
       how.verify = options.verify_checksums;
+      how.huge_pages = options.huge_pages;
       load_binding(b, state, how);
       if (b.part.dim < 0) whole.emplace(b.name, i);
     }

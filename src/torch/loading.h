@@ -81,6 +81,8 @@ struct BindingOptions {
   // whole tensor's checksum as it is read.
   bool drop_cache = false;
   bool verify = false;
+  // Copy mode: a released target gets fresh memory in 2 MiB pages (LoadOptions::huge_pages).
+  bool huge_pages = false;
 };
 
 // Loads one binding: in copy mode, a pread straight into the target's own memory; in map
@@ -97,7 +99,7 @@ LoadMode resolved_mode(LoadMode mode, const StateDict& state);
 
 // Makes a released target an ordinary tensor with fresh, faulted-in memory; keeps an
 // allocated one as it is.
-void ensure_storage(at::Tensor& target);
+void ensure_storage(at::Tensor& target, bool huge = false);
 
 // Puts `value` into `target`: binds it in map mode, copies it (allocating a released
 // target first) in copy mode.
@@ -107,6 +109,6 @@ void store(at::Tensor& target, const at::Tensor& value, LoadMode mode);
 void check_plan(const ParallelPlan& plan);
 
 // A fresh tensor, its pages faulted in ahead in one system call.
-at::Tensor allocate_populated(at::IntArrayRef sizes, const at::TensorOptions& options);
+at::Tensor allocate_populated(at::IntArrayRef sizes, const at::TensorOptions& options, bool huge = false);
 
 }  // namespace tensormap::detail

@@ -599,10 +599,10 @@ TEST(LoadCopy, ConvertsBf16InTheFileIntoAnF32Model) {
   EXPECT_TRUE(torch::equal(lin->bias, torch::ones({4})));
 }
 
-// verify_checksums: a flipped byte in a tensor's data (the header still sound, so the
-// file opens) stops a copy-mode load with ChecksumMismatch naming the tensor, whether
-// the bytes go straight into the model or through a dtype conversion; unchecked, the
-// load takes the corrupt bytes.
+// verify_checksums, on by default: a flipped byte in a tensor's data (the header still
+// sound, so the file opens) stops a copy-mode load with ChecksumMismatch naming the
+// tensor, whether the bytes go straight into the model or through a dtype conversion;
+// unchecked, the load takes the corrupt bytes.
 TEST(LoadCopy, VerifyingChecksumsNamesTheCorruptTensor) {
   TempDir dir;
   const std::string path = dir.file("lin.tmap");
@@ -616,8 +616,7 @@ TEST(LoadCopy, VerifyingChecksumsNamesTheCorruptTensor) {
     torch::nn::Linear lin(3, 4);
     lin->to(dtype);
     LoadOptions checked;
-    checked.mode = LoadMode::Copy;
-    checked.verify_checksums = true;
+    checked.mode = LoadMode::Copy;  // verify_checksums is on by default
     try {
       load(*lin, path, checked);
       ADD_FAILURE() << "a corrupt tensor loaded";

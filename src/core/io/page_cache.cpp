@@ -320,4 +320,29 @@ int populate_for_read(const void* begin, size_t size) {
   return rc == 0 ? 0 : errno;
 }
 
+void* allocate_huge(size_t size) {
+  constexpr size_t kHuge = size_t{2} << 20;
+  const size_t page = static_cast<size_t>(page_size());
+  if (size == 0) return nullptr;
+  const size_t length = (size + page - 1) & ~(page - 1);
+  // A reservation one huge page longer, cut down to a 2 MiB-aligned start.
+  void* reserve = ::mmap(nullptr, length + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (reserve == MAP_FAILED) return nullptr;
+  const auto low = reinterpret_cast<uintptr_t>(reserve);
+  const uintptr_t start = (low + kHuge - 1) & ~uintptr_t{kHuge - 1};
+  if (start > low) ::munmap(reserve, start - low);
+  const uintptr_t end = low + length + kHuge;
+  if (end > start + length) ::munmap(reinterpret_cast<void*>(start + length), end - (start + length));
+  void* memory = reinterpret_cast<void*>(start);
+  (void)::madvise(memory, length, MADV_HUGEPAGE);  // advisory: EINVAL without THP
+  populate_for_write(memory, length);
+  return memory;
+}
+
+void free_huge(void* memory, size_t size) noexcept {
+  if (!memory || size == 0) return;
+  const size_t page = static_cast<size_t>(page_size());
+  ::munmap(memory, (size + page - 1) & ~(page - 1));
+}
+
 }  // namespace tensormap

@@ -263,7 +263,7 @@ def _open_state(source) -> "_C.StateDict":
 
 
 def load(module: torch.nn.Module, path: Union[PathLike, "Checkpoint"], mode: str = "map",
-         strict: bool = True, *, verify_checksums: bool = False,
+         strict: bool = True, *, verify_checksums: bool = True,
          drop_read_pages: bool = True) -> LoadReport:
     """Bind every parameter and persistent buffer of ``module`` to the checkpoint.
 
@@ -284,7 +284,9 @@ def load(module: torch.nn.Module, path: Union[PathLike, "Checkpoint"], mode: str
     ``strict``: any missing, unexpected or mismatched name raises ``Error`` (kind
     ``ModelMismatch``) listing them all, and nothing is loaded. Otherwise the matching
     tensors are loaded and the rest reported. Returns a :class:`LoadReport`.
-    ``verify_checksums`` (copy mode) checks each tensor of a tensormap file as it is read.
+    ``verify_checksums`` (copy mode, on by default) checks each tensor of a tensormap file
+    against its XXH3-64 as it is read, for about 4% of the load's time; in map mode,
+    ``prefault(model, verify=path)`` checks.
     """
     state = _open_state(path)
     _unmeta(module)
