@@ -232,17 +232,13 @@ int cmd_run(const Args& a) {
   const std::string dir = a.get("dir"), strategy = a.get("strategy");
   const int64_t mib = std::stoll(a.get("mib"));
   const bool cold = a.has("cold");
-  const std::map<std::string, std::string> file_for = {{"tensormap-map", "tmap"},
-                                                       {"tensormap-map-naive-touch", "tmap"},
-                                                       {"tensormap-copy", "tmap"},
-                                                       {"tensormap-copy-keep-cache", "tmap"},
-                                                       {"tensormap-copy-verified", "tmap"},
-                                                       {"tensormap-copy-huge", "tmap"},
-                                                       {"safetensors-map", "safetensors"},
-                                                       {"torchsave-map", "pt"},
-                                                       {"torch-load", "archive"},
-                                                       {"torch-pickle-load", "pt"},
-                                                       {"seed-load-then-rebind", "archive"}};
+  const std::map<std::string, std::string> file_for = {
+      {"tensormap-map", "tmap"},           {"tensormap-map-naive-touch", "tmap"},
+      {"tensormap-copy", "tmap"},          {"tensormap-copy-keep-cache", "tmap"},
+      {"tensormap-copy-verified", "tmap"}, {"tensormap-copy-huge", "tmap"},
+      {"safetensors-map", "safetensors"},  {"torchsave-map", "pt"},
+      {"torch-load", "archive"},           {"torch-pickle-load", "pt"},
+      {"seed-load-then-rebind", "archive"}};
   if (!file_for.count(strategy)) {
     std::cerr << "unknown strategy " << strategy << "\n";
     return 2;

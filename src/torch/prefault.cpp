@@ -137,8 +137,8 @@ void run_job(const VerifyJob& job, const std::string& path, std::optional<Error>
     std::snprintf(hex[0], sizeof hex[0], "0x%016llx", static_cast<unsigned long long>(computed));
     std::snprintf(hex[1], sizeof hex[1], "0x%016llx", static_cast<unsigned long long>(*job.checksum));
     error = Error(ErrorKind::ChecksumMismatch,
-                  "prefault: tensor " + quoted_name(job.name) + " hashes to " + hex[0] + " but " + path +
-                      " records " + hex[1] + ": the file is corrupt, or the tensor was written since it was loaded");
+                  "prefault: tensor " + quoted_name(job.name) + " hashes to " + hex[0] + " but " + path + " records " +
+                      hex[1] + ": the file is corrupt, or the tensor was written since it was loaded");
   }
 }
 
@@ -165,7 +165,8 @@ void prefault(const torch::nn::Module& module, const StateDict& state, const Pre
   }
   // The largest first, each to the thread with the fewest bytes so far.
   std::sort(jobs.begin(), jobs.end(), [](const VerifyJob& a, const VerifyJob& b) { return a.size > b.size; });
-  const size_t threads = static_cast<size_t>(options.threads > 0 ? options.threads : std::max(1, at::get_num_threads()));
+  const size_t threads =
+      static_cast<size_t>(options.threads > 0 ? options.threads : std::max(1, at::get_num_threads()));
   std::vector<std::vector<const VerifyJob*>> work(std::min(threads, std::max<size_t>(jobs.size(), 1)));
   std::vector<uint64_t> assigned(work.size(), 0);
   for (const VerifyJob& job : jobs) {
