@@ -53,6 +53,27 @@ std::vector<PrefaultPiece> prefault_ranges(const torch::nn::Module& module, std:
   return ranges;
 }
 
+// Runs `step(item, error)` over each share of `work` on a thread of its own (the first on
+// the calling thread); a share stops at its first error, and the first error found is
+// thrown once every thread is done.
+template <typename Item, typename Step>
+void run_shares(const std::vector<std::vector<Item>>& work, Step step) {
+  std::vector<std::optional<Error>> errors(work.size());
+  auto run = [&](size_t w) {
+    for (const Item& item : work[w]) {
+      step(item, errors[w]);
+      if (errors[w]) return;
+    }
+  };
+  std::vector<std::thread> pool;
+  for (size_t w = 1; w < work.size(); ++w) pool.emplace_back(run, w);
+  if (!work.empty()) run(0);
+  for (auto& t : pool) t.join();
+  for (const auto& e : errors) {
+    if (e) throw *e;
+  }
+}
+
 // Faults in one range for reading; the error, if any, into `error`.
 void fault_in(const PrefaultPiece& r, const std::vector<std::string>& names, std::optional<Error>& error) {
   const int err = populate_for_read(reinterpret_cast<const void*>(r.begin), r.end - r.begin);
@@ -98,20 +119,7 @@ void prefault(const torch::nn::Module& module, int threads) {
       }
     }
   }
-  std::vector<std::optional<Error>> errors(work.size());
-  auto run = [&](size_t w) {
-    for (const PrefaultPiece& r : work[w]) {
-      fault_in(r, names, errors[w]);
-      if (errors[w]) return;
-    }
-  };
-  std::vector<std::thread> pool;
-  for (size_t w = 1; w < work.size(); ++w) pool.emplace_back(run, w);
-  run(0);
-  for (auto& t : pool) t.join();
-  for (const auto& e : errors) {
-    if (e) throw *e;
-  }
+  run_shares(work, [&](const PrefaultPiece& r, std::optional<Error>& error) { fault_in(r, names, error); });
 }
 
 namespace {
@@ -175,20 +183,7 @@ void prefault(const torch::nn::Module& module, const StateDict& state, const Pre
     assigned[w] += job.size;
   }
   const std::string& path = state.checkpoint().path();
-  std::vector<std::optional<Error>> errors(work.size());
-  auto run = [&](size_t w) {
-    for (const VerifyJob* job : work[w]) {
-      run_job(*job, path, errors[w]);
-      if (errors[w]) return;
-    }
-  };
-  std::vector<std::thread> pool;
-  for (size_t w = 1; w < work.size(); ++w) pool.emplace_back(run, w);
-  run(0);
-  for (auto& t : pool) t.join();
-  for (const auto& e : errors) {
-    if (e) throw *e;
-  }
+  run_shares(work, [&](const VerifyJob* job, std::optional<Error>& error) { run_job(*job, path, error); });
 }
 
 struct BackgroundPrefault::State {
