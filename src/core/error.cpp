@@ -97,14 +97,29 @@ namespace tensormap {
 std::string quoted_name(std::string_view text) {
   using detail::is_valid_utf8;
   constexpr size_t kMaxShown = 80;
-  const bool utf8 = is_valid_utf8(text);
+  // Only what is shown is checked, so quoting a name costs the same however long it is.
+  // A character the cut at kMaxShown would split is left out whole.
+  std::string_view shown = text.substr(0, kMaxShown);
+  if (text.size() > kMaxShown) {
+    size_t back = 0;  // continuation bytes at the end of what is shown
+    while (back < 3 && back < shown.size() &&
+           (static_cast<unsigned char>(shown[shown.size() - 1 - back]) & 0xC0) == 0x80) {
+      ++back;
+    }
+    if (back < shown.size()) {
+      const auto lead = static_cast<unsigned char>(shown[shown.size() - 1 - back]);
+      const size_t length = lead >= 0xF0 ? 4 : lead >= 0xE0 ? 3 : lead >= 0xC0 ? 2 : 1;
+      if (length > back + 1) shown = shown.substr(0, shown.size() - 1 - back);
+    }
+  }
+  const bool utf8 = is_valid_utf8(shown);
   std::string out = "'";
-  for (size_t i = 0; i < text.size() && i < kMaxShown; ++i) {
-    const auto c = static_cast<unsigned char>(text[i]);
+  for (const char ch : shown) {
+    const auto c = static_cast<unsigned char>(ch);
     if (c >= 0x20 && c < 0x7F && c != '\\' && c != '\'') {
-      out += static_cast<char>(c);
+      out += ch;
     } else if (c >= 0x80 && utf8) {
-      out += static_cast<char>(c);  // keep readable non-ASCII names as they are
+      out += ch;  // keep readable non-ASCII names as they are
     } else {
       char buf[5];
       std::snprintf(buf, sizeof buf, "\\x%02x", c);

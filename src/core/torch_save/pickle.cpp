@@ -1,6 +1,7 @@
 // The bounded pickle machine: see pickle.h.
 #include "torch_save/pickle.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 
@@ -12,8 +13,10 @@ namespace {
 
 using Kind = PickleValue::Kind;
 
-constexpr size_t kMaxValues = size_t{1} << 22;
-constexpr size_t kMaxMemo = size_t{1} << 22;
+constexpr uint64_t kMaxMemo = uint64_t{1} << 24;
+// What a heap block costs beyond its bytes: the allocator's header, and its least block
+// (32 bytes) for the small ones.
+constexpr uint64_t kBlock = 32;
 
 std::string hex(unsigned v) {
   char buf[8];
@@ -21,9 +24,34 @@ std::string hex(unsigned v) {
   return buf;
 }
 
+std::string mib(uint64_t bytes) { return std::to_string(bytes >> 20) + " MiB"; }
+
 }  // namespace
 
-PickleDocument::PickleDocument() {
+PickleBudget::PickleBudget(uint64_t pickle_size)
+    : limit_(pickle_size >= (kMax - kBase) / kFactor ? kMax : kBase + kFactor * pickle_size) {}
+
+void PickleBudget::charge(uint64_t bytes, const std::string& path) {
+  if (bytes > limit_ - held_) {
+    throw Error(ErrorKind::UnsupportedArchive,
+                path + ": data.pkl: reading it needs more than " + std::to_string(limit_) + " bytes (" + mib(limit_) +
+                    "), more than tensormap allows a pickle of its size (" + std::to_string(kFactor) +
+                    " times its size plus " + mib(kBase) + ", at most " + mib(kMax) + ")");
+  }
+  held_ += bytes;
+}
+
+std::string_view PickleValue::text() const {
+  const bool has_text = kind == Kind::String || kind == Kind::Storage || kind == Kind::Global || kind == Kind::Opaque;
+  return has_text ? std::string_view(text_data, text_size) : std::string_view();
+}
+
+const std::vector<PickleRef>& PickleValue::items() const {
+  static const std::vector<PickleRef> kNone;
+  return (kind == Kind::Tuple || kind == Kind::List || kind == Kind::Dict) && list ? *list : kNone;
+}
+
+PickleDocument::PickleDocument(uint64_t pickle_size) : budget(pickle_size) {
   none_.kind = Kind::None;
   true_.kind = false_.kind = Kind::Bool;
   true_.boolean = true;
@@ -36,26 +64,47 @@ PickleDocument::PickleDocument() {
 
 PickleMachine::PickleMachine(PickleDocument& document, PickleObjects& objects, const unsigned char* data, size_t size,
                              const std::string& path)
-    : document_(document),
-      objects_(objects),
-      p_(data),
-      end_(data + size),
-      path_(path),
-      budget_(std::min(kMaxValues, size_t{4096} + size / 2)) {}
+    : document_(document), objects_(objects), p_(data), end_(data + size), path_(path) {}
 
 void PickleMachine::fail(const std::string& what) const {
   throw Error(ErrorKind::UnsupportedArchive, path_ + ": data.pkl: " + what);
 }
 
+static_assert(sizeof(PickleValue) == 24, "a value is 24 bytes: the budget's factor counts on it");
+
 PickleRef PickleMachine::make(Kind kind) {
-  if (budget_ == 0) {
-    fail("makes more than " + std::to_string(document_.values_.size()) +
-         " values, more than a pickle of its size can describe (4096 plus one per 2 bytes, at most 2^22)");
-  }
-  --budget_;
+  charge(sizeof(PickleValue));
   PickleValue& v = document_.values_.emplace_back();
   v.kind = kind;
   return &v;
+}
+
+void PickleMachine::keep_text(PickleValue& v, std::string_view text) {
+  if (text.size() > UINT32_MAX) fail("a text of " + std::to_string(text.size()) + " bytes");
+  charge(sizeof(std::string) + kBlock + text.size());
+  const std::string& kept = document_.texts_.emplace_back(text);
+  v.text_data = kept.data();
+  v.text_size = static_cast<uint32_t>(kept.size());
+}
+
+void PickleMachine::share_text(PickleValue& v, const PickleValue& other) {
+  v.text_data = other.text_data;
+  v.text_size = other.text_size;
+}
+
+TensorDescription& PickleMachine::make_tensor(PickleValue& v, size_t rank, size_t key_size) {
+  charge(sizeof(TensorDescription) + 3 * kBlock + key_size + 2 * sizeof(int64_t) * rank);
+  v.tensor = &document_.tensors_.emplace_back();
+  return *v.tensor;
+}
+
+// Grows `v` by doubling, as push_back would, with the growth charged first.
+template <typename T>
+void PickleMachine::room_for_one_more(std::vector<T>& v) {
+  if (v.size() < v.capacity()) return;
+  const size_t more = std::max<size_t>(v.capacity(), 8);
+  charge(sizeof(T) * more + (v.capacity() == 0 ? kBlock : 0));
+  v.reserve(v.capacity() + more);
 }
 
 void PickleMachine::run() {
@@ -73,17 +122,20 @@ void PickleMachine::run() {
 // Protocol, framing, the memo, marks and the stack itself; false if `op` is none of them.
 bool PickleMachine::framing(unsigned char op) {
   switch (op) {
-    case 0x80: byte(); break;                          // PROTO
-    case 0x95: bytes(8); break;                        // FRAME: lengths only
-    case 'q': remember(byte()); break;                 // BINPUT
-    case 'r': remember(u32()); break;                  // LONG_BINPUT
-    case 0x94: remember(memo_.size()); break;          // MEMOIZE
-    case 'h': push(recall(byte())); break;             // BINGET
-    case 'j': push(recall(u32())); break;              // LONG_BINGET
-    case '(': marks_.push_back(stack_.size()); break;  // MARK
-    case '0': pop(); break;                            // POP
-    case '1': pop_mark(); break;                       // POP_MARK
-    case '2': push(top()); break;                      // DUP
+    case 0x80: byte(); break;                // PROTO
+    case 0x95: bytes(8); break;              // FRAME: lengths only
+    case 'q': remember(byte()); break;       // BINPUT
+    case 'r': remember(u32()); break;        // LONG_BINPUT
+    case 0x94: remember(memo_size_); break;  // MEMOIZE
+    case 'h': push(recall(byte())); break;   // BINGET
+    case 'j': push(recall(u32())); break;    // LONG_BINGET
+    case '(':                                // MARK
+      room_for_one_more(marks_);
+      marks_.push_back(stack_.size());
+      break;
+    case '0': pop(); break;                      // POP
+    case '1': stack_.resize(pop_mark()); break;  // POP_MARK
+    case '2': push(top()); break;                // DUP
     default: return false;
   }
   return true;
@@ -133,53 +185,57 @@ bool PickleMachine::scalars(unsigned char op) {
 // Tuples, lists, dicts and sets; false if `op` is none of them.
 bool PickleMachine::containers(unsigned char op) {
   switch (op) {
-    case ')': push(&document_.empty_tuple_); break;            // EMPTY_TUPLE
-    case 't': push(sequence(Kind::Tuple, pop_mark())); break;  // TUPLE
+    case ')': push(&document_.empty_tuple_); break;  // EMPTY_TUPLE
+    case 't': {                                      // TUPLE
+      const size_t mark = pop_mark();
+      push(sequence(Kind::Tuple, stack_.size() - mark));
+      break;
+    }
     case 0x85:
     case 0x86:
     case 0x87: {  // TUPLE1..3
       const size_t n = op - 0x84u;
       if (stack_.size() < fence() + n) fail("tuple of " + std::to_string(n) + " reaches below a MARK");
-      std::vector<PickleRef> items(stack_.end() - static_cast<long>(n), stack_.end());
-      stack_.resize(stack_.size() - n);
-      push(sequence(Kind::Tuple, std::move(items)));
+      push(sequence(Kind::Tuple, n));
       break;
     }
     case ']': push(make(Kind::List)); break;  // EMPTY_LIST
     case 'a': {                               // APPEND
-      const PickleRef item = pop();
-      of_kind(top(), Kind::List, "APPEND")->items.push_back(item);
+      if (stack_.size() < fence() + 2) fail("APPEND reaches below a MARK");
+      append_from(*of_kind(stack_[stack_.size() - 2], Kind::List, "APPEND"), stack_.size() - 1);
       break;
     }
     case 'e': {  // APPENDS
-      const auto items = pop_mark();
-      auto& list = of_kind(top(), Kind::List, "APPENDS")->items;
-      list.insert(list.end(), items.begin(), items.end());
+      const size_t mark = pop_mark();
+      if (mark == 0) fail("APPENDS without a list below its MARK");
+      append_from(*of_kind(stack_[mark - 1], Kind::List, "APPENDS"), mark);
       break;
     }
     case '}': push(make(Kind::Dict)); break;  // EMPTY_DICT
     case 's': {                               // SETITEM
-      const PickleRef value = pop(), key = pop();
-      auto& dict = of_kind(top(), Kind::Dict, "SETITEM")->items;
-      dict.push_back(key);
-      dict.push_back(value);
+      if (stack_.size() < fence() + 3) fail("SETITEM reaches below a MARK");
+      append_from(*of_kind(stack_[stack_.size() - 3], Kind::Dict, "SETITEM"), stack_.size() - 2);
       break;
     }
     case 'u': {  // SETITEMS
-      const auto items = pop_mark();
-      if (items.size() % 2) fail("SETITEMS with an odd number of items");
-      auto& dict = of_kind(top(), Kind::Dict, "SETITEMS")->items;
-      dict.insert(dict.end(), items.begin(), items.end());
+      const size_t mark = pop_mark();
+      if ((stack_.size() - mark) % 2) fail("SETITEMS with an odd number of items");
+      if (mark == 0) fail("SETITEMS without a dict below its MARK");
+      append_from(*of_kind(stack_[mark - 1], Kind::Dict, "SETITEMS"), mark);
       break;
     }
     case 0x8f: push(make(Kind::List)); break;  // EMPTY_SET: read as a list
     case 0x90: {                               // ADDITEMS
-      const auto items = pop_mark();
-      auto& set = of_kind(top(), Kind::List, "ADDITEMS")->items;
-      set.insert(set.end(), items.begin(), items.end());
+      const size_t mark = pop_mark();
+      if (mark == 0) fail("ADDITEMS without a set below its MARK");
+      append_from(*of_kind(stack_[mark - 1], Kind::List, "ADDITEMS"), mark);
       break;
     }
-    case 0x91: push(sequence(Kind::List, pop_mark())); break;  // FROZENSET
+    case 0x91: {  // FROZENSET
+      const size_t mark = pop_mark();
+      push(sequence(Kind::List, stack_.size() - mark));
+      break;
+    }
     default: return false;
   }
   return true;
@@ -190,14 +246,14 @@ bool PickleMachine::containers(unsigned char op) {
 bool PickleMachine::calls(unsigned char op) {
   switch (op) {
     case 'c': {  // GLOBAL
-      const std::string module = line();
+      const std::string_view module = line();
       push(objects_.global(*this, module, line()));
       break;
     }
     case 0x93: {  // STACK_GLOBAL
       const PickleRef name = pop(), module = pop();
       if (module->kind != Kind::String || name->kind != Kind::String) fail("STACK_GLOBAL needs two strings");
-      push(objects_.global(*this, module->text, name->text));
+      push(objects_.global(*this, module->text(), name->text()));
       break;
     }
     case 'R': {  // REDUCE
@@ -238,18 +294,20 @@ uint16_t PickleMachine::u16() { return load_le<uint16_t>(bytes(2)); }
 uint32_t PickleMachine::u32() { return load_le<uint32_t>(bytes(4)); }
 uint64_t PickleMachine::u64() { return load_le<uint64_t>(bytes(8)); }
 
-std::string PickleMachine::line() {
+std::string_view PickleMachine::line() {
   const auto* nl = static_cast<const unsigned char*>(std::memchr(p_, '\n', static_cast<size_t>(end_ - p_)));
   if (!nl) fail("GLOBAL without a newline");
-  std::string s(reinterpret_cast<const char*>(p_), static_cast<size_t>(nl - p_));
+  const std::string_view s(reinterpret_cast<const char*>(p_), static_cast<size_t>(nl - p_));
   p_ = nl + 1;
   return s;
 }
 
 PickleRef PickleMachine::string(uint64_t n) {
   const unsigned char* b = bytes(n);  // checked against the bytes left before anything is made
+  if (n > UINT32_MAX) fail("a string of " + std::to_string(n) + " bytes");
   const PickleRef v = make(Kind::String);
-  v->text.assign(reinterpret_cast<const char*>(b), n);
+  v->text_data = reinterpret_cast<const char*>(b);
+  v->text_size = static_cast<uint32_t>(n);
   return v;
 }
 
@@ -259,10 +317,29 @@ PickleRef PickleMachine::integer(int64_t i) {
   return v;
 }
 
-PickleRef PickleMachine::sequence(Kind kind, std::vector<PickleRef> items) {
+PickleRef PickleMachine::sequence(Kind kind, size_t n) {
+  if (n == 0 && kind == Kind::Tuple) return &document_.empty_tuple_;
   const PickleRef v = make(kind);
-  v->items = std::move(items);
+  append_from(*v, stack_.size() - n);
   return v;
+}
+
+void PickleMachine::append_from(PickleValue& container, size_t from) {
+  const size_t n = stack_.size() - from;
+  if (n > 0) {
+    if (!container.list) {
+      charge(sizeof(std::vector<PickleRef>));
+      container.list = &document_.lists_.emplace_back();
+    }
+    std::vector<PickleRef>& items = *container.list;
+    if (items.size() + n > items.capacity()) {
+      const size_t capacity = std::max(items.size() + n, 2 * items.capacity());
+      charge(sizeof(PickleRef) * (capacity - items.capacity()) + (items.capacity() == 0 ? kBlock : 0));
+      items.reserve(capacity);
+    }
+    items.insert(items.end(), stack_.begin() + static_cast<long>(from), stack_.end());
+  }
+  stack_.resize(from);
 }
 
 // Values below the innermost MARK belong to an enclosing construct: no opcode but the
@@ -279,28 +356,35 @@ PickleRef PickleMachine::top() const {
   return stack_.back();
 }
 
-std::vector<PickleRef> PickleMachine::pop_mark() {
+size_t PickleMachine::pop_mark() {
   if (marks_.empty()) fail("no MARK to pop to");
   const size_t mark = marks_.back();
   marks_.pop_back();
   if (mark > stack_.size()) fail("a MARK above the top of the stack");
-  std::vector<PickleRef> items(stack_.begin() + static_cast<long>(mark), stack_.end());
-  stack_.resize(mark);
-  return items;
+  return mark;
 }
 
+// The memo is a vector by index: picklers number their entries 0, 1, 2... (MEMOIZE
+// always does), so a sparse index only costs what its slots are charged.
 void PickleMachine::remember(uint64_t index) {
   const PickleRef v = top();
-  if (memo_.size() >= kMaxMemo && memo_.find(index) == memo_.end()) {
-    fail("stores more than " + std::to_string(kMaxMemo) + " memo entries");
+  if (index >= kMaxMemo)
+    fail("stores memo " + std::to_string(index) + ", past the " + std::to_string(kMaxMemo) + " allowed");
+  if (index >= memo_.size()) {
+    if (index >= memo_.capacity()) {
+      const size_t capacity = std::max<size_t>(index + 1, 2 * memo_.capacity());
+      charge(sizeof(PickleRef) * (capacity - memo_.capacity()) + (memo_.capacity() == 0 ? kBlock : 0));
+      memo_.reserve(capacity);
+    }
+    memo_.resize(index + 1, nullptr);
   }
+  if (!memo_[index]) ++memo_size_;
   memo_[index] = v;
 }
 
 PickleRef PickleMachine::recall(uint64_t index) const {
-  const auto it = memo_.find(index);
-  if (it == memo_.end()) fail("reads memo " + std::to_string(index) + ", which was never stored");
-  return it->second;
+  if (index >= memo_.size() || !memo_[index]) fail("reads memo " + std::to_string(index) + ", which was never stored");
+  return memo_[index];
 }
 
 PickleRef PickleMachine::of_kind(PickleRef v, Kind kind, const char* what) const {

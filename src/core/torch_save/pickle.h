@@ -8,13 +8,18 @@
 //
 // Values live in an arena owned by their PickleDocument and refer to each other by plain
 // pointers, so a pickle that builds a cycle (a dict holding itself through the memo) costs
-// nothing to tear down. Memory is bounded: None, True, False, the empty tuple and the
-// integers 0 to 255 are shared; every other value (about 100 bytes) counts against a
-// budget of 4096 + size / 2 values, at most 2^22, and the memo against one of 2^22
-// entries; past either, the pickle is refused. So a pickle costs at most about 50 times
-// its size, and never more than about 600 MiB, whatever its size. Legitimate pickles
-// make one value per 6 to 7 bytes (a state dict, an optimizer's state: 2^22 values is a
-// checkpoint of some 250,000 tensors). Every length is checked against the bytes left.
+// nothing to tear down. A string is a view of the pickle's own bytes, which must outlive
+// the document; a value is 24 bytes.
+//
+// Memory is bounded by the pickle's size. None, True, False, the empty tuple and the
+// integers 0 to 255 are shared and cost nothing; everything else the machine holds (each
+// value, each container's slots, the stack, the marks, the memo, the texts and tensors
+// the objects make) is charged to the document's PickleBudget: 20 times the pickle's size
+// plus 1 MiB, never more than 512 MiB. Past it, the pickle is refused with
+// Error(UnsupportedArchive). The memo's indices must also stay below 2^24. Legitimate
+// pickles hold 3 to 12 times their size: a state dict or a training checkpoint 9 to 11, a
+// list of 16-bit integers (BININT2, the densest shape) 11.5; tests/core checks these.
+// Every length is checked against the bytes left.
 #pragma once
 
 #include <cstddef>
@@ -22,7 +27,7 @@
 #include <deque>
 #include <memory>
 #include <string>
-#include <unordered_map>
+#include <string_view>
 #include <vector>
 
 #include "tensormap/dtype.h"
@@ -42,10 +47,29 @@ struct TensorDescription {
 struct PickleValue;
 using PickleRef = PickleValue*;  // into the arena of the document being read
 
+// What reading a pickle may hold, in bytes; what the caller does with the values (naming
+// the tensors) is charged to it too.
+class PickleBudget {
+ public:
+  static constexpr uint64_t kFactor = 20;
+  static constexpr uint64_t kBase = uint64_t{1} << 20;
+  static constexpr uint64_t kMax = uint64_t{512} << 20;
+
+  explicit PickleBudget(uint64_t pickle_size);
+  // Adds `bytes` to what is held; throws Error(UnsupportedArchive) naming `path` past the limit.
+  void charge(uint64_t bytes, const std::string& path);
+  uint64_t held() const { return held_; }
+  uint64_t limit() const { return limit_; }
+
+ private:
+  uint64_t held_ = 0;
+  uint64_t limit_;
+};
+
 struct PickleValue {
-  enum class Kind { None, Bool, Int, Float, String, Tuple, List, Dict, Global, Storage, Tensor, Opaque };
+  enum class Kind : uint8_t { None, Bool, Int, Float, String, Tuple, List, Dict, Global, Storage, Tensor, Opaque };
   // What a Global names, as PickleObjects::global classified it.
-  enum class Global {
+  enum class Global : uint8_t {
     None,
     OrderedDict,
     RebuildTensorV2,
@@ -58,45 +82,57 @@ struct PickleValue {
     Other
   };
 
+  PickleValue() : boolean(false), untyped(false), unstored_tensor(false), script_object(false), built(false) {}
+
   Kind kind = Kind::None;
   Global global = Global::None;
   Dtype dtype = Dtype::U8;  // Global::StorageType, Global::TorchDtype, Storage
-  bool boolean = false;
-  bool untyped = false;          // Global::StorageType and Storage: an untyped storage
-  bool unstored_tensor = false;  // Opaque: made for a tensor of a dtype tensormap does not store
-  bool script_object = false;    // Dict: an object of TorchScript class `text`, built once
-  bool built = false;
+  bool boolean : 1;
+  bool untyped : 1;          // Global::StorageType and Storage: an untyped storage
+  bool unstored_tensor : 1;  // Opaque: made for a tensor of a dtype tensormap does not store
+  bool script_object : 1;    // Dict: an object of a TorchScript class, built once
+  bool built : 1;
+  uint32_t text_size = 0;
   union {
     int64_t integer = 0;
     double real;             // Float
     uint64_t storage_bytes;  // Storage
   };
-  // String: its bytes. Storage: its key. Global and Opaque: what it is
-  // ("argparse.Namespace"). A script object's Dict: its class.
-  std::string text;
-  // Tuple, List: the items. Dict: key, value, key, value... in insertion order.
-  std::vector<PickleRef> items;
-  std::unique_ptr<TensorDescription> tensor;  // Tensor
+  union {
+    // String: its bytes. Storage: its key. Global and Opaque: what it is
+    // ("argparse.Namespace").
+    const char* text_data = nullptr;
+    // Tuple, List, Dict: the items; a Dict's are key, value, key, value... in insertion
+    // order. Null while there are none.
+    std::vector<PickleRef>* list;
+    TensorDescription* tensor;  // Tensor
+  };
 
-  size_t entry_count() const { return items.size() / 2; }
-  const PickleValue& key(size_t i) const { return *items[2 * i]; }
-  const PickleValue& value(size_t i) const { return *items[2 * i + 1]; }
+  std::string_view text() const;  // empty but for String, Storage, Global and Opaque
+  const std::vector<PickleRef>& items() const;
+  size_t entry_count() const { return items().size() / 2; }
+  const PickleValue& key(size_t i) const { return *items()[2 * i]; }
+  const PickleValue& value(size_t i) const { return *items()[2 * i + 1]; }
 };
 
 // An unpickled value and every value made while reading it.
 class PickleDocument {
  public:
-  PickleDocument();
+  explicit PickleDocument(uint64_t pickle_size);
   PickleDocument(const PickleDocument&) = delete;
   PickleDocument& operator=(const PickleDocument&) = delete;
 
   PickleRef root = nullptr;
+  PickleBudget budget;
   // Values made (the shared ones not counted).
   size_t size() const { return values_.size(); }
 
  private:
   friend class PickleMachine;
   std::deque<PickleValue> values_;
+  std::deque<std::vector<PickleRef>> lists_;
+  std::deque<std::string> texts_;
+  std::deque<TensorDescription> tensors_;
   PickleValue none_, true_, false_, empty_tuple_;
   PickleValue small_[256];  // the integers 0 to 255
 };
@@ -108,7 +144,7 @@ class PickleMachine;
 class PickleObjects {
  public:
   virtual ~PickleObjects() = default;
-  virtual PickleRef global(PickleMachine& m, const std::string& module, const std::string& name) = 0;
+  virtual PickleRef global(PickleMachine& m, std::string_view module, std::string_view name) = 0;
   virtual PickleRef reduce(PickleMachine& m, const PickleValue& callable, const PickleValue& args) = 0;
   // cls.__new__(cls, *args) (NEWOBJ), or with keyword arguments too (NEWOBJ_EX).
   virtual PickleRef new_object(PickleMachine& m, const PickleValue& cls, bool keywords) = 0;
@@ -126,8 +162,16 @@ class PickleMachine {
   void run();
 
   // A new value of `kind` in the document. Throws Error(UnsupportedArchive) past the
-  // value budget.
+  // budget, as the others do.
   PickleRef make(PickleValue::Kind kind);
+  // Gives `v` a copy of `text` as its text.
+  void keep_text(PickleValue& v, std::string_view text);
+  // Gives `v` the text of `other` (a view: nothing is copied).
+  static void share_text(PickleValue& v, const PickleValue& other);
+  // A new tensor description for `v`, with room for `rank` dimensions and a key of `key_size` bytes.
+  TensorDescription& make_tensor(PickleValue& v, size_t rank, size_t key_size);
+  // Holds `bytes` more, for what the objects keep beside the document.
+  void charge(uint64_t bytes) { document_.budget.charge(bytes, path_); }
   [[noreturn]] void fail(const std::string& what) const;
   const std::string& path() const { return path_; }
 
@@ -142,15 +186,24 @@ class PickleMachine {
   uint16_t u16();
   uint32_t u32();
   uint64_t u64();
-  std::string line();
+  std::string_view line();
   PickleRef string(uint64_t n);
   PickleRef integer(int64_t i);
-  PickleRef sequence(PickleValue::Kind kind, std::vector<PickleRef> items);
-  void push(PickleRef v) { stack_.push_back(v); }
+  // A tuple or list of the `n` values at the top of the stack, which are popped.
+  PickleRef sequence(PickleValue::Kind kind, size_t n);
+  // Appends the values from stack slot `from` up to the top to `container`, and pops them.
+  void append_from(PickleValue& container, size_t from);
+  template <typename T>
+  void room_for_one_more(std::vector<T>& v);
+  void push(PickleRef v) {
+    room_for_one_more(stack_);
+    stack_.push_back(v);
+  }
   size_t fence() const { return marks_.empty() ? 0 : marks_.back(); }
   PickleRef pop();
   PickleRef top() const;
-  std::vector<PickleRef> pop_mark();
+  // The stack slot of the innermost MARK, which is removed.
+  size_t pop_mark();
   void remember(uint64_t index);
   PickleRef recall(uint64_t index) const;
   PickleRef of_kind(PickleRef v, PickleValue::Kind kind, const char* what) const;
@@ -160,10 +213,10 @@ class PickleMachine {
   const unsigned char* p_;
   const unsigned char* end_;
   const std::string& path_;
-  size_t budget_;  // values that may still be made
   std::vector<PickleRef> stack_;
   std::vector<size_t> marks_;
-  std::unordered_map<uint64_t, PickleRef> memo_;  // at most 2^23 entries
+  std::vector<PickleRef> memo_;  // by index; null where none was stored
+  uint64_t memo_size_ = 0;       // entries stored
 };
 
 }  // namespace tensormap::detail

@@ -152,10 +152,10 @@ std::string describe(const PickleValue& value) {
     case Kind::Int: return "the int " + std::to_string(value.integer);
     case Kind::Float: return "a float";
     case Kind::String: return "a string";
-    case Kind::Global: return "the global " + quoted(value.text);
+    case Kind::Global: return "the global " + quoted(value.text());
     case Kind::Opaque:
-      return value.unstored_tensor ? quoted(value.text) + ", a dtype tensormap does not store"
-                                   : "an object made by " + quoted(value.text) + " (not executed)";
+      return value.unstored_tensor ? quoted(value.text()) + ", a dtype tensormap does not store"
+                                   : "an object made by " + quoted(value.text()) + " (not executed)";
     case Kind::Storage: return "a storage";
     default: return "a container";
   }
@@ -166,18 +166,34 @@ std::string describe(const PickleValue& value) {
 // A pickle may reference one value from many places (the memo): 64 levels of a dict
 // holding the next one twice name 2^64 paths in a few hundred bytes. A checkpoint is a
 // tree but for a few shared values (tied weights), so visits are bounded by a small
-// multiple of the values the pickle made.
+// multiple of the values the pickle made, and every path built and entry kept is charged
+// to the pickle's budget, as the values were. A tensor's path is its name, at most
+// format::kMaxNameLength bytes; a skipped value's longer path is cut to that length.
 struct Collector {
   const std::string& path;
-  uint64_t max_visits;  // 1024 + 8 per value made
-  std::vector<std::pair<std::string, TensorDescription>> tensors;
+  PickleBudget& budget;
+  uint64_t max_visits;                                                    // 1024 + 8 per value made
+  std::vector<std::pair<std::string, const TensorDescription*>> tensors;  // into the document
   std::vector<std::pair<std::string, std::string>> skipped;
   uint64_t visits = 0;
+
+  std::string join(const std::string& prefix, std::string_view key) {
+    budget.charge(prefix.size() + 1 + key.size() + sizeof(std::string), path);
+    std::string out;
+    out.reserve(prefix.size() + 1 + key.size());
+    if (!prefix.empty()) out.append(prefix).append(".");
+    return out.append(key);
+  }
+
+  void skip(const std::string& where, std::string what) {
+    std::string name = where.size() > format::kMaxNameLength ? where.substr(0, format::kMaxNameLength) + "..." : where;
+    budget.charge(sizeof(skipped[0]) + name.size() + what.size(), path);
+    skipped.emplace_back(std::move(name), std::move(what));
+  }
 
   void collect(const PickleValue& value, const std::string& prefix, int depth) {
     using Kind = PickleValue::Kind;
     const std::string here = prefix.empty() ? std::string("<root>") : prefix;
-    auto join = [&](const std::string& key) { return prefix.empty() ? key : prefix + "." + key; };
     if (depth > 64) {
       throw Error(ErrorKind::UnsupportedArchive, path + ": " + quoted(here) + " nests containers more than 64 deep");
     }
@@ -186,31 +202,40 @@ struct Collector {
                                                      std::to_string(max_visits) +
                                                      " paths (containers shared over and over)");
     }
+    const bool container = value.kind == Kind::Dict || value.kind == Kind::List || value.kind == Kind::Tuple;
+    if ((value.kind == Kind::Tensor || container) && prefix.size() > format::kMaxNameLength) {
+      throw Error(ErrorKind::UnsupportedArchive, path + ": the path " + quoted(prefix) + " is " +
+                                                     std::to_string(prefix.size()) + " bytes, more than the " +
+                                                     std::to_string(format::kMaxNameLength) + " a name may have");
+    }
     switch (value.kind) {
       case Kind::Tensor:
         if (prefix.empty()) {
           throw Error(ErrorKind::UnsupportedArchive,
                       path + ": the archive is a single tensor, not a dict of tensors; it has no name to read it by");
         }
-        tensors.emplace_back(prefix, *value.tensor);
+        budget.charge(sizeof(tensors[0]) + prefix.size(), path);
+        tensors.emplace_back(prefix, value.tensor);
         return;
       case Kind::Dict:
         for (size_t i = 0; i < value.entry_count(); ++i) {
           const PickleValue& key = value.key(i);
           if (key.kind == Kind::String) {
-            collect(value.value(i), join(key.text), depth + 1);
+            collect(value.value(i), join(prefix, key.text()), depth + 1);
           } else if (key.kind == Kind::Int) {  // an optimizer's state, keyed by parameter index
-            collect(value.value(i), join(std::to_string(key.integer)), depth + 1);
+            collect(value.value(i), join(prefix, std::to_string(key.integer)), depth + 1);
           } else {
-            skipped.emplace_back(join("?"), "a dict entry whose key is " + describe(key));
+            skip(join(prefix, "?"), "a dict entry whose key is " + describe(key));
           }
         }
         return;
       case Kind::List:
-      case Kind::Tuple:
-        for (size_t i = 0; i < value.items.size(); ++i) collect(*value.items[i], join(std::to_string(i)), depth + 1);
+      case Kind::Tuple: {
+        const auto& items = value.items();
+        for (size_t i = 0; i < items.size(); ++i) collect(*items[i], join(prefix, std::to_string(i)), depth + 1);
         return;
-      default: skipped.emplace_back(here, describe(value));
+      }
+      default: skip(here, describe(value));
     }
   }
 };
@@ -281,7 +306,7 @@ std::shared_ptr<const Source> open_torch_save(std::shared_ptr<const ByteSource> 
     }
   };
   const auto document = unpickle(reinterpret_cast<const unsigned char*>(text.data()), text.size(), check_storage, path);
-  Collector collector{path, 1024 + 8 * uint64_t{document->size()}, {}, {}};
+  Collector collector{path, document->budget, 1024 + 8 * uint64_t{document->size()}, {}, {}};
   collector.collect(*document->root, "", 0);
   auto source = std::make_shared<TorchSaveSource>();
   source->path = path;
@@ -297,11 +322,11 @@ std::shared_ptr<const Source> open_torch_save(std::shared_ptr<const ByteSource> 
                                                         : std::to_string(s.size()) + " values that are not tensors"));
   }
   for (auto& [name, desc] : collector.tensors) {
-    const ZipRecord& r = records.at("data/" + desc.key);
-    uint64_t bytes = dtype_size(desc.dtype);
-    for (int64_t s : desc.sizes) bytes *= static_cast<uint64_t>(s);  // checked by the unpickler
+    const ZipRecord& r = records.at("data/" + desc->key);
+    uint64_t bytes = dtype_size(desc->dtype);
+    for (int64_t s : desc->sizes) bytes *= static_cast<uint64_t>(s);  // checked by the unpickler
     source->names.push_back(std::move(name));
-    source->tensors.push_back({std::move(desc), r.data_offset, r.size, bytes});
+    source->tensors.push_back({*desc, r.data_offset, r.size, bytes});
   }
   std::unordered_map<std::string_view, size_t> seen;
   for (const auto& name : source->names) {
