@@ -28,6 +28,7 @@
 #include "tensormap/export.h"
 #include "tensormap/file.h"
 #include "tensormap/format.h"
+#include "tensormap/remote.h"
 #include "tensormap/tensor_info.h"
 
 namespace tensormap {
@@ -50,8 +51,12 @@ class TENSORMAP_EXPORT Checkpoint {
   using Placement = TensorPlacement;
 
   // Opens the checkpoint at `path`, whatever its format. Throws the Error of the first
-  // rule it breaks, Error(Io) if it cannot be read.
+  // rule it breaks, Error(Io) if it cannot be read. `path` may be an http://, https://
+  // or s3:// URL (tensormap/remote.h), read with RemoteOptions::from_environment().
   static Checkpoint open(const std::string& path);
+  // The checkpoint at `url`, read with `options`. Throws Error(InvalidArgument) where
+  // `url` is not a URL, and an Error of the Remote group where it cannot be read.
+  static Checkpoint open(const std::string& url, const RemoteOptions& options);
   explicit Checkpoint(File file);
 
   const std::string& path() const;

@@ -62,9 +62,17 @@ enum class ErrorKind {
   UnsupportedDtype,  // the dtype has no equivalent in this LibTorch (1.13: U16, U32, U64, F8)
   ModelMismatch,     // a checkpoint and a model disagree on names, shapes or dtypes
   LibTorch,          // LibTorch itself failed (a c10::Error), for example in a collective
+  // Remote: a checkpoint at an http://, https:// or s3:// URL (tensormap/remote.h).
+  RemoteNotFound,      // no object at the URL (404)
+  RemoteAccessDenied,  // the server refused the credentials, or their absence (401, 403)
+  RemoteUnreachable,   // no answer: a bad host, a refused, reset or stalled connection
+  RemoteProtocol,      // an answer tensormap cannot use: Range ignored, a short body, another status
+  RemoteChanged,       // the object changed between two requests (its ETag or Last-Modified)
+  RemoteThrottled,     // the server still asked to slow down (429, 503) after every retry
 };
+inline constexpr ErrorKind kLastErrorKind = ErrorKind::RemoteThrottled;
 
-enum class ErrorGroup { FormatRule, SafetensorsRule, Checkpoint, Operation };
+enum class ErrorGroup { FormatRule, SafetensorsRule, Checkpoint, Operation, Remote };
 
 TENSORMAP_EXPORT ErrorGroup error_group(ErrorKind kind);
 

@@ -34,7 +34,9 @@ namespace tensormap {
 class File;
 namespace detail {
 class Mapping;
+class RemoteObject;
 File open_file(std::shared_ptr<const Mapping> mapping);
+File open_file(std::shared_ptr<const RemoteObject> object);
 }  // namespace detail
 
 class TENSORMAP_EXPORT File {
@@ -153,6 +155,7 @@ class TENSORMAP_EXPORT File {
  private:
   struct Impl;
   friend File detail::open_file(std::shared_ptr<const detail::Mapping> mapping);
+  friend File detail::open_file(std::shared_ptr<const detail::RemoteObject> object);
   explicit File(std::shared_ptr<const Impl> impl);
   // Error(ChecksumMismatch): the tensor's bytes hash to `computed`, not to its record.
   Error corrupted(const TensorEntry& entry, uint64_t computed) const;

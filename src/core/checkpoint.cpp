@@ -8,8 +8,10 @@
 
 #include "format/names.h"
 #include "io/mapping.h"
+#include "remote/remote_object.h"
 #include "source.h"
 #include "tensormap/error.h"
+#include "tensormap/remote.h"
 #include "tensormap/sharded.h"
 
 namespace tensormap {
@@ -84,29 +86,32 @@ struct FileSource final : Source {
 };
 
 // A sharded checkpoint: the index names every tensor; a shard is opened the first time
-// one of its tensors is asked for, and checked against the index then.
+// one of its tensors is asked for (by `open`: a local file, or an object beside the
+// index's URL), and checked against the index then. Everything else goes to the shard's
+// own source.
 struct ShardedSource final : Source {
-  explicit ShardedSource(ShardIndex i) : index(std::move(i)), shards(index.shard_files().size()) {
+  ShardedSource(ShardIndex i, ShardOpener o)
+      : index(std::move(i)), open(std::move(o)), shards(index.shard_files().size()) {
     path = index.path();
     for (const auto& [name, shard] : index.weight_map()) names.push_back(name);
     index_names();
     once = std::vector<std::once_flag>(shards.size());
   }
 
-  const File& shard(uint32_t s) const {
-    std::call_once(once[s], [&] { shards[s] = File::open(index.shard_path(s)); });
+  const Source& shard(uint32_t s) const {
+    std::call_once(once[s], [&] { shards[s] = open(index, s); });
     return *shards[s];
   }
-  // The shard of tensor i and the tensor's entry in it.
-  std::pair<const File*, const TensorEntry*> locate(size_t i) const {
+  // The shard of tensor i and the tensor's position in it.
+  std::pair<const Source*, size_t> locate(size_t i) const {
     const uint32_t s = index.weight_map()[i].second;
-    const File& f = shard(s);
-    const TensorEntry* entry = f.find(names[i]);
-    if (!entry) {
+    const Source& f = shard(s);
+    const auto position = f.find(names[i]);
+    if (!position) {
       throw Error(ErrorKind::ShardIndexInvalid, index.path() + ": tensor " + quoted(names[i]) + " is mapped to shard " +
                                                     quoted(index.shard_files()[s]) + ", which does not contain it");
     }
-    return {&f, entry};
+    return {&f, *position};
   }
 
   CheckpointFormat format() const override {
@@ -116,69 +121,80 @@ struct ShardedSource final : Source {
       safetensors =
           path.size() >= suffix.size() && path.compare(path.size() - suffix.size(), suffix.size(), suffix) == 0;
     } else {
-      safetensors = shard(0).format() == Format::Safetensors;
+      safetensors = shard(0).format() == CheckpointFormat::Safetensors;
     }
     return safetensors ? CheckpointFormat::ShardedSafetensors : CheckpointFormat::ShardedTensormap;
   }
-  TensorInfo info(size_t i) const override { return info_of(*locate(i).second); }
+  TensorInfo info(size_t i) const override {
+    const auto [f, j] = locate(i);
+    return f->info(j);
+  }
   void read(size_t i, void* dest) const override {
-    const auto [f, e] = locate(i);
-    f->read(*e, 0, dest, e->byte_length);
+    const auto [f, j] = locate(i);
+    f->read(j, dest);
   }
   bool read_range(size_t i, uint64_t offset, uint64_t size, void* dest) const override {
-    const auto [f, e] = locate(i);
-    f->read(*e, offset, dest, size);
-    return true;
+    const auto [f, j] = locate(i);
+    return f->read_range(j, offset, size, dest);
   }
   void read_checked(size_t i, void* dest) const override {
-    const auto [f, e] = locate(i);
-    f->read_checked(*e, dest);
+    const auto [f, j] = locate(i);
+    f->read_checked(j, dest);
   }
   void read_slice(size_t i, int64_t dim, int64_t start, int64_t length, void* dest) const override {
-    const auto [f, e] = locate(i);
-    read_part(*f, *e, dim, start, length, dest);
+    const auto [f, j] = locate(i);
+    f->read_slice(j, dim, start, length, dest);
   }
   void evict(size_t i) const override {
-    const auto [f, e] = locate(i);
-    f->evict(*e);
+    const auto [f, j] = locate(i);
+    f->evict(j);
   }
   double cached_fraction(size_t i) const override {
-    const auto [f, e] = locate(i);
-    return f->cached_fraction(*e);
+    const auto [f, j] = locate(i);
+    return f->cached_fraction(j);
   }
   void drop_cache(size_t i) const override {
-    const auto [f, e] = locate(i);
-    f->drop_cache(*e);
+    const auto [f, j] = locate(i);
+    f->drop_cache(j);
   }
   TensorPlacement placement(size_t i) const override {
-    const auto [f, e] = locate(i);
-    return placement_of(*f, *e);
+    const auto [f, j] = locate(i);
+    return f->placement(j);
   }
   // An alias within a shard, by its target's name (which the index maps to that shard).
   std::optional<size_t> alias_of(size_t i) const override {
-    const auto [f, e] = locate(i);
-    if (!e->alias_of) return std::nullopt;
-    const auto target = find(f->tensors()[*e->alias_of].name);
+    const auto [f, j] = locate(i);
+    const auto inside = f->alias_of(j);
+    if (!inside) return std::nullopt;
+    const auto target = find(f->names[*inside]);
     return target && *target != i ? target : std::nullopt;
   }
   std::vector<File> files() const override {
     std::vector<File> out;
-    for (uint32_t s = 0; s < shards.size(); ++s) out.push_back(shard(s));
+    for (uint32_t s = 0; s < shards.size(); ++s) {
+      for (File& f : shard(s).files()) out.push_back(std::move(f));
+    }
     return out;
   }
 
   ShardIndex index;
-  mutable std::vector<std::optional<File>> shards;
+  ShardOpener open;
+  mutable std::vector<std::shared_ptr<const Source>> shards;
   mutable std::vector<std::once_flag> once;
 };
 
 }  // namespace
+
+std::shared_ptr<const Source> open_sharded(ShardIndex index, ShardOpener open) {
+  return std::make_shared<ShardedSource>(std::move(index), std::move(open));
+}
+
+std::shared_ptr<const Source> open_file_source(File file) { return std::make_shared<FileSource>(std::move(file)); }
+
 }  // namespace detail
 
 namespace detail {
-namespace {
 
-// What the first bytes of the opened source say it is.
 Detected detect_opened(const ByteSource& bytes) {
   const auto head = read_head(bytes, kHeadBytes);
   return detect(head.data(), head.size(), bytes.size());
@@ -195,10 +211,10 @@ ShardIndex read_shard_index(const ByteSource& bytes) {
   return ShardIndex::parse(text, bytes.name());
 }
 
-}  // namespace
 }  // namespace detail
 
 CheckpointFormat detect_format(const std::string& path) {
+  if (is_url(path)) return Checkpoint::open(path).format();
   switch (detail::detect_opened(detail::Mapping(path))) {
     case detail::Detected::Safetensors: return CheckpointFormat::Safetensors;
     case detail::Detected::TorchSave: return CheckpointFormat::TorchSave;
@@ -208,13 +224,24 @@ CheckpointFormat detect_format(const std::string& path) {
 }
 
 Checkpoint Checkpoint::open(const std::string& path) {
+  if (is_url(path)) return open(path, RemoteOptions::from_environment());
   auto mapping = std::make_shared<const detail::Mapping>(path);
   switch (detail::detect_opened(*mapping)) {
     case detail::Detected::TorchSave: return Checkpoint(detail::open_torch_save(std::move(mapping)));
     case detail::Detected::ShardIndex:
-      return Checkpoint(std::make_shared<detail::ShardedSource>(detail::read_shard_index(*mapping)));
+      return Checkpoint(
+          detail::open_sharded(detail::read_shard_index(*mapping), [](const ShardIndex& index, uint32_t s) {
+            return detail::open_file_source(File::open(index.shard_path(s)));
+          }));
     default: return Checkpoint(detail::open_file(std::move(mapping)));
   }
+}
+
+Checkpoint Checkpoint::open(const std::string& url, const RemoteOptions& options) {
+  if (!is_url(url)) {
+    throw Error(ErrorKind::InvalidArgument, url + ": remote options are for http://, https:// and s3:// URLs");
+  }
+  return Checkpoint(detail::open_remote(url, std::make_shared<const detail::Fetcher>(options)));
 }
 
 Checkpoint::Checkpoint(File file) : source_(std::make_shared<detail::FileSource>(std::move(file))) {}

@@ -57,6 +57,12 @@ constexpr KindRow kKinds[] = {
     TENSORMAP_KIND(UnsupportedDtype, Operation),
     TENSORMAP_KIND(ModelMismatch, Operation),
     TENSORMAP_KIND(LibTorch, Operation),
+    TENSORMAP_KIND(RemoteNotFound, Remote),
+    TENSORMAP_KIND(RemoteAccessDenied, Remote),
+    TENSORMAP_KIND(RemoteUnreachable, Remote),
+    TENSORMAP_KIND(RemoteProtocol, Remote),
+    TENSORMAP_KIND(RemoteChanged, Remote),
+    TENSORMAP_KIND(RemoteThrottled, Remote),
 };
 #undef TENSORMAP_KIND
 

@@ -19,24 +19,50 @@
 #include "format/names.h"
 #include "io/mapping.h"
 #include "io/posix_io.h"
+#include "remote/remote_object.h"
 #include "tensormap/format.h"
 #include "tensormap/interrupt.h"
+#include "tensormap/remote.h"
 #include "util/bytes.h"
 
 namespace tensormap {
 
+// A file is mapped (a local file), or read by ranges (a file at a URL: no mapping, and
+// its header is kept in `header_bytes`). Every read goes through `source`.
 struct File::Impl {
   explicit Impl(std::shared_ptr<const detail::Mapping> m)
-      : mapping(std::move(m)), base(mapping->base()), size(mapping->size()) {}
-  std::shared_ptr<const detail::Mapping> mapping;
-  unsigned char* base;
+      : mapping(m), source(m), base(mapping->base()), size(mapping->size()) {}
+  explicit Impl(std::shared_ptr<const detail::RemoteObject> r)
+      : source(r), remote(std::move(r)), size(remote->size()) {}
+  std::shared_ptr<const detail::Mapping> mapping;  // null for a file at a URL
+  std::shared_ptr<const detail::ByteSource> source;
+  std::shared_ptr<const detail::RemoteObject> remote;
+  unsigned char* base = nullptr;
   uint64_t size;
+  std::vector<unsigned char> header_bytes;
   detail::ParsedHeader header;
+
+  // The mapping; a file at a URL has none to give `what` from.
+  const detail::Mapping& mapped(const std::string& what) const {
+    if (!mapping) {
+      throw Error(ErrorKind::InvalidArgument,
+                  source->name() + ": " + what +
+                      " needs the file mapped, and a file at a URL is read, not mapped: read it (File::read), or "
+                      "load in copy mode (LoadMode::Auto does)");
+    }
+    return *mapping;
+  }
 };
 
 File::File(std::shared_ptr<const Impl> impl) : impl_(std::move(impl)) {}
 
-File File::open(const std::string& path) { return detail::open_file(std::make_shared<const detail::Mapping>(path)); }
+File File::open(const std::string& path) {
+  if (is_url(path)) {
+    return detail::open_file(std::make_shared<const detail::RemoteObject>(
+        std::make_shared<const detail::Fetcher>(RemoteOptions::from_environment()), path));
+  }
+  return detail::open_file(std::make_shared<const detail::Mapping>(path));
+}
 
 File detail::open_file(std::shared_ptr<const Mapping> mapping) {
   auto impl = std::make_shared<File::Impl>(std::move(mapping));
@@ -49,7 +75,28 @@ File detail::open_file(std::shared_ptr<const Mapping> mapping) {
   return File(std::move(impl));
 }
 
-const std::string& File::path() const { return impl_->mapping->path(); }
+// The header is fetched whole (one request more where it is larger than the first
+// request's bytes) and validated as a mapped file's is: the rules read only the header.
+File detail::open_file(std::shared_ptr<const RemoteObject> object) {
+  constexpr uint64_t kSafetensorsMaxHeader = 100'000'000;  // spec/SAFETENSORS.md
+  auto impl = std::make_shared<File::Impl>(std::move(object));
+  const RemoteObject& r = *impl->remote;
+  const auto& head = r.head();
+  const bool safetensors = detect(head.data(), std::min<size_t>(head.size(), 64), r.size()) == Detected::Safetensors;
+  uint64_t wanted = head.size();
+  if (safetensors && head.size() >= 8) {
+    wanted = std::min(r.size(), 8 + std::min(load_le<uint64_t>(head.data()), kSafetensorsMaxHeader));
+  } else if (!safetensors && head.size() >= 24) {
+    wanted = std::min(r.size(), std::min(load_le<uint64_t>(head.data() + 16), format::kMaxHeaderSize));
+  }
+  impl->header_bytes.resize(static_cast<size_t>(std::max<uint64_t>(wanted, head.size())));
+  r.read(0, impl->header_bytes.data(), impl->header_bytes.size(), "the header");
+  impl->header = safetensors ? validate_safetensors(impl->header_bytes.data(), r.size(), r.name())
+                             : validate_header(impl->header_bytes.data(), r.size(), r.name());
+  return File(std::move(impl));
+}
+
+const std::string& File::path() const { return impl_->source->name(); }
 Format File::format() const { return impl_->header.format; }
 bool File::has_checksums() const { return impl_->header.format == Format::Tensormap; }
 uint16_t File::major_version() const { return impl_->header.major; }
@@ -66,8 +113,8 @@ const TensorEntry* File::find(std::string_view name) const {
 
 const TensorEntry& File::at(std::string_view name) const {
   if (const TensorEntry* e = find(name)) return *e;
-  throw Error(ErrorKind::NotFound, impl_->mapping->path() + ": no tensor named " + detail::quoted(name) +
-                                       " (the file has " + std::to_string(impl_->header.tensors.size()) + " tensors)");
+  throw Error(ErrorKind::NotFound, path() + ": no tensor named " + detail::quoted(name) + " (the file has " +
+                                       std::to_string(impl_->header.tensors.size()) + " tensors)");
 }
 
 const std::vector<std::pair<std::string_view, std::string_view>>& File::metadata() const {
@@ -82,16 +129,20 @@ std::optional<std::string_view> File::metadata_value(std::string_view key) const
 }
 
 ByteView File::bytes(const TensorEntry& entry) const {
+  impl_->mapped("File::bytes");
   return {reinterpret_cast<const std::byte*>(impl_->base + entry.offset), entry.byte_length};
 }
 
-void* File::cow_data(const TensorEntry& entry) const { return impl_->mapping->cow_base() + entry.offset; }
+void* File::cow_data(const TensorEntry& entry) const {
+  return impl_->mapped("a view of tensor " + detail::quoted(entry.name)).cow_base() + entry.offset;
+}
 
 std::shared_ptr<void> File::map_region(const TensorEntry& entry, uint64_t offset, uint64_t size) const {
   if (offset > entry.byte_length || size > entry.byte_length - offset) {
     throw Error(ErrorKind::InvalidArgument, path() + ": region past the end of tensor " + detail::quoted(entry.name));
   }
-  return impl_->mapping->map_range(entry.offset + offset, size, "tensor " + detail::quoted(entry.name));
+  return impl_->mapped("File::map_region")
+      .map_range(entry.offset + offset, size, "tensor " + detail::quoted(entry.name));
 }
 
 std::shared_ptr<const void> File::keep_alive() const { return impl_; }
@@ -100,7 +151,7 @@ void File::read(const TensorEntry& entry, uint64_t offset, void* dest, uint64_t 
   if (offset > entry.byte_length || size > entry.byte_length - offset) {
     throw Error(ErrorKind::InvalidArgument, path() + ": read past the end of tensor " + detail::quoted(entry.name));
   }
-  impl_->mapping->read(entry.offset + offset, dest, size, "tensor " + detail::quoted(entry.name));
+  impl_->source->read(entry.offset + offset, dest, size, "tensor " + detail::quoted(entry.name));
 }
 
 Error File::corrupted(const TensorEntry& entry, uint64_t computed) const {
@@ -184,13 +235,26 @@ void File::read_checked(const TensorEntry& entry, void* dest) const {
   }
   const std::string label = "tensor " + detail::quoted(entry.name);
   auto* out = static_cast<unsigned char*>(dest);
+  if (impl_->remote) {  // hashed on this thread, in order, while later chunks are on their way
+    std::unique_ptr<XXH3_state_t, XXH_errorcode (*)(XXH3_state_t*)> state(XXH3_createState(), XXH3_freeState);
+    if (!state) throw Error(ErrorKind::Io, path() + ": cannot allocate a hash state");
+    XXH3_64bits_reset(state.get());
+    uint64_t hashed = 0;
+    impl_->remote->read(entry.offset, out, entry.byte_length, label, [&](uint64_t landed) {
+      XXH3_64bits_update(state.get(), out + hashed, static_cast<size_t>(landed - hashed));
+      hashed = landed;
+    });
+    const uint64_t computed = XXH3_64bits_digest(state.get());
+    if (computed != entry.checksum) throw corrupted(entry, computed);
+    return;
+  }
   // A large tensor: read on this thread, hashed on another as the pieces land.
   constexpr uint64_t kPipelined = 8 << 20, kLanding = 1 << 20;
   if (entry.byte_length >= kPipelined && std::thread::hardware_concurrency() > 1) {
     PipelinedHash hash(out, entry.byte_length, path());
     for (uint64_t at = 0; at < entry.byte_length; at += kLanding) {
       const uint64_t n = std::min(kLanding, entry.byte_length - at);
-      impl_->mapping->read(entry.offset + at, out + at, n, label);  // a failure stops the hash first
+      impl_->source->read(entry.offset + at, out + at, n, label);  // a failure stops the hash first
       hash.landed(at + n);
     }
     const uint64_t computed = hash.digest();
@@ -204,7 +268,7 @@ void File::read_checked(const TensorEntry& entry, void* dest) const {
   XXH3_64bits_reset(state);
   for (uint64_t at = 0; at < entry.byte_length; at += kPiece) {
     const uint64_t n = std::min(kPiece, entry.byte_length - at);
-    impl_->mapping->read(entry.offset + at, out + at, n, label);
+    impl_->source->read(entry.offset + at, out + at, n, label);
     XXH3_64bits_update(state, out + at, n);
   }
   const uint64_t computed = XXH3_64bits_digest(state);
@@ -232,23 +296,26 @@ void File::read_rows(const TensorEntry& entry, uint64_t offset, uint64_t stride,
   const std::string what = "tensor " + detail::quoted(entry.name);  // once, not per row
   auto* out = static_cast<unsigned char*>(dest);
   for (uint64_t r = 0; r < rows; ++r) {
-    impl_->mapping->read(entry.offset + offset + r * stride, out + r * row_bytes, row_bytes, what);
+    impl_->source->read(entry.offset + offset + r * stride, out + r * row_bytes, row_bytes, what);
   }
 }
 
+// The page-cache operations: nothing to do for a file at a URL, none of whose bytes are
+// cached here.
 void File::prefetch(const TensorEntry& entry) const {
-  impl_->mapping->prefetch(entry.offset, entry.offset + entry.byte_length);
+  if (impl_->mapping) impl_->mapping->prefetch(entry.offset, entry.offset + entry.byte_length);
 }
 
 double File::cached_fraction(const TensorEntry& entry) const {
-  return impl_->mapping->cached_fraction(entry.offset, entry.offset + entry.byte_length);
+  return impl_->mapping ? impl_->mapping->cached_fraction(entry.offset, entry.offset + entry.byte_length) : 0.0;
 }
 
 void File::drop_cache(const TensorEntry& entry) const {
-  impl_->mapping->drop_cache(entry.offset, entry.offset + entry.byte_length);
+  if (impl_->mapping) impl_->mapping->drop_cache(entry.offset, entry.offset + entry.byte_length);
 }
 
 void File::evict(const TensorEntry& entry) const {
+  if (!impl_->mapping) return;
   // A tensormap tensor owns its padding, so its region runs to the padded end.
   const uint64_t end = entry.offset + entry.byte_length;
   const uint64_t region_end =
@@ -260,7 +327,7 @@ std::vector<Error> File::find_corruption() const {
   std::vector<Error> problems;
   if (!has_checksums()) return problems;  // safetensors: open() checked everything there is
   const auto& h = impl_->header;
-  const detail::Mapping& m = *impl_->mapping;
+  const detail::ByteSource& m = *impl_->source;
   constexpr uint64_t kChunk = 4 << 20;
   std::vector<unsigned char> buffer(kChunk);
   // Reads [begin, end) in chunks with pread; `sink` sees each chunk.
@@ -279,7 +346,7 @@ std::vector<Error> File::find_corruption() const {
         if (p[i] != 0) {
           problems.emplace_back(
               ErrorKind::NonZeroPadding,
-              m.path() + ": padding after " + after + " has a non-zero byte at offset " + std::to_string(at + i));
+              m.name() + ": padding after " + after + " has a non-zero byte at offset " + std::to_string(at + i));
           reported = true;
         }
       }
@@ -287,7 +354,7 @@ std::vector<Error> File::find_corruption() const {
   };
   check_padding(h.header_size, *format::round_up(h.header_size, h.alignment), "the header");
   XXH3_state_t* state = XXH3_createState();
-  if (!state) throw Error(ErrorKind::Io, m.path() + ": cannot allocate a hash state");
+  if (!state) throw Error(ErrorKind::Io, m.name() + ": cannot allocate a hash state");
   try {
     for (const TensorEntry& e : h.tensors) {
       if (e.alias_of) continue;  // its bytes, checksum and padding are its target's (rule 17)

@@ -3,6 +3,8 @@
 // to the core.
 #pragma once
 
+#include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -13,6 +15,7 @@
 #include "format/detect.h"
 #include "tensormap/file.h"
 #include "tensormap/format.h"
+#include "tensormap/sharded.h"
 #include "tensormap/tensor_info.h"
 
 namespace tensormap::detail {
@@ -57,9 +60,19 @@ struct Source {
   std::unordered_map<std::string_view, size_t> positions;
 };
 
+// A sharded checkpoint whose shard s `open` opens (a local file, or an object beside the
+// index's URL). Defined in checkpoint.cpp, as are the others.
+using ShardOpener = std::function<std::shared_ptr<const Source>(const ShardIndex& index, uint32_t shard)>;
+std::shared_ptr<const Source> open_sharded(ShardIndex index, ShardOpener open);
+std::shared_ptr<const Source> open_file_source(File file);
+class ByteSource;
+// What the first bytes of `bytes` say it is.
+Detected detect_opened(const ByteSource& bytes);
+// The whole of a shard index, bounded before it is read.
+ShardIndex read_shard_index(const ByteSource& bytes);
+
 // A torch.save archive, read through `file` (a Mapping where it is a local file, which
 // adds placement and the page-cache operations). Defined in torch_save_reader.cpp.
-class ByteSource;
 std::shared_ptr<const Source> open_torch_save(std::shared_ptr<const ByteSource> file);
 
 }  // namespace tensormap::detail

@@ -161,7 +161,7 @@ void bind_errors(py::module_& m) {
 
   m.def("error_kinds", [] {
     std::vector<std::string> names;
-    for (int k = 0; k <= static_cast<int>(ErrorKind::LibTorch); ++k) {
+    for (int k = 0; k <= static_cast<int>(kLastErrorKind); ++k) {
       names.emplace_back(error_kind_name(static_cast<ErrorKind>(k)));
     }
     return names;

@@ -22,6 +22,7 @@
 #include "tensormap/error.h"
 #include "tensormap/interrupt.h"
 #include "tensormap/load.h"
+#include "tensormap/remote.h"
 #include "tensormap/save.h"
 #include "tensormap/skeleton.h"
 #include "tensormap/state_dict.h"
@@ -302,8 +303,16 @@ LoadReport apply_load(LoadPlan plan, const StateDict& state, const LoadOptions& 
 }
 
 LoadMode resolved_mode(LoadMode mode, const StateDict& state) {
+  const std::string& path = state.checkpoint().path();
+  if (is_url(path)) {  // nothing to map: the bytes are on another machine
+    if (mode == LoadMode::Map) {
+      throw Error(ErrorKind::InvalidArgument,
+                  path + ": map mode has no meaning for a URL; load it with LoadMode::Copy (LoadMode::Auto does)");
+    }
+    return LoadMode::Copy;
+  }
   if (mode != LoadMode::Auto) return mode;
-  return fault_prone_filesystem(state.checkpoint().path()).empty() ? LoadMode::Map : LoadMode::Copy;
+  return fault_prone_filesystem(path).empty() ? LoadMode::Map : LoadMode::Copy;
 }
 
 }  // namespace detail

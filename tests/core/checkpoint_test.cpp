@@ -625,7 +625,7 @@ TEST(Printable, CleanTextIsUnchangedAndEverythingThatDrivesATerminalIsEscaped) {
 
 TEST(Errors, EveryKindHasOneNameThatReadsBackAndAGroup) {
   int rules = 0;
-  for (int k = 0; k <= static_cast<int>(ErrorKind::LibTorch); ++k) {
+  for (int k = 0; k <= static_cast<int>(kLastErrorKind); ++k) {
     const auto kind = static_cast<ErrorKind>(k);
     const std::string name = error_kind_name(kind);
     EXPECT_NE(name, "Unknown") << k;

@@ -1,0 +1,552 @@
+// Range requests with libcurl: see fetcher.h.
+#include "remote/fetcher.h"
+
+#include <curl/curl.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <exception>
+#include <optional>
+#include <random>
+
+#include "tensormap/error.h"
+#include "tensormap/interrupt.h"
+
+namespace tensormap::detail {
+namespace {
+
+// SHA-256 of no bytes: the payload hash of a signed GET.
+constexpr const char* kEmptyPayloadHash = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+constexpr size_t kErrorBodyBytes = 1024;
+
+void init_curl() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) throw Error(ErrorKind::Io, "libcurl cannot start");
+  });
+}
+
+// One response, as its headers and body arrive.
+struct Answer {
+  long status = 0;
+  std::string content_range;
+  std::optional<uint64_t> content_length;
+  ObjectVersion version;
+  unsigned char* dest = nullptr;  // where a 206's body goes (capacity bytes)
+  uint64_t capacity = 0;
+  std::vector<unsigned char>* whole = nullptr;  // where first() takes a 200's body, up to capacity
+  uint64_t received = 0;
+  std::string error_body;  // the start of a body that is not data: the server's error document
+  std::string overflow;    // why the body was cut off
+  const std::atomic<bool>* cancel = nullptr;
+};
+
+// A failure, and whether another try may go otherwise.
+struct Failure {
+  ErrorKind kind;
+  std::string message;
+  bool transient = false;
+  bool cancelled = false;
+};
+
+std::string lower(std::string_view s) {
+  std::string out(s);
+  for (char& c : out) c = static_cast<char>(c >= 'A' && c <= 'Z' ? c - 'A' + 'a' : c);
+  return out;
+}
+
+size_t on_header(char* data, size_t size, size_t count, void* user) {
+  auto& a = *static_cast<Answer*>(user);
+  const size_t length = size * count;
+  std::string_view line(data, length);
+  while (!line.empty() && (line.back() == '\r' || line.back() == '\n')) line.remove_suffix(1);
+  if (line.rfind("HTTP/", 0) == 0) {  // a new response (after a redirect, or a 100 Continue)
+    a.content_range.clear();
+    a.content_length.reset();
+    a.version = {};
+    const size_t space = line.find(' ');
+    a.status =
+        space == std::string_view::npos ? 0 : std::strtol(std::string(line.substr(space + 1, 3)).c_str(), nullptr, 10);
+    return length;
+  }
+  const size_t colon = line.find(':');
+  if (colon == std::string_view::npos) return length;
+  const std::string name = lower(line.substr(0, colon));
+  std::string_view value = line.substr(colon + 1);
+  while (!value.empty() && (value.front() == ' ' || value.front() == '\t')) value.remove_prefix(1);
+  if (name == "content-range") {
+    a.content_range = value;
+  } else if (name == "content-length") {
+    const std::string digits(value);
+    if (!digits.empty() && digits.find_first_not_of("0123456789") == std::string::npos && digits.size() < 20) {
+      a.content_length = std::stoull(digits);
+    }
+  } else if (name == "etag") {
+    a.version.etag = value;
+  } else if (name == "last-modified") {
+    a.version.last_modified = value;
+  }
+  return length;
+}
+
+size_t on_body(char* data, size_t size, size_t count, void* user) {
+  auto& a = *static_cast<Answer*>(user);
+  const size_t length = size * count;
+  if (a.status == 206 && a.dest) {
+    if (length > a.capacity - a.received) {
+      a.overflow = "the server sent more bytes than the range asked for";
+      return 0;
+    }
+    std::memcpy(a.dest + a.received, data, length);
+    a.received += length;
+    return length;
+  }
+  if (a.status == 200 && a.whole) {  // first(): the whole object, which must fit the head
+    if (length > a.capacity - a.received) return 0;
+    a.whole->insert(a.whole->end(), data, data + length);
+    a.received += length;
+    return length;
+  }
+  if (a.status == 200) return 0;  // the whole object where a range was asked: stop at once
+  if (a.error_body.size() < kErrorBodyBytes)
+    a.error_body.append(data, std::min(length, kErrorBodyBytes - a.error_body.size()));
+  return length;
+}
+
+int on_progress(void* user, curl_off_t, curl_off_t, curl_off_t, curl_off_t) {
+  const auto& a = *static_cast<const Answer*>(user);
+  return a.cancel && a.cancel->load() ? 1 : 0;
+}
+
+// The S3 error code in an error document (<Code>SlowDown</Code>), or "".
+std::string s3_code(const std::string& body) {
+  const size_t start = body.find("<Code>");
+  const size_t end = body.find("</Code>");
+  if (start == std::string::npos || end == std::string::npos || end < start + 6 || end - start > 70) return "";
+  return body.substr(start + 6, end - start - 6);
+}
+
+// "bytes A-B/T": A, B and T; T may be "*" (unknown).
+struct ContentRange {
+  uint64_t first = 0, last = 0;
+  std::optional<uint64_t> total;
+  bool unsatisfied = false;  // "bytes */T"
+};
+
+std::optional<ContentRange> parse_content_range(const std::string& text) {
+  ContentRange r;
+  if (text.rfind("bytes ", 0) != 0) return std::nullopt;
+  const std::string rest = text.substr(6);
+  const size_t slash = rest.find('/');
+  if (slash == std::string::npos) return std::nullopt;
+  const std::string span = rest.substr(0, slash), total = rest.substr(slash + 1);
+  auto number = [](const std::string& s) -> std::optional<uint64_t> {
+    if (s.empty() || s.size() > 19 || s.find_first_not_of("0123456789") != std::string::npos) return std::nullopt;
+    return std::stoull(s);
+  };
+  if (total != "*") {
+    r.total = number(total);
+    if (!r.total) return std::nullopt;
+  }
+  if (span == "*") {
+    r.unsatisfied = true;
+    return r;
+  }
+  const size_t dash = span.find('-');
+  if (dash == std::string::npos) return std::nullopt;
+  const auto first = number(span.substr(0, dash)), last = number(span.substr(dash + 1));
+  if (!first || !last || *last < *first) return std::nullopt;
+  r.first = *first;
+  r.last = *last;
+  return r;
+}
+
+std::string version_change(const ObjectVersion& first, const ObjectVersion& now) {
+  if (!first.etag.empty() && now.etag != first.etag) {
+    return "the object changed while it was read (ETag " + first.etag + ", now " +
+           (now.etag.empty() ? std::string("none") : now.etag) + ")";
+  }
+  if (!first.last_modified.empty() && now.last_modified != first.last_modified) {
+    return "the object changed while it was read (Last-Modified " + first.last_modified + ", now " +
+           (now.last_modified.empty() ? std::string("none") : now.last_modified) + ")";
+  }
+  return "";
+}
+
+}  // namespace
+
+struct Fetcher::Counters {
+  std::atomic<uint64_t> requests{0};
+  std::atomic<uint64_t> bytes{0};
+};
+
+struct Fetcher::Connection {
+  Connection() {
+    init_curl();
+    curl = curl_easy_init();
+    if (!curl) throw Error(ErrorKind::Io, "libcurl cannot make a connection handle");
+  }
+  ~Connection() { curl_easy_cleanup(curl); }
+  Connection(const Connection&) = delete;
+  Connection& operator=(const Connection&) = delete;
+
+  // One GET of bytes [offset, offset + size): the answer's headers and body in `a`, and
+  // what failed on the way, if anything. The status is judged by the caller.
+  std::optional<Failure> get(const RemoteTarget& t, const RemoteOptions& o, uint64_t offset, uint64_t size, Answer& a) {
+    curl_easy_reset(curl);
+    const std::string range = std::to_string(offset) + "-" + std::to_string(offset + size - 1);
+    curl_easy_setopt(curl, CURLOPT_URL, t.http_url.c_str());
+    curl_easy_setopt(curl, CURLOPT_HTTPGET, 1L);
+    curl_easy_setopt(curl, CURLOPT_RANGE, range.c_str());
+    curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(curl, CURLOPT_HTTP_VERSION, static_cast<long>(CURL_HTTP_VERSION_1_1));
+    curl_easy_setopt(curl, CURLOPT_PROTOCOLS_STR, "http,https");
+    curl_easy_setopt(curl, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
+    curl_easy_setopt(curl, CURLOPT_FOLLOWLOCATION, 1L);
+    curl_easy_setopt(curl, CURLOPT_MAXREDIRS, 5L);
+    curl_easy_setopt(curl, CURLOPT_TCP_NODELAY, 1L);
+    curl_easy_setopt(curl, CURLOPT_BUFFERSIZE, 512L * 1024);
+    const long timeout = std::max(1L, static_cast<long>(o.timeout_seconds + 0.5));
+    curl_easy_setopt(curl, CURLOPT_CONNECTTIMEOUT_MS, static_cast<long>(o.timeout_seconds * 1000));
+    curl_easy_setopt(curl, CURLOPT_LOW_SPEED_LIMIT, 1L);
+    curl_easy_setopt(curl, CURLOPT_LOW_SPEED_TIME, timeout);
+    curl_easy_setopt(curl, CURLOPT_HEADERFUNCTION, on_header);
+    curl_easy_setopt(curl, CURLOPT_HEADERDATA, &a);
+    curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, on_body);
+    curl_easy_setopt(curl, CURLOPT_WRITEDATA, &a);
+    curl_easy_setopt(curl, CURLOPT_NOPROGRESS, 0L);
+    curl_easy_setopt(curl, CURLOPT_XFERINFOFUNCTION, on_progress);
+    curl_easy_setopt(curl, CURLOPT_XFERINFODATA, &a);
+    curl_slist* headers = nullptr;
+    std::string signing;
+    if (t.s3 && !t.access_key.empty()) {
+      signing = "aws:amz:" + t.region + ":s3";
+      curl_easy_setopt(curl, CURLOPT_AWS_SIGV4, signing.c_str());
+      curl_easy_setopt(curl, CURLOPT_USERNAME, t.access_key.c_str());
+      curl_easy_setopt(curl, CURLOPT_PASSWORD, t.secret_key.c_str());
+      headers = curl_slist_append(headers, (std::string("x-amz-content-sha256: ") + kEmptyPayloadHash).c_str());
+      if (!t.session_token.empty()) {
+        headers = curl_slist_append(headers, ("x-amz-security-token: " + t.session_token).c_str());
+      }
+    } else if (!t.s3 && !o.bearer_token.empty()) {
+      headers = curl_slist_append(headers, ("Authorization: Bearer " + o.bearer_token).c_str());
+    }
+    if (headers) curl_easy_setopt(curl, CURLOPT_HTTPHEADER, headers);
+    const CURLcode rc = curl_easy_perform(curl);
+    curl_slist_free_all(headers);
+    if (a.cancel && a.cancel->load()) return Failure{ErrorKind::Io, "cancelled", false, true};
+    if (!a.overflow.empty()) return Failure{ErrorKind::RemoteProtocol, a.overflow};
+    if (rc == CURLE_OK || rc == CURLE_WRITE_ERROR) return std::nullopt;
+    const std::string seconds = std::to_string(timeout) + " s";
+    switch (rc) {
+      case CURLE_COULDNT_RESOLVE_HOST:
+      case CURLE_COULDNT_RESOLVE_PROXY:
+        return Failure{ErrorKind::RemoteUnreachable,
+                       "cannot resolve the host (" + std::string(curl_easy_strerror(rc)) + ")"};
+      case CURLE_COULDNT_CONNECT:
+        return Failure{ErrorKind::RemoteUnreachable, "cannot connect (" + std::string(curl_easy_strerror(rc)) + ")",
+                       true};
+      case CURLE_OPERATION_TIMEDOUT:
+        return Failure{ErrorKind::RemoteUnreachable,
+                       a.status ? "the response stalled: no byte for " + seconds + " after " +
+                                      std::to_string(a.received) + " of " + std::to_string(size) + " bytes"
+                                : "no answer within " + seconds,
+                       true};
+      case CURLE_URL_MALFORMAT:
+      case CURLE_UNSUPPORTED_PROTOCOL:
+        return Failure{ErrorKind::InvalidArgument,
+                       "not a URL libcurl can request (" + std::string(curl_easy_strerror(rc)) + ")"};
+      case CURLE_SSL_CONNECT_ERROR:
+      case CURLE_PEER_FAILED_VERIFICATION:
+      case CURLE_SSL_CACERT_BADFILE:
+        return Failure{ErrorKind::RemoteUnreachable, "TLS failed (" + std::string(curl_easy_strerror(rc)) + ")"};
+      case CURLE_TOO_MANY_REDIRECTS: return Failure{ErrorKind::RemoteProtocol, "more than 5 redirects"};
+      default:
+        return Failure{ErrorKind::RemoteUnreachable,
+                       "the connection failed after " + std::to_string(a.received) + " of " + std::to_string(size) +
+                           " bytes (" + curl_easy_strerror(rc) + ")",
+                       true};
+    }
+  }
+
+  CURL* curl = nullptr;
+};
+
+namespace {
+
+// What a status other than 206 means.
+Failure status_failure(const RemoteTarget& t, const Answer& a) {
+  const std::string code = s3_code(a.error_body);
+  const std::string status = "HTTP " + std::to_string(a.status) + (code.empty() ? "" : " " + code);
+  switch (a.status) {
+    case 200:
+      return {ErrorKind::RemoteProtocol,
+              "the server ignores Range requests (200 where 206 was asked); tensormap reads by ranges"};
+    case 404: return {ErrorKind::RemoteNotFound, "no such object (" + status + ")"};
+    case 401:
+    case 403:
+      return {ErrorKind::RemoteAccessDenied, "access denied (" + status + "), asked with " +
+                                                 (t.s3                                ? t.credentials
+                                                  : t.credentials == "no credentials" ? "no bearer token"
+                                                                                      : t.credentials)};
+    case 412: return {ErrorKind::RemoteChanged, "the object changed while it was read (" + status + ")"};
+    case 429:
+    case 503: return {ErrorKind::RemoteThrottled, "the server asks to slow down (" + status + ")", true};
+    default:
+      if (a.status >= 500) return {ErrorKind::RemoteProtocol, "the server failed (" + status + ")", true};
+      return {ErrorKind::RemoteProtocol, "unexpected answer " + status};
+  }
+}
+
+// Waits `attempt`'s backoff, 0.1 s doubling up to 3.2 s, with jitter; returns early if
+// `cancel` is set.
+void back_off(unsigned attempt, const std::atomic<bool>* cancel) {
+  thread_local std::mt19937 random(std::random_device{}());
+  const double base = 0.1 * static_cast<double>(1u << std::min(attempt, 5u));
+  const double wait = base * std::uniform_real_distribution<double>(0.75, 1.25)(random);
+  const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(wait);
+  while (std::chrono::steady_clock::now() < until) {
+    if (cancel && cancel->load()) return;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+}
+
+std::string tries(unsigned attempt) { return attempt == 0 ? "" : " (" + std::to_string(attempt + 1) + " tries)"; }
+
+}  // namespace
+
+struct Fetcher::Batch {
+  std::mutex mutex;
+  std::condition_variable changed;
+  size_t pending = 0;
+  std::vector<char> done;
+  std::exception_ptr error;
+  std::atomic<bool> cancel{false};
+};
+
+struct Fetcher::Job {
+  const RemoteTarget* target;
+  const ObjectVersion* version;
+  uint64_t object_size;
+  uint64_t offset;
+  uint64_t size;
+  unsigned char* dest;
+  const std::string* what;
+  Batch* batch;
+  size_t index;
+};
+
+Fetcher::Fetcher(RemoteOptions options) : options_(std::move(options)), counters_(std::make_unique<Counters>()) {
+  if (options_.connections == 0 || options_.connections > 256) {
+    throw Error(ErrorKind::InvalidArgument,
+                "remote connections must be between 1 and 256, not " + std::to_string(options_.connections));
+  }
+  if (options_.chunk_bytes < 4096 || options_.chunk_bytes > (uint64_t{1} << 30)) {
+    throw Error(ErrorKind::InvalidArgument,
+                "remote chunk_bytes must be between 4096 and 2^30, not " + std::to_string(options_.chunk_bytes));
+  }
+  if (!(options_.timeout_seconds >= 1 && options_.timeout_seconds <= 3600)) {
+    throw Error(ErrorKind::InvalidArgument, "remote timeout_seconds must be between 1 and 3600");
+  }
+  if (options_.retries > 20) throw Error(ErrorKind::InvalidArgument, "remote retries must be at most 20");
+  own_ = std::make_unique<Connection>();
+  for (unsigned i = 0; i < options_.connections; ++i) {
+    threads_.emplace_back([this] {
+      Connection connection;
+      work(connection);
+    });
+  }
+}
+
+Fetcher::~Fetcher() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stopping_ = true;
+  }
+  ready_.notify_all();
+  for (auto& t : threads_) t.join();
+}
+
+uint64_t Fetcher::requests() const { return counters_->requests.load(); }
+uint64_t Fetcher::bytes_received() const { return counters_->bytes.load(); }
+
+FirstResponse Fetcher::first(const RemoteTarget& target, uint64_t head_bytes) const {
+  std::lock_guard<std::mutex> lock(own_mutex_);
+  for (unsigned attempt = 0;; ++attempt) {
+    FirstResponse out;
+    out.head.resize(static_cast<size_t>(head_bytes));
+    Answer a;
+    a.dest = out.head.data();
+    a.capacity = head_bytes;
+    std::vector<unsigned char> whole;
+    a.whole = &whole;
+    counters_->requests++;
+    std::optional<Failure> failure = own_->get(target, options_, 0, head_bytes, a);
+    counters_->bytes += a.received;
+    if (!failure) {
+      if (a.status == 206) {
+        const auto range = parse_content_range(a.content_range);
+        if (!range || !range->total || range->first != 0 || range->last >= *range->total ||
+            range->last - range->first + 1 != a.received) {
+          failure = Failure{ErrorKind::RemoteProtocol, "a 206 answer whose Content-Range (" + a.content_range +
+                                                           ") is not the range asked for or its body"};
+        } else {
+          out.size = *range->total;
+          out.head.resize(static_cast<size_t>(a.received));
+        }
+      } else if (a.status == 200) {
+        if (!a.content_length || *a.content_length != a.received || a.received > head_bytes) {
+          failure = status_failure(target, a);  // ignores Range, on an object larger than the head
+        } else {
+          out.size = a.received;
+          out.head = std::move(whole);
+        }
+      } else if (a.status == 416) {
+        const auto range = parse_content_range(a.content_range);
+        if (range && range->unsatisfied && range->total && *range->total == 0) {
+          out.size = 0;  // an empty object
+          out.head.clear();
+        } else {
+          failure = Failure{ErrorKind::RemoteProtocol, "HTTP 416 for the first bytes of the object"};
+        }
+      } else {
+        failure = status_failure(target, a);
+      }
+    }
+    if (!failure) {
+      out.version = a.version;
+      return out;
+    }
+    if (!failure->transient || attempt >= options_.retries) {
+      throw Error(failure->kind, target.shown + ": " + failure->message + tries(attempt));
+    }
+    back_off(attempt, nullptr);
+  }
+}
+
+void Fetcher::read(const RemoteTarget& target, const ObjectVersion& version, uint64_t object_size, uint64_t offset,
+                   uint64_t size, unsigned char* dest, const std::function<void(uint64_t)>& landed,
+                   const std::string& what) const {
+  if (size == 0) return;
+  const uint64_t chunk = options_.chunk_bytes;
+  const size_t chunks = static_cast<size_t>((size + chunk - 1) / chunk);
+  Batch batch;
+  batch.pending = chunks;
+  batch.done.assign(chunks, 0);
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (size_t i = 0; i < chunks; ++i) {
+      const uint64_t at = i * chunk;
+      jobs_.push_back(
+          Job{&target, &version, object_size, offset + at, std::min(chunk, size - at), dest + at, &what, &batch, i});
+    }
+  }
+  ready_.notify_all();
+  size_t prefix = 0;
+  std::exception_ptr interrupted;
+  std::unique_lock<std::mutex> lock(batch.mutex);
+  while (true) {
+    batch.changed.wait_for(lock, std::chrono::milliseconds(50));
+    size_t p = prefix;
+    while (p < chunks && batch.done[p]) ++p;
+    if (p > prefix && !batch.error && !interrupted) {
+      prefix = p;
+      lock.unlock();
+      try {
+        landed(std::min(size, static_cast<uint64_t>(prefix) * chunk));
+      } catch (...) {
+        interrupted = std::current_exception();
+        batch.cancel = true;
+      }
+      lock.lock();
+    }
+    if (batch.pending == 0) break;
+    if (!interrupted) {
+      lock.unlock();
+      try {
+        check_interrupt();
+      } catch (...) {
+        interrupted = std::current_exception();
+        batch.cancel = true;
+      }
+      lock.lock();
+    }
+  }
+  // Every job of the batch has finished or been skipped: nothing writes into dest now.
+  if (interrupted) std::rethrow_exception(interrupted);
+  if (batch.error) std::rethrow_exception(batch.error);
+}
+
+void Fetcher::work(Connection& connection) {
+  while (true) {
+    Job job;
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      ready_.wait(lock, [&] { return stopping_ || !jobs_.empty(); });
+      if (jobs_.empty()) return;
+      job = jobs_.front();
+      jobs_.pop_front();
+    }
+    Batch& batch = *job.batch;
+    std::exception_ptr error;
+    if (!batch.cancel) {
+      try {
+        const RemoteTarget& t = *job.target;
+        const std::string where = t.shown + ": " + *job.what + ": bytes [" + std::to_string(job.offset) + ", " +
+                                  std::to_string(job.offset + job.size) + ")";
+        for (unsigned attempt = 0;; ++attempt) {
+          Answer a;
+          a.dest = job.dest;
+          a.capacity = job.size;
+          a.cancel = &batch.cancel;
+          counters_->requests++;
+          std::optional<Failure> failure = connection.get(t, options_, job.offset, job.size, a);
+          counters_->bytes += a.received;
+          if (!failure) {
+            const auto range = parse_content_range(a.content_range);
+            const std::string changed = version_change(*job.version, a.version);
+            if (a.status != 206) {
+              failure = status_failure(t, a);
+            } else if (!changed.empty()) {
+              failure = Failure{ErrorKind::RemoteChanged, changed};
+            } else if (!range || range->unsatisfied || range->first != job.offset ||
+                       range->last != job.offset + job.size - 1) {
+              failure = Failure{ErrorKind::RemoteProtocol,
+                                "a 206 answer for another range (Content-Range: " + a.content_range + ")"};
+            } else if (range->total && *range->total != job.object_size) {
+              failure = Failure{ErrorKind::RemoteChanged, "the object changed while it was read (its size was " +
+                                                              std::to_string(job.object_size) + ", now " +
+                                                              std::to_string(*range->total) + ")"};
+            } else if (a.received != job.size) {
+              failure = Failure{ErrorKind::RemoteProtocol,
+                                "a body of " + std::to_string(a.received) + " bytes where " + std::to_string(job.size) +
+                                    " were asked for",
+                                true};
+            }
+          }
+          if (!failure) break;
+          if (failure->cancelled) throw Error(ErrorKind::Io, where + ": cancelled");
+          if (!failure->transient || attempt >= options_.retries) {
+            throw Error(failure->kind, where + ": " + failure->message + tries(attempt));
+          }
+          back_off(attempt, &batch.cancel);
+          if (batch.cancel) throw Error(ErrorKind::Io, where + ": cancelled");
+        }
+      } catch (...) {
+        error = std::current_exception();
+      }
+    }
+    std::lock_guard<std::mutex> lock(batch.mutex);
+    if (error && !batch.error) {
+      batch.error = error;
+      batch.cancel = true;
+    }
+    batch.done[job.index] = error ? 0 : 1;
+    --batch.pending;
+    batch.changed.notify_all();  // under the lock: the waiter may free the batch once it sees 0
+  }
+}
+
+}  // namespace tensormap::detail

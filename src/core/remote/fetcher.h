@@ -1,0 +1,84 @@
+// Range requests over HTTP(S), with libcurl: checked, retried, and many at once. Internal
+// to the core.
+//
+// A Fetcher owns `connections` threads, each with a connection of its own that it keeps
+// open between requests. Fetcher::read splits a range into chunks, hands them to those
+// threads, and waits: each chunk is written by libcurl straight into its place in the
+// destination, and checked (206, the Content-Range asked for, the whole length, the
+// object's ETag and Last-Modified as first seen). What fails and may pass is retried
+// with backoff; what is left is thrown as an Error of the Remote group, after every
+// chunk of the call has stopped writing.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "remote/url.h"
+#include "tensormap/remote.h"
+
+namespace tensormap::detail {
+
+// What identifies the version of an object: a response for another version means the
+// object changed.
+struct ObjectVersion {
+  std::string etag;
+  std::string last_modified;
+};
+
+// An object as its first response described it.
+struct FirstResponse {
+  uint64_t size = 0;
+  ObjectVersion version;
+  std::vector<unsigned char> head;  // its first bytes: min(size, the head asked for)
+};
+
+class Fetcher {
+ public:
+  explicit Fetcher(RemoteOptions options);
+  ~Fetcher();
+  Fetcher(const Fetcher&) = delete;
+  Fetcher& operator=(const Fetcher&) = delete;
+
+  const RemoteOptions& options() const { return options_; }
+
+  // The object's size and version, and its first `head_bytes` bytes, in one request.
+  FirstResponse first(const RemoteTarget& target, uint64_t head_bytes) const;
+
+  // Bytes [offset, offset + size) of the object into `dest`, in chunks over the
+  // connections. `landed(n)` is called on this thread each time bytes [offset, offset +
+  // n) of the range have all arrived (a checksum can follow them). `what` names the bytes
+  // in messages. Checks for an interrupt (tensormap/interrupt.h) while it waits.
+  void read(const RemoteTarget& target, const ObjectVersion& version, uint64_t object_size, uint64_t offset,
+            uint64_t size, unsigned char* dest, const std::function<void(uint64_t)>& landed,
+            const std::string& what) const;
+
+  // Requests made and bytes received since the Fetcher was made (for tests and benches).
+  uint64_t requests() const;
+  uint64_t bytes_received() const;
+
+ private:
+  struct Job;
+  struct Batch;
+  struct Connection;
+  void work(Connection& connection);
+
+  RemoteOptions options_;
+  mutable std::mutex mutex_;
+  mutable std::condition_variable ready_;
+  mutable std::deque<Job> jobs_;
+  bool stopping_ = false;
+  std::vector<std::thread> threads_;
+  std::unique_ptr<Connection> own_;  // for first(), on the caller's thread
+  mutable std::mutex own_mutex_;
+  struct Counters;
+  std::unique_ptr<Counters> counters_;
+};
+
+}  // namespace tensormap::detail

@@ -1,0 +1,32 @@
+// RemoteObject: see remote_object.h.
+#include "remote/remote_object.h"
+
+#include <cstring>
+
+#include "tensormap/error.h"
+
+namespace tensormap::detail {
+
+RemoteObject::RemoteObject(std::shared_ptr<const Fetcher> fetcher, const std::string& url, uint64_t head_bytes)
+    : fetcher_(std::move(fetcher)), target_(resolve_url(url)), first_(fetcher_->first(target_, head_bytes)) {}
+
+void RemoteObject::read(uint64_t offset, void* dest, uint64_t size, const std::string& what) const {
+  read(offset, dest, size, what, [](uint64_t) {});
+}
+
+void RemoteObject::read(uint64_t offset, void* dest, uint64_t size, const std::string& what,
+                        const std::function<void(uint64_t)>& landed) const {
+  if (offset > first_.size || size > first_.size - offset) {
+    throw Error(ErrorKind::Truncated, target_.shown + ": " + what + " ends at " + std::to_string(offset + size) +
+                                          ", past the end of the object (" + std::to_string(first_.size) + " bytes)");
+  }
+  if (size == 0) return;
+  if (offset + size <= first_.head.size()) {  // already here
+    std::memcpy(dest, first_.head.data() + offset, static_cast<size_t>(size));
+    landed(size);
+    return;
+  }
+  fetcher_->read(target_, first_.version, first_.size, offset, size, static_cast<unsigned char*>(dest), landed, what);
+}
+
+}  // namespace tensormap::detail

@@ -1,0 +1,201 @@
+"""Real servers on loopback for the remote tests, started and stopped by the tests.
+
+Nginx serves a folder (HTTP range reads, as a CDN or an artifact server does), with one
+folder behind a bearer token. FaultProxy stands between tensormap and nginx and breaks
+what the test asks it to: a connection dropped mid-body, Range ignored, 503 SlowDown,
+an object that changes between requests, a stall, a short body.
+"""
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+TOKEN = "secret-token"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port, process, what, seconds=10):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on port {port} within {seconds} s")
+
+
+class Nginx:
+    """nginx serving `root` on a free loopback port; root/private/ needs the bearer TOKEN.
+
+    Its access log has one line per request: status, bytes sent, the Range asked for."""
+
+    def __init__(self, root, workdir):
+        self.root, self.workdir = os.path.abspath(root), os.path.abspath(workdir)
+        self.port = free_port()
+        os.makedirs(self.workdir, exist_ok=True)
+        self.log = os.path.join(self.workdir, "access.log")
+        user = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""
+        temp = {k: os.path.join(self.workdir, k) for k in ("body", "proxy", "fastcgi", "uwsgi", "scgi")}
+        config = f"""{user}
+daemon off;
+worker_processes 1;
+pid {self.workdir}/nginx.pid;
+error_log {self.workdir}/error.log;
+events {{ worker_connections 512; }}
+http {{
+  log_format ranges '$status $bytes_sent "$http_range" $request_uri';
+  access_log {self.log} ranges;
+  client_body_temp_path {temp['body']};
+  proxy_temp_path {temp['proxy']};
+  fastcgi_temp_path {temp['fastcgi']};
+  uwsgi_temp_path {temp['uwsgi']};
+  scgi_temp_path {temp['scgi']};
+  types {{ }}
+  default_type application/octet-stream;
+  sendfile on;
+  keepalive_requests 100000;
+  server {{
+    listen 127.0.0.1:{self.port};
+    root {self.root};
+    location /private/ {{
+      if ($http_authorization != "Bearer {TOKEN}") {{ return 401; }}
+    }}
+  }}
+}}
+"""
+        self.config = os.path.join(self.workdir, "nginx.conf")
+        with open(self.config, "w") as f:
+            f.write(config)
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        self.process = subprocess.Popen([nginx, "-c", self.config, "-p", self.workdir],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_for_port(self.port, self.process, "nginx")
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def requests(self):
+        """The access log's lines so far: (status, bytes sent, range, uri)."""
+        time.sleep(0.05)  # nginx writes its log line as the request ends
+        out = []
+        if os.path.exists(self.log):
+            for line in open(self.log):
+                status, sent, rest = line.split(" ", 2)
+                range_, uri = rest.rsplit(" ", 1)
+                out.append((int(status), int(sent), range_.strip('"'), uri.strip()))
+        return out
+
+    def clear_log(self):
+        open(self.log, "w").close()
+        # nginx keeps appending to its open descriptor: truncation is enough
+
+    def stop(self):
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+class FaultProxy:
+    """An HTTP proxy in front of `upstream_port` that breaks responses as `mode` says.
+
+    Each request is forwarded with "Connection: close", its whole response read, then
+    sent on (broken or not) and the connection closed. `fail` counts how many requests
+    are broken before the proxy passes them whole (None: all). Modes: "drop" (close after
+    half the body), "ignore-range" (the Range header removed), "503" (SlowDown), "etag"
+    (another ETag), "stall" (half the body, then nothing for `stall` seconds), "short"
+    (a 206 whose body and Content-Length are short of the range)."""
+
+    def __init__(self, upstream_port, mode, fail=None, stall=5.0, after=0):
+        self.upstream_port, self.mode, self.fail, self.stall, self.after = upstream_port, mode, fail, stall, after
+        self.seen = 0
+        self.lock = threading.Lock()
+        self.server = socket.socket()
+        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(64)
+        self.port = self.server.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.running = True
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while self.running:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    @staticmethod
+    def _read_head(sock):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return None, b""
+            data += chunk
+        head, rest = data.split(b"\r\n\r\n", 1)
+        return head.decode("latin-1"), rest
+
+    def _serve(self, client):
+        try:
+            with client:
+                head, _ = self._read_head(client)
+                if head is None:
+                    return
+                with self.lock:
+                    self.seen += 1
+                    n = self.seen
+                broken = n > self.after and (self.fail is None or n - self.after <= self.fail)
+                lines = head.split("\r\n")
+                keep = [l for l in lines[1:] if not l.lower().startswith("connection:")]
+                if broken and self.mode == "ignore-range":
+                    keep = [l for l in keep if not l.lower().startswith("range:")]
+                if broken and self.mode == "503":
+                    body = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                    client.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+                    return
+                request = "\r\n".join([lines[0]] + keep + ["Connection: close", "", ""]).encode("latin-1")
+                with socket.create_connection(("127.0.0.1", self.upstream_port)) as up:
+                    up.sendall(request)
+                    response = b""
+                    while True:
+                        chunk = up.recv(1 << 20)
+                        if not chunk:
+                            break
+                        response += chunk
+                rhead, body = response.split(b"\r\n\r\n", 1)
+                rlines = rhead.decode("latin-1").split("\r\n")
+                if broken and self.mode == "etag":
+                    rlines = [('ETag: "changed-%d"' % n) if l.lower().startswith("etag:") else l for l in rlines]
+                if broken and self.mode == "short" and rlines[0].split(" ")[1] == "206":
+                    body = body[: len(body) // 2]
+                    rlines = [("Content-Length: %d" % len(body)) if l.lower().startswith("content-length:") else l
+                              for l in rlines]
+                out = ("\r\n".join(rlines) + "\r\n\r\n").encode("latin-1")
+                if broken and self.mode == "drop":
+                    client.sendall(out + body[: len(body) // 2])
+                    client.shutdown(socket.SHUT_RDWR)
+                    return
+                if broken and self.mode == "stall":
+                    client.sendall(out + body[: len(body) // 2])
+                    time.sleep(self.stall)
+                    return
+                client.sendall(out + body)
+        except OSError:
+            pass
+
+    def stop(self):
+        self.running = False
+        self.server.close()
