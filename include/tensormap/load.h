@@ -31,7 +31,9 @@ enum class LoadMode {
   Copy,
   // Map where a mapping is safe, Copy where the file lies on a filesystem on which a
   // mapped page can fault with SIGBUS or stall when the server does (NFS, SMB/CIFS, FUSE,
-  // 9p, Ceph, AFS, Lustre and the like: fault_prone_filesystem() in file.h, from statfs).
+  // 9p, Ceph, AFS, Lustre and the like: fault_prone_filesystem() in file.h, from statfs),
+  // and where the checkpoint is at a URL (tensormap/remote.h), which cannot be mapped.
+  // The default.
   Auto,
 };
 
@@ -55,7 +57,8 @@ struct TENSORMAP_EXPORT ParallelPlan {
 TENSORMAP_EXPORT bool matches_pattern(std::string_view pattern, std::string_view name);
 
 struct LoadOptions {
-  LoadMode mode = LoadMode::Map;
+  // Auto: map a local file, copy from a network filesystem or a URL.
+  LoadMode mode = LoadMode::Auto;
   // Strict: any missing key, unexpected key or shape or dtype mismatch throws
   // Error(ModelMismatch) listing all of them, and nothing is loaded. Not strict: the
   // matching tensors are loaded and the rest reported.

@@ -268,6 +268,20 @@ const at::Tensor* tied_target(const LoadPlan::Binding& b, const StateDict& state
   return &t;
 }
 
+// What a load that failed at binding `failed` says of the model: the tensors before it
+// hold the checkpoint's bytes, that one and those after do not (that one may be written in
+// part, as a copy stops where its read failed).
+std::string unloaded(const std::vector<LoadPlan::Binding>& bindings, size_t failed) {
+  std::ostringstream out;
+  out << "; the load stopped there: " << failed << " of " << bindings.size() << " tensors loaded, ";
+  std::vector<std::string> rest;
+  for (size_t i = failed; i < bindings.size(); ++i) rest.push_back(bindings[i].name);
+  bool first = true;
+  append_list(out, "not loaded", rest, first);
+  out << ", " << quoted_name(bindings[failed].name) << " perhaps in part";
+  return out.str();
+}
+
 LoadReport apply_load(LoadPlan plan, const StateDict& state, const LoadOptions& options) {
   LoadReport& report = plan.report;
   at::NoGradGuard no_grad;
@@ -292,7 +306,11 @@ LoadReport apply_load(LoadPlan plan, const StateDict& state, const LoadOptions& 
       how.drop_cache = cold[i];
       how.verify = options.verify_checksums;
       how.huge_pages = options.huge_pages;
-      load_binding(b, state, how);
+      try {
+        load_binding(b, state, how);
+      } catch (const Error& e) {
+        throw Error(e.kind(), std::string(e.what()) + unloaded(plan.bindings, i));
+      }
       if (b.part.dim < 0) whole.emplace(b.name, i);
     }
     report.loaded.push_back(b.name);
@@ -307,7 +325,7 @@ LoadMode resolved_mode(LoadMode mode, const StateDict& state) {
   if (is_url(path)) {  // nothing to map: the bytes are on another machine
     if (mode == LoadMode::Map) {
       throw Error(ErrorKind::InvalidArgument,
-                  path + ": map mode has no meaning for a URL; load it with LoadMode::Copy (LoadMode::Auto does)");
+                  path + ": map mode has no meaning for a URL; load it in copy mode (auto mode, the default, does)");
     }
     return LoadMode::Copy;
   }

@@ -1,5 +1,6 @@
 // tensormap::StateDict: tensors over a Checkpoint's placements.
 #include "tensormap/state_dict.h"
+#include "tensormap/remote.h"
 
 #include <ATen/ATen.h>
 
@@ -60,6 +61,13 @@ StateDict::StateDict(File file) : checkpoint_(std::move(file)) {}
 StateDict::StateDict(Checkpoint checkpoint) : checkpoint_(std::move(checkpoint)) {}
 
 at::Tensor StateDict::at(std::string_view name, ViewMapping mapping) const {
+  if (is_url(checkpoint_.path())) {  // nothing to map: a tensor of its own, checked where it can be
+    const Info info = checkpoint_.info(name);
+    at::Tensor out = at::empty(
+        info.shape, at::TensorOptions().dtype(detail::scalar_type_or_throw(info.dtype, checkpoint_.path(), name)));
+    checkpoint_.read_checked(name, out.data_ptr());
+    return out;
+  }
   const Checkpoint::Placement p = checkpoint_.placement(name);
   if (p.file) {
     if (mapping == ViewMapping::Own) return region_view(*p.file, *p.entry, 0, detail::sizes_of(*p.entry));
@@ -94,6 +102,15 @@ at::Tensor StateDict::raw_bytes(std::string_view name) const {
 at::Tensor StateDict::slice(std::string_view name, int64_t dim, int64_t start, int64_t length,
                             ViewMapping mapping) const {
   dim = checkpoint_.checked_slice(name, dim, start, length);
+  if (is_url(checkpoint_.path())) {  // the part's bytes only, into a tensor of its own
+    const Info info = checkpoint_.info(name);
+    std::vector<int64_t> shape = info.shape;
+    shape[static_cast<size_t>(dim)] = length;
+    at::Tensor out =
+        at::empty(shape, at::TensorOptions().dtype(detail::scalar_type_or_throw(info.dtype, checkpoint_.path(), name)));
+    checkpoint_.read(name, dim, start, length, out.data_ptr());
+    return out;
+  }
   const Checkpoint::Placement p = checkpoint_.placement(name);
   if (p.file) return slice_of(checkpoint_, name, *p.file, *p.entry, dim, start, length, mapping);
   return at(name).narrow(dim, start, length).contiguous();

@@ -388,10 +388,15 @@ FirstResponse Fetcher::first(const RemoteTarget& target, uint64_t head_bytes) co
     if (!failure) {
       if (a.status == 206) {
         const auto range = parse_content_range(a.content_range);
-        if (!range || !range->total || range->first != 0 || range->last >= *range->total ||
-            range->last - range->first + 1 != a.received) {
-          failure = Failure{ErrorKind::RemoteProtocol, "a 206 answer whose Content-Range (" + a.content_range +
-                                                           ") is not the range asked for or its body"};
+        if (!range || range->unsatisfied || !range->total || range->first != 0 || range->last >= *range->total ||
+            range->last >= head_bytes) {
+          failure = Failure{ErrorKind::RemoteProtocol,
+                            "a 206 answer whose Content-Range (" + a.content_range + ") is not the range asked for"};
+        } else if (range->last + 1 != a.received) {
+          failure = Failure{ErrorKind::RemoteProtocol,
+                            "a body of " + std::to_string(a.received) + " bytes where " +
+                                std::to_string(range->last + 1) + " were asked for",
+                            true};
         } else {
           out.size = *range->total;
           out.head.resize(static_cast<size_t>(a.received));

@@ -262,7 +262,7 @@ def _open_state(source) -> "_C.StateDict":
     return _C.StateDict.open(_path(source))
 
 
-def load(module: torch.nn.Module, path: Union[PathLike, "Checkpoint"], mode: str = "map",
+def load(module: torch.nn.Module, path: Union[PathLike, "Checkpoint"], mode: str = "auto",
          strict: bool = True, *, verify_checksums: bool = True,
          drop_read_pages: bool = True) -> LoadReport:
     """Bind every parameter and persistent buffer of ``module`` to the checkpoint.
@@ -274,7 +274,8 @@ def load(module: torch.nn.Module, path: Union[PathLike, "Checkpoint"], mode: str
     pages are read when touched, a write (an optimizer step) copies only the pages it
     touches and never reaches the file. Dtypes must match exactly. ``mode="copy"``: owned
     memory, filled tensor by tensor (dtypes converted), the file's pages given back after
-    each. ``mode="auto"``: map, or copy on a network filesystem.
+    each. ``mode="auto"`` (the default): map a local file, copy from a network filesystem
+    or a URL (``http(s)://``, ``s3://``), where map mode has no meaning.
 
     The model may be built under :func:`skeleton`, on the ``meta`` device (its tensors are
     replaced by loaded ones; tied weights stay tied), or normally (map mode rebinds each
