@@ -199,3 +199,56 @@ class FaultProxy:
     def stop(self):
         self.running = False
         self.server.close()
+
+
+class Moto:
+    """moto's S3 server (Debian 13's python3-moto) on a free loopback port, checking SigV4:
+    the first requests (unauthenticated) make an IAM user allowed s3:* and its keys; every
+    later request must be signed with them. `env` is the environment tensormap reads."""
+
+    BUCKET = "tensormap-test"
+
+    def __init__(self):
+        import json
+        import sys
+
+        import boto3
+        self.port = free_port()
+        self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        env=dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="3"))
+        wait_for_port(self.port, self.process, "moto", 60)
+        self.url = f"http://127.0.0.1:{self.port}"
+        iam = boto3.client("iam", endpoint_url=self.url, aws_access_key_id="setup", aws_secret_access_key="setup",
+                           region_name="us-east-1")
+        iam.create_user(UserName="tensormap")
+        iam.put_user_policy(UserName="tensormap", PolicyName="s3", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="tensormap")["AccessKey"]
+        self.key, self.secret = key["AccessKeyId"], key["SecretAccessKey"]
+        self.s3 = boto3.client("s3", endpoint_url=self.url, aws_access_key_id=self.key,
+                               aws_secret_access_key=self.secret, region_name="us-east-1")
+        self.s3.create_bucket(Bucket=self.BUCKET)
+        self.env = {"AWS_ENDPOINT_URL": self.url, "AWS_ACCESS_KEY_ID": self.key,
+                    "AWS_SECRET_ACCESS_KEY": self.secret, "AWS_REGION": "us-east-1"}
+
+    def put(self, key, path):
+        with open(path, "rb") as f:
+            self.s3.put_object(Bucket=self.BUCKET, Key=key, Body=f.read())
+
+    def get(self, key):
+        return self.s3.get_object(Bucket=self.BUCKET, Key=key)["Body"].read()
+
+    def keys(self):
+        return sorted(o["Key"] for o in self.s3.list_objects_v2(Bucket=self.BUCKET).get("Contents", []))
+
+    def uploads(self):
+        """Multipart uploads begun and neither completed nor aborted."""
+        return self.s3.list_multipart_uploads(Bucket=self.BUCKET).get("Uploads", [])
+
+    def stop(self):
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
