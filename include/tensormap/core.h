@@ -11,6 +11,7 @@
 #include "tensormap/format.h"
 #include "tensormap/interrupt.h"
 #include "tensormap/process_memory.h"
+#include "tensormap/remote.h"
 #include "tensormap/sharded.h"
 #include "tensormap/torch_save.h"
 #include "tensormap/verify.h"

@@ -37,6 +37,9 @@ struct TENSORMAP_EXPORT RemoteOptions {
   unsigned connections = 8;
   // A tensor's bytes are asked for in ranges of this many bytes.
   uint64_t chunk_bytes = uint64_t{8} << 20;
+  // Saves to s3://: the object is uploaded in parts of this many bytes (5 MiB at least,
+  // and more where an object would need over 10,000 parts), `connections` at a time.
+  uint64_t part_bytes = uint64_t{8} << 20;
   // Tries after the first, for the failures that may pass; the waits double from 0.1 s.
   unsigned retries = 4;
   // The longest a connection may take to open, or a response may go without a byte.
@@ -45,7 +48,8 @@ struct TENSORMAP_EXPORT RemoteOptions {
   std::string bearer_token;
 
   // The defaults, with what the environment sets: TENSORMAP_REMOTE_CONNECTIONS,
-  // TENSORMAP_REMOTE_CHUNK_BYTES, TENSORMAP_REMOTE_RETRIES, TENSORMAP_REMOTE_TIMEOUT
+  // TENSORMAP_REMOTE_CHUNK_BYTES, TENSORMAP_REMOTE_PART_BYTES, TENSORMAP_REMOTE_RETRIES,
+  // TENSORMAP_REMOTE_TIMEOUT
   // (seconds), and the token from TENSORMAP_BEARER_TOKEN or HF_TOKEN. Throws
   // Error(InvalidArgument) for a value that is not a number in range.
   static RemoteOptions from_environment();

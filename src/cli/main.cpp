@@ -51,11 +51,30 @@ std::string shape_text(const TensorEntry& e) {
 // Ctrl-C, kill, a closed terminal: remove what a save has written so far (its destination
 // stays as it was), say so, exit 1.
 // (Nameless files of the writers need nothing: the kernel frees them with the process.)
+// A save to a URL cannot be undone from a signal handler (an S3 upload is aborted by a
+// request): there the first signal is only noted, the save's next check for an interrupt
+// (between pieces, while it waits) throws Stopped, and the upload is aborted as the
+// error unwinds. A second signal stops at once.
+volatile sig_atomic_t graceful_stop = 0;
+volatile sig_atomic_t pending_signal = 0;
+
+struct Stopped {
+  int signal_number;
+};
+
+const char* stop_message(int signal_number) {
+  return signal_number == SIGINT   ? "tensormap: stopped by SIGINT\n"
+         : signal_number == SIGHUP ? "tensormap: stopped by SIGHUP\n"
+                                   : "tensormap: stopped by SIGTERM\n";
+}
+
 extern "C" void on_stop_signal(int signal_number) {
+  if (graceful_stop && !pending_signal) {
+    pending_signal = signal_number;
+    return;
+  }
   tensormap::remove_temporary_files();
-  const char* what = signal_number == SIGINT   ? "tensormap: stopped by SIGINT\n"
-                     : signal_number == SIGHUP ? "tensormap: stopped by SIGHUP\n"
-                                               : "tensormap: stopped by SIGTERM\n";
+  const char* what = stop_message(signal_number);
   [[maybe_unused]] const ssize_t n = ::write(2, what, std::strlen(what));
   ::_exit(1);
 }
@@ -304,6 +323,10 @@ int main(int argc, char** argv) {
   }
 
   handle_signals();
+  graceful_stop = *convert_cmd && tensormap::is_url(out_path);
+  const tensormap::InterruptCheckScope stop_check([] {
+    if (pending_signal) throw Stopped{pending_signal};
+  });
   try {
     if (*inspect_cmd) return inspect(path, json);
     if (*verify_cmd) return verify(path);
@@ -314,6 +337,9 @@ int main(int argc, char** argv) {
   } catch (const UsageError& e) {
     std::cerr << "tensormap: " << e.what() << "\n";
     return 2;
+  } catch (const Stopped& s) {
+    std::cerr << stop_message(s.signal_number);
+    return 1;
   } catch (const tensormap::Error& e) {
     std::cerr << "tensormap: " << tensormap::error_kind_name(e.kind()) << ": " << e.what() << "\n";
     return 1;

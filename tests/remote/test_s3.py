@@ -92,3 +92,104 @@ def test_the_s3_endpoint_variable_wins_over_the_general_one(store):
     r = cli(s3, "verify", f"s3://{BUCKET}/models/sd.tmap",
             env={"AWS_ENDPOINT_URL": "http://127.0.0.1:1", "AWS_ENDPOINT_URL_S3": s3.url})
     assert r.returncode == 0, r.stderr
+
+
+def write_source(path, mib, seed):
+    import json
+    import random
+    import struct
+    data = random.Random(seed).randbytes(mib << 20)
+    header = json.dumps({"w": {"dtype": "U8", "shape": [len(data)], "data_offsets": [0, len(data)]},
+                         "b": {"dtype": "F32", "shape": [2], "data_offsets": [len(data), len(data) + 8]}}).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header + data + struct.pack("<2f", 1.5, -2.0))
+
+
+PARTS = {"TENSORMAP_REMOTE_PART_BYTES": str(5 << 20)}
+
+
+def test_a_save_to_s3_is_a_multipart_upload_with_the_bytes_of_a_local_save(store, tmp_path):
+    s3, _ = store
+    source = tmp_path / "in.safetensors"
+    write_source(source, 12, 1)
+    for ext in (".tmap", ".safetensors"):
+        key = f"saved/model{ext}"
+        r = cli(s3, "convert", str(source), f"s3://{BUCKET}/{key}", env=PARTS)
+        assert r.returncode == 0, r.stderr
+        local = tmp_path / f"local{ext}"
+        assert cli(s3, "convert", str(source), str(local)).returncode == 0
+        assert s3.get(key) == open(local, "rb").read(), ext
+        assert cli(s3, "verify", f"s3://{BUCKET}/{key}").returncode == 0
+    assert s3.uploads() == []
+
+
+def test_saves_s3_cannot_take_are_refused_before_anything_is_written(store, tmp_path):
+    s3, _ = store
+    source = tmp_path / "in.safetensors"
+    write_source(source, 1, 2)
+    before = s3.keys()
+    r = cli(s3, "convert", str(source), f"s3://{BUCKET}/saved/x.pt")
+    assert one_line_error(r, "InvalidArgument", "torch.save archives are written to local files only"), r.stderr
+    r = cli(s3, "convert", str(source), "http://127.0.0.1:1/x.tmap")
+    assert one_line_error(r, "InvalidArgument", "s3://"), r.stderr
+    r = cli(s3, "convert", str(source), "s3://no-such-bucket-here/x.tmap")
+    assert one_line_error(r, "RemoteNotFound", "s3://no-such-bucket-here/x.tmap", "NoSuchBucket"), r.stderr
+    r = cli(s3, "convert", str(source), f"s3://{BUCKET}/saved/y.tmap", env={"AWS_SECRET_ACCESS_KEY": "wrong"})
+    assert one_line_error(r, "RemoteAccessDenied", "SignatureDoesNotMatch"), r.stderr
+    assert s3.keys() == before and s3.uploads() == []
+
+
+def test_an_interrupted_save_aborts_its_upload_and_keeps_the_old_object(store, tmp_path):
+    import signal
+    import time
+    s3, _ = store
+    old, new = tmp_path / "old.safetensors", tmp_path / "new.safetensors"
+    write_source(old, 1, 3)
+    write_source(new, 96, 4)
+    key = "saved/interrupted.safetensors"
+    s3.put(key, old)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env.update(s3.env, TENSORMAP_REMOTE_CONNECTIONS="1", **PARTS)
+        p = subprocess.Popen([CLI, "convert", str(new), f"s3://{BUCKET}/{key}"], stderr=subprocess.PIPE,
+                             text=True, env=env)
+        deadline = time.monotonic() + 30
+        while p.poll() is None and not s3.uploads() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        caught = p.poll() is None
+        p.send_signal(sig)
+        err = p.communicate(timeout=60)[1]
+        assert caught and p.returncode == 1 and f"stopped by {sig.name}" in err, (caught, p.returncode, err)
+        assert s3.uploads() == [], "the upload was not aborted"
+        assert s3.get(key) == open(old, "rb").read()
+
+
+def test_a_kill_during_a_save_leaves_the_old_object_or_the_new_one(store, tmp_path):
+    import random
+    import signal
+    import time
+    s3, _ = store
+    old, new = tmp_path / "old.safetensors", tmp_path / "new.safetensors"
+    write_source(old, 1, 5)
+    write_source(new, 16, 6)
+    local_new = tmp_path / "new_saved.safetensors"
+    assert cli(s3, "convert", str(new), str(local_new)).returncode == 0
+    old_bytes, new_bytes = open(old, "rb").read(), open(local_new, "rb").read()
+    key = "saved/killed.safetensors"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(s3.env, **PARTS)
+    seen = set()
+    for delay in [0.0, 0.05, 0.2] + [random.Random(9).uniform(0.05, 2.0) for _ in range(5)] + [30]:
+        s3.put(key, old)
+        p = subprocess.Popen([CLI, "convert", str(new), f"s3://{BUCKET}/{key}"], stderr=subprocess.DEVNULL, env=env)
+        try:
+            p.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+        now = s3.get(key)
+        assert now in (old_bytes, new_bytes), f"a kill after {delay:.2f} s left {len(now)} bytes, neither object"
+        seen.add(now == new_bytes)
+        for upload in s3.uploads():  # what kill -9 leaves: an upload nothing completes (S3's lifecycle rules end it)
+            s3.s3.abort_multipart_upload(Bucket=BUCKET, Key=upload["Key"], UploadId=upload["UploadId"])
+    assert seen == {False, True}, "every kill landed on the same side"

@@ -4,9 +4,9 @@
 // An Output is written at any offset, finished (every byte durable, nothing visible yet),
 // then published: the destination changes from its old content to the complete new one
 // in one step, or not at all. AtomicFile (posix_io.h) is the local file: a temporary file
-// renamed over the destination. Another store plugs in by implementing the same steps,
-// with the same promise: discard() (or destruction before publish) leaves the
-// destination as it was.
+// renamed over the destination; S3Upload (remote/s3_upload.h) is an S3 multipart upload.
+// Another store plugs in by implementing the same steps, with the same promise: discard()
+// (or destruction before publish) leaves the destination as it was.
 #pragma once
 
 #include <cstddef>
@@ -20,6 +20,14 @@ class Output {
   virtual ~Output() = default;
   // The destination, for messages.
   virtual const std::string& path() const = 0;
+  // What the writer knows before its first byte: the output will be `size` bytes, and its
+  // first `written_last` bytes (a header that records the checksums) come after all the
+  // others. An output that streams its bytes away (an S3 upload) holds those back; a
+  // file needs neither.
+  virtual void plan(uint64_t size, uint64_t written_last) {
+    (void)size;
+    (void)written_last;
+  }
   // Writes `size` bytes at `offset`. Gaps never written read as zeros.
   virtual void pwrite(const void* data, size_t size, uint64_t offset) = 0;
   // Appends after everything append() wrote so far.

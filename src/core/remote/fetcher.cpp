@@ -120,6 +120,43 @@ int on_progress(void* user, curl_off_t, curl_off_t, curl_off_t, curl_off_t) {
   return a.cancel && a.cancel->load() ? 1 : 0;
 }
 
+// The options every request shares: timeouts, protocols, the callbacks that take the
+// headers (into `answer`) and the body, and the credentials (SigV4 for S3, with
+// `payload_hash` as the body's hash, or a bearer token). Returns `headers` with what was
+// added; `signing` must outlive the request.
+curl_slist* prepare(CURL* curl, const RemoteTarget& t, const RemoteOptions& o, Answer& answer, curl_write_callback body,
+                    void* body_data, const char* payload_hash, curl_slist* headers, std::string& signing) {
+  curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
+  curl_easy_setopt(curl, CURLOPT_HTTP_VERSION, static_cast<long>(CURL_HTTP_VERSION_1_1));
+  curl_easy_setopt(curl, CURLOPT_PROTOCOLS_STR, "http,https");
+  curl_easy_setopt(curl, CURLOPT_TCP_NODELAY, 1L);
+  const long timeout = std::max(1L, static_cast<long>(o.timeout_seconds + 0.5));
+  curl_easy_setopt(curl, CURLOPT_CONNECTTIMEOUT_MS, static_cast<long>(o.timeout_seconds * 1000));
+  curl_easy_setopt(curl, CURLOPT_LOW_SPEED_LIMIT, 1L);
+  curl_easy_setopt(curl, CURLOPT_LOW_SPEED_TIME, timeout);
+  curl_easy_setopt(curl, CURLOPT_HEADERFUNCTION, on_header);
+  curl_easy_setopt(curl, CURLOPT_HEADERDATA, &answer);
+  curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, body);
+  curl_easy_setopt(curl, CURLOPT_WRITEDATA, body_data);
+  curl_easy_setopt(curl, CURLOPT_NOPROGRESS, 0L);
+  curl_easy_setopt(curl, CURLOPT_XFERINFOFUNCTION, on_progress);
+  curl_easy_setopt(curl, CURLOPT_XFERINFODATA, &answer);
+  if (t.s3 && !t.access_key.empty()) {
+    signing = "aws:amz:" + t.region + ":s3";
+    curl_easy_setopt(curl, CURLOPT_AWS_SIGV4, signing.c_str());
+    curl_easy_setopt(curl, CURLOPT_USERNAME, t.access_key.c_str());
+    curl_easy_setopt(curl, CURLOPT_PASSWORD, t.secret_key.c_str());
+    headers = curl_slist_append(headers, (std::string("x-amz-content-sha256: ") + payload_hash).c_str());
+    if (!t.session_token.empty()) {
+      headers = curl_slist_append(headers, ("x-amz-security-token: " + t.session_token).c_str());
+    }
+  } else if (!t.s3 && !o.bearer_token.empty()) {
+    headers = curl_slist_append(headers, ("Authorization: Bearer " + o.bearer_token).c_str());
+  }
+  if (headers) curl_easy_setopt(curl, CURLOPT_HTTPHEADER, headers);
+  return headers;
+}
+
 // The S3 error code in an error document (<Code>SlowDown</Code>), or "".
 std::string s3_code(const std::string& body) {
   const size_t start = body.find("<Code>");
@@ -200,40 +237,13 @@ struct Fetcher::Connection {
     curl_easy_setopt(curl, CURLOPT_URL, t.http_url.c_str());
     curl_easy_setopt(curl, CURLOPT_HTTPGET, 1L);
     curl_easy_setopt(curl, CURLOPT_RANGE, range.c_str());
-    curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(curl, CURLOPT_HTTP_VERSION, static_cast<long>(CURL_HTTP_VERSION_1_1));
-    curl_easy_setopt(curl, CURLOPT_PROTOCOLS_STR, "http,https");
     curl_easy_setopt(curl, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
     curl_easy_setopt(curl, CURLOPT_FOLLOWLOCATION, 1L);
     curl_easy_setopt(curl, CURLOPT_MAXREDIRS, 5L);
-    curl_easy_setopt(curl, CURLOPT_TCP_NODELAY, 1L);
     curl_easy_setopt(curl, CURLOPT_BUFFERSIZE, 512L * 1024);
     const long timeout = std::max(1L, static_cast<long>(o.timeout_seconds + 0.5));
-    curl_easy_setopt(curl, CURLOPT_CONNECTTIMEOUT_MS, static_cast<long>(o.timeout_seconds * 1000));
-    curl_easy_setopt(curl, CURLOPT_LOW_SPEED_LIMIT, 1L);
-    curl_easy_setopt(curl, CURLOPT_LOW_SPEED_TIME, timeout);
-    curl_easy_setopt(curl, CURLOPT_HEADERFUNCTION, on_header);
-    curl_easy_setopt(curl, CURLOPT_HEADERDATA, &a);
-    curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, on_body);
-    curl_easy_setopt(curl, CURLOPT_WRITEDATA, &a);
-    curl_easy_setopt(curl, CURLOPT_NOPROGRESS, 0L);
-    curl_easy_setopt(curl, CURLOPT_XFERINFOFUNCTION, on_progress);
-    curl_easy_setopt(curl, CURLOPT_XFERINFODATA, &a);
-    curl_slist* headers = nullptr;
     std::string signing;
-    if (t.s3 && !t.access_key.empty()) {
-      signing = "aws:amz:" + t.region + ":s3";
-      curl_easy_setopt(curl, CURLOPT_AWS_SIGV4, signing.c_str());
-      curl_easy_setopt(curl, CURLOPT_USERNAME, t.access_key.c_str());
-      curl_easy_setopt(curl, CURLOPT_PASSWORD, t.secret_key.c_str());
-      headers = curl_slist_append(headers, (std::string("x-amz-content-sha256: ") + kEmptyPayloadHash).c_str());
-      if (!t.session_token.empty()) {
-        headers = curl_slist_append(headers, ("x-amz-security-token: " + t.session_token).c_str());
-      }
-    } else if (!t.s3 && !o.bearer_token.empty()) {
-      headers = curl_slist_append(headers, ("Authorization: Bearer " + o.bearer_token).c_str());
-    }
-    if (headers) curl_easy_setopt(curl, CURLOPT_HTTPHEADER, headers);
+    curl_slist* headers = prepare(curl, t, o, a, on_body, &a, kEmptyPayloadHash, nullptr, signing);
     const CURLcode rc = curl_easy_perform(curl);
     curl_slist_free_all(headers);
     if (a.cancel && a.cancel->load()) return Failure{ErrorKind::Io, "cancelled", false, true};
@@ -551,6 +561,81 @@ void Fetcher::work(Connection& connection) {
     batch.done[job.index] = error ? 0 : 1;
     --batch.pending;
     batch.changed.notify_all();  // under the lock: the waiter may free the batch once it sees 0
+  }
+}
+
+namespace {
+
+struct SendState {
+  Answer answer;  // headers: status and ETag
+  std::string body;
+  const unsigned char* out = nullptr;
+  size_t out_size = 0;
+  size_t sent = 0;
+};
+
+size_t on_reply_body(char* data, size_t size, size_t count, void* user) {
+  auto& s = *static_cast<SendState*>(user);
+  const size_t length = size * count;
+  if (s.body.size() < (size_t{1} << 20)) s.body.append(data, std::min(length, (size_t{1} << 20) - s.body.size()));
+  return length;
+}
+
+}  // namespace
+
+HttpSender::HttpSender() {
+  init_curl();
+  curl_ = curl_easy_init();
+  if (!curl_) throw Error(ErrorKind::Io, "libcurl cannot make a connection handle");
+}
+
+HttpSender::~HttpSender() { curl_easy_cleanup(static_cast<CURL*>(curl_)); }
+
+HttpReply HttpSender::send(const RemoteTarget& t, const RemoteOptions& o, const std::string& method,
+                           const std::string& query, const void* body, size_t size, const std::string& what,
+                           const std::atomic<bool>* cancel) {
+  auto* curl = static_cast<CURL*>(curl_);
+  const std::string url = t.http_url + (query.empty() ? "" : "?" + query);
+  for (unsigned attempt = 0;; ++attempt) {
+    SendState s;
+    s.answer.cancel = cancel;
+    curl_easy_reset(curl);
+    curl_easy_setopt(curl, CURLOPT_URL, url.c_str());
+    curl_easy_setopt(curl, CURLOPT_CUSTOMREQUEST, method.c_str());
+    if (method != "DELETE") {
+      curl_easy_setopt(curl, CURLOPT_POSTFIELDS, size ? body : "");
+      curl_easy_setopt(curl, CURLOPT_POSTFIELDSIZE_LARGE, static_cast<curl_off_t>(size));
+    }
+    // Not libcurl's default for a body (a form), which a server may parse and refuse.
+    curl_slist* headers = curl_slist_append(nullptr, "Expect:");
+    headers = curl_slist_append(headers, "Content-Type: application/octet-stream");
+    std::string signing;
+    headers = prepare(curl, t, o, s.answer, on_reply_body, &s, "UNSIGNED-PAYLOAD", headers, signing);
+    const CURLcode rc = curl_easy_perform(curl);
+    curl_slist_free_all(headers);
+    if (cancel && cancel->load()) throw Error(ErrorKind::Io, t.shown + ": " + what + ": cancelled");
+    std::optional<Failure> failure;
+    if (rc != CURLE_OK) {
+      const bool resolve = rc == CURLE_COULDNT_RESOLVE_HOST || rc == CURLE_COULDNT_RESOLVE_PROXY;
+      failure = Failure{ErrorKind::RemoteUnreachable,
+                        std::string(rc == CURLE_COULDNT_CONNECT ? "cannot connect" : "the request failed") + " (" +
+                            curl_easy_strerror(rc) + ")",
+                        !resolve};
+    } else if (s.answer.status >= 500 || s.answer.status == 429) {
+      s.answer.error_body = s.body.substr(0, kErrorBodyBytes);
+      failure = status_failure(t, s.answer);
+      failure->transient = true;
+    }
+    if (!failure) {
+      HttpReply reply;
+      reply.status = s.answer.status;
+      reply.body = std::move(s.body);
+      reply.etag = s.answer.version.etag;
+      return reply;
+    }
+    if (attempt >= o.retries)
+      throw Error(failure->kind, t.shown + ": " + what + ": " + failure->message + tries(attempt));
+    back_off(attempt, cancel);
   }
 }
 

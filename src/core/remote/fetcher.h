@@ -10,6 +10,7 @@
 // chunk of the call has stopped writing.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -37,6 +38,34 @@ struct FirstResponse {
   uint64_t size = 0;
   ObjectVersion version;
   std::vector<unsigned char> head;  // its first bytes: min(size, the head asked for)
+};
+
+// A reply to HttpSender::send: its status, its body (an S3 XML document) and its ETag.
+struct HttpReply {
+  long status = 0;
+  std::string body;
+  std::string etag;
+};
+
+// Requests other than range reads, on a connection of its own: S3's multipart calls.
+class HttpSender {
+ public:
+  HttpSender();
+  ~HttpSender();
+  HttpSender(const HttpSender&) = delete;
+  HttpSender& operator=(const HttpSender&) = delete;
+
+  // `method` (POST, PUT, DELETE) on the target's URL with `query` after a '?', carrying
+  // `size` bytes of `body`, signed as reads are. A failed connection, 5xx, 429 and 503
+  // are tried again, `options.retries` times with backoff; where no reply came at all,
+  // throws an Error of the Remote group naming `what`. Any other reply is returned.
+  // `cancel` stops a transfer and the waits between tries.
+  HttpReply send(const RemoteTarget& target, const RemoteOptions& options, const std::string& method,
+                 const std::string& query, const void* body, size_t size, const std::string& what,
+                 const std::atomic<bool>* cancel = nullptr);
+
+ private:
+  void* curl_;
 };
 
 class Fetcher {

@@ -57,6 +57,8 @@ RemoteOptions RemoteOptions::from_environment() {
   o.connections =
       static_cast<unsigned>(detail::environment_number("TENSORMAP_REMOTE_CONNECTIONS", 1, 256, o.connections));
   o.chunk_bytes = detail::environment_number("TENSORMAP_REMOTE_CHUNK_BYTES", 4096, uint64_t{1} << 30, o.chunk_bytes);
+  o.part_bytes =
+      detail::environment_number("TENSORMAP_REMOTE_PART_BYTES", uint64_t{5} << 20, uint64_t{5} << 30, o.part_bytes);
   o.retries = static_cast<unsigned>(detail::environment_number("TENSORMAP_REMOTE_RETRIES", 0, 20, o.retries));
   o.timeout_seconds = static_cast<double>(detail::environment_number(
       "TENSORMAP_REMOTE_TIMEOUT", 1, 3600, static_cast<unsigned long long>(o.timeout_seconds)));

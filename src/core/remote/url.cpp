@@ -26,9 +26,9 @@ bool unreserved(unsigned char c) {
          c == '_' || c == '~';
 }
 
-// Percent-encodes every byte but the unreserved ones (and '/' where `keep_slash`), as
-// S3's canonical request does.
-std::string encoded(std::string_view text, bool keep_slash) {
+}  // namespace
+
+std::string percent_encoded(std::string_view text, bool keep_slash) {
   static const char kHex[] = "0123456789ABCDEF";
   std::string out;
   for (const char ch : text) {
@@ -43,6 +43,10 @@ std::string encoded(std::string_view text, bool keep_slash) {
   }
   return out;
 }
+
+namespace {
+
+std::string encoded(std::string_view text, bool keep_slash) { return percent_encoded(text, keep_slash); }
 
 [[noreturn]] void refuse(const std::string& url, const std::string& why) {
   throw Error(ErrorKind::InvalidArgument, shown_url(url) + ": " + why);

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <string>
+#include <string_view>
 
 namespace tensormap::detail {
 
@@ -31,6 +32,10 @@ RemoteTarget resolve_url(const std::string& url);
 // The URL of `name` in the folder of `url` (a shard beside its index). `name` is a file
 // name, percent-encoded here where the URL is http(s).
 std::string sibling_url(const std::string& url, const std::string& name);
+
+// `text` with every byte but the unreserved ones (A-Z a-z 0-9 - . _ ~) percent-encoded,
+// and '/' too unless `keep_slash`: what SigV4's canonical request expects.
+std::string percent_encoded(std::string_view text, bool keep_slash);
 
 // `url` fit for a message: no user or password, and a query's values replaced by "...",
 // since they may be a presigned URL's signature.

@@ -18,6 +18,7 @@
 #include "io/posix_io.h"
 #include "tensormap/error.h"
 #include "tensormap/format.h"
+#include "tensormap/remote.h"
 #include "torch_save/torch_names.h"
 #include "torch_save/zip.h"
 #include "write/writer_core.h"
@@ -118,6 +119,11 @@ class TorchSaveCore final : public WriterCore {
  public:
   TorchSaveCore(std::string path, std::vector<TensorSpec> tensors, const WriterOptions& options)
       : WriterCore(std::move(path), tensors, /*aliases=*/true), sync_(options.sync) {
+    if (is_url(this->path())) {  // a zip patches each record's header after its data: no stream
+      throw Error(ErrorKind::InvalidArgument, this->path() +
+                                                  ": torch.save archives are written to local files only; save "
+                                                  "tensormap or safetensors to a URL");
+    }
     output_ = std::make_unique<AtomicFile>(this->path());
     zip_ = std::make_unique<ZipWriter>(*output_, 64);
     guarded([&] {

@@ -8,7 +8,9 @@
 #include "tensormap/writer.h"
 
 #include "io/posix_io.h"
+#include "remote/s3_upload.h"
 #include "tensormap/error.h"
+#include "tensormap/remote.h"
 #include "write/file_writer.h"
 
 namespace tensormap {
@@ -42,8 +44,10 @@ Writer::Writer(std::string path, std::vector<TensorSpec> tensors, WriterOptions 
 namespace detail {
 
 FileWriterCore::FileWriterCore(std::string path, std::vector<TensorSpec> tensors, WriterOptions options)
-    : FileWriterCore(path, std::move(tensors), std::move(options),
-                     [&path] { return std::make_unique<AtomicFile>(path); }) {}
+    : FileWriterCore(path, std::move(tensors), std::move(options), [&path]() -> std::unique_ptr<Output> {
+        if (is_url(path)) return std::make_unique<S3Upload>(path, RemoteOptions::from_environment());
+        return std::make_unique<AtomicFile>(path);
+      }) {}
 
 FileWriterCore::FileWriterCore(std::string path, std::vector<TensorSpec> tensors, WriterOptions options,
                                const std::function<std::unique_ptr<Output>()>& make_output)
@@ -63,6 +67,7 @@ FileWriterCore::FileWriterCore(std::string path, std::vector<TensorSpec> tensors
     throw Error(ErrorKind::Io, this->path() + ": cannot allocate a hash state");
   }
   output_ = make_output();
+  output_->plan(layout_.file_size, layout_.header_size);
   start();
 }
 
