@@ -14,8 +14,12 @@
 #include "format/names.h"
 #include "io/posix_io.h"
 #include "io/temporaries.h"
+#include "remote/remote_object.h"
+#include "remote/s3_upload.h"
+#include "source.h"
 #include "tensormap/error.h"
 #include "tensormap/format.h"
+#include "tensormap/remote.h"
 #include "write/file_writer.h"
 
 namespace tensormap {
@@ -31,7 +35,10 @@ bool is_plain_file_name(const std::string& name) {
 // it. An unreadable or invalid file names none.
 std::set<std::string> shards_named_by(const std::string& path) {
   try {
-    const ShardIndex old = ShardIndex::open(path);
+    const ShardIndex old = is_url(path)
+                               ? detail::read_shard_index(detail::RemoteObject(
+                                     std::make_shared<const detail::Fetcher>(RemoteOptions::from_environment()), path))
+                               : ShardIndex::open(path);
     return {old.shard_files().begin(), old.shard_files().end()};
   } catch (const Error&) {
     return {};
@@ -181,11 +188,12 @@ ShardedCore::ShardedCore(std::string index_path, std::vector<TensorSpec> tensors
   const std::string dir = parent_directory(index_path_);  // the real index's directory
   // Shards of earlier saves that died between naming a shard and its rename, whatever
   // their shard count or tag (each shard's writer collects only its own name's).
-  collect_stale_temporaries(dir, [&](std::string_view shard) {
-    return shard.size() > stem.size() + extension.size() && shard.substr(0, stem.size() + 1) == stem + "-" &&
-           shard.substr(shard.size() - extension.size()) == extension &&
-           shard.find("-of-", stem.size()) != std::string_view::npos;
-  });
+  if (!is_url(dir))
+    collect_stale_temporaries(dir, [&](std::string_view shard) {
+      return shard.size() > stem.size() + extension.size() && shard.substr(0, stem.size() + 1) == stem + "-" &&
+             shard.substr(shard.size() - extension.size()) == extension &&
+             shard.find("-of-", stem.size()) != std::string_view::npos;
+    });
   for (size_t s = 0; s < groups.size(); ++s) {
     shards_.push_back(std::make_unique<FileWriterCore>(dir + "/" + shard_names_[s], std::move(groups[s]), options));
   }
@@ -201,13 +209,21 @@ void ShardedCore::publish() {
   index["metadata"] = {{"total_size", total_}};
   index["weight_map"] = nlohmann::ordered_json::object();
   for (size_t i = 0; i < tensors_.size(); ++i) index["weight_map"][tensors_[i].name] = shard_names_[shard_of_[i]];
-  write_file_atomically(index_path_, index.dump(2) + "\n", sync_);  // the switch
+  if (is_url(index_path_)) {  // S3: an object appears whole, in one step
+    detail::put_object(index_path_, index.dump(2) + "\n", RemoteOptions::from_environment());
+  } else {
+    write_file_atomically(index_path_, index.dump(2) + "\n", sync_);  // the switch
+  }
   // The old shards are nobody's now. A crash before this leaves them as files no index
   // names; the next save of this path will not reuse their names either way.
   const std::string dir = parent_directory(index_path_);
   for (const std::string& old : old_shards_) {
     if (std::find(shard_names_.begin(), shard_names_.end(), old) == shard_names_.end()) {
-      ::unlink((dir + "/" + old).c_str());
+      if (is_url(dir)) {
+        detail::delete_object(dir + "/" + old, RemoteOptions::from_environment());
+      } else {
+        ::unlink((dir + "/" + old).c_str());
+      }
     }
   }
 }

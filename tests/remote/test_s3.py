@@ -193,3 +193,32 @@ def test_a_kill_during_a_save_leaves_the_old_object_or_the_new_one(store, tmp_pa
         for upload in s3.uploads():  # what kill -9 leaves: an upload nothing completes (S3's lifecycle rules end it)
             s3.s3.abort_multipart_upload(Bucket=BUCKET, Key=upload["Key"], UploadId=upload["UploadId"])
     assert seen == {False, True}, "every kill landed on the same side"
+
+
+def test_a_sharded_save_uploads_its_shards_then_its_index(store, tmp_path):
+    s3, _ = store
+    import json
+    import random
+    import struct
+    source = tmp_path / "in.safetensors"
+    rnd = random.Random(7)
+    blobs = {name: rnd.randbytes(4 << 20) for name in ("a", "b", "c")}
+    header, at = {}, 0
+    for name, blob in blobs.items():
+        header[name] = {"dtype": "U8", "shape": [len(blob)], "data_offsets": [at, at + len(blob)]}
+        at += len(blob)
+    text = json.dumps(header).encode()
+    open(source, "wb").write(struct.pack("<Q", len(text)) + text + b"".join(blobs.values()))
+    index = f"s3://{BUCKET}/sharded/model.tmap.index.json"
+    r = cli(s3, "convert", str(source), index, "--shard-size", "5M", env=PARTS)
+    assert r.returncode == 0, r.stderr
+    first = [k for k in s3.keys() if k.startswith("sharded/")]
+    assert "sharded/model.tmap.index.json" in first and len(first) == 4, first  # 3 shards and the index
+    assert cli(s3, "verify", index).returncode == 0
+    assert cli(s3, "diff", index, str(source)).returncode == 0
+    # Saved again in other shards: the new index names only new shards, the old are gone.
+    r = cli(s3, "convert", str(source), index, "--shard-size", "9M", env=PARTS)
+    assert r.returncode == 0, r.stderr
+    second = [k for k in s3.keys() if k.startswith("sharded/")]
+    assert len(second) == 3 and not (set(second) - {"sharded/model.tmap.index.json"}) & set(first), (first, second)
+    assert cli(s3, "verify", index).returncode == 0 and s3.uploads() == []

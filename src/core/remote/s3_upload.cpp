@@ -41,6 +41,27 @@ ErrorKind refusal_kind(long status) {
 
 }  // namespace
 
+void put_object(const std::string& url, const std::string& bytes, const RemoteOptions& options) {
+  const RemoteTarget target = resolve_url(url);
+  if (!target.s3) throw Error(ErrorKind::InvalidArgument, target.shown + ": tensormap writes to s3:// URLs only");
+  HttpSender sender;
+  const HttpReply reply = sender.send(target, options, "PUT", "", bytes.data(), bytes.size(), "putting the object");
+  if (reply.status != 200) {
+    throw Error(refusal_kind(reply.status), target.shown + ": S3 refused the object (" + refusal(reply) + ")");
+  }
+}
+
+bool delete_object(const std::string& url, const RemoteOptions& options) noexcept {
+  try {
+    const RemoteTarget target = resolve_url(url);
+    HttpSender sender;
+    const long status = sender.send(target, options, "DELETE", "", nullptr, 0, "deleting the object").status;
+    return status == 204 || status == 200;
+  } catch (...) {
+    return false;
+  }
+}
+
 S3Upload::S3Upload(const std::string& url, RemoteOptions options)
     : target_(resolve_url(url)), options_(std::move(options)), part_bytes_(std::max(options_.part_bytes, kLeastPart)) {
   if (!target_.s3) {
@@ -54,7 +75,6 @@ S3Upload::S3Upload(const std::string& url, RemoteOptions options)
                 target_.shown + ": S3 refused to start the upload (" + refusal(reply) +
                     (reply.status == 401 || reply.status == 403 ? "), asked with " + target_.credentials : ")"));
   }
-  for (unsigned i = 0; i < options_.connections; ++i) threads_.emplace_back([this] { work(); });
 }
 
 S3Upload::~S3Upload() { discard(); }
@@ -111,8 +131,13 @@ void S3Upload::queue(uint64_t part) {
   }
   const uint64_t start = part * part_bytes_;
   bytes.resize(static_cast<size_t>(std::min(part_bytes_, size_ > start ? size_ - start : 0)));  // the last is short
+  // The threads start with the first part and end with finish(): the shards of a sharded
+  // save, each an upload, take their turns with one set of threads.
+  if (threads_.empty()) {
+    for (unsigned i = 0; i < options_.connections; ++i) threads_.emplace_back([this] { work(); });
+  }
   std::unique_lock<std::mutex> lock(mutex_);
-  while (waiting_.size() >= 2 * threads_.size() && !failure_) {  // bounded memory: wait for a thread
+  while (waiting_.size() >= 2 * options_.connections && !failure_) {  // bounded memory: wait for a thread
     changed_.wait_for(lock, std::chrono::milliseconds(50));
     lock.unlock();
     check_interrupt();
@@ -184,6 +209,11 @@ void S3Upload::finish(bool) {
     lock.lock();
   }
   if (failure_) std::rethrow_exception(failure_);
+  stopping_ = true;
+  changed_.notify_all();
+  lock.unlock();
+  for (auto& t : threads_) t.join();
+  threads_.clear();
   if (etags_.size() != parts) {
     throw Error(ErrorKind::RemoteProtocol, target_.shown + ": " + std::to_string(etags_.size()) + " of " +
                                                std::to_string(parts) + " parts uploaded");

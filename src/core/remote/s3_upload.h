@@ -3,7 +3,8 @@
 //
 // The object is cut into parts of `part_bytes` (at least 5 MiB, S3's least, and more
 // where the object would need over 10,000 parts). A part is uploaded as soon as the writer
-// has moved past it, on `connections` threads, while the writer goes on; the parts that
+// has moved past it, on `connections` threads (from the first part to finish()), while
+// the writer goes on; the parts that
 // hold the first `written_last` bytes (the header, written last) wait for finish(). At most
 // twice `connections` parts wait for a thread: beyond that, pwrite waits, so memory stays
 // bounded by (2 x connections + 2) parts plus the held ones. Writes must come in order of
@@ -33,6 +34,12 @@
 #include "tensormap/remote.h"
 
 namespace tensormap::detail {
+
+// Puts `bytes` as the object at the s3:// `url` in one request: it appears whole or not
+// at all (a shard index, small). Throws an Error of the Remote group.
+void put_object(const std::string& url, const std::string& bytes, const RemoteOptions& options);
+// Deletes the object at the s3:// `url`; false where S3 refused or could not be reached.
+bool delete_object(const std::string& url, const RemoteOptions& options) noexcept;
 
 class S3Upload final : public Output {
  public:
