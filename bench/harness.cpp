@@ -12,7 +12,7 @@
 //   tensormap_harness save     --dir D --mib N --strategy tensormap|torch
 //   tensormap_harness hold     --dir D --mib N        map-load, fault in, wait for stdin
 //   tensormap_harness tp       --dir D --mib N --ranks R --mode map|copy [--source 0]
-//   tensormap_harness part     --dir D --mib N --ranks R --rank K --mode map|copy
+//   tensormap_harness part     --dir D --mib N --ranks R --rank K --mode map|copy [--url U]
 //   tensormap_harness forward  --dir D --mib N --strategy S [--cold] [--passes 5] [--file F]
 //                              build, load, first forward pass, steady-state passes
 //   tensormap_harness huge     --dir D [--ratio 1.25]  a model larger than memory: cold
@@ -550,10 +550,12 @@ int cmd_part(const Args& a) {
   tensormap::LoadOptions o;
   o.mode = a.get("mode", "map") == "map" ? tensormap::LoadMode::Map : tensormap::LoadMode::Copy;
   o.parallel = tensormap::ParallelPlan{rank, ranks, kSplits};
+  if (a.has("url")) o.mode = tensormap::LoadMode::Auto;
   tensormap::reset_peak_memory();
   const auto before = tensormap::read_process_memory();
   const auto t0 = Clock::now();
-  tensormap::load(*model, file_of(dir, mib, "tmap"), o);
+  const std::string url = a.get("url");  // the same checkpoint served over HTTP(S) or S3
+  tensormap::load(*model, url.empty() ? file_of(dir, mib, "tmap") : url, o);
   const double load_ms = ms_since(t0);
   const auto t1 = Clock::now();
   tensormap::prefault(*model, 1);

@@ -295,6 +295,14 @@ void File::read_rows(const TensorEntry& entry, uint64_t offset, uint64_t stride,
   if (guard.mapping) guard.mapping->set_read_ahead(false);
   const std::string what = "tensor " + detail::quoted(entry.name);  // once, not per row
   auto* out = static_cast<unsigned char*>(dest);
+  if (impl_->remote) {  // every row at once, over the connections
+    std::vector<detail::Fetcher::Range> ranges;
+    ranges.reserve(static_cast<size_t>(rows));
+    for (uint64_t r = 0; r < rows; ++r)
+      ranges.push_back({entry.offset + offset + r * stride, row_bytes, out + r * row_bytes});
+    impl_->remote->read_ranges(ranges, what);
+    return;
+  }
   for (uint64_t r = 0; r < rows; ++r) {
     impl_->source->read(entry.offset + offset + r * stride, out + r * row_bytes, row_bytes, what);
   }

@@ -38,7 +38,7 @@ def wait_for_port(port, process, what, seconds=10):
 class Nginx:
     """nginx serving `root` on a free loopback port; root/private/ needs the bearer TOKEN.
 
-    Its access log has one line per request: status, bytes sent, the Range asked for."""
+    Its access log has one line per request: status, body bytes sent, the Range asked for."""
 
     def __init__(self, root, workdir):
         self.root, self.workdir = os.path.abspath(root), os.path.abspath(workdir)
@@ -54,7 +54,7 @@ pid {self.workdir}/nginx.pid;
 error_log {self.workdir}/error.log;
 events {{ worker_connections 512; }}
 http {{
-  log_format ranges '$status $bytes_sent "$http_range" $request_uri';
+  log_format ranges '$status $body_bytes_sent "$http_range" $request_uri';
   access_log {self.log} ranges;
   client_body_temp_path {temp['body']};
   proxy_temp_path {temp['proxy']};
@@ -84,7 +84,7 @@ http {{
         self.url = f"http://127.0.0.1:{self.port}"
 
     def requests(self):
-        """The access log's lines so far: (status, bytes sent, range, uri)."""
+        """The access log's lines so far: (status, body bytes sent, range, uri)."""
         time.sleep(0.05)  # nginx writes its log line as the request ends
         out = []
         if os.path.exists(self.log):

@@ -269,3 +269,37 @@ def test_a_failed_load_says_which_tensors_it_did_not_load(site):
         tensormap.load(model, f"{nginx.url}/corrupt.tmap", strict=False)
     assert e.value.kind == "ChecksumMismatch"
     assert "0 of 1 tensors loaded" in str(e.value) and "not loaded ('big')" in str(e.value), str(e.value)
+
+
+HARNESS = os.environ.get("TENSORMAP_HARNESS")
+
+
+@pytest.mark.skipif(not HARNESS, reason="the benchmark harness is not built (TENSORMAP_HARNESS)")
+def test_a_tensor_parallel_rank_fetches_only_its_share(tmp_path):
+    """Rank K of 4 of a Megatron-style model (up split along dim 0, down.weight along dim 1:
+    its rows, many ranges) loads over HTTP, and the server sends it its share of the bytes
+    and little more: the goal is its share + 5%."""
+    folder = tmp_path / "tp"
+    r = subprocess.run([HARNESS, "make", "--dir", str(folder), "--mib", "64"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for name in os.listdir(folder):
+        if not name.endswith(".tmap"):
+            os.unlink(folder / name)
+    os.chmod(tmp_path, 0o755)
+    os.chmod(folder, 0o755)
+    nginx = servers.Nginx(str(folder), str(tmp_path / "nginx"))
+    try:
+        described = json.loads(cli("inspect", "--json", str(folder / "model-64.tmap")).stdout)["tensors"]
+        split = lambda name: ".up." in name or name.endswith(".down.weight")  # noqa: E731 (the harness's plan)
+        share = sum(t["byte_length"] // 4 if split(t["name"]) else t["byte_length"] for t in described)
+        for rank in (0, 3):
+            nginx.clear_log()
+            r = subprocess.run([HARNESS, "part", "--dir", str(folder), "--mib", "64", "--ranks", "4", "--rank", str(rank),
+                                "--url", f"{nginx.url}/model-64.tmap"], capture_output=True, text=True,
+                               env=dict(os.environ, TENSORMAP_REMOTE_CHUNK_BYTES=str(CHUNK)))
+            assert r.returncode == 0, r.stderr
+            fetched = sum(sent for _, sent, _, _ in nginx.requests())
+            assert fetched <= share * 1.05, (rank, fetched, share)
+            assert fetched >= share, (rank, fetched, share)
+    finally:
+        nginx.stop()

@@ -444,20 +444,31 @@ FirstResponse Fetcher::first(const RemoteTarget& target, uint64_t head_bytes) co
 void Fetcher::read(const RemoteTarget& target, const ObjectVersion& version, uint64_t object_size, uint64_t offset,
                    uint64_t size, unsigned char* dest, const std::function<void(uint64_t)>& landed,
                    const std::string& what) const {
-  if (size == 0) return;
+  read_ranges(target, version, object_size, {Range{offset, size, dest}}, landed, what);
+}
+
+void Fetcher::read_ranges(const RemoteTarget& target, const ObjectVersion& version, uint64_t object_size,
+                          const std::vector<Range>& ranges, const std::function<void(uint64_t)>& landed,
+                          const std::string& what) const {
   const uint64_t chunk = options_.chunk_bytes;
-  const size_t chunks = static_cast<size_t>((size + chunk - 1) / chunk);
+  std::vector<uint64_t> ends;  // of each job, counting the bytes of the ranges in order
   Batch batch;
-  batch.pending = chunks;
-  batch.done.assign(chunks, 0);
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (size_t i = 0; i < chunks; ++i) {
-      const uint64_t at = i * chunk;
-      jobs_.push_back(
-          Job{&target, &version, object_size, offset + at, std::min(chunk, size - at), dest + at, &what, &batch, i});
+    uint64_t total = 0;
+    for (const Range& r : ranges) {
+      for (uint64_t at = 0; at < r.size; at += chunk) {
+        const uint64_t n = std::min(chunk, r.size - at);
+        jobs_.push_back(Job{&target, &version, object_size, r.offset + at, n, r.dest + at, &what, &batch, ends.size()});
+        total += n;
+        ends.push_back(total);
+      }
     }
+    batch.pending = ends.size();
+    batch.done.assign(ends.size(), 0);
   }
+  if (ends.empty()) return;
+  const size_t chunks = ends.size();
   ready_.notify_all();
   size_t prefix = 0;
   std::exception_ptr interrupted;
@@ -470,7 +481,7 @@ void Fetcher::read(const RemoteTarget& target, const ObjectVersion& version, uin
       prefix = p;
       lock.unlock();
       try {
-        landed(std::min(size, static_cast<uint64_t>(prefix) * chunk));
+        landed(ends[prefix - 1]);
       } catch (...) {
         interrupted = std::current_exception();
         batch.cancel = true;

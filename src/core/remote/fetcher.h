@@ -88,6 +88,17 @@ class Fetcher {
             uint64_t size, unsigned char* dest, const std::function<void(uint64_t)>& landed,
             const std::string& what) const;
 
+  // Many ranges at once (the rows of a slice), each in chunks, all over the connections;
+  // `landed(n)` counts the bytes of the ranges in order.
+  struct Range {
+    uint64_t offset;
+    uint64_t size;
+    unsigned char* dest;
+  };
+  void read_ranges(const RemoteTarget& target, const ObjectVersion& version, uint64_t object_size,
+                   const std::vector<Range>& ranges, const std::function<void(uint64_t)>& landed,
+                   const std::string& what) const;
+
   // Requests made and bytes received since the Fetcher was made (for tests and benches).
   uint64_t requests() const;
   uint64_t bytes_received() const;

@@ -29,4 +29,15 @@ void RemoteObject::read(uint64_t offset, void* dest, uint64_t size, const std::s
   fetcher_->read(target_, first_.version, first_.size, offset, size, static_cast<unsigned char*>(dest), landed, what);
 }
 
+void RemoteObject::read_ranges(const std::vector<Fetcher::Range>& ranges, const std::string& what) const {
+  for (const Fetcher::Range& r : ranges) {
+    if (r.offset > first_.size || r.size > first_.size - r.offset) {
+      throw Error(ErrorKind::Truncated, target_.shown + ": " + what + " ends at " + std::to_string(r.offset + r.size) +
+                                            ", past the end of the object (" + std::to_string(first_.size) + " bytes)");
+    }
+  }
+  fetcher_->read_ranges(
+      target_, first_.version, first_.size, ranges, [](uint64_t) {}, what);
+}
+
 }  // namespace tensormap::detail

@@ -26,6 +26,9 @@ class RemoteObject final : public ByteSource {
   void read(uint64_t offset, void* dest, uint64_t size, const std::string& what,
             const std::function<void(uint64_t)>& landed) const;
 
+  // Many ranges of the object at once (the rows of a slice), over the connections.
+  void read_ranges(const std::vector<Fetcher::Range>& ranges, const std::string& what) const;
+
   const std::vector<unsigned char>& head() const { return first_.head; }
   const Fetcher& fetcher() const { return *fetcher_; }
   const std::shared_ptr<const Fetcher>& shared_fetcher() const { return fetcher_; }
