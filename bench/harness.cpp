@@ -561,8 +561,18 @@ int cmd_part(const Args& a) {
   tensormap::prefault(*model, 1);
   const double touch_ms = ms_since(t1);
   const auto after = tensormap::read_process_memory();
+  uint64_t written = 0;  // bytes this process sent to storage (/proc/self/io): a remote load, none
+  {
+    std::ifstream io("/proc/self/io");
+    std::string key;
+    uint64_t value = 0;
+    while (io >> key >> value) {
+      if (key == "write_bytes:") written = value;
+    }
+  }
   Json()
       .num("rank", static_cast<double>(rank))
+      .num("disk_write_bytes", static_cast<double>(written))
       .num("load_ms", load_ms)
       .num("touch_ms", touch_ms)
       .memory("touched", after)

@@ -336,7 +336,10 @@ std::vector<Error> File::find_corruption() const {
   if (!has_checksums()) return problems;  // safetensors: open() checked everything there is
   const auto& h = impl_->header;
   const detail::ByteSource& m = *impl_->source;
-  constexpr uint64_t kChunk = 4 << 20;
+  // A file at a URL is read in pieces that keep every connection busy.
+  const uint64_t kChunk =
+      impl_->remote ? impl_->remote->fetcher().options().connections * impl_->remote->fetcher().options().chunk_bytes
+                    : uint64_t{4} << 20;
   std::vector<unsigned char> buffer(kChunk);
   // Reads [begin, end) in chunks with pread; `sink` sees each chunk.
   auto scan = [&](uint64_t begin, uint64_t end, const std::string& what, auto&& sink) {

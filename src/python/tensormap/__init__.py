@@ -535,7 +535,9 @@ class Checkpoint(collections.abc.Mapping):
 def open(path: PathLike) -> Checkpoint:  # noqa: A001 (the module's own open)
     """Open any checkpoint tensormap reads, recognised by its content: a tensormap file,
     a safetensors file, a sharded index, a torch.save archive. Nothing is read but the
-    header; raises ``Error`` naming the first rule the file breaks."""
+    header; raises ``Error`` naming the first rule the file breaks. ``path`` may be an
+    ``http(s)://`` or ``s3://bucket/key`` URL (README, "Checkpoints in S3 and over HTTP"):
+    its tensors are then read by ranges into tensors of their own."""
     return Checkpoint(path)
 
 
