@@ -3,7 +3,7 @@
 torch.load, with and without mmap=True + assign=True, and the safetensors library),
 LibTorch's own loaders and the two seed recipes, on the same files, in one run.
 
-    bench/run_suite.py [--quick] [--sizes 256,1024,4096] [--out bench/results]
+    bench/run_suite.py [--quick] [--sizes 256,1024,4096] [--out bench/results] [--remote]
     scripts/debian13 bench/run_suite.py     # on Debian 12: the run with torch 2.6 peers
 
 Every measurement runs in a fresh process: C++ strategies in build/bench/tensormap_harness,
@@ -309,8 +309,15 @@ def main():
     ap.add_argument("--cli", default=os.path.join(ROOT, "build", "tensormap"))
     ap.add_argument("--python-package", default=os.path.join(ROOT, "build", "python"),
                     help="the folder holding the built tensormap Python package (for the py-tensormap-* strategies)")
+    ap.add_argument("--remote", action="store_true",
+                    help="also the remote section (bench/remote.py): 1 and 4 GiB over nginx, and S3 where moto is")
+    ap.add_argument("--remote-only", action="store_true", help="only the remote section")
     args = ap.parse_args()
     os.environ["TENSORMAP_PYTHON"] = os.path.abspath(args.python_package)
+    remote = [PYTHON, os.path.join(ROOT, "bench", "remote.py"), "--out", args.out, "--work", args.work,
+              "--harness", args.harness]
+    if args.remote_only:
+        sys.exit(subprocess.run(remote).returncode)
     if args.forward_only:
         started = time.time()
         harness(args.harness, "make", "--dir", args.work, "--mib", str(args.forward_mib))
@@ -411,6 +418,8 @@ def main():
                for x in results["runs"] if not same_weights(results, x)]
     if broken:
         sys.exit("strategies failed: " + "; ".join(broken))
+    if args.remote:
+        subprocess.run(remote, check=True)
     print(f"suite took {results['seconds']:.0f} s; results in {args.out}", file=sys.stderr)
 
 

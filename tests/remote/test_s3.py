@@ -222,3 +222,32 @@ def test_a_sharded_save_uploads_its_shards_then_its_index(store, tmp_path):
     second = [k for k in s3.keys() if k.startswith("sharded/")]
     assert len(second) == 3 and not (set(second) - {"sharded/model.tmap.index.json"}) & set(first), (first, second)
     assert cli(s3, "verify", index).returncode == 0 and s3.uploads() == []
+
+
+def test_python_saves_to_and_loads_from_s3(store, tmp_path):
+    try:
+        import tensormap
+        import torch
+    except ImportError:
+        pytest.skip("the Python package is not built")
+    s3, _ = store
+    old = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    os.environ.update(s3.env)
+    try:
+        model = torch.nn.Linear(512, 256)
+        for ext in (".tmap", ".safetensors"):
+            url = f"s3://{BUCKET}/python/model{ext}"
+            tensormap.save(model, url)
+            copy = torch.nn.Linear(512, 256)
+            report = tensormap.load(copy, url)
+            assert sorted(report.loaded) == ["bias", "weight"]
+            assert torch.equal(copy.weight, model.weight) and torch.equal(copy.bias, model.bias)
+        with pytest.raises(tensormap.Error) as e:
+            tensormap.save(model, f"s3://{BUCKET}/python/model.pt")
+        assert e.value.kind == "InvalidArgument"
+        assert s3.uploads() == []
+    finally:
+        for k in list(os.environ):
+            if k.startswith("AWS_"):
+                del os.environ[k]
+        os.environ.update(old)
