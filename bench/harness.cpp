@@ -549,7 +549,7 @@ int cmd_part(const Args& a) {
   auto model = tensormap::build_skeleton([&] { return make_model(mib, ranks); });
   tensormap::LoadOptions o;
   o.mode = a.get("mode", "map") == "map" ? tensormap::LoadMode::Map : tensormap::LoadMode::Copy;
-  o.parallel = tensormap::ParallelPlan{rank, ranks, kSplits};
+  if (ranks > 1) o.parallel = tensormap::ParallelPlan{rank, ranks, kSplits};  // one rank of one: the whole model
   if (a.has("url")) o.mode = tensormap::LoadMode::Auto;
   tensormap::reset_peak_memory();
   const auto before = tensormap::read_process_memory();

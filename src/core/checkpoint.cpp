@@ -310,7 +310,12 @@ TensorPlacement Checkpoint::placement(std::string_view name) const { return sour
 
 void Checkpoint::read(std::string_view name, int64_t dim, int64_t start, int64_t length, void* dest) const {
   dim = checked_slice(name, dim, start, length);
-  source_->read_slice(index_of(name), dim, start, length, dest);
+  const size_t i = index_of(name);
+  if (start == 0 && length == source_->info(i).shape[static_cast<size_t>(dim)]) {  // all of it: one range
+    source_->read(i, dest);
+    return;
+  }
+  source_->read_slice(i, dim, start, length, dest);
 }
 
 int64_t Checkpoint::checked_slice(std::string_view name, int64_t dim, int64_t start, int64_t length) const {

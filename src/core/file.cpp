@@ -244,6 +244,11 @@ void File::read_checked(const TensorEntry& entry, void* dest) const {
       XXH3_64bits_update(state.get(), out + hashed, static_cast<size_t>(landed - hashed));
       hashed = landed;
     });
+    if (hashed != entry.byte_length) {  // never: every byte has landed once the read returns
+      throw Error(ErrorKind::Io, path() + ": tensor " + detail::quoted(entry.name) + ": only " +
+                                     std::to_string(hashed) + " of its " + std::to_string(entry.byte_length) +
+                                     " bytes were hashed");
+    }
     const uint64_t computed = XXH3_64bits_digest(state.get());
     if (computed != entry.checksum) throw corrupted(entry, computed);
     return;

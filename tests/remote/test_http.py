@@ -256,6 +256,25 @@ def test_python_reads_and_loads_from_a_url(site):
 
 
 @needs_package
+def test_checksums_follow_the_chunks_as_they_land_every_time(site):
+    """The hash of a tensor follows its chunks in order as they land, on the reading
+    thread. The last chunks once landed while that thread hashed earlier ones, and were
+    never hashed: a false ChecksumMismatch, one read in six of a 32 MiB tensor. Many reads,
+    of many chunks each, every one checked."""
+    nginx, root, _ = site
+    with tensormap.open(str(root / "big.tmap")) as local:
+        expected = local.get_tensor("big")
+    for chunk in (16 << 10, 64 << 10, CHUNK):
+        os.environ["TENSORMAP_REMOTE_CHUNK_BYTES"] = str(chunk)
+        try:
+            with tensormap.open(f"{nginx.url}/big.tmap") as remote:
+                for _ in range(10):
+                    assert same(remote.get_tensor("big"), expected)
+        finally:
+            del os.environ["TENSORMAP_REMOTE_CHUNK_BYTES"]
+
+
+@needs_package
 def test_a_failed_load_says_which_tensors_it_did_not_load(site):
     nginx, _, _ = site
 

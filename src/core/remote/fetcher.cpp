@@ -473,22 +473,25 @@ void Fetcher::read_ranges(const RemoteTarget& target, const ObjectVersion& versi
   size_t prefix = 0;
   std::exception_ptr interrupted;
   std::unique_lock<std::mutex> lock(batch.mutex);
-  while (true) {
-    batch.changed.wait_for(lock, std::chrono::milliseconds(50));
+  // Hands `landed` the bytes of the jobs done in order so far (the lock is released
+  // meanwhile, so more jobs may finish during the call).
+  auto advance = [&] {
     size_t p = prefix;
     while (p < chunks && batch.done[p]) ++p;
-    if (p > prefix && !batch.error && !interrupted) {
-      prefix = p;
-      lock.unlock();
-      try {
-        landed(ends[prefix - 1]);
-      } catch (...) {
-        interrupted = std::current_exception();
-        batch.cancel = true;
-      }
-      lock.lock();
+    if (p == prefix || batch.error || interrupted) return;
+    prefix = p;
+    lock.unlock();
+    try {
+      landed(ends[prefix - 1]);
+    } catch (...) {
+      interrupted = std::current_exception();
+      batch.cancel = true;
     }
-    if (batch.pending == 0) break;
+    lock.lock();
+  };
+  while (batch.pending > 0) {
+    batch.changed.wait_for(lock, std::chrono::milliseconds(50));
+    advance();
     if (!interrupted) {
       lock.unlock();
       try {
@@ -499,6 +502,11 @@ void Fetcher::read_ranges(const RemoteTarget& target, const ObjectVersion& versi
       }
       lock.lock();
     }
+  }
+  while (prefix < chunks && !batch.error && !interrupted) {  // the last jobs, done during a call
+    const size_t before = prefix;
+    advance();
+    if (prefix == before) break;
   }
   // Every job of the batch has finished or been skipped: nothing writes into dest now.
   if (interrupted) std::rethrow_exception(interrupted);
