@@ -106,6 +106,16 @@ def test_every_format_reads_the_same_over_http_as_from_disk(site, tmp_path, name
         assert json.loads(cli("inspect", "--json", url).stdout)["tensors"] == json.loads(local)["tensors"]
 
 
+def test_edit_puts_the_tensors_of_a_url(site, tmp_path):
+    nginx, root, _ = site
+    target = tmp_path / "edited.tmap"
+    shutil.copy(root / "sd.tmap", target)
+    r = cli("edit", str(target), "--remove", "0.weight", "--put", f"{nginx.url}/sd.safetensors")
+    assert r.returncode == 0, r.stderr
+    assert cli("diff", str(target), f"{nginx.url}/sd.tmap").returncode == 0
+    assert cli("verify", str(target)).returncode == 0
+
+
 def test_the_header_comes_in_one_or_two_requests(site):
     nginx, _, _ = site
     for name, requests in (("big.tmap", 1), ("wide.tmap", 2), ("big.safetensors", 1), ("wide.safetensors", 2)):
