@@ -39,7 +39,7 @@ class RemoteObject final : public ByteSource {
   FirstResponse first_;
 };
 
-class Source;
+struct Source;
 // The checkpoint at `url`, in any format; its shards, if it is an index, share `fetcher`.
 std::shared_ptr<const Source> open_remote(const std::string& url, std::shared_ptr<const Fetcher> fetcher);
 
