@@ -78,14 +78,13 @@ File detail::open_file(std::shared_ptr<const Mapping> mapping) {
 // The header is fetched whole (one request more where it is larger than the first
 // request's bytes) and validated as a mapped file's is: the rules read only the header.
 File detail::open_file(std::shared_ptr<const RemoteObject> object) {
-  constexpr uint64_t kSafetensorsMaxHeader = 100'000'000;  // spec/SAFETENSORS.md
   auto impl = std::make_shared<File::Impl>(std::move(object));
   const RemoteObject& r = *impl->remote;
   const auto& head = r.head();
   const bool safetensors = detect(head.data(), std::min<size_t>(head.size(), 64), r.size()) == Detected::Safetensors;
   uint64_t wanted = head.size();
   if (safetensors && head.size() >= 8) {
-    wanted = std::min(r.size(), 8 + std::min(load_le<uint64_t>(head.data()), kSafetensorsMaxHeader));
+    wanted = std::min(r.size(), 8 + std::min(load_le<uint64_t>(head.data()), kMaxSafetensorsHeader));
   } else if (!safetensors && head.size() >= 24) {
     wanted = std::min(r.size(), std::min(load_le<uint64_t>(head.data() + 16), format::kMaxHeaderSize));
   }

@@ -63,6 +63,9 @@ struct ParsedHeader {
 // Views in the result point into `base`. Throws Error of the first broken rule's kind.
 ParsedHeader validate_header(const unsigned char* base, uint64_t file_size, const std::string& path);
 
+// The largest safetensors header the reference implementation reads (spec/SAFETENSORS.md).
+inline constexpr uint64_t kMaxSafetensorsHeader = 100'000'000;
+
 // Validates a safetensors file as the reference implementation does
 // (spec/SAFETENSORS.md) and parses it. Views point into `base` or into `owned`.
 ParsedHeader validate_safetensors(const unsigned char* base, uint64_t file_size, const std::string& path);

@@ -16,7 +16,6 @@ namespace tensormap::detail {
 
 namespace {
 
-constexpr uint64_t kMaxSafetensorsHeader = 100'000'000;
 constexpr const char* kMetadataKey = "__metadata__";
 constexpr std::string_view kOffsetsField = "\"data_offsets\"";
 

@@ -21,12 +21,19 @@ namespace {
 constexpr const char* kEmptyPayloadHash = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 constexpr size_t kErrorBodyBytes = 1024;
 
-void init_curl() {
+// A new libcurl handle (libcurl started once, the first time).
+CURL* new_curl_handle() {
   static std::once_flag once;
   std::call_once(once, [] {
     if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) throw Error(ErrorKind::Io, "libcurl cannot start");
   });
+  CURL* curl = curl_easy_init();
+  if (!curl) throw Error(ErrorKind::Io, "libcurl cannot make a connection handle");
+  return curl;
 }
+
+// The seconds without a byte after which a request is given up: a whole second at least.
+long stall_seconds(const RemoteOptions& o) { return std::max(1L, static_cast<long>(o.timeout_seconds + 0.5)); }
 
 // One response, as its headers and body arrive.
 struct Answer {
@@ -130,10 +137,9 @@ curl_slist* prepare(CURL* curl, const RemoteTarget& t, const RemoteOptions& o, A
   curl_easy_setopt(curl, CURLOPT_HTTP_VERSION, static_cast<long>(CURL_HTTP_VERSION_1_1));
   curl_easy_setopt(curl, CURLOPT_PROTOCOLS_STR, "http,https");
   curl_easy_setopt(curl, CURLOPT_TCP_NODELAY, 1L);
-  const long timeout = std::max(1L, static_cast<long>(o.timeout_seconds + 0.5));
   curl_easy_setopt(curl, CURLOPT_CONNECTTIMEOUT_MS, static_cast<long>(o.timeout_seconds * 1000));
   curl_easy_setopt(curl, CURLOPT_LOW_SPEED_LIMIT, 1L);
-  curl_easy_setopt(curl, CURLOPT_LOW_SPEED_TIME, timeout);
+  curl_easy_setopt(curl, CURLOPT_LOW_SPEED_TIME, stall_seconds(o));
   curl_easy_setopt(curl, CURLOPT_HEADERFUNCTION, on_header);
   curl_easy_setopt(curl, CURLOPT_HEADERDATA, &answer);
   curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, body);
@@ -155,14 +161,6 @@ curl_slist* prepare(CURL* curl, const RemoteTarget& t, const RemoteOptions& o, A
   }
   if (headers) curl_easy_setopt(curl, CURLOPT_HTTPHEADER, headers);
   return headers;
-}
-
-// The S3 error code in an error document (<Code>SlowDown</Code>), or "".
-std::string s3_code(const std::string& body) {
-  const size_t start = body.find("<Code>");
-  const size_t end = body.find("</Code>");
-  if (start == std::string::npos || end == std::string::npos || end < start + 6 || end - start > 70) return "";
-  return body.substr(start + 6, end - start - 6);
 }
 
 // "bytes A-B/T": A, B and T; T may be "*" (unknown).
@@ -214,17 +212,34 @@ std::string version_change(const ObjectVersion& first, const ObjectVersion& now)
 
 }  // namespace
 
-struct Fetcher::Counters {
-  std::atomic<uint64_t> requests{0};
-  std::atomic<uint64_t> bytes{0};
-};
+std::string xml_element(const std::string& xml, const std::string& tag) {
+  const size_t start = xml.find("<" + tag + ">");
+  if (start == std::string::npos) return "";
+  const size_t from = start + tag.size() + 2;
+  const size_t end = xml.find("</" + tag + ">", from);
+  return end == std::string::npos ? "" : xml.substr(from, end - from);
+}
+
+std::string status_text(long status, const std::string& body) {
+  std::string code = xml_element(body, "Code");
+  if (code.size() > 64) code.clear();  // not an S3 error code: not shown
+  return "HTTP " + std::to_string(status) + (code.empty() ? "" : " " + code);
+}
+
+ErrorKind status_kind(long status) {
+  switch (status) {
+    case 404: return ErrorKind::RemoteNotFound;
+    case 401:
+    case 403: return ErrorKind::RemoteAccessDenied;
+    case 412: return ErrorKind::RemoteChanged;
+    case 429:
+    case 503: return ErrorKind::RemoteThrottled;
+    default: return ErrorKind::RemoteProtocol;
+  }
+}
 
 struct Fetcher::Connection {
-  Connection() {
-    init_curl();
-    curl = curl_easy_init();
-    if (!curl) throw Error(ErrorKind::Io, "libcurl cannot make a connection handle");
-  }
+  Connection() : curl(new_curl_handle()) {}
   ~Connection() { curl_easy_cleanup(curl); }
   Connection(const Connection&) = delete;
   Connection& operator=(const Connection&) = delete;
@@ -241,7 +256,6 @@ struct Fetcher::Connection {
     curl_easy_setopt(curl, CURLOPT_FOLLOWLOCATION, 1L);
     curl_easy_setopt(curl, CURLOPT_MAXREDIRS, 5L);
     curl_easy_setopt(curl, CURLOPT_BUFFERSIZE, 512L * 1024);
-    const long timeout = std::max(1L, static_cast<long>(o.timeout_seconds + 0.5));
     std::string signing;
     curl_slist* headers = prepare(curl, t, o, a, on_body, &a, kEmptyPayloadHash, nullptr, signing);
     const CURLcode rc = curl_easy_perform(curl);
@@ -249,7 +263,7 @@ struct Fetcher::Connection {
     if (a.cancel && a.cancel->load()) return Failure{ErrorKind::Io, "cancelled", false, true};
     if (!a.overflow.empty()) return Failure{ErrorKind::RemoteProtocol, a.overflow};
     if (rc == CURLE_OK || rc == CURLE_WRITE_ERROR) return std::nullopt;
-    const std::string seconds = std::to_string(timeout) + " s";
+    const std::string seconds = std::to_string(stall_seconds(o)) + " s";
     switch (rc) {
       case CURLE_COULDNT_RESOLVE_HOST:
       case CURLE_COULDNT_RESOLVE_PROXY:
@@ -288,25 +302,23 @@ namespace {
 
 // What a status other than 206 means.
 Failure status_failure(const RemoteTarget& t, const Answer& a) {
-  const std::string code = s3_code(a.error_body);
-  const std::string status = "HTTP " + std::to_string(a.status) + (code.empty() ? "" : " " + code);
+  const std::string status = status_text(a.status, a.error_body);
+  const ErrorKind kind = status_kind(a.status);
   switch (a.status) {
-    case 200:
-      return {ErrorKind::RemoteProtocol,
-              "the server ignores Range requests (200 where 206 was asked); tensormap reads by ranges"};
-    case 404: return {ErrorKind::RemoteNotFound, "no such object (" + status + ")"};
+    case 200: return {kind, "the server ignores Range requests (200 where 206 was asked); tensormap reads by ranges"};
+    case 404: return {kind, "no such object (" + status + ")"};
     case 401:
     case 403:
-      return {ErrorKind::RemoteAccessDenied, "access denied (" + status + "), asked with " +
-                                                 (t.s3                                ? t.credentials
-                                                  : t.credentials == "no credentials" ? "no bearer token"
-                                                                                      : t.credentials)};
-    case 412: return {ErrorKind::RemoteChanged, "the object changed while it was read (" + status + ")"};
+      return {kind, "access denied (" + status + "), asked with " +
+                        (t.s3                                ? t.credentials
+                         : t.credentials == "no credentials" ? "no bearer token"
+                                                             : t.credentials)};
+    case 412: return {kind, "the object changed while it was read (" + status + ")"};
     case 429:
-    case 503: return {ErrorKind::RemoteThrottled, "the server asks to slow down (" + status + ")", true};
+    case 503: return {kind, "the server asks to slow down (" + status + ")", true};
     default:
-      if (a.status >= 500) return {ErrorKind::RemoteProtocol, "the server failed (" + status + ")", true};
-      return {ErrorKind::RemoteProtocol, "unexpected answer " + status};
+      if (a.status >= 500) return {kind, "the server failed (" + status + ")", true};
+      return {kind, "unexpected answer " + status};
   }
 }
 
@@ -348,7 +360,7 @@ struct Fetcher::Job {
   size_t index;
 };
 
-Fetcher::Fetcher(RemoteOptions options) : options_(std::move(options)), counters_(std::make_unique<Counters>()) {
+Fetcher::Fetcher(RemoteOptions options) : options_(std::move(options)) {
   if (options_.connections == 0 || options_.connections > 256) {
     throw Error(ErrorKind::InvalidArgument,
                 "remote connections must be between 1 and 256, not " + std::to_string(options_.connections));
@@ -379,9 +391,6 @@ Fetcher::~Fetcher() {
   for (auto& t : threads_) t.join();
 }
 
-uint64_t Fetcher::requests() const { return counters_->requests.load(); }
-uint64_t Fetcher::bytes_received() const { return counters_->bytes.load(); }
-
 FirstResponse Fetcher::first(const RemoteTarget& target, uint64_t head_bytes) const {
   std::lock_guard<std::mutex> lock(own_mutex_);
   for (unsigned attempt = 0;; ++attempt) {
@@ -392,9 +401,7 @@ FirstResponse Fetcher::first(const RemoteTarget& target, uint64_t head_bytes) co
     a.capacity = head_bytes;
     std::vector<unsigned char> whole;
     a.whole = &whole;
-    counters_->requests++;
     std::optional<Failure> failure = own_->get(target, options_, 0, head_bytes, a);
-    counters_->bytes += a.received;
     if (!failure) {
       if (a.status == 206) {
         const auto range = parse_content_range(a.content_range);
@@ -535,9 +542,7 @@ void Fetcher::work(Connection& connection) {
           a.dest = job.dest;
           a.capacity = job.size;
           a.cancel = &batch.cancel;
-          counters_->requests++;
           std::optional<Failure> failure = connection.get(t, options_, job.offset, job.size, a);
-          counters_->bytes += a.received;
           if (!failure) {
             const auto range = parse_content_range(a.content_range);
             const std::string changed = version_change(*job.version, a.version);
@@ -588,9 +593,6 @@ namespace {
 struct SendState {
   Answer answer;  // headers: status and ETag
   std::string body;
-  const unsigned char* out = nullptr;
-  size_t out_size = 0;
-  size_t sent = 0;
 };
 
 size_t on_reply_body(char* data, size_t size, size_t count, void* user) {
@@ -602,11 +604,7 @@ size_t on_reply_body(char* data, size_t size, size_t count, void* user) {
 
 }  // namespace
 
-HttpSender::HttpSender() {
-  init_curl();
-  curl_ = curl_easy_init();
-  if (!curl_) throw Error(ErrorKind::Io, "libcurl cannot make a connection handle");
-}
+HttpSender::HttpSender() : curl_(new_curl_handle()) {}
 
 HttpSender::~HttpSender() { curl_easy_cleanup(static_cast<CURL*>(curl_)); }
 

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "remote/url.h"
+#include "tensormap/error.h"
 #include "tensormap/remote.h"
 
 namespace tensormap::detail {
@@ -39,6 +40,15 @@ struct FirstResponse {
   ObjectVersion version;
   std::vector<unsigned char> head;  // its first bytes: min(size, the head asked for)
 };
+
+// The text of the first <tag>...</tag> in `xml` (an S3 reply), or "".
+std::string xml_element(const std::string& xml, const std::string& tag);
+// "HTTP 503 SlowDown": a status, and the S3 error code of its body where it has one.
+std::string status_text(long status, const std::string& body);
+// The Remote kind of an HTTP status that is not a success: 404 RemoteNotFound, 401 and 403
+// RemoteAccessDenied, 412 RemoteChanged, 429 and 503 RemoteThrottled, any other
+// RemoteProtocol.
+ErrorKind status_kind(long status);
 
 // A reply to HttpSender::send: its status, its body (an S3 XML document) and its ETag.
 struct HttpReply {
@@ -99,10 +109,6 @@ class Fetcher {
                    const std::vector<Range>& ranges, const std::function<void(uint64_t)>& landed,
                    const std::string& what) const;
 
-  // Requests made and bytes received since the Fetcher was made (for tests and benches).
-  uint64_t requests() const;
-  uint64_t bytes_received() const;
-
  private:
   struct Job;
   struct Batch;
@@ -117,8 +123,6 @@ class Fetcher {
   std::vector<std::thread> threads_;
   std::unique_ptr<Connection> own_;  // for first(), on the caller's thread
   mutable std::mutex own_mutex_;
-  struct Counters;
-  std::unique_ptr<Counters> counters_;
 };
 
 }  // namespace tensormap::detail

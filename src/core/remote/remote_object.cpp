@@ -7,6 +7,13 @@
 
 namespace tensormap::detail {
 
+void RemoteObject::check_range(uint64_t offset, uint64_t size, const std::string& what) const {
+  if (offset > first_.size || size > first_.size - offset) {
+    throw Error(ErrorKind::Truncated, target_.shown + ": " + what + " ends at " + std::to_string(offset + size) +
+                                          ", past the end of the object (" + std::to_string(first_.size) + " bytes)");
+  }
+}
+
 RemoteObject::RemoteObject(std::shared_ptr<const Fetcher> fetcher, const std::string& url, uint64_t head_bytes)
     : fetcher_(std::move(fetcher)), target_(resolve_url(url)), first_(fetcher_->first(target_, head_bytes)) {}
 
@@ -16,10 +23,7 @@ void RemoteObject::read(uint64_t offset, void* dest, uint64_t size, const std::s
 
 void RemoteObject::read(uint64_t offset, void* dest, uint64_t size, const std::string& what,
                         const std::function<void(uint64_t)>& landed) const {
-  if (offset > first_.size || size > first_.size - offset) {
-    throw Error(ErrorKind::Truncated, target_.shown + ": " + what + " ends at " + std::to_string(offset + size) +
-                                          ", past the end of the object (" + std::to_string(first_.size) + " bytes)");
-  }
+  check_range(offset, size, what);
   if (size == 0) return;
   if (offset + size <= first_.head.size()) {  // already here
     std::memcpy(dest, first_.head.data() + offset, static_cast<size_t>(size));
@@ -30,12 +34,7 @@ void RemoteObject::read(uint64_t offset, void* dest, uint64_t size, const std::s
 }
 
 void RemoteObject::read_ranges(const std::vector<Fetcher::Range>& ranges, const std::string& what) const {
-  for (const Fetcher::Range& r : ranges) {
-    if (r.offset > first_.size || r.size > first_.size - r.offset) {
-      throw Error(ErrorKind::Truncated, target_.shown + ": " + what + " ends at " + std::to_string(r.offset + r.size) +
-                                            ", past the end of the object (" + std::to_string(first_.size) + " bytes)");
-    }
-  }
+  for (const Fetcher::Range& r : ranges) check_range(r.offset, r.size, what);
   fetcher_->read_ranges(
       target_, first_.version, first_.size, ranges, [](uint64_t) {}, what);
 }

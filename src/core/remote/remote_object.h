@@ -34,6 +34,9 @@ class RemoteObject final : public ByteSource {
   const std::shared_ptr<const Fetcher>& shared_fetcher() const { return fetcher_; }
 
  private:
+  // Throws Error(Truncated) where [offset, offset + size) runs past the object.
+  void check_range(uint64_t offset, uint64_t size, const std::string& what) const;
+
   std::shared_ptr<const Fetcher> fetcher_;
   RemoteTarget target_;
   FirstResponse first_;

@@ -13,32 +13,6 @@ namespace {
 constexpr uint64_t kLeastPart = uint64_t{5} << 20;  // S3's least part but the last
 constexpr uint64_t kMostParts = 10'000;
 
-// The text of the first <tag>...</tag> in `xml`, or "".
-std::string element(const std::string& xml, const std::string& tag) {
-  const size_t start = xml.find("<" + tag + ">");
-  if (start == std::string::npos) return "";
-  const size_t from = start + tag.size() + 2;
-  const size_t end = xml.find("</" + tag + ">", from);
-  return end == std::string::npos ? "" : xml.substr(from, end - from);
-}
-
-// What a reply that is not the one wanted says, for a message.
-std::string refusal(const HttpReply& reply) {
-  const std::string code = element(reply.body, "Code");
-  return "HTTP " + std::to_string(reply.status) + (code.empty() ? "" : " " + code);
-}
-
-ErrorKind refusal_kind(long status) {
-  switch (status) {
-    case 401:
-    case 403: return ErrorKind::RemoteAccessDenied;
-    case 404: return ErrorKind::RemoteNotFound;
-    case 429:
-    case 503: return ErrorKind::RemoteThrottled;
-    default: return ErrorKind::RemoteProtocol;
-  }
-}
-
 }  // namespace
 
 void put_object(const std::string& url, const std::string& bytes, const RemoteOptions& options) {
@@ -47,7 +21,8 @@ void put_object(const std::string& url, const std::string& bytes, const RemoteOp
   HttpSender sender;
   const HttpReply reply = sender.send(target, options, "PUT", "", bytes.data(), bytes.size(), "putting the object");
   if (reply.status != 200) {
-    throw Error(refusal_kind(reply.status), target.shown + ": S3 refused the object (" + refusal(reply) + ")");
+    throw Error(status_kind(reply.status),
+                target.shown + ": S3 refused the object (" + status_text(reply.status, reply.body) + ")");
   }
 }
 
@@ -69,10 +44,10 @@ S3Upload::S3Upload(const std::string& url, RemoteOptions options)
                 target_.shown + ": tensormap writes to s3:// URLs, not to http(s):// ones (no upload protocol there)");
   }
   const HttpReply reply = sender_.send(target_, options_, "POST", "uploads", nullptr, 0, "starting the upload");
-  upload_id_ = element(reply.body, "UploadId");
+  upload_id_ = xml_element(reply.body, "UploadId");
   if (reply.status != 200 || upload_id_.empty()) {
-    throw Error(refusal_kind(reply.status),
-                target_.shown + ": S3 refused to start the upload (" + refusal(reply) +
+    throw Error(status_kind(reply.status),
+                target_.shown + ": S3 refused to start the upload (" + status_text(reply.status, reply.body) +
                     (reply.status == 401 || reply.status == 403 ? "), asked with " + target_.credentials : ")"));
   }
 }
@@ -171,7 +146,8 @@ void S3Upload::work() {
                       "partNumber=" + std::to_string(number) + "&uploadId=" + percent_encoded(upload_id_, false),
                       job.second.data(), job.second.size(), "uploading " + what, &cancel_);
       if (reply.status != 200 || reply.etag.empty()) {
-        throw Error(refusal_kind(reply.status), target_.shown + ": S3 refused " + what + " (" + refusal(reply) + ")");
+        throw Error(status_kind(reply.status),
+                    target_.shown + ": S3 refused " + what + " (" + status_text(reply.status, reply.body) + ")");
       }
       etag = reply.etag;
     } catch (...) {
@@ -233,8 +209,8 @@ void S3Upload::publish(bool) {
                                        xml.data(), xml.size(), "completing the upload");
   // S3 may answer 200 and still fail, with an error document for a body.
   if (reply.status != 200 || reply.body.find("<Error>") != std::string::npos) {
-    throw Error(refusal_kind(reply.status == 200 ? 500 : reply.status),
-                target_.shown + ": S3 refused to complete the upload (" + refusal(reply) + ")");
+    throw Error(status_kind(reply.status == 200 ? 500 : reply.status),
+                target_.shown + ": S3 refused to complete the upload (" + status_text(reply.status, reply.body) + ")");
   }
   published_ = true;
 }

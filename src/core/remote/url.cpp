@@ -46,8 +46,6 @@ std::string percent_encoded(std::string_view text, bool keep_slash) {
 
 namespace {
 
-std::string encoded(std::string_view text, bool keep_slash) { return percent_encoded(text, keep_slash); }
-
 [[noreturn]] void refuse(const std::string& url, const std::string& why) {
   throw Error(ErrorKind::InvalidArgument, shown_url(url) + ": " + why);
 }
@@ -117,11 +115,11 @@ RemoteTarget resolve_url(const std::string& url) {
       refuse(url, "the endpoint " + shown_url(endpoint) + " (AWS_ENDPOINT_URL) is not an http:// or https:// URL");
     }
     while (!endpoint.empty() && endpoint.back() == '/') endpoint.pop_back();
-    t.http_url = endpoint + "/" + bucket + "/" + encoded(key, true);
+    t.http_url = endpoint + "/" + bucket + "/" + percent_encoded(key, true);
   } else if (bucket.find('.') != std::string::npos) {
-    t.http_url = "https://s3." + t.region + ".amazonaws.com/" + bucket + "/" + encoded(key, true);
+    t.http_url = "https://s3." + t.region + ".amazonaws.com/" + bucket + "/" + percent_encoded(key, true);
   } else {
-    t.http_url = "https://" + bucket + ".s3." + t.region + ".amazonaws.com/" + encoded(key, true);
+    t.http_url = "https://" + bucket + ".s3." + t.region + ".amazonaws.com/" + percent_encoded(key, true);
   }
   t.access_key = environment("AWS_ACCESS_KEY_ID");
   t.secret_key = environment("AWS_SECRET_ACCESS_KEY");
@@ -141,7 +139,7 @@ std::string sibling_url(const std::string& url, const std::string& name) {
   const size_t end = url.find_first_of("?#", start);
   const size_t slash = url.rfind('/', end == std::string::npos ? std::string::npos : end);
   const std::string folder = slash == std::string::npos || slash < start ? url + "/" : url.substr(0, slash + 1);
-  return folder + (url.rfind("s3://", 0) == 0 ? name : encoded(name, false));
+  return folder + (url.rfind("s3://", 0) == 0 ? name : percent_encoded(name, false));
 }
 
 }  // namespace detail

@@ -98,13 +98,14 @@ TensorDescription& PickleMachine::make_tensor(PickleValue& v, size_t rank, size_
   return *v.tensor;
 }
 
-// Grows `v` by doubling, as push_back would, with the growth charged first.
+// Gives `v` room for `needed` elements, at least doubling as push_back would, with the
+// growth charged first.
 template <typename T>
-void PickleMachine::room_for_one_more(std::vector<T>& v) {
-  if (v.size() < v.capacity()) return;
-  const size_t more = std::max<size_t>(v.capacity(), 8);
-  charge(sizeof(T) * more + (v.capacity() == 0 ? kBlock : 0));
-  v.reserve(v.capacity() + more);
+void PickleMachine::reserve_charged(std::vector<T>& v, size_t needed) {
+  if (needed <= v.capacity()) return;
+  const size_t capacity = std::max(needed, 2 * v.capacity());
+  charge(sizeof(T) * (capacity - v.capacity()) + (v.capacity() == 0 ? kBlock : 0));
+  v.reserve(capacity);
 }
 
 void PickleMachine::run() {
@@ -130,7 +131,7 @@ bool PickleMachine::framing(unsigned char op) {
     case 'h': push(recall(byte())); break;   // BINGET
     case 'j': push(recall(u32())); break;    // LONG_BINGET
     case '(':                                // MARK
-      room_for_one_more(marks_);
+      reserve_charged(marks_, std::max<size_t>(marks_.size() + 1, 8));
       marks_.push_back(stack_.size());
       break;
     case '0': pop(); break;                      // POP
@@ -332,11 +333,7 @@ void PickleMachine::append_from(PickleValue& container, size_t from) {
       container.list = &document_.lists_.emplace_back();
     }
     std::vector<PickleRef>& items = *container.list;
-    if (items.size() + n > items.capacity()) {
-      const size_t capacity = std::max(items.size() + n, 2 * items.capacity());
-      charge(sizeof(PickleRef) * (capacity - items.capacity()) + (items.capacity() == 0 ? kBlock : 0));
-      items.reserve(capacity);
-    }
+    reserve_charged(items, items.size() + n);
     items.insert(items.end(), stack_.begin() + static_cast<long>(from), stack_.end());
   }
   stack_.resize(from);
@@ -371,11 +368,7 @@ void PickleMachine::remember(uint64_t index) {
   if (index >= kMaxMemo)
     fail("stores memo " + std::to_string(index) + ", past the " + std::to_string(kMaxMemo) + " allowed");
   if (index >= memo_.size()) {
-    if (index >= memo_.capacity()) {
-      const size_t capacity = std::max<size_t>(index + 1, 2 * memo_.capacity());
-      charge(sizeof(PickleRef) * (capacity - memo_.capacity()) + (memo_.capacity() == 0 ? kBlock : 0));
-      memo_.reserve(capacity);
-    }
+    reserve_charged(memo_, static_cast<size_t>(index) + 1);
     memo_.resize(index + 1, nullptr);
   }
   if (!memo_[index]) ++memo_size_;

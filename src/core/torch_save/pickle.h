@@ -22,6 +22,7 @@
 // Every length is checked against the bytes left.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <deque>
@@ -194,9 +195,9 @@ class PickleMachine {
   // Appends the values from stack slot `from` up to the top to `container`, and pops them.
   void append_from(PickleValue& container, size_t from);
   template <typename T>
-  void room_for_one_more(std::vector<T>& v);
+  void reserve_charged(std::vector<T>& v, size_t needed);
   void push(PickleRef v) {
-    room_for_one_more(stack_);
+    reserve_charged(stack_, std::max<size_t>(stack_.size() + 1, 8));
     stack_.push_back(v);
   }
   size_t fence() const { return marks_.empty() ? 0 : marks_.back(); }
