@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,10 +32,6 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "remote"))
 import servers  # noqa: E402
 
 CONNECTIONS = 8
-
-
-def child_peak_mib():
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
 def tensormap_load(harness, url, mib, env):

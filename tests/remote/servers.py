@@ -35,6 +35,23 @@ def wait_for_port(port, process, what, seconds=10):
     raise RuntimeError(f"{what} did not listen on port {port} within {seconds} s")
 
 
+def stop_process(process):
+    """Ends a server the tests started: SIGTERM, then SIGKILL after 10 s."""
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def one_line_error(r, kind, *words):
+    """Whether the command line failed as it must: exit 1, one line on stderr, of `kind`,
+    holding every one of `words`."""
+    lines = r.stderr.strip().splitlines()
+    return (r.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"tensormap: {kind}: ")
+            and all(w in lines[0] for w in words))
+
+
 class Nginx:
     """nginx serving `root` on a free loopback port; root/private/ needs the bearer TOKEN.
 
@@ -99,11 +116,7 @@ http {{
         # nginx keeps appending to its open descriptor: truncation is enough
 
     def stop(self):
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        stop_process(self.process)
 
 
 class FaultProxy:
@@ -247,8 +260,4 @@ class Moto:
         return self.s3.list_multipart_uploads(Bucket=self.BUCKET).get("Uploads", [])
 
     def stop(self):
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        stop_process(self.process)

@@ -18,6 +18,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import servers  # noqa: E402
+from servers import one_line_error  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLI = os.environ.get("TENSORMAP_CLI", os.path.join(ROOT, "build", "tensormap"))
@@ -81,12 +82,6 @@ def site(tmp_path_factory):
     nginx = servers.Nginx(str(root), str(base / "nginx"))
     yield nginx, root, base
     nginx.stop()
-
-
-def one_line_error(r, kind, *words):
-    lines = r.stderr.strip().splitlines()
-    return (r.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"tensormap: {kind}: ")
-            and all(w in lines[0] for w in words))
 
 
 @pytest.mark.parametrize("name", ["sd.tmap", "sd.safetensors", "sd.tmap.index.json", "sd.safetensors.index.json",

@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import servers  # noqa: E402
+from servers import one_line_error  # noqa: E402
 
 try:
     import boto3  # noqa: F401
@@ -33,12 +34,6 @@ def cli(store, *args, env=None, drop=()):
     for name in drop:
         full.pop(name, None)
     return subprocess.run([CLI, *args], capture_output=True, text=True, env=full, timeout=120)
-
-
-def one_line_error(r, kind, *words):
-    lines = r.stderr.strip().splitlines()
-    return (r.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"tensormap: {kind}: ")
-            and all(w in lines[0] for w in words))
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +162,6 @@ def test_an_interrupted_save_aborts_its_upload_and_keeps_the_old_object(store, t
 def test_a_kill_during_a_save_leaves_the_old_object_or_the_new_one(store, tmp_path):
     import random
     import signal
-    import time
     s3, _ = store
     old, new = tmp_path / "old.safetensors", tmp_path / "new.safetensors"
     write_source(old, 1, 5)
