@@ -14,7 +14,9 @@
 // Thread-safety: the scope is thread-local; scopes nest, the inner one in force.
 #pragma once
 
+#include <condition_variable>
 #include <functional>
+#include <mutex>
 
 #include "tensormap/export.h"
 
@@ -36,6 +38,11 @@ class TENSORMAP_EXPORT InterruptCheckScope {
 namespace detail {
 // Runs this thread's interrupt check, if a scope set one. For the library's own loops.
 TENSORMAP_EXPORT void check_interrupt();
+// For the library's waits on other threads: waits on `changed` (`lock` held) for at most
+// 50 ms, then runs the check with the lock released. If the check throws, `stop` runs
+// with the lock held again (to tell the other threads) and the exception goes on.
+TENSORMAP_EXPORT void wait_interruptibly(std::unique_lock<std::mutex>& lock, std::condition_variable& changed,
+                                         const std::function<void()>& stop);
 }  // namespace detail
 
 }  // namespace tensormap

@@ -46,11 +46,14 @@ struct TENSORMAP_EXPORT RemoteOptions {
   double timeout_seconds = 30;
   // http(s): sent as "Authorization: Bearer <token>" (a model hub's token).
   std::string bearer_token;
+  // https: a PEM file of the certificates a server's certificate must chain to, in place
+  // of the system's (/etc/ssl/certs): a private CA's. Empty: the system's.
+  std::string ca_bundle;
 
   // The defaults, with what the environment sets: TENSORMAP_REMOTE_CONNECTIONS,
   // TENSORMAP_REMOTE_CHUNK_BYTES, TENSORMAP_REMOTE_PART_BYTES, TENSORMAP_REMOTE_RETRIES,
-  // TENSORMAP_REMOTE_TIMEOUT
-  // (seconds), and the token from TENSORMAP_BEARER_TOKEN or HF_TOKEN. Throws
+  // TENSORMAP_REMOTE_TIMEOUT (seconds), the token from TENSORMAP_BEARER_TOKEN or HF_TOKEN,
+  // and the CA bundle from TENSORMAP_REMOTE_CA_BUNDLE or AWS_CA_BUNDLE. Throws
   // Error(InvalidArgument) for a value that is not a number in range.
   static RemoteOptions from_environment();
 };

@@ -9,8 +9,14 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstring>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <mutex>
 #include <optional>
 #include <sstream>
 #include <thread>
@@ -282,6 +288,109 @@ std::string unloaded(const std::vector<LoadPlan::Binding>& bindings, size_t fail
   return out.str();
 }
 
+// Copy loads from a URL: a tensor's read mostly waits on the network, and a read of one
+// tensor at a time left the connections idle at every tensor's end (and a small tensor
+// used one connection of eight). So several tensors are read at once, each on a thread
+// of its own, their chunks sharing the fetcher's connections. Each read goes straight
+// into its tensor, allocated (by the caller) just before its read is queued, so no byte
+// is held twice; `window` bounds the bytes queued ahead of what has landed.
+constexpr unsigned kRemoteReaders = 8;
+constexpr uint64_t kRemoteWindow = uint64_t{256} << 20;
+
+class ConcurrentReads {
+ public:
+  ConcurrentReads(unsigned threads, uint64_t window) : window_(window) {
+    for (unsigned i = 0; i < threads; ++i) threads_.emplace_back([this] { work(); });
+  }
+
+  // Stops taking reads and waits for those running; each stops at its next chunk.
+  ~ConcurrentReads() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = true;
+      queue_.clear();
+    }
+    changed_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+
+  // Queues `read` of `bytes` once those in flight leave room for it (or none are in
+  // flight); false, with nothing queued, once a read has failed (finish() says why).
+  // Runs the caller's interrupt check while it waits.
+  bool add(uint64_t bytes, std::function<void()> read) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (!failed_ && in_flight_ > 0 && in_flight_ + bytes > window_) wait(lock);
+    if (failed_) return false;
+    in_flight_ += bytes;
+    queue_.push_back({bytes, std::move(read)});
+    changed_.notify_all();
+    return true;
+  }
+
+  // Waits for every queued read; rethrows the first failure.
+  void finish() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (!queue_.empty() || running_ > 0) wait(lock);
+    if (failed_) std::rethrow_exception(error_);
+  }
+
+ private:
+  struct Read {
+    uint64_t bytes;
+    std::function<void()> run;
+  };
+
+  void wait(std::unique_lock<std::mutex>& lock) {
+    // On an interrupt, the readers' checks throw: their reads stop.
+    wait_interruptibly(lock, changed_, [this] { stopping_ = true; });
+  }
+
+  void work() {
+    // Each reader's interrupt check ends its read once the load stops (a failure
+    // elsewhere, or the caller's interrupt): the fetcher runs it while it waits.
+    InterruptCheckScope scope([this] {
+      if (stopping_.load()) throw Error(ErrorKind::Io, "the load stopped");  // never shown: the cause is
+    });
+    at::NoGradGuard no_grad;  // a parameter is written in place
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (true) {
+      changed_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+      if (queue_.empty()) return;
+      Read read = std::move(queue_.front());
+      queue_.pop_front();
+      ++running_;
+      lock.unlock();
+      std::exception_ptr error;
+      try {
+        read.run();
+      } catch (...) {
+        error = std::current_exception();
+      }
+      lock.lock();
+      --running_;
+      in_flight_ -= read.bytes;
+      if (error) {
+        if (!failed_) error_ = error;  // the cause: the reads it stops fail as Interrupted
+        failed_ = true;
+        stopping_ = true;
+        queue_.clear();
+      }
+      changed_.notify_all();
+    }
+  }
+
+  const uint64_t window_;
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  std::deque<Read> queue_;
+  std::vector<std::thread> threads_;
+  std::atomic<bool> stopping_{false};
+  uint64_t in_flight_ = 0;
+  size_t running_ = 0;
+  bool failed_ = false;
+  std::exception_ptr error_;
+};
+
 LoadReport apply_load(LoadPlan plan, const StateDict& state, const LoadOptions& options) {
   LoadReport& report = plan.report;
   at::NoGradGuard no_grad;
@@ -292,12 +401,23 @@ LoadReport apply_load(LoadPlan plan, const StateDict& state, const LoadOptions& 
       options.parallel && own_mappings_fit(plan.bindings.size()) ? ViewMapping::Own : ViewMapping::File;
   const std::vector<bool> cold = cold_tensors(plan.bindings, state, options);
   std::unordered_map<std::string, size_t> whole;  // bindings of whole tensors, by name
-  for (size_t i = 0; i < plan.bindings.size(); ++i) {
-    LoadPlan::Binding& b = plan.bindings[i];
-    if (const at::Tensor* tied = tied_target(b, state, plan.bindings, whole)) {
-      // The same storage: tied again, nothing read (already so if one tensor has both names).
-      if (tied->unsafeGetTensorImpl() != b.target.unsafeGetTensorImpl()) store(b.target, *tied, LoadMode::Map);
-    } else {
+  std::optional<ConcurrentReads> reads;
+  if (options.mode == LoadMode::Copy && is_url(state.checkpoint().path())) reads.emplace(kRemoteReaders, kRemoteWindow);
+  std::vector<char> done(plan.bindings.size(), 0);  // written by the readers, read once they stop
+  const auto stopped = [&](const Error& e) {
+    reads.reset();  // every reader has stopped: nothing writes into the model now
+    const auto first = std::find(done.begin(), done.end(), 0);
+    return Error(e.kind(), std::string(e.what()) + unloaded(plan.bindings, static_cast<size_t>(first - done.begin())));
+  };
+  try {
+    for (size_t i = 0; i < plan.bindings.size(); ++i) {
+      LoadPlan::Binding& b = plan.bindings[i];
+      if (const at::Tensor* tied = tied_target(b, state, plan.bindings, whole)) {
+        // The same storage: tied again, nothing read (already so if one tensor has both names).
+        if (tied->unsafeGetTensorImpl() != b.target.unsafeGetTensorImpl()) store(b.target, *tied, LoadMode::Map);
+        done[i] = 1;
+        continue;
+      }
       // A rank uses everything it loads, so it reads it all ahead.
       BindingOptions how;
       how.mode = options.mode;
@@ -306,15 +426,30 @@ LoadReport apply_load(LoadPlan plan, const StateDict& state, const LoadOptions& 
       how.drop_cache = cold[i];
       how.verify = options.verify_checksums;
       how.huge_pages = options.huge_pages;
-      try {
-        load_binding(b, state, how);
-      } catch (const Error& e) {
-        throw Error(e.kind(), std::string(e.what()) + unloaded(plan.bindings, i));
-      }
       if (b.part.dim < 0) whole.emplace(b.name, i);
+      if (!reads) {
+        load_binding(b, state, how);
+        done[i] = 1;
+        continue;
+      }
+      detail::check_interrupt();
+      ensure_storage(b.target, how.huge_pages);  // here: a parameter is rebound on this thread only
+      const auto bytes = static_cast<uint64_t>(b.target.nbytes());
+      if (!reads->add(bytes, [&b, &state, &done, how, i] {
+            load_binding(b, state, how);
+            done[i] = 1;
+          })) {
+        break;
+      }
     }
-    report.loaded.push_back(b.name);
+    if (reads) reads->finish();
+  } catch (const Error& e) {
+    throw stopped(e);
+  } catch (...) {
+    reads.reset();
+    throw;
   }
+  for (const LoadPlan::Binding& b : plan.bindings) report.loaded.push_back(b.name);
   const std::string& path = state.checkpoint().path();
   for (const auto& [name, tensor] : plan.missing) mark_missing(tensor, name, path);
   return report;

@@ -55,12 +55,25 @@ def one_line_error(r, kind, *words):
 class Nginx:
     """nginx serving `root` on a free loopback port; root/private/ needs the bearer TOKEN.
 
-    Its access log has one line per request: status, body bytes sent, the Range asked for."""
+    Its access log has one line per request: status, body bytes sent, the Range asked for.
+    With `tls`, the same folder is served over HTTPS too (https_url), with a certificate
+    for 127.0.0.1 signed by a CA of its own, made with openssl: `ca` is that CA's PEM."""
 
-    def __init__(self, root, workdir):
+    def __init__(self, root, workdir, tls=False):
         self.root, self.workdir = os.path.abspath(root), os.path.abspath(workdir)
         self.port = free_port()
         os.makedirs(self.workdir, exist_ok=True)
+        tls_server = ""
+        if tls:
+            self.tls_port = free_port()
+            self.ca = self._certificates()
+            tls_server = f"""
+  server {{
+    listen 127.0.0.1:{self.tls_port} ssl;
+    ssl_certificate {self.workdir}/server.pem;
+    ssl_certificate_key {self.workdir}/server.key;
+    root {self.root};
+  }}"""
         self.log = os.path.join(self.workdir, "access.log")
         user = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""
         temp = {k: os.path.join(self.workdir, k) for k in ("body", "proxy", "fastcgi", "uwsgi", "scgi")}
@@ -88,7 +101,7 @@ http {{
     location /private/ {{
       if ($http_authorization != "Bearer {TOKEN}") {{ return 401; }}
     }}
-  }}
+  }}{tls_server}
 }}
 """
         self.config = os.path.join(self.workdir, "nginx.conf")
@@ -99,6 +112,26 @@ http {{
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait_for_port(self.port, self.process, "nginx")
         self.url = f"http://127.0.0.1:{self.port}"
+        if tls:
+            wait_for_port(self.tls_port, self.process, "nginx (https)")
+            self.https_url = f"https://127.0.0.1:{self.tls_port}"
+
+    def _certificates(self):
+        """A CA, and a certificate for 127.0.0.1 it signs; returns the CA's PEM."""
+        w = self.workdir
+
+        def openssl(*args):
+            subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=tensormap test CA",
+                "-keyout", f"{w}/ca.key", "-out", f"{w}/ca.pem")
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+                "-keyout", f"{w}/server.key", "-out", f"{w}/server.csr")
+        with open(f"{w}/server.ext", "w") as f:
+            f.write("subjectAltName=IP:127.0.0.1\n")
+        openssl("x509", "-req", "-in", f"{w}/server.csr", "-CA", f"{w}/ca.pem", "-CAkey", f"{w}/ca.key",
+                "-CAcreateserial", "-days", "2", "-extfile", f"{w}/server.ext", "-out", f"{w}/server.pem")
+        return f"{w}/ca.pem"
 
     def requests(self):
         """The access log's lines so far: (status, body bytes sent, range, uri)."""
@@ -127,11 +160,13 @@ class FaultProxy:
     are broken before the proxy passes them whole (None: all). Modes: "drop" (close after
     half the body), "ignore-range" (the Range header removed), "503" (SlowDown), "etag"
     (another ETag), "stall" (half the body, then nothing for `stall` seconds), "short"
-    (a 206 whose body and Content-Length are short of the range)."""
+    (a 206 whose body and Content-Length are short of the range), "delay" (the whole
+    response, `stall` seconds late). `most` is the most requests it had in hand at once."""
 
     def __init__(self, upstream_port, mode, fail=None, stall=5.0, after=0):
         self.upstream_port, self.mode, self.fail, self.stall, self.after = upstream_port, mode, fail, stall, after
         self.seen = 0
+        self.active = self.most = 0
         self.lock = threading.Lock()
         self.server = socket.socket()
         self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -170,44 +205,56 @@ class FaultProxy:
                 with self.lock:
                     self.seen += 1
                     n = self.seen
-                broken = n > self.after and (self.fail is None or n - self.after <= self.fail)
-                lines = head.split("\r\n")
-                keep = [l for l in lines[1:] if not l.lower().startswith("connection:")]
-                if broken and self.mode == "ignore-range":
-                    keep = [l for l in keep if not l.lower().startswith("range:")]
-                if broken and self.mode == "503":
-                    body = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
-                    client.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
-                    return
-                request = "\r\n".join([lines[0]] + keep + ["Connection: close", "", ""]).encode("latin-1")
-                with socket.create_connection(("127.0.0.1", self.upstream_port)) as up:
-                    up.sendall(request)
-                    response = b""
-                    while True:
-                        chunk = up.recv(1 << 20)
-                        if not chunk:
-                            break
-                        response += chunk
-                rhead, body = response.split(b"\r\n\r\n", 1)
-                rlines = rhead.decode("latin-1").split("\r\n")
-                if broken and self.mode == "etag":
-                    rlines = [('ETag: "changed-%d"' % n) if l.lower().startswith("etag:") else l for l in rlines]
-                if broken and self.mode == "short" and rlines[0].split(" ")[1] == "206":
-                    body = body[: len(body) // 2]
-                    rlines = [("Content-Length: %d" % len(body)) if l.lower().startswith("content-length:") else l
-                              for l in rlines]
-                out = ("\r\n".join(rlines) + "\r\n\r\n").encode("latin-1")
-                if broken and self.mode == "drop":
-                    client.sendall(out + body[: len(body) // 2])
-                    client.shutdown(socket.SHUT_RDWR)
-                    return
-                if broken and self.mode == "stall":
-                    client.sendall(out + body[: len(body) // 2])
-                    time.sleep(self.stall)
-                    return
-                client.sendall(out + body)
+                    self.active += 1
+                    self.most = max(self.most, self.active)
+                try:
+                    self._pass(client, head, n)
+                finally:
+                    with self.lock:
+                        self.active -= 1
         except OSError:
             pass
+
+    def _pass(self, client, head, n):
+        """Forwards one request, broken as the mode says (a request number `n`)."""
+        broken = n > self.after and (self.fail is None or n - self.after <= self.fail)
+        lines = head.split("\r\n")
+        keep = [l for l in lines[1:] if not l.lower().startswith("connection:")]
+        if broken and self.mode == "ignore-range":
+            keep = [l for l in keep if not l.lower().startswith("range:")]
+        if broken and self.mode == "503":
+            body = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+            client.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+            return
+        request = "\r\n".join([lines[0]] + keep + ["Connection: close", "", ""]).encode("latin-1")
+        with socket.create_connection(("127.0.0.1", self.upstream_port)) as up:
+            up.sendall(request)
+            response = b""
+            while True:
+                chunk = up.recv(1 << 20)
+                if not chunk:
+                    break
+                response += chunk
+        rhead, body = response.split(b"\r\n\r\n", 1)
+        rlines = rhead.decode("latin-1").split("\r\n")
+        if broken and self.mode == "etag":
+            rlines = [('ETag: "changed-%d"' % n) if l.lower().startswith("etag:") else l for l in rlines]
+        if broken and self.mode == "short" and rlines[0].split(" ")[1] == "206":
+            body = body[: len(body) // 2]
+            rlines = [("Content-Length: %d" % len(body)) if l.lower().startswith("content-length:") else l
+                      for l in rlines]
+        out = ("\r\n".join(rlines) + "\r\n\r\n").encode("latin-1")
+        if broken and self.mode == "drop":
+            client.sendall(out + body[: len(body) // 2])
+            client.shutdown(socket.SHUT_RDWR)
+            return
+        if broken and self.mode == "stall":
+            client.sendall(out + body[: len(body) // 2])
+            time.sleep(self.stall)
+            return
+        if broken and self.mode == "delay":
+            time.sleep(self.stall)
+        client.sendall(out + body)
 
     def stop(self):
         self.running = False

@@ -79,7 +79,7 @@ def site(tmp_path_factory):
         os.chmod(dirpath, 0o755)
         for f in filenames:
             os.chmod(os.path.join(dirpath, f), 0o644)
-    nginx = servers.Nginx(str(root), str(base / "nginx"))
+    nginx = servers.Nginx(str(root), str(base / "nginx"), tls=True)
     yield nginx, root, base
     nginx.stop()
 
@@ -160,6 +160,23 @@ def test_missing_object_denied_access_and_tokens(site):
     assert one_line_error(r, "RemoteAccessDenied", private) and "wrong-token" not in r.stderr, r.stderr
 
 
+def test_https_trusts_the_system_certificates_or_the_bundle_named(site, tmp_path):
+    nginx, root, _ = site
+    url = f"{nginx.https_url}/big.tmap"
+    r = cli("inspect", url)  # a private CA, which the system's certificates do not hold
+    assert one_line_error(r, "RemoteUnreachable", url, "not trusted", "TENSORMAP_REMOTE_CA_BUNDLE"), r.stderr
+    for variable in ("TENSORMAP_REMOTE_CA_BUNDLE", "AWS_CA_BUNDLE"):
+        r = cli("verify", url, env={variable: nginx.ca})
+        assert r.returncode == 0, (variable, r.stderr)
+    out = tmp_path / "copy.tmap"
+    r = cli("convert", url, str(out), env={"TENSORMAP_REMOTE_CA_BUNDLE": nginx.ca})
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == (root / "big.tmap").read_bytes()
+    missing = str(tmp_path / "no-such-bundle.pem")
+    r = cli("inspect", url, env={"TENSORMAP_REMOTE_CA_BUNDLE": missing})
+    assert one_line_error(r, "InvalidArgument", url, "cannot use the CA bundle", missing), r.stderr
+
+
 def test_unreachable_servers_fail_fast_and_clearly():
     refused = f"http://127.0.0.1:{servers.free_port()}/x.tmap"
     started = time.time()
@@ -226,7 +243,7 @@ try:
     import tensormap  # noqa: E402
     import torch  # noqa: E402
 except ImportError:  # the command line alone was built
-    tensormap = None
+    tensormap = torch = None
 
 needs_package = pytest.mark.skipif(tensormap is None, reason="the Python package is not built")
 
@@ -293,6 +310,60 @@ def test_a_failed_load_says_which_tensors_it_did_not_load(site):
         tensormap.load(model, f"{nginx.url}/corrupt.tmap", strict=False)
     assert e.value.kind == "ChecksumMismatch"
     assert "0 of 1 tensors loaded" in str(e.value) and "not loaded ('big')" in str(e.value), str(e.value)
+
+
+class Many(torch.nn.Module if torch else object):
+    """Twelve tensors of 64 KiB, past the first request's 64 KiB: each one request."""
+
+    def __init__(self, fill=None):
+        super().__init__()
+        generator = torch.Generator().manual_seed(fill) if fill is not None else None
+        for i in range(12):
+            value = torch.randn(16384, generator=generator) if generator else torch.zeros(16384)
+            self.register_parameter(f"w{i}", torch.nn.Parameter(value))
+
+
+@needs_package
+def test_a_load_reads_several_tensors_at_once(site):
+    """Each response held 0.3 s by the proxy: a load that read one tensor at a time would
+    have one request in hand at a time."""
+    nginx, root, _ = site
+    tensormap.save(Many(fill=3), str(root / "many.tmap"))
+    os.chmod(root / "many.tmap", 0o644)
+    proxy = servers.FaultProxy(nginx.port, "delay", stall=0.3)
+    try:
+        model = Many()
+        tensormap.load(model, f"{proxy.url}/many.tmap")
+        reference = Many(fill=3)
+        for name, value in reference.named_parameters():
+            assert same(getattr(model, name).detach(), value.detach()), name
+        assert proxy.most >= 4, proxy.most
+    finally:
+        proxy.stop()
+
+
+@needs_package
+def test_a_load_failing_among_concurrent_reads_says_truly_what_it_loaded(site, monkeypatch):
+    """Requests after the fifth fail for good, whichever tensors they are for: the tensors
+    the message says are loaded hold the file's values; the others are listed."""
+    nginx, root, _ = site
+    tensormap.save(Many(fill=4), str(root / "many4.tmap"))
+    os.chmod(root / "many4.tmap", 0o644)
+    monkeypatch.setenv("TENSORMAP_REMOTE_RETRIES", "0")
+    proxy = servers.FaultProxy(nginx.port, "503", after=5)
+    try:
+        model = Many()
+        with pytest.raises(tensormap.Error) as e:
+            tensormap.load(model, f"{proxy.url}/many4.tmap")
+    finally:
+        proxy.stop()
+    message = str(e.value)
+    assert e.value.kind == "RemoteThrottled", message
+    loaded = int(message.split("the load stopped there: ")[1].split(" of 12 tensors loaded")[0])
+    assert loaded <= 4 and f"{12 - loaded} not loaded ('w{loaded}'" in message, message
+    reference = Many(fill=4)
+    for i in range(loaded):
+        assert same(getattr(model, f"w{i}").detach(), getattr(reference, f"w{i}").detach()), i
 
 
 HARNESS = os.environ.get("TENSORMAP_HARNESS")

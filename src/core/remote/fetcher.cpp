@@ -48,7 +48,13 @@ struct Answer {
   std::string error_body;  // the start of a body that is not data: the server's error document
   std::string overflow;    // why the body was cut off
   const std::atomic<bool>* cancel = nullptr;
+  char detail[CURL_ERROR_SIZE] = {};  // libcurl's own words for a failure
 };
+
+// libcurl's words for failure `rc` of the request `a` describes.
+std::string curl_detail(CURLcode rc, const Answer& a) {
+  return a.detail[0] ? std::string(a.detail) : std::string(curl_easy_strerror(rc));
+}
 
 // A failure, and whether another try may go otherwise.
 struct Failure {
@@ -147,6 +153,8 @@ curl_slist* prepare(CURL* curl, const RemoteTarget& t, const RemoteOptions& o, A
   curl_easy_setopt(curl, CURLOPT_NOPROGRESS, 0L);
   curl_easy_setopt(curl, CURLOPT_XFERINFOFUNCTION, on_progress);
   curl_easy_setopt(curl, CURLOPT_XFERINFODATA, &answer);
+  curl_easy_setopt(curl, CURLOPT_ERRORBUFFER, answer.detail);
+  if (!o.ca_bundle.empty()) curl_easy_setopt(curl, CURLOPT_CAINFO, o.ca_bundle.c_str());
   if (t.s3 && !t.access_key.empty()) {
     signing = "aws:amz:" + t.region + ":s3";
     curl_easy_setopt(curl, CURLOPT_AWS_SIGV4, signing.c_str());
@@ -282,10 +290,15 @@ struct Fetcher::Connection {
       case CURLE_UNSUPPORTED_PROTOCOL:
         return Failure{ErrorKind::InvalidArgument,
                        "not a URL libcurl can request (" + std::string(curl_easy_strerror(rc)) + ")"};
-      case CURLE_SSL_CONNECT_ERROR:
       case CURLE_PEER_FAILED_VERIFICATION:
+        return Failure{ErrorKind::RemoteUnreachable,
+                       "the server's TLS certificate is not trusted (" + curl_detail(rc, a) +
+                           "); a private CA's certificates can be named with TENSORMAP_REMOTE_CA_BUNDLE"};
       case CURLE_SSL_CACERT_BADFILE:
-        return Failure{ErrorKind::RemoteUnreachable, "TLS failed (" + std::string(curl_easy_strerror(rc)) + ")"};
+        return Failure{ErrorKind::InvalidArgument,
+                       "cannot use the CA bundle " + quoted_name(o.ca_bundle) + " (" + curl_detail(rc, a) + ")"};
+      case CURLE_SSL_CONNECT_ERROR:
+        return Failure{ErrorKind::RemoteUnreachable, "TLS failed (" + curl_detail(rc, a) + ")"};
       case CURLE_TOO_MANY_REDIRECTS: return Failure{ErrorKind::RemoteProtocol, "more than 5 redirects"};
       default:
         return Failure{ErrorKind::RemoteUnreachable,
@@ -633,11 +646,12 @@ HttpReply HttpSender::send(const RemoteTarget& t, const RemoteOptions& o, const 
     if (cancel && cancel->load()) throw Error(ErrorKind::Io, t.shown + ": " + what + ": cancelled");
     std::optional<Failure> failure;
     if (rc != CURLE_OK) {
-      const bool resolve = rc == CURLE_COULDNT_RESOLVE_HOST || rc == CURLE_COULDNT_RESOLVE_PROXY;
+      const bool lasting = rc == CURLE_COULDNT_RESOLVE_HOST || rc == CURLE_COULDNT_RESOLVE_PROXY ||
+                           rc == CURLE_PEER_FAILED_VERIFICATION || rc == CURLE_SSL_CACERT_BADFILE;
       failure = Failure{ErrorKind::RemoteUnreachable,
                         std::string(rc == CURLE_COULDNT_CONNECT ? "cannot connect" : "the request failed") + " (" +
-                            curl_easy_strerror(rc) + ")",
-                        !resolve};
+                            curl_detail(rc, s.answer) + ")",
+                        !lasting};
     } else if (s.answer.status >= 500 || s.answer.status == 429) {
       s.answer.error_body = s.body.substr(0, kErrorBodyBytes);
       failure = status_failure(t, s.answer);

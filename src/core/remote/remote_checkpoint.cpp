@@ -68,6 +68,12 @@ RemoteOptions RemoteOptions::from_environment() {
       break;
     }
   }
+  for (const char* name : {"TENSORMAP_REMOTE_CA_BUNDLE", "AWS_CA_BUNDLE"}) {
+    if (const char* path = std::getenv(name); path && *path) {
+      o.ca_bundle = path;
+      break;
+    }
+  }
   return o;
 }
 

@@ -113,10 +113,7 @@ void S3Upload::queue(uint64_t part) {
   }
   std::unique_lock<std::mutex> lock(mutex_);
   while (waiting_.size() >= 2 * options_.connections && !failure_) {  // bounded memory: wait for a thread
-    changed_.wait_for(lock, std::chrono::milliseconds(50));
-    lock.unlock();
-    check_interrupt();
-    lock.lock();
+    wait_interruptibly(lock, changed_, [&] { cancel_ = true; });
   }
   if (failure_) std::rethrow_exception(failure_);
   waiting_.emplace_back(part, std::move(bytes));
@@ -173,16 +170,7 @@ void S3Upload::finish(bool) {
   }
   std::unique_lock<std::mutex> lock(mutex_);
   while (!(waiting_.empty() && in_flight_ == 0) && !failure_) {
-    changed_.wait_for(lock, std::chrono::milliseconds(50));
-    lock.unlock();
-    try {
-      check_interrupt();
-    } catch (...) {
-      lock.lock();
-      cancel_ = true;
-      throw;
-    }
-    lock.lock();
+    wait_interruptibly(lock, changed_, [&] { cancel_ = true; });
   }
   if (failure_) std::rethrow_exception(failure_);
   stopping_ = true;
