@@ -2,10 +2,12 @@
 the tests and checking every request's SigV4 signature, staged and checked with boto3.
 Skipped where moto is not installed (Debian 12 has no package): the Debian 13 phase of
 .ci/run runs them."""
+import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -245,3 +247,64 @@ def test_python_saves_to_and_loads_from_s3(store, tmp_path):
             if k.startswith("AWS_"):
                 del os.environ[k]
         os.environ.update(old)
+
+
+MAPPED_OR_COPIED = r"""
+import json, sys, torch, tensormap
+path = sys.argv[1]
+model = torch.nn.Linear(64, 64)
+tensormap.load(model, path)  # mode "auto"
+pointer, where = model.weight.data_ptr(), None
+for line in open("/proc/self/maps"):
+    span, _, _, _, _, *name = line.split(maxsplit=5)
+    low, high = (int(x, 16) for x in span.split("-"))
+    if low <= pointer < high:
+        where = name[0].strip() if name else ""
+reference = torch.load(sys.argv[2])
+print(json.dumps({"mapping": where, "equal": all(torch.equal(getattr(model, k), v) for k, v in reference.items())}))
+"""
+
+
+@pytest.mark.skipif(not shutil.which("s3fs") or not os.path.exists("/dev/fuse"),
+                    reason="s3fs (Debian 13's s3fs) or /dev/fuse is missing")
+def test_auto_mode_copies_from_a_bucket_mounted_with_s3fs(store, tmp_path):
+    """A FUSE filesystem can fail a page fault of a mapping at any time (SIGBUS), so auto
+    mode copies from it; a local file is mapped. s3fs mounts moto's bucket for real."""
+    s3, _ = store
+    torch = pytest.importorskip("torch")
+    import tensormap  # noqa: F401  (the package under test must import)
+    reference = {"weight": torch.randn(64, 64), "bias": torch.randn(64)}
+    torch.save(reference, tmp_path / "reference.pt")
+    local = tmp_path / "linear.tmap"
+    code = "import torch, tensormap, sys; tensormap.save(torch.load(sys.argv[1]), sys.argv[2])"
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "reference.pt"), str(local)], check=True)
+    s3.put("linear-on-fuse.tmap", local)  # at the top: s3fs needs no folder object
+    mount = tmp_path / "bucket"
+    mount.mkdir()
+    secrets = tmp_path / "passwd"
+    secrets.write_text(f"{s3.key}:{s3.secret}\n")
+    os.chmod(secrets, 0o600)
+    subprocess.run(["s3fs", BUCKET, str(mount), "-o", f"url={s3.url}", "-o", "use_path_request_style",
+                    "-o", f"passwd_file={secrets}", "-o", "endpoint=us-east-1", "-o", "ro"],
+                   check=True, capture_output=True, timeout=60)
+    try:
+        deadline = time.time() + 10
+        while not os.path.ismount(mount) and time.time() < deadline:
+            time.sleep(0.1)
+        assert os.path.ismount(mount)
+        fs = subprocess.run(["stat", "-f", "-c", "%T", str(mount)], capture_output=True, text=True).stdout.strip()
+        assert "fuse" in fs, fs
+
+        def load(path):
+            r = subprocess.run([sys.executable, "-c", MAPPED_OR_COPIED, str(path), str(tmp_path / "reference.pt")],
+                               capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, r.stderr
+            return json.loads(r.stdout)
+
+        on_fuse = load(mount / "linear-on-fuse.tmap")
+        assert on_fuse["equal"] and on_fuse["mapping"] is not None
+        assert "linear-on-fuse.tmap" not in on_fuse["mapping"], on_fuse  # copied: the weight is in memory of its own
+        on_disk = load(local)
+        assert on_disk["equal"] and on_disk["mapping"] == str(local), on_disk  # the control: mapped
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
