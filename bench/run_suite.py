@@ -3,7 +3,7 @@
 torch.load, with and without mmap=True + assign=True, and the safetensors library),
 LibTorch's own loaders and the two seed recipes, on the same files, in one run.
 
-    bench/run_suite.py [--quick] [--sizes 256,1024,4096] [--out bench/results] [--remote]
+    bench/run_suite.py [--quick] [--sizes 256,1024,4096] [--out bench/results] [--remote] [--training]
     scripts/debian13 bench/run_suite.py     # on Debian 12: the run with torch 2.6 peers
 
 Every measurement runs in a fresh process: C++ strategies in build/bench/tensormap_harness,
@@ -312,12 +312,19 @@ def main():
     ap.add_argument("--remote", action="store_true",
                     help="also the remote section (bench/remote.py): 1 and 4 GiB over nginx, and S3 where moto is")
     ap.add_argument("--remote-only", action="store_true", help="only the remote section")
+    ap.add_argument("--training", action="store_true",
+                    help="also the training-checkpoint section (bench/training.py): saves while training goes on")
+    ap.add_argument("--training-only", action="store_true", help="only the training-checkpoint section")
     args = ap.parse_args()
     os.environ["TENSORMAP_PYTHON"] = os.path.abspath(args.python_package)
     remote = [PYTHON, os.path.join(ROOT, "bench", "remote.py"), "--out", args.out, "--work", args.work,
               "--harness", args.harness]
+    training = [PYTHON, os.path.join(ROOT, "bench", "training.py"), "--out", args.out, "--work", args.work,
+                "--python-package", args.python_package]
     if args.remote_only:
         sys.exit(subprocess.run(remote).returncode)
+    if args.training_only:
+        sys.exit(subprocess.run(training).returncode)
     if args.forward_only:
         started = time.time()
         harness(args.harness, "make", "--dir", args.work, "--mib", str(args.forward_mib))
@@ -420,6 +427,8 @@ def main():
         sys.exit("strategies failed: " + "; ".join(broken))
     if args.remote:
         subprocess.run(remote, check=True)
+    if args.training:
+        subprocess.run(training, check=True)
     print(f"suite took {results['seconds']:.0f} s; results in {args.out}", file=sys.stderr)
 
 

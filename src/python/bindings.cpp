@@ -253,23 +253,37 @@ void bind_loading(py::module_& m) {
 
 // Saving tensors and converting checkpoints.
 void bind_saving(py::module_& m) {
+  py::class_<SaveHandle>(m, "BackgroundSave")
+      .def(
+          "wait",
+          [](SaveHandle& h) {
+            py::gil_scoped_release unlocked;
+            h.wait();
+          },
+          "Blocks until the save is published or has failed; raises its Error. Once.")
+      .def("done", &SaveHandle::done, "Whether the save has ended (wait() then returns at once).")
+      .def_property_readonly("pid", &SaveHandle::pid, "The process writing the file; -1 once waited for.");
+
   m.def(
       "save",
       [](const std::vector<std::pair<std::string, at::Tensor>>& tensors, const std::string& path,
          const std::optional<std::string>& format, uint64_t alignment,
-         const std::vector<std::pair<std::string, std::string>>& metadata, bool sync, bool store_ties_once) {
+         const std::vector<std::pair<std::string, std::string>>& metadata, bool sync, bool store_ties_once,
+         bool background) -> py::object {
         SaveOptions options;
         options.format = format_of(format).value_or(format_for_path(path));
         options.alignment = alignment;
         options.metadata = metadata;
         options.sync = sync;
         options.store_ties_once = store_ties_once;
+        if (background) return py::cast(tensormap::save_async(tensors, path, options));  // the fork is short
         InterruptCheckScope interruptible(python_signals());
         py::gil_scoped_release unlocked;
         tensormap::save(tensors, path, options);
+        return py::none();
       },
       py::arg("tensors"), py::arg("path"), py::arg("format"), py::arg("alignment"), py::arg("metadata"),
-      py::arg("sync"), py::arg("store_ties_once"));
+      py::arg("sync"), py::arg("store_ties_once"), py::arg("background") = false);
 
   m.def(
       "convert",

@@ -8,6 +8,7 @@
 #include <tuple>
 
 #include "released.h"
+#include "saving.h"
 #include "tensormap/edit.h"
 #include "tensormap/error.h"
 #include "tensormap/save.h"
@@ -78,8 +79,8 @@ TieKey tie_key(const at::Tensor& t) {
 
 }  // namespace
 
-void save(const std::vector<std::pair<std::string, at::Tensor>>& tensors, const std::string& path,
-          const SaveOptions& options) {
+void detail::save_observed(const std::vector<std::pair<std::string, at::Tensor>>& tensors, const std::string& path,
+                           const SaveOptions& options, SaveObserver* observer) {
   WriterOptions writer_options;
   writer_options.alignment = options.alignment;
   writer_options.metadata = options.metadata;
@@ -97,6 +98,10 @@ void save(const std::vector<std::pair<std::string, at::Tensor>>& tensors, const 
       throw Error(ErrorKind::InvalidArgument,
                   path + ": tensor " + quoted_name(name) + " was released and holds no data to save");
     }
+    if (t.is_meta()) {
+      throw Error(ErrorKind::InvalidArgument,
+                  path + ": tensor " + quoted_name(name) + " is on the meta device and holds no data to save");
+    }
     std::vector<uint64_t> shape(t.sizes().begin(), t.sizes().end());
     Dtype dtype;
     try {
@@ -111,6 +116,11 @@ void save(const std::vector<std::pair<std::string, at::Tensor>>& tensors, const 
     }
   }
   const std::unique_ptr<TensorWriter> writer = open_writer(path, specs, writer_options);
+  if (observer) {
+    std::vector<bool> read(tensors.size());
+    for (size_t i = 0; i < tensors.size(); ++i) read[i] = !specs[i].alias_of && tensors[i].second.numel() > 0;
+    observer->planned(read);
+  }
   at::Tensor staging;
   for (size_t i = 0; i < tensors.size(); ++i) {
     if (specs[i].alias_of) continue;  // its bytes are its first name's
@@ -118,8 +128,14 @@ void save(const std::vector<std::pair<std::string, at::Tensor>>& tensors, const 
     if (t.is_conj()) t = t.resolve_conj();
     if (t.is_neg()) t = t.resolve_neg();
     write_in_pieces(*writer, t, staging);
+    if (observer) observer->written(i);
   }
   writer->commit();
+}
+
+void save(const std::vector<std::pair<std::string, at::Tensor>>& tensors, const std::string& path,
+          const SaveOptions& options) {
+  detail::save_observed(tensors, path, options, nullptr);
 }
 
 void put(Editor& editor, std::string name, const at::Tensor& tensor) {

@@ -7,6 +7,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 import warnings
 
 import pytest
@@ -905,3 +906,51 @@ def test_ctrl_c_aborts_a_save_or_convert_keeping_the_old_file_and_no_temporary(t
     assert "interrupted" in out and "finished" not in out, out
     assert dst.read_bytes() == old, "the interrupted save replaced the file"
     assert sorted(os.listdir(tmp_path)) == before, "a temporary was left"
+
+
+# --- saves in the background -------------------------------------------------------------
+
+
+def test_a_background_save_holds_the_values_of_the_moment_of_the_call(tmp_path):
+    torch.manual_seed(0)
+    model = Net()
+    tensormap.save(model, tmp_path / "sync.tmap")
+    handle = tensormap.save(model, tmp_path / "async.tmap", background=True)
+    with torch.no_grad():
+        for p in model.parameters():  # training goes on at once
+            p.mul_(-1).add_(3)
+    assert handle.pid > 0
+    assert handle.wait() is None
+    assert handle.done()
+    assert digest(tmp_path / "async.tmap") == digest(tmp_path / "sync.tmap")
+    assert tensormap.save(model, tmp_path / "now.tmap") is None  # a synchronous save returns nothing
+    assert digest(tmp_path / "now.tmap") != digest(tmp_path / "sync.tmap")
+
+
+def test_a_background_saves_error_is_raised_by_wait(tmp_path):
+    handle = tensormap.save({"w": torch.ones(4)}, tmp_path / "missing" / "w.tmap", background=True)
+    with pytest.raises(tensormap.Error) as e:
+        handle.wait()
+    assert e.value.kind == "Io" and str(tmp_path / "missing" / "w.tmap") in str(e.value)
+    assert os.listdir(tmp_path) == []
+
+
+EXITS_DURING_SAVE = r"""
+import os, sys, torch, tensormap
+tensormap.save({"w": torch.full((64 << 20,), 7.0)}, sys.argv[1], background=True)
+print("returned", flush=True)
+os._exit(0)
+"""
+
+
+def test_a_process_that_exits_with_a_background_save_in_flight_leaves_it_to_finish(tmp_path):
+    path = tmp_path / "w.tmap"
+    out = subprocess.run([sys.executable, "-c", EXITS_DURING_SAVE, str(path)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "returned", out.stderr
+    deadline = time.time() + 60
+    while not path.exists() and time.time() < deadline:  # published whole, by rename
+        time.sleep(0.05)
+    with tensormap.open(path) as ckpt:
+        assert torch.equal(ckpt.get_tensor("w"), torch.full((64 << 20,), 7.0))
+    assert os.listdir(tmp_path) == ["w.tmap"]

@@ -1,8 +1,12 @@
 // The LibTorch layer: views, the lazy state dict, skeletons, release, load and save.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <gtest/gtest.h>
+#include <signal.h>
 #include <torch/torch.h>
 #include <torch/version.h>
+
+#include <fstream>
+#include <iterator>
 
 #include "../../src/torch/released.h"
 #include "../core/support.h"
@@ -977,6 +981,101 @@ TEST(Save, ModuleMetadataAndAlignmentArePassedThrough) {
   const File f = File::open(path);
   EXPECT_EQ(f.alignment(), 64u);
   EXPECT_EQ(f.metadata_value("arch"), std::string_view("net"));
+}
+
+// --- saves in the background -----------------------------------------------------------
+
+std::string file_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+TEST(SaveAsync, TheFileHoldsTheValuesOfTheMomentOfTheCall) {
+  TempDir dir;
+  auto net = trained_net();
+  save(*net, dir.file("sync.tmap"));  // the reference: the same values, saved synchronously
+  const auto before = net->fc1->weight.clone();
+  SaveHandle handle = save_async(*net, dir.file("async.tmap"));
+  {
+    torch::NoGradGuard no_grad;  // training goes on at once
+    for (auto& p : net->parameters()) p.add_(1.0f);
+  }
+  EXPECT_GT(handle.pid(), 0);
+  handle.wait();
+  EXPECT_TRUE(handle.done());
+  EXPECT_EQ(handle.pid(), -1);
+  EXPECT_TRUE(file_bytes(dir.file("async.tmap")) == file_bytes(dir.file("sync.tmap")));  // not a diff of MBs
+  auto loaded = build_skeleton([] { return NetModule(); });
+  load(*loaded, dir.file("async.tmap"));
+  EXPECT_FALSE(torch::equal(loaded->fc1->weight, net->fc1->weight));
+  EXPECT_TRUE(torch::equal(loaded->fc1->weight, before));
+  EXPECT_EQ(dir.entries(), (std::vector<std::string>{"async.tmap", "sync.tmap"}));
+}
+
+TEST(SaveAsync, TensorsThatOverlapInOneStorageAreEachSavedWhole) {
+  // The child gives back each tensor's pages once written, but not those a tensor still to
+  // be written reads.
+  TempDir dir;
+  const auto storage = torch::randn({4 << 20});
+  const std::vector<std::pair<std::string, at::Tensor>> tensors = {{"first", storage.narrow(0, 0, 3 << 20)},
+                                                                   {"second", storage.narrow(0, 1 << 20, 3 << 20)},
+                                                                   {"whole", storage}};
+  save(tensors, dir.file("sync.tmap"));
+  SaveHandle handle = save_async(tensors, dir.file("async.tmap"));
+  storage.zero_();
+  handle.wait();
+  EXPECT_TRUE(file_bytes(dir.file("async.tmap")) == file_bytes(dir.file("sync.tmap")));  // not a diff of MBs
+}
+
+TEST(SaveAsync, ItsErrorSurfacesAtWait) {
+  TempDir dir;
+  const std::string path = dir.file("no-such-folder/net.tmap");
+  SaveHandle handle = save_async(*trained_net(), path);
+  try {
+    handle.wait();
+    FAIL() << "a save into a missing folder succeeded";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::Io);
+    EXPECT_NE(std::string(e.what()).find(path), std::string::npos) << e.what();
+  }
+  SaveHandle on_meta = save_async({{"w", torch::empty({4}, torch::kMeta)}}, dir.file("meta.tmap"));
+  try {
+    on_meta.wait();
+    FAIL() << "a meta tensor was saved";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::InvalidArgument);
+    EXPECT_NE(std::string(e.what()).find("meta device"), std::string::npos) << e.what();
+  }
+  EXPECT_TRUE(dir.entries().empty());
+}
+
+TEST(SaveAsync, ASecondSaveToTheSamePathWaitsForTheFirst) {
+  TempDir dir;
+  const std::string path = dir.file("net.tmap");
+  const auto big = torch::randn({16 << 20});  // 64 MiB: the first save is still running
+  SaveHandle first = save_async({{"w", big}}, path);
+  SaveHandle second = save_async({{"w", big + 1}}, path);
+  EXPECT_TRUE(first.done()) << "the second save began before the first had ended";
+  second.wait();
+  first.wait();
+  EXPECT_TRUE(torch::equal(tensor_view(File::open(path), File::open(path).at("w")), big + 1));
+}
+
+TEST(SaveAsync, AKilledSaveLeavesTheOldFileAndNoTemporary) {
+  TempDir dir;
+  const std::string path = dir.file("net.tmap");
+  save({{"w", torch::zeros({4})}}, path);
+  const std::string old = file_bytes(path);
+  SaveHandle handle = save_async({{"w", torch::randn({64 << 20})}}, path);  // 256 MiB
+  ASSERT_EQ(::kill(handle.pid(), SIGKILL), 0);
+  try {
+    handle.wait();
+    FAIL() << "a killed save succeeded";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("killed by signal 9"), std::string::npos) << e.what();
+  }
+  EXPECT_TRUE(file_bytes(path) == old);
+  EXPECT_EQ(dir.entries(), std::vector<std::string>{"net.tmap"});
 }
 
 // --- safetensors ----------------------------------------------------------------------

@@ -320,7 +320,7 @@ def prefault_in_background(module: torch.nn.Module):
 def save(obj: Union[torch.nn.Module, Mapping[str, torch.Tensor]], path: PathLike,
          format: Optional[str] = None, *, alignment: int = 4096,
          metadata: Optional[Mapping[str, str]] = None, sync: bool = True,
-         store_ties_once: bool = True) -> None:
+         store_ties_once: bool = True, background: bool = False) -> Optional["_C.BackgroundSave"]:
     """Write a module's ``state_dict()`` or a mapping of names to tensors to ``path``.
 
     Streamed one tensor at a time (a strided view or a GPU tensor in pieces of at most
@@ -329,6 +329,13 @@ def save(obj: Union[torch.nn.Module, Mapping[str, torch.Tensor]], path: PathLike
     ``"tensormap"``, ``"safetensors"`` or ``"torch.save"``; by default it follows the
     name (``*.safetensors``, ``*.pt``/``*.pth``, else tensormap). Tied weights are stored
     once where the format can say so (``store_ties_once``).
+
+    ``background=True``: returns at once (after a fork, about 1-2 ms per GiB) a handle
+    with ``wait()`` (raises the save's ``Error``), ``done()`` and ``pid``, while a child
+    process writes the file. The file holds the values of the moment of the call,
+    whatever training writes afterwards; the pages written meanwhile are the only extra
+    memory. A second background save to the same path waits for the first. The child
+    outlives the caller: a process that exits with a save in flight leaves it to finish.
     """
     path = _path(path)
     if isinstance(obj, torch.nn.Module):
@@ -344,7 +351,7 @@ def save(obj: Union[torch.nn.Module, Mapping[str, torch.Tensor]], path: PathLike
             raise TypeError(f"tensormap.save: {name!r} is not a str name of a torch.Tensor")
         tensors.append((name, t.detach()))
     meta = [(str(k), str(v)) for k, v in (metadata or {}).items()]
-    _C.save(tensors, path, format, alignment, meta, sync, store_ties_once)
+    return _C.save(tensors, path, format, alignment, meta, sync, store_ties_once, background)
 
 
 def save_file(tensors: Mapping[str, torch.Tensor], filename: PathLike,
