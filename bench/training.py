@@ -13,7 +13,10 @@ Strategies, interleaved round by round:
                         copied into a CPU staging buffer (the job waits for that), then
                         written by tensormap on a thread while training goes on;
   dcp-save, dcp-async   torch.distributed.checkpoint's save and async_save (world size 1,
-                        gloo), where torch has them (2.3 and later: the Debian 13 run).
+                        gloo), where torch has them (2.3 and later: the Debian 13 run). On
+                        CPU tensors, async_save stages nothing (its staging copies GPU
+                        tensors to the CPU), so its checkpoint holds values written after
+                        the call: the last column shows it.
 "Training" is a step that writes every page of every parameter (p.add_), run in a loop
 until the save has ended: the worst case for a copy-on-write snapshot. Reported: the time
 the call blocks, the save's whole time, the steps that ran meanwhile, and the extra
@@ -81,7 +84,22 @@ def train_until(done, sample=None):
     return steps, peak
 
 
+def rss_anon_kib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+    return 0
+
+
+# What each parameter held at the call, to check the checkpoint against: sums in float64.
+def sums(tensors):
+    return [float(t.double().sum()) for t in tensors]
+
+
 path = os.path.join(folder, "model")
+at_call = sums(model)
+base_kib = rss_anon_kib()
 out = {}
 if strategy == "tensormap-sync":
     t0 = time.perf_counter()
@@ -104,10 +122,10 @@ elif strategy == "staging-copy":
     out["blocked"] = time.perf_counter() - t0
     writer = threading.Thread(target=tensormap.save, args=(staged, path + ".tmap"))
     writer.start()
-    steps, _ = train_until(lambda: not writer.is_alive())
+    steps, peak = train_until(lambda: not writer.is_alive(), rss_anon_kib)
     writer.join()
     out["total"] = time.perf_counter() - t0
-    out["steps"], out["extra_mib"] = steps, sum(t.numel() * t.element_size() for t in staged.values()) / (1 << 20)
+    out["steps"], out["extra_mib"] = steps, max(0, peak - base_kib) / 1024
 elif strategy in ("dcp-save", "dcp-async"):
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -121,11 +139,17 @@ elif strategy in ("dcp-save", "dcp-async"):
     else:
         future = dcp.async_save(state, checkpoint_id=path + ".dcp")
         out["blocked"] = time.perf_counter() - t0
-        steps, _ = train_until(future.done)
+        steps, peak = train_until(future.done, rss_anon_kib)
         future.result()
         out["total"] = time.perf_counter() - t0
-        out["steps"], out["extra_mib"] = steps, mib  # DCP stages the whole state in CPU memory
+        out["steps"], out["extra_mib"] = steps, max(0, peak - base_kib) / 1024
+    saved = {"model": {name: torch.empty_like(p) for name, p in model.named_parameters()}}
+    dcp.load(saved, checkpoint_id=path + ".dcp")
+    out["snapshot"] = sums(saved["model"].values()) == at_call
     dist.destroy_process_group()
+if strategy.startswith(("tensormap", "staging")):
+    with tensormap.open(path + ".tmap") as saved:
+        out["snapshot"] = sums(saved.get_tensor(name) for name, _ in model.named_parameters()) == at_call
 print(json.dumps(out))
 """
 
@@ -178,17 +202,22 @@ def main():
              f"A {args.mib} MiB model (parameters of 16 MiB), saved to local disk while training goes on; medians of {args.rounds} interleaved rounds, each strategy in a fresh process. "
              "Made by `bench/training.py` (or `bench/run_suite.py --training`).", "",
              "| strategy | training writes | blocks for (s) | vs a synchronous save | save ends after (s) "
-             "| training steps meanwhile | extra memory at peak (MiB) |", "|---|---|---|---|---|---|---|"]
+             "| training steps meanwhile | extra memory at peak (MiB) | holds the values of the call |",
+             "|---|---|---|---|---|---|---|---|"]
     for s in strategies:
         m = med[s]
+        held = [r["snapshot"] for r in rows if (r["strategy"], r["writes"]) == s]
         lines.append(f"| {s[0]} | {s[1]} | {m['blocked']:.3f} | {m['blocked'] / sync:.3f}x | {m['total']:.2f} | "
-                     f"{m['steps']:.0f} | {m['extra_mib']:.0f} |")
+                     f"{m['steps']:.0f} | {m['extra_mib']:.0f} | "
+                     f"{'yes' if all(held) else 'no' if not any(held) else f'{sum(held)} of {len(held)}'} |")
     lines += ["", "`training writes`: `step`, 0.2 s of forward and backward (a matmul loop) then one write of "
               "every parameter, as an optimizer's update; `continuous`, every parameter written again and again, the "
               "worst case for copy-on-write.",
               "`blocks for`: how long the call kept training from going on. `extra memory`: for the "
               "background save, the child's private pages at their peak (the pages training wrote meanwhile); "
-              "for a staging copy, its buffer (the whole state)."]
+              "for the others, the process's own anonymous memory at its peak during the save, over what it held "
+              "before. `holds the values of the call`: the checkpoint, read back, against sums of every parameter "
+              "taken at the call (training changes them right after)."]
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"TRAINING-{release}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -120,8 +121,15 @@ class TENSORMAP_EXPORT Checkpoint {
   double cached_fraction(std::string_view name) const;
   void drop_cache(std::string_view name) const;
 
-  // Where the tensor lies in the mapping. Throws Error(NotFound).
+  // Where the tensor lies in the mapping. Throws Error(NotFound). A tensor stored in parts
+  // (a distributed save's) lies in no one place: storage and file are null.
   Placement placement(std::string_view name) const;
+
+  // Where elements [start, start + length) along `dim` (non-negative, checked) of a tensor
+  // stored in parts lie whole in one of its files: that file's tensor, and where they
+  // begin there. Nothing for any other slice or tensor.
+  std::optional<SlicePlacement> slice_placement(std::string_view name, int64_t dim, int64_t start,
+                                                int64_t length) const;
 
   // The tensormap and safetensors files the checkpoint consists of: the file itself, or
   // every shard (all opened now). Empty for a torch.save archive.

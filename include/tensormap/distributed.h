@@ -28,6 +28,7 @@
 
 #include "tensormap/export.h"
 #include "tensormap/load.h"
+#include "tensormap/save.h"
 
 // LibTorch 2.x split c10d in two: a ProcessGroup dispatches to Backends, and
 // ProcessGroupGloo became a Backend. 1.13's ProcessGroupGloo is itself a ProcessGroup.
@@ -63,6 +64,35 @@ TENSORMAP_EXPORT LoadReport load_distributed(torch::nn::Module& module, const st
 TENSORMAP_EXPORT LoadReport load_distributed(torch::nn::Module& module, const std::string& path, c10d::Backend& group,
                                              const std::vector<std::pair<std::string, int64_t>>& splits,
                                              const DistributedLoadOptions& options = {});
+#endif
+
+// Saving a tensor-parallel model from every rank of a c10d group (spec/FORMAT.md,
+// section 16). Every rank calls save_distributed with its own model, built with split
+// shapes, and the same `splits` (ParallelPlan::splits). Each rank writes one file of its
+// own, beside the index at `path` ("<name>.tmap.index.json"), in parallel with the
+// others: its part of each split tensor, and its share of the replicated tensors (each
+// written once, by the rank given it: the ranks' bytes are balanced). Once every rank's
+// file is durable, rank 0 writes the index: the commit. Until then the index at `path`
+// is the previous checkpoint's, with all its files: a failure or a crash of any rank at
+// any point leaves it whole and loadable. After the commit, rank 0 removes the files of
+// the checkpoint replaced and those of saves that never committed.
+//
+// The result reads as the whole model everywhere a path is read (load, StateDict, the
+// command line, Python), and loads at any world size with load_distributed, each rank
+// reading only its part's bytes (zero-copy in map mode where that part lies in one file).
+//
+// Collective, as load_distributed: the models must have the same names, split shapes and
+// dtypes on every rank (checked: Error(ModelMismatch) on every rank otherwise); an error
+// on any rank is thrown on every rank, prefixed with that rank. options.format must be
+// Format::Tensormap.
+TENSORMAP_EXPORT void save_distributed(const torch::nn::Module& module, const std::string& path,
+                                       c10d::ProcessGroup& group,
+                                       const std::vector<std::pair<std::string, int64_t>>& splits,
+                                       const SaveOptions& options = {});
+#if TENSORMAP_C10D_HAS_BACKEND
+TENSORMAP_EXPORT void save_distributed(const torch::nn::Module& module, const std::string& path, c10d::Backend& group,
+                                       const std::vector<std::pair<std::string, int64_t>>& splits,
+                                       const SaveOptions& options = {});
 #endif
 
 }  // namespace tensormap

@@ -42,6 +42,18 @@ class TENSORMAP_EXPORT ShardIndex {
   const std::vector<std::pair<std::string, uint32_t>>& weight_map() const { return weight_map_; }
   // "total_size" of the metadata, or 0 when absent.
   uint64_t total_size() const { return total_size_; }
+
+  // A tensor stored in parts, one per file, that lie side by side along `dim` in the
+  // order of `files` (a distributed save's split tensors: spec/FORMAT.md, section 16).
+  // Each file holds its part under the tensor's own name.
+  struct Parts {
+    std::string name;
+    int64_t dim = 0;
+    std::vector<int64_t> shape;   // the whole tensor's
+    std::vector<uint32_t> files;  // shard numbers, in order along dim
+  };
+  // The "parts" object of the index, in its order (after the weight_map's tensors).
+  const std::vector<Parts>& parts() const { return parts_; }
   // The path of shard `i` (beside the index).
   std::string shard_path(uint32_t i) const;
 
@@ -49,6 +61,7 @@ class TENSORMAP_EXPORT ShardIndex {
   std::string path_;
   std::vector<std::string> shard_files_;
   std::vector<std::pair<std::string, uint32_t>> weight_map_;
+  std::vector<Parts> parts_;
   uint64_t total_size_ = 0;
 };
 
@@ -72,5 +85,33 @@ class TENSORMAP_EXPORT ShardedWriter final : public FormatWriter {
 
   size_t shard_count() const;
 };
+
+// A distributed save's files (spec/FORMAT.md, section 16): beside the index
+// "<stem>.tmap.index.json", rank r of n writes "<stem>-<id>-rank<r>-of-<n>.tmap", where
+// <id> (16 hexadecimal digits) is one save's and no other's. The index, written last by
+// one rank, is the commit.
+struct DistributedIndex {
+  std::vector<std::pair<std::string, std::string>> whole;  // a tensor kept whole, and its file
+  struct Split {
+    std::string name;
+    int64_t dim = 0;
+    std::vector<int64_t> shape;      // the whole tensor's
+    std::vector<std::string> files;  // its parts' files, in order along dim
+  };
+  std::vector<Split> split;
+  uint64_t total_size = 0;  // bytes of all the tensors
+};
+
+// The name of rank `rank`'s file of the save `id` of the index at `index_path` (which must
+// end in ".tmap.index.json": Error(InvalidArgument) otherwise).
+TENSORMAP_EXPORT std::string distributed_file_name(const std::string& index_path, const std::string& id, int rank,
+                                                   int world);
+
+// Writes the index at `index_path` atomically (durably with `sync`): the commit. Then
+// removes the files earlier saves of this index wrote beside it (by their names) that it
+// does not name: the files of the checkpoint it replaces, and those of saves that never
+// committed. Throws Error(Io) if the index cannot be written (nothing changes then).
+TENSORMAP_EXPORT void publish_distributed_index(const std::string& index_path, const DistributedIndex& index,
+                                                bool sync);
 
 }  // namespace tensormap

@@ -39,4 +39,12 @@ struct TensorPlacement {
   const TensorEntry* entry = nullptr;
 };
 
+// Where a slice of a tensor stored in parts lies whole in one file's tensor
+// (Checkpoint::slice_placement): elements from `start` along the slice's dimension there.
+struct SlicePlacement {
+  const File* file;
+  const TensorEntry* entry;
+  int64_t start;
+};
+
 }  // namespace tensormap

@@ -3,6 +3,7 @@
 #include "tensormap/checkpoint.h"
 
 #include <algorithm>
+#include <cstring>
 #include <mutex>
 #include <optional>
 
@@ -89,13 +90,118 @@ struct FileSource final : Source {
 // one of its tensors is asked for (by `open`: a local file, or an object beside the
 // index's URL), and checked against the index then. Everything else goes to the shard's
 // own source.
+// A tensor in parts (ShardIndex::Parts), once its files are opened and checked: each
+// part's source, its place there, and where it begins along the split dimension.
+struct Assembled {
+  TensorInfo info;
+  int64_t dim = 0;
+  uint64_t outer = 1;  // elements before dim, and bytes of one element of dim
+  uint64_t inner = 0;
+  struct Piece {
+    const Source* source;
+    size_t position;
+    int64_t start, length;  // along dim
+  };
+  std::vector<Piece> pieces;
+};
+
+// Copies `block`, whose shape is `dest`'s but `length` along the split dimension, into
+// `dest` at `at` along it: `outer` runs of `length * inner` bytes, `total * inner` apart.
+void place(unsigned char* dest, const unsigned char* block, uint64_t outer, uint64_t inner, int64_t total, int64_t at,
+           int64_t length) {
+  const uint64_t run = static_cast<uint64_t>(length) * inner, stride = static_cast<uint64_t>(total) * inner;
+  for (uint64_t o = 0; o < outer; ++o)
+    std::memcpy(dest + o * stride + static_cast<uint64_t>(at) * inner, block + o * run, run);
+}
+
 struct ShardedSource final : Source {
   ShardedSource(ShardIndex i, ShardOpener o)
       : index(std::move(i)), open(std::move(o)), shards(index.shard_files().size()) {
     path = index.path();
     for (const auto& [name, shard] : index.weight_map()) names.push_back(name);
+    for (const auto& p : index.parts()) names.push_back(p.name);
     index_names();
     once = std::vector<std::once_flag>(shards.size());
+    assembled = std::vector<std::optional<Assembled>>(index.parts().size());
+    assembled_once = std::vector<std::once_flag>(index.parts().size());
+  }
+
+  // The tensor in parts that tensor i is, or nothing for a tensor kept whole in one shard.
+  const Assembled* parts_of(size_t i) const {
+    if (i < index.weight_map().size()) return nullptr;
+    const size_t k = i - index.weight_map().size();
+    std::call_once(assembled_once[k], [&] { assembled[k] = assemble(index.parts()[k]); });
+    return &*assembled[k];
+  }
+
+  Assembled assemble(const ShardIndex::Parts& p) const {
+    auto invalid = [&](const std::string& what) {
+      return Error(ErrorKind::ShardIndexInvalid, index.path() + ": tensor " + quoted(p.name) + ": " + what);
+    };
+    Assembled a;
+    a.dim = p.dim;
+    int64_t along = 0;
+    for (size_t n = 0; n < p.files.size(); ++n) {
+      const std::string& file = index.shard_files()[p.files[n]];
+      const Source& f = shard(p.files[n]);
+      const auto position = f.find(p.name);
+      if (!position) throw invalid("its part " + std::to_string(n) + " is not in " + quoted(file));
+      const TensorInfo part = f.info(*position);
+      if (n == 0) a.info.dtype = part.dtype;
+      bool fits = part.dtype == a.info.dtype && part.shape.size() == p.shape.size();
+      for (size_t d = 0; fits && d < p.shape.size(); ++d) {
+        fits = static_cast<int64_t>(d) == p.dim || part.shape[d] == p.shape[d];
+      }
+      if (!fits) {
+        throw invalid("its part in " + quoted(file) + " (" + std::string(dtype_name(part.dtype)) + ", " +
+                      std::to_string(part.shape.size()) + " dimensions) is not a part of a " +
+                      std::string(dtype_name(a.info.dtype)) + " tensor of " + std::to_string(p.shape.size()) +
+                      " dimensions split along dimension " + std::to_string(p.dim));
+      }
+      const int64_t length = part.shape[static_cast<size_t>(p.dim)];
+      a.pieces.push_back({&f, *position, along, length});
+      along += length;
+    }
+    if (along != p.shape[static_cast<size_t>(p.dim)]) {
+      throw invalid("its parts add up to " + std::to_string(along) + " along dimension " + std::to_string(p.dim) +
+                    ", not " + std::to_string(p.shape[static_cast<size_t>(p.dim)]));
+    }
+    a.info.shape = p.shape;
+    a.inner = dtype_size(a.info.dtype);
+    for (int64_t d = 0; d < p.dim; ++d) a.outer *= static_cast<uint64_t>(p.shape[static_cast<size_t>(d)]);
+    for (size_t d = static_cast<size_t>(p.dim) + 1; d < p.shape.size(); ++d) {
+      a.inner *= static_cast<uint64_t>(p.shape[d]);
+    }
+    // Below 2^62 elements (the index's bound), times at most 8 bytes.
+    a.info.byte_length = a.outer * static_cast<uint64_t>(along) * a.inner;
+    return a;
+  }
+
+  // Elements [start, start + length) along the split dimension, from each part that holds
+  // some: straight into `dest` where a part's are one run of it (a split along the first
+  // dimension, or one part), through a buffer of that part's share otherwise. `checked`:
+  // whole parts are checked against their checksums as they are read.
+  static void read_along(const Assembled& a, int64_t start, int64_t length, unsigned char* dest, bool checked) {
+    std::vector<unsigned char> buffer;
+    for (const auto& piece : a.pieces) {
+      const int64_t from = std::max(start, piece.start), to = std::min(start + length, piece.start + piece.length);
+      if (from >= to) continue;
+      const bool whole = from == piece.start && to == piece.start + piece.length;
+      const bool direct = a.outer == 1 || (from == start && to == start + length);
+      unsigned char* out = dest + (direct ? static_cast<uint64_t>(from - start) * a.inner : 0);
+      if (!direct) {
+        buffer.resize(static_cast<size_t>(a.outer * static_cast<uint64_t>(to - from) * a.inner));
+        out = buffer.data();
+      }
+      if (whole && checked) {
+        piece.source->read_checked(piece.position, out);
+      } else if (whole) {
+        piece.source->read(piece.position, out);
+      } else {
+        piece.source->read_slice(piece.position, a.dim, from - piece.start, to - from, out);
+      }
+      if (!direct) place(dest, out, a.outer, a.inner, length, from - start, to - from);
+    }
   }
 
   const Source& shard(uint32_t s) const {
@@ -126,43 +232,112 @@ struct ShardedSource final : Source {
     return safetensors ? CheckpointFormat::ShardedSafetensors : CheckpointFormat::ShardedTensormap;
   }
   TensorInfo info(size_t i) const override {
+    if (const Assembled* a = parts_of(i)) return a->info;
     const auto [f, j] = locate(i);
     return f->info(j);
   }
   void read(size_t i, void* dest) const override {
+    if (const Assembled* a = parts_of(i)) {
+      read_along(*a, 0, a->info.shape[static_cast<size_t>(a->dim)], static_cast<unsigned char*>(dest), false);
+      return;
+    }
     const auto [f, j] = locate(i);
     f->read(j, dest);
   }
   bool read_range(size_t i, uint64_t offset, uint64_t size, void* dest) const override {
+    if (const Assembled* a = parts_of(i)) {
+      if (a->outer != 1) return false;  // its bytes are runs of every part in turn
+      auto* out = static_cast<unsigned char*>(dest);
+      for (const auto& piece : a->pieces) {
+        const uint64_t begin = static_cast<uint64_t>(piece.start) * a->inner;
+        const uint64_t end = begin + static_cast<uint64_t>(piece.length) * a->inner;
+        const uint64_t from = std::max(offset, begin), to = std::min(offset + size, end);
+        if (from >= to) continue;
+        if (!piece.source->read_range(piece.position, from - begin, to - from, out + (from - offset))) return false;
+      }
+      return true;
+    }
     const auto [f, j] = locate(i);
     return f->read_range(j, offset, size, dest);
   }
   void read_checked(size_t i, void* dest) const override {
+    if (const Assembled* a = parts_of(i)) {
+      read_along(*a, 0, a->info.shape[static_cast<size_t>(a->dim)], static_cast<unsigned char*>(dest), true);
+      return;
+    }
     const auto [f, j] = locate(i);
     f->read_checked(j, dest);
   }
   void read_slice(size_t i, int64_t dim, int64_t start, int64_t length, void* dest) const override {
+    if (const Assembled* a = parts_of(i)) {
+      if (dim == a->dim) {
+        read_along(*a, start, length, static_cast<unsigned char*>(dest), false);
+        return;
+      }
+      // Across the split: each part's slice, placed along the split dimension.
+      std::vector<int64_t> shape = a->info.shape;
+      shape[static_cast<size_t>(dim)] = length;
+      uint64_t outer = 1, inner = dtype_size(a->info.dtype);
+      for (int64_t d = 0; d < a->dim; ++d) outer *= static_cast<uint64_t>(shape[static_cast<size_t>(d)]);
+      for (size_t d = static_cast<size_t>(a->dim) + 1; d < shape.size(); ++d) inner *= static_cast<uint64_t>(shape[d]);
+      std::vector<unsigned char> buffer;
+      for (const auto& piece : a->pieces) {
+        buffer.resize(static_cast<size_t>(outer * static_cast<uint64_t>(piece.length) * inner));
+        piece.source->read_slice(piece.position, dim, start, length, buffer.data());
+        place(static_cast<unsigned char*>(dest), buffer.data(), outer, inner, shape[static_cast<size_t>(a->dim)],
+              piece.start, piece.length);
+      }
+      return;
+    }
     const auto [f, j] = locate(i);
     f->read_slice(j, dim, start, length, dest);
   }
   void evict(size_t i) const override {
+    if (const Assembled* a = parts_of(i)) {
+      for (const auto& piece : a->pieces) piece.source->evict(piece.position);
+      return;
+    }
     const auto [f, j] = locate(i);
     f->evict(j);
   }
   double cached_fraction(size_t i) const override {
+    if (const Assembled* a = parts_of(i)) {
+      double sum = 0;
+      for (const auto& piece : a->pieces) sum += piece.source->cached_fraction(piece.position);
+      return sum / static_cast<double>(a->pieces.size());
+    }
     const auto [f, j] = locate(i);
     return f->cached_fraction(j);
   }
   void drop_cache(size_t i) const override {
+    if (const Assembled* a = parts_of(i)) {
+      for (const auto& piece : a->pieces) piece.source->drop_cache(piece.position);
+      return;
+    }
     const auto [f, j] = locate(i);
     f->drop_cache(j);
   }
+  // A tensor in parts has no one place: it is read into memory of its own.
   TensorPlacement placement(size_t i) const override {
+    if (parts_of(i)) return {nullptr, 0, 0, {}, nullptr, nullptr, nullptr};
     const auto [f, j] = locate(i);
     return f->placement(j);
   }
+  std::optional<SlicePlacement> slice_placement(size_t i, int64_t dim, int64_t start, int64_t length) const override {
+    const Assembled* a = parts_of(i);
+    if (!a || dim != a->dim) return std::nullopt;
+    for (const auto& piece : a->pieces) {
+      if (start >= piece.start && start + length <= piece.start + piece.length) {
+        const TensorPlacement p = piece.source->placement(piece.position);
+        if (!p.file) return std::nullopt;
+        return SlicePlacement{p.file, p.entry, start - piece.start};
+      }
+    }
+    return std::nullopt;
+  }
   // An alias within a shard, by its target's name (which the index maps to that shard).
   std::optional<size_t> alias_of(size_t i) const override {
+    if (parts_of(i)) return std::nullopt;
     const auto [f, j] = locate(i);
     const auto inside = f->alias_of(j);
     if (!inside) return std::nullopt;
@@ -181,6 +356,8 @@ struct ShardedSource final : Source {
   ShardOpener open;
   mutable std::vector<std::shared_ptr<const Source>> shards;
   mutable std::vector<std::once_flag> once;
+  mutable std::vector<std::optional<Assembled>> assembled;  // by ShardIndex::parts() number
+  mutable std::vector<std::once_flag> assembled_once;
 };
 
 }  // namespace
@@ -307,6 +484,11 @@ void Checkpoint::evict(std::string_view name) const { source_->evict(index_of(na
 double Checkpoint::cached_fraction(std::string_view name) const { return source_->cached_fraction(index_of(name)); }
 void Checkpoint::drop_cache(std::string_view name) const { source_->drop_cache(index_of(name)); }
 TensorPlacement Checkpoint::placement(std::string_view name) const { return source_->placement(index_of(name)); }
+
+std::optional<SlicePlacement> Checkpoint::slice_placement(std::string_view name, int64_t dim, int64_t start,
+                                                          int64_t length) const {
+  return source_->slice_placement(index_of(name), dim, start, length);
+}
 
 void Checkpoint::read(std::string_view name, int64_t dim, int64_t start, int64_t length, void* dest) const {
   dim = checked_slice(name, dim, start, length);

@@ -1,6 +1,7 @@
 // Sharded checkpoints: the index JSON, and a writer that splits tensors across shards.
 #include "tensormap/sharded.h"
 
+#include <dirent.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -20,6 +21,7 @@
 #include "tensormap/error.h"
 #include "tensormap/format.h"
 #include "tensormap/remote.h"
+#include "util/bytes.h"
 #include "write/file_writer.h"
 
 namespace tensormap {
@@ -90,6 +92,53 @@ ShardIndex ShardIndex::parse(std::string_view text, const std::string& path) {
     const auto [it, added] = shard_numbers.emplace(shard, static_cast<uint32_t>(index.shard_files_.size()));
     if (added) index.shard_files_.push_back(shard);
     index.weight_map_.emplace_back(name, it->second);
+  }
+  if (const auto parts = json.find("parts"); parts != json.end()) {
+    if (!parts->is_object()) throw invalid("\"parts\" is not an object");
+    std::set<std::string> whole;
+    for (const auto& [name, shard] : index.weight_map_) whole.insert(name);
+    for (const auto& [name, entry] : parts->items()) {
+      const std::string label = "parts of " + detail::quoted(name);
+      if (whole.count(name)) throw invalid(label + ": the tensor is in the weight_map too");
+      if (!entry.is_object()) throw invalid(label + " is not an object");
+      const auto dim = entry.find("dim"), shape = entry.find("shape"), files = entry.find("files");
+      if (shape == entry.end() || !shape->is_array() || shape->size() > format::kMaxRank) {
+        throw invalid(label + ": \"shape\" is not an array of at most " + std::to_string(format::kMaxRank) + " sizes");
+      }
+      ShardIndex::Parts p;
+      p.name = name;
+      uint64_t elements = 1;
+      for (const auto& size : *shape) {
+        if (!size.is_number_unsigned() || size.get<uint64_t>() >= (uint64_t{1} << 62)) {
+          throw invalid(label + ": a size of \"shape\" is not a whole number below 2^62");
+        }
+        const auto product = detail::checked_mul(elements, size.get<uint64_t>());
+        if (!product || *product >= (uint64_t{1} << 62)) throw invalid(label + ": the shape has 2^62 elements or more");
+        elements = *product;
+        p.shape.push_back(static_cast<int64_t>(size.get<uint64_t>()));
+      }
+      if (dim == entry.end() || !dim->is_number_unsigned() || dim->get<uint64_t>() >= p.shape.size()) {
+        throw invalid(label + ": \"dim\" is not a dimension of its shape");
+      }
+      p.dim = static_cast<int64_t>(dim->get<uint64_t>());
+      if (files == entry.end() || !files->is_array() || files->empty() ||
+          files->size() > static_cast<uint64_t>(std::max<int64_t>(1, p.shape[static_cast<size_t>(p.dim)]))) {
+        throw invalid(label + ": \"files\" is not a list of 1 to " +
+                      std::to_string(std::max<int64_t>(1, p.shape[static_cast<size_t>(p.dim)])) + " file names");
+      }
+      std::set<std::string> seen;
+      for (const auto& file : *files) {
+        if (!file.is_string() || !is_plain_file_name(file.get<std::string>()) ||
+            !seen.insert(file.get<std::string>()).second) {
+          throw invalid(label + ": its files must be distinct plain file names beside the index");
+        }
+        const auto [it, added] =
+            shard_numbers.emplace(file.get<std::string>(), static_cast<uint32_t>(index.shard_files_.size()));
+        if (added) index.shard_files_.push_back(file.get<std::string>());
+        p.files.push_back(it->second);
+      }
+      index.parts_.push_back(std::move(p));
+    }
   }
   if (const auto meta = json.find("metadata"); meta != json.end() && meta->is_object()) {
     if (const auto total = meta->find("total_size"); total != meta->end() && total->is_number_unsigned()) {
@@ -230,6 +279,77 @@ void ShardedCore::publish() {
 
 }  // namespace
 }  // namespace detail
+
+namespace {
+
+constexpr std::string_view kDistributedSuffix = ".tmap.index.json";
+
+// "<stem>" of "<dir>/<stem>.tmap.index.json".
+std::string distributed_stem(const std::string& index_path) {
+  const std::string name = index_path.substr(index_path.find_last_of('/') + 1);
+  if (name.size() <= kDistributedSuffix.size() ||
+      name.compare(name.size() - kDistributedSuffix.size(), kDistributedSuffix.size(), kDistributedSuffix) != 0) {
+    throw Error(ErrorKind::InvalidArgument,
+                index_path + ": a distributed checkpoint's index must be named <name>.tmap.index.json");
+  }
+  return name.substr(0, name.size() - kDistributedSuffix.size());
+}
+
+bool all_of_class(std::string_view text, bool (*in)(char)) {
+  return std::all_of(text.begin(), text.end(), [&](char c) { return in(c); });
+}
+
+// Whether `file` is a rank's file of some save of the index whose stem is `stem`:
+// "<stem>-<16 hex>-rank<5 digits>-of-<5 digits>.tmap".
+bool is_rank_file_of(const std::string& file, const std::string& stem) {
+  const std::string_view f(file);
+  constexpr size_t kTail = 16 + 5 + 5 + 4 + 5 + 5;  // -<id>-rank<r>-of-<n>.tmap
+  if (f.size() != stem.size() + 1 + kTail || f.substr(0, stem.size()) != stem) return false;
+  const std::string_view rest = f.substr(stem.size());
+  auto hex = [](char c) { return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'); };
+  auto digit = [](char c) { return c >= '0' && c <= '9'; };
+  return rest[0] == '-' && all_of_class(rest.substr(1, 16), hex) && rest.substr(17, 5) == "-rank" &&
+         all_of_class(rest.substr(22, 5), digit) && rest.substr(27, 4) == "-of-" &&
+         all_of_class(rest.substr(31, 5), digit) && rest.substr(36) == ".tmap";
+}
+
+}  // namespace
+
+std::string distributed_file_name(const std::string& index_path, const std::string& id, int rank, int world) {
+  const std::string stem = distributed_stem(index_path);
+  char tail[64];
+  std::snprintf(tail, sizeof tail, "-rank%05d-of-%05d.tmap", rank, world);
+  return stem + "-" + id + tail;
+}
+
+void publish_distributed_index(const std::string& index_path, const DistributedIndex& index, bool sync) {
+  const std::string stem = distributed_stem(index_path);
+  nlohmann::ordered_json json;
+  json["metadata"] = {{"total_size", index.total_size}, {"format", "tensormap distributed"}};
+  json["weight_map"] = nlohmann::ordered_json::object();
+  std::set<std::string> named;
+  for (const auto& [name, file] : index.whole) {
+    json["weight_map"][name] = file;
+    named.insert(file);
+  }
+  json["parts"] = nlohmann::ordered_json::object();
+  for (const auto& s : index.split) {
+    json["parts"][s.name] = {{"dim", s.dim}, {"shape", s.shape}, {"files", s.files}};
+    named.insert(s.files.begin(), s.files.end());
+  }
+  // The commit: until it is in place, the old index names the old files, all still there.
+  detail::write_file_atomically(index_path, json.dump(1) + "\n", sync);
+  const std::string dir = detail::parent_directory(index_path);
+  if (DIR* d = ::opendir(dir.c_str())) {
+    std::vector<std::string> stale;
+    while (const dirent* e = ::readdir(d)) {
+      const std::string file = e->d_name;
+      if (is_rank_file_of(file, stem) && !named.count(file)) stale.push_back(file);
+    }
+    ::closedir(d);
+    for (const std::string& file : stale) ::unlink((dir + "/" + file).c_str());
+  }
+}
 
 ShardedWriter::ShardedWriter(std::string index_path, std::vector<TensorSpec> tensors, uint64_t max_shard_bytes,
                              WriterOptions options)

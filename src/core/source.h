@@ -38,6 +38,12 @@ struct Source {
   virtual double cached_fraction(size_t) const { return 1.0; }
   virtual void drop_cache(size_t) const {}
   virtual TensorPlacement placement(size_t i) const = 0;
+  // Where elements [start, start + length) along `dim` of tensor i lie whole in one file's
+  // tensor (a part of a tensor in parts): that file, its entry, and where they begin
+  // along `dim` there. Nothing otherwise (placement() says where a whole tensor is).
+  virtual std::optional<SlicePlacement> slice_placement(size_t, int64_t, int64_t, int64_t) const {
+    return std::nullopt;
+  }
   // The earlier tensor whose bytes are tensor i's (Checkpoint::alias_of), or nothing.
   virtual std::optional<size_t> alias_of(size_t) const { return std::nullopt; }
   virtual std::vector<std::pair<std::string, std::string>> metadata() const { return {}; }

@@ -20,6 +20,7 @@
 #include "tensormap/interrupt.h"
 #include "tensormap/load.h"
 #include "tensormap/save.h"
+#include "tensormap/sharded.h"
 #include "tensormap/skeleton.h"
 #include "tensormap/state_dict.h"
 #include "tensormap/tensor.h"
@@ -284,6 +285,22 @@ void bind_saving(py::module_& m) {
       },
       py::arg("tensors"), py::arg("path"), py::arg("format"), py::arg("alignment"), py::arg("metadata"),
       py::arg("sync"), py::arg("store_ties_once"), py::arg("background") = false);
+
+  m.def("distributed_file_name", &tensormap::distributed_file_name, py::arg("index_path"), py::arg("id"),
+        py::arg("rank"), py::arg("world"));
+  m.def(
+      "publish_distributed_index",
+      [](const std::string& path, const std::vector<std::pair<std::string, std::string>>& whole,
+         const std::vector<std::tuple<std::string, int64_t, std::vector<int64_t>, std::vector<std::string>>>& split,
+         uint64_t total_size, bool sync) {
+        DistributedIndex index;
+        index.whole = whole;
+        for (const auto& [name, dim, shape, files] : split) index.split.push_back({name, dim, shape, files});
+        index.total_size = total_size;
+        py::gil_scoped_release unlocked;
+        tensormap::publish_distributed_index(path, index, sync);
+      },
+      py::arg("path"), py::arg("whole"), py::arg("split"), py::arg("total_size"), py::arg("sync"));
 
   m.def(
       "convert",

@@ -4,14 +4,18 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdio>
 #include <cstring>
 #include <functional>
 #include <optional>
+#include <random>
 #include <unordered_set>
 
 #include "loading.h"
 #include "released.h"
 #include "tensormap/error.h"
+#include "tensormap/sharded.h"
+#include "tensormap/skeleton.h"
 
 namespace tensormap {
 namespace {
@@ -327,7 +331,144 @@ LoadReport load_over(torch::nn::Module& module, const std::string& path, Group& 
   return report;
 }
 
+// --- saving ------------------------------------------------------------------------------
+
+// Per tensor, what every rank's model must agree on: its name (hashed), the dimension it
+// is split along (-1: replicated), its dtype and its (part's) shape.
+constexpr int64_t kSaveFields = 4 + static_cast<int64_t>(format::kMaxRank);
+
+std::string parent_of(const std::string& path) {
+  const size_t slash = path.find_last_of('/');
+  return slash == std::string::npos ? "." : path.substr(0, std::max<size_t>(slash, 1));
+}
+
+void save_over(const torch::nn::Module& module, const std::string& path, Group& group,
+               const std::vector<std::pair<std::string, int64_t>>& splits, const SaveOptions& options) {
+  const int rank = group.rank(), world = group.size();
+  const ParallelPlan plan{rank, world, splits};
+  const auto state = named_state(module);
+  const auto count = static_cast<int64_t>(state.size());
+  std::vector<int64_t> dims(state.size(), -1);
+  at::Tensor table = at::zeros({count * kSaveFields + 1}, at::kLong);
+  std::optional<Error> failure = attempt([&] {
+    if (options.format != Format::Tensormap) {
+      throw Error(ErrorKind::InvalidArgument, path + ": a distributed save writes tensormap files only");
+    }
+    distributed_file_name(path, std::string(16, '0'), rank, world);  // checks the index's name
+    auto t = table.accessor<int64_t, 1>();
+    t[count * kSaveFields] = count;
+    for (size_t i = 0; i < state.size(); ++i) {
+      const auto& [name, tensor] = state[i];
+      if (!tensor.defined() || is_released(tensor) || tensor.is_meta()) {
+        throw Error(ErrorKind::InvalidArgument, path + ": tensor " + quoted_name(name) + " holds no data to save");
+      }
+      if (tensor.dim() > static_cast<int64_t>(format::kMaxRank)) {
+        throw Error(ErrorKind::InvalidArgument, path + ": tensor " + quoted_name(name) + " has more than " +
+                                                    std::to_string(format::kMaxRank) + " dimensions");
+      }
+      if (const auto dim = plan.split_dim(name)) {
+        const int64_t d = *dim < 0 ? *dim + tensor.dim() : *dim;
+        if (d < 0 || d >= tensor.dim()) {
+          throw Error(ErrorKind::InvalidArgument, path + ": the splits split dimension " + std::to_string(*dim) +
+                                                      " of tensor " + quoted_name(name) + ", of rank " +
+                                                      std::to_string(tensor.dim()));
+        }
+        dims[i] = d;
+      }
+      const int64_t at = static_cast<int64_t>(i) * kSaveFields;
+      t[at] = static_cast<int64_t>(std::hash<std::string>{}(name) >> 1);
+      t[at + 1] = dims[i];
+      t[at + 2] = static_cast<int64_t>(tensor.scalar_type());
+      t[at + 3] = tensor.dim();
+      for (int64_t d = 0; d < tensor.dim(); ++d) t[at + 4 + d] = tensor.size(d);
+    }
+  });
+  agree(group, failure);
+  // 1. The models agree: the same count first (the tables' lengths), then every field.
+  at::Tensor counts = at::tensor({count, -count}, at::kLong);
+  group.allreduce_min(counts);
+  if (counts[0].item<int64_t>() != -counts[1].item<int64_t>()) {
+    throw Error(ErrorKind::ModelMismatch, path + ": the ranks' models have different numbers of tensors (" +
+                                              std::to_string(counts[0].item<int64_t>()) + " to " +
+                                              std::to_string(-counts[1].item<int64_t>()) + ")");
+  }
+  at::Tensor low = table.clone(), high = table.neg();
+  group.allreduce_min(low);
+  group.allreduce_min(high);
+  const at::Tensor differ = at::ne(low, high.neg()).nonzero();
+  if (differ.numel() > 0) {  // every rank sees the same tables: all throw alike
+    const int64_t i = differ[0][0].item<int64_t>() / kSaveFields;
+    throw Error(ErrorKind::ModelMismatch, path + ": the ranks' models differ at tensor " + std::to_string(i) + " (" +
+                                              quoted_name(state[static_cast<size_t>(i)].first) +
+                                              " here): its name, split, dtype or shape");
+  }
+  // 2. Who writes each replicated tensor: the rank with the fewest bytes so far.
+  std::vector<uint64_t> bytes(static_cast<size_t>(world), 0);
+  std::vector<int> owner(state.size(), -1);
+  for (size_t i = 0; i < state.size(); ++i) {
+    if (dims[i] >= 0) {
+      for (auto& b : bytes) b += state[i].second.nbytes();
+    }
+  }
+  for (size_t i = 0; i < state.size(); ++i) {
+    if (dims[i] >= 0) continue;
+    owner[i] = static_cast<int>(std::min_element(bytes.begin(), bytes.end()) - bytes.begin());
+    bytes[static_cast<size_t>(owner[i])] += state[i].second.nbytes();
+  }
+  // 3. This save's id, rank 0's, names every rank's file.
+  at::Tensor id_value = at::zeros({1}, at::kLong);
+  if (rank == 0) id_value[0] = static_cast<int64_t>(std::random_device{}() >> 1) << 32 | std::random_device{}();
+  group.broadcast(id_value, 0);
+  char id[17];
+  std::snprintf(id, sizeof id, "%016llx", static_cast<unsigned long long>(id_value[0].item<int64_t>()));
+  auto file_of = [&](int r) { return distributed_file_name(path, id, r, world); };
+  const std::string dir = parent_of(path);
+  // 4. Every rank writes its own file, atomically and (with options.sync) durably.
+  failure = attempt([&] {
+    std::vector<std::pair<std::string, at::Tensor>> own;
+    for (size_t i = 0; i < state.size(); ++i) {
+      if (dims[i] >= 0 || owner[i] == rank) own.push_back(state[i]);
+    }
+    if (!own.empty()) save(own, dir + "/" + file_of(rank), options);
+  });
+  agree(group, failure);
+  // 5. The commit, by rank 0, once every file is in place.
+  failure = attempt([&] {
+    if (rank != 0) return;
+    DistributedIndex index;
+    for (size_t i = 0; i < state.size(); ++i) {
+      const auto& [name, tensor] = state[i];
+      if (dims[i] < 0) {
+        index.whole.emplace_back(name, file_of(owner[i]));
+        index.total_size += tensor.nbytes();
+        continue;
+      }
+      DistributedIndex::Split split{name, dims[i], tensor.sizes().vec(), {}};
+      split.shape[static_cast<size_t>(dims[i])] *= world;
+      for (int r = 0; r < world; ++r) split.files.push_back(file_of(r));
+      index.split.push_back(std::move(split));
+      index.total_size += tensor.nbytes() * static_cast<uint64_t>(world);
+    }
+    publish_distributed_index(path, index, options.sync);
+  });
+  agree(group, failure);
+}
+
 }  // namespace
+
+void save_distributed(const torch::nn::Module& module, const std::string& path, c10d::ProcessGroup& group,
+                      const std::vector<std::pair<std::string, int64_t>>& splits, const SaveOptions& options) {
+  GroupOf<c10d::ProcessGroup> adapted(group);
+  save_over(module, path, adapted, splits, options);
+}
+
+#if TENSORMAP_C10D_HAS_BACKEND
+void save_distributed(const torch::nn::Module& module, const std::string& path, c10d::Backend& group,
+                      const std::vector<std::pair<std::string, int64_t>>& splits, const SaveOptions& options) {
+  GroupOf<c10d::Backend> adapted(group);
+  save_over(module, path, adapted, splits, options);
+}
+#endif
 
 LoadReport load_distributed(torch::nn::Module& module, const std::string& path, c10d::ProcessGroup& group,
                             const std::vector<std::pair<std::string, int64_t>>& splits,

@@ -37,16 +37,18 @@ at::Tensor region_view(const File& file, const TensorEntry& e, uint64_t offset, 
 // always for dim 0), in the whole file's mapping or one of its own; otherwise a new
 // tensor filled row by row with pread (into memory faulted in ahead, in one system call),
 // so that only the needed bytes are read and nothing else of the file enters this process.
+// Elements [start, start + length) along `dim` of the tensor `name`, which lie from `at`
+// in `file`'s tensor `e` (the tensor itself, or its part there).
 at::Tensor slice_of(const Checkpoint& c, std::string_view name, const File& file, const TensorEntry& e, int64_t dim,
-                    int64_t start, int64_t length, ViewMapping mapping) {
+                    int64_t start, int64_t at, int64_t length, ViewMapping mapping) {
   std::vector<int64_t> sizes = detail::sizes_of(e);
   uint64_t outer = 1, inner = dtype_size(e.dtype);
   for (int64_t d = 0; d < dim; ++d) outer *= static_cast<uint64_t>(sizes[static_cast<size_t>(d)]);
   for (size_t d = static_cast<size_t>(dim) + 1; d < sizes.size(); ++d) inner *= static_cast<uint64_t>(sizes[d]);
   sizes[static_cast<size_t>(dim)] = length;
   if (outer == 1 || length == 0) {
-    if (mapping == ViewMapping::File) return tensor_view(file, e).narrow(dim, start, length);
-    return region_view(file, e, static_cast<uint64_t>(start) * inner, sizes);
+    if (mapping == ViewMapping::File) return tensor_view(file, e).narrow(dim, at, length);
+    return region_view(file, e, static_cast<uint64_t>(at) * inner, sizes);
   }
   const c10::ScalarType type = detail::scalar_type_or_throw(e.dtype, file.path(), e.name);
   at::Tensor out = detail::allocate_populated(sizes, at::TensorOptions().dtype(type));
@@ -72,6 +74,13 @@ at::Tensor StateDict::at(std::string_view name, ViewMapping mapping) const {
   if (p.file) {
     if (mapping == ViewMapping::Own) return region_view(*p.file, *p.entry, 0, detail::sizes_of(*p.entry));
     return tensor_view(*p.file, *p.entry);
+  }
+  if (!p.storage) {  // a tensor in parts: read, assembled, into memory of its own
+    const Info info = checkpoint_.info(name);
+    at::Tensor out = detail::allocate_populated(
+        info.shape, at::TensorOptions().dtype(detail::scalar_type_or_throw(info.dtype, checkpoint_.path(), name)));
+    checkpoint_.read(name, out.data_ptr());
+    return out;
   }
   // A torch.save tensor: a possibly strided view of a storage record, which views of the
   // same record share.
@@ -111,8 +120,20 @@ at::Tensor StateDict::slice(std::string_view name, int64_t dim, int64_t start, i
     checkpoint_.read(name, dim, start, length, out.data_ptr());
     return out;
   }
+  if (const auto part = checkpoint_.slice_placement(name, dim, start, length)) {  // in one part's file
+    return slice_of(checkpoint_, name, *part->file, *part->entry, dim, start, part->start, length, mapping);
+  }
   const Checkpoint::Placement p = checkpoint_.placement(name);
-  if (p.file) return slice_of(checkpoint_, name, *p.file, *p.entry, dim, start, length, mapping);
+  if (p.file) return slice_of(checkpoint_, name, *p.file, *p.entry, dim, start, start, length, mapping);
+  if (!p.storage) {  // a tensor in parts, the slice across them: read into memory of its own
+    const Info info = checkpoint_.info(name);
+    std::vector<int64_t> shape = info.shape;
+    shape[static_cast<size_t>(dim)] = length;
+    at::Tensor out = detail::allocate_populated(
+        shape, at::TensorOptions().dtype(detail::scalar_type_or_throw(info.dtype, checkpoint_.path(), name)));
+    checkpoint_.read(name, dim, start, length, out.data_ptr());
+    return out;
+  }
   return at(name).narrow(dim, start, length).contiguous();
 }
 

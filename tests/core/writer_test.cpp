@@ -994,6 +994,71 @@ TEST(ShardIndex, RejectsMalformedIndexes) {
   }
 }
 
+TEST(ShardIndex, RejectsMalformedParts) {
+  TempDir dir;
+  const char* bad[] = {
+      R"({"weight_map": {}, "parts": []})",
+      R"({"weight_map": {"w": "a.tmap"}, "parts": {"w": {"dim": 0, "shape": [2], "files": ["a.tmap"]}}})",
+      R"({"weight_map": {}, "parts": {"w": {"dim": 1, "shape": [2], "files": ["a.tmap"]}}})",
+      R"({"weight_map": {}, "parts": {"w": {"dim": 0, "shape": [-2], "files": ["a.tmap"]}}})",
+      R"({"weight_map": {}, "parts": {"w": {"dim": 0, "shape": [4611686018427387904], "files": ["a.tmap"]}}})",
+      R"({"weight_map": {}, "parts": {"w": {"dim": 0, "shape": [65536, 65536, 65536, 65536], "files": ["a"]}}})",
+      R"({"weight_map": {}, "parts": {"w": {"dim": 0, "shape": [1,1,1,1,1,1,1,1,1], "files": ["a.tmap"]}}})",
+      R"({"weight_map": {}, "parts": {"w": {"dim": 0, "shape": [2], "files": []}}})",
+      R"({"weight_map": {}, "parts": {"w": {"dim": 0, "shape": [2], "files": ["a", "b", "c"]}}})",
+      R"({"weight_map": {}, "parts": {"w": {"dim": 0, "shape": [2], "files": ["a", "a"]}}})",
+      R"({"weight_map": {}, "parts": {"w": {"dim": 0, "shape": [2], "files": ["../a"]}}})",
+      R"({"weight_map": {}, "parts": {"w": {"shape": [2], "files": ["a"]}}})",
+      R"({"weight_map": {}, "parts": {"w": [0, [2], ["a"]]}})",
+  };
+  for (const char* json : bad) {
+    try {
+      ShardIndex::parse(json, dir.file("i.index.json"));
+      ADD_FAILURE() << json;
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::ShardIndexInvalid) << json;
+    }
+  }
+  const ShardIndex ok = ShardIndex::parse(
+      R"({"weight_map": {"b": "x.tmap"}, "parts": {"w": {"dim": 1, "shape": [3, 4], "files": ["y.tmap", "x.tmap"]}}})",
+      dir.file("i.index.json"));
+  ASSERT_EQ(ok.parts().size(), 1u);
+  EXPECT_EQ(ok.parts()[0].dim, 1);
+  EXPECT_EQ(ok.parts()[0].shape, (std::vector<int64_t>{3, 4}));
+  EXPECT_EQ(ok.shard_files(), (std::vector<std::string>{"x.tmap", "y.tmap"}));
+  EXPECT_EQ(ok.parts()[0].files, (std::vector<uint32_t>{1, 0}));
+}
+
+// Parts that do not make the tensor the index says are refused by name when it is read.
+TEST(ShardIndex, PartsThatDoNotFitTheirTensorAreRefusedWhenRead) {
+  TempDir dir;
+  write_pattern_file(dir.file("a.tmap"), {{"w", Dtype::F32, {2}}});
+  write_pattern_file(dir.file("b.tmap"), {{"w", Dtype::F32, {3}}, {"v", Dtype::F32, {2}}});
+  const auto index = [&](const std::string& parts) {
+    const std::string json = R"({"weight_map": {}, "parts": {)" + parts + "}}";
+    write_bytes(dir.file("i.tmap.index.json"), std::vector<unsigned char>(json.begin(), json.end()));
+    return Checkpoint::open(dir.file("i.tmap.index.json"));
+  };
+  const Checkpoint fits = index(R"("w": {"dim": 0, "shape": [5], "files": ["a.tmap", "b.tmap"]})");
+  std::vector<unsigned char> out(20), expected;
+  fits.read("w", out.data());
+  for (int j = 0; j < 8; ++j) expected.push_back(static_cast<unsigned char>(j));   // a.tmap's part
+  for (int j = 0; j < 12; ++j) expected.push_back(static_cast<unsigned char>(j));  // then b.tmap's
+  EXPECT_EQ(out, expected);
+  for (const std::string& parts : {std::string(R"("w": {"dim": 0, "shape": [6], "files": ["a.tmap", "b.tmap"]})"),
+                                   std::string(R"("v": {"dim": 0, "shape": [4], "files": ["a.tmap", "b.tmap"]})"),
+                                   std::string(R"("w": {"dim": 0, "shape": [5, 1], "files": ["a.tmap", "b.tmap"]})")}) {
+    const Checkpoint c = index(parts);
+    try {
+      c.info(c.keys().front());
+      ADD_FAILURE() << parts;
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::ShardIndexInvalid) << parts;
+      EXPECT_NE(std::string(e.what()).find("tensor '"), std::string::npos) << e.what();
+    }
+  }
+}
+
 // AtomicFile stages the 2 MiB block a write starts or ends in and writes aligned blocks
 // whole (so that the page cache holds the file in 2 MiB folios). Whatever the pattern of
 // writes (forward with gaps, back into blocks written out or staged, large and tiny,

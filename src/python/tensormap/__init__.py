@@ -39,7 +39,7 @@ from ._C import Error
 
 __all__ = [
     "Error", "LoadReport", "Checkpoint", "Slice", "skeleton", "build_skeleton", "release", "is_released", "load",
-    "materialize", "save", "open", "safe_open", "load_file", "save_file", "convert", "verify",
+    "materialize", "save", "save_distributed", "open", "safe_open", "load_file", "save_file", "convert", "verify",
     "prefault", "prefault_in_background",
 ]
 
@@ -317,6 +317,46 @@ def prefault_in_background(module: torch.nn.Module):
 # --- saving ---------------------------------------------------------------------------------
 
 
+def _state_items(obj, caller: str) -> List[Tuple[str, torch.Tensor]]:
+    """The (name, detached tensor) pairs a save writes: a module's state as load binds it,
+    or a mapping's items."""
+    if isinstance(obj, torch.nn.Module):
+        items = [(name, t) for name, t, _ in _state_entries(obj)]
+    elif isinstance(obj, collections.abc.Mapping):
+        items = list(obj.items())
+    else:
+        raise TypeError(f"{caller} takes an nn.Module or a mapping of names to tensors, not {type(obj).__name__}")
+    tensors = []
+    for name, t in items:
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            raise TypeError(f"{caller}: {name!r} is not a str name of a torch.Tensor")
+        tensors.append((name, t.detach()))
+    return tensors
+
+
+def save_distributed(obj: Union[torch.nn.Module, Mapping[str, torch.Tensor]], path: PathLike,
+                     splits: Sequence[Tuple[str, int]] = (), *, group=None, sync: bool = True,
+                     background: bool = False):
+    """Save a tensor-parallel model from every rank of a ``torch.distributed`` group (the
+    default group unless ``group`` is given; gloo at least), as one checkpoint: the index
+    at ``path`` (``<name>.tmap.index.json``) and one file per rank beside it.
+
+    Every rank calls it together with its own model, built with split shapes, and the
+    same ``splits`` (``[(pattern, dim), ...]``, ``*`` matching any run of characters, the
+    first match winning: ParallelPlan's). Each rank writes its part of each split tensor
+    and its share of the replicated ones (each written once); rank 0 writes the index once
+    every rank's file is in place: the commit. Until then the previous checkpoint at
+    ``path`` stays whole, whatever fails or is killed. The result reads as the whole model
+    (``load``, ``open``, the command line) and loads at any world size.
+
+    ``background=True``: each rank's file is written by a child process (as
+    ``save(..., background=True)``), and this returns at once a handle whose ``wait()``,
+    called by every rank together, waits for the files and commits. Errors of any rank are
+    raised on every rank, prefixed with that rank."""
+    from .distributed import save_distributed as run
+    return run(obj, path, splits, group=group, sync=sync, background=background)
+
+
 def save(obj: Union[torch.nn.Module, Mapping[str, torch.Tensor]], path: PathLike,
          format: Optional[str] = None, *, alignment: int = 4096,
          metadata: Optional[Mapping[str, str]] = None, sync: bool = True,
@@ -338,18 +378,7 @@ def save(obj: Union[torch.nn.Module, Mapping[str, torch.Tensor]], path: PathLike
     outlives the caller: a process that exits with a save in flight leaves it to finish.
     """
     path = _path(path)
-    if isinstance(obj, torch.nn.Module):
-        items = [(name, t) for name, t, _ in _state_entries(obj)]
-    elif isinstance(obj, collections.abc.Mapping):
-        items = list(obj.items())
-    else:
-        raise TypeError(f"tensormap.save takes an nn.Module or a mapping of names to tensors, "
-                        f"not {type(obj).__name__}")
-    tensors = []
-    for name, t in items:
-        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
-            raise TypeError(f"tensormap.save: {name!r} is not a str name of a torch.Tensor")
-        tensors.append((name, t.detach()))
+    tensors = _state_items(obj, "tensormap.save")
     meta = [(str(k), str(v)) for k, v in (metadata or {}).items()]
     return _C.save(tensors, path, format, alignment, meta, sync, store_ties_once, background)
 

@@ -1,0 +1,220 @@
+"""Training checkpoints across ranks: save_distributed from 2 and 4 processes over gloo on
+loopback (a FileStore), loads at other world sizes, kills, background saves."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import tensormap
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CLI = os.environ.get("TENSORMAP_CLI", os.path.join(ROOT, "build", "tensormap"))
+SPLITS = [("*.up.*", 0), ("*.down.weight", 1)]
+
+# A rank: builds its part of a Megatron-style model (column-parallel `up`, row-parallel
+# `down`, replicated biases and norms) from the whole model's file, then does `action`.
+RANK = r"""
+import json, os, sys, time, torch, torch.distributed as dist, tensormap, tensormap.distributed
+action, folder, rank, world, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+dist.init_process_group("gloo", init_method="file://" + os.path.join(folder, "store-" + action), rank=rank,
+                        world_size=world)
+splits = [("*.up.*", 0), ("*.down.weight", 1)]
+
+
+class Block(torch.nn.Module):
+    def __init__(self, d, h, world):
+        super().__init__()
+        self.up = torch.nn.Linear(d, h // world)
+        self.down = torch.nn.Linear(h // world, d)
+        self.norm = torch.nn.LayerNorm(d)
+
+
+def model_for(world):
+    return torch.nn.Sequential(*[Block(size, 4 * size, world) for _ in range(2)])
+
+
+def part(full, name, rank, world):
+    t = full.get_tensor(name)
+    for pattern, dim in splits:
+        if tensormap.distributed._matches(pattern, name):
+            n = t.shape[dim] // world
+            return t.narrow(dim, rank * n, n)
+    return t
+
+
+index = os.path.join(folder, "ckpt.tmap.index.json")
+model = model_for(world)
+with tensormap.open(os.path.join(folder, "full.tmap")) as full, torch.no_grad():
+    for name, p in model.state_dict(keep_vars=True).items():
+        p.copy_(part(full, name, rank, world))
+if action == "save":
+    tensormap.save_distributed(model, index, splits)
+elif action == "check":  # this rank's part, read from the index, against the whole model's
+    with tensormap.open(index) as ckpt, tensormap.open(os.path.join(folder, "full.tmap")) as full:
+        for name in full.keys():
+            t = full.get_tensor(name)
+            got = ckpt.get_slice(name)
+            for pattern, dim in splits:
+                if tensormap.distributed._matches(pattern, name):
+                    n = t.shape[dim] // world
+                    index_ = [slice(None)] * t.dim()
+                    index_[dim] = slice(rank * n, (rank + 1) * n)
+                    got, t = got[tuple(index_)], t.narrow(dim, rank * n, n)
+                    break
+            else:
+                got = got[:]
+            assert torch.equal(got, t), name
+elif action == "background":
+    handle = tensormap.save_distributed(model, index, splits, background=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # training goes on: the checkpoint keeps the values of the call
+    handle.wait()
+    assert handle.done()
+elif action == "background-fails":
+    handle = tensormap.save_distributed(model, os.path.join(folder, "missing", "x.tmap.index.json"), splits,
+                                        background=True)
+    try:
+        handle.wait()
+    except tensormap.Error as e:
+        print("raised", e.kind, str(e).split(":")[0], flush=True)
+elif action == "slow-save":
+    print("ready", flush=True)
+    tensormap.save_distributed(model, index, splits)
+dist.destroy_process_group()
+"""
+
+
+def run_ranks(folder, action, world, size=16, timeout=120):
+    procs = [subprocess.Popen([sys.executable, "-c", RANK, action, str(folder), str(r), str(world), str(size)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, USE_LIBUV="0")) for r in range(world)]
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    for r, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"rank {r}: {err[-3000:]}"
+    return [out for out, _ in outs]
+
+
+class Block(torch.nn.Module):  # as the ranks build it
+    def __init__(self, d, h, world):
+        super().__init__()
+        self.up = torch.nn.Linear(d, h // world)
+        self.down = torch.nn.Linear(h // world, d)
+        self.norm = torch.nn.LayerNorm(d)
+
+
+def model_for(size, world):
+    return torch.nn.Sequential(*[Block(size, 4 * size, world) for _ in range(2)])
+
+
+def whole_model(folder, size=16, seed=0):
+    """The whole model (world size 1), saved as full.tmap, from which the ranks take their parts."""
+    torch.manual_seed(seed)
+    model = model_for(size, 1)
+    with torch.no_grad():
+        for block in model:
+            block.norm.weight.uniform_()
+            block.norm.bias.uniform_()
+    tensormap.save(model, folder / "full.tmap")
+    return model
+
+
+def test_saved_at_two_ranks_it_reads_whole_and_at_one_two_and_four(tmp_path):
+    whole = whole_model(tmp_path)
+    run_ranks(tmp_path, "save", 2)
+    names = sorted(os.listdir(tmp_path))
+    rank_files = [n for n in names if n.startswith("ckpt-")]
+    assert len(rank_files) == 2 and all(f.endswith(f"-rank0000{r}-of-00002.tmap") for r, f in enumerate(rank_files))
+    index = json.loads((tmp_path / "ckpt.tmap.index.json").read_text())
+    assert set(index["parts"]) == {f"{b}.{x}" for b in "01" for x in ("up.weight", "up.bias", "down.weight")}
+    with tensormap.open(tmp_path / "ckpt.tmap.index.json") as ckpt, tensormap.open(tmp_path / "full.tmap") as full:
+        assert sorted(ckpt.keys()) == sorted(full.keys())
+        for name in full.keys():
+            assert torch.equal(ckpt.get_tensor(name), full.get_tensor(name)), name
+    for mode in ("map", "copy"):  # at world size 1
+        model = model_for(16, 1)
+        report = tensormap.load(model, tmp_path / "ckpt.tmap.index.json", mode=mode)
+        assert report.complete
+        for (name, a), b in zip(model.state_dict().items(), whole.state_dict().values()):
+            assert torch.equal(a, b), (mode, name)
+    run_ranks(tmp_path, "check", 2)
+    run_ranks(tmp_path, "check", 4)
+    # The command line reads it as one model.
+    r = subprocess.run([CLI, "verify", str(tmp_path / "ckpt.tmap.index.json")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([CLI, "inspect", str(tmp_path / "ckpt.tmap.index.json")], capture_output=True, text=True)
+    assert r.returncode == 0 and "0.up.weight" in r.stdout and "[64,16]" in r.stdout, r.stdout + r.stderr
+    for out, extra in (("one.tmap", []), ("shards.safetensors.index.json", ["--shard-size", "4K"])):
+        r = subprocess.run([CLI, "convert", str(tmp_path / "ckpt.tmap.index.json"), str(tmp_path / out), *extra],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        r = subprocess.run([CLI, "diff", str(tmp_path / out), str(tmp_path / "full.tmap")], capture_output=True,
+                           text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_kill_of_one_rank_at_any_point_leaves_the_old_checkpoint(tmp_path):
+    whole_model(tmp_path, size=1024)  # 2 blocks of 32 MiB: a save takes a while
+    run_ranks(tmp_path, "save", 2, size=1024)
+    index = tmp_path / "ckpt.tmap.index.json"
+    old_index = index.read_bytes()
+    with tensormap.open(tmp_path / "full.tmap") as full:
+        reference = {name: full.get_tensor(name).clone() for name in full.keys()}
+    # The model changes, so that a new checkpoint would differ from the old one.
+    whole_model(tmp_path, size=1024, seed=5)
+    rnd = random.Random(11)
+    committed = 0
+    for trial in range(6):
+        for name in os.listdir(tmp_path):
+            if name.startswith("store-"):
+                os.unlink(tmp_path / name)
+        procs = [subprocess.Popen([sys.executable, "-c", RANK, "slow-save", str(tmp_path), str(r), "2", "1024"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                  env=dict(os.environ, USE_LIBUV="0")) for r in range(2)]
+        for p in procs:
+            assert p.stdout.readline().strip() == "ready"
+        time.sleep(rnd.uniform(0.0, 0.12))
+        victim = rnd.randrange(2)
+        procs[victim].send_signal(signal.SIGKILL)
+        time.sleep(0.2)
+        procs[1 - victim].send_signal(signal.SIGKILL)  # the job dies with it
+        for p in procs:
+            p.wait()
+        if index.read_bytes() != old_index:
+            committed += 1
+            continue  # the save had committed before the kill: the new checkpoint, whole
+        with tensormap.open(index) as ckpt:
+            for name, t in reference.items():
+                assert torch.equal(ckpt.get_tensor(name), t), (trial, name)
+        r = subprocess.run([CLI, "verify", str(index)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    assert committed < 6, "every save committed before its kill: the kills came too late to test anything"
+    # The next save collects what the killed ones left.
+    for name in os.listdir(tmp_path):
+        if name.startswith("store-"):
+            os.unlink(tmp_path / name)
+    run_ranks(tmp_path, "save", 2, size=1024)
+    left = sorted(n for n in os.listdir(tmp_path) if n.startswith("ckpt") or n.startswith(".ckpt"))
+    assert len(left) == 3, left
+
+
+def test_a_background_distributed_save_holds_the_values_of_the_call(tmp_path):
+    whole_model(tmp_path)
+    run_ranks(tmp_path, "background", 2)
+    with tensormap.open(tmp_path / "ckpt.tmap.index.json") as ckpt, tensormap.open(tmp_path / "full.tmap") as full:
+        for name in full.keys():
+            assert torch.equal(ckpt.get_tensor(name), full.get_tensor(name)), name
+
+
+def test_a_background_distributed_saves_error_is_raised_by_wait_on_every_rank(tmp_path):
+    whole_model(tmp_path)
+    outs = run_ranks(tmp_path, "background-fails", 2)
+    for out in outs:
+        assert out.startswith("raised Io rank "), outs
+    assert not any(n.startswith("x") for n in os.listdir(tmp_path))
