@@ -313,7 +313,8 @@ def main():
                     help="also the remote section (bench/remote.py): 1 and 4 GiB over nginx, and S3 where moto is")
     ap.add_argument("--remote-only", action="store_true", help="only the remote section")
     ap.add_argument("--training", action="store_true",
-                    help="also the training-checkpoint section (bench/training.py): saves while training goes on")
+                    help="also the training-checkpoint section (bench/training.py, bench/distributed.py): saves "
+                         "while training goes on, saves from 2 ranks and reshard loads, against DCP where torch has it")
     ap.add_argument("--training-only", action="store_true", help="only the training-checkpoint section")
     args = ap.parse_args()
     os.environ["TENSORMAP_PYTHON"] = os.path.abspath(args.python_package)
@@ -321,10 +322,12 @@ def main():
               "--harness", args.harness]
     training = [PYTHON, os.path.join(ROOT, "bench", "training.py"), "--out", args.out, "--work", args.work,
                 "--python-package", args.python_package]
+    distributed = [PYTHON, os.path.join(ROOT, "bench", "distributed.py"), "--out", args.out, "--work", args.work,
+                   "--python-package", args.python_package]
     if args.remote_only:
         sys.exit(subprocess.run(remote).returncode)
     if args.training_only:
-        sys.exit(subprocess.run(training).returncode)
+        sys.exit(subprocess.run(training).returncode or subprocess.run(distributed).returncode)
     if args.forward_only:
         started = time.time()
         harness(args.harness, "make", "--dir", args.work, "--mib", str(args.forward_mib))
@@ -429,6 +432,7 @@ def main():
         subprocess.run(remote, check=True)
     if args.training:
         subprocess.run(training, check=True)
+        subprocess.run(distributed, check=True)
     print(f"suite took {results['seconds']:.0f} s; results in {args.out}", file=sys.stderr)
 
 

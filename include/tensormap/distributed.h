@@ -22,6 +22,7 @@
 #include <torch/version.h>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -93,6 +94,38 @@ TENSORMAP_EXPORT void save_distributed(const torch::nn::Module& module, const st
 TENSORMAP_EXPORT void save_distributed(const torch::nn::Module& module, const std::string& path, c10d::Backend& group,
                                        const std::vector<std::pair<std::string, int64_t>>& splits,
                                        const SaveOptions& options = {});
+#endif
+
+// A distributed save in the background (save_distributed_async). wait() is collective:
+// every rank calls it, it waits for this rank's file, then rank 0 commits; an error of any
+// rank is thrown on every rank. done() says whether this rank's file is written. A handle
+// destroyed without wait() waits for its file and commits nothing: the previous checkpoint
+// stays, and the next save collects the files. The group must outlive the handle.
+class TENSORMAP_EXPORT DistributedSaveHandle {
+ public:
+  struct State;
+  DistributedSaveHandle() = default;
+  explicit DistributedSaveHandle(std::unique_ptr<State> state);
+  DistributedSaveHandle(DistributedSaveHandle&&) noexcept;
+  DistributedSaveHandle& operator=(DistributedSaveHandle&&) noexcept;
+  ~DistributedSaveHandle();
+
+  void wait();
+  bool done() const;
+
+ private:
+  std::unique_ptr<State> state_;
+};
+
+// save_distributed, with each rank's file written by a child process from a snapshot of
+// the call (save_async's): the call blocks for the ranks' agreement and the fork.
+TENSORMAP_EXPORT DistributedSaveHandle
+save_distributed_async(const torch::nn::Module& module, const std::string& path, c10d::ProcessGroup& group,
+                       const std::vector<std::pair<std::string, int64_t>>& splits, const SaveOptions& options = {});
+#if TENSORMAP_C10D_HAS_BACKEND
+TENSORMAP_EXPORT DistributedSaveHandle
+save_distributed_async(const torch::nn::Module& module, const std::string& path, c10d::Backend& group,
+                       const std::vector<std::pair<std::string, int64_t>>& splits, const SaveOptions& options = {});
 #endif
 
 }  // namespace tensormap

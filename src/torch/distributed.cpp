@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <random>
 #include <unordered_set>
@@ -342,8 +343,26 @@ std::string parent_of(const std::string& path) {
   return slash == std::string::npos ? "." : path.substr(0, std::max<size_t>(slash, 1));
 }
 
-void save_over(const torch::nn::Module& module, const std::string& path, Group& group,
-               const std::vector<std::pair<std::string, int64_t>>& splits, const SaveOptions& options) {
+// A distributed save whose files are written (or, in the background, being written), and
+// whose commit is left: every rank's file, then rank 0's index.
+struct PendingSave {
+  std::string path;
+  bool sync = true;
+  SaveHandle file;                        // a background save's child; empty once written
+  std::optional<DistributedIndex> index;  // rank 0's
+};
+
+// Steps 5 and 6 of a distributed save, on every rank together.
+void commit(Group& group, PendingSave& pending) {
+  agree(group, attempt([&] { pending.file.wait(); }));
+  agree(group, attempt([&] {
+          if (pending.index) publish_distributed_index(pending.path, *pending.index, pending.sync);
+        }));
+}
+
+PendingSave save_over(const torch::nn::Module& module, const std::string& path, Group& group,
+                      const std::vector<std::pair<std::string, int64_t>>& splits, const SaveOptions& options,
+                      bool background) {
   const int rank = group.rank(), world = group.size();
   const ParallelPlan plan{rank, world, splits};
   const auto state = named_state(module);
@@ -423,18 +442,24 @@ void save_over(const torch::nn::Module& module, const std::string& path, Group& 
   std::snprintf(id, sizeof id, "%016llx", static_cast<unsigned long long>(id_value[0].item<int64_t>()));
   auto file_of = [&](int r) { return distributed_file_name(path, id, r, world); };
   const std::string dir = parent_of(path);
-  // 4. Every rank writes its own file, atomically and (with options.sync) durably.
+  // 4. Every rank writes its own file, atomically and (with options.sync) durably; in the
+  //    background, a child process does (save_async), from a snapshot taken now.
+  PendingSave pending{path, options.sync, {}, std::nullopt};
   failure = attempt([&] {
     std::vector<std::pair<std::string, at::Tensor>> own;
     for (size_t i = 0; i < state.size(); ++i) {
       if (dims[i] >= 0 || owner[i] == rank) own.push_back(state[i]);
     }
-    if (!own.empty()) save(own, dir + "/" + file_of(rank), options);
+    if (own.empty()) return;
+    if (background) {
+      pending.file = save_async(own, dir + "/" + file_of(rank), options);
+    } else {
+      save(own, dir + "/" + file_of(rank), options);
+    }
   });
   agree(group, failure);
-  // 5. The commit, by rank 0, once every file is in place.
-  failure = attempt([&] {
-    if (rank != 0) return;
+  // 5. What rank 0 commits once every file is in place: the index.
+  if (rank == 0) {
     DistributedIndex index;
     for (size_t i = 0; i < state.size(); ++i) {
       const auto& [name, tensor] = state[i];
@@ -449,24 +474,76 @@ void save_over(const torch::nn::Module& module, const std::string& path, Group& 
       index.split.push_back(std::move(split));
       index.total_size += tensor.nbytes() * static_cast<uint64_t>(world);
     }
-    publish_distributed_index(path, index, options.sync);
-  });
-  agree(group, failure);
+    pending.index = std::move(index);
+  }
+  return pending;
+}
+
+}  // namespace
+
+struct DistributedSaveHandle::State {
+  std::unique_ptr<Group> group;
+  PendingSave pending;
+};
+
+DistributedSaveHandle::DistributedSaveHandle(std::unique_ptr<State> state) : state_(std::move(state)) {}
+DistributedSaveHandle::DistributedSaveHandle(DistributedSaveHandle&&) noexcept = default;
+DistributedSaveHandle& DistributedSaveHandle::operator=(DistributedSaveHandle&&) noexcept = default;
+DistributedSaveHandle::~DistributedSaveHandle() = default;  // the file's child is waited for
+
+void DistributedSaveHandle::wait() {
+  if (!state_) return;
+  const std::unique_ptr<State> state = std::move(state_);
+  commit(*state->group, state->pending);
+}
+
+bool DistributedSaveHandle::done() const { return !state_ || state_->pending.file.done(); }
+
+namespace {
+
+template <typename C10dGroup>
+void save_now(const torch::nn::Module& module, const std::string& path, C10dGroup& group,
+              const std::vector<std::pair<std::string, int64_t>>& splits, const SaveOptions& options) {
+  GroupOf<C10dGroup> adapted(group);
+  PendingSave pending = save_over(module, path, adapted, splits, options, false);
+  commit(adapted, pending);
+}
+
+template <typename C10dGroup>
+DistributedSaveHandle save_later(const torch::nn::Module& module, const std::string& path, C10dGroup& group,
+                                 const std::vector<std::pair<std::string, int64_t>>& splits,
+                                 const SaveOptions& options) {
+  auto state = std::make_unique<DistributedSaveHandle::State>();
+  state->group = std::make_unique<GroupOf<C10dGroup>>(group);
+  state->pending = save_over(module, path, *state->group, splits, options, true);
+  return DistributedSaveHandle(std::move(state));
 }
 
 }  // namespace
 
 void save_distributed(const torch::nn::Module& module, const std::string& path, c10d::ProcessGroup& group,
                       const std::vector<std::pair<std::string, int64_t>>& splits, const SaveOptions& options) {
-  GroupOf<c10d::ProcessGroup> adapted(group);
-  save_over(module, path, adapted, splits, options);
+  save_now(module, path, group, splits, options);
+}
+
+DistributedSaveHandle save_distributed_async(const torch::nn::Module& module, const std::string& path,
+                                             c10d::ProcessGroup& group,
+                                             const std::vector<std::pair<std::string, int64_t>>& splits,
+                                             const SaveOptions& options) {
+  return save_later(module, path, group, splits, options);
 }
 
 #if TENSORMAP_C10D_HAS_BACKEND
 void save_distributed(const torch::nn::Module& module, const std::string& path, c10d::Backend& group,
                       const std::vector<std::pair<std::string, int64_t>>& splits, const SaveOptions& options) {
-  GroupOf<c10d::Backend> adapted(group);
-  save_over(module, path, adapted, splits, options);
+  save_now(module, path, group, splits, options);
+}
+
+DistributedSaveHandle save_distributed_async(const torch::nn::Module& module, const std::string& path,
+                                             c10d::Backend& group,
+                                             const std::vector<std::pair<std::string, int64_t>>& splits,
+                                             const SaveOptions& options) {
+  return save_later(module, path, group, splits, options);
 }
 #endif
 

@@ -818,6 +818,34 @@ TEST(DistributedSave, SavedAtTwoRanksLoadsWholeAndAtOneTwoAndFourRanks) {
   }
 }
 
+// In the background: training writes every weight right after the call; the checkpoint,
+// committed by the collective wait(), holds the values of the call.
+TEST(DistributedSave, InTheBackgroundItHoldsTheValuesOfTheCall) {
+  TempDir dir;
+  const std::string full = dir.file("full.tmap");
+  write_full_model(full, 2, 16, 64);
+  const std::string index = dir.file("ckpt.tmap.index.json");
+  const std::string store = dir.file("store");
+  EXPECT_EQ(run_children(2,
+                         [&](int rank) {
+                           auto group = process_group(c10::make_intrusive<c10d::FileStore>(store, 2), rank, 2);
+                           auto model = build_skeleton([&] { return tp_model(2, 16, 64, 2); });
+                           DistributedLoadOptions copy;  // owned memory, as training holds
+                           copy.load.mode = LoadMode::Copy;
+                           load_distributed(*model, full, *group, kSplits, copy);
+                           DistributedSaveHandle pending = save_distributed_async(*model, index, *group, kSplits);
+                           {
+                             torch::NoGradGuard no_grad;
+                             for (auto& p : model->parameters()) p.add_(1.0f);
+                           }
+                           pending.wait();
+                           return pending.done() ? 0 : 2;
+                         }),
+            "");
+  const StateDict saved = StateDict::open(index), reference = StateDict::open(full);
+  for (const std::string& name : reference.keys()) EXPECT_TRUE(saved.at(name).equal(reference.at(name))) << name;
+}
+
 TEST(DistributedSave, ModelsThatDifferAcrossRanksAreRefusedOnEveryRankAndNothingIsWritten) {
   TempDir dir;
   const std::string index = dir.file("ckpt.tmap.index.json");
