@@ -28,6 +28,8 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from training import write_results  # noqa: E402
 
 RANK = r"""
 import json, os, sys, time, torch, torch.distributed as dist
@@ -183,12 +185,7 @@ def main():
     lines += ["", "`tensormap vs DCP`: tensormap's figure over DCP's (below 1: tensormap takes less). The async "
               "save's check: every rank adds 1 to every weight right after the call, then reads the checkpoint "
               "back; DCP's async_save stages only GPU tensors, so on CPU it writes what training changed."]
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"DISTRIBUTED-{release}.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(args.out, f"distributed-{release}.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    print("\n".join(lines))
+    write_results(args.out, "DISTRIBUTED", release, lines, rows)
 
 
 if __name__ == "__main__":

@@ -218,10 +218,15 @@ def main():
               "for the others, the process's own anonymous memory at its peak during the save, over what it held "
               "before. `holds the values of the call`: the checkpoint, read back, against sums of every parameter "
               "taken at the call (training changes them right after)."]
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"TRAINING-{release}.md"), "w") as f:
+    write_results(args.out, "TRAINING", release, lines, rows)
+
+
+def write_results(out, name, release, lines, rows):
+    """<NAME>-<release>.md (the table) and <name>-<release>.json (every row) into `out`."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}-{release}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    with open(os.path.join(args.out, f"training-{release}.json"), "w") as f:
+    with open(os.path.join(out, f"{name.lower()}-{release}.json"), "w") as f:
         json.dump(rows, f, indent=1)
     print("\n".join(lines))
 
