@@ -139,7 +139,8 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     args = ap.parse_args()
     python = "/usr/bin/python3"
-    env = dict(os.environ, PYTHONPATH=os.path.abspath(args.python_package), USE_LIBUV="0", OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(args.python_package), USE_LIBUV="0", GLOO_SOCKET_IFNAME="lo",
+               OMP_NUM_THREADS="1")
     engines = ["tensormap"] + (["dcp"] if dcp_available(python) else [])
     os.makedirs(args.work, exist_ok=True)
     rows = []

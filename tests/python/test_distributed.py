@@ -20,9 +20,10 @@ SPLITS = [("*.up.*", 0), ("*.down.weight", 1)]
 # A rank: builds its part of a Megatron-style model (column-parallel `up`, row-parallel
 # `down`, replicated biases and norms) from the whole model's file, then does `action`.
 RANK = r"""
-import json, os, sys, time, torch, torch.distributed as dist, tensormap, tensormap.distributed
+import faulthandler, json, os, sys, time, torch, torch.distributed as dist, tensormap, tensormap.distributed
 action, folder, rank, world, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-dist.init_process_group("gloo", init_method="file://" + os.path.join(folder, "store-" + action), rank=rank,
+faulthandler.dump_traceback_later(float(sys.argv[7]), exit=True)  # a hung rank says where, and ends
+dist.init_process_group("gloo", init_method="file://" + os.path.join(folder, sys.argv[6]), rank=rank,
                         world_size=world)
 splits = [("*.up.*", 0), ("*.down.weight", 1)]
 
@@ -91,13 +92,42 @@ dist.destroy_process_group()
 """
 
 
+def start_ranks(folder, action, world, size, streams, timeout=120):
+    """The ranks of one job, rank r writing to streams[r] (stdout, stderr). Each job meets in
+    a store of its own (one a killed job left could only mislead the next), and gloo binds
+    loopback without resolving the host's name. A rank still running after `timeout` s
+    prints its stacks and exits."""
+    store = f"store-{action}-{os.urandom(4).hex()}"
+    env = dict(os.environ, USE_LIBUV="0", GLOO_SOCKET_IFNAME="lo")
+    return [subprocess.Popen([sys.executable, "-c", RANK, action, str(folder), str(r), str(world), str(size), store,
+                              str(timeout)], stdout=out, stderr=err, text=True, env=env)
+            for r, (out, err) in enumerate(streams)]
+
+
 def run_ranks(folder, action, world, size=16, timeout=120):
-    procs = [subprocess.Popen([sys.executable, "-c", RANK, action, str(folder), str(r), str(world), str(size)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=dict(os.environ, USE_LIBUV="0")) for r in range(world)]
-    outs = [p.communicate(timeout=timeout) for p in procs]
+    # Files, not pipes: a rank blocked on a full pipe would hold up the collective its
+    # peers wait in.
+    names = [(folder / f"rank-{action}-{r}.out", folder / f"rank-{action}-{r}.err") for r in range(world)]
+    streams = [(open(o, "w"), open(e, "w")) for o, e in names]
+    try:
+        procs = start_ranks(folder, action, world, size, streams, timeout)
+        for p in procs:
+            try:
+                p.wait(timeout=timeout + 30)
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                    q.wait()
+    finally:
+        for o, e in streams:
+            o.close()
+            e.close()
+    outs = [(o.read_text(), e.read_text()) for o, e in names]
+    for o, e in names:
+        o.unlink()
+        e.unlink()
     for r, (p, (out, err)) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"rank {r}: {err[-3000:]}"
+        assert p.returncode == 0, f"rank {r} of {world} ({action}) ended with {p.returncode}: {err[-3000:]}"
     return [out for out, _ in outs]
 
 
@@ -168,15 +198,12 @@ def test_a_kill_of_one_rank_at_any_point_leaves_the_old_checkpoint(tmp_path):
         reference = {name: full.get_tensor(name).clone() for name in full.keys()}
     # The model changes, so that a new checkpoint would differ from the old one.
     whole_model(tmp_path, size=1024, seed=5)
+    with tensormap.open(tmp_path / "full.tmap") as full:
+        new_reference = {name: full.get_tensor(name).clone() for name in full.keys()}
     rnd = random.Random(11)
-    committed = 0
+    interrupted = 0
     for trial in range(6):
-        for name in os.listdir(tmp_path):
-            if name.startswith("store-"):
-                os.unlink(tmp_path / name)
-        procs = [subprocess.Popen([sys.executable, "-c", RANK, "slow-save", str(tmp_path), str(r), "2", "1024"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                  env=dict(os.environ, USE_LIBUV="0")) for r in range(2)]
+        procs = start_ranks(tmp_path, "slow-save", 2, 1024, [(subprocess.PIPE, subprocess.DEVNULL)] * 2)
         for p in procs:
             assert p.stdout.readline().strip() == "ready"
         time.sleep(rnd.uniform(0.0, 0.12))
@@ -186,19 +213,19 @@ def test_a_kill_of_one_rank_at_any_point_leaves_the_old_checkpoint(tmp_path):
         procs[1 - victim].send_signal(signal.SIGKILL)  # the job dies with it
         for p in procs:
             p.wait()
-        if index.read_bytes() != old_index:
-            committed += 1
-            continue  # the save had committed before the kill: the new checkpoint, whole
+            p.stdout.close()
+        if index.read_bytes() == old_index:
+            interrupted += 1  # the old checkpoint, whole
+        else:
+            old_index, reference = index.read_bytes(), new_reference  # committed before its kill: the new one, whole
         with tensormap.open(index) as ckpt:
+            assert sorted(ckpt.keys()) == sorted(reference)
             for name, t in reference.items():
                 assert torch.equal(ckpt.get_tensor(name), t), (trial, name)
         r = subprocess.run([CLI, "verify", str(index)], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
-    assert committed < 6, "every save committed before its kill: the kills came too late to test anything"
+    assert interrupted > 0, "every save committed before its kill: the kills came too late to test anything"
     # The next save collects what the killed ones left.
-    for name in os.listdir(tmp_path):
-        if name.startswith("store-"):
-            os.unlink(tmp_path / name)
     run_ranks(tmp_path, "save", 2, size=1024)
     left = sorted(n for n in os.listdir(tmp_path) if n.startswith("ckpt") or n.startswith(".ckpt"))
     assert len(left) == 3, left

@@ -7,6 +7,7 @@ its own, and rank 0 writes the index last, once every file is in place: the comm
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -22,12 +23,34 @@ def _matches(pattern: str, name: str) -> bool:
     return re.fullmatch(".*".join(re.escape(part) for part in pattern.split("*")), name, re.DOTALL) is not None
 
 
+# The tensors of this save's agreements, held until the next save. torch 2.6's gloo may
+# drop its last reference to a collective's tensors on a worker thread just after the
+# collective returns; were that the last reference, the worker would need the GIL, which
+# destroy_process_group holds while it joins the workers: a deadlock (fixed after 2.6 by
+# pytorch/pytorch#154976). Every save ends with an agreement, so it leaves no tensor of
+# its own for gloo to drop.
+_held: List[torch.Tensor] = []
+
+
+def _gather(dist, group, world: int, t: torch.Tensor) -> List[torch.Tensor]:
+    out = [torch.zeros_like(t) for _ in range(world)]
+    dist.all_gather(out, t, group=group)
+    _held.extend(out + [t])
+    return out
+
+
 def _agree(dist, group, world: int, failure: Optional[Tuple[str, str]]) -> None:
     """Every rank learns whether any rank failed; all raise the lowest failing rank's error."""
     from . import _error
-    everyone: List[Optional[Tuple[str, str]]] = [None] * world
-    dist.all_gather_object(everyone, failure, group=group)
-    for rank, f in enumerate(everyone):
+    failed = _gather(dist, group, world, torch.tensor([failure is not None], dtype=torch.int64))
+    if not any(int(f) for f in failed):
+        return
+    text = torch.tensor(bytearray(json.dumps(failure).encode()), dtype=torch.uint8)
+    lengths = _gather(dist, group, world, torch.tensor([text.numel()], dtype=torch.int64))
+    longest = max(int(n) for n in lengths)
+    texts = _gather(dist, group, world, torch.cat([text, torch.zeros(longest - text.numel(), dtype=torch.uint8)]))
+    for rank, (t, n) in enumerate(zip(texts, lengths)):
+        f = json.loads(bytes(t[:int(n)].tolist()).decode())
         if f is not None:
             raise _error(f[0], f"rank {rank} of {world}: {f[1]}")
 
@@ -67,6 +90,7 @@ def save_distributed(obj: Union[torch.nn.Module, dict], path, splits: Sequence[T
     path = _path(path)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     items = _state_items(obj, "tensormap.save_distributed")
+    _held.clear()  # the last save's: its collectives ended long ago
     dims: List[int] = [-1] * len(items)
     describe: List[tuple] = []
 
