@@ -104,7 +104,7 @@ TENSORMAP_EXPORT void save_distributed(const torch::nn::Module& module, const st
 class TENSORMAP_EXPORT DistributedSaveHandle {
  public:
   struct State;
-  DistributedSaveHandle() = default;
+  DistributedSaveHandle();  // nothing to wait for
   explicit DistributedSaveHandle(std::unique_ptr<State> state);
   DistributedSaveHandle(DistributedSaveHandle&&) noexcept;
   DistributedSaveHandle& operator=(DistributedSaveHandle&&) noexcept;
@@ -118,7 +118,9 @@ class TENSORMAP_EXPORT DistributedSaveHandle {
 };
 
 // save_distributed, with each rank's file written by a child process from a snapshot of
-// the call (save_async's): the call blocks for the ranks' agreement and the fork.
+// the call (save_async's): the call blocks for the ranks' agreement on their models (a
+// mismatch throws here, on every rank) and this rank's fork, not the others'; a save that
+// could not start (fork refused, the folder missing) throws at wait(), on every rank.
 TENSORMAP_EXPORT DistributedSaveHandle
 save_distributed_async(const torch::nn::Module& module, const std::string& path, c10d::ProcessGroup& group,
                        const std::vector<std::pair<std::string, int64_t>>& splits, const SaveOptions& options = {});

@@ -349,12 +349,13 @@ struct PendingSave {
   std::string path;
   bool sync = true;
   SaveHandle file;                        // a background save's child; empty once written
+  std::optional<Error> start;             // why this rank's background save did not start
   std::optional<DistributedIndex> index;  // rank 0's
 };
 
 // Steps 5 and 6 of a distributed save, on every rank together.
 void commit(Group& group, PendingSave& pending) {
-  agree(group, attempt([&] { pending.file.wait(); }));
+  agree(group, pending.start ? pending.start : attempt([&] { pending.file.wait(); }));
   agree(group, attempt([&] {
           if (pending.index) publish_distributed_index(pending.path, *pending.index, pending.sync);
         }));
@@ -444,7 +445,7 @@ PendingSave save_over(const torch::nn::Module& module, const std::string& path, 
   const std::string dir = parent_of(path);
   // 4. Every rank writes its own file, atomically and (with options.sync) durably; in the
   //    background, a child process does (save_async), from a snapshot taken now.
-  PendingSave pending{path, options.sync, {}, std::nullopt};
+  PendingSave pending{path, options.sync, {}, std::nullopt, std::nullopt};
   failure = attempt([&] {
     std::vector<std::pair<std::string, at::Tensor>> own;
     for (size_t i = 0; i < state.size(); ++i) {
@@ -457,7 +458,13 @@ PendingSave save_over(const torch::nn::Module& module, const std::string& path, 
       save(own, dir + "/" + file_of(rank), options);
     }
   });
-  agree(group, failure);
+  // In the background, the call returns without waiting for the other ranks' forks: a
+  // rank whose save did not start says so at wait(), which every rank calls.
+  if (background) {
+    pending.start = failure;
+  } else {
+    agree(group, failure);
+  }
   // 5. What rank 0 commits once every file is in place: the index.
   if (rank == 0) {
     DistributedIndex index;
@@ -486,6 +493,7 @@ struct DistributedSaveHandle::State {
   PendingSave pending;
 };
 
+DistributedSaveHandle::DistributedSaveHandle() = default;
 DistributedSaveHandle::DistributedSaveHandle(std::unique_ptr<State> state) : state_(std::move(state)) {}
 DistributedSaveHandle::DistributedSaveHandle(DistributedSaveHandle&&) noexcept = default;
 DistributedSaveHandle& DistributedSaveHandle::operator=(DistributedSaveHandle&&) noexcept = default;

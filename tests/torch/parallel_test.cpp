@@ -9,6 +9,7 @@
 #include <sched.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <torch/torch.h>
@@ -844,6 +845,103 @@ TEST(DistributedSave, InTheBackgroundItHoldsTheValuesOfTheCall) {
             "");
   const StateDict saved = StateDict::open(index), reference = StateDict::open(full);
   for (const std::string& name : reference.keys()) EXPECT_TRUE(saved.at(name).equal(reference.at(name))) << name;
+}
+
+// A background save that cannot start on one rank (here rank 1 may open no descriptor,
+// so its save gets no pipe for its child): the call returns on both ranks, and wait()
+// throws that rank's error on both; nothing is committed.
+TEST(DistributedSave, InTheBackgroundAFailureToStartOnOneRankIsThrownAtWaitOnEveryRank) {
+  TempDir dir;
+  const std::string index = dir.file("ckpt.tmap.index.json");
+  const std::string store = dir.file("store");
+  EXPECT_EQ(run_children(2,
+                         [&](int rank) {
+                           auto group = process_group(c10::make_intrusive<c10d::FileStore>(store, 2), rank, 2);
+                           auto model = tp_model(2, 16, 64, 2);
+                           if (rank == 1) {
+                             const int lowest_free = ::dup(0);
+                             ::close(lowest_free);
+                             struct rlimit limit {};
+                             ::getrlimit(RLIMIT_NOFILE, &limit);
+                             limit.rlim_cur = static_cast<rlim_t>(lowest_free);
+                             if (::setrlimit(RLIMIT_NOFILE, &limit) != 0) return 4;
+                           }
+                           DistributedSaveHandle pending;
+                           try {
+                             pending = save_distributed_async(*model, index, *group, kSplits);
+                           } catch (const Error&) {
+                             return 3;  // at the call: the other rank would wait alone
+                           }
+                           try {
+                             pending.wait();
+                           } catch (const Error& e) {
+                             const bool named = std::string(e.what()).rfind("rank 1 of 2: ", 0) == 0;
+                             return e.kind() == ErrorKind::Io && named ? 0 : 2;
+                           }
+                           return 1;
+                         }),
+            "");
+  for (const std::string& e : dir.entries()) EXPECT_EQ(e.find(".index.json"), std::string::npos) << e;
+}
+
+// A checkpoint saved at 2 ranks, loaded as rank 1 of 4: with the rank files evicted from
+// the page cache (mincore confirming it), the load brings in about a quarter of their
+// pages, from rank 0's file, where its rows and columns lie. Margin: read-around.
+TEST(DistributedSave, ARankOfAnotherWorldSizeReadsOnlyItsShareOfTheRankFiles) {
+  TempDir dir;
+  const std::string full = dir.file("full.tmap");
+  write_full_model(full, 4, 1024, 4096);  // 128 MiB
+  const std::string index = dir.file("ckpt.tmap.index.json");
+  const std::string store = dir.file("store");
+  ASSERT_EQ(run_children(2,
+                         [&](int rank) {
+                           auto group = process_group(c10::make_intrusive<c10d::FileStore>(store, 2), rank, 2);
+                           auto model = build_skeleton([] { return tp_model(4, 1024, 4096, 2); });
+                           load_distributed(*model, full, *group, kSplits);
+                           save_distributed(*model, index, *group, kSplits);  // durable: evictable
+                           return 0;
+                         }),
+            "");
+  std::vector<std::string> rank_files;
+  for (const std::string& e : dir.entries()) {
+    if (e.rfind("ckpt", 0) == 0 && e.find("-rank") != std::string::npos) rank_files.push_back(dir.file(e));
+  }
+  ASSERT_EQ(rank_files.size(), 2u);
+  auto evict_and_count = [&](bool evict) {
+    std::vector<size_t> cached;
+    size_t pages = 0;
+    for (const std::string& f : rank_files) {
+      if (evict) {
+        const int fd = ::open(f.c_str(), O_RDONLY);
+        ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+        ::close(fd);
+      }
+      const auto [in, total] = cached_pages(f);
+      cached.push_back(in);
+      pages += total;
+    }
+    return std::make_pair(cached, pages);
+  };
+  const auto [before, pages] = evict_and_count(true);
+  if (before[0] + before[1] > pages / 50) GTEST_SKIP() << "cannot evict the rank files from the page cache here";
+  for (LoadMode mode : {LoadMode::Map, LoadMode::Copy}) {
+    evict_and_count(true);
+    auto model = build_skeleton([] { return tp_model(4, 1024, 4096, 4); });
+    LoadOptions options;
+    options.mode = mode;
+    options.parallel = ParallelPlan{1, 4, kSplits};
+    options.drop_read_pages = false;  // what was read stays cached, to be counted
+    load(*model, index, options);
+    EXPECT_EQ(compare_parts(*model, StateDict::open(full), 1, 4), "");
+    const auto [after, all] = evict_and_count(false);
+    std::printf("%s: %zu + %zu of %zu pages cached after loading rank 1 of 4\n", mode == LoadMode::Map ? "map" : "copy",
+                after[0], after[1], all);
+    EXPECT_LT(after[0] + after[1], all / 4 + all / 10) << "read more than its share";
+    EXPECT_GT(after[0] + after[1], all / 4 - all / 50) << "did not read its share";
+    // Rank 1's file holds none of its part, only replicated tensors of 4 KiB, each read
+    // with the device's read-ahead (up to 8 MiB here): a fraction of the file, not its parts.
+    EXPECT_LT(after[1], all / 8) << "read rank 1's parts, which hold none of its part";
+  }
 }
 
 TEST(DistributedSave, ModelsThatDifferAcrossRanksAreRefusedOnEveryRankAndNothingIsWritten) {

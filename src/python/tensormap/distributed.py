@@ -148,8 +148,8 @@ def save_distributed(obj: Union[torch.nn.Module, dict], path, splits: Sequence[T
         total = sum(n if d < 0 else n * world for n, d in zip(nbytes, dims))
         _C.publish_distributed_index(path, whole, split, total, sync)
 
-    def finish(handle):
-        _agree(dist, group, world, _attempt(handle.wait) if handle is not None else None)
+    def finish(handle, start_failure=None):
+        _agree(dist, group, world, start_failure or (_attempt(handle.wait) if handle is not None else None))
         _agree(dist, group, world, _attempt(commit) if rank == 0 else None)
 
     from . import save
@@ -161,8 +161,10 @@ def save_distributed(obj: Union[torch.nn.Module, dict], path, splits: Sequence[T
             if own:
                 handle[0] = save(own, target, sync=sync, background=True)
 
-        _agree(dist, group, world, _attempt(start))
-        return DistributedSave(lambda: finish(handle[0]), handle[0])
+        # No agreement here: the call returns without waiting for the other ranks' forks; a
+        # rank whose save did not start says so at wait(), which every rank calls.
+        failure = _attempt(start)
+        return DistributedSave(lambda: finish(handle[0], failure), handle[0])
     _agree(dist, group, world, _attempt(lambda: save(own, target, sync=sync) if own else None))
     finish(None)
     return None
