@@ -93,6 +93,16 @@ inline std::pair<size_t, size_t> cached_pages(const std::string& path) {
   return {cached, in_core.size()};
 }
 
+// Asks the kernel to drop `path`'s clean pages from the page cache (a file written with
+// fsync has none dirty); whether it did is for cached_pages to say.
+inline bool evict_page_cache(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) return false;
+  const bool asked = ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) == 0;
+  ::close(fd);
+  return asked;
+}
+
 inline std::vector<unsigned char> read_bytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   return std::vector<unsigned char>(std::istreambuf_iterator<char>(in), {});

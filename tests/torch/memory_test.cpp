@@ -270,12 +270,6 @@ double cached(const std::string& path) {
   return static_cast<double>(in_cache) / static_cast<double>(pages);
 }
 
-void evict_page_cache(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY);
-  ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
-  ::close(fd);
-}
-
 // A cold copy-mode load of 1 GiB leaves under 5% of the file in the page cache: the
 // process's owned copy is the one copy in memory. A warm file stays cached, and
 // drop_read_pages = false keeps what it read (the test can tell the difference).

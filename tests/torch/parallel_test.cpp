@@ -328,17 +328,11 @@ TEST(ParallelLoad, ARankReadsOnlyItsShareOfTheFile) {
   TempDir dir;
   const std::string path = dir.file("full.tmap");
   write_full_model(path, 4, 1024, 4096, Format::Tensormap, /*sync=*/true);  // 128 MiB
-  {
-    const int fd = ::open(path.c_str(), O_RDONLY);
-    ASSERT_EQ(::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED), 0);
-    ::close(fd);
-  }
+  ASSERT_TRUE(evict_page_cache(path));
   const auto [before, total] = cached_pages(path);
   if (before > total / 50) GTEST_SKIP() << "cannot evict the file from the page cache here";
   for (LoadMode mode : {LoadMode::Map, LoadMode::Copy}) {
-    const int fd = ::open(path.c_str(), O_RDONLY);
-    ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
-    ::close(fd);
+    evict_page_cache(path);
     auto model = build_skeleton([] { return tp_model(4, 1024, 4096, 4); });
     LoadOptions options;
     options.mode = mode;
@@ -677,6 +671,16 @@ c10::intrusive_ptr<c10d::ProcessGroup> process_group(const c10::intrusive_ptr<c1
 #endif
 }
 
+// Runs `body` in `world` child processes, each given its rank and a process group of them
+// all over a FileStore at `store` (a path no other job uses); "" when every rank returned 0.
+std::string on_ranks(int world, const std::string& store,
+                     const std::function<int(int rank, c10d::ProcessGroup& group)>& body) {
+  return run_children(world, [&](int rank) {
+    auto group = process_group(c10::make_intrusive<c10d::FileStore>(store, world), rank, world);
+    return body(rank, *group);
+  });
+}
+
 // A port that was free a moment ago, for a TCPStore.
 uint16_t free_port() {
   const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
@@ -726,12 +730,10 @@ TEST(Distributed, FourRanksReadTheirOwnPartsFromSharedStorageOverAFileStore) {
   const std::string path = dir.file("full.tmap");
   write_full_model(path, 2, 16, 64);
   const std::string store = dir.file("store");
-  EXPECT_EQ(run_children(4,
-                         [&](int rank) {
-                           auto group = process_group(c10::make_intrusive<c10d::FileStore>(store, 4), rank, 4);
-                           return load_and_check(*group, path, path, -1, LoadMode::Map);
-                         }),
-            "");
+  EXPECT_EQ(
+      on_ranks(4, store,
+               [&](int, c10d::ProcessGroup& group) { return load_and_check(group, path, path, -1, LoadMode::Map); }),
+      "");
 }
 
 // Only rank 0 can read the checkpoint (the others are given a path that does not exist):
@@ -766,14 +768,13 @@ TEST(DistributedSave, SavedAtTwoRanksLoadsWholeAndAtOneTwoAndFourRanks) {
   const std::string index = dir.file("ckpt.tmap.index.json");
   for (int round = 0; round < 2; ++round) {
     const std::string store = dir.file("store-save-" + std::to_string(round));
-    EXPECT_EQ(run_children(2,
-                           [&](int rank) {
-                             auto group = process_group(c10::make_intrusive<c10d::FileStore>(store, 2), rank, 2);
-                             auto model = build_skeleton([&] { return tp_model(2, 16, 64, 2); });
-                             load_distributed(*model, full, *group, kSplits);
-                             save_distributed(*model, index, *group, kSplits);
-                             return 0;
-                           }),
+    EXPECT_EQ(on_ranks(2, store,
+                       [&](int, c10d::ProcessGroup& group) {
+                         auto model = build_skeleton([&] { return tp_model(2, 16, 64, 2); });
+                         load_distributed(*model, full, group, kSplits);
+                         save_distributed(*model, index, group, kSplits);
+                         return 0;
+                       }),
               "")
         << "round " << round;
   }
@@ -799,21 +800,19 @@ TEST(DistributedSave, SavedAtTwoRanksLoadsWholeAndAtOneTwoAndFourRanks) {
   }
   for (int world : {2, 4}) {
     const std::string store = dir.file("store-load-" + std::to_string(world));
-    EXPECT_EQ(run_children(world,
-                           [&](int rank) {
-                             auto group =
-                                 process_group(c10::make_intrusive<c10d::FileStore>(store, world), rank, world);
-                             const int wrong = load_and_check(*group, index, full, -1, LoadMode::Map);
-                             if (wrong) return wrong;
-                             // A rank's part of a tensor split along dim 0 lies in one file:
-                             // in map mode, a view of that file's mapping.
-                             auto model = build_skeleton([&] { return tp_model(2, 16, 64, world); });
-                             load_distributed(*model, index, *group, kSplits);
-                             const auto& up = model->ptr(0)->as<Block>()->up->weight;
-                             const std::string mapped = file_mapped_at(up.data_ptr());
-                             const std::string want = "-rank0000" + std::to_string(rank * 2 / world) + "-of-00002";
-                             return mapped.find(want) != std::string::npos ? 0 : 3;
-                           }),
+    EXPECT_EQ(on_ranks(world, store,
+                       [&](int rank, c10d::ProcessGroup& group) {
+                         const int wrong = load_and_check(group, index, full, -1, LoadMode::Map);
+                         if (wrong) return wrong;
+                         // A rank's part of a tensor split along dim 0 lies in one file:
+                         // in map mode, a view of that file's mapping.
+                         auto model = build_skeleton([&] { return tp_model(2, 16, 64, world); });
+                         load_distributed(*model, index, group, kSplits);
+                         const auto& up = model->ptr(0)->as<Block>()->up->weight;
+                         const std::string mapped = file_mapped_at(up.data_ptr());
+                         const std::string want = "-rank0000" + std::to_string(rank * 2 / world) + "-of-00002";
+                         return mapped.find(want) != std::string::npos ? 0 : 3;
+                       }),
               "")
         << "world " << world;
   }
@@ -827,21 +826,20 @@ TEST(DistributedSave, InTheBackgroundItHoldsTheValuesOfTheCall) {
   write_full_model(full, 2, 16, 64);
   const std::string index = dir.file("ckpt.tmap.index.json");
   const std::string store = dir.file("store");
-  EXPECT_EQ(run_children(2,
-                         [&](int rank) {
-                           auto group = process_group(c10::make_intrusive<c10d::FileStore>(store, 2), rank, 2);
-                           auto model = build_skeleton([&] { return tp_model(2, 16, 64, 2); });
-                           DistributedLoadOptions copy;  // owned memory, as training holds
-                           copy.load.mode = LoadMode::Copy;
-                           load_distributed(*model, full, *group, kSplits, copy);
-                           DistributedSaveHandle pending = save_distributed_async(*model, index, *group, kSplits);
-                           {
-                             torch::NoGradGuard no_grad;
-                             for (auto& p : model->parameters()) p.add_(1.0f);
-                           }
-                           pending.wait();
-                           return pending.done() ? 0 : 2;
-                         }),
+  EXPECT_EQ(on_ranks(2, store,
+                     [&](int, c10d::ProcessGroup& group) {
+                       auto model = build_skeleton([&] { return tp_model(2, 16, 64, 2); });
+                       DistributedLoadOptions copy;  // owned memory, as training holds
+                       copy.load.mode = LoadMode::Copy;
+                       load_distributed(*model, full, group, kSplits, copy);
+                       DistributedSaveHandle pending = save_distributed_async(*model, index, group, kSplits);
+                       {
+                         torch::NoGradGuard no_grad;
+                         for (auto& p : model->parameters()) p.add_(1.0f);
+                       }
+                       pending.wait();
+                       return pending.done() ? 0 : 2;
+                     }),
             "");
   const StateDict saved = StateDict::open(index), reference = StateDict::open(full);
   for (const std::string& name : reference.keys()) EXPECT_TRUE(saved.at(name).equal(reference.at(name))) << name;
@@ -859,32 +857,31 @@ TEST(DistributedSave, InTheBackgroundAFailureToStartOnOneRankIsThrownAtWaitOnEve
   TempDir dir;
   const std::string index = dir.file("ckpt.tmap.index.json");
   const std::string store = dir.file("store");
-  EXPECT_EQ(run_children(2,
-                         [&](int rank) {
-                           auto group = process_group(c10::make_intrusive<c10d::FileStore>(store, 2), rank, 2);
-                           auto model = tp_model(2, 16, 64, 2);
-                           if (rank == 1) {
-                             const int lowest_free = ::dup(0);
-                             ::close(lowest_free);
-                             struct rlimit limit {};
-                             ::getrlimit(RLIMIT_NOFILE, &limit);
-                             limit.rlim_cur = static_cast<rlim_t>(lowest_free);
-                             if (::setrlimit(RLIMIT_NOFILE, &limit) != 0) return 4;
-                           }
-                           DistributedSaveHandle pending;
-                           try {
-                             pending = save_distributed_async(*model, index, *group, kSplits);
-                           } catch (const Error&) {
-                             return 3;  // at the call: the other rank would wait alone
-                           }
-                           try {
-                             pending.wait();
-                           } catch (const Error& e) {
-                             const bool named = std::string(e.what()).rfind("rank 1 of 2: ", 0) == 0;
-                             return e.kind() == ErrorKind::Io && named ? 0 : 2;
-                           }
-                           return 1;
-                         }),
+  EXPECT_EQ(on_ranks(2, store,
+                     [&](int rank, c10d::ProcessGroup& group) {
+                       auto model = tp_model(2, 16, 64, 2);
+                       if (rank == 1) {
+                         const int lowest_free = ::dup(0);
+                         ::close(lowest_free);
+                         struct rlimit limit {};
+                         ::getrlimit(RLIMIT_NOFILE, &limit);
+                         limit.rlim_cur = static_cast<rlim_t>(lowest_free);
+                         if (::setrlimit(RLIMIT_NOFILE, &limit) != 0) return 4;
+                       }
+                       DistributedSaveHandle pending;
+                       try {
+                         pending = save_distributed_async(*model, index, group, kSplits);
+                       } catch (const Error&) {
+                         return 3;  // at the call: the other rank would wait alone
+                       }
+                       try {
+                         pending.wait();
+                       } catch (const Error& e) {
+                         const bool named = std::string(e.what()).rfind("rank 1 of 2: ", 0) == 0;
+                         return e.kind() == ErrorKind::Io && named ? 0 : 2;
+                       }
+                       return 1;
+                     }),
             "");
   for (const std::string& e : dir.entries()) EXPECT_EQ(e.find(".index.json"), std::string::npos) << e;
 }
@@ -898,14 +895,13 @@ TEST(DistributedSave, ARankOfAnotherWorldSizeReadsOnlyItsShareOfTheRankFiles) {
   write_full_model(full, 4, 1024, 4096);  // 128 MiB
   const std::string index = dir.file("ckpt.tmap.index.json");
   const std::string store = dir.file("store");
-  ASSERT_EQ(run_children(2,
-                         [&](int rank) {
-                           auto group = process_group(c10::make_intrusive<c10d::FileStore>(store, 2), rank, 2);
-                           auto model = build_skeleton([] { return tp_model(4, 1024, 4096, 2); });
-                           load_distributed(*model, full, *group, kSplits);
-                           save_distributed(*model, index, *group, kSplits);  // durable: evictable
-                           return 0;
-                         }),
+  ASSERT_EQ(on_ranks(2, store,
+                     [&](int, c10d::ProcessGroup& group) {
+                       auto model = build_skeleton([] { return tp_model(4, 1024, 4096, 2); });
+                       load_distributed(*model, full, group, kSplits);
+                       save_distributed(*model, index, group, kSplits);  // durable: evictable
+                       return 0;
+                     }),
             "");
   std::vector<std::string> rank_files;
   for (const std::string& e : dir.entries()) {
@@ -916,11 +912,7 @@ TEST(DistributedSave, ARankOfAnotherWorldSizeReadsOnlyItsShareOfTheRankFiles) {
     std::vector<size_t> cached;
     size_t pages = 0;
     for (const std::string& f : rank_files) {
-      if (evict) {
-        const int fd = ::open(f.c_str(), O_RDONLY);
-        ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
-        ::close(fd);
-      }
+      if (evict) evict_page_cache(f);
       const auto [in, total] = cached_pages(f);
       cached.push_back(in);
       pages += total;
@@ -953,18 +945,17 @@ TEST(DistributedSave, ModelsThatDifferAcrossRanksAreRefusedOnEveryRankAndNothing
   TempDir dir;
   const std::string index = dir.file("ckpt.tmap.index.json");
   const std::string store = dir.file("store");
-  EXPECT_EQ(run_children(2,
-                         [&](int rank) {
-                           auto group = process_group(c10::make_intrusive<c10d::FileStore>(store, 2), rank, 2);
-                           auto model = tp_model(2, 16, rank == 0 ? 64 : 32, 2);  // rank 1: another shape
-                           try {
-                             save_distributed(*model, index, *group, kSplits);
-                           } catch (const Error& e) {
-                             const bool named = std::string(e.what()).find("differ at tensor") != std::string::npos;
-                             return e.kind() == ErrorKind::ModelMismatch && named ? 0 : 2;
-                           }
-                           return 1;
-                         }),
+  EXPECT_EQ(on_ranks(2, store,
+                     [&](int rank, c10d::ProcessGroup& group) {
+                       auto model = tp_model(2, 16, rank == 0 ? 64 : 32, 2);  // rank 1: another shape
+                       try {
+                         save_distributed(*model, index, group, kSplits);
+                       } catch (const Error& e) {
+                         const bool named = std::string(e.what()).find("differ at tensor") != std::string::npos;
+                         return e.kind() == ErrorKind::ModelMismatch && named ? 0 : 2;
+                       }
+                       return 1;
+                     }),
             "");
   for (const std::string& e : dir.entries()) EXPECT_EQ(e.rfind("ckpt", 0), std::string::npos) << e;
 }
