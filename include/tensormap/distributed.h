@@ -118,9 +118,11 @@ class TENSORMAP_EXPORT DistributedSaveHandle {
 };
 
 // save_distributed, with each rank's file written by a child process from a snapshot of
-// the call (save_async's): the call blocks for the ranks' agreement on their models (a
-// mismatch throws here, on every rank) and this rank's fork, not the others'; a save that
-// could not start (fork refused, the folder missing) throws at wait(), on every rank.
+// the call (save_async's). The call makes no collective: it checks this rank's model and
+// forks, and returns. Everything that needs the other ranks happens in wait(): a save
+// that could not start on some rank (fork refused, the folder missing, a tensor without
+// data), and models that differ across ranks (ModelMismatch; each rank then removes the
+// file it wrote), throw there, on every rank.
 TENSORMAP_EXPORT DistributedSaveHandle
 save_distributed_async(const torch::nn::Module& module, const std::string& path, c10d::ProcessGroup& group,
                        const std::vector<std::pair<std::string, int64_t>>& splits, const SaveOptions& options = {});

@@ -76,7 +76,7 @@ class TENSORMAP_EXPORT SaveHandle {
 // child process (forked now) writes them. The file holds the values of the moment of the
 // call, whatever the caller writes into the tensors afterwards.
 //
-// Cost: the call blocks for the fork (its page tables: about 1-2 ms per GiB of state),
+// Cost: the call blocks for the fork (its page tables: some 10-30 ms per GiB of state),
 // plus a copy of any tensor that is not a contiguous CPU tensor. Memory: a page the
 // caller writes while the save runs is copied by the kernel, that page alone, unless the
 // child has already written it (it gives back each tensor's pages once written); nothing

@@ -4,12 +4,17 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <functional>
+#include <limits>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <random>
+#include <set>
 #include <unordered_set>
 
 #include "loading.h"
@@ -343,145 +348,246 @@ std::string parent_of(const std::string& path) {
   return slash == std::string::npos ? "." : path.substr(0, std::max<size_t>(slash, 1));
 }
 
-// A distributed save whose files are written (or, in the background, being written), and
-// whose commit is left: every rank's file, then rank 0's index.
+// What a rank knows of its model for a distributed save: per tensor, its name, the
+// dimension it is split along (-1: replicated), its (part's) shape and bytes; and the
+// table every rank's must equal (agree_on_models).
+struct Described {
+  std::vector<std::string> names;
+  std::vector<int64_t> dims;
+  std::vector<std::vector<int64_t>> shapes;
+  std::vector<uint64_t> bytes;
+  at::Tensor table;
+};
+
+// A distributed save whose file is written (or, in the background, being written), and
+// whose commit is left: the agreements the call did not make, then rank 0's index.
 struct PendingSave {
   std::string path;
   bool sync = true;
-  SaveHandle file;                        // a background save's child; empty once written
-  std::optional<Error> start;             // why this rank's background save did not start
-  std::optional<DistributedIndex> index;  // rank 0's
+  bool background = false;
+  Described model;
+  std::vector<int> owner;      // each replicated tensor's writer
+  int64_t id = 0;              // this rank's file's id (63 random bits)
+  SaveHandle file;             // a background save's child; empty once written
+  std::optional<Error> start;  // why this rank's background save did not start
 };
 
-// Steps 5 and 6 of a distributed save, on every rank together.
+std::string file_id(int64_t id) {
+  char text[17];
+  std::snprintf(text, sizeof text, "%016llx", static_cast<unsigned long long>(id));
+  return text;
+}
+
+Described describe(const std::vector<std::pair<std::string, at::Tensor>>& state, const std::string& path,
+                   const ParallelPlan& plan) {
+  const auto count = static_cast<int64_t>(state.size());
+  Described model;
+  model.table = at::zeros({count * kSaveFields + 1}, at::kLong);
+  auto t = model.table.accessor<int64_t, 1>();
+  t[count * kSaveFields] = count;
+  for (size_t i = 0; i < state.size(); ++i) {
+    const auto& [name, tensor] = state[i];
+    if (!tensor.defined() || is_released(tensor) || tensor.is_meta()) {
+      throw Error(ErrorKind::InvalidArgument, path + ": tensor " + quoted_name(name) + " holds no data to save");
+    }
+    if (tensor.dim() > static_cast<int64_t>(format::kMaxRank)) {
+      throw Error(ErrorKind::InvalidArgument, path + ": tensor " + quoted_name(name) + " has more than " +
+                                                  std::to_string(format::kMaxRank) + " dimensions");
+    }
+    int64_t dim = -1;
+    if (const auto split = plan.split_dim(name)) {
+      dim = *split < 0 ? *split + tensor.dim() : *split;
+      if (dim < 0 || dim >= tensor.dim()) {
+        throw Error(ErrorKind::InvalidArgument, path + ": the splits split dimension " + std::to_string(*split) +
+                                                    " of tensor " + quoted_name(name) + ", of rank " +
+                                                    std::to_string(tensor.dim()));
+      }
+    }
+    const int64_t at = static_cast<int64_t>(i) * kSaveFields;
+    t[at] = static_cast<int64_t>(std::hash<std::string>{}(name) >> 1);
+    t[at + 1] = dim;
+    t[at + 2] = static_cast<int64_t>(tensor.scalar_type());
+    t[at + 3] = tensor.dim();
+    for (int64_t d = 0; d < tensor.dim(); ++d) t[at + 4 + d] = tensor.size(d);
+    model.names.push_back(name);
+    model.dims.push_back(dim);
+    model.shapes.push_back(tensor.sizes().vec());
+    model.bytes.push_back(tensor.nbytes());
+  }
+  return model;
+}
+
+// The models agree: the same count first (the tables' lengths), then every field. Every
+// rank sees the same minima, so all throw alike.
+void agree_on_models(Group& group, const PendingSave& pending) {
+  const Described& model = pending.model;
+  const auto count = static_cast<int64_t>(model.names.size());
+  at::Tensor counts = at::tensor({count, -count}, at::kLong);
+  group.allreduce_min(counts);
+  if (counts[0].item<int64_t>() != -counts[1].item<int64_t>()) {
+    throw Error(ErrorKind::ModelMismatch, pending.path + ": the ranks' models have different numbers of tensors (" +
+                                              std::to_string(counts[0].item<int64_t>()) + " to " +
+                                              std::to_string(-counts[1].item<int64_t>()) + ")");
+  }
+  at::Tensor low = model.table.clone(), high = model.table.neg();
+  group.allreduce_min(low);
+  group.allreduce_min(high);
+  const at::Tensor differ = at::ne(low, high.neg()).nonzero();
+  if (differ.numel() > 0) {
+    const int64_t i = differ[0][0].item<int64_t>() / kSaveFields;
+    throw Error(ErrorKind::ModelMismatch, pending.path + ": the ranks' models differ at tensor " + std::to_string(i) +
+                                              " (" + quoted_name(model.names[static_cast<size_t>(i)]) +
+                                              " here): its name, split, dtype or shape");
+  }
+}
+
+// Who writes each replicated tensor: the rank with the fewest bytes so far. Every rank
+// works it out alone; ranks whose models agree work out the same.
+std::vector<int> owners(const Described& model, int world) {
+  std::vector<uint64_t> bytes(static_cast<size_t>(world), 0);
+  std::vector<int> owner(model.names.size(), -1);
+  for (size_t i = 0; i < model.names.size(); ++i) {
+    if (model.dims[i] >= 0) {
+      for (auto& b : bytes) b += model.bytes[i];
+    }
+  }
+  for (size_t i = 0; i < model.names.size(); ++i) {
+    if (model.dims[i] >= 0) continue;
+    owner[i] = static_cast<int>(std::min_element(bytes.begin(), bytes.end()) - bytes.begin());
+    bytes[static_cast<size_t>(owner[i])] += model.bytes[i];
+  }
+  return owner;
+}
+
+// The commit, on every rank together: a background save's outcome and agreement first;
+// then every rank's file id, and rank 0 publishes the index naming the files.
 void commit(Group& group, PendingSave& pending) {
-  agree(group, pending.start ? pending.start : attempt([&] { pending.file.wait(); }));
+  const int rank = group.rank(), world = group.size();
+  if (pending.background) {
+    agree(group, pending.start ? pending.start : attempt([&] { pending.file.wait(); }));
+    try {
+      agree_on_models(group, pending);
+    } catch (const Error&) {  // this rank's file is of no save: it goes now, not at the next
+      std::error_code ignored;
+      std::filesystem::remove(
+          parent_of(pending.path) + "/" + distributed_file_name(pending.path, file_id(pending.id), rank, world),
+          ignored);
+      throw;
+    }
+  }
+  at::Tensor ids = at::full({world}, std::numeric_limits<int64_t>::max(), at::kLong);
+  ids[rank] = pending.id;
+  group.allreduce_min(ids);
   agree(group, attempt([&] {
-          if (pending.index) publish_distributed_index(pending.path, *pending.index, pending.sync);
+          if (rank != 0) return;
+          const Described& model = pending.model;
+          auto file_of = [&](int r) {
+            return distributed_file_name(pending.path, file_id(ids[r].item<int64_t>()), r, world);
+          };
+          DistributedIndex index;
+          for (size_t i = 0; i < model.names.size(); ++i) {
+            if (model.dims[i] < 0) {
+              index.whole.emplace_back(model.names[i], file_of(pending.owner[i]));
+              index.total_size += model.bytes[i];
+              continue;
+            }
+            DistributedIndex::Split split{model.names[i], model.dims[i], model.shapes[i], {}};
+            split.shape[static_cast<size_t>(model.dims[i])] *= world;
+            for (int r = 0; r < world; ++r) split.files.push_back(file_of(r));
+            index.split.push_back(std::move(split));
+            index.total_size += model.bytes[i] * static_cast<uint64_t>(world);
+          }
+          publish_distributed_index(pending.path, index, pending.sync);
         }));
 }
 
+// The index paths of background distributed saves started in this process and not yet
+// waited for. Another save of the same checkpoint meanwhile is refused: its commit would
+// remove the files of the one in flight, which are not in the index yet.
+class InFlight {
+ public:
+  static std::string key(const std::string& path) {
+    std::error_code ignored;
+    return std::filesystem::absolute(path, ignored).lexically_normal().string();
+  }
+  static void refuse_if_saving(const std::string& path) {
+    std::lock_guard<std::mutex> lock(mutex());
+    if (paths().count(key(path)) > 0) {
+      throw Error(ErrorKind::InvalidArgument, path +
+                                                  ": a background distributed save of this checkpoint is in flight; "
+                                                  "wait() for its handle before saving it again");
+    }
+  }
+  static void add(const std::string& path) {
+    std::lock_guard<std::mutex> lock(mutex());
+    paths().insert(key(path));
+  }
+  static void remove(const std::string& path) {
+    std::lock_guard<std::mutex> lock(mutex());
+    paths().erase(key(path));
+  }
+
+ private:
+  static std::mutex& mutex() {
+    static std::mutex m;
+    return m;
+  }
+  static std::set<std::string>& paths() {
+    static std::set<std::string> p;
+    return p;
+  }
+};
+
+// Every rank writes its own file, named with an id of its own, atomically and (with
+// options.sync) durably. In the background a child process writes it (save_async) from a
+// snapshot taken now, and the call makes no collective: the ranks' agreement on their
+// models, and any rank's failure to start, wait for wait(). In the foreground the models
+// agree before anything is written.
 PendingSave save_over(const torch::nn::Module& module, const std::string& path, Group& group,
                       const std::vector<std::pair<std::string, int64_t>>& splits, const SaveOptions& options,
                       bool background) {
   const int rank = group.rank(), world = group.size();
-  const ParallelPlan plan{rank, world, splits};
   const auto state = named_state(module);
-  const auto count = static_cast<int64_t>(state.size());
-  std::vector<int64_t> dims(state.size(), -1);
-  at::Tensor table = at::zeros({count * kSaveFields + 1}, at::kLong);
+  PendingSave pending;
+  pending.path = path;
+  pending.sync = options.sync;
+  pending.background = background;
   std::optional<Error> failure = attempt([&] {
     if (options.format != Format::Tensormap) {
       throw Error(ErrorKind::InvalidArgument, path + ": a distributed save writes tensormap files only");
     }
     distributed_file_name(path, std::string(16, '0'), rank, world);  // checks the index's name
-    auto t = table.accessor<int64_t, 1>();
-    t[count * kSaveFields] = count;
-    for (size_t i = 0; i < state.size(); ++i) {
-      const auto& [name, tensor] = state[i];
-      if (!tensor.defined() || is_released(tensor) || tensor.is_meta()) {
-        throw Error(ErrorKind::InvalidArgument, path + ": tensor " + quoted_name(name) + " holds no data to save");
-      }
-      if (tensor.dim() > static_cast<int64_t>(format::kMaxRank)) {
-        throw Error(ErrorKind::InvalidArgument, path + ": tensor " + quoted_name(name) + " has more than " +
-                                                    std::to_string(format::kMaxRank) + " dimensions");
-      }
-      if (const auto dim = plan.split_dim(name)) {
-        const int64_t d = *dim < 0 ? *dim + tensor.dim() : *dim;
-        if (d < 0 || d >= tensor.dim()) {
-          throw Error(ErrorKind::InvalidArgument, path + ": the splits split dimension " + std::to_string(*dim) +
-                                                      " of tensor " + quoted_name(name) + ", of rank " +
-                                                      std::to_string(tensor.dim()));
-        }
-        dims[i] = d;
-      }
-      const int64_t at = static_cast<int64_t>(i) * kSaveFields;
-      t[at] = static_cast<int64_t>(std::hash<std::string>{}(name) >> 1);
-      t[at + 1] = dims[i];
-      t[at + 2] = static_cast<int64_t>(tensor.scalar_type());
-      t[at + 3] = tensor.dim();
-      for (int64_t d = 0; d < tensor.dim(); ++d) t[at + 4 + d] = tensor.size(d);
-    }
+    InFlight::refuse_if_saving(path);
+    pending.model = describe(state, path, ParallelPlan{rank, world, splits});
   });
-  agree(group, failure);
-  // 1. The models agree: the same count first (the tables' lengths), then every field.
-  at::Tensor counts = at::tensor({count, -count}, at::kLong);
-  group.allreduce_min(counts);
-  if (counts[0].item<int64_t>() != -counts[1].item<int64_t>()) {
-    throw Error(ErrorKind::ModelMismatch, path + ": the ranks' models have different numbers of tensors (" +
-                                              std::to_string(counts[0].item<int64_t>()) + " to " +
-                                              std::to_string(-counts[1].item<int64_t>()) + ")");
+  if (background && failure) {
+    pending.start = failure;
+    return pending;
   }
-  at::Tensor low = table.clone(), high = table.neg();
-  group.allreduce_min(low);
-  group.allreduce_min(high);
-  const at::Tensor differ = at::ne(low, high.neg()).nonzero();
-  if (differ.numel() > 0) {  // every rank sees the same tables: all throw alike
-    const int64_t i = differ[0][0].item<int64_t>() / kSaveFields;
-    throw Error(ErrorKind::ModelMismatch, path + ": the ranks' models differ at tensor " + std::to_string(i) + " (" +
-                                              quoted_name(state[static_cast<size_t>(i)].first) +
-                                              " here): its name, split, dtype or shape");
+  if (!background) {
+    agree(group, failure);
+    agree_on_models(group, pending);
   }
-  // 2. Who writes each replicated tensor: the rank with the fewest bytes so far.
-  std::vector<uint64_t> bytes(static_cast<size_t>(world), 0);
-  std::vector<int> owner(state.size(), -1);
-  for (size_t i = 0; i < state.size(); ++i) {
-    if (dims[i] >= 0) {
-      for (auto& b : bytes) b += state[i].second.nbytes();
-    }
-  }
-  for (size_t i = 0; i < state.size(); ++i) {
-    if (dims[i] >= 0) continue;
-    owner[i] = static_cast<int>(std::min_element(bytes.begin(), bytes.end()) - bytes.begin());
-    bytes[static_cast<size_t>(owner[i])] += state[i].second.nbytes();
-  }
-  // 3. This save's id, rank 0's, names every rank's file.
-  at::Tensor id_value = at::zeros({1}, at::kLong);
-  if (rank == 0) id_value[0] = static_cast<int64_t>(std::random_device{}() >> 1) << 32 | std::random_device{}();
-  group.broadcast(id_value, 0);
-  char id[17];
-  std::snprintf(id, sizeof id, "%016llx", static_cast<unsigned long long>(id_value[0].item<int64_t>()));
-  auto file_of = [&](int r) { return distributed_file_name(path, id, r, world); };
-  const std::string dir = parent_of(path);
-  // 4. Every rank writes its own file, atomically and (with options.sync) durably; in the
-  //    background, a child process does (save_async), from a snapshot taken now.
-  PendingSave pending{path, options.sync, {}, std::nullopt, std::nullopt};
+  pending.owner = owners(pending.model, world);
+  pending.id =
+      static_cast<int64_t>((static_cast<uint64_t>(std::random_device{}()) << 32 | std::random_device{}()) >> 1);
   failure = attempt([&] {
     std::vector<std::pair<std::string, at::Tensor>> own;
     for (size_t i = 0; i < state.size(); ++i) {
-      if (dims[i] >= 0 || owner[i] == rank) own.push_back(state[i]);
+      if (pending.model.dims[i] >= 0 || pending.owner[i] == rank) own.push_back(state[i]);
     }
     if (own.empty()) return;
+    const std::string file = parent_of(path) + "/" + distributed_file_name(path, file_id(pending.id), rank, world);
     if (background) {
-      pending.file = save_async(own, dir + "/" + file_of(rank), options);
+      pending.file = save_async(own, file, options);
     } else {
-      save(own, dir + "/" + file_of(rank), options);
+      save(own, file, options);
     }
   });
-  // In the background, the call returns without waiting for the other ranks' forks: a
-  // rank whose save did not start says so at wait(), which every rank calls.
   if (background) {
     pending.start = failure;
   } else {
     agree(group, failure);
-  }
-  // 5. What rank 0 commits once every file is in place: the index.
-  if (rank == 0) {
-    DistributedIndex index;
-    for (size_t i = 0; i < state.size(); ++i) {
-      const auto& [name, tensor] = state[i];
-      if (dims[i] < 0) {
-        index.whole.emplace_back(name, file_of(owner[i]));
-        index.total_size += tensor.nbytes();
-        continue;
-      }
-      DistributedIndex::Split split{name, dims[i], tensor.sizes().vec(), {}};
-      split.shape[static_cast<size_t>(dims[i])] *= world;
-      for (int r = 0; r < world; ++r) split.files.push_back(file_of(r));
-      index.split.push_back(std::move(split));
-      index.total_size += tensor.nbytes() * static_cast<uint64_t>(world);
-    }
-    pending.index = std::move(index);
   }
   return pending;
 }
@@ -491,6 +597,10 @@ PendingSave save_over(const torch::nn::Module& module, const std::string& path, 
 struct DistributedSaveHandle::State {
   std::unique_ptr<Group> group;
   PendingSave pending;
+  bool in_flight = false;  // registered with InFlight: a fork started
+  ~State() {
+    if (in_flight) InFlight::remove(pending.path);
+  }
 };
 
 DistributedSaveHandle::DistributedSaveHandle() = default;
@@ -524,6 +634,10 @@ DistributedSaveHandle save_later(const torch::nn::Module& module, const std::str
   auto state = std::make_unique<DistributedSaveHandle::State>();
   state->group = std::make_unique<GroupOf<C10dGroup>>(group);
   state->pending = save_over(module, path, *state->group, splits, options, true);
+  if (!state->pending.start) {
+    InFlight::add(path);
+    state->in_flight = true;
+  }
   return DistributedSaveHandle(std::move(state));
 }
 

@@ -85,6 +85,29 @@ elif action == "background-fails":
         handle.wait()
     except tensormap.Error as e:
         print("raised", e.kind, str(e).split(":")[0], flush=True)
+elif action in ("mismatch", "background-mismatch"):  # rank 1 holds one tensor more
+    state = dict(model.state_dict(), **({"extra": torch.zeros(3)} if rank == 1 else {}))
+    try:
+        handle = tensormap.save_distributed(state, index, splits, background=action == "background-mismatch")
+        if handle is not None:
+            handle.wait()
+    except tensormap.Error as e:
+        print("raised", e.kind, str(e).split(":")[0], flush=True)
+elif action == "in-flight":  # another save of a checkpoint whose background save is in flight
+    first = tensormap.save_distributed(model, index, splits, background=True)
+    for background in (False, True):
+        try:
+            later = tensormap.save_distributed(model, index, splits, background=background)
+            if later is not None:
+                later.wait()
+            print("not refused", flush=True)
+        except tensormap.Error as e:
+            print("refused", e.kind, "in flight" in str(e), flush=True)
+    first.wait()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(3.0)
+    tensormap.save_distributed(model, index, splits)
 elif action == "slow-save":
     print("ready", flush=True)
     tensormap.save_distributed(model, index, splits)
@@ -159,7 +182,8 @@ def test_saved_at_two_ranks_it_reads_whole_and_at_one_two_and_four(tmp_path):
     whole = whole_model(tmp_path)
     run_ranks(tmp_path, "save", 2)
     names = sorted(os.listdir(tmp_path))
-    rank_files = [n for n in names if n.startswith("ckpt-")]
+    # Each rank names its file with an id of its own: in rank order, not the names'.
+    rank_files = sorted((n for n in names if n.startswith("ckpt-")), key=lambda n: n[n.index("-rank"):])
     assert len(rank_files) == 2 and all(f.endswith(f"-rank0000{r}-of-00002.tmap") for r, f in enumerate(rank_files))
     index = json.loads((tmp_path / "ckpt.tmap.index.json").read_text())
     assert set(index["parts"]) == {f"{b}.{x}" for b in "01" for x in ("up.weight", "up.bias", "down.weight")}
@@ -245,3 +269,25 @@ def test_a_background_distributed_saves_error_is_raised_by_wait_on_every_rank(tm
     for out in outs:
         assert out.startswith("raised Io rank "), outs
     assert not any(n.startswith("x") for n in os.listdir(tmp_path))
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["foreground", "background"])
+def test_models_that_differ_across_ranks_fail_every_rank_and_leave_no_file(tmp_path, background):
+    """In the foreground the ranks agree before writing; in the background the call makes no
+    collective, so wait() finds the mismatch, and each rank removes the file it wrote."""
+    whole_model(tmp_path)
+    outs = run_ranks(tmp_path, "background-mismatch" if background else "mismatch", 2)
+    for out in outs:
+        assert out.startswith("raised ModelMismatch ") and "ckpt.tmap.index.json" in out, outs
+    assert not any(n.startswith("ckpt") for n in os.listdir(tmp_path)), os.listdir(tmp_path)
+
+
+def test_another_save_of_a_checkpoint_in_flight_is_refused_until_wait(tmp_path):
+    whole_model(tmp_path)
+    outs = run_ranks(tmp_path, "in-flight", 2)
+    for out in outs:
+        assert out.split("\n")[:2] == ["refused InvalidArgument True"] * 2, outs
+    with tensormap.open(tmp_path / "ckpt.tmap.index.json") as ckpt:
+        for name in ckpt.keys():
+            assert bool((ckpt.get_tensor(name) == 3.0).all()), name
+    assert len([n for n in os.listdir(tmp_path) if "-rank" in n]) == 2, os.listdir(tmp_path)

@@ -758,6 +758,19 @@ TEST(Distributed, OnlyRankZeroHasTheFileAndSendsTheOthersTheirPartsOverATcpStore
 
 // --- distributed saves -------------------------------------------------------------------
 
+// The rank files of the checkpoint "ckpt" in `dir`, in rank order (each rank names its
+// file with an id of its own, so the names sort by id first).
+std::vector<std::string> rank_files(const TempDir& dir) {
+  std::vector<std::string> files;
+  for (const std::string& e : dir.entries()) {
+    if (e.rfind("ckpt", 0) == 0 && e.find("-rank") != std::string::npos) files.push_back(e);
+  }
+  std::sort(files.begin(), files.end(), [](const std::string& a, const std::string& b) {
+    return a.substr(a.find("-rank")) < b.substr(b.find("-rank"));
+  });
+  return files;
+}
+
 // Saved from 2 ranks (each holding its part of a reference model), twice: the second save
 // replaces the first, whose files go. The result reads as the whole model, and loads at
 // 1, 2 and 4 ranks, bit-identical to the reference.
@@ -778,13 +791,13 @@ TEST(DistributedSave, SavedAtTwoRanksLoadsWholeAndAtOneTwoAndFourRanks) {
               "")
         << "round " << round;
   }
-  std::vector<std::string> files;
-  for (const std::string& e : dir.entries()) {
-    if (e.rfind("ckpt", 0) == 0) files.push_back(e);
-  }
-  ASSERT_EQ(files.size(), 3u) << "the index and the second save's two rank files";
-  EXPECT_NE(files[0].find("-rank00000-of-00002.tmap"), std::string::npos) << files[0];
-  EXPECT_NE(files[1].find("-rank00001-of-00002.tmap"), std::string::npos) << files[1];
+  size_t files = 0;
+  for (const std::string& e : dir.entries()) files += e.rfind("ckpt", 0) == 0;
+  EXPECT_EQ(files, 3u) << "the index and the second save's two rank files";
+  const std::vector<std::string> ranks = rank_files(dir);
+  ASSERT_EQ(ranks.size(), 2u);
+  EXPECT_NE(ranks[0].find("-rank00000-of-00002.tmap"), std::string::npos) << ranks[0];
+  EXPECT_NE(ranks[1].find("-rank00001-of-00002.tmap"), std::string::npos) << ranks[1];
 
   const StateDict whole = StateDict::open(index), reference = StateDict::open(full);
   EXPECT_EQ(whole.keys().size(), reference.keys().size());
@@ -903,15 +916,13 @@ TEST(DistributedSave, ARankOfAnotherWorldSizeReadsOnlyItsShareOfTheRankFiles) {
                        return 0;
                      }),
             "");
-  std::vector<std::string> rank_files;
-  for (const std::string& e : dir.entries()) {
-    if (e.rfind("ckpt", 0) == 0 && e.find("-rank") != std::string::npos) rank_files.push_back(dir.file(e));
-  }
-  ASSERT_EQ(rank_files.size(), 2u);
+  std::vector<std::string> ranks;
+  for (const std::string& e : rank_files(dir)) ranks.push_back(dir.file(e));
+  ASSERT_EQ(ranks.size(), 2u);
   auto evict_and_count = [&](bool evict) {
     std::vector<size_t> cached;
     size_t pages = 0;
-    for (const std::string& f : rank_files) {
+    for (const std::string& f : ranks) {
       if (evict) evict_page_cache(f);
       const auto [in, total] = cached_pages(f);
       cached.push_back(in);
@@ -941,23 +952,69 @@ TEST(DistributedSave, ARankOfAnotherWorldSizeReadsOnlyItsShareOfTheRankFiles) {
   }
 }
 
-TEST(DistributedSave, ModelsThatDifferAcrossRanksAreRefusedOnEveryRankAndNothingIsWritten) {
+// In the foreground the models agree before anything is written; in the background the
+// call makes no collective, so wait() finds the mismatch, and each rank removes its file.
+TEST(DistributedSave, ModelsThatDifferAcrossRanksAreRefusedOnEveryRankAndLeaveNoFile) {
+  for (const bool background : {false, true}) {
+    TempDir dir;
+    const std::string index = dir.file("ckpt.tmap.index.json");
+    EXPECT_EQ(on_ranks(2, dir.file("store"),
+                       [&](int rank, c10d::ProcessGroup& group) {
+                         auto model = tp_model(2, 16, rank == 0 ? 64 : 32, 2);  // rank 1: another shape
+                         try {
+                           if (background) {
+                             DistributedSaveHandle pending = save_distributed_async(*model, index, group, kSplits);
+                             pending.wait();
+                           } else {
+                             save_distributed(*model, index, group, kSplits);
+                           }
+                         } catch (const Error& e) {
+                           const bool named = std::string(e.what()).find("differ at tensor") != std::string::npos;
+                           return e.kind() == ErrorKind::ModelMismatch && named ? 0 : 2;
+                         }
+                         return 1;
+                       }),
+              "")
+        << (background ? "background" : "foreground");
+    for (const std::string& e : dir.entries()) EXPECT_EQ(e.rfind("ckpt", 0), std::string::npos) << e;
+  }
+}
+
+// While a background save of a checkpoint is in flight, another save of it (whose commit
+// would remove the files of the first, not yet in the index) is refused on every rank;
+// after wait() it goes ahead, and the checkpoint is the second save's.
+TEST(DistributedSave, ASecondSaveOfACheckpointInFlightIsRefusedUntilWait) {
   TempDir dir;
   const std::string index = dir.file("ckpt.tmap.index.json");
-  const std::string store = dir.file("store");
-  EXPECT_EQ(on_ranks(2, store,
-                     [&](int rank, c10d::ProcessGroup& group) {
-                       auto model = tp_model(2, 16, rank == 0 ? 64 : 32, 2);  // rank 1: another shape
-                       try {
-                         save_distributed(*model, index, group, kSplits);
-                       } catch (const Error& e) {
-                         const bool named = std::string(e.what()).find("differ at tensor") != std::string::npos;
-                         return e.kind() == ErrorKind::ModelMismatch && named ? 0 : 2;
+  EXPECT_EQ(on_ranks(2, dir.file("store"),
+                     [&](int, c10d::ProcessGroup& group) {
+                       auto model = tp_model(2, 16, 64, 2);
+                       DistributedSaveHandle first = save_distributed_async(*model, index, group, kSplits);
+                       for (const bool background : {false, true}) {
+                         try {
+                           if (background) {
+                             save_distributed_async(*model, index, group, kSplits).wait();
+                           } else {
+                             save_distributed(*model, index, group, kSplits);
+                           }
+                           return 1;
+                         } catch (const Error& e) {
+                           const bool said = std::string(e.what()).find("in flight") != std::string::npos;
+                           if (e.kind() != ErrorKind::InvalidArgument || !said) return 2;
+                         }
                        }
-                       return 1;
+                       first.wait();
+                       {
+                         torch::NoGradGuard no_grad;
+                         for (auto& p : model->parameters()) p.fill_(3.0f);
+                       }
+                       save_distributed(*model, index, group, kSplits);
+                       return 0;
                      }),
             "");
-  for (const std::string& e : dir.entries()) EXPECT_EQ(e.rfind("ckpt", 0), std::string::npos) << e;
+  const StateDict saved = StateDict::open(index);
+  for (const std::string& name : saved.keys()) EXPECT_TRUE(saved.at(name).eq(3.0f).all().item<bool>()) << name;
+  EXPECT_EQ(rank_files(dir).size(), 2u) << "the second save's files, and no other";
 }
 
 // Copy mode converts dtypes for a rank's parts too: a checkpoint in F64 loads into F32

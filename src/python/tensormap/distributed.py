@@ -31,6 +31,11 @@ def _matches(pattern: str, name: str) -> bool:
 # its own for gloo to drop.
 _held: List[torch.Tensor] = []
 
+# The index paths of background saves started here and not yet waited for. Another save of
+# the same checkpoint meanwhile is refused: its commit would remove the files of the one
+# in flight, which are not in the index yet.
+_in_flight: set = set()
+
 
 def _gather(dist, group, world: int, t: torch.Tensor) -> List[torch.Tensor]:
     out = [torch.zeros_like(t) for _ in range(world)]
@@ -70,16 +75,29 @@ class DistributedSave:
     file is written by a child process; ``wait()``, called by every rank together, waits
     for them, then commits (rank 0 writes the index). ``done()``: this rank's file only."""
 
-    def __init__(self, finish, handle):
-        self._finish, self._handle = finish, handle
+    def __init__(self, finish, handle, key: Optional[str]):
+        self._finish, self._handle, self._key = finish, handle, key
+        if key is not None:
+            _in_flight.add(key)
 
     def done(self) -> bool:
         return self._handle is None or self._handle.done()
 
     def wait(self) -> None:
         finish, self._finish = self._finish, None
-        if finish is not None:
-            finish()
+        try:
+            if finish is not None:
+                finish()
+        finally:
+            self._forget()
+
+    def _forget(self) -> None:
+        key, self._key = self._key, None
+        if key is not None:
+            _in_flight.discard(key)
+
+    def __del__(self):  # not waited for: its file is written, nothing is committed
+        self._forget()
 
 
 def save_distributed(obj: Union[torch.nn.Module, dict], path, splits: Sequence[Tuple[str, int]] = (), *,
@@ -93,10 +111,16 @@ def save_distributed(obj: Union[torch.nn.Module, dict], path, splits: Sequence[T
     _held.clear()  # the last save's: its collectives ended long ago
     dims: List[int] = [-1] * len(items)
     describe: List[tuple] = []
+    files: List[Optional[str]] = [None] * world
 
     def check():
         from . import _error
-        _C.distributed_file_name(path, "0" * 16, rank, world)  # the index's name
+        # This rank's file, named with an id of its own (the index names every file);
+        # checks the index's name too.
+        files[rank] = _C.distributed_file_name(path, secrets.token_hex(8), rank, world)
+        if os.path.abspath(path) in _in_flight:
+            raise _error("InvalidArgument", f"{path}: a background distributed save of this checkpoint is in "
+                         "flight; wait() for its handle before saving it again")
         for i, (name, t) in enumerate(items):
             if t.is_meta:
                 raise _error("InvalidArgument", f"{path}: tensor {name!r} holds no data to save")
@@ -110,34 +134,32 @@ def save_distributed(obj: Union[torch.nn.Module, dict], path, splits: Sequence[T
                     break
             describe.append((name, dims[i], str(t.dtype), tuple(t.shape)))
 
-    _agree(dist, group, world, _attempt(check))
-    # 1. The models agree: names, splits, dtypes, part shapes.
-    everyone: List[list] = [None] * world
-    dist.all_gather_object(everyone, describe, group=group)
-    for other in everyone:
-        if other != describe:
-            at = next((i for i, (a, b) in enumerate(zip(other, describe)) if a != b), min(len(other), len(describe)))
-            from . import _error
-            raise _error("ModelMismatch", f"{path}: the ranks' models differ at tensor {at}"
-                         + (f" ({items[at][0]!r} here)" if at < len(items) else "")
-                         + ": its name, split, dtype or shape")
-    # 2. Who writes each replicated tensor: the rank with the fewest bytes so far.
-    nbytes = [t.numel() * t.element_size() for _, t in items]
-    load = [sum(n for n, d in zip(nbytes, dims) if d >= 0)] * world
-    owner = [-1] * len(items)
-    for i, d in enumerate(dims):
-        if d < 0:
-            owner[i] = min(range(world), key=lambda r: (load[r], r))
-            load[owner[i]] += nbytes[i]
-    # 3. This save's id, rank 0's, names every rank's file.
-    box = [secrets.token_hex(8) if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0, group=group)
-    save_id = box[0]
-    folder = os.path.dirname(path) or "."
-    files = [_C.distributed_file_name(path, save_id, r, world) for r in range(world)]
-    own = {name: t for (name, t), d, o in zip(items, dims, owner) if d >= 0 or o == rank}
+    def agree_on_models(names):
+        """Every rank's description and file name: models that differ fail every rank."""
+        everyone: List[tuple] = [None] * world
+        dist.all_gather_object(everyone, (describe, names[rank]), group=group)
+        for other, _ in everyone:
+            if other != describe:
+                at = next((i for i, (a, b) in enumerate(zip(other, describe)) if a != b),
+                          min(len(other), len(describe)))
+                from . import _error
+                raise _error("ModelMismatch", f"{path}: the ranks' models differ at tensor {at}"
+                             + (f" ({items[at][0]!r} here)" if at < len(items) else "")
+                             + ": its name, split, dtype or shape")
+        names[:] = [name for _, name in everyone]
 
-    def commit():
+    def owners():
+        """Who writes each replicated tensor: the rank with the fewest bytes so far. Each
+        rank works it out alone; ranks whose models agree work out the same."""
+        load = [sum(n for n, d in zip(nbytes, dims) if d >= 0)] * world
+        owner = [-1] * len(items)
+        for i, d in enumerate(dims):
+            if d < 0:
+                owner[i] = min(range(world), key=lambda r: (load[r], r))
+                load[owner[i]] += nbytes[i]
+        return owner
+
+    def commit(files):
         whole = [(name, files[o]) for (name, _), d, o in zip(items, dims, owner) if d < 0]
         split = []
         for (name, t), d in zip(items, dims):
@@ -148,23 +170,47 @@ def save_distributed(obj: Union[torch.nn.Module, dict], path, splits: Sequence[T
         total = sum(n if d < 0 else n * world for n, d in zip(nbytes, dims))
         _C.publish_distributed_index(path, whole, split, total, sync)
 
-    def finish(handle, start_failure=None):
-        _agree(dist, group, world, start_failure or (_attempt(handle.wait) if handle is not None else None))
-        _agree(dist, group, world, _attempt(commit) if rank == 0 else None)
-
     from . import save
-    target = os.path.join(folder, files[rank])
+    folder = os.path.dirname(path) or "."
+    nbytes = [t.numel() * t.element_size() for _, t in items]
+    owner: List[int] = []
+
+    def own():
+        return {name: t for (name, t), d, o in zip(items, dims, owner) if d >= 0 or o == rank}
+
     if background:
+        # No collective here: the call checks this rank's model, forks and returns. The
+        # ranks' agreement, and any rank's failure to start, wait for wait().
         handle = [None]
 
         def start():
-            if own:
-                handle[0] = save(own, target, sync=sync, background=True)
+            check()
+            owner.extend(owners())
+            mine = own()
+            if mine:
+                handle[0] = save(mine, os.path.join(folder, files[rank]), sync=sync, background=True)
 
-        # No agreement here: the call returns without waiting for the other ranks' forks; a
-        # rank whose save did not start says so at wait(), which every rank calls.
         failure = _attempt(start)
-        return DistributedSave(lambda: finish(handle[0], failure), handle[0])
-    _agree(dist, group, world, _attempt(lambda: save(own, target, sync=sync) if own else None))
-    finish(None)
+
+        def finish():
+            _agree(dist, group, world, failure or (_attempt(handle[0].wait) if handle[0] is not None else None))
+            try:
+                agree_on_models(files)
+            except Exception:
+                if handle[0] is not None:  # this rank's file is of no save: it goes now
+                    try:
+                        os.unlink(os.path.join(folder, files[rank]))
+                    except OSError:
+                        pass
+                raise
+            _agree(dist, group, world, _attempt(lambda: commit(files)) if rank == 0 else None)
+
+        return DistributedSave(finish, handle[0], os.path.abspath(path) if failure is None else None)
+    _agree(dist, group, world, _attempt(check))
+    agree_on_models(files)
+    owner.extend(owners())
+    mine = own()
+    _agree(dist, group, world,
+           _attempt(lambda: save(mine, os.path.join(folder, files[rank]), sync=sync) if mine else None))
+    _agree(dist, group, world, _attempt(lambda: commit(files)) if rank == 0 else None)
     return None
