@@ -46,6 +46,8 @@ class FileWriterCore final : public WriterCore {
   Layout layout_;
   std::vector<unsigned char> safetensors_header_;  // known up front; tensormap's is not
   std::vector<uint64_t> checksums_;
+  // Pieces this large are hashed on a second thread while written (put()).
+  static constexpr size_t kHashAside = size_t{1} << 20;
   std::unique_ptr<XXH3_state_t, XXH_errorcode (*)(XXH3_state_t*)> hash_{nullptr, XXH3_freeState};
   std::unique_ptr<Output> output_;  // null once published or discarded
 };

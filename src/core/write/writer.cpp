@@ -7,6 +7,10 @@
 // The header, which holds the checksums, is written last.
 #include "tensormap/writer.h"
 
+#include <future>
+#include <system_error>
+#include <thread>
+
 #include "io/posix_io.h"
 #include "remote/s3_upload.h"
 #include "tensormap/error.h"
@@ -74,8 +78,23 @@ FileWriterCore::FileWriterCore(std::string path, std::vector<TensorSpec> tensors
 FileWriterCore::~FileWriterCore() = default;
 
 void FileWriterCore::put(const void* data, size_t size, size_t tensor, uint64_t at) {
-  output_->pwrite(data, size, layout_.offsets[tensor] + at);
-  XXH3_64bits_update(hash_.get(), data, size);
+  // A large piece is hashed on a second thread while this one writes it: the copy into
+  // the page cache and the hash each read the same bytes, and one need not wait for the
+  // other (where a second core is free, the hash costs no time: some 20% of a save).
+  static const bool two_cores = std::thread::hardware_concurrency() > 1;
+  std::future<void> hashed;
+  if (two_cores && size >= kHashAside) {
+    try {
+      hashed = std::async(std::launch::async, [&] { XXH3_64bits_update(hash_.get(), data, size); });
+    } catch (const std::system_error&) {  // no thread to be had: hash here, after the write
+    }
+  }
+  output_->pwrite(data, size, layout_.offsets[tensor] + at);  // on a throw, ~future joins the hash
+  if (hashed.valid()) {
+    hashed.get();
+  } else {
+    XXH3_64bits_update(hash_.get(), data, size);
+  }
 }
 
 void FileWriterCore::tensor_done(size_t tensor) {
