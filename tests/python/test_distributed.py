@@ -238,10 +238,11 @@ def test_a_kill_of_one_rank_at_any_point_leaves_the_old_checkpoint(tmp_path):
         for p in procs:
             p.wait()
             p.stdout.close()
-        if index.read_bytes() == old_index:
+        now = index.read_bytes()
+        if now == old_index:
             interrupted += 1  # the old checkpoint, whole
         else:
-            old_index, reference = index.read_bytes(), new_reference  # committed before its kill: the new one, whole
+            old_index, reference = now, new_reference  # committed before its kill: the new one, whole
         with tensormap.open(index) as ckpt:
             assert sorted(ckpt.keys()) == sorted(reference)
             for name, t in reference.items():
