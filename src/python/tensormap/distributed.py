@@ -27,8 +27,8 @@ def _matches(pattern: str, name: str) -> bool:
 # drop its last reference to a collective's tensors on a worker thread just after the
 # collective returns; were that the last reference, the worker would need the GIL, which
 # destroy_process_group holds while it joins the workers: a deadlock (fixed after 2.6 by
-# pytorch/pytorch#154976). Every save ends with an agreement, so it leaves no tensor of
-# its own for gloo to drop.
+# pytorch/pytorch#154976). Every collective of a save runs over these held tensors
+# (_gather, _exchange; never all_gather_object), so it leaves none for gloo to drop.
 _held: List[torch.Tensor] = []
 
 # The index paths of background saves started here and not yet waited for. Another save of
@@ -44,18 +44,23 @@ def _gather(dist, group, world: int, t: torch.Tensor) -> List[torch.Tensor]:
     return out
 
 
+def _exchange(dist, group, world: int, value) -> list:
+    """Every rank's `value` (JSON-able), in rank order, over _gather's held tensors (not
+    all_gather_object, whose tensors gloo could be the last to hold)."""
+    data = torch.tensor(bytearray(json.dumps(value).encode()), dtype=torch.uint8)
+    lengths = _gather(dist, group, world, torch.tensor([data.numel()], dtype=torch.int64))
+    longest = max(int(n) for n in lengths)
+    texts = _gather(dist, group, world, torch.cat([data, torch.zeros(longest - data.numel(), dtype=torch.uint8)]))
+    return [json.loads(bytes(t[:int(n)].tolist()).decode()) for t, n in zip(texts, lengths)]
+
+
 def _agree(dist, group, world: int, failure: Optional[Tuple[str, str]]) -> None:
     """Every rank learns whether any rank failed; all raise the lowest failing rank's error."""
     from . import _error
     failed = _gather(dist, group, world, torch.tensor([failure is not None], dtype=torch.int64))
     if not any(int(f) for f in failed):
         return
-    text = torch.tensor(bytearray(json.dumps(failure).encode()), dtype=torch.uint8)
-    lengths = _gather(dist, group, world, torch.tensor([text.numel()], dtype=torch.int64))
-    longest = max(int(n) for n in lengths)
-    texts = _gather(dist, group, world, torch.cat([text, torch.zeros(longest - text.numel(), dtype=torch.uint8)]))
-    for rank, (t, n) in enumerate(zip(texts, lengths)):
-        f = json.loads(bytes(t[:int(n)].tolist()).decode())
+    for rank, f in enumerate(_exchange(dist, group, world, failure)):
         if f is not None:
             raise _error(f[0], f"rank {rank} of {world}: {f[1]}")
 
@@ -136,12 +141,11 @@ def save_distributed(obj: Union[torch.nn.Module, dict], path, splits: Sequence[T
 
     def agree_on_models(names):
         """Every rank's description and file name: models that differ fail every rank."""
-        everyone: List[tuple] = [None] * world
-        dist.all_gather_object(everyone, (describe, names[rank]), group=group)
+        mine = json.loads(json.dumps(describe))  # as the others' arrive: lists, not tuples
+        everyone = _exchange(dist, group, world, [mine, names[rank]])
         for other, _ in everyone:
-            if other != describe:
-                at = next((i for i, (a, b) in enumerate(zip(other, describe)) if a != b),
-                          min(len(other), len(describe)))
+            if other != mine:
+                at = next((i for i, (a, b) in enumerate(zip(other, mine)) if a != b), min(len(other), len(mine)))
                 from . import _error
                 raise _error("ModelMismatch", f"{path}: the ranks' models differ at tensor {at}"
                              + (f" ({items[at][0]!r} here)" if at < len(items) else "")
