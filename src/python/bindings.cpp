@@ -194,7 +194,8 @@ void bind_loading(py::module_& m) {
   m.def(
       "load",
       [](const std::vector<std::tuple<std::string, at::Tensor, bool>>& tensors, const StateDict& state,
-         const std::string& mode, bool strict, bool verify_checksums, bool drop_read_pages) {
+         const std::string& mode, bool strict, bool verify_checksums, bool drop_read_pages,
+         const std::optional<std::tuple<int64_t, int64_t, std::vector<std::pair<std::string, int64_t>>>>& part) {
         std::vector<Entry> entries;
         for (const auto& [name, tensor, buffer] : tensors) entries.push_back({name, tensor, buffer});
         const auto proxy = proxy_of(entries);
@@ -203,6 +204,15 @@ void bind_loading(py::module_& m) {
         options.strict = strict;
         options.verify_checksums = verify_checksums;
         options.drop_read_pages = drop_read_pages;
+        if (part) {
+          const auto& [rank, world_size, splits] = *part;
+          if (world_size < 1 || rank < 0 || rank >= world_size) {
+            throw Error(ErrorKind::InvalidArgument, state.checkpoint().path() + ": rank " + std::to_string(rank) +
+                                                        " of a world of " + std::to_string(world_size) +
+                                                        " ranks: the rank must be in [0, world_size)");
+          }
+          options.parallel = ParallelPlan{rank, world_size, splits};
+        }
         LoadReport report;
         {
           InterruptCheckScope interruptible(python_signals());
@@ -212,7 +222,7 @@ void bind_loading(py::module_& m) {
         return report_dict(report);
       },
       py::arg("tensors"), py::arg("state"), py::arg("mode"), py::arg("strict"), py::arg("verify_checksums"),
-      py::arg("drop_read_pages"));
+      py::arg("drop_read_pages"), py::arg("part") = py::none());
   m.def(
       "prefault",
       [](const std::vector<std::tuple<std::string, at::Tensor, bool>>& tensors, int threads,

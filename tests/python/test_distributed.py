@@ -71,6 +71,14 @@ elif action == "check":  # this rank's part, read from the index, against the wh
             else:
                 got = got[:]
             assert torch.equal(got, t), name
+elif action == "load-part":  # this rank's part loaded from the index, each mode, checked against the whole
+    with tensormap.open(os.path.join(folder, "full.tmap")) as full:
+        for mode in ("map", "copy"):
+            mine = model_for(world)
+            report = tensormap.load(mine, index, mode=mode, splits=splits)  # rank, world: torch.distributed's
+            assert report.complete, report
+            for name, t in mine.state_dict().items():
+                assert torch.equal(t, part(full, name, rank, world)), (mode, name)
 elif action == "background":
     handle = tensormap.save_distributed(model, index, splits, background=True)
     with torch.no_grad():
@@ -199,6 +207,7 @@ def test_saved_at_two_ranks_it_reads_whole_and_at_one_two_and_four(tmp_path):
             assert torch.equal(a, b), (mode, name)
     run_ranks(tmp_path, "check", 2)
     run_ranks(tmp_path, "check", 4)
+    run_ranks(tmp_path, "load-part", 4)  # tensormap.load(..., splits=) at another world size
     # The command line reads it as one model.
     r = subprocess.run([CLI, "verify", str(tmp_path / "ckpt.tmap.index.json")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

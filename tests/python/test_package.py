@@ -911,6 +911,31 @@ def test_ctrl_c_aborts_a_save_or_convert_keeping_the_old_file_and_no_temporary(t
 # --- saves in the background -------------------------------------------------------------
 
 
+def test_load_with_splits_gives_a_rank_its_part_and_refuses_a_rank_out_of_the_world(tmp_path):
+    torch.manual_seed(3)
+    whole = {"up.weight": torch.randn(8, 6), "down.weight": torch.randn(6, 8), "norm": torch.randn(6)}
+    tensormap.save(whole, tmp_path / "whole.tmap")
+    splits = [("up.*", 0), ("down.*", 1)]
+    for mode in ("map", "copy"):
+        for rank in range(2):
+            model = nn.Module()  # rank `rank`'s part: up split along dim 0, down along dim 1
+            model.up, model.down = nn.Linear(6, 4, bias=False), nn.Linear(4, 6, bias=False)
+            model.norm = nn.Parameter(torch.empty(6))
+            report = tensormap.load(model, tmp_path / "whole.tmap", mode=mode, splits=splits, rank=rank, world_size=2)
+            assert report.complete
+            assert torch.equal(model.up.weight, whole["up.weight"][rank * 4:(rank + 1) * 4]), (mode, rank)
+            assert torch.equal(model.down.weight, whole["down.weight"][:, rank * 4:(rank + 1) * 4]), (mode, rank)
+            assert torch.equal(model.norm, whole["norm"]), (mode, rank)
+    model = nn.Module()
+    model.up = nn.Linear(6, 4, bias=False)
+    with pytest.raises(tensormap.Error) as raised:
+        tensormap.load(model, tmp_path / "whole.tmap", splits=splits, rank=2, world_size=2, strict=False)
+    assert raised.value.kind == "InvalidArgument" and "rank 2 of a world of 2" in str(raised.value)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        with pytest.raises(ValueError, match="needs rank and world_size"):
+            tensormap.load(model, tmp_path / "whole.tmap", splits=splits, strict=False)
+
+
 def test_a_background_save_holds_the_values_of_the_moment_of_the_call(tmp_path):
     torch.manual_seed(0)
     model = Net()

@@ -263,8 +263,9 @@ def _open_state(source) -> "_C.StateDict":
 
 
 def load(module: torch.nn.Module, path: Union[PathLike, "Checkpoint"], mode: str = "auto",
-         strict: bool = True, *, verify_checksums: bool = True,
-         drop_read_pages: bool = True) -> LoadReport:
+         strict: bool = True, *, verify_checksums: bool = True, drop_read_pages: bool = True,
+         splits: Optional[Sequence[Tuple[str, int]]] = None, rank: Optional[int] = None,
+         world_size: Optional[int] = None) -> LoadReport:
     """Bind every parameter and persistent buffer of ``module`` to the checkpoint.
 
     ``path`` is any checkpoint :func:`open` reads (or a :class:`Checkpoint`); tensors are
@@ -288,10 +289,28 @@ def load(module: torch.nn.Module, path: Union[PathLike, "Checkpoint"], mode: str
     ``verify_checksums`` (copy mode, on by default) checks each tensor of a tensormap file
     against its XXH3-64 as it is read, for about 4% of the load's time; in map mode,
     ``prefault(model, verify=path)`` checks.
+
+    ``splits`` (tensor parallelism; ``[(pattern, dim), ...]`` as :func:`save_distributed`
+    takes): ``module`` is rank ``rank``'s part of a model split among ``world_size`` ranks
+    (both default to ``torch.distributed``'s, once it is initialized): each tensor whose
+    name matches a pattern is split along ``dim`` in equal parts, and this rank loads part
+    ``rank``, reading only its bytes; the rest load whole. Any checkpoint works, whatever
+    world size saved it (a save_distributed index at another world size included). No
+    collective runs: every rank reads on its own.
     """
     state = _open_state(path)
+    part = None
+    if splits is not None or rank is not None or world_size is not None:
+        if rank is None or world_size is None:
+            import torch.distributed as dist
+            if not (dist.is_available() and dist.is_initialized()):
+                raise ValueError(f"{path}: a load with splits needs rank and world_size, or torch.distributed "
+                                 "initialized to give them")
+            rank = dist.get_rank() if rank is None else rank
+            world_size = dist.get_world_size() if world_size is None else world_size
+        part = (int(rank), int(world_size), [(str(p), int(d)) for p, d in (splits or ())])
     _unmeta(module)
-    report = _C.load(_state_entries(module), state, mode, strict, verify_checksums, drop_read_pages)
+    report = _C.load(_state_entries(module), state, mode, strict, verify_checksums, drop_read_pages, part)
     return LoadReport(report["loaded"], report["missing"], report["unexpected"], report["mismatched"])
 
 
