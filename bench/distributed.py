@@ -36,6 +36,7 @@ from training import write_results  # noqa: E402
 RANK = r"""
 import json, os, sys, time, torch, torch.distributed as dist
 import tensormap
+from process_pages import private_kib, rss_anon_kib  # bench/, on the ranks' path
 engine, action, folder, rank, world, mib = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), \
     int(sys.argv[5]), int(sys.argv[6])
 dist.init_process_group("gloo", init_method="file://" + os.path.join(folder, f"store-{action}-{world}"), rank=rank,
@@ -48,9 +49,42 @@ def sums(tensors):
     return [float(t.double().sum()) for t in tensors]
 
 
+activations = torch.randn(512, 512)
+
+
+def train_until(done, sample):
+    # Training steps while the save runs: 0.2 s of compute (a matmul loop), then one write
+    # of every weight, as an optimizer's update; the extra memory sampled as it goes.
+    steps, peak = 0, sample()
+    while True:
+        until = time.perf_counter() + 0.2
+        while time.perf_counter() < until and not done():
+            activations.copy_(torch.tanh(activations @ activations) * 0.1)
+            peak = max(peak, sample())
+        for k, t in enumerate(local.values()):
+            t.add_(1.0)
+            if k % 4 == 3:
+                peak = max(peak, sample())
+        steps += 1
+        if done():
+            return steps, max(peak, sample())
+
+
+def go_on(handle_pid, done, base_kib):
+    # After an async save's call: training until the save has written (its steps, and the
+    # extra memory at peak: a fork's child's own pages, else this process's growth).
+    if handle_pid is not None:
+        base = private_kib(handle_pid)
+        steps, peak = train_until(done, lambda: private_kib(handle_pid))
+        return steps, max(0, peak - base) / 1024
+    steps, peak = train_until(done, rss_anon_kib)
+    return steps, max(0, peak - base_kib) / 1024
+
+
 def save_once(i, last):  # save number i of this process; last: check it holds the values of the call
     at_call = sums(local.values()) if last else None
     dist.barrier()
+    base_kib = rss_anon_kib()
     t0 = time.perf_counter()
     if engine == "bare":  # the disk's limit: each rank's bytes written and made durable, no format
         with open(os.path.join(folder, f"bare-{rank}-{i}"), "wb") as f:
@@ -59,21 +93,25 @@ def save_once(i, last):  # save number i of this process; last: check it holds t
             f.flush()
             os.fsync(f.fileno())
         blocked = time.perf_counter() - t0
-        return blocked, blocked, None
+        return blocked, blocked, None, 0, 0.0
     if engine == "tensormap":
         index = os.path.join(folder, "ckpt.tmap.index.json")  # a later save replaces the one before
         handle = tensormap.save_distributed(local, index, [("*", 0)], background=action == "async")
         blocked = time.perf_counter() - t0
-        for t in local.values():
-            t.add_(1.0)  # training goes on
+        steps, extra = 0, 0.0
         if handle is not None:
+            child = handle._handle.pid if handle._handle is not None else None
+            steps, extra = go_on(child, handle.done, base_kib)  # training goes on
             handle.wait()
+        else:
+            for t in local.values():
+                t.add_(1.0)
         total = time.perf_counter() - t0
         if not last:
-            return blocked, total, None
+            return blocked, total, None, steps, extra
         with tensormap.open(index) as ckpt:
             mine = [ckpt.get_slice(f"w{i}")[rank * rows:(rank + 1) * rows] for i in range(count)]
-        return blocked, total, sums(mine) == at_call
+        return blocked, total, sums(mine) == at_call, steps, extra
     path = os.path.join(folder, f"ckpt-{i}.dcp")
     if action == "async":
         future = dcp.async_save(state, checkpoint_id=path)
@@ -84,16 +122,21 @@ def save_once(i, last):  # save number i of this process; last: check it holds t
     else:
         dcp.save(state, checkpoint_id=path)
     blocked = time.perf_counter() - t0
-    for t in local.values():
-        t.add_(1.0)
+    steps, extra = 0, 0.0
     if action != "save":
+        steps, extra = go_on(None, future.done, base_kib)
         future.result()
+    else:
+        for t in local.values():
+            t.add_(1.0)
     total = time.perf_counter() - t0
+    if action == "async-staged":
+        del staged  # the next save's base is without it
     if not last:
-        return blocked, total, None
+        return blocked, total, None, steps, extra
     back = {name: DTensor.from_local(torch.empty(rows, 1024), mesh, [Shard(0)], run_check=False) for name in local}
     dcp.load(back, checkpoint_id=path)
-    return blocked, total, sums([back[f"w{i}"].to_local() for i in range(count)]) == at_call
+    return blocked, total, sums([back[f"w{i}"].to_local() for i in range(count)]) == at_call, steps, extra
 
 
 out = {}
@@ -109,12 +152,13 @@ if action in ("save", "async", "async-staged"):
     # Two saves per process, as a training job saves every N steps: the first pays the
     # process's first-call costs; the second is the steady state. Both are reported.
     first = save_once(0, False)
-    blocked, total, snapshot = save_once(1, True)
+    blocked, total, snapshot, steps, extra = save_once(1, True)
     mine = {"blocked": blocked, "total": total, "snapshot": snapshot, "first_blocked": first[0],
-            "first_total": first[1]}
+            "first_total": first[1], "extra_mib": extra, "steps": steps}
     times = [None] * world
     dist.all_gather_object(times, mine)
-    out = {key: max(t[key] for t in times) for key in ("blocked", "total", "first_blocked", "first_total")}
+    out = {key: max(t[key] for t in times) for key in ("blocked", "total", "first_blocked", "first_total", "extra_mib")}
+    out["steps"] = min(t["steps"] for t in times)
     out["snapshot"] = all(t["snapshot"] for t in times)
 elif action == "reshard":  # world size 1: the whole model from the checkpoint saved at 2
     whole = {f"w{i}": torch.empty(8192, 1024) for i in range(count)}
@@ -165,7 +209,8 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     args = ap.parse_args()
     python = "/usr/bin/python3"
-    env = dict(os.environ, PYTHONPATH=os.path.abspath(args.python_package), USE_LIBUV="0", GLOO_SOCKET_IFNAME="lo",
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.abspath(args.python_package), os.path.join(ROOT, "bench")]),
+               USE_LIBUV="0", GLOO_SOCKET_IFNAME="lo",
                OMP_NUM_THREADS="1")
     engines = ["tensormap"] + (["dcp"] if dcp_available(python) else [])
     os.makedirs(args.work, exist_ok=True)
@@ -212,9 +257,11 @@ def main():
                                ("async save: the call blocks for (s)", "async", "blocked"),
                                ("... the first save of a process (s)", "async", "first_blocked"),
                                ("async save: ends after (s)", "async", "total"),
+                               ("async save: training steps meanwhile (the slower rank)", "async", "steps"),
+                               ("async save: extra memory at peak, per rank (MiB)", "async", "extra_mib"),
                                ("reshard: load the save of 2 ranks in one process (s)", "reshard", "total")):
         values = [med(e, action, key) for e in engines]
-        cells = [f"{v:.3f}" for v in values]
+        cells = [f"{v:.0f}" if key in ("steps", "extra_mib") else f"{v:.3f}" for v in values]
         ratio = f" {values[0] / values[1]:.2f}x |" if len(values) > 1 and values[1] > 0 else ""
         lines.append(f"| {label} | " + " | ".join(cells) + " |" + ratio)
     lines.append("| async save holds the values of the call | " + " | ".join(held(e, "async") for e in engines)
@@ -224,6 +271,10 @@ def main():
                             "blocked"), ("... the first save of a process (s)", "first_blocked")):
             ours, theirs = med("tensormap", "async", key), med("dcp", "async-staged", key)
             lines.append(f"| {label} | {ours:.3f} | {theirs:.3f} | {ours / theirs:.2f}x |")
+        ours, theirs = med("tensormap", "async", "extra_mib"), med("dcp", "async-staged", "extra_mib")
+        lines.append(f"| ... extra memory at peak, per rank (MiB) | {ours:.0f} | {theirs:.0f} | "
+                     f"{ours / theirs:.2f}x |" if theirs > 0 else f"| ... extra memory at peak, per rank (MiB) | "
+                     f"{ours:.0f} | {theirs:.0f} | |")
         lines.append(f"| ... and holds the values of the call | {held('tensormap', 'async')} | "
                      f"{held('dcp', 'async-staged')} | |")
     bare, bare_first = med("bare", "save", "total"), med("bare", "save", "first_total")
@@ -233,8 +284,11 @@ def main():
               + ", ".join(f"{e} {med(e, 'save', 'total') / bare:.2f}x ({med(e, 'save', 'first_total') / bare_first:.2f}x)"
                           for e in engines) + " that.",
               ""]
-    check = ("The async save's check: every rank adds 1 to every weight right after the call, then reads the "
-             "checkpoint back.")
+    check = ("After an async save's call, training goes on until the save is written: steps of 0.2 s of compute "
+             "(a matmul loop), then 1 added to every weight, as an optimizer's update. The check: the checkpoint "
+             "read back against every weight's sum at the call. Extra memory: for tensormap, the child's own "
+             "pages at their peak (the pages training wrote before they were saved); for DCP, the rank's growth "
+             "in anonymous memory (the staged copy, if any).")
     if "dcp" in engines:
         lines.append("`tensormap vs DCP`: tensormap's figure over DCP's (below 1: tensormap takes less). " + check
                      + " DCP's async_save copies only tensors off the CPU (its caching stager wants pinned memory, "

@@ -40,6 +40,7 @@ WORKER = r"""
 import json, os, sys, threading, time
 import torch
 import tensormap
+from process_pages import private_kib, rss_anon_kib  # bench/, on the workers' path
 
 strategy, folder, mib, writes = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 torch.manual_seed(0)
@@ -47,18 +48,6 @@ per = 16 << 20  # bytes per parameter
 model = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(per // 4)) for _ in range(mib * (1 << 20) // per)])
 for p in model:
     p.requires_grad_(False)
-
-
-def private_kib(pid):
-    total = 0
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith(("Private_Dirty:", "Private_Clean:")):
-                    total += int(line.split()[1])
-    except OSError:
-        pass
-    return total
 
 
 activations = torch.randn(512, 512)
@@ -82,14 +71,6 @@ def train_until(done, sample=None):
                 peak = max(peak, sample())
         steps += 1
     return steps, peak
-
-
-def rss_anon_kib():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1])
-    return 0
 
 
 # What each parameter held at the call, to check the checkpoint against: sums in float64.
@@ -169,7 +150,8 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     args = ap.parse_args()
     python = "/usr/bin/python3"
-    env = dict(os.environ, PYTHONPATH=os.path.abspath(args.python_package), USE_LIBUV="0")
+    env = dict(os.environ, USE_LIBUV="0",
+               PYTHONPATH=os.pathsep.join([os.path.abspath(args.python_package), os.path.join(ROOT, "bench")]))
     # (strategy, how training writes): the background saves under both kinds of training.
     strategies = [("tensormap-sync", "step"), ("tensormap-background", "step"),
                   ("tensormap-background", "continuous"), ("staging-copy", "step")]
