@@ -204,13 +204,8 @@ void bind_loading(py::module_& m) {
         options.strict = strict;
         options.verify_checksums = verify_checksums;
         options.drop_read_pages = drop_read_pages;
-        if (part) {
+        if (part) {  // load() checks the plan (check_plan: a rank in [0, world_size))
           const auto& [rank, world_size, splits] = *part;
-          if (world_size < 1 || rank < 0 || rank >= world_size) {
-            throw Error(ErrorKind::InvalidArgument, state.checkpoint().path() + ": rank " + std::to_string(rank) +
-                                                        " of a world of " + std::to_string(world_size) +
-                                                        " ranks: the rank must be in [0, world_size)");
-          }
           options.parallel = ParallelPlan{rank, world_size, splits};
         }
         LoadReport report;

@@ -378,6 +378,11 @@ std::string file_id(int64_t id) {
   return text;
 }
 
+// Where rank `rank` of `world` writes its file of the save of the index at `path`.
+std::string rank_file(const std::string& path, int64_t id, int rank, int world) {
+  return parent_of(path) + "/" + distributed_file_name(path, file_id(id), rank, world);
+}
+
 Described describe(const std::vector<std::pair<std::string, at::Tensor>>& state, const std::string& path,
                    const ParallelPlan& plan) {
   const auto count = static_cast<int64_t>(state.size());
@@ -469,9 +474,7 @@ void commit(Group& group, PendingSave& pending) {
       agree_on_models(group, pending);
     } catch (const Error&) {  // this rank's file is of no save: it goes now, not at the next
       std::error_code ignored;
-      std::filesystem::remove(
-          parent_of(pending.path) + "/" + distributed_file_name(pending.path, file_id(pending.id), rank, world),
-          ignored);
+      std::filesystem::remove(rank_file(pending.path, pending.id, rank, world), ignored);
       throw;
     }
   }
@@ -481,19 +484,20 @@ void commit(Group& group, PendingSave& pending) {
   agree(group, attempt([&] {
           if (rank != 0) return;
           const Described& model = pending.model;
-          auto file_of = [&](int r) {
-            return distributed_file_name(pending.path, file_id(ids[r].item<int64_t>()), r, world);
-          };
+          std::vector<std::string> files;  // every rank's file, by rank
+          for (int r = 0; r < world; ++r) {
+            files.push_back(distributed_file_name(pending.path, file_id(ids[r].item<int64_t>()), r, world));
+          }
           DistributedIndex index;
           for (size_t i = 0; i < model.names.size(); ++i) {
             if (model.dims[i] < 0) {
-              index.whole.emplace_back(model.names[i], file_of(pending.owner[i]));
+              index.whole.emplace_back(model.names[i], files[static_cast<size_t>(pending.owner[i])]);
               index.total_size += model.bytes[i];
               continue;
             }
             DistributedIndex::Split split{model.names[i], model.dims[i], model.shapes[i], {}};
             split.shape[static_cast<size_t>(model.dims[i])] *= world;
-            for (int r = 0; r < world; ++r) split.files.push_back(file_of(r));
+            split.files = files;
             index.split.push_back(std::move(split));
             index.total_size += model.bytes[i] * static_cast<uint64_t>(world);
           }
@@ -577,7 +581,7 @@ PendingSave save_over(const torch::nn::Module& module, const std::string& path, 
       if (pending.model.dims[i] >= 0 || pending.owner[i] == rank) own.push_back(state[i]);
     }
     if (own.empty()) return;
-    const std::string file = parent_of(path) + "/" + distributed_file_name(path, file_id(pending.id), rank, world);
+    const std::string file = rank_file(path, pending.id, rank, world);
     if (background) {
       pending.file = save_async(own, file, options);
     } else {

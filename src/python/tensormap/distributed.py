@@ -182,6 +182,9 @@ def save_distributed(obj: Union[torch.nn.Module, dict], path, splits: Sequence[T
     def own():
         return {name: t for (name, t), d, o in zip(items, dims, owner) if d >= 0 or o == rank}
 
+    def target():  # this rank's file, once check() has named it
+        return os.path.join(folder, files[rank])
+
     if background:
         # No collective here: the call checks this rank's model, forks and returns. The
         # ranks' agreement, and any rank's failure to start, wait for wait().
@@ -192,7 +195,7 @@ def save_distributed(obj: Union[torch.nn.Module, dict], path, splits: Sequence[T
             owner.extend(owners())
             mine = own()
             if mine:
-                handle[0] = save(mine, os.path.join(folder, files[rank]), sync=sync, background=True)
+                handle[0] = save(mine, target(), sync=sync, background=True)
 
         failure = _attempt(start)
 
@@ -203,7 +206,7 @@ def save_distributed(obj: Union[torch.nn.Module, dict], path, splits: Sequence[T
             except Exception:
                 if handle[0] is not None:  # this rank's file is of no save: it goes now
                     try:
-                        os.unlink(os.path.join(folder, files[rank]))
+                        os.unlink(target())
                     except OSError:
                         pass
                 raise
@@ -214,7 +217,6 @@ def save_distributed(obj: Union[torch.nn.Module, dict], path, splits: Sequence[T
     agree_on_models(files)
     owner.extend(owners())
     mine = own()
-    _agree(dist, group, world,
-           _attempt(lambda: save(mine, os.path.join(folder, files[rank]), sync=sync) if mine else None))
+    _agree(dist, group, world, _attempt(lambda: save(mine, target(), sync=sync) if mine else None))
     _agree(dist, group, world, _attempt(lambda: commit(files)) if rank == 0 else None)
     return None
