@@ -119,6 +119,10 @@ elif action == "in-flight":  # another save of a checkpoint whose background sav
 elif action == "slow-save":
     print("ready", flush=True)
     tensormap.save_distributed(model, index, splits)
+# A rank leaves only once every rank has its connections up: one that made no collective
+# (load-part) could otherwise close its end while a peer still builds gloo's full mesh
+# ("connectFullMesh failed ... Connection closed by peer"). Over held tensors, as saves do.
+tensormap.distributed._agree(dist, None, world, None)
 dist.destroy_process_group()
 """
 
