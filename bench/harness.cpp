@@ -12,7 +12,7 @@
 //   tensormap_harness save     --dir D --mib N --strategy tensormap|torch
 //   tensormap_harness hold     --dir D --mib N        map-load, fault in, wait for stdin
 //   tensormap_harness tp       --dir D --mib N --ranks R --mode map|copy [--source 0]
-//   tensormap_harness part     --dir D --mib N --ranks R --rank K --mode map|copy [--url U]
+//   tensormap_harness part     --dir D --mib N --ranks R --rank K --mode map|copy [--url U] [--resident] [--no-verify]
 //   tensormap_harness forward  --dir D --mib N --strategy S [--cold] [--passes 5] [--file F]
 //                              build, load, first forward pass, steady-state passes
 //   tensormap_harness huge     --dir D [--ratio 1.25]  a model larger than memory: cold
@@ -546,16 +546,22 @@ int cmd_part(const Args& a) {
   const int64_t mib = std::stoll(a.get("mib"));
   const int64_t ranks = std::stoll(a.get("ranks", "4")), rank = std::stoll(a.get("rank", "1"));
   at::set_num_threads(1);
-  auto model = tensormap::build_skeleton([&] { return make_model(mib, ranks); });
+  // --resident: into a model whose memory exists and was written (its init), as when a
+  // running server takes new weights; otherwise a skeleton, whose memory the load makes.
+  auto model =
+      a.has("resident") ? make_model(mib, ranks) : tensormap::build_skeleton([&] { return make_model(mib, ranks); });
   tensormap::LoadOptions o;
   o.mode = a.get("mode", "map") == "map" ? tensormap::LoadMode::Map : tensormap::LoadMode::Copy;
   if (ranks > 1) o.parallel = tensormap::ParallelPlan{rank, ranks, kSplits};  // one rank of one: the whole model
   if (a.has("url")) o.mode = tensormap::LoadMode::Auto;
+  if (a.has("no-verify")) o.verify_checksums = false;  // the cost of the checksums, alone
   tensormap::reset_peak_memory();
   const auto before = tensormap::read_process_memory();
   const auto t0 = Clock::now();
   const std::string url = a.get("url");  // the same checkpoint served over HTTP(S) or S3
-  tensormap::load(*model, url.empty() ? file_of(dir, mib, "tmap") : url, o);
+  const auto state = tensormap::StateDict::open(url.empty() ? file_of(dir, mib, "tmap") : url);
+  const double open_ms = ms_since(t0);
+  tensormap::load(*model, state, o);
   const double load_ms = ms_since(t0);
   const auto t1 = Clock::now();
   tensormap::prefault(*model, 1);
@@ -574,6 +580,7 @@ int cmd_part(const Args& a) {
       .num("rank", static_cast<double>(rank))
       .num("disk_write_bytes", static_cast<double>(written))
       .num("load_ms", load_ms)
+      .num("open_ms", open_ms)
       .num("touch_ms", touch_ms)
       .memory("touched", after)
       .num("resident_growth_mib", resident_growth_mib(before, after))

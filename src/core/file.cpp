@@ -234,14 +234,14 @@ void File::read_checked(const TensorEntry& entry, void* dest) const {
   }
   const std::string label = "tensor " + detail::quoted(entry.name);
   auto* out = static_cast<unsigned char*>(dest);
-  if (impl_->remote) {  // hashed on this thread, in order, while later chunks are on their way
+  if (impl_->remote) {  // hashed in order as the bytes land, by the threads that land them
     std::unique_ptr<XXH3_state_t, XXH_errorcode (*)(XXH3_state_t*)> state(XXH3_createState(), XXH3_freeState);
     if (!state) throw Error(ErrorKind::Io, path() + ": cannot allocate a hash state");
     XXH3_64bits_reset(state.get());
     uint64_t hashed = 0;
-    impl_->remote->read(entry.offset, out, entry.byte_length, label, [&](uint64_t landed) {
-      XXH3_64bits_update(state.get(), out + hashed, static_cast<size_t>(landed - hashed));
-      hashed = landed;
+    impl_->remote->read(entry.offset, out, entry.byte_length, label, [&](const unsigned char* data, uint64_t n) {
+      XXH3_64bits_update(state.get(), data, static_cast<size_t>(n));
+      hashed += n;
     });
     if (hashed != entry.byte_length) {  // never: every byte has landed once the read returns
       throw Error(ErrorKind::Io, path() + ": tensor " + detail::quoted(entry.name) + ": only " +

@@ -277,6 +277,49 @@ def test_python_reads_and_loads_from_a_url(site):
     assert e.value.kind == "InvalidArgument" and "map mode has no meaning for a URL" in str(e.value)
 
 
+def test_a_retry_asks_only_for_the_bytes_that_did_not_arrive(site):
+    """A chunk's answer cut off halfway: the next try asks for the second half, not the
+    whole chunk again (nginx's log shows what the proxy asked for on tensormap's behalf)."""
+    nginx, _, _ = site
+    proxy = servers.FaultProxy(nginx.port, "drop", fail=1, after=1)  # the first chunk after the head
+    try:
+        nginx.clear_log()
+        r = cli("verify", f"{proxy.url}/big.tmap")
+        assert r.returncode == 0, r.stderr
+        spans = []
+        for _, _, rng, _ in nginx.requests():
+            first, last = rng.split("=")[1].split("-")
+            spans.append((int(first), int(last)))
+        cut = [(a, b) for a, b in spans[1:] if b - a + 1 == CHUNK]
+        resumed = [(a, b) for a, b in spans if any(b == d and a == c + CHUNK // 2 for c, d in cut)]
+        assert len(resumed) == 1, spans
+        assert sum(b - a + 1 for a, b in spans) < os.path.getsize(nginx.root + "/big.tmap") + 64 * 1024 + CHUNK
+    finally:
+        proxy.stop()
+
+
+@needs_package
+def test_an_answer_for_another_version_writes_nothing_into_the_model(site):
+    """Every answer after the first names another ETag: the load fails as RemoteChanged and
+    the parameter keeps its values; no byte of those answers reached it."""
+    nginx, _, _ = site
+    proxy = servers.FaultProxy(nginx.port, "etag", after=1)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.big = torch.nn.Parameter(torch.full((BIG // 4,), 7.0))
+
+    try:
+        model = Model()
+        with pytest.raises(tensormap.Error) as e:
+            tensormap.load(model, f"{proxy.url}/big.tmap", strict=False)
+        assert e.value.kind == "RemoteChanged", str(e.value)
+        assert bool((model.big.detach() == 7.0).all()), "bytes of a changed object reached the tensor"
+    finally:
+        proxy.stop()
+
+
 @needs_package
 def test_checksums_follow_the_chunks_as_they_land_every_time(site):
     """The hash of a tensor follows its chunks in order as they land, on the reading

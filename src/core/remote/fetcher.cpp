@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cstring>
 #include <exception>
+#include <functional>
 #include <optional>
 #include <random>
 
@@ -35,6 +36,53 @@ CURL* new_curl_handle() {
 // The seconds without a byte after which a request is given up: a whole second at least.
 long stall_seconds(const RemoteOptions& o) { return std::max(1L, static_cast<long>(o.timeout_seconds + 0.5)); }
 
+// "bytes A-B/T": A, B and T; T may be "*" (unknown).
+struct ContentRange {
+  uint64_t first = 0, last = 0;
+  std::optional<uint64_t> total;
+  bool unsatisfied = false;  // "bytes */T"
+};
+
+std::optional<ContentRange> parse_content_range(const std::string& text) {
+  ContentRange r;
+  if (text.rfind("bytes ", 0) != 0) return std::nullopt;
+  const std::string rest = text.substr(6);
+  const size_t slash = rest.find('/');
+  if (slash == std::string::npos) return std::nullopt;
+  const std::string span = rest.substr(0, slash), total = rest.substr(slash + 1);
+  auto number = [](const std::string& s) -> std::optional<uint64_t> {
+    if (s.empty() || s.size() > 19 || s.find_first_not_of("0123456789") != std::string::npos) return std::nullopt;
+    return std::stoull(s);
+  };
+  if (total != "*") {
+    r.total = number(total);
+    if (!r.total) return std::nullopt;
+  }
+  if (span == "*") {
+    r.unsatisfied = true;
+    return r;
+  }
+  const size_t dash = span.find('-');
+  if (dash == std::string::npos) return std::nullopt;
+  const auto first = number(span.substr(0, dash)), last = number(span.substr(dash + 1));
+  if (!first || !last || *last < *first) return std::nullopt;
+  r.first = *first;
+  r.last = *last;
+  return r;
+}
+
+std::string version_change(const ObjectVersion& first, const ObjectVersion& now) {
+  if (!first.etag.empty() && now.etag != first.etag) {
+    return "the object changed while it was read (ETag " + first.etag + ", now " +
+           (now.etag.empty() ? std::string("none") : now.etag) + ")";
+  }
+  if (!first.last_modified.empty() && now.last_modified != first.last_modified) {
+    return "the object changed while it was read (Last-Modified " + first.last_modified + ", now " +
+           (now.last_modified.empty() ? std::string("none") : now.last_modified) + ")";
+  }
+  return "";
+}
+
 // One response, as its headers and body arrive.
 struct Answer {
   long status = 0;
@@ -49,7 +97,25 @@ struct Answer {
   std::string overflow;    // why the body was cut off
   const std::atomic<bool>* cancel = nullptr;
   char detail[CURL_ERROR_SIZE] = {};  // libcurl's own words for a failure
+  // A chunk's answer (Fetcher::work): what its headers must say before a byte of its body
+  // is written (otherwise none is, and the request fails as the headers say), and who is
+  // told, after each piece of the body, how many bytes are in place.
+  struct Expected {
+    uint64_t first, last, total;
+    const ObjectVersion* version;
+  };
+  std::optional<Expected> expected;
+  bool accepted = false;
+  std::function<void(uint64_t)> landed;
 };
+
+// Whether the headers of `a` are those its `expected` asks for.
+bool answers_expected(const Answer& a) {
+  const auto range = parse_content_range(a.content_range);
+  const Answer::Expected& e = *a.expected;
+  return range && !range->unsatisfied && range->first == e.first && range->last == e.last &&
+         (!range->total || *range->total == e.total) && version_change(*e.version, a.version).empty();
+}
 
 // libcurl's words for failure `rc` of the request `a` describes.
 std::string curl_detail(CURLcode rc, const Answer& a) {
@@ -108,12 +174,17 @@ size_t on_body(char* data, size_t size, size_t count, void* user) {
   auto& a = *static_cast<Answer*>(user);
   const size_t length = size * count;
   if (a.status == 206 && a.dest) {
+    if (a.expected && !a.accepted) {
+      if (!answers_expected(a)) return 0;  // a wrong answer: nothing written, judged after
+      a.accepted = true;
+    }
     if (length > a.capacity - a.received) {
       a.overflow = "the server sent more bytes than the range asked for";
       return 0;
     }
     std::memcpy(a.dest + a.received, data, length);
     a.received += length;
+    if (a.landed) a.landed(a.received);
     return length;
   }
   if (a.status == 200 && a.whole) {  // first(): the whole object, which must fit the head
@@ -169,53 +240,6 @@ curl_slist* prepare(CURL* curl, const RemoteTarget& t, const RemoteOptions& o, A
   }
   if (headers) curl_easy_setopt(curl, CURLOPT_HTTPHEADER, headers);
   return headers;
-}
-
-// "bytes A-B/T": A, B and T; T may be "*" (unknown).
-struct ContentRange {
-  uint64_t first = 0, last = 0;
-  std::optional<uint64_t> total;
-  bool unsatisfied = false;  // "bytes */T"
-};
-
-std::optional<ContentRange> parse_content_range(const std::string& text) {
-  ContentRange r;
-  if (text.rfind("bytes ", 0) != 0) return std::nullopt;
-  const std::string rest = text.substr(6);
-  const size_t slash = rest.find('/');
-  if (slash == std::string::npos) return std::nullopt;
-  const std::string span = rest.substr(0, slash), total = rest.substr(slash + 1);
-  auto number = [](const std::string& s) -> std::optional<uint64_t> {
-    if (s.empty() || s.size() > 19 || s.find_first_not_of("0123456789") != std::string::npos) return std::nullopt;
-    return std::stoull(s);
-  };
-  if (total != "*") {
-    r.total = number(total);
-    if (!r.total) return std::nullopt;
-  }
-  if (span == "*") {
-    r.unsatisfied = true;
-    return r;
-  }
-  const size_t dash = span.find('-');
-  if (dash == std::string::npos) return std::nullopt;
-  const auto first = number(span.substr(0, dash)), last = number(span.substr(dash + 1));
-  if (!first || !last || *last < *first) return std::nullopt;
-  r.first = *first;
-  r.last = *last;
-  return r;
-}
-
-std::string version_change(const ObjectVersion& first, const ObjectVersion& now) {
-  if (!first.etag.empty() && now.etag != first.etag) {
-    return "the object changed while it was read (ETag " + first.etag + ", now " +
-           (now.etag.empty() ? std::string("none") : now.etag) + ")";
-  }
-  if (!first.last_modified.empty() && now.last_modified != first.last_modified) {
-    return "the object changed while it was read (Last-Modified " + first.last_modified + ", now " +
-           (now.last_modified.empty() ? std::string("none") : now.last_modified) + ")";
-  }
-  return "";
 }
 
 }  // namespace
@@ -352,25 +376,75 @@ std::string tries(unsigned attempt) { return attempt == 0 ? "" : " (" + std::to_
 
 }  // namespace
 
+// The chunks of one read() or read_ranges(), and the follower that takes their bytes in
+// order.
 struct Fetcher::Batch {
+  struct Chunk {
+    uint64_t offset;  // in the object
+    uint64_t size;
+    unsigned char* dest;
+    uint64_t landed = 0;  // its first bytes in place, which no later try writes again
+  };
+
+  // What every chunk reads: where, which version, and its name in messages.
+  const RemoteTarget* target = nullptr;
+  const ObjectVersion* version = nullptr;
+  uint64_t object_size = 0;
+  const std::string* what = nullptr;
   std::mutex mutex;
   std::condition_variable changed;
-  size_t pending = 0;
-  std::vector<char> done;
+  std::vector<Chunk> chunks;
+  size_t pending = 0;  // chunks not finished
   std::exception_ptr error;
   std::atomic<bool> cancel{false};
-};
+  const Follower* follow = nullptr;
+  size_t next = 0;        // the chunk the follower is at
+  uint64_t followed = 0;  // its bytes handed to the follower, and of all chunks
+  uint64_t followed_all = 0;
+  bool following = false;  // a thread is in the follower
+  // Under the fetcher's mutex: the chunks connections have taken, in order, and how many
+  // connections serve it now.
+  size_t taken = 0;
+  size_t serving = 0;
 
-struct Fetcher::Job {
-  const RemoteTarget* target;
-  const ObjectVersion* version;
-  uint64_t object_size;
-  uint64_t offset;
-  uint64_t size;
-  unsigned char* dest;
-  const std::string* what;
-  Batch* batch;
-  size_t index;
+  // Chunk `index` has its first `upto` bytes in place. Hands the follower every byte that
+  // now follows those it had, on this thread; unless a thread is already at it, which
+  // then takes these too.
+  void landed(size_t index, uint64_t upto) {
+    std::unique_lock<std::mutex> lock(mutex);
+    chunks[index].landed = std::max(chunks[index].landed, upto);
+    if (!follow || following) return;
+    following = true;
+    while (next < chunks.size() && !cancel) {
+      const Chunk& c = chunks[next];
+      if (followed == c.size) {
+        ++next;
+        followed = 0;
+        continue;
+      }
+      if (c.landed <= followed) break;
+      const uint64_t from = followed, to = c.landed;
+      lock.unlock();
+      std::exception_ptr thrown;
+      try {
+        (*follow)(c.dest + from, to - from);  // the bytes [from, to) of the chunk: no thread writes them now
+      } catch (...) {                         // a follower must not throw: taken as the read's failure all the same
+        thrown = std::current_exception();
+      }
+      lock.lock();
+      if (thrown) {
+        if (!error) error = thrown;
+        cancel = true;
+        break;
+      }
+      followed = to;
+      followed_all += to - from;
+    }
+    following = false;
+    // The waiter waits for this only once every chunk has finished (under the lock: it may
+    // free the batch once it sees no work).
+    if (pending == 0) changed.notify_all();
+  }
 };
 
 Fetcher::Fetcher(RemoteOptions options) : options_(std::move(options)) {
@@ -462,56 +536,40 @@ FirstResponse Fetcher::first(const RemoteTarget& target, uint64_t head_bytes) co
 }
 
 void Fetcher::read(const RemoteTarget& target, const ObjectVersion& version, uint64_t object_size, uint64_t offset,
-                   uint64_t size, unsigned char* dest, const std::function<void(uint64_t)>& landed,
-                   const std::string& what) const {
-  read_ranges(target, version, object_size, {Range{offset, size, dest}}, landed, what);
+                   uint64_t size, unsigned char* dest, const Follower& follow, const std::string& what) const {
+  read_ranges(target, version, object_size, {Range{offset, size, dest}}, follow, what);
 }
 
 void Fetcher::read_ranges(const RemoteTarget& target, const ObjectVersion& version, uint64_t object_size,
-                          const std::vector<Range>& ranges, const std::function<void(uint64_t)>& landed,
-                          const std::string& what) const {
+                          const std::vector<Range>& ranges, const Follower& follow, const std::string& what) const {
   const uint64_t chunk = options_.chunk_bytes;
-  std::vector<uint64_t> ends;  // of each job, counting the bytes of the ranges in order
   Batch batch;
+  batch.target = &target;
+  batch.version = &version;
+  batch.object_size = object_size;
+  batch.what = &what;
+  if (follow) batch.follow = &follow;
+  uint64_t total = 0;
+  for (const Range& r : ranges) {
+    for (uint64_t at = 0; at < r.size; at += chunk) {
+      const uint64_t n = std::min(chunk, r.size - at);
+      batch.chunks.push_back({r.offset + at, n, r.dest + at});
+      total += n;
+    }
+  }
+  if (batch.chunks.empty()) return;
+  batch.pending = batch.chunks.size();
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    uint64_t total = 0;
-    for (const Range& r : ranges) {
-      for (uint64_t at = 0; at < r.size; at += chunk) {
-        const uint64_t n = std::min(chunk, r.size - at);
-        jobs_.push_back(Job{&target, &version, object_size, r.offset + at, n, r.dest + at, &what, &batch, ends.size()});
-        total += n;
-        ends.push_back(total);
-      }
-    }
-    batch.pending = ends.size();
-    batch.done.assign(ends.size(), 0);
+    queued_.push_back(&batch);
   }
-  if (ends.empty()) return;
-  const size_t chunks = ends.size();
   ready_.notify_all();
-  size_t prefix = 0;
   std::exception_ptr interrupted;
   std::unique_lock<std::mutex> lock(batch.mutex);
-  // Hands `landed` the bytes of the jobs done in order so far (the lock is released
-  // meanwhile, so more jobs may finish during the call).
-  auto advance = [&] {
-    size_t p = prefix;
-    while (p < chunks && batch.done[p]) ++p;
-    if (p == prefix || batch.error || interrupted) return;
-    prefix = p;
-    lock.unlock();
-    try {
-      landed(ends[prefix - 1]);
-    } catch (...) {
-      interrupted = std::current_exception();
-      batch.cancel = true;
-    }
-    lock.lock();
-  };
-  while (batch.pending > 0) {
+  // Until every chunk has finished or been skipped, and the follower is not running:
+  // then nothing writes into dest nor reads it for the follower.
+  while (batch.pending > 0 || batch.following) {
     batch.changed.wait_for(lock, std::chrono::milliseconds(50));
-    advance();
     if (!interrupted) {
       lock.unlock();
       try {
@@ -523,57 +581,71 @@ void Fetcher::read_ranges(const RemoteTarget& target, const ObjectVersion& versi
       lock.lock();
     }
   }
-  while (prefix < chunks && !batch.error && !interrupted) {  // the last jobs, done during a call
-    const size_t before = prefix;
-    advance();
-    if (prefix == before) break;
-  }
-  // Every job of the batch has finished or been skipped: nothing writes into dest now.
   if (interrupted) std::rethrow_exception(interrupted);
   if (batch.error) std::rethrow_exception(batch.error);
+  if (follow && batch.followed_all != total) {  // never: each chunk's last bytes are followed
+    throw Error(ErrorKind::Io, target.shown + ": " + what + ": " + std::to_string(batch.followed_all) + " of " +
+                                   std::to_string(total) + " bytes were followed");
+  }
 }
 
 void Fetcher::work(Connection& connection) {
   while (true) {
-    Job job;
+    Batch* taken = nullptr;
+    size_t index = 0;
     {
       std::unique_lock<std::mutex> lock(mutex_);
-      ready_.wait(lock, [&] { return stopping_ || !jobs_.empty(); });
-      if (jobs_.empty()) return;
-      job = jobs_.front();
-      jobs_.pop_front();
+      ready_.wait(lock, [&] { return stopping_ || !queued_.empty(); });
+      if (queued_.empty()) return;
+      // The next chunk of a read no connection serves, if there is one: that read's bytes
+      // then land in order, and its follower takes them while they are in this core's cache.
+      auto pick = std::find_if(queued_.begin(), queued_.end(), [](const Batch* b) { return b->serving == 0; });
+      if (pick == queued_.end()) pick = queued_.begin();
+      taken = *pick;
+      index = taken->taken++;
+      if (taken->taken == taken->chunks.size()) queued_.erase(pick);
+      ++taken->serving;
     }
-    Batch& batch = *job.batch;
+    Batch& batch = *taken;
+    Batch::Chunk& chunk = batch.chunks[index];
     std::exception_ptr error;
     if (!batch.cancel) {
       try {
-        const RemoteTarget& t = *job.target;
-        const std::string where = t.shown + ": " + *job.what + ": bytes [" + std::to_string(job.offset) + ", " +
-                                  std::to_string(job.offset + job.size) + ")";
+        const RemoteTarget& t = *batch.target;
+        const std::string where = t.shown + ": " + *batch.what + ": bytes [" + std::to_string(chunk.offset) + ", " +
+                                  std::to_string(chunk.offset + chunk.size) + ")";
         for (unsigned attempt = 0;; ++attempt) {
+          // A try after a failure asks for what has not landed: the bytes in place stay.
+          uint64_t done = 0;
+          {
+            std::lock_guard<std::mutex> lock(batch.mutex);
+            done = chunk.landed;
+          }
+          const uint64_t offset = chunk.offset + done, size = chunk.size - done;
           Answer a;
-          a.dest = job.dest;
-          a.capacity = job.size;
+          a.dest = chunk.dest + done;
+          a.capacity = size;
           a.cancel = &batch.cancel;
-          std::optional<Failure> failure = connection.get(t, options_, job.offset, job.size, a);
+          a.expected = Answer::Expected{offset, offset + size - 1, batch.object_size, batch.version};
+          a.landed = [&batch, index, done](uint64_t n) { batch.landed(index, done + n); };
+          std::optional<Failure> failure = connection.get(t, options_, offset, size, a);
           if (!failure) {
             const auto range = parse_content_range(a.content_range);
-            const std::string changed = version_change(*job.version, a.version);
+            const std::string changed = version_change(*batch.version, a.version);
             if (a.status != 206) {
               failure = status_failure(t, a);
             } else if (!changed.empty()) {
               failure = Failure{ErrorKind::RemoteChanged, changed};
-            } else if (!range || range->unsatisfied || range->first != job.offset ||
-                       range->last != job.offset + job.size - 1) {
+            } else if (!range || range->unsatisfied || range->first != offset || range->last != offset + size - 1) {
               failure = Failure{ErrorKind::RemoteProtocol,
                                 "a 206 answer for another range (Content-Range: " + a.content_range + ")"};
-            } else if (range->total && *range->total != job.object_size) {
+            } else if (range->total && *range->total != batch.object_size) {
               failure = Failure{ErrorKind::RemoteChanged, "the object changed while it was read (its size was " +
-                                                              std::to_string(job.object_size) + ", now " +
+                                                              std::to_string(batch.object_size) + ", now " +
                                                               std::to_string(*range->total) + ")"};
-            } else if (a.received != job.size) {
+            } else if (a.received != size) {
               failure = Failure{ErrorKind::RemoteProtocol,
-                                "a body of " + std::to_string(a.received) + " bytes where " + std::to_string(job.size) +
+                                "a body of " + std::to_string(a.received) + " bytes where " + std::to_string(size) +
                                     " were asked for",
                                 true};
             }
@@ -590,12 +662,15 @@ void Fetcher::work(Connection& connection) {
         error = std::current_exception();
       }
     }
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      --batch.serving;
+    }
     std::lock_guard<std::mutex> lock(batch.mutex);
     if (error && !batch.error) {
       batch.error = error;
       batch.cancel = true;
     }
-    batch.done[job.index] = error ? 0 : 1;
     --batch.pending;
     batch.changed.notify_all();  // under the lock: the waiter may free the batch once it sees 0
   }

@@ -4,10 +4,17 @@
 // A Fetcher owns `connections` threads, each with a connection of its own that it keeps
 // open between requests. Fetcher::read splits a range into chunks, hands them to those
 // threads, and waits: each chunk is written by libcurl straight into its place in the
-// destination, and checked (206, the Content-Range asked for, the whole length, the
-// object's ETag and Last-Modified as first seen). What fails and may pass is retried
-// with backoff; what is left is thrown as an Error of the Remote group, after every
-// chunk of the call has stopped writing.
+// destination once its answer's headers are checked (206, the Content-Range asked for,
+// the object's ETag and Last-Modified as first seen), so no byte of a wrong answer is
+// written; then its length is checked. What fails and may pass is retried with backoff,
+// from the first byte that has not arrived; what is left is thrown as an Error of the
+// Remote group, after every chunk of the call has stopped writing.
+//
+// A reader that follows the bytes in order (a checksum) is handed them as they land, by
+// the thread that landed them, while they are still in that core's cache. So that most
+// bytes land in order, a free connection takes the next chunk of a read none is serving
+// before another chunk of a read being served: with as many reads in flight as
+// connections, each read's chunks come one after another.
 #pragma once
 
 #include <atomic>
@@ -90,27 +97,28 @@ class Fetcher {
   // The object's size and version, and its first `head_bytes` bytes, in one request.
   FirstResponse first(const RemoteTarget& target, uint64_t head_bytes) const;
 
+  // Takes the bytes of a read in order, each once, as they land in the destination:
+  // `data` points there. Called on the fetcher's threads, never two calls at once, and
+  // not after read() returns or throws; it must not throw.
+  using Follower = std::function<void(const unsigned char* data, uint64_t size)>;
+
   // Bytes [offset, offset + size) of the object into `dest`, in chunks over the
-  // connections. `landed(n)` is called on this thread each time bytes [offset, offset +
-  // n) of the range have all arrived (a checksum can follow them). `what` names the bytes
-  // in messages. Checks for an interrupt (tensormap/interrupt.h) while it waits.
+  // connections, handed to `follow` (if any) as they land. `what` names the bytes in
+  // messages. Checks for an interrupt (tensormap/interrupt.h) while it waits.
   void read(const RemoteTarget& target, const ObjectVersion& version, uint64_t object_size, uint64_t offset,
-            uint64_t size, unsigned char* dest, const std::function<void(uint64_t)>& landed,
-            const std::string& what) const;
+            uint64_t size, unsigned char* dest, const Follower& follow, const std::string& what) const;
 
   // Many ranges at once (the rows of a slice), each in chunks, all over the connections;
-  // `landed(n)` counts the bytes of the ranges in order.
+  // `follow` takes the bytes of the ranges in their order.
   struct Range {
     uint64_t offset;
     uint64_t size;
     unsigned char* dest;
   };
   void read_ranges(const RemoteTarget& target, const ObjectVersion& version, uint64_t object_size,
-                   const std::vector<Range>& ranges, const std::function<void(uint64_t)>& landed,
-                   const std::string& what) const;
+                   const std::vector<Range>& ranges, const Follower& follow, const std::string& what) const;
 
  private:
-  struct Job;
   struct Batch;
   struct Connection;
   void work(Connection& connection);
@@ -118,7 +126,7 @@ class Fetcher {
   RemoteOptions options_;
   mutable std::mutex mutex_;
   mutable std::condition_variable ready_;
-  mutable std::deque<Job> jobs_;
+  mutable std::deque<Batch*> queued_;  // reads with chunks no connection has taken yet, in order
   bool stopping_ = false;
   std::vector<std::thread> threads_;
   std::unique_ptr<Connection> own_;  // for first(), on the caller's thread

@@ -22,9 +22,8 @@ class RemoteObject final : public ByteSource {
   const std::string& name() const override { return target_.shown; }
   uint64_t size() const override { return first_.size; }
   void read(uint64_t offset, void* dest, uint64_t size, const std::string& what) const override;
-  // read(), calling `landed(n)` each time the first n bytes of the range have arrived.
-  void read(uint64_t offset, void* dest, uint64_t size, const std::string& what,
-            const std::function<void(uint64_t)>& landed) const;
+  // read(), handing the bytes to `follow` in order as they land (Fetcher::Follower).
+  void read(uint64_t offset, void* dest, uint64_t size, const std::string& what, const Fetcher::Follower& follow) const;
 
   // Many ranges of the object at once (the rows of a slice), over the connections.
   void read_ranges(const std::vector<Fetcher::Range>& ranges, const std::string& what) const;
