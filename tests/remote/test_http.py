@@ -198,7 +198,8 @@ FAULTS = [
     ("503", None, "RemoteThrottled", "SlowDown"),
     ("short", 1, 0, None),
     ("short", None, "RemoteProtocol", "a body of"),
-    ("ignore-range", None, "RemoteProtocol", "ignores Range"),
+    ("ignore-range", None, "RemoteProtocol", "ignores Range requests (200 where 206 was asked); tensormap reads by "
+     "ranges: serve the file with a server that answers them"),
     ("etag", None, "RemoteChanged", "ETag"),
 ]
 

@@ -342,7 +342,11 @@ Failure status_failure(const RemoteTarget& t, const Answer& a) {
   const std::string status = status_text(a.status, a.error_body);
   const ErrorKind kind = status_kind(a.status);
   switch (a.status) {
-    case 200: return {kind, "the server ignores Range requests (200 where 206 was asked); tensormap reads by ranges"};
+    case 200:
+      return {kind,
+              "the server ignores Range requests (200 where 206 was asked); tensormap reads by ranges: serve the "
+              "file with a server that answers them (nginx, Apache, an S3 store; not python -m http.server), or "
+              "download it first"};
     case 404: return {kind, "no such object (" + status + ")"};
     case 401:
     case 403:
