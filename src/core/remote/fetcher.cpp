@@ -98,8 +98,8 @@ struct Answer {
   const std::atomic<bool>* cancel = nullptr;
   char detail[CURL_ERROR_SIZE] = {};  // libcurl's own words for a failure
   // A chunk's answer (Fetcher::work): what its headers must say before a byte of its body
-  // is written (otherwise none is, and the request fails as the headers say), and who is
-  // told, after each piece of the body, how many bytes are in place.
+  // is written (otherwise none is: header_failure), and who is told, after each piece of
+  // the body, how many bytes are in place.
   struct Expected {
     uint64_t first, last, total;
     const ObjectVersion* version;
@@ -108,14 +108,6 @@ struct Answer {
   bool accepted = false;
   std::function<void(uint64_t)> landed;
 };
-
-// Whether the headers of `a` are those its `expected` asks for.
-bool answers_expected(const Answer& a) {
-  const auto range = parse_content_range(a.content_range);
-  const Answer::Expected& e = *a.expected;
-  return range && !range->unsatisfied && range->first == e.first && range->last == e.last &&
-         (!range->total || *range->total == e.total) && version_change(*e.version, a.version).empty();
-}
 
 // libcurl's words for failure `rc` of the request `a` describes.
 std::string curl_detail(CURLcode rc, const Answer& a) {
@@ -129,6 +121,25 @@ struct Failure {
   bool transient = false;
   bool cancelled = false;
 };
+
+// What is wrong with the headers of `a`, a 206, against its `expected`: another version
+// of the object, another range, another size; or nothing.
+std::optional<Failure> header_failure(const Answer& a) {
+  const Answer::Expected& e = *a.expected;
+  const std::string changed = version_change(*e.version, a.version);
+  if (!changed.empty()) return Failure{ErrorKind::RemoteChanged, changed};
+  const auto range = parse_content_range(a.content_range);
+  if (!range || range->unsatisfied || range->first != e.first || range->last != e.last) {
+    return Failure{ErrorKind::RemoteProtocol,
+                   "a 206 answer for another range (Content-Range: " + a.content_range + ")"};
+  }
+  if (range->total && *range->total != e.total) {
+    return Failure{ErrorKind::RemoteChanged, "the object changed while it was read (its size was " +
+                                                 std::to_string(e.total) + ", now " + std::to_string(*range->total) +
+                                                 ")"};
+  }
+  return std::nullopt;
+}
 
 std::string lower(std::string_view s) {
   std::string out(s);
@@ -175,7 +186,7 @@ size_t on_body(char* data, size_t size, size_t count, void* user) {
   const size_t length = size * count;
   if (a.status == 206 && a.dest) {
     if (a.expected && !a.accepted) {
-      if (!answers_expected(a)) return 0;  // a wrong answer: nothing written, judged after
+      if (header_failure(a)) return 0;  // a wrong answer: nothing written, judged after
       a.accepted = true;
     }
     if (length > a.capacity - a.received) {
@@ -402,9 +413,8 @@ struct Fetcher::Batch {
   std::exception_ptr error;
   std::atomic<bool> cancel{false};
   const Follower* follow = nullptr;
-  size_t next = 0;        // the chunk the follower is at
-  uint64_t followed = 0;  // its bytes handed to the follower, and of all chunks
-  uint64_t followed_all = 0;
+  size_t next = 0;         // the chunk the follower is at
+  uint64_t followed = 0;   // its bytes handed to the follower
   bool following = false;  // a thread is in the follower
   // Under the fetcher's mutex: the chunks connections have taken, in order, and how many
   // connections serve it now.
@@ -442,7 +452,6 @@ struct Fetcher::Batch {
         break;
       }
       followed = to;
-      followed_all += to - from;
     }
     following = false;
     // The waiter waits for this only once every chunk has finished (under the lock: it may
@@ -553,12 +562,9 @@ void Fetcher::read_ranges(const RemoteTarget& target, const ObjectVersion& versi
   batch.object_size = object_size;
   batch.what = &what;
   if (follow) batch.follow = &follow;
-  uint64_t total = 0;
   for (const Range& r : ranges) {
     for (uint64_t at = 0; at < r.size; at += chunk) {
-      const uint64_t n = std::min(chunk, r.size - at);
-      batch.chunks.push_back({r.offset + at, n, r.dest + at});
-      total += n;
+      batch.chunks.push_back({r.offset + at, std::min(chunk, r.size - at), r.dest + at});
     }
   }
   if (batch.chunks.empty()) return;
@@ -587,15 +593,11 @@ void Fetcher::read_ranges(const RemoteTarget& target, const ObjectVersion& versi
   }
   if (interrupted) std::rethrow_exception(interrupted);
   if (batch.error) std::rethrow_exception(batch.error);
-  if (follow && batch.followed_all != total) {  // never: each chunk's last bytes are followed
-    throw Error(ErrorKind::Io, target.shown + ": " + what + ": " + std::to_string(batch.followed_all) + " of " +
-                                   std::to_string(total) + " bytes were followed");
-  }
 }
 
 void Fetcher::work(Connection& connection) {
   while (true) {
-    Batch* taken = nullptr;
+    Batch* picked = nullptr;
     size_t index = 0;
     {
       std::unique_lock<std::mutex> lock(mutex_);
@@ -605,12 +607,12 @@ void Fetcher::work(Connection& connection) {
       // then land in order, and its follower takes them while they are in this core's cache.
       auto pick = std::find_if(queued_.begin(), queued_.end(), [](const Batch* b) { return b->serving == 0; });
       if (pick == queued_.end()) pick = queued_.begin();
-      taken = *pick;
-      index = taken->taken++;
-      if (taken->taken == taken->chunks.size()) queued_.erase(pick);
-      ++taken->serving;
+      picked = *pick;
+      index = picked->taken++;
+      if (picked->taken == picked->chunks.size()) queued_.erase(pick);
+      ++picked->serving;
     }
-    Batch& batch = *taken;
+    Batch& batch = *picked;
     Batch::Chunk& chunk = batch.chunks[index];
     std::exception_ptr error;
     if (!batch.cancel) {
@@ -633,26 +635,12 @@ void Fetcher::work(Connection& connection) {
           a.expected = Answer::Expected{offset, offset + size - 1, batch.object_size, batch.version};
           a.landed = [&batch, index, done](uint64_t n) { batch.landed(index, done + n); };
           std::optional<Failure> failure = connection.get(t, options_, offset, size, a);
-          if (!failure) {
-            const auto range = parse_content_range(a.content_range);
-            const std::string changed = version_change(*batch.version, a.version);
-            if (a.status != 206) {
-              failure = status_failure(t, a);
-            } else if (!changed.empty()) {
-              failure = Failure{ErrorKind::RemoteChanged, changed};
-            } else if (!range || range->unsatisfied || range->first != offset || range->last != offset + size - 1) {
-              failure = Failure{ErrorKind::RemoteProtocol,
-                                "a 206 answer for another range (Content-Range: " + a.content_range + ")"};
-            } else if (range->total && *range->total != batch.object_size) {
-              failure = Failure{ErrorKind::RemoteChanged, "the object changed while it was read (its size was " +
-                                                              std::to_string(batch.object_size) + ", now " +
-                                                              std::to_string(*range->total) + ")"};
-            } else if (a.received != size) {
-              failure = Failure{ErrorKind::RemoteProtocol,
-                                "a body of " + std::to_string(a.received) + " bytes where " + std::to_string(size) +
-                                    " were asked for",
-                                true};
-            }
+          if (!failure) failure = a.status == 206 ? header_failure(a) : status_failure(t, a);
+          if (!failure && a.received != size) {
+            failure = Failure{
+                ErrorKind::RemoteProtocol,
+                "a body of " + std::to_string(a.received) + " bytes where " + std::to_string(size) + " were asked for",
+                true};
           }
           if (!failure) break;
           if (failure->cancelled) throw Error(ErrorKind::Io, where + ": cancelled");
